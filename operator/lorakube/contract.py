@@ -1,0 +1,197 @@
+"""The operator–trainer contract: everything both sides must agree on, in one place.
+
+The operator (no torch) and the trainer (no kopf) both import this module, so a change to an env
+name, a flag, an exit code, the progress schema or the checkpoint/artifact layout shows up on both
+sides at once. Keep it dependency-free (standard library only).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import json
+from typing import Any
+
+API_GROUP = "lorakube.io"
+API_VERSION = "v1alpha1"
+KIND = "LoRATrainingJob"
+PLURAL = "loratrainingjobs"
+SHORT_NAME = "ltj"
+
+# --- Model families ---------------------------------------------------------------------------
+
+FAMILIES = ("flux", "sd3", "kolors", "hunyuan-dit")
+
+# Pixel multiple each family needs for height/width: VAE downsampling (8) times the denoiser's
+# patch/packing factor (2 for the DiTs and FLUX's 2x2 latent packing; 8 for Kolors' UNet, whose
+# three down-blocks halve the latent three times).
+SIZE_MULTIPLE = {"flux": 16, "sd3": 16, "hunyuan-dit": 16, "kolors": 64}
+
+PRECISIONS = ("32", "16", "16-mixed", "bf16-mixed")
+STRATEGIES = ("auto", "ddp", "deepspeed_stage_1", "deepspeed_stage_2", "deepspeed_stage_3")
+OUTPUT_FORMATS = ("diffusers", "comfyui")
+
+# --- Exit codes -------------------------------------------------------------------------------
+
+EXIT_OK = 0
+EXIT_USER_ERROR = 1          # generic user/config error: fail the job at once
+EXIT_INVALID_ARGS = 2        # bad CLI/config values (argparse's own code)
+EXIT_DATASET_ERROR = 65      # EX_DATAERR: the dataset is malformed (names the file/row)
+EXIT_RETRYABLE = 75          # EX_TEMPFAIL: rendezvous/NCCL timeout, transient storage: retry the gang
+
+# --- Environment the operator injects into every pod ------------------------------------------
+
+ENV_MASTER_ADDR = "MASTER_ADDR"
+ENV_MASTER_PORT = "MASTER_PORT"
+ENV_WORLD_SIZE = "WORLD_SIZE"            # nodes x processes per node
+ENV_NODE_RANK = "NODE_RANK"
+ENV_NNODES = "NNODES"
+ENV_NPROC_PER_NODE = "NPROC_PER_NODE"
+# torchrun reads its options from PET_<OPTION> variables.
+ENV_PET = {
+    "PET_MASTER_ADDR": ENV_MASTER_ADDR,
+    "PET_MASTER_PORT": ENV_MASTER_PORT,
+    "PET_NNODES": ENV_NNODES,
+    "PET_NODE_RANK": ENV_NODE_RANK,
+    "PET_NPROC_PER_NODE": ENV_NPROC_PER_NODE,
+}
+ENV_JOB_NAME = "LORAKUBE_JOB_NAME"
+ENV_JOB_NAMESPACE = "LORAKUBE_JOB_NAMESPACE"
+ENV_JOB_UID = "LORAKUBE_JOB_UID"
+ENV_ATTEMPT = "LORAKUBE_ATTEMPT"
+ENV_POD_NAME = "LORAKUBE_POD_NAME"
+# Seconds the trainer waits for rank 0 to resolve and accept TCP (and for the process group to
+# form) before exiting with EXIT_RETRYABLE.
+ENV_RENDEZVOUS_TIMEOUT = "LORAKUBE_RENDEZVOUS_TIMEOUT_SECONDS"
+DEFAULT_RENDEZVOUS_TIMEOUT_SECONDS = 300
+# "1" makes rank 0 patch status.progress of its own job through the API server (in-cluster
+# ServiceAccount token); anything else keeps progress on stdout only.
+ENV_REPORT_PROGRESS = "LORAKUBE_REPORT_PROGRESS"
+# Minimum seconds between two status.progress patches.
+ENV_PROGRESS_INTERVAL = "LORAKUBE_PROGRESS_INTERVAL_SECONDS"
+DEFAULT_PROGRESS_INTERVAL_SECONDS = 5.0
+
+DEFAULT_MASTER_PORT = 29500
+
+# --- Labels and names -------------------------------------------------------------------------
+
+LABEL_JOB_NAME = "lorakube.io/job-name"
+LABEL_RANK = "lorakube.io/rank"
+LABEL_ATTEMPT = "lorakube.io/attempt"
+LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+MANAGED_BY = "lorakube"
+TRAINER_CONTAINER = "trainer"
+
+# Pod names are <job>-node-<rank>; hostnames and Service names are DNS labels (<= 63 chars).
+MAX_JOB_NAME_LENGTH = 63 - len("-node-") - 3   # room for ranks up to 999
+
+
+def pod_name(job: str, rank: int) -> str:
+    return f"{job}-node-{rank}"
+
+
+def master_addr(job: str, namespace: str) -> str:
+    """Rank 0's stable DNS name through the job's headless Service."""
+    return f"{pod_name(job, 0)}.{job}.{namespace}.svc"
+
+
+# --- Trainer CLI: spec.training (camelCase) -> trainer flag ----------------------------------
+# The original framework's flags keep their names; the operator derives args from this table.
+
+TRAINING_FLAGS: dict[str, str] = {
+    "loraTargetModules": "--lora_target_modules",
+    "stepsPerEpoch": "--steps_per_epoch",
+    "height": "--height",
+    "width": "--width",
+    "centerCrop": "--center_crop",
+    "randomFlip": "--random_flip",
+    "batchSize": "--batch_size",
+    "dataloaderNumWorkers": "--dataloader_num_workers",
+    "precision": "--precision",
+    "learningRate": "--learning_rate",
+    "loraRank": "--lora_rank",
+    "loraAlpha": "--lora_alpha",
+    "gradientCheckpointing": "--use_gradient_checkpointing",
+    "accumulateGradBatches": "--accumulate_grad_batches",
+    "strategy": "--training_strategy",
+    "maxEpochs": "--max_epochs",
+    "seed": "--seed",
+    "checkpointEverySteps": "--checkpoint_every_n_steps",
+    "validationPrompts": "--validation_prompt",       # repeated once per prompt
+    "validationEverySteps": "--validation_every_n_steps",
+}
+# Boolean flags are store_true switches: present when true, absent when false.
+BOOLEAN_TRAINING_FLAGS = frozenset({"centerCrop", "randomFlip", "gradientCheckpointing"})
+
+# --- Progress ---------------------------------------------------------------------------------
+
+PROGRESS_EVENT = "progress"
+
+
+@dataclasses.dataclass(frozen=True)
+class Progress:
+    """What rank 0 reports: the body of status.progress and of a JSON line on stdout."""
+
+    step: int
+    totalSteps: int
+    epoch: int
+    loss: float | None
+    samplesPerSecond: float | None
+    etaSeconds: float | None
+    updatedAt: str
+
+    def to_status(self) -> dict[str, Any]:
+        body = dataclasses.asdict(self)
+        # The CRD stores loss as a string so `kubectl get` can print it and so that a NaN loss
+        # survives JSON (which has no NaN).
+        body["loss"] = None if self.loss is None else f"{self.loss:.6g}"
+        body["samplesPerSecond"] = (
+            None if self.samplesPerSecond is None else round(self.samplesPerSecond, 3)
+        )
+        body["etaSeconds"] = None if self.etaSeconds is None else int(self.etaSeconds)
+        return {k: v for k, v in body.items() if v is not None}
+
+    def to_json_line(self) -> str:
+        return json.dumps({"event": PROGRESS_EVENT, **self.to_status()}, sort_keys=True)
+
+
+def utc_now_iso() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+# --- Checkpoints (under the checkpoint dir, which survives pod restarts) ----------------------
+#   <checkpoint_dir>/step-000000120/trainable.safetensors   LoRA (trainable) tensors only
+#   <checkpoint_dir>/step-000000120/state.pt                optimizer, LR scheduler, step, RNG, data position
+#   <checkpoint_dir>/step-000000120/COMPLETE.json           written last: {"step":..., "files": {name: sha256}}
+# A directory without a valid COMPLETE.json is a half-written checkpoint and is never resumed from.
+
+CHECKPOINT_DIR_PREFIX = "step-"
+CHECKPOINT_COMPLETE_MARKER = "COMPLETE.json"
+
+
+def checkpoint_dir_name(step: int) -> str:
+    return f"{CHECKPOINT_DIR_PREFIX}{step:09d}"
+
+
+# --- Artifacts (under the output path) --------------------------------------------------------
+
+ARTIFACT_LORA_DIFFUSERS = "pytorch_lora_weights.safetensors"   # diffusers/peft keys, alpha stored
+ARTIFACT_LORA_COMFYUI = "lora_comfyui.safetensors"             # kohya/ComfyUI keys + per-module alpha
+ARTIFACT_TRAINING_CONFIG = "training_config.json"
+ARTIFACT_METRICS = "metrics.jsonl"
+ARTIFACT_VALIDATION_GRID = "validation_grid.png"               # base vs base+LoRA, same seed
+ARTIFACT_MANIFEST = "manifest.json"                             # sha256 + bytes per file, written last
+
+# --- Trainer CLI flags that are not in spec.training ------------------------------------------
+# spec.model.family -> --model_family, spec.model.uri -> --model_path, spec.dataset.uri ->
+# --dataset_path, spec.output.uri -> --output_path, spec.output.checkpointUri -> --checkpoint_dir,
+# spec.output.formats -> --output_formats (comma-separated), always --resume auto.
+FLAG_MODEL_FAMILY = "--model_family"
+FLAG_MODEL_PATH = "--model_path"
+FLAG_DATASET_PATH = "--dataset_path"
+FLAG_OUTPUT_PATH = "--output_path"
+FLAG_CHECKPOINT_DIR = "--checkpoint_dir"
+FLAG_OUTPUT_FORMATS = "--output_formats"
+FLAG_RESUME = "--resume"
+TRAINER_COMMAND = "lorakube-train"
+DEFAULT_CHECKPOINT_SUBDIR = "checkpoints"   # under --output_path when --checkpoint_dir is not given

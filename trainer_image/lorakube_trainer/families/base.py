@@ -1,0 +1,78 @@
+"""What a model family must provide; the general trainer needs nothing else from it.
+
+Each family module (flux.py, sd3.py, kolors.py, hunyuan_dit.py) subclasses `Family`, keeps its
+recipe constants as data, and is registered in `families/__init__.py` under its contract name.
+Randomness: draw noise and timesteps from torch's global RNG (on the latents' device); the
+trainer seeds and checkpoints/restores that RNG, which is what makes resume bit-exact.
+"""
+
+from __future__ import annotations
+
+import abc
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+
+class Family(abc.ABC):
+    name: ClassVar[str]                          # one of lorakube.contract.FAMILIES
+    denoiser_attr: ClassVar[str]                 # "transformer" or "unet": the pipeline attribute LoRA goes into
+    default_lora_targets: ClassVar[tuple[str, ...]]
+    size_multiple: ClassVar[int]                 # height/width must be multiples (contract.SIZE_MULTIPLE)
+
+    @abc.abstractmethod
+    def load_pipeline(self, model_path: str | Path, dtype: torch.dtype) -> Any:
+        """Load the diffusers pipeline from a local folder in the real on-disk layout, frozen
+        (requires_grad False, eval) in `dtype` (bf16 really loads bf16)."""
+
+    def denoiser(self, pipe: Any) -> torch.nn.Module:
+        return getattr(pipe, self.denoiser_attr)
+
+    @abc.abstractmethod
+    def encode_prompts(self, pipe: Any, prompts: list[str], device: torch.device) -> dict[str, torch.Tensor]:
+        """Text conditioning for a batch of prompts, as a dict of tensors with batch dim first
+        (so it can be cached to disk and collated)."""
+
+    @abc.abstractmethod
+    def encode_images(self, pipe: Any, pixels: torch.Tensor) -> torch.Tensor:
+        """pixels in [-1, 1], (B, 3, H, W) -> scaled/shifted latents as the denoiser expects them."""
+
+    @abc.abstractmethod
+    def training_loss(
+        self, pipe: Any, denoiser: torch.nn.Module, latents: torch.Tensor, cond: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        """Scalar loss for one batch: one timestep per sample, the family's objective and
+        loss weighting, computed in fp32."""
+
+    @abc.abstractmethod
+    def add_lora(self, denoiser: torch.nn.Module, rank: int, alpha: float, targets: list[str]) -> None:
+        """Inject LoRA layers (peft) into the denoiser; only they require grad afterwards."""
+
+    @abc.abstractmethod
+    def enable_gradient_checkpointing(self, denoiser: torch.nn.Module) -> None: ...
+
+    @abc.abstractmethod
+    def lora_state_dict(self, denoiser: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """The LoRA tensors in diffusers/peft layout (the keys load_lora_weights accepts)."""
+
+    @abc.abstractmethod
+    def set_lora_state_dict(self, denoiser: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+        """Inverse of lora_state_dict, used by checkpoint resume."""
+
+    @abc.abstractmethod
+    def save_diffusers_lora(self, state: dict[str, torch.Tensor], path: Path, rank: int, alpha: float) -> None:
+        """Write one .safetensors loadable by the family's diffusers pipeline (or peft where
+        diffusers has no loader), with alpha stored in its metadata."""
+
+    @abc.abstractmethod
+    def to_comfyui(self, state: dict[str, torch.Tensor], rank: int, alpha: float) -> dict[str, torch.Tensor]:
+        """kohya/ComfyUI key layout (lora_down/lora_up + a per-module `alpha` scalar)."""
+
+    @abc.abstractmethod
+    def load_lora_into_pipeline(self, pipe: Any, path: Path) -> None:
+        """Load a file written by save_diffusers_lora into a fresh pipeline (the post-save check)."""
+
+    @abc.abstractmethod
+    def generate(self, pipe: Any, prompt: str, seed: int, height: int, width: int, steps: int) -> Any:
+        """One PIL image for validation grids (same seed -> same noise)."""
