@@ -1,0 +1,47 @@
+# Two entry points for a newcomer: `make demo` and `make test` (see README.md).
+# Everything heavy is cached under $(LORAKUBE_CACHE): the virtualenv (keyed by the dependency
+# pins in pyproject.toml) and the Kubernetes/etcd/helm binaries (keyed by their versions).
+
+SHELL := /bin/bash
+LORAKUBE_CACHE ?= $(HOME)/.cache/lorakube
+VENV ?= $(LORAKUBE_CACHE)/venv
+PYTHON := $(VENV)/bin/python
+EXTRAS := operator,trainer,deepspeed,localcluster,dev
+# The venv is rebuilt (incrementally) when the dependency section of pyproject.toml changes.
+DEPS_KEY := $(shell sed -n '/^\[project\]/,/^\[project.scripts\]/p' pyproject.toml | sha256sum | cut -c1-16)
+DEPS_STAMP := $(VENV)/.lorakube-deps-$(DEPS_KEY)
+PYTEST_ARGS ?=
+
+export LORAKUBE_CACHE
+export HF_HUB_OFFLINE := 1
+export GOTOOLCHAIN := local
+
+.PHONY: env binaries test test-unit demo clean-cluster
+
+$(DEPS_STAMP): pyproject.toml
+	@mkdir -p $(LORAKUBE_CACHE)
+	@test -x $(PYTHON) || python3 -m venv $(VENV)
+	$(PYTHON) -m pip install -q --upgrade pip setuptools wheel
+	$(PYTHON) -m pip install -q ".[$(EXTRAS)]"
+	@rm -f $(VENV)/.lorakube-deps-*
+	@touch $@
+
+# The project itself is (re)installed editable on every run: the venv is shared between
+# checkouts, and this is what puts *this* checkout's `lorakube` and `lorakube-train` on PATH.
+env: $(DEPS_STAMP)
+	@$(PYTHON) -m pip install -q --no-deps --no-build-isolation -e .
+
+binaries: env
+	$(PYTHON) -m localcluster build
+
+test: binaries
+	$(PYTHON) -m pytest -m "not gpu" -p no:cacheprovider $(PYTEST_ARGS)
+
+test-unit: env
+	$(PYTHON) -m pytest tests/unit -p no:cacheprovider $(PYTEST_ARGS)
+
+demo: binaries
+	$(VENV)/bin/lorakube demo
+
+clean-cluster: env
+	$(PYTHON) -m localcluster down
