@@ -1,0 +1,146 @@
+"""Background daemons that outlive the command that started them, tracked by pid files.
+
+A pid alone is not an identity (pids are reused), so each record also keeps the process start time
+from /proc/<pid>/stat; stopping or reporting a record whose start time no longer matches treats the
+process as gone rather than signalling a stranger.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class DaemonRecord:
+    name: str
+    pid: int
+    start_time: int
+    log: str
+
+    def save(self, pid_dir: Path) -> Path:
+        pid_dir.mkdir(parents=True, exist_ok=True)
+        path = pid_dir / f"{self.name}.json"
+        path.write_text(json.dumps(asdict(self)) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, path: Path) -> DaemonRecord:
+        return cls(**json.loads(path.read_text()))
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    # The command name (field 2) may contain spaces and parentheses; split after its closing one.
+    return raw[raw.rindex(")") + 2 :].split()
+
+
+def process_start_time(pid: int) -> int | None:
+    fields = _stat_fields(pid)
+    return int(fields[19]) if fields else None  # field 22 of stat, counted from "state" (3)
+
+
+def is_running(record: DaemonRecord) -> bool:
+    """True while the recorded process exists and is not a zombie."""
+    fields = _stat_fields(record.pid)
+    if fields is None or fields[0] == "Z":
+        return False
+    return int(fields[19]) == record.start_time
+
+
+def start_daemon(name: str, argv: list[str], log_path: Path, pid_dir: Path,
+                 env: dict[str, str] | None = None) -> DaemonRecord:
+    """Start argv in its own session with output to log_path, and record it."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log:
+        # Own session: a Ctrl-C in the shell that ran `up` must not take the cluster down with it.
+        process = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True, close_fds=True, env=env,
+        )
+    start_time = process_start_time(process.pid)
+    if start_time is None:
+        raise RuntimeError(f"{name} exited immediately; see {log_path}")
+    record = DaemonRecord(name, process.pid, start_time, str(log_path))
+    record.save(pid_dir)
+    return record
+
+
+def _reap(pid: int) -> None:
+    # When the daemon is our own child (pytest fixture), collect it so no zombie lingers.
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+
+
+def stop_daemon(record: DaemonRecord, grace_seconds: float = 15.0) -> None:
+    """SIGTERM, then SIGKILL after the grace period; returns once the process is gone."""
+    if not is_running(record):
+        _reap(record.pid)
+        return
+    os.kill(record.pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_seconds
+    while time.monotonic() < deadline:
+        _reap(record.pid)
+        if not is_running(record):
+            return
+        time.sleep(0.1)
+    os.kill(record.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        _reap(record.pid)
+        if not is_running(record):
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"{record.name} (pid {record.pid}) survived SIGKILL")
+
+
+def log_tail(path: str | Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
+    except FileNotFoundError:
+        return "(no log written)"
+
+
+def free_loopback_ports(count: int) -> list[int]:
+    """Ports the kernel says are free on 127.0.0.1 right now (held open together so they differ)."""
+    sockets = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
+    """True when something listens on the port (TIME_WAIT leftovers of closed connections don't count)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def mounts_under(directory: Path) -> list[str]:
+    root = str(directory.resolve())
+    found = []
+    for line in Path("/proc/mounts").read_text().splitlines():
+        # Mount points escape spaces as \040; state dirs never contain them, so a prefix test is enough.
+        mount_point = line.split()[1]
+        if mount_point == root or mount_point.startswith(root + "/"):
+            found.append(mount_point)
+    return found
