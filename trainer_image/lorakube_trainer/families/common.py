@@ -1,0 +1,175 @@
+"""What the four families share: loading and freezing a pipeline, peft LoRA injection, state dicts,
+the diffusers-layout file, VAE encoding. Each family module adds only what differs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from lorakube.contract import SIZE_MULTIPLE
+
+from . import lora_keys
+from .base import Family
+
+
+def freeze_pipeline(pipe: Any) -> None:
+    """Every component frozen and in eval mode; LoRA layers added later are the only trainables."""
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            component.requires_grad_(False)
+            component.eval()
+
+
+def _matches(module_name: str, target: str) -> bool:
+    # peft's rule for a list of targets: the module path equals the target or ends with ".target".
+    return module_name == target or module_name.endswith("." + target)
+
+
+def unmatched_targets(denoiser: torch.nn.Module, targets: list[str]) -> list[str]:
+    names = [n for n, m in denoiser.named_modules() if isinstance(m, torch.nn.Linear)]
+    return [t for t in targets if not any(_matches(n, t) for n in names)]
+
+
+def make_lora_config(rank: int, alpha: float, targets: list[str]) -> Any:
+    from peft import LoraConfig
+
+    if rank < 1:
+        raise ValueError(f"--lora_rank must be >= 1, got {rank}")
+    if alpha <= 0:
+        raise ValueError(f"--lora_alpha must be > 0, got {alpha}")
+    # init_lora_weights=True: peft's default (Kaiming-uniform A, zero B), so the adapter starts as
+    # an exact no-op and step 0 reproduces the base model.
+    return LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), init_lora_weights=True)
+
+
+def mark_only_lora_trainable(denoiser: torch.nn.Module) -> None:
+    """LoRA tensors trainable and in fp32 (AdamW on bf16/fp16 weights loses small updates; peft
+    casts activations to the LoRA dtype and back), everything else frozen."""
+    for name, param in denoiser.named_parameters():
+        is_lora = ".lora_A." in name or ".lora_B." in name
+        param.requires_grad_(is_lora)
+        if is_lora and param.dtype != torch.float32:
+            param.data = param.data.float()
+
+
+class PeftFamily(Family):
+    """Shared implementation; subclasses set the class constants and the model-specific methods."""
+
+    pipeline_class_name: ClassVar[str]
+    # Whether the VAE must encode in fp32 when the pipeline is loaded in fp16 (SDXL's VAE, used by
+    # Kolors and Hunyuan-DiT, overflows in fp16; its config says so with force_upcast).
+    vae_fp16_unsafe: ClassVar[bool] = False
+    # Key prefix of the kohya/ComfyUI export (see lora_keys' module docstring).
+    comfyui_prefix: ClassVar[str] = ""
+
+    def __init__(self) -> None:
+        self.size_multiple = SIZE_MULTIPLE[self.name]
+
+    # --- loading ------------------------------------------------------------------------------
+
+    def pipeline_class(self) -> Any:
+        import diffusers
+
+        return getattr(diffusers, self.pipeline_class_name)
+
+    def load_pipeline(self, model_path: str | Path, dtype: torch.dtype) -> Any:
+        path = Path(model_path)
+        if not (path / "model_index.json").is_file():
+            raise FileNotFoundError(
+                f"--model_path {str(path)!r} has no model_index.json: point it at a diffusers pipeline "
+                f"folder of a {self.name} model (the layout save_pretrained writes)"
+            )
+        pipe = self.pipeline_class().from_pretrained(str(path), dtype=dtype)
+        freeze_pipeline(pipe)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    # --- VAE ------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def encode_images(self, pipe: Any, pixels: torch.Tensor) -> torch.Tensor:
+        """Posterior mean, shifted and scaled. The mean (not a sample) keeps latent caching
+        deterministic: every rank writes bit-identical cache files."""
+        vae = pipe.vae
+        upcast = self.vae_fp16_unsafe and vae.dtype == torch.float16
+        if upcast:
+            vae.to(torch.float32)
+        try:
+            latents = vae.encode(pixels.to(device=vae.device, dtype=vae.dtype)).latent_dist.mode()
+        finally:
+            if upcast:
+                vae.to(torch.float16)
+        shift = vae.config.get("shift_factor") or 0.0
+        return ((latents.float() - shift) * vae.config.scaling_factor).to(self.denoiser(pipe).dtype)
+
+    # --- LoRA -----------------------------------------------------------------------------------
+
+    def add_lora(self, denoiser: torch.nn.Module, rank: int, alpha: float, targets: list[str]) -> None:
+        targets = list(targets) or list(self.default_lora_targets)
+        missing = unmatched_targets(denoiser, targets)
+        if missing:
+            raise ValueError(
+                f"--lora_target_modules: {', '.join(missing)} match no linear layer of the {self.name} "
+                f"denoiser; the defaults are {','.join(self.default_lora_targets)}"
+            )
+        self._inject(denoiser, make_lora_config(rank, alpha, targets))
+        mark_only_lora_trainable(denoiser)
+
+    def _inject(self, denoiser: torch.nn.Module, config: Any) -> None:
+        denoiser.add_adapter(config)
+
+    def enable_gradient_checkpointing(self, denoiser: torch.nn.Module) -> None:
+        denoiser.enable_gradient_checkpointing()
+
+    def lora_state_dict(self, denoiser: torch.nn.Module) -> dict[str, torch.Tensor]:
+        from peft import get_peft_model_state_dict
+
+        return {k: v.detach() for k, v in get_peft_model_state_dict(denoiser).items()}
+
+    def set_lora_state_dict(self, denoiser: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+        from peft import set_peft_model_state_dict
+
+        expected = set(self.lora_state_dict(denoiser))
+        if set(state) != expected:
+            extra, missing = sorted(set(state) - expected), sorted(expected - set(state))
+            raise ValueError(
+                f"LoRA state does not fit this denoiser: unexpected {extra[:3]}, missing {missing[:3]} "
+                f"(was it trained with other --lora_target_modules?)"
+            )
+        set_peft_model_state_dict(denoiser, state)
+
+    # --- files ----------------------------------------------------------------------------------
+
+    def save_diffusers_lora(self, state: dict[str, torch.Tensor], path: Path, rank: int, alpha: float) -> None:
+        tensors, metadata = lora_keys.to_diffusers_layout(state, self.denoiser_attr, rank, alpha, self.name)
+        lora_keys.save_safetensors(tensors, metadata, Path(path))
+
+    def to_comfyui(self, state: dict[str, torch.Tensor], rank: int, alpha: float) -> dict[str, torch.Tensor]:
+        return lora_keys.to_kohya_flat(state, self.comfyui_prefix, alpha)
+
+    def load_lora_into_pipeline(self, pipe: Any, path: Path) -> None:
+        # diffusers reads lora_adapter_metadata, so the LoraConfig (rank, alpha, targets) round-trips.
+        pipe.load_lora_weights(str(path))
+
+    # --- validation images ------------------------------------------------------------------------
+
+    def generate(self, pipe: Any, prompt: str, seed: int, height: int, width: int, steps: int) -> Any:
+        """Same seed -> same initial noise: the noise comes from a private CPU generator, so the
+        trainer's global RNG stream is left untouched."""
+        generator = torch.Generator("cpu").manual_seed(seed)
+        with torch.no_grad():
+            return pipe(
+                prompt=prompt, height=height, width=width, num_inference_steps=steps,
+                generator=generator, output_type="pil", **self.generate_kwargs(),
+            ).images[0]
+
+    def generate_kwargs(self) -> dict[str, Any]:
+        return {}
+
+
+def latent_pixel_size(pipe: Any, latents: torch.Tensor) -> tuple[int, int]:
+    """(height, width) in pixels of a latent batch."""
+    factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    return latents.shape[-2] * factor, latents.shape[-1] * factor

@@ -1,0 +1,85 @@
+"""FLUX.1: rectified flow on 2x2-packed latents, guidance embedding fed 1.0 while training."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from . import recipes
+from .flow import FlowFamily
+
+RECIPE = recipes.FlowMatchingRecipe(guidance=1.0)
+# Attention of the double blocks (image and text streams) and the single blocks' q/k/v.
+DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+
+
+def pack_latents(latents: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (B, H/2·W/2, 4C): each 2x2 patch becomes one token, channel-major inside."""
+    b, c, h, w = latents.shape
+    x = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack_latents(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Inverse of pack_latents for a latent of (height, width)."""
+    b, _, d = tokens.shape
+    c = d // 4
+    x = tokens.view(b, height // 2, width // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, c, height, width)
+
+
+def latent_image_ids(height: int, width: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """(H/2·W/2, 3) position ids: (0, row, column) per packed token, the RoPE axes FLUX expects."""
+    ids = torch.zeros(height // 2, width // 2, 3)
+    ids[..., 1] = torch.arange(height // 2)[:, None]
+    ids[..., 2] = torch.arange(width // 2)[None, :]
+    return ids.reshape(-1, 3).to(device=device, dtype=dtype)
+
+
+class Flux(FlowFamily):
+    name = "flux"
+    denoiser_attr = "transformer"
+    default_lora_targets = DEFAULT_TARGETS
+    pipeline_class_name = "FluxPipeline"
+    comfyui_prefix = "lora_transformer_"
+    recipe = RECIPE
+    t5_max_length = 512
+    inference_guidance = 3.5
+
+    @torch.no_grad()
+    def encode_prompts(self, pipe: Any, prompts: list[str], device: torch.device) -> dict[str, torch.Tensor]:
+        embeds, pooled, _text_ids = pipe.encode_prompt(
+            prompt=prompts, prompt_2=prompts, device=device, max_sequence_length=self.t5_max_length
+        )
+        return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
+
+    def training_loss(
+        self, pipe: Any, denoiser: torch.nn.Module, latents: torch.Tensor, cond: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        b, _, h, w = latents.shape
+        dtype, device = denoiser.dtype, latents.device
+        embeds = cond["prompt_embeds"].to(device=device, dtype=dtype)
+        text_ids = torch.zeros(embeds.shape[1], 3, device=device, dtype=dtype)
+        img_ids = latent_image_ids(h, w, device, dtype)
+        guidance = None
+        if denoiser.config.guidance_embeds:
+            guidance = torch.full((b,), self.recipe.guidance, device=device, dtype=torch.float32)
+
+        def predict(noisy: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+            out = denoiser(
+                hidden_states=pack_latents(noisy.to(dtype)),
+                timestep=sigmas.to(dtype),          # FLUX takes t/1000 = σ
+                guidance=guidance,
+                pooled_projections=cond["pooled_prompt_embeds"].to(device=device, dtype=dtype),
+                encoder_hidden_states=embeds,
+                txt_ids=text_ids,
+                img_ids=img_ids,
+                return_dict=False,
+            )[0]
+            return unpack_latents(out, h, w)
+
+        return self.flow_loss(pipe, latents, predict)
+
+    def generate_kwargs(self) -> dict[str, Any]:
+        return {"guidance_scale": self.inference_guidance, "max_sequence_length": self.t5_max_length}

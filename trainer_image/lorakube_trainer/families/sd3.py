@@ -1,0 +1,51 @@
+"""Stable Diffusion 3 / 3.5: rectified flow (MMDiT), two CLIPs + T5, static shift from the scheduler."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from . import recipes
+from .flow import FlowFamily
+
+RECIPE = recipes.FlowMatchingRecipe()
+DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+
+
+class SD3(FlowFamily):
+    name = "sd3"
+    denoiser_attr = "transformer"
+    default_lora_targets = DEFAULT_TARGETS
+    pipeline_class_name = "StableDiffusion3Pipeline"
+    comfyui_prefix = "lora_transformer_"
+    recipe = RECIPE
+    t5_max_length = 77
+    inference_guidance = 5.0
+
+    @torch.no_grad()
+    def encode_prompts(self, pipe: Any, prompts: list[str], device: torch.device) -> dict[str, torch.Tensor]:
+        embeds, _neg, pooled, _neg_pooled = pipe.encode_prompt(
+            prompt=prompts, prompt_2=prompts, prompt_3=prompts, device=device,
+            do_classifier_free_guidance=False, max_sequence_length=self.t5_max_length,
+        )
+        return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
+
+    def training_loss(
+        self, pipe: Any, denoiser: torch.nn.Module, latents: torch.Tensor, cond: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        dtype, device = denoiser.dtype, latents.device
+
+        def predict(noisy: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+            return denoiser(
+                hidden_states=noisy.to(dtype),
+                timestep=(sigmas * self.recipe.num_train_timesteps).to(dtype),
+                encoder_hidden_states=cond["prompt_embeds"].to(device=device, dtype=dtype),
+                pooled_projections=cond["pooled_prompt_embeds"].to(device=device, dtype=dtype),
+                return_dict=False,
+            )[0]
+
+        return self.flow_loss(pipe, latents, predict)
+
+    def generate_kwargs(self) -> dict[str, Any]:
+        return {"guidance_scale": self.inference_guidance, "max_sequence_length": self.t5_max_length}

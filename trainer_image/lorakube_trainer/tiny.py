@@ -1,0 +1,342 @@
+"""Tiny, randomly initialised pipelines of the four families, saved in the real on-disk layout.
+
+Tests, demos and the e2e run train on these instead of real weights: nothing is downloaded, yet
+the trainer loads them through exactly the code path real checkpoints take
+(`<Pipeline>.from_pretrained(folder)` reading `model_index.json` and one subfolder per component).
+Every component is a few hundred kB; all four pipelines build and save in a few seconds on CPU.
+
+Tokenizers are built here from small in-memory vocabularies (no hub, no shipped vocab files):
+a character-level byte BPE for CLIP, a unigram vocabulary for T5/mT5, a WordPiece vocabulary for
+BERT and a sentencepiece model trained on the spot for ChatGLM. They tokenize real text into real
+ids (not all-UNK), so prompts produce prompt-dependent embeddings.
+
+    python -m lorakube_trainer.tiny --family all --out ./tiny-models
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+# Words the tokenizers know as whole pieces; everything else falls back to characters.
+_WORDS = (
+    "a an the of in on at with and or to from by for is are photo picture painting drawing image "
+    "red green blue yellow orange purple pink black white grey gray brown gold silver dark light "
+    "circle square triangle star stripe stripes dot dots line lines shape shapes pattern grid "
+    "cat dog bird fish tree flower house car boat mountain river sky sun moon cloud sea city "
+    "small big large tiny bright soft sharp round flat old new style color colour background "
+    "top bottom left right center middle corner two three many one lorakube"
+).split()
+_SENTENCES = tuple(
+    f"a {c} {s} on a {b} background"
+    for c in ("red", "green", "blue", "yellow", "purple", "white", "black", "orange")
+    for s in ("circle", "square", "triangle", "star", "stripe pattern", "grid of dots")
+    for b in ("dark", "light", "grey", "white", "blue")
+)
+_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789.,;:!?'-()/ "
+TOKENIZER_MAX_LENGTH = {"clip": 77, "t5": 512, "bert": 77, "chatglm": 256}
+
+# The VAEs keep the real spatial factor (8: four blocks, three downsamplings) so 64 px -> 8x8 latents.
+_VAE_BLOCKS = dict(
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(8, 8, 16, 16),
+    layers_per_block=1,
+    norm_num_groups=4,
+    sample_size=64,
+)
+
+
+# --- tokenizers -------------------------------------------------------------------------------
+
+def _bytes_to_unicode() -> list[str]:
+    """The 256 printable stand-ins GPT-2/CLIP byte-level BPE uses for raw bytes."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(
+        range(ord("®"), ord("ÿ") + 1)
+    )
+    chars, extra = [], 0
+    for b in range(256):
+        if b in printable:
+            chars.append(chr(b))
+        else:
+            chars.append(chr(256 + extra))
+            extra += 1
+    return chars
+
+
+def build_clip_tokenizer() -> Any:
+    """Character-level byte BPE with CLIP's special tokens: every byte (and byte + `</w>`) is a token."""
+    from transformers import CLIPTokenizer
+
+    units = _bytes_to_unicode()
+    vocab = {c: i for i, c in enumerate(units)}
+    vocab.update({c + "</w>": i + 256 for i, c in enumerate(units)})
+    vocab["<|startoftext|>"] = 512
+    vocab["<|endoftext|>"] = 513
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=TOKENIZER_MAX_LENGTH["clip"])
+
+
+def build_t5_tokenizer() -> Any:
+    """Unigram vocabulary in T5's id order (<pad>, </s>, <unk>), whole words first, then characters."""
+    from transformers import T5Tokenizer
+
+    pieces: list[tuple[str, float]] = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    pieces += [("▁" + w, -5.0) for w in _WORDS]
+    pieces += [(c, -10.0) for c in _CHARS if c != " "]
+    pieces += [("▁" + c, -9.0) for c in _CHARS if c != " "]
+    return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=TOKENIZER_MAX_LENGTH["t5"])
+
+
+def build_bert_tokenizer() -> Any:
+    from transformers import BertTokenizer
+
+    tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + list(_WORDS)
+    tokens += [c for c in _CHARS if c != " "] + ["##" + c for c in _CHARS if c != " "]
+    vocab = {t: i for i, t in enumerate(dict.fromkeys(tokens))}
+    # BertTokenizer(vocab_file=...) is silently ignored in transformers v5; pass the dict.
+    return BertTokenizer(vocab=vocab, model_max_length=TOKENIZER_MAX_LENGTH["bert"])
+
+
+def build_chatglm_tokenizer_model(out_file: Path) -> None:
+    """Train a small sentencepiece model (what ChatGLMTokenizer reads as `tokenizer.model`)."""
+    import sentencepiece
+
+    buf = io.BytesIO()
+    corpus = list(_SENTENCES) + [" ".join(_WORDS), _CHARS]
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(corpus * 4),
+        model_writer=buf,
+        vocab_size=400,
+        model_type="unigram",
+        byte_fallback=True,          # unseen characters become byte tokens, never <unk>
+        bos_id=1,
+        eos_id=2,
+        unk_id=0,
+        pad_id=-1,
+        hard_vocab_limit=False,
+        minloglevel=2,
+    )
+    out_file.write_bytes(buf.getvalue())
+
+
+def _chatglm_tokenizer(folder: Path) -> Any:
+    from diffusers.pipelines.kolors.tokenizer import ChatGLMTokenizer
+
+    build_chatglm_tokenizer_model(folder / "tokenizer.model")
+    return ChatGLMTokenizer(vocab_file=str(folder / "tokenizer.model"))
+
+
+# --- text encoders ----------------------------------------------------------------------------
+
+def _clip_text(with_projection: bool, hidden: int = 32, projection_dim: int = 32) -> Any:
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    cfg = CLIPTextConfig(
+        vocab_size=514, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+        num_attention_heads=2, max_position_embeddings=TOKENIZER_MAX_LENGTH["clip"],
+        projection_dim=projection_dim, bos_token_id=512, eos_token_id=513, pad_token_id=513,
+    )
+    return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(cfg)
+
+
+def _t5_encoder(vocab_size: int, d_model: int = 32) -> Any:
+    from transformers import T5Config, T5EncoderModel
+
+    cfg = T5Config(
+        vocab_size=vocab_size, d_model=d_model, d_kv=8, d_ff=2 * d_model, num_layers=2,
+        num_heads=2, relative_attention_num_buckets=8, decoder_start_token_id=0,
+    )
+    return T5EncoderModel(cfg)
+
+
+def _chatglm_encoder(vocab_size: int, hidden: int = 32) -> Any:
+    from diffusers.pipelines.kolors.text_encoder import ChatGLMConfig, ChatGLMModel, RMSNorm
+
+    cfg = ChatGLMConfig(
+        num_layers=2, padded_vocab_size=vocab_size, hidden_size=hidden, ffn_hidden_size=2 * hidden,
+        kv_channels=8, num_attention_heads=4, seq_length=TOKENIZER_MAX_LENGTH["chatglm"],
+        multi_query_attention=True, multi_query_group_num=2, add_qkv_bias=True,
+        original_rope=True,          # the real config.json has it; the class default lacks it
+        torch_dtype="float32",
+    )
+    # empty_init=False: the default leaves Linear weights uninitialised; RMSNorm weights come
+    # from torch.empty and _init_weights skips them (garbage up to 1e30 -> NaN embeddings).
+    model = ChatGLMModel(cfg, empty_init=False)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, RMSNorm):
+                module.weight.fill_(1.0)
+    return model
+
+
+# --- pipelines --------------------------------------------------------------------------------
+
+def _vae(latent_channels: int, scaling: float, shift: float | None, quant: bool) -> Any:
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=latent_channels, scaling_factor=scaling,
+        shift_factor=shift, use_quant_conv=quant, use_post_quant_conv=quant, **_VAE_BLOCKS,
+    )
+
+
+def _flux() -> Any:
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    t5_tok = build_t5_tokenizer()
+    return FluxPipeline(
+        # FLUX.1-dev's scheduler config: resolution-dependent ("dynamic") shift.
+        scheduler=FlowMatchEulerDiscreteScheduler(
+            num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
+            max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096,
+        ),
+        vae=_vae(16, 0.3611, 0.1159, quant=False),
+        text_encoder=_clip_text(with_projection=False),
+        tokenizer=build_clip_tokenizer(),
+        text_encoder_2=_t5_encoder(len(t5_tok)),
+        tokenizer_2=t5_tok,
+        transformer=FluxTransformer2DModel(
+            patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=16,
+            num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
+            guidance_embeds=True, axes_dims_rope=(4, 4, 8),
+        ),
+    )
+
+
+def _sd3() -> Any:
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    t5_tok = build_t5_tokenizer()
+    return StableDiffusion3Pipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
+        vae=_vae(16, 1.5305, 0.0609, quant=False),
+        text_encoder=_clip_text(with_projection=True),
+        tokenizer=build_clip_tokenizer(),
+        text_encoder_2=_clip_text(with_projection=True),
+        tokenizer_2=build_clip_tokenizer(),
+        text_encoder_3=_t5_encoder(len(t5_tok), d_model=64),
+        tokenizer_3=t5_tok,
+        transformer=SD3Transformer2DModel(
+            sample_size=8, patch_size=2, in_channels=16, out_channels=16, num_layers=2,
+            attention_head_dim=8, num_attention_heads=4, joint_attention_dim=64,
+            caption_projection_dim=32, pooled_projection_dim=64, pos_embed_max_size=16,
+        ),
+    )
+
+
+def _kolors(workdir: Path) -> Any:
+    from diffusers import EulerDiscreteScheduler, KolorsPipeline, UNet2DConditionModel
+
+    tokenizer = _chatglm_tokenizer(workdir)
+    hidden = 32
+    return KolorsPipeline(
+        vae=_vae(4, 0.13025, None, quant=True),
+        text_encoder=_chatglm_encoder(len(tokenizer) + 16, hidden),
+        tokenizer=tokenizer,
+        unet=UNet2DConditionModel(
+            sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+            block_out_channels=(16, 32), norm_num_groups=8,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            attention_head_dim=(2, 4), cross_attention_dim=16, transformer_layers_per_block=1,
+            encoder_hid_dim=hidden, encoder_hid_dim_type="text_proj",
+            addition_embed_type="text_time", addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=hidden + 6 * 8,
+        ),
+        # Kolors' real scheduler config: 1100 training steps, beta_end 0.014.
+        scheduler=EulerDiscreteScheduler(
+            num_train_timesteps=1100, beta_start=0.00085, beta_end=0.014, beta_schedule="scaled_linear",
+            timestep_spacing="leading", steps_offset=1,
+        ),
+        force_zeros_for_empty_prompt=False,
+    )
+
+
+def _hunyuan_dit() -> Any:
+    from diffusers import DDPMScheduler, HunyuanDiT2DModel, HunyuanDiTPipeline
+    from transformers import BertConfig, BertModel
+
+    bert_tok, t5_tok = build_bert_tokenizer(), build_t5_tokenizer()
+    bert = BertModel(BertConfig(
+        vocab_size=len(bert_tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=TOKENIZER_MAX_LENGTH["bert"],
+    ))
+    return HunyuanDiTPipeline(
+        vae=_vae(4, 0.13025, None, quant=True),
+        text_encoder=bert,
+        tokenizer=bert_tok,
+        transformer=HunyuanDiT2DModel(
+            num_attention_heads=3, attention_head_dim=8, in_channels=4, patch_size=2, sample_size=8,
+            hidden_size=24, num_layers=2, cross_attention_dim=32, cross_attention_dim_t5=32,
+            pooled_projection_dim=16, text_len=TOKENIZER_MAX_LENGTH["bert"], text_len_t5=256,
+        ),
+        # Hunyuan-DiT's real scheduler config: v-prediction, scaled_linear up to 0.03.
+        scheduler=DDPMScheduler(
+            num_train_timesteps=1000, beta_start=0.00085, beta_end=0.03, beta_schedule="scaled_linear",
+            prediction_type="v_prediction", clip_sample=False, steps_offset=1,
+        ),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+        text_encoder_2=_t5_encoder(len(t5_tok)),
+        tokenizer_2=t5_tok,
+    )
+
+
+def _builders(workdir: Path) -> dict[str, Callable[[], Any]]:
+    return {"flux": _flux, "sd3": _sd3, "kolors": lambda: _kolors(workdir), "hunyuan-dit": _hunyuan_dit}
+
+
+def build_tiny_pipeline(family: str, out_dir: Path, seed: int = 0) -> Path:
+    """Build the family's tiny pipeline with fixed random weights and `save_pretrained` it into
+    `out_dir` (created). Returns `out_dir`, ready for `<Pipeline>.from_pretrained(out_dir)`."""
+    from lorakube.contract import FAMILIES
+
+    if family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r}; valid families: {', '.join(FAMILIES)}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # The caller's RNG stream must not depend on whether a tiny model was built first.
+    with torch.random.fork_rng(devices=[]), tempfile.TemporaryDirectory() as work:
+        torch.manual_seed(seed)
+        pipe = _builders(Path(work))[family]()
+        pipe.save_pretrained(out_dir, safe_serialization=True)
+    _write_marker(out_dir, family, seed)
+    return out_dir
+
+
+def _write_marker(out_dir: Path, family: str, seed: int) -> None:
+    """A note next to model_index.json saying these are random weights (a human opening the folder
+    must not mistake it for a real checkpoint)."""
+    (out_dir / "TINY_RANDOM_MODEL.json").write_text(
+        json.dumps({"family": family, "seed": seed, "note": "random weights for tests, not a real model"},
+                   indent=2) + "\n"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    from lorakube.contract import FAMILIES
+
+    parser = argparse.ArgumentParser(prog="python -m lorakube_trainer.tiny", description=__doc__.split("\n")[0])
+    parser.add_argument("--family", required=True, choices=[*FAMILIES, "all"])
+    parser.add_argument("--out", required=True, type=Path,
+                        help="output folder; with --family all, one subfolder per family")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    families = FAMILIES if args.family == "all" else (args.family,)
+    for family in families:
+        target = args.out / family if args.family == "all" else args.out
+        build_tiny_pipeline(family, target, seed=args.seed)
+        print(f"{family}: {target}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
