@@ -193,5 +193,7 @@ FLAG_OUTPUT_PATH = "--output_path"
 FLAG_CHECKPOINT_DIR = "--checkpoint_dir"
 FLAG_OUTPUT_FORMATS = "--output_formats"
 FLAG_RESUME = "--resume"
+# spec.resources.gpusPerNode 0 -> --accelerator cpu (one CPU process per node even where GPUs show).
+FLAG_ACCELERATOR = "--accelerator"
 TRAINER_COMMAND = "lorakube-train"
 DEFAULT_CHECKPOINT_SUBDIR = "checkpoints"   # under --output_path when --checkpoint_dir is not given

@@ -1,0 +1,232 @@
+"""Pure builders: (spec, job, attempt, rank) -> the Service and Pod manifests the job needs.
+
+Nothing here talks to the API or reads the clock, so the desired state is a function of its
+inputs and every field is unit-tested. Names, labels, env names and flags come from
+`lorakube.contract`, the module the trainer imports too.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+from typing import Any
+
+from lorakube import contract
+from lorakube.spec import JobRef, JobSpec
+
+GPU_RESOURCE = "nvidia.com/gpu"
+# The non-root identity the trainer image runs as (trainer_image/Dockerfile creates it).
+TRAINER_UID = 1000
+MASTER_PORT_NAME = "rendezvous"
+
+
+@dataclasses.dataclass(frozen=True)
+class OperatorConfig:
+    """Operator-wide defaults a job may leave out."""
+
+    trainer_image: str = "lorakube/trainer:latest"
+    image_pull_policy: str = "IfNotPresent"
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> OperatorConfig:
+        env = dict(os.environ) if env is None else env
+        default = cls()
+        return cls(
+            trainer_image=env.get("LORAKUBE_TRAINER_IMAGE") or default.trainer_image,
+            image_pull_policy=env.get("LORAKUBE_TRAINER_IMAGE_PULL_POLICY") or default.image_pull_policy,
+        )
+
+
+def job_labels(job: JobRef) -> dict[str, str]:
+    return {contract.LABEL_JOB_NAME: job.name, contract.LABEL_MANAGED_BY: contract.MANAGED_BY}
+
+
+def pod_labels(job: JobRef, attempt: int, rank: int) -> dict[str, str]:
+    return {**job_labels(job), contract.LABEL_RANK: str(rank), contract.LABEL_ATTEMPT: str(attempt)}
+
+
+def build_service(job: JobRef) -> dict[str, Any]:
+    """The headless Service that gives every pod the DNS name <pod>.<job>.<ns>.svc.
+
+    publishNotReadyAddresses: ranks look each other up while still starting, before any
+    readiness, so the records must exist as soon as the pods have IPs.
+    """
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {
+            "name": job.name,
+            "namespace": job.namespace,
+            "labels": job_labels(job),
+            "ownerReferences": [job.owner_reference()],
+        },
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": True,
+            "selector": {contract.LABEL_JOB_NAME: job.name},
+            "ports": [
+                {
+                    "name": MASTER_PORT_NAME,
+                    "port": contract.DEFAULT_MASTER_PORT,
+                    "targetPort": contract.DEFAULT_MASTER_PORT,
+                    "protocol": "TCP",
+                }
+            ],
+        },
+    }
+
+
+def rendezvous_env(spec: JobSpec, job: JobRef, attempt: int, rank: int) -> list[dict[str, Any]]:
+    """The env every rank gets (DESIGN §4): torch's MASTER_*/WORLD_SIZE, torchrun's PET_* twins,
+    and who the pod is (job, namespace, attempt)."""
+    res = spec.resources
+    values = {
+        contract.ENV_MASTER_ADDR: contract.master_addr(job.name, job.namespace),
+        contract.ENV_MASTER_PORT: str(contract.DEFAULT_MASTER_PORT),
+        contract.ENV_WORLD_SIZE: str(res.world_size),
+        contract.ENV_NODE_RANK: str(rank),
+        contract.ENV_NNODES: str(res.num_nodes),
+        contract.ENV_NPROC_PER_NODE: str(res.procs_per_node),
+    }
+    values.update({pet: values[plain] for pet, plain in contract.ENV_PET.items()})
+    values.update(
+        {
+            contract.ENV_JOB_NAME: job.name,
+            contract.ENV_JOB_NAMESPACE: job.namespace,
+            contract.ENV_JOB_UID: job.uid,
+            contract.ENV_ATTEMPT: str(attempt),
+            contract.ENV_POD_NAME: contract.pod_name(job.name, rank),
+            contract.ENV_RENDEZVOUS_TIMEOUT: str(spec.run_policy.rendezvous_timeout_seconds),
+            # Logs reach `kubectl logs` (and lastFailure.logTail) as they are written.
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
+    if rank == 0:
+        values[contract.ENV_REPORT_PROGRESS] = "1"
+    return [{"name": name, "value": value} for name, value in values.items()]
+
+
+def _format_flag_value(value: Any) -> str:
+    if isinstance(value, float):
+        return repr(value)  # shortest round-trip form: 0.0001, 3e-05
+    return str(value)
+
+
+def trainer_args(spec: JobSpec) -> list[str]:
+    """The trainer's argv after the command, derived only from the spec (no shell involved)."""
+    args = [
+        contract.FLAG_MODEL_FAMILY, spec.model.family,
+        contract.FLAG_MODEL_PATH, spec.model.uri,
+        contract.FLAG_DATASET_PATH, spec.dataset.uri,
+        contract.FLAG_OUTPUT_PATH, spec.output.uri,
+        contract.FLAG_CHECKPOINT_DIR, spec.output.checkpoint_uri,
+        contract.FLAG_OUTPUT_FORMATS, ",".join(spec.output.formats),
+        contract.FLAG_RESUME, "auto",
+    ]
+    if spec.resources.gpus_per_node == 0:
+        args += [contract.FLAG_ACCELERATOR, "cpu"]
+    values = spec.training.by_key()
+    # The API's loraAlpha defaults to the rank (scale 1.0); the trainer's own default differs.
+    if values["loraAlpha"] is None:
+        values["loraAlpha"] = float(spec.training.lora_rank)
+    for key, flag in contract.TRAINING_FLAGS.items():
+        value = values[key]
+        if key in contract.BOOLEAN_TRAINING_FLAGS:
+            if value:
+                args.append(flag)
+        elif key == "validationPrompts":
+            for prompt in value:
+                args += [flag, prompt]
+        elif key == "loraTargetModules":
+            if value:
+                args += [flag, ",".join(value)]
+        elif value is not None:
+            args += [flag, _format_flag_value(value)]
+    return args
+
+
+def container_resources(spec: JobSpec) -> dict[str, Any]:
+    """The user's requests/limits plus one `nvidia.com/gpu` per process in limits (extended
+    resources default their request to the limit)."""
+    resources = copy.deepcopy(dict(spec.resources.container_resources))
+    if spec.resources.gpus_per_node > 0:
+        resources.setdefault("limits", {})[GPU_RESOURCE] = spec.resources.gpus_per_node
+        requests = resources.get("requests")
+        if requests and GPU_RESOURCE in requests:
+            requests[GPU_RESOURCE] = spec.resources.gpus_per_node
+    return resources
+
+
+def pod_security_context() -> dict[str, Any]:
+    """What Pod Security `restricted` asks of a pod: non-root, RuntimeDefault seccomp."""
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": TRAINER_UID,
+        "runAsGroup": TRAINER_UID,
+        "fsGroup": TRAINER_UID,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def container_security_context() -> dict[str, Any]:
+    return {
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+        "runAsNonRoot": True,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def build_pod(spec: JobSpec, job: JobRef, attempt: int, rank: int, config: OperatorConfig) -> dict[str, Any]:
+    """Pod <job>-node-<rank> of `attempt`: a fixed hostname under the job's Service so that rank
+    0 has a stable DNS name, restartPolicy Never because the operator restarts the whole gang."""
+    res = spec.resources
+    name = contract.pod_name(job.name, rank)
+    container: dict[str, Any] = {
+        "name": contract.TRAINER_CONTAINER,
+        "image": res.image or config.trainer_image,
+        "imagePullPolicy": res.image_pull_policy or config.image_pull_policy,
+        "command": [contract.TRAINER_COMMAND],
+        "args": trainer_args(spec),
+        "env": rendezvous_env(spec, job, attempt, rank) + copy.deepcopy(list(res.env)),
+        "ports": [{"name": MASTER_PORT_NAME, "containerPort": contract.DEFAULT_MASTER_PORT, "protocol": "TCP"}],
+        "resources": container_resources(spec),
+        "securityContext": container_security_context(),
+    }
+    if res.volume_mounts:
+        container["volumeMounts"] = copy.deepcopy(list(res.volume_mounts))
+    pod_spec: dict[str, Any] = {
+        "hostname": name,
+        "subdomain": job.name,
+        "restartPolicy": "Never",
+        "serviceAccountName": res.service_account_name,
+        # The job's Service is headless; service-link env vars would only add noise.
+        "enableServiceLinks": False,
+        "securityContext": pod_security_context(),
+        "containers": [container],
+    }
+    optional = {
+        "nodeSelector": dict(res.node_selector) or None,
+        "tolerations": copy.deepcopy(list(res.tolerations)) or None,
+        "affinity": copy.deepcopy(dict(res.affinity)) if res.affinity else None,
+        "priorityClassName": res.priority_class_name,
+        "imagePullSecrets": [{"name": n} for n in res.image_pull_secrets] or None,
+        "volumes": copy.deepcopy(list(res.volumes)) or None,
+    }
+    pod_spec.update({key: value for key, value in optional.items() if value is not None})
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": name,
+            "namespace": job.namespace,
+            "labels": pod_labels(job, attempt, rank),
+            "ownerReferences": [job.owner_reference()],
+        },
+        "spec": pod_spec,
+    }
+
+
+def build_pods(spec: JobSpec, job: JobRef, attempt: int, config: OperatorConfig) -> list[dict[str, Any]]:
+    return [build_pod(spec, job, attempt, rank, config) for rank in range(spec.resources.num_nodes)]

@@ -1,0 +1,70 @@
+"""Failure classification as data: ordered rules, the first that matches a failed pod wins.
+
+Retryable failures restart the whole gang (all pods of the attempt go, attempt + 1, the trainer
+resumes from its newest complete checkpoint); a user error fails the job at once, because running
+the same arguments on the same data again would fail the same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from collections.abc import Callable
+
+from lorakube import contract
+from lorakube.pods import PodView
+
+
+class Action(enum.Enum):
+    RESTART = "restart"
+    FAIL = "fail"
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    reason: str                       # the condition reason the job gets
+    matches: Callable[[PodView], bool]
+    action: Action
+    explain: str                      # the first words of the condition message
+
+
+RULES: tuple[Rule, ...] = (
+    Rule("PodDisrupted", lambda p: p.disrupted, Action.RESTART,
+         "evicted, preempted or its node went away"),
+    Rule("RetryableExit", lambda p: p.exit_code == contract.EXIT_RETRYABLE, Action.RESTART,
+         "reported a retryable infrastructure failure (rendezvous, NCCL, storage)"),
+    Rule("KilledBySignal", lambda p: p.exit_code is not None and p.exit_code >= 128, Action.RESTART,
+         "was killed by a signal (out of memory, node shutdown)"),
+    Rule("UserError", lambda p: p.exit_code is not None and p.exit_code > 0, Action.FAIL,
+         "failed"),
+    # No exit code at all: the container never ran or its record is gone with the node.
+    Rule("PodLost", lambda p: True, Action.RESTART, "was lost before it reported an exit code"),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Failure:
+    pod: PodView
+    rule: Rule
+
+    @property
+    def message(self) -> str:
+        code = "" if self.pod.exit_code is None else f" with exit code {self.pod.exit_code}"
+        detail = f": {self.pod.reason}" if self.pod.reason else ""
+        return f"pod {self.pod.name} (rank {self.pod.rank}) {self.rule.explain}{code}{detail}"
+
+
+def classify(pod: PodView) -> Failure:
+    return Failure(pod, next(rule for rule in RULES if rule.matches(pod)))
+
+
+def deleted_by_someone_else(pod: PodView) -> Failure:
+    """A pod of the running attempt that is being deleted although the operator did not ask for it
+    (a drain, a user): the gang has lost a rank."""
+    return Failure(pod, Rule("PodDeleted", lambda p: True, Action.RESTART, "was deleted while the job ran"))
+
+
+def missing(name: str, rank: int, attempt: int) -> Failure:
+    """A pod of a running attempt that no longer exists at all."""
+    ghost = PodView(name=name, rank=rank, attempt=attempt, owner_uid=None, phase="Unknown")
+    return Failure(ghost, Rule("PodLost", lambda p: True, Action.RESTART, "disappeared while the job ran"))

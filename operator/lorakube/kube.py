@@ -1,0 +1,231 @@
+"""The one module that talks to the Kubernetes API: observe a job, carry out a decision.
+
+Everything else is pure. Writes are idempotent: children have deterministic names, a 409 on create
+means a previous pass (or a previous operator process) already made it, a 404 on delete means it is
+already gone; so a pass interrupted anywhere is simply repeated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from kubernetes import client, config
+from kubernetes.client.exceptions import ApiException
+
+from lorakube import builders, contract, reconcile, spec
+from lorakube.pods import PodView
+
+log = logging.getLogger(__name__)
+
+MERGE_PATCH = "application/merge-patch+json"
+
+
+class Transient(Exception):
+    """The API refused for a reason that may pass (quota, our own RBAC, a conflict): try later."""
+
+
+class Rejected(Exception):
+    """The API refused a child the spec asks for, and asking again will not help."""
+
+
+def _api_message(exc: ApiException) -> str:
+    try:
+        return json.loads(exc.body or "{}").get("message") or exc.reason or str(exc.status)
+    except (ValueError, AttributeError):
+        return str(exc.body or exc.reason)
+
+
+def _classify_create_error(exc: ApiException) -> Exception:
+    message = _api_message(exc)
+    # A quota may free up, and RBAC on the operator is an installation problem, not the job's.
+    if exc.status == 403 and ("exceeded quota" in message or "cannot create resource" in message):
+        return Transient(message)
+    if exc.status in (400, 403, 422):
+        return Rejected(message)
+    return Transient(message)
+
+
+def load_api_client() -> client.ApiClient:
+    """In-cluster credentials when running in a pod, else the kubeconfig ($KUBECONFIG)."""
+    try:
+        config.load_incluster_config()
+    except config.ConfigException:
+        config.load_kube_config()
+    return client.ApiClient()
+
+
+@dataclasses.dataclass
+class Kube:
+    api: client.ApiClient
+
+    @property
+    def core(self) -> client.CoreV1Api:
+        return client.CoreV1Api(self.api)
+
+    @property
+    def custom(self) -> client.CustomObjectsApi:
+        return client.CustomObjectsApi(self.api)
+
+    # --- the job --------------------------------------------------------------------------
+
+    def get_job(self, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            return self.custom.get_namespaced_custom_object(
+                contract.API_GROUP, contract.API_VERSION, namespace, contract.PLURAL, name)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def patch_job_status(self, namespace: str, name: str, patch: Mapping[str, Any]) -> None:
+        self.custom.patch_namespaced_custom_object_status(
+            contract.API_GROUP, contract.API_VERSION, namespace, contract.PLURAL, name,
+            {"status": dict(patch)}, _content_type=MERGE_PATCH)
+
+    def delete_job(self, namespace: str, name: str) -> None:
+        try:
+            self.custom.delete_namespaced_custom_object(
+                contract.API_GROUP, contract.API_VERSION, namespace, contract.PLURAL, name)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+
+    # --- children -------------------------------------------------------------------------
+
+    def service_exists(self, namespace: str, name: str) -> bool:
+        try:
+            self.core.read_namespaced_service(name, namespace)
+            return True
+        except ApiException as exc:
+            if exc.status == 404:
+                return False
+            raise
+
+    def service_account_exists(self, namespace: str, name: str) -> bool:
+        try:
+            self.core.read_namespaced_service_account(name, namespace)
+            return True
+        except ApiException as exc:
+            if exc.status == 404:
+                return False
+            raise
+
+    def create(self, manifest: Mapping[str, Any]) -> None:
+        namespace = manifest["metadata"]["namespace"]
+        create = (self.core.create_namespaced_pod if manifest["kind"] == "Pod"
+                  else self.core.create_namespaced_service)
+        try:
+            create(namespace, dict(manifest))
+        except ApiException as exc:
+            if exc.status == 409:
+                return  # made by an earlier pass: adopt it
+            raise _classify_create_error(exc) from exc
+
+    def delete_pod(self, namespace: str, name: str) -> None:
+        try:
+            self.core.delete_namespaced_pod(name, namespace, grace_period_seconds=None)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+
+    def log_tail(self, namespace: str, name: str, lines: int) -> str | None:
+        try:
+            text = self.core.read_namespaced_pod_log(
+                name, namespace, container=contract.TRAINER_CONTAINER, tail_lines=lines)
+        except ApiException as exc:
+            log.info("no log tail for pod %s/%s: %s", namespace, name, _api_message(exc))
+            return None
+        return text.rstrip("\n")[-4000:] or None
+
+
+# --- observe and act ------------------------------------------------------------------------
+
+
+def job_ref(body: Mapping[str, Any]) -> spec.JobRef:
+    meta = body["metadata"]
+    return spec.JobRef(name=meta["name"], namespace=meta["namespace"], uid=meta["uid"])
+
+
+def observe(kube: Kube, body: Mapping[str, Any], pods: Iterable[PodView], now: dt.datetime) -> reconcile.Observation:
+    """Everything `decide` reads, from a fresh job body and the indexed pods."""
+    job = job_ref(body)
+    meta = body["metadata"]
+    status = body.get("status") or {}
+    pods = tuple(pods)
+    try:
+        parsed, error = spec.parse_job(job.name, body.get("spec")), None
+    except spec.InvalidSpec as exc:
+        parsed, error = None, exc
+    sa_exists = None
+    if parsed is not None and status.get("phase") not in ("Succeeded", "Failed"):
+        attempt = reconcile.current_attempt(status)
+        present = {p.rank for p in pods if p.owner_uid == job.uid and p.attempt == attempt}
+        if len(present) < parsed.resources.num_nodes:
+            sa_exists = kube.service_account_exists(job.namespace, parsed.resources.service_account_name)
+    tails = {name: kube.log_tail(job.namespace, name, reconcile.LOG_TAIL_LINES)
+             for name in reconcile.pods_needing_log_tail(status, pods, job.uid)}
+    return reconcile.Observation(
+        job=job,
+        generation=meta.get("generation"),
+        spec=parsed,
+        spec_error=error,
+        status=status,
+        pods=pods,
+        service_exists=kube.service_exists(job.namespace, job.name),
+        now=now,
+        deleting=bool(meta.get("deletionTimestamp")),
+        service_account_exists=sa_exists,
+        log_tails={k: v for k, v in tails.items() if v},
+    )
+
+
+def act(kube: Kube, obs: reconcile.Observation, decision: reconcile.Decision) -> list[reconcile.Event]:
+    """Carry a decision out. Status first: a new attempt number or a terminal phase is on record
+    before any pod of that attempt is created or any pod is deleted for it."""
+    job = obs.job
+    if decision.status_patch:
+        kube.patch_job_status(job.namespace, job.name, decision.status_patch)
+    try:
+        for manifest in _children(decision):
+            kube.create(manifest)
+    except Rejected as exc:
+        what = _describe(decision)
+        failed = reconcile.rejected(obs, what, str(exc))
+        kube.patch_job_status(job.namespace, job.name, failed.status_patch)
+        for name in (m["metadata"]["name"] for m in decision.create_pods):
+            kube.delete_pod(job.namespace, name)
+        return list(decision.events) + list(failed.events)
+    for name in decision.delete_pods:
+        kube.delete_pod(job.namespace, name)
+    if decision.delete_job:
+        kube.delete_job(job.namespace, job.name)
+    return list(decision.events)
+
+
+def _children(decision: reconcile.Decision) -> Sequence[Mapping[str, Any]]:
+    return ([decision.create_service] if decision.create_service else []) + list(decision.create_pods)
+
+
+def _describe(decision: reconcile.Decision) -> str:
+    names = [m["metadata"]["name"] for m in decision.create_pods]
+    return f"pod(s) {', '.join(names)}" if names else "the job's Service"
+
+
+def reconcile_job(kube: Kube, namespace: str, name: str, pods: Iterable[PodView],
+                  config: builders.OperatorConfig, now: dt.datetime) -> tuple[dict[str, Any] | None,
+                                                                            reconcile.Decision | None,
+                                                                            list[reconcile.Event]]:
+    """One pass for one job: fresh GET, observe, decide, act. Returns the body (for events),
+    the decision (for its requeue time) and the events to post."""
+    body = kube.get_job(namespace, name)
+    if body is None:
+        return None, None, []
+    obs = observe(kube, body, pods, now)
+    decision = reconcile.decide(obs, config)
+    events = act(kube, obs, decision)
+    return body, decision, events

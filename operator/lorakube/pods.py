@@ -1,0 +1,91 @@
+"""What the operator needs to know about one trainer pod, read once from the pod body.
+
+The Kopf index keeps these small frozen views instead of whole pod bodies, and every decision
+reads them, so the pod's wire format is interpreted in this one place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+from collections.abc import Mapping
+from typing import Any
+
+from lorakube import contract
+
+PENDING, RUNNING, SUCCEEDED, FAILED = "Pending", "Running", "Succeeded", "Failed"
+
+
+@dataclasses.dataclass(frozen=True)
+class PodView:
+    name: str
+    rank: int
+    attempt: int
+    owner_uid: str | None
+    phase: str
+    exit_code: int | None = None
+    reason: str | None = None
+    message: str | None = None
+    node_name: str | None = None
+    created_at: dt.datetime | None = None
+    deleting: bool = False
+    disrupted: bool = False   # the DisruptionTarget condition: evicted, preempted, node going away
+
+    @property
+    def finished(self) -> bool:
+        return self.phase in (SUCCEEDED, FAILED)
+
+    @property
+    def active(self) -> bool:
+        """Still holding (or about to hold) a node's resources."""
+        return not self.finished and not self.deleting
+
+
+def parse_time(value: Any) -> dt.datetime | None:
+    if not isinstance(value, str) or not value:
+        return None
+    return dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+def format_time(value: dt.datetime) -> str:
+    return value.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _trainer_state(status: Mapping[str, Any]) -> Mapping[str, Any]:
+    for container in status.get("containerStatuses") or []:
+        if container.get("name") == contract.TRAINER_CONTAINER:
+            return container.get("state") or {}
+    return {}
+
+
+def from_body(body: Mapping[str, Any]) -> PodView | None:
+    """A view of a trainer pod, or None for a pod without our rank/attempt labels."""
+    meta = body.get("metadata") or {}
+    labels = meta.get("labels") or {}
+    try:
+        rank = int(labels[contract.LABEL_RANK])
+        attempt = int(labels[contract.LABEL_ATTEMPT])
+    except (KeyError, ValueError):
+        return None
+    owner_uid = next(
+        (ref.get("uid") for ref in meta.get("ownerReferences") or [] if ref.get("controller")), None
+    )
+    status = body.get("status") or {}
+    state = _trainer_state(status)
+    terminated = state.get("terminated") or {}
+    waiting = state.get("waiting") or {}
+    conditions = status.get("conditions") or []
+    return PodView(
+        name=meta.get("name", ""),
+        rank=rank,
+        attempt=attempt,
+        owner_uid=owner_uid,
+        phase=status.get("phase") or PENDING,
+        exit_code=terminated.get("exitCode"),
+        reason=terminated.get("reason") or waiting.get("reason") or status.get("reason"),
+        message=terminated.get("message") or waiting.get("message") or status.get("message"),
+        node_name=(body.get("spec") or {}).get("nodeName"),
+        created_at=parse_time(meta.get("creationTimestamp")),
+        deleting=bool(meta.get("deletionTimestamp")),
+        disrupted=any(c.get("type") == "DisruptionTarget" and c.get("status") == "True" for c in conditions),
+    )

@@ -1,0 +1,378 @@
+"""Decide what one job needs next: observe -> classify -> decide, as pure functions.
+
+`decide` reads an `Observation` (the job, its parsed spec or the reason it does not parse, the
+current status, the job's pods, the clock) and returns a `Decision` (objects to create, pods to
+delete, one status patch, events, when to look again). It never calls the API, so every
+situation is a unit test; `kube.py` gathers the observation and carries the decision out.
+
+The attempt number in status is the spine: every pod is labelled with the attempt that created it,
+the status is written (attempt + 1) before any pod of a new attempt exists, and pods of older
+attempts must be gone before new ones are created, so two attempts never overlap and an operator
+restarted at any point finds the same plan.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from lorakube import builders, contract, failures
+from lorakube import status as st
+from lorakube.pods import FAILED as POD_FAILED
+from lorakube.pods import PENDING as POD_PENDING
+from lorakube.pods import RUNNING as POD_RUNNING
+from lorakube.pods import SUCCEEDED as POD_SUCCEEDED
+from lorakube.pods import PodView, format_time, parse_time
+from lorakube.spec import InvalidSpec, JobRef, JobSpec
+
+# While waiting for pods to go, look again soon; pod events usually arrive first.
+WAIT_FOR_DELETION_SECONDS = 2.0
+MAX_BACKOFF_SECONDS = 3600.0
+LOG_TAIL_LINES = 20
+
+
+@dataclasses.dataclass(frozen=True)
+class Event:
+    type: str        # Normal | Warning
+    reason: str
+    message: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Observation:
+    job: JobRef
+    generation: int | None
+    spec: JobSpec | None
+    spec_error: InvalidSpec | None
+    status: Mapping[str, Any]
+    pods: Sequence[PodView]
+    service_exists: bool
+    now: dt.datetime
+    deleting: bool = False
+    # None: not looked up (no pods were about to be created).
+    service_account_exists: bool | None = None
+    log_tails: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class Decision:
+    create_service: Mapping[str, Any] | None = None
+    create_pods: tuple[Mapping[str, Any], ...] = ()
+    delete_pods: tuple[str, ...] = ()
+    status_patch: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    events: tuple[Event, ...] = ()
+    requeue_after: float | None = None
+    delete_job: bool = False     # ttlSecondsAfterFinished ran out
+
+
+def current_attempt(status: Mapping[str, Any]) -> int:
+    return int(status.get("attempt") or 1)
+
+
+def pods_needing_log_tail(status: Mapping[str, Any], pods: Sequence[PodView], uid: str) -> list[str]:
+    """Failed pods of the current attempt whose log tail a failure record may need; fetched only
+    while the job is still live, so a finished job costs no log reads."""
+    if status.get("phase") in st.TERMINAL_PHASES or status.get("phase") == st.RESTARTING:
+        return []
+    attempt = current_attempt(status)
+    return [p.name for p in pods
+            if p.owner_uid == uid and p.attempt == attempt and p.phase == POD_FAILED]
+
+
+def backoff_seconds(base: int, restarts: int) -> float:
+    """Exponential: base, 2*base, 4*base ... for the 1st, 2nd, 3rd restart, capped at an hour."""
+    if restarts <= 0 or base <= 0:
+        return 0.0
+    return min(float(base) * 2 ** (restarts - 1), MAX_BACKOFF_SECONDS)
+
+
+class _Plan:
+    """Accumulates one pass's outcome: the desired status, children to create/delete, events."""
+
+    def __init__(self, obs: Observation) -> None:
+        self.obs = obs
+        self.status: dict[str, Any] = {k: obs.status[k] for k in st.OPERATOR_KEYS if k in obs.status}
+        self.status.setdefault("phase", st.PENDING)
+        self.status.setdefault("conditions", [])
+        self.status.setdefault("attempt", 1)
+        self.status.setdefault("restarts", 0)
+        if obs.generation is not None:
+            self.status["observedGeneration"] = obs.generation
+        text = st.progress_text(obs.status.get("progress"))
+        if text is not None:
+            self.status["progressText"] = text
+        self.create_service: Mapping[str, Any] | None = None
+        self.create_pods: list[Mapping[str, Any]] = []
+        self.delete_pods: list[str] = []
+        self.events: list[Event] = []
+        self.requeue_after: float | None = None
+        self.delete_job = False
+
+    @property
+    def phase(self) -> str:
+        return self.status["phase"]
+
+    def transition(self, phase: str, reason: str, message: str, warning: bool = False,
+                   event: bool = True) -> None:
+        if phase == self.phase and self._condition_reason(phase) == reason:
+            return
+        self.status["conditions"] = st.apply_transition(
+            self.status["conditions"], st.Transition(phase, reason, message), self.obs.now, self.obs.generation)
+        self.status["phase"] = phase
+        if phase in st.TERMINAL_PHASES:
+            self.status.setdefault("completionTime", format_time(self.obs.now))
+        if event:
+            self.events.append(Event("Warning" if warning else "Normal", reason, message))
+
+    def _condition_reason(self, phase: str) -> str | None:
+        found = st.condition(self.status["conditions"], phase)
+        return found.get("reason") if found and found.get("status") == "True" else None
+
+    def record_failure(self, failure: failures.Failure) -> None:
+        pod = failure.pod
+        record = {
+            "pod": pod.name,
+            "exitCode": pod.exit_code,
+            "reason": failure.rule.reason,
+            "message": pod.message or failure.message,
+            "logTail": self.obs.log_tails.get(pod.name),
+        }
+        self.status["lastFailure"] = {k: v for k, v in record.items() if v is not None}
+
+    def delete(self, pods: Sequence[PodView]) -> None:
+        self.delete_pods.extend(p.name for p in pods if not p.deleting and p.name not in self.delete_pods)
+
+    def requeue(self, seconds: float) -> None:
+        seconds = max(seconds, 0.5)
+        self.requeue_after = seconds if self.requeue_after is None else min(self.requeue_after, seconds)
+
+    def decision(self) -> Decision:
+        return Decision(
+            create_service=self.create_service,
+            create_pods=tuple(self.create_pods),
+            delete_pods=tuple(self.delete_pods),
+            status_patch=st.status_patch(self.obs.status, self.status),
+            events=tuple(self.events),
+            requeue_after=self.requeue_after,
+            delete_job=self.delete_job,
+        )
+
+
+def decide(obs: Observation, config: builders.OperatorConfig) -> Decision:
+    if obs.deleting:
+        # Garbage collection removes the pods and the Service through their owner references.
+        return Decision()
+    plan = _Plan(obs)
+    mine = [p for p in obs.pods if p.owner_uid == obs.job.uid]
+    if obs.spec_error is not None or obs.spec is None:
+        _fail_invalid(plan, mine, str(obs.spec_error))
+        return plan.decision()
+    _decide_valid(plan, obs.spec, mine, obs.pods, config)
+    return plan.decision()
+
+
+def _fail_invalid(plan: _Plan, mine: Sequence[PodView], message: str) -> None:
+    plan.transition(st.FAILED, "InvalidSpec", message, warning=True)
+    plan.delete([p for p in mine if p.active])
+
+
+def _decide_valid(plan: _Plan, spec: JobSpec, mine: list[PodView], all_pods: Sequence[PodView],
+                  config: builders.OperatorConfig) -> None:
+    obs = plan.obs
+    num_nodes = spec.resources.num_nodes
+    attempt = plan.status["attempt"]
+    current = {p.rank: p for p in mine if p.attempt == attempt and p.rank < num_nodes}
+    plan.status["nodes"] = st.node_entries(current.values())
+    plan.status["readyNodes"] = st.ready_nodes(current.values(), num_nodes)
+
+    if plan.phase in st.TERMINAL_PHASES:
+        # The outcome is decided: free the nodes at once, keep finished pods for their logs.
+        plan.delete([p for p in mine if p.active])
+        _expire(plan, spec)
+        return
+
+    if spec.run_policy.suspend:
+        if plan.phase != st.SUSPENDED:
+            plan.transition(st.SUSPENDED, "Suspended", "spec.runPolicy.suspend is true; pods deleted")
+        plan.delete([p for p in mine if not p.deleting])
+        return
+    if plan.phase == st.SUSPENDED:
+        # Resume with a fresh attempt so the suspended attempt's pods count as old and must go first.
+        attempt = plan.status["attempt"] = attempt + 1
+        plan.status["conditions"] = st.set_condition(
+            plan.status["conditions"], "Suspended", False, "Resumed", "spec.runPolicy.suspend is false",
+            obs.now, obs.generation)
+        plan.status["phase"] = st.PENDING
+        plan.events.append(Event("Normal", "Resumed", f"resuming with attempt {attempt}"))
+        current = {}
+
+    if _deadline_exceeded(plan, spec, mine):
+        return
+
+    old = [p for p in mine if p.attempt < attempt]
+    if old:
+        plan.delete(old)
+        plan.requeue(WAIT_FOR_DELETION_SECONDS)
+        return
+    if any(p.attempt > attempt for p in mine):
+        # The status we read predates our own last write; the next pass sees the new attempt.
+        plan.requeue(WAIT_FOR_DELETION_SECONDS)
+        return
+
+    failure = _first_failure(plan, current, num_nodes)
+    if failure is not None:
+        _handle_failure(plan, spec, failure, current)
+        return
+
+    if plan.phase == st.RESTARTING:
+        restarting = st.condition(plan.status["conditions"], "Restarting") or {}
+        since = parse_time(restarting.get("lastTransitionTime")) or obs.now
+        wait = backoff_seconds(spec.run_policy.backoff_seconds, plan.status["restarts"])
+        remaining = (since - obs.now).total_seconds() + wait
+        if remaining > 0:
+            plan.requeue(remaining)
+            return
+
+    missing = [rank for rank in range(num_nodes) if rank not in current]
+    if missing:
+        _create_missing(plan, spec, missing, all_pods, config)
+        return
+    if obs.service_exists is False:
+        plan.create_service = builders.build_service(obs.job)
+
+    if _startup_deadline_exceeded(plan, spec, current):
+        return
+    phases = [p.phase for p in current.values()]
+    if all(phase == POD_SUCCEEDED for phase in phases):
+        plan.transition(st.SUCCEEDED_PHASE, "AllPodsSucceeded", f"all {num_nodes} pods exited 0")
+    elif all(phase in (POD_RUNNING, POD_SUCCEEDED) for phase in phases):
+        plan.transition(st.RUNNING_PHASE, "AllPodsRunning", f"all {num_nodes} pods of attempt {attempt} are running")
+
+
+def _first_failure(plan: _Plan, current: Mapping[int, PodView], num_nodes: int) -> failures.Failure | None:
+    """The failure that decides this pass: a user error anywhere beats a retryable one, then the
+    lowest rank, so the record names the same pod however the events arrive."""
+    found: list[failures.Failure] = []
+    for pod in sorted(current.values(), key=lambda p: p.rank):
+        if pod.phase == POD_FAILED:
+            found.append(failures.classify(pod))
+        elif pod.deleting and pod.phase != POD_SUCCEEDED:
+            found.append(failures.deleted_by_someone_else(pod))
+    if plan.phase == st.RUNNING_PHASE:
+        # Every rank was running once; one that vanished cannot be recreated alone.
+        found += [failures.missing(contract.pod_name(plan.obs.job.name, rank), rank, plan.status["attempt"])
+                  for rank in range(num_nodes) if rank not in current]
+    fatal = [f for f in found if f.rule.action is failures.Action.FAIL]
+    return (fatal or found or [None])[0]
+
+
+def _handle_failure(plan: _Plan, spec: JobSpec, failure: failures.Failure,
+                    current: Mapping[int, PodView]) -> None:
+    plan.record_failure(failure)
+    live = [p for p in current.values() if not p.deleting]
+    if failure.rule.action is failures.Action.FAIL:
+        plan.transition(st.FAILED, failure.rule.reason, failure.message, warning=True)
+        plan.delete([p for p in live if p.active])
+        return
+    restarts = plan.status["restarts"]
+    if restarts >= spec.run_policy.max_restarts:
+        plan.transition(st.FAILED, "MaxRestartsExceeded",
+                        f"{failure.message}; the job already restarted {restarts} time(s) "
+                        f"(spec.runPolicy.maxRestarts is {spec.run_policy.max_restarts})", warning=True)
+        plan.delete([p for p in live if p.active])
+        return
+    plan.status["attempt"] += 1
+    plan.status["restarts"] = restarts + 1
+    plan.transition(st.RESTARTING, failure.rule.reason,
+                    f"{failure.message}; restarting all pods as attempt {plan.status['attempt']}", warning=True)
+    # The whole gang goes, finished pods too: the next attempt reuses their names.
+    plan.delete(live)
+    plan.requeue(WAIT_FOR_DELETION_SECONDS)
+
+
+def _create_missing(plan: _Plan, spec: JobSpec, missing: Sequence[int], all_pods: Sequence[PodView],
+                    config: builders.OperatorConfig) -> None:
+    obs = plan.obs
+    if obs.service_account_exists is False:
+        _fail_invalid(plan, [], f"spec.resources.serviceAccountName: ServiceAccount "
+                                f"{spec.resources.service_account_name!r} not found in namespace "
+                                f"{obs.job.namespace!r}; create it (the chart's trainer RBAC) or name an existing one")
+        return
+    names = {contract.pod_name(obs.job.name, rank): rank for rank in missing}
+    blockers = [p for p in all_pods if p.name in names and p.owner_uid != obs.job.uid]
+    if blockers:
+        # Pods of an earlier job with the same name are still being collected.
+        plan.requeue(WAIT_FOR_DELETION_SECONDS)
+        return
+    if not obs.service_exists:
+        plan.create_service = builders.build_service(obs.job)
+    attempt = plan.status["attempt"]
+    plan.create_pods = [builders.build_pod(spec, obs.job, attempt, rank, config) for rank in missing]
+    plan.status.setdefault("startTime", format_time(obs.now))
+    message = f"creating {', '.join(names)} for attempt {attempt}"
+    if plan.phase in (st.PENDING, st.RESTARTING):
+        plan.transition(st.CREATED, "PodsCreated", message, event=False)
+    plan.events.append(Event("Normal", "PodsCreated", message))
+    plan.requeue(spec.run_policy.startup_deadline_seconds)
+
+
+def _expire(plan: _Plan, spec: JobSpec) -> None:
+    ttl = spec.run_policy.ttl_seconds_after_finished
+    finished = parse_time(plan.status.get("completionTime"))
+    if ttl is None or finished is None:
+        return
+    left = (finished - plan.obs.now).total_seconds() + ttl
+    if left > 0:
+        plan.requeue(left)
+    else:
+        plan.delete_job = True
+        plan.events.append(Event("Normal", "Expired", f"deleting the job {ttl}s after it finished "
+                                                      "(spec.runPolicy.ttlSecondsAfterFinished)"))
+
+
+def rejected(obs: Observation, what: str, message: str) -> Decision:
+    """The API server refused a child the spec asked for (admission, Pod Security, an invalid
+    user volume): the job cannot run as written, so it fails with the server's words."""
+    plan = _Plan(obs)
+    plan.transition(st.FAILED, "InvalidSpec", f"the API server rejected {what}: {message}", warning=True)
+    return plan.decision()
+
+
+def _deadline_exceeded(plan: _Plan, spec: JobSpec, mine: Sequence[PodView]) -> bool:
+    limit = spec.run_policy.active_deadline_seconds
+    started = parse_time(plan.status.get("startTime"))
+    if limit is None or started is None:
+        return False
+    left = (started - plan.obs.now).total_seconds() + limit
+    if left > 0:
+        plan.requeue(left)
+        return False
+    plan.transition(st.FAILED, "DeadlineExceeded",
+                    f"the job ran longer than spec.runPolicy.activeDeadlineSeconds ({limit}s)", warning=True)
+    plan.delete([p for p in mine if p.active])
+    return True
+
+
+def _startup_deadline_exceeded(plan: _Plan, spec: JobSpec, current: Mapping[int, PodView]) -> bool:
+    """A pod stuck Pending (unschedulable, image pull errors) past startupDeadlineSeconds fails
+    the job instead of stalling it silently."""
+    limit = spec.run_policy.startup_deadline_seconds
+    now = plan.obs.now
+    for pod in sorted(current.values(), key=lambda p: p.rank):
+        if pod.phase != POD_PENDING or pod.created_at is None:
+            continue
+        left = (pod.created_at - now).total_seconds() + limit
+        if left > 0:
+            plan.requeue(left)
+            continue
+        why = f" ({pod.reason})" if pod.reason else ""
+        message = (f"pod {pod.name} stayed Pending{why} longer than "
+                   f"spec.runPolicy.startupDeadlineSeconds ({limit}s)")
+        plan.status["lastFailure"] = {k: v for k, v in {
+            "pod": pod.name, "reason": "StartupDeadlineExceeded", "message": pod.message or message}.items() if v}
+        plan.transition(st.FAILED, "StartupDeadlineExceeded", message, warning=True)
+        plan.delete([p for p in current.values() if p.active])
+        return True
+    return False

@@ -1,0 +1,453 @@
+"""The LoRATrainingJob spec as typed, frozen values, parsed once at the edge.
+
+The CRD schema is the first line of validation and the API server fills its defaults, so a stored
+job normally has every field. The parser still tolerates absent fields (a job stored before a
+default was added, or a test fixture) by falling back to the same defaults, and it checks what
+only the operator can know (supported URI schemes, names the operator reserves). Anything wrong
+raises `InvalidSpec` naming the field and the fix; the reconciler turns that into a `Failed`
+condition with reason `InvalidSpec` instead of crashing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from lorakube import contract
+
+DEFAULT_SERVICE_ACCOUNT = "lorakube-trainer"
+
+# URI schemes each field accepts today. The trainer reads models and datasets from local paths
+# only (a mounted volume); hf:// and s3:// are part of the API but not implemented yet.
+_LOCAL = "local path"
+SUPPORTED_SCHEMES = {
+    "spec.model.uri": (_LOCAL,),
+    "spec.dataset.uri": (_LOCAL,),
+    "spec.output.uri": (_LOCAL,),
+    "spec.output.checkpointUri": (_LOCAL,),
+}
+
+# The API names four gang-scheduling modes; the operator implements plain pods so far.
+SUPPORTED_GANG_SCHEDULING = ("none",)
+
+# Env names the operator sets itself; a user value would silently break the rendezvous.
+RESERVED_ENV = frozenset(
+    {
+        contract.ENV_MASTER_ADDR,
+        contract.ENV_MASTER_PORT,
+        contract.ENV_WORLD_SIZE,
+        contract.ENV_NODE_RANK,
+        contract.ENV_NNODES,
+        contract.ENV_NPROC_PER_NODE,
+        contract.ENV_JOB_NAME,
+        contract.ENV_JOB_NAMESPACE,
+        contract.ENV_JOB_UID,
+        contract.ENV_ATTEMPT,
+        contract.ENV_POD_NAME,
+        contract.ENV_RENDEZVOUS_TIMEOUT,
+        contract.ENV_REPORT_PROGRESS,
+        *contract.ENV_PET,
+    }
+)
+
+_DNS_1035_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+_URI_SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
+
+
+class InvalidSpec(ValueError):
+    """The job cannot run as written; `field` says where, the message says how to fix it."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field}: {problem}")
+        self.field = field
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    family: str
+    uri: str
+    secret_name: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+    uri: str
+    secret_name: str | None = None
+
+
+def _flag(key: str, default: Any = None) -> Any:
+    """A training field: `key` is its camelCase name in spec.training (and in TRAINING_FLAGS)."""
+    return dataclasses.field(default=default, metadata={"key": key})
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingSpec:
+    """spec.training; defaults mirror the CRD schema's."""
+
+    lora_target_modules: tuple[str, ...] | None = _flag("loraTargetModules")
+    steps_per_epoch: int = _flag("stepsPerEpoch", 500)
+    height: int = _flag("height", 1024)
+    width: int = _flag("width", 1024)
+    center_crop: bool = _flag("centerCrop", False)
+    random_flip: bool = _flag("randomFlip", False)
+    batch_size: int = _flag("batchSize", 1)
+    dataloader_num_workers: int = _flag("dataloaderNumWorkers", 0)
+    precision: str = _flag("precision", "bf16-mixed")
+    learning_rate: float = _flag("learningRate", 1e-4)
+    lora_rank: int = _flag("loraRank", 16)
+    lora_alpha: float | None = _flag("loraAlpha")
+    gradient_checkpointing: bool = _flag("gradientCheckpointing", True)
+    accumulate_grad_batches: int = _flag("accumulateGradBatches", 1)
+    strategy: str = _flag("strategy", "auto")
+    max_epochs: int = _flag("maxEpochs", 1)
+    seed: int = _flag("seed", 0)
+    checkpoint_every_steps: int = _flag("checkpointEverySteps", 100)
+    validation_prompts: tuple[str, ...] = _flag("validationPrompts", ())
+    validation_every_steps: int = _flag("validationEverySteps", 0)
+
+    def by_key(self) -> dict[str, Any]:
+        """camelCase key -> value, the form contract.TRAINING_FLAGS is keyed by."""
+        return {f.metadata["key"]: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+@dataclasses.dataclass(frozen=True)
+class ResourcesSpec:
+    num_nodes: int = 1
+    gpus_per_node: int = 1
+    image: str | None = None
+    image_pull_policy: str | None = None
+    container_resources: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    node_selector: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    tolerations: tuple[Mapping[str, Any], ...] = ()
+    affinity: Mapping[str, Any] | None = None
+    priority_class_name: str | None = None
+    service_account_name: str = DEFAULT_SERVICE_ACCOUNT
+    image_pull_secrets: tuple[str, ...] = ()
+    volumes: tuple[Mapping[str, Any], ...] = ()
+    volume_mounts: tuple[Mapping[str, Any], ...] = ()
+    env: tuple[Mapping[str, Any], ...] = ()
+
+    @property
+    def procs_per_node(self) -> int:
+        """One process per GPU; gpusPerNode 0 means one CPU process per node."""
+        return max(self.gpus_per_node, 1)
+
+    @property
+    def world_size(self) -> int:
+        return self.num_nodes * self.procs_per_node
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputSpec:
+    uri: str
+    checkpoint_uri: str
+    formats: tuple[str, ...] = contract.OUTPUT_FORMATS
+    secret_name: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class RunPolicy:
+    max_restarts: int = 3
+    backoff_seconds: int = 10
+    active_deadline_seconds: int | None = None
+    startup_deadline_seconds: int = 600
+    ttl_seconds_after_finished: int | None = None
+    suspend: bool = False
+    rendezvous_timeout_seconds: int = contract.DEFAULT_RENDEZVOUS_TIMEOUT_SECONDS
+    gang_scheduling: str = "none"
+
+
+@dataclasses.dataclass(frozen=True)
+class JobSpec:
+    model: ModelSpec
+    dataset: DatasetSpec
+    training: TrainingSpec
+    resources: ResourcesSpec
+    output: OutputSpec
+    run_policy: RunPolicy
+
+
+# --- parsing -----------------------------------------------------------------------------------
+
+
+def parse_job(name: str, spec: Mapping[str, Any] | None) -> JobSpec:
+    """Parse and check a whole job; raises InvalidSpec for the first problem found."""
+    check_job_name(name)
+    spec = _section(spec, "spec")
+    model = _parse_model(_section(spec.get("model"), "spec.model"))
+    job = JobSpec(
+        model=model,
+        dataset=_parse_dataset(_section(spec.get("dataset"), "spec.dataset")),
+        training=_parse_training(_section(spec.get("training"), "spec.training"), model.family),
+        resources=_parse_resources(_section(spec.get("resources"), "spec.resources")),
+        output=_parse_output(_section(spec.get("output"), "spec.output")),
+        run_policy=_parse_run_policy(_section(spec.get("runPolicy"), "spec.runPolicy")),
+    )
+    return job
+
+
+def check_job_name(name: str) -> None:
+    if len(name) > contract.MAX_JOB_NAME_LENGTH:
+        raise InvalidSpec(
+            "metadata.name",
+            f"{name!r} is {len(name)} characters; at most {contract.MAX_JOB_NAME_LENGTH} fit, because "
+            "pod hostnames <name>-node-<rank> must stay within 63; choose a shorter name",
+        )
+    if not _DNS_1035_LABEL.match(name):
+        raise InvalidSpec(
+            "metadata.name",
+            f"{name!r} must be a DNS-1035 label (lower-case letters, digits and '-', starting with a "
+            "letter, ending with a letter or digit) because it names the job's Service",
+        )
+
+
+def _section(value: Any, field: str) -> Mapping[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise InvalidSpec(field, f"must be an object, got {type(value).__name__}")
+    return value
+
+
+def _required_str(section: Mapping[str, Any], key: str, field: str) -> str:
+    value = section.get(key)
+    if not isinstance(value, str) or not value:
+        raise InvalidSpec(f"{field}.{key}", "is required (a non-empty string)")
+    return value
+
+
+def _optional_str(section: Mapping[str, Any], key: str, field: str) -> str | None:
+    value = section.get(key)
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise InvalidSpec(f"{field}.{key}", f"must be a string, got {type(value).__name__}")
+    return value
+
+
+def _int(section: Mapping[str, Any], key: str, field: str, default: int | None, lo: int | None = None,
+         hi: int | None = None) -> int | None:
+    value = section.get(key, default)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidSpec(f"{field}.{key}", f"must be an integer, got {value!r}")
+    if lo is not None and value < lo or hi is not None and value > hi:
+        bounds = f"between {lo} and {hi}" if hi is not None else f"at least {lo}"
+        raise InvalidSpec(f"{field}.{key}", f"must be {bounds}, got {value}")
+    return value
+
+
+def _bool(section: Mapping[str, Any], key: str, field: str, default: bool) -> bool:
+    value = section.get(key, default)
+    if not isinstance(value, bool):
+        raise InvalidSpec(f"{field}.{key}", f"must be true or false, got {value!r}")
+    return value
+
+
+def _enum(section: Mapping[str, Any], key: str, field: str, default: str, allowed: tuple[str, ...]) -> str:
+    value = section.get(key, default)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = str(value)  # precision 32/16 written unquoted in YAML
+    if value not in allowed:
+        raise InvalidSpec(f"{field}.{key}", f"must be one of {', '.join(allowed)}; got {value!r}")
+    return value
+
+
+def _str_list(section: Mapping[str, Any], key: str, field: str) -> tuple[str, ...] | None:
+    value = section.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise InvalidSpec(f"{field}.{key}", "must be a list of non-empty strings")
+    return tuple(value)
+
+
+def _objects(section: Mapping[str, Any], key: str, field: str) -> tuple[Mapping[str, Any], ...]:
+    value = section.get(key) or []
+    if not isinstance(value, list) or not all(isinstance(v, Mapping) for v in value):
+        raise InvalidSpec(f"{field}.{key}", "must be a list of objects")
+    return tuple(value)
+
+
+def _check_uri(uri: str, field: str) -> None:
+    match = _URI_SCHEME.match(uri)
+    supported = SUPPORTED_SCHEMES[field]
+    if match:
+        scheme = match.group(1).lower()
+        if f"{scheme}://" not in supported:
+            raise InvalidSpec(
+                field,
+                f"{scheme}:// is not supported yet; supported: {', '.join(supported)}. Put the data on "
+                "a volume (spec.resources.volumes/volumeMounts) and give its absolute path",
+            )
+    elif not uri.startswith("/"):
+        raise InvalidSpec(field, f"{uri!r} must be an absolute path inside the trainer container (or a URI)")
+
+
+def _parse_model(section: Mapping[str, Any]) -> ModelSpec:
+    family = _enum(section, "family", "spec.model", "", contract.FAMILIES)
+    uri = _required_str(section, "uri", "spec.model")
+    _check_uri(uri, "spec.model.uri")
+    return ModelSpec(family=family, uri=uri, secret_name=_secret_name(section, "spec.model"))
+
+
+def _parse_dataset(section: Mapping[str, Any]) -> DatasetSpec:
+    uri = _required_str(section, "uri", "spec.dataset")
+    _check_uri(uri, "spec.dataset.uri")
+    return DatasetSpec(uri=uri, secret_name=_secret_name(section, "spec.dataset"))
+
+
+def _secret_name(section: Mapping[str, Any], field: str) -> str | None:
+    ref = _section(section.get("secretRef"), f"{field}.secretRef")
+    return _optional_str(ref, "name", f"{field}.secretRef") if ref else None
+
+
+def _parse_training(section: Mapping[str, Any], family: str) -> TrainingSpec:
+    f = "spec.training"
+    defaults = TrainingSpec()
+    size_multiple = contract.SIZE_MULTIPLE[family]
+    sizes = {}
+    for key in ("height", "width"):
+        value = _int(section, key, f, getattr(defaults, key), 64, 4096)
+        if value % size_multiple:
+            raise InvalidSpec(
+                f"{f}.{key}",
+                f"{value} is not a multiple of {size_multiple}, which {family} needs; "
+                f"use {value - value % size_multiple or size_multiple}",
+            )
+        sizes[key] = value
+    learning_rate = section.get("learningRate", defaults.learning_rate)
+    if isinstance(learning_rate, bool) or not isinstance(learning_rate, (int, float)) or not 0 < learning_rate <= 1:
+        raise InvalidSpec(f"{f}.learningRate", f"must be a number in (0, 1], got {learning_rate!r}")
+    lora_alpha = section.get("loraAlpha")
+    if lora_alpha is not None and (isinstance(lora_alpha, bool) or not isinstance(lora_alpha, (int, float))
+                                   or lora_alpha <= 0):
+        raise InvalidSpec(f"{f}.loraAlpha", f"must be a number > 0, got {lora_alpha!r}")
+    prompts = _str_list(section, "validationPrompts", f) or ()
+    if len(prompts) > 16:
+        raise InvalidSpec(f"{f}.validationPrompts", f"at most 16 prompts, got {len(prompts)}")
+    return TrainingSpec(
+        lora_target_modules=_str_list(section, "loraTargetModules", f),
+        steps_per_epoch=_int(section, "stepsPerEpoch", f, defaults.steps_per_epoch, 1),
+        height=sizes["height"],
+        width=sizes["width"],
+        center_crop=_bool(section, "centerCrop", f, defaults.center_crop),
+        random_flip=_bool(section, "randomFlip", f, defaults.random_flip),
+        batch_size=_int(section, "batchSize", f, defaults.batch_size, 1, 1024),
+        dataloader_num_workers=_int(section, "dataloaderNumWorkers", f, defaults.dataloader_num_workers, 0, 64),
+        precision=_enum(section, "precision", f, defaults.precision, contract.PRECISIONS),
+        learning_rate=float(learning_rate),
+        lora_rank=_int(section, "loraRank", f, defaults.lora_rank, 1, 1024),
+        lora_alpha=None if lora_alpha is None else float(lora_alpha),
+        gradient_checkpointing=_bool(section, "gradientCheckpointing", f, defaults.gradient_checkpointing),
+        accumulate_grad_batches=_int(section, "accumulateGradBatches", f, defaults.accumulate_grad_batches, 1, 1024),
+        strategy=_enum(section, "strategy", f, defaults.strategy, contract.STRATEGIES),
+        max_epochs=_int(section, "maxEpochs", f, defaults.max_epochs, 1, 10000),
+        seed=_int(section, "seed", f, defaults.seed, 0),
+        checkpoint_every_steps=_int(section, "checkpointEverySteps", f, defaults.checkpoint_every_steps, 0),
+        validation_prompts=prompts,
+        validation_every_steps=_int(section, "validationEverySteps", f, defaults.validation_every_steps, 0),
+    )
+
+
+def _parse_resources(section: Mapping[str, Any]) -> ResourcesSpec:
+    f = "spec.resources"
+    defaults = ResourcesSpec()
+    env = _objects(section, "env", f)
+    for index, var in enumerate(env):
+        if var.get("name") in RESERVED_ENV:
+            raise InvalidSpec(
+                f"{f}.env[{index}].name",
+                f"{var.get('name')} is set by the operator for the rendezvous; remove it from the job",
+            )
+    pull_secrets = []
+    for index, ref in enumerate(_objects(section, "imagePullSecrets", f)):
+        pull_secrets.append(_required_str(ref, "name", f"{f}.imagePullSecrets[{index}]"))
+    node_selector = _section(section.get("nodeSelector"), f"{f}.nodeSelector")
+    if not all(isinstance(v, str) for v in node_selector.values()):
+        raise InvalidSpec(f"{f}.nodeSelector", "values must be strings (quote numbers and booleans)")
+    num_nodes = _int(section, "numNodes", f, defaults.num_nodes, 1, 256)
+    return ResourcesSpec(
+        num_nodes=num_nodes,
+        gpus_per_node=_int(section, "gpusPerNode", f, defaults.gpus_per_node, 0, 16),
+        image=_optional_str(section, "image", f),
+        image_pull_policy=_optional_str(section, "imagePullPolicy", f),
+        container_resources=dict(_section(section.get("resources"), f"{f}.resources")),
+        node_selector=dict(node_selector),
+        tolerations=_objects(section, "tolerations", f),
+        affinity=dict(_section(section.get("affinity"), f"{f}.affinity")) or None,
+        priority_class_name=_optional_str(section, "priorityClassName", f),
+        service_account_name=_optional_str(section, "serviceAccountName", f) or DEFAULT_SERVICE_ACCOUNT,
+        image_pull_secrets=tuple(pull_secrets),
+        volumes=_objects(section, "volumes", f),
+        volume_mounts=_objects(section, "volumeMounts", f),
+        env=env,
+    )
+
+
+def _parse_output(section: Mapping[str, Any]) -> OutputSpec:
+    f = "spec.output"
+    uri = _required_str(section, "uri", f)
+    _check_uri(uri, f"{f}.uri")
+    checkpoint_uri = _optional_str(section, "checkpointUri", f)
+    if checkpoint_uri is None:
+        checkpoint_uri = f"{uri.rstrip('/')}/{contract.DEFAULT_CHECKPOINT_SUBDIR}"
+    else:
+        _check_uri(checkpoint_uri, f"{f}.checkpointUri")
+    formats = section.get("formats") or list(contract.OUTPUT_FORMATS)
+    if not isinstance(formats, list) or any(x not in contract.OUTPUT_FORMATS for x in formats):
+        raise InvalidSpec(f"{f}.formats", f"must be a list drawn from {', '.join(contract.OUTPUT_FORMATS)}")
+    if len(set(formats)) != len(formats):
+        raise InvalidSpec(f"{f}.formats", "must not repeat a format")
+    if _optional_str(section, "modelscopeModelId", f):
+        # The trainer's upload needs an access token, which must come from a Secret as env, not argv.
+        raise InvalidSpec(f"{f}.modelscopeModelId", "uploading to ModelScope is not supported by the operator "
+                                                   "yet; remove the field and copy the LoRA from spec.output.uri")
+    return OutputSpec(
+        uri=uri,
+        checkpoint_uri=checkpoint_uri,
+        formats=tuple(formats),
+        secret_name=_secret_name(section, f),
+    )
+
+
+def _parse_run_policy(section: Mapping[str, Any]) -> RunPolicy:
+    f = "spec.runPolicy"
+    d = RunPolicy()
+    gang = _enum(section, "gangScheduling", f, d.gang_scheduling, ("none", "kueue", "volcano", "coscheduling"))
+    if gang not in SUPPORTED_GANG_SCHEDULING:
+        raise InvalidSpec(f"{f}.gangScheduling", f"{gang} is not supported yet; use none")
+    return RunPolicy(
+        max_restarts=_int(section, "maxRestarts", f, d.max_restarts, 0, 100),
+        backoff_seconds=_int(section, "backoffSeconds", f, d.backoff_seconds, 0, 3600),
+        active_deadline_seconds=_int(section, "activeDeadlineSeconds", f, None, 1),
+        startup_deadline_seconds=_int(section, "startupDeadlineSeconds", f, d.startup_deadline_seconds, 1),
+        ttl_seconds_after_finished=_int(section, "ttlSecondsAfterFinished", f, None, 0),
+        suspend=_bool(section, "suspend", f, d.suspend),
+        rendezvous_timeout_seconds=_int(section, "rendezvousTimeoutSeconds", f, d.rendezvous_timeout_seconds, 10, 3600),
+        gang_scheduling=gang,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class JobRef:
+    """The identity of a job: what owner references, labels and env are made from."""
+
+    name: str
+    namespace: str
+    uid: str
+
+    def owner_reference(self) -> dict[str, Any]:
+        # controller + blockOwnerDeletion: GC deletes the children with the job, and foreground
+        # deletion of the job waits for them.
+        return {
+            "apiVersion": f"{contract.API_GROUP}/{contract.API_VERSION}",
+            "kind": contract.KIND,
+            "name": self.name,
+            "uid": self.uid,
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }

@@ -1,0 +1,133 @@
+"""The job's status: phases, conditions and the fields derived from pods and progress.
+
+The operator owns every status field except `progress` and `artifacts`, which the trainer's
+rank 0 writes; nothing here ever puts those two into a patch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from lorakube.pods import RUNNING, SUCCEEDED, PodView, format_time
+
+PENDING = "Pending"
+CREATED = "Created"
+RUNNING_PHASE = "Running"
+RESTARTING = "Restarting"
+SUCCEEDED_PHASE = "Succeeded"
+FAILED = "Failed"
+SUSPENDED = "Suspended"
+TERMINAL_PHASES = frozenset({SUCCEEDED_PHASE, FAILED})
+
+CONDITION_TYPES = ("Created", "Running", "Restarting", "Succeeded", "Failed", "Suspended")
+
+# Status keys the operator writes; `progress` and `artifacts` belong to the trainer.
+OPERATOR_KEYS = (
+    "phase", "conditions", "observedGeneration", "attempt", "restarts", "startTime", "completionTime",
+    "nodes", "readyNodes", "progressText", "lastFailure",
+)
+
+
+def progress_text(progress: Mapping[str, Any] | None) -> str | None:
+    """"step/total" for the Progress printer column (CRD columns cannot concatenate fields)."""
+    if not progress or progress.get("step") is None:
+        return None
+    total = progress.get("totalSteps")
+    return f"{progress['step']}/{total}" if total is not None else str(progress["step"])
+
+
+def ready_nodes(pods: Iterable[PodView], num_nodes: int) -> str:
+    ready = sum(1 for pod in pods if pod.phase in (RUNNING, SUCCEEDED) and not pod.deleting)
+    return f"{ready}/{num_nodes}"
+
+
+def node_entries(pods: Iterable[PodView]) -> list[dict[str, Any]]:
+    entries = []
+    for pod in sorted(pods, key=lambda p: p.rank):
+        entry = {
+            "rank": pod.rank,
+            "pod": pod.name,
+            "phase": "Terminating" if pod.deleting and not pod.finished else pod.phase,
+            "exitCode": pod.exit_code,
+            "reason": pod.reason,
+            "nodeName": pod.node_name,
+        }
+        entries.append({k: v for k, v in entry.items() if v is not None})
+    return entries
+
+
+@dataclasses.dataclass(frozen=True)
+class Transition:
+    """A phase change: the new phase and the condition that records why."""
+
+    phase: str
+    reason: str
+    message: str
+
+
+# Which condition each phase sets True, and which it turns False when entered.
+_PHASE_CONDITION = {
+    CREATED: ("Created", ("Restarting", "Suspended")),
+    RUNNING_PHASE: ("Running", ("Restarting",)),
+    RESTARTING: ("Restarting", ("Running",)),
+    SUCCEEDED_PHASE: ("Succeeded", ("Running", "Restarting")),
+    FAILED: ("Failed", ("Running", "Restarting")),
+    SUSPENDED: ("Suspended", ("Running", "Restarting")),
+    PENDING: (None, ()),
+}
+
+
+def set_condition(
+    conditions: Sequence[Mapping[str, Any]], type_: str, status: bool, reason: str, message: str,
+    now: dt.datetime, generation: int | None,
+) -> list[dict[str, Any]]:
+    """Return conditions with `type_` set; lastTransitionTime moves only when the status flips."""
+    wanted = "True" if status else "False"
+    result: list[dict[str, Any]] = []
+    found = False
+    for condition in conditions:
+        condition = dict(condition)
+        if condition.get("type") == type_:
+            found = True
+            if condition.get("status") != wanted:
+                condition["lastTransitionTime"] = format_time(now)
+            condition.update(status=wanted, reason=reason, message=message)
+            if generation is not None:
+                condition["observedGeneration"] = generation
+        result.append(condition)
+    if not found:
+        condition = {"type": type_, "status": wanted, "reason": reason, "message": message,
+                     "lastTransitionTime": format_time(now)}
+        if generation is not None:
+            condition["observedGeneration"] = generation
+        result.append(condition)
+    return result
+
+
+def condition(conditions: Sequence[Mapping[str, Any]], type_: str) -> Mapping[str, Any] | None:
+    return next((c for c in conditions if c.get("type") == type_), None)
+
+
+def apply_transition(
+    conditions: Sequence[Mapping[str, Any]], transition: Transition, now: dt.datetime, generation: int | None,
+) -> list[dict[str, Any]]:
+    true_type, false_types = _PHASE_CONDITION[transition.phase]
+    result = [dict(c) for c in conditions]
+    for type_ in false_types:
+        current = condition(result, type_)
+        if current is not None and current.get("status") == "True":
+            result = set_condition(result, type_, False, transition.reason, transition.message, now, generation)
+    if true_type is not None:
+        result = set_condition(result, true_type, True, transition.reason, transition.message, now, generation)
+    return result
+
+
+def status_patch(current: Mapping[str, Any], desired: Mapping[str, Any]) -> dict[str, Any]:
+    """The operator-owned keys whose value changed; empty when nothing did (then no write)."""
+    return {
+        key: value for key, value in desired.items()
+        if key in OPERATOR_KEYS and current.get(key) != value
+    }
