@@ -178,6 +178,11 @@ def container_security_context() -> dict[str, Any]:
     }
 
 
+def _secret_names(spec: JobSpec) -> list[str]:
+    names = (spec.model.secret_name, spec.dataset.secret_name, spec.output.secret_name)
+    return list(dict.fromkeys(name for name in names if name))
+
+
 def build_pod(spec: JobSpec, job: JobRef, attempt: int, rank: int, config: OperatorConfig) -> dict[str, Any]:
     """Pod <job>-node-<rank> of `attempt`: a fixed hostname under the job's Service so that rank
     0 has a stable DNS name, restartPolicy Never because the operator restarts the whole gang."""
@@ -194,6 +199,10 @@ def build_pod(spec: JobSpec, job: JobRef, attempt: int, rank: int, config: Opera
         "resources": container_resources(spec),
         "securityContext": container_security_context(),
     }
+    secrets = _secret_names(spec)
+    if secrets:
+        # Credentials for model/dataset/output URIs: each Secret's keys become env vars.
+        container["envFrom"] = [{"secretRef": {"name": name}} for name in secrets]
     if res.volume_mounts:
         container["volumeMounts"] = copy.deepcopy(list(res.volume_mounts))
     pod_spec: dict[str, Any] = {

@@ -1,0 +1,95 @@
+"""`lorakube`: run the operator (what the image runs) or the one-machine demo."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+import sys
+import threading
+from collections.abc import Sequence
+
+log = logging.getLogger("lorakube")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lorakube", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    op = commands.add_parser("operator", help="run the LoRATrainingJob operator")
+    scope = op.add_mutually_exclusive_group()
+    scope.add_argument("--namespace", "-n", action="append", default=[],
+                       help="watch this namespace (repeat for several; globs as in Kopf)")
+    scope.add_argument("--all-namespaces", "-A", action="store_true", help="watch every namespace (default)")
+    op.add_argument("--leader-elect", action="store_true",
+                    help="hold a coordination.k8s.io Lease so only one replica acts; the namespace is "
+                         "$LORAKUBE_OPERATOR_NAMESPACE (or the pod's own namespace)")
+    op.add_argument("--liveness", metavar="URL", default=None,
+                    help="serve Kopf's liveness probe, e.g. http://0.0.0.0:8080/healthz")
+    op.add_argument("--verbose", "-v", action="store_true")
+
+    demo = commands.add_parser("demo", help="train a tiny 2-node LoRA on a local cluster, end to end")
+    demo.add_argument("--keep", action="store_true", help="leave the cluster (and the job) up afterwards")
+    demo.add_argument("--state-dir", default=None,
+                      help="where the demo keeps its cluster and files (default ~/.cache/lorakube/demo)")
+    demo.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for the job")
+    return parser
+
+
+def _own_namespace() -> str | None:
+    path = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
+    try:
+        with open(path) as handle:
+            return handle.read().strip() or None
+    except OSError:
+        return None
+
+
+def run_operator(namespaces: Sequence[str] = (), leader_elect: bool = False, liveness: str | None = None,
+                 verbose: bool = False, stop: threading.Event | None = None) -> int:
+    """Run the operator until `stop` is set (or a signal arrives). Returns the exit code."""
+    import kopf
+
+    from lorakube import handlers  # noqa: F401 - registers the handlers
+    from lorakube import kube, leader
+
+    kopf.configure(verbose=verbose)
+    stop = stop or threading.Event()
+    lost = threading.Event()
+    if leader_elect:
+        namespace = os.environ.get("LORAKUBE_OPERATOR_NAMESPACE") or _own_namespace()
+        if not namespace:
+            log.error("--leader-elect needs $LORAKUBE_OPERATOR_NAMESPACE (the Lease's namespace)")
+            return 2
+        identity = os.environ.get("POD_NAME") or f"{socket.gethostname()}-{os.getpid()}"
+        elector = leader.LeaderElector(kube.load_api_client(), namespace, identity)
+        if not elector.wait_until_leader(stop):
+            return 0
+        renewer = threading.Thread(target=elector.keep_renewing, args=(stop, lost), daemon=True)
+        renewer.start()
+        threading.Thread(target=lambda: (lost.wait(), stop.set()), daemon=True).start()
+    kopf.run(
+        standalone=True,
+        clusterwide=not namespaces,
+        namespaces=list(namespaces),
+        liveness_endpoint=liveness,
+        stop_flag=stop,
+    )
+    if lost.is_set():
+        log.error("lost the leader lease; exiting so a restarted replica rejoins as a follower")
+        return 1
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "operator":
+        return run_operator(args.namespace, args.leader_elect, args.liveness, args.verbose)
+    from lorakube import demo
+
+    return demo.run(state_dir=args.state_dir, keep=args.keep, timeout=args.timeout)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

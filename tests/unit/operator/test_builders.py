@@ -1,0 +1,181 @@
+"""The Service and pods built for a job: names, labels, env per rank, argv, security, owners."""
+
+from __future__ import annotations
+
+import pytest
+
+from lorakube import builders, contract
+from lorakube.spec import JobRef, parse_job
+
+from ltj_fixtures import UID
+
+JOB = JobRef(name="cats", namespace="team-a", uid=UID)
+CONFIG = builders.OperatorConfig(trainer_image="example/trainer:1", image_pull_policy="IfNotPresent")
+
+
+def env_of(pod):
+    return {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
+
+
+@pytest.fixture
+def job(job_spec):
+    return parse_job("cats", job_spec)
+
+
+def test_service_is_headless_and_publishes_not_ready_addresses():
+    svc = builders.build_service(JOB)
+    assert svc["metadata"]["name"] == "cats"
+    assert svc["spec"]["clusterIP"] == "None"
+    assert svc["spec"]["publishNotReadyAddresses"] is True
+    assert svc["spec"]["selector"] == {contract.LABEL_JOB_NAME: "cats"}
+    assert [p["port"] for p in svc["spec"]["ports"]] == [contract.DEFAULT_MASTER_PORT]
+    assert svc["metadata"]["ownerReferences"] == [JOB.owner_reference()]
+
+
+def test_pods_have_stable_names_hostnames_and_labels(job):
+    pods = builders.build_pods(job, JOB, attempt=2, config=CONFIG)
+    assert [p["metadata"]["name"] for p in pods] == ["cats-node-0", "cats-node-1", "cats-node-2"]
+    second = pods[1]
+    assert second["spec"]["hostname"] == "cats-node-1"
+    assert second["spec"]["subdomain"] == "cats"
+    assert second["spec"]["restartPolicy"] == "Never"
+    assert second["metadata"]["labels"] == {
+        contract.LABEL_JOB_NAME: "cats", contract.LABEL_MANAGED_BY: contract.MANAGED_BY,
+        contract.LABEL_RANK: "1", contract.LABEL_ATTEMPT: "2",
+    }
+
+
+def test_owner_reference_makes_the_job_the_controller(job):
+    (owner,) = builders.build_pod(job, JOB, 1, 0, CONFIG)["metadata"]["ownerReferences"]
+    assert owner == {"apiVersion": "lorakube.io/v1alpha1", "kind": "LoRATrainingJob", "name": "cats",
+                     "uid": UID, "controller": True, "blockOwnerDeletion": True}
+
+
+def test_rendezvous_env_for_rank_0_and_rank_1_of_three(job):
+    rank0 = env_of(builders.build_pod(job, JOB, 1, 0, CONFIG))
+    rank1 = env_of(builders.build_pod(job, JOB, 1, 1, CONFIG))
+    for env in (rank0, rank1):
+        assert env["MASTER_ADDR"] == env["PET_MASTER_ADDR"] == "cats-node-0.cats.team-a.svc"
+        assert env["MASTER_PORT"] == env["PET_MASTER_PORT"] == "29500"
+        assert env["WORLD_SIZE"] == "3"
+        assert env["NNODES"] == env["PET_NNODES"] == "3"
+        assert env["NPROC_PER_NODE"] == env["PET_NPROC_PER_NODE"] == "1"
+        assert env[contract.ENV_JOB_NAME] == "cats" and env[contract.ENV_JOB_NAMESPACE] == "team-a"
+        assert env[contract.ENV_ATTEMPT] == "1"
+        assert env[contract.ENV_RENDEZVOUS_TIMEOUT] == "300"
+        assert env["HF_HUB_OFFLINE"] == "1"  # the user's env follows ours
+    assert rank0["NODE_RANK"] == rank0["PET_NODE_RANK"] == "0"
+    assert rank1["NODE_RANK"] == rank1["PET_NODE_RANK"] == "1"
+    assert rank0[contract.ENV_POD_NAME] == "cats-node-0" and rank1[contract.ENV_POD_NAME] == "cats-node-1"
+    assert rank0[contract.ENV_REPORT_PROGRESS] == "1"
+    assert contract.ENV_REPORT_PROGRESS not in rank1
+
+
+def test_world_size_counts_processes_not_pods(job_spec):
+    job_spec["resources"].update(numNodes=2, gpusPerNode=4)
+    env = env_of(builders.build_pod(parse_job("cats", job_spec), JOB, 1, 1, CONFIG))
+    assert env["WORLD_SIZE"] == "8" and env["NPROC_PER_NODE"] == "4" and env["NNODES"] == "2"
+
+
+def test_trainer_command_is_an_argv_list_derived_from_the_spec(job):
+    container = builders.build_pod(job, JOB, 1, 0, CONFIG)["spec"]["containers"][0]
+    assert container["command"] == ["lorakube-train"]
+    args = container["args"]
+    assert all(isinstance(a, str) for a in args)
+
+    def value(flag):
+        return args[args.index(flag) + 1]
+
+    assert value("--model_family") == "flux"
+    assert value("--model_path") == "/data/models/tiny-flux"
+    assert value("--dataset_path") == "/data/datasets/cats"
+    assert value("--output_path") == "/data/out/cats-lora"
+    assert value("--checkpoint_dir") == "/data/out/cats-lora/checkpoints"
+    assert value("--output_formats") == "diffusers,comfyui"
+    assert value("--resume") == "auto"
+    assert value("--steps_per_epoch") == "8"
+    assert value("--learning_rate") == "0.0001"
+    assert value("--precision") == "32"
+    assert value("--training_strategy") == "ddp"
+    assert value("--seed") == "7"
+    assert value("--lora_alpha") == "4.0"  # unset loraAlpha defaults to the rank
+    assert value("--accelerator") == "cpu"  # gpusPerNode 0
+    # booleans are switches: present when true, absent when false
+    assert "--center_crop" in args and "--use_gradient_checkpointing" in args
+    assert "--random_flip" not in args
+    # one flag per validation prompt, prompt text passed verbatim (no shell anywhere)
+    prompts = [args[i + 1] for i, a in enumerate(args) if a == "--validation_prompt"]
+    assert prompts == ["a cat on a mat", "a dog in fog"]
+    assert "--lora_target_modules" not in args  # unset: the trainer uses the family's default
+
+
+def test_lora_targets_are_comma_joined_and_gpu_jobs_do_not_force_cpu(job_spec):
+    job_spec["training"]["loraTargetModules"] = ["to_q", "to_k"]
+    job_spec["training"]["loraAlpha"] = 8
+    job_spec["resources"]["gpusPerNode"] = 2
+    args = builders.trainer_args(parse_job("cats", job_spec))
+    assert args[args.index("--lora_target_modules") + 1] == "to_q,to_k"
+    assert args[args.index("--lora_alpha") + 1] == "8.0"
+    assert "--accelerator" not in args
+
+
+def test_every_trainer_flag_the_operator_passes_is_known_to_the_contract(job):
+    known = set(contract.TRAINING_FLAGS.values()) | {
+        contract.FLAG_MODEL_FAMILY, contract.FLAG_MODEL_PATH, contract.FLAG_DATASET_PATH,
+        contract.FLAG_OUTPUT_PATH, contract.FLAG_CHECKPOINT_DIR, contract.FLAG_OUTPUT_FORMATS,
+        contract.FLAG_RESUME, contract.FLAG_ACCELERATOR}
+    assert {a for a in builders.trainer_args(job) if a.startswith("--")} <= known
+
+
+def test_security_context_is_pod_security_restricted(job):
+    pod = builders.build_pod(job, JOB, 1, 0, CONFIG)
+    pod_ctx = pod["spec"]["securityContext"]
+    ctr_ctx = pod["spec"]["containers"][0]["securityContext"]
+    assert pod_ctx["runAsNonRoot"] is True and pod_ctx["runAsUser"] != 0
+    assert pod_ctx["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert ctr_ctx["allowPrivilegeEscalation"] is False
+    assert ctr_ctx["capabilities"] == {"drop": ["ALL"]}
+    assert "privileged" not in ctr_ctx
+    assert not any("hostNetwork" in k or "hostPID" in k for k in pod["spec"])
+
+
+def test_user_scheduling_and_volumes_are_passed_through(job_spec):
+    job_spec["resources"].update(
+        nodeSelector={"gpu": "a100"}, tolerations=[{"key": "spot", "operator": "Exists"}],
+        affinity={"nodeAffinity": {}}, priorityClassName="training", serviceAccountName="trainer-x",
+        imagePullSecrets=[{"name": "regcred"}], image="my/trainer:2", imagePullPolicy="Always",
+        gpusPerNode=2, resources={"requests": {"cpu": "4"}, "limits": {"memory": "32Gi"}})
+    job_spec["model"]["secretRef"] = {"name": "hub"}
+    pod = builders.build_pod(parse_job("cats", job_spec), JOB, 1, 0, CONFIG)
+    spec = pod["spec"]
+    container = spec["containers"][0]
+    assert spec["nodeSelector"] == {"gpu": "a100"}
+    assert spec["tolerations"] == [{"key": "spot", "operator": "Exists"}]
+    assert spec["affinity"] == {"nodeAffinity": {}}
+    assert spec["priorityClassName"] == "training"
+    assert spec["serviceAccountName"] == "trainer-x"
+    assert spec["imagePullSecrets"] == [{"name": "regcred"}]
+    assert spec["volumes"] == [{"name": "data", "hostPath": {"path": "/srv/lorakube", "type": "Directory"}}]
+    assert container["volumeMounts"] == [{"name": "data", "mountPath": "/data"}]
+    assert container["image"] == "my/trainer:2" and container["imagePullPolicy"] == "Always"
+    assert container["resources"] == {"requests": {"cpu": "4"},
+                                      "limits": {"memory": "32Gi", "nvidia.com/gpu": 2}}
+    assert container["envFrom"] == [{"secretRef": {"name": "hub"}}]
+
+
+def test_defaults_come_from_the_operator_config(job):
+    pod = builders.build_pod(job, JOB, 1, 0, CONFIG)
+    container = pod["spec"]["containers"][0]
+    assert container["image"] == "example/trainer:1"
+    assert pod["spec"]["serviceAccountName"] == "lorakube-trainer"
+    assert "nvidia.com/gpu" not in container["resources"].get("limits", {})
+    assert builders.OperatorConfig.from_env({"LORAKUBE_TRAINER_IMAGE": "x/y:z"}).trainer_image == "x/y:z"
+
+
+def test_builders_do_not_share_mutable_state_with_the_spec(job):
+    first = builders.build_pod(job, JOB, 1, 0, CONFIG)
+    first["spec"]["volumes"][0]["name"] = "changed"
+    first["spec"]["containers"][0]["env"][-1]["value"] = "changed"
+    second = builders.build_pod(job, JOB, 1, 0, CONFIG)
+    assert second["spec"]["volumes"][0]["name"] == "data"
+    assert second["spec"]["containers"][0]["env"][-1]["value"] == "1"

@@ -1,0 +1,83 @@
+"""Parsing spec into typed values, and InvalidSpec messages that name the field and the fix."""
+
+from __future__ import annotations
+
+import pytest
+
+from lorakube import spec as spec_mod
+from lorakube.spec import InvalidSpec, parse_job
+
+
+def test_full_spec_parses_into_typed_values(job_spec):
+    job = parse_job("cats", job_spec)
+    assert job.model.family == "flux"
+    assert job.training.validation_prompts == ("a cat on a mat", "a dog in fog")
+    assert job.training.center_crop is True
+    assert job.resources.num_nodes == 3 and job.resources.world_size == 3
+    assert job.output.checkpoint_uri == "/data/out/cats-lora/checkpoints"
+    assert job.output.formats == ("diffusers", "comfyui")
+    assert job.resources.service_account_name == "lorakube-trainer"
+
+
+def test_defaults_are_assumed_when_the_api_server_did_not_fill_them():
+    job = parse_job("cats", {"model": {"family": "sd3", "uri": "/m"}, "dataset": {"uri": "/d"},
+                             "output": {"uri": "/o"}})
+    assert job.training.steps_per_epoch == 500
+    assert job.training.precision == "bf16-mixed"
+    assert job.training.gradient_checkpointing is True
+    assert job.resources.num_nodes == 1 and job.resources.gpus_per_node == 1
+    assert job.run_policy.max_restarts == 3 and job.run_policy.rendezvous_timeout_seconds == 300
+
+
+def test_gpus_set_processes_per_node_and_world_size(job_spec):
+    job_spec["resources"].update(numNodes=2, gpusPerNode=8)
+    job = parse_job("cats", job_spec)
+    assert job.resources.procs_per_node == 8 and job.resources.world_size == 16
+
+
+@pytest.mark.parametrize(
+    ("mutate", "field", "words"),
+    [
+        (lambda s: s["model"].update(uri="hf://black-forest-labs/FLUX.1-dev"), "spec.model.uri",
+         "hf:// is not supported yet"),
+        (lambda s: s["dataset"].update(uri="s3://bucket/cats"), "spec.dataset.uri", "s3:// is not supported yet"),
+        (lambda s: s["output"].update(uri="relative/out"), "spec.output.uri", "must be an absolute path"),
+        (lambda s: s["model"].pop("uri"), "spec.model.uri", "is required"),
+        (lambda s: s["model"].update(family="sdxl"), "spec.model.family", "one of flux, sd3, kolors, hunyuan-dit"),
+        (lambda s: s["training"].update(height=100), "spec.training.height", "not a multiple of 16"),
+        (lambda s: s["training"].update(learningRate=0), "spec.training.learningRate", "(0, 1]"),
+        (lambda s: s["resources"].update(numNodes=0), "spec.resources.numNodes", "between 1 and 256"),
+        (lambda s: s["resources"]["env"].append({"name": "MASTER_ADDR", "value": "x"}),
+         "spec.resources.env[1].name", "set by the operator"),
+        (lambda s: s["runPolicy"].update(gangScheduling="volcano"), "spec.runPolicy.gangScheduling",
+         "not supported yet"),
+        (lambda s: s["output"].update(modelscopeModelId="me/lora"), "spec.output.modelscopeModelId",
+         "not supported by the operator yet"),
+        (lambda s: s["output"].update(formats=["diffusers", "diffusers"]), "spec.output.formats", "repeat"),
+    ],
+)
+def test_invalid_spec_names_the_field(job_spec, mutate, field, words):
+    mutate(job_spec)
+    with pytest.raises(InvalidSpec) as caught:
+        parse_job("cats", job_spec)
+    assert caught.value.field == field
+    assert str(caught.value).startswith(f"{field}: ")
+    assert words in str(caught.value)
+
+
+def test_kolors_needs_multiples_of_64(job_spec):
+    job_spec["model"]["family"] = "kolors"
+    job_spec["training"].update(height=96, width=64)
+    with pytest.raises(InvalidSpec, match="spec.training.height: 96 is not a multiple of 64.*use 64"):
+        parse_job("cats", job_spec)
+
+
+@pytest.mark.parametrize("name", ["Cats", "9lives", "cats-", "a" * 55])
+def test_job_name_must_fit_pod_hostnames(job_spec, name):
+    with pytest.raises(InvalidSpec) as caught:
+        parse_job(name, job_spec)
+    assert caught.value.field == "metadata.name"
+
+
+def test_longest_allowed_name_is_accepted(job_spec):
+    parse_job("a" * spec_mod.contract.MAX_JOB_NAME_LENGTH, job_spec)
