@@ -30,6 +30,7 @@ APISERVER_DNS_NAMES = (
 )
 APISERVER_IPS = ("127.0.0.1", POD_NETWORK_GATEWAY, KUBERNETES_SERVICE_IP)
 VALIDITY = dt.timedelta(days=30)
+FRONT_PROXY_CLIENT = "front-proxy-client"
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,8 @@ class ClusterPKI:
     controller_manager: KeyPair
     scheduler: KeyPair
     apiserver_kubelet_client: KeyPair
+    front_proxy_ca: KeyPair
+    front_proxy_client: KeyPair
     service_account_key: Path
     service_account_pub: Path
 
@@ -84,9 +87,10 @@ def _validity(builder: x509.CertificateBuilder) -> x509.CertificateBuilder:
     return builder.not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + VALIDITY)
 
 
-def _make_ca(pair: KeyPair) -> tuple[KeyPair, ec.EllipticCurvePrivateKey, x509.Certificate]:
+def _make_ca(pair: KeyPair, common_name: str
+             ) -> tuple[KeyPair, ec.EllipticCurvePrivateKey, x509.Certificate]:
     key = _new_key()
-    name = _name("lorakube-localcluster-ca")
+    name = _name(common_name)
     builder = (
         _validity(x509.CertificateBuilder())
         .subject_name(name)
@@ -170,6 +174,8 @@ def pki_paths(directory: Path) -> ClusterPKI:
         controller_manager=pair("controller-manager"),
         scheduler=pair("scheduler"),
         apiserver_kubelet_client=pair("apiserver-kubelet-client"),
+        front_proxy_ca=pair("front-proxy-ca"),
+        front_proxy_client=pair("front-proxy-client"),
         service_account_key=directory / "sa.key",
         service_account_pub=directory / "sa.pub",
     )
@@ -179,7 +185,7 @@ def generate_pki(directory: Path) -> ClusterPKI:
     """Write a CA and every cert/key the control plane needs into ``directory``."""
     directory.mkdir(parents=True, exist_ok=True)
     paths = pki_paths(directory)
-    _, ca_key, ca_cert = _make_ca(paths.ca)
+    _, ca_key, ca_cert = _make_ca(paths.ca, "lorakube-localcluster-ca")
 
     def client(pair: KeyPair, user: str, group: str | None = None) -> None:
         _issue(pair, ca_key, ca_cert, _name(user, group), client=True)
@@ -195,5 +201,10 @@ def generate_pki(directory: Path) -> ClusterPKI:
     client(paths.scheduler, "system:kube-scheduler")
     # What the apiserver presents to the node's kubelet endpoint for `kubectl logs`.
     client(paths.apiserver_kubelet_client, "kube-apiserver-kubelet-client")
+    # A separate CA for the aggregation layer, as kubeadm does: a client cert of the main CA must
+    # not be able to assert arbitrary users through the request-header path.
+    _, proxy_ca_key, proxy_ca_cert = _make_ca(paths.front_proxy_ca, "lorakube-front-proxy-ca")
+    _issue(paths.front_proxy_client, proxy_ca_key, proxy_ca_cert, _name(FRONT_PROXY_CLIENT),
+           client=True)
     _service_account_keys(paths.service_account_key, paths.service_account_pub)
     return paths

@@ -17,7 +17,9 @@ from pathlib import Path
 
 from localcluster import kubeconfig
 from localcluster.build import Binaries
-from localcluster.certs import POD_NETWORK_GATEWAY, ClusterPKI, generate_pki, pki_paths
+from localcluster.certs import (
+    FRONT_PROXY_CLIENT, POD_NETWORK_GATEWAY, ClusterPKI, generate_pki, pki_paths,
+)
 from localcluster.processes import (
     DaemonRecord, free_loopback_ports, is_running, log_tail, start_daemon, stop_daemon,
 )
@@ -152,6 +154,15 @@ def apiserver_args(apiserver: Path, layout: Layout, ports: Ports, pki: ClusterPK
         f"--kubelet-client-certificate={pki.apiserver_kubelet_client.cert}",
         f"--kubelet-client-key={pki.apiserver_kubelet_client.key}",
         "--kubelet-preferred-address-types=InternalIP,Hostname",
+        # The aggregation layer's identity headers; without them every delegating component
+        # (controller manager, scheduler, aggregated APIs) logs a missing request-header CA.
+        f"--requestheader-client-ca-file={pki.front_proxy_ca.cert}",
+        f"--requestheader-allowed-names={FRONT_PROXY_CLIENT}",
+        "--requestheader-username-headers=X-Remote-User",
+        "--requestheader-group-headers=X-Remote-Group",
+        "--requestheader-extra-headers-prefix=X-Remote-Extra-",
+        f"--proxy-client-cert-file={pki.front_proxy_client.cert}",
+        f"--proxy-client-key-file={pki.front_proxy_client.key}",
         "--profiling=false",
     ]
 
