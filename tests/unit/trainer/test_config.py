@@ -1,0 +1,153 @@
+"""CLI/config: every flag lands in the typed config; bad values name the flag and exit with
+EXIT_INVALID_ARGS; --config YAML uses the flag names and the command line overrides it."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from lorakube import contract
+from lorakube_trainer.cli import run_cli
+from lorakube_trainer.config import DEFAULT_VALIDATION_PROMPT, ConfigError, parse_config
+
+BASE = ["--model_family", "flux", "--model_path", "m", "--dataset_path", "d", "--output_path", "o"]
+
+
+def test_defaults_keep_the_original_trainers_values() -> None:
+    cfg = parse_config(BASE, env={})
+    assert (cfg.height, cfg.width, cfg.steps_per_epoch, cfg.max_epochs) == (1024, 1024, 500, 1)
+    assert (cfg.lora_rank, cfg.lora_alpha, cfg.learning_rate, cfg.batch_size) == (4, 4.0, 1e-4, 1)
+    assert cfg.precision == "16-mixed" and cfg.training_strategy == "auto"
+    assert cfg.lora_target_modules is None          # the family's defaults
+    assert cfg.checkpoint_dir == str(Path("o") / contract.DEFAULT_CHECKPOINT_SUBDIR)
+    assert cfg.output_formats == contract.OUTPUT_FORMATS
+    assert cfg.validation_prompts == (DEFAULT_VALIDATION_PROMPT,)
+    assert cfg.resume == "auto" and cfg.rendezvous_timeout == contract.DEFAULT_RENDEZVOUS_TIMEOUT_SECONDS
+    assert not (cfg.center_crop or cfg.random_flip or cfg.use_gradient_checkpointing)
+
+
+def test_every_flag_is_parsed_into_the_config() -> None:
+    flags = contract.TRAINING_FLAGS
+    argv = BASE + [
+        flags["loraTargetModules"], "to_q, to_k,to_v",
+        flags["stepsPerEpoch"], "12", flags["maxEpochs"], "3", flags["height"], "512", flags["width"], "768",
+        flags["centerCrop"], flags["randomFlip"], flags["batchSize"], "2", flags["dataloaderNumWorkers"], "3",
+        flags["precision"], "bf16", flags["learningRate"], "3e-4", flags["loraRank"], "16",
+        flags["loraAlpha"], "8", flags["gradientCheckpointing"], flags["accumulateGradBatches"], "4",
+        flags["strategy"], "deepspeed_stage_2", flags["seed"], "7", flags["checkpointEverySteps"], "5",
+        flags["validationPrompts"], "a cat", flags["validationPrompts"], "a dog", flags["validationEverySteps"], "6",
+        contract.FLAG_CHECKPOINT_DIR, "ck", contract.FLAG_RESUME, "never", contract.FLAG_OUTPUT_FORMATS, "comfyui",
+        "--num_nodes", "2", "--devices", "4", "--rendezvous_timeout", "9", "--keep_last_checkpoints", "2",
+        "--validation_inference_steps", "3", "--accelerator", "cpu",
+        "--modelscope_model_id", "me/lora", "--modelscope_access_token", "secret",
+    ]
+    cfg = parse_config(argv, env={})
+    assert cfg.lora_target_modules == ("to_q", "to_k", "to_v")
+    assert (cfg.steps_per_epoch, cfg.max_epochs, cfg.height, cfg.width) == (12, 3, 512, 768)
+    assert cfg.center_crop and cfg.random_flip and cfg.use_gradient_checkpointing
+    assert (cfg.batch_size, cfg.dataloader_num_workers, cfg.accumulate_grad_batches) == (2, 3, 4)
+    assert cfg.precision == "bf16-mixed"            # the original's alias
+    assert (cfg.learning_rate, cfg.lora_rank, cfg.lora_alpha, cfg.seed) == (3e-4, 16, 8.0, 7)
+    assert cfg.training_strategy == "deepspeed_stage_2"
+    assert cfg.checkpoint_every_n_steps == 5 and cfg.keep_last_checkpoints == 2 and cfg.checkpoint_dir == "ck"
+    assert cfg.validation_prompts == ("a cat", "a dog") and cfg.validation_every_n_steps == 6
+    assert cfg.validation_inference_steps == 3 and cfg.accelerator == "cpu"
+    assert cfg.resume == "never" and cfg.output_formats == ("comfyui",)
+    assert (cfg.num_nodes, cfg.devices, cfg.rendezvous_timeout) == (2, 4, 9.0)
+    assert cfg.modelscope_model_id == "me/lora" and cfg.modelscope_access_token == "secret"
+    assert cfg.total_steps == 12 // 4 * 3
+    assert cfg.to_json()["modelscope_access_token"] == "***"      # never written out
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.height = 64  # type: ignore[misc]
+
+
+def test_rendezvous_timeout_comes_from_the_environment_unless_given() -> None:
+    env = {contract.ENV_RENDEZVOUS_TIMEOUT: "42"}
+    assert parse_config(BASE, env=env).rendezvous_timeout == 42.0
+    assert parse_config(BASE + ["--rendezvous_timeout", "3"], env=env).rendezvous_timeout == 3.0
+
+
+def test_yaml_config_uses_flag_names_and_the_command_line_wins(tmp_path: Path) -> None:
+    path = tmp_path / "train.yaml"
+    path.write_text("model_family: kolors\nmodel_path: m\ndataset_path: d\noutput_path: o\nheight: 512\n"
+                    "width: 512\nlora_rank: 8\ncenter_crop: true\nvalidation_prompt: [one, two]\n"
+                    "lora_target_modules: [to_q, to_v]\nlearning_rate: 0.001\n")
+    cfg = parse_config(["--config", str(path), "--lora_rank", "32"], env={})
+    assert cfg.model_family == "kolors" and cfg.height == 512 and cfg.center_crop
+    assert cfg.lora_rank == 32                       # command line over file
+    assert cfg.validation_prompts == ("one", "two") and cfg.lora_target_modules == ("to_q", "to_v")
+    assert cfg.learning_rate == 0.001
+
+
+@pytest.mark.parametrize(("text", "flag"), [
+    ("lora_rnak: 4\n", "--config"),                       # typo in a key
+    ("center_crop: yes please\n", "--center_crop"),
+    ("lora_rank: many\n", "--lora_rank"),
+    ("precision: fp8\n", "--precision"),
+    ("- a list\n", "--config"),
+])
+def test_bad_yaml_names_the_key(tmp_path: Path, text: str, flag: str) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        parse_config(BASE + ["--config", str(path)], env={})
+    assert err.value.flag == flag
+
+
+@pytest.mark.parametrize(("extra", "flag", "hint"), [
+    (["--height", "1000"], "--height", "multiple of 16"),
+    (["--width", "8"], "--width", "multiple of 16"),
+    (["--steps_per_epoch", "0"], "--steps_per_epoch", ">= 1"),
+    (["--steps_per_epoch", "10", "--accumulate_grad_batches", "4"], "--steps_per_epoch", "multiple of"),
+    (["--learning_rate", "0"], "--learning_rate", "> 0"),
+    (["--lora_alpha", "-1"], "--lora_alpha", "> 0"),
+    (["--lora_rank", "0"], "--lora_rank", ">= 1"),
+    (["--lora_target_modules", " , "], "--lora_target_modules", "empty"),
+    (["--output_formats", "diffusers,onnx"], "--output_formats", "onnx"),
+    (["--batch_size", "0"], "--batch_size", ">= 1"),
+    (["--dataloader_num_workers", "-1"], "--dataloader_num_workers", ">= 0"),
+    (["--rendezvous_timeout", "0"], "--rendezvous_timeout", "> 0"),
+    (["--modelscope_model_id", "me/x"], "--modelscope_model_id", "both"),
+])
+def test_invalid_values_name_the_flag_and_the_fix(extra: list[str], flag: str, hint: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config(BASE + extra, env={})
+    assert err.value.flag == flag and hint in str(err.value)
+
+
+def test_kolors_needs_multiples_of_64() -> None:
+    argv = ["--model_family", "kolors", "--model_path", "m", "--dataset_path", "d", "--output_path", "o"]
+    with pytest.raises(ConfigError, match="multiple of 64.*use e.g. 512"):
+        parse_config(argv + ["--height", "500", "--width", "512"], env={})
+
+
+def test_missing_required_flag() -> None:
+    with pytest.raises(ConfigError, match="--dataset_path: is required"):
+        parse_config(["--model_family", "flux", "--model_path", "m", "--output_path", "o"], env={})
+
+
+def test_cli_exit_codes_for_bad_arguments(capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_cli(BASE + ["--height", "100"]) == contract.EXIT_INVALID_ARGS
+    assert "--height" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:               # argparse: unknown choice
+        run_cli(BASE + ["--precision", "fp8"])
+    assert exc.value.code == contract.EXIT_INVALID_ARGS
+    with pytest.raises(SystemExit) as exc:
+        run_cli(BASE + ["--lora_rank", "four"])
+    assert exc.value.code == contract.EXIT_INVALID_ARGS
+
+
+def test_the_operators_flag_table_is_accepted() -> None:
+    """Every flag the operator may derive from spec.training parses (booleans as switches)."""
+    argv = list(BASE)
+    values = {"precision": "32", "strategy": "ddp", "validationPrompts": "p", "loraTargetModules": "to_q",
+              "learningRate": "0.1", "loraAlpha": "2"}
+    for key, flag in contract.TRAINING_FLAGS.items():
+        if key in contract.BOOLEAN_TRAINING_FLAGS:
+            argv.append(flag)
+        else:
+            argv += [flag, values.get(key, "16")]
+    cfg = parse_config(argv, env={})
+    assert cfg.training_strategy == "ddp" and cfg.height == 16

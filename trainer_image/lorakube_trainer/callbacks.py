@@ -1,0 +1,202 @@
+"""Lightning callbacks: resume restore, per-step bookkeeping (metrics, progress, checkpoints,
+periodic validation) and the final LoRA hand-off.
+
+Determinism notes (what makes resume bit-exact):
+- Each rank seeds (fresh run) or restores (resume) torch/numpy/python RNGs right before its first
+  training step, after every setup step that might draw random numbers (LoRA init, Lightning's
+  reseeding). A checkpoint captures RNGs after its optimizer step, i.e. exactly what the next
+  step would have started from. Nothing between two steps draws from the global RNGs: the data
+  pipeline has its own seeded generators and validation runs inside fork_rng.
+- Checkpoints are taken only on optimizer-step boundaries, so no gradient accumulation is pending.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.strategies import DeepSpeedStrategy
+import numpy as np
+import torch
+
+from . import checkpoint as ckpt
+from .artifacts import MetricsWriter
+from .config import TrainConfig
+from .data import DataPosition
+from .module import LoRAModule
+from .progress import ProgressReporter
+from .strategies import deepspeed_stage
+from .validation import save_validation_row
+
+log = logging.getLogger(__name__)
+
+# Collectives after the join may legitimately wait longer than the rendezvous (rank 0 writing a
+# checkpoint or sampling validation images while the others wait at the next all-reduce).
+COLLECTIVE_TIMEOUT = dt.timedelta(minutes=30)
+
+
+def seed_rank_rngs(seed: int, rank: int) -> None:
+    """Distinct, reproducible noise per rank (identical seeds would give every rank the same noise)."""
+    mixed = (seed * 1_000_003 + rank) % (2**32)
+    random.seed(mixed)
+    np.random.seed(mixed)
+    torch.manual_seed(mixed)
+
+
+def _is_deepspeed(trainer: pl.Trainer) -> bool:
+    return isinstance(trainer.strategy, DeepSpeedStrategy)
+
+
+class ResumeCallback(pl.Callback):
+    """Restores what the module constructor could not: optimizer, grad scaler and RNG states."""
+
+    def __init__(self, cfg: TrainConfig, loaded: ckpt.LoadedCheckpoint | None) -> None:
+        self.cfg, self.loaded = cfg, loaded
+        self._rng_ready = False
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            try:
+                from torch.distributed.distributed_c10d import _set_pg_timeout
+
+                _set_pg_timeout(max(COLLECTIVE_TIMEOUT, dt.timedelta(seconds=self.cfg.rendezvous_timeout)), None)
+            except (ImportError, RuntimeError, ValueError) as exc:   # private API: best effort
+                log.warning("could not raise the collective timeout after the join: %s", exc)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.loaded is None:
+            return
+        state = self.loaded.state
+        if _is_deepspeed(trainer):
+            log.warning("DeepSpeed run: resumed LoRA weights, step, RNG and data position; the optimizer's "
+                        "moments restart (ZeRO partitions them per rank)")
+        elif state.get("optimizer") is not None:
+            trainer.optimizers[0].load_state_dict(state["optimizer"])
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        if scaler is not None and state.get("grad_scaler") is not None:
+            scaler.load_state_dict(state["grad_scaler"])
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if self._rng_ready:
+            return
+        self._rng_ready = True
+        rank = trainer.global_rank
+        saved = None if self.loaded is None else self.loaded.rng_for(rank)
+        if saved is not None:
+            ckpt.restore_rng(saved)
+        else:
+            if self.loaded is not None:
+                log.warning("checkpoint %s has no RNG state for rank %d; reseeding (not bit-exact)",
+                            self.loaded.folder, rank)
+            seed_rank_rngs(self.cfg.seed + (0 if self.loaded is None else self.loaded.step), rank)
+
+
+class StepCallback(pl.Callback):
+    """After each optimizer step: metrics line, progress report, checkpoint, periodic validation."""
+
+    def __init__(self, cfg: TrainConfig, reporter: ProgressReporter | None, metrics: MetricsWriter | None,
+                 world_size: int) -> None:
+        self.cfg, self.reporter, self.metrics, self.world_size = cfg, reporter, metrics, world_size
+        self._losses: list[torch.Tensor] = []
+        self._last_global_step = 0
+        self._start = time.monotonic()
+        self.last_loss: float | None = None
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._last_global_step = trainer.global_step
+        self._start = time.monotonic()
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        assert isinstance(pl_module, LoRAModule)
+        self._losses.append(pl_module.last_micro_batch_loss)
+        if trainer.global_step == self._last_global_step:
+            return                          # still accumulating
+        self._last_global_step = trainer.global_step
+        local = torch.stack(self._losses).mean()
+        self._losses.clear()
+        mean = trainer.strategy.reduce(local.to(pl_module.device), reduce_op="mean")
+        self.last_loss = float(mean)
+        step = pl_module.absolute_step
+        epoch = (step - 1) // self.cfg.optimizer_steps_per_epoch
+        if trainer.is_global_zero:
+            self._record(step, epoch, trainer)
+        cfg = self.cfg
+        if cfg.checkpoint_every_n_steps and step % cfg.checkpoint_every_n_steps == 0:
+            save_checkpoint(trainer, pl_module, cfg, step, epoch)
+        if cfg.validation_every_n_steps and step % cfg.validation_every_n_steps == 0 and step < cfg.total_steps:
+            self._validate(trainer, pl_module, step)
+
+    def _record(self, step: int, epoch: int, trainer: pl.Trainer) -> None:
+        samples_per_step = self.cfg.batch_size * self.cfg.accumulate_grad_batches * self.world_size
+        if self.metrics is not None:
+            lr = trainer.optimizers[0].param_groups[0]["lr"]
+            self.metrics.write({"step": step, "epoch": epoch, "loss": self.last_loss, "lr": lr,
+                                "elapsed_s": round(time.monotonic() - self._start, 3)})
+        if self.reporter is not None:
+            self.reporter.report(step, epoch, self.last_loss, samples_per_step)
+
+    def _validate(self, trainer: pl.Trainer, pl_module: LoRAModule, step: int) -> None:
+        if deepspeed_stage(self.cfg.training_strategy) == 3:
+            return      # ZeRO-3 partitions the denoiser: sampling would need every rank; final grid only
+        if not trainer.is_global_zero:
+            return
+        out = Path(self.cfg.output_path) / "validation" / f"step-{step:09d}.png"
+        pl_module.denoiser.eval()
+        try:
+            with trainer.precision_plugin.forward_context():
+                save_validation_row(pl_module.family, pl_module.pipe, self.cfg, out)
+        finally:
+            pl_module.denoiser.train()
+
+
+def save_checkpoint(trainer: pl.Trainer, module: LoRAModule, cfg: TrainConfig, step: int, epoch: int) -> None:
+    """Every rank calls this: ranks write their RNG files, rank 0 the shared files and the marker."""
+    root = Path(cfg.checkpoint_dir)
+    rank = trainer.global_rank
+    lora = module.lora_state()              # collective under ZeRO-3
+    if trainer.is_global_zero:
+        tmp = ckpt.prepare_tmp(root, step)
+    trainer.strategy.barrier("lorakube-ckpt-prepared")
+    tmp = ckpt.tmp_dir(root, step)
+    ckpt.write_rng(tmp, rank)
+    if trainer.is_global_zero:
+        optimizer = None if _is_deepspeed(trainer) else trainer.optimizers[0].state_dict()
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        position = DataPosition.after_optimizer_steps(step, cfg.accumulate_grad_batches, cfg.steps_per_epoch)
+        ckpt.write_trainable(tmp, lora)
+        ckpt.write_state(tmp, {
+            "step": step,
+            "epoch": epoch,
+            "data_position": {"epoch": position.epoch, "batch_in_epoch": position.batch_in_epoch},
+            "world_size": trainer.world_size,
+            "optimizer": optimizer,
+            "grad_scaler": None if scaler is None else scaler.state_dict(),
+            "config": cfg.to_json(),
+        })
+    trainer.strategy.barrier("lorakube-ckpt-written")
+    if trainer.is_global_zero:
+        final = ckpt.finalize(root, step)
+        ckpt.prune(root, cfg.keep_last_checkpoints)
+        log.info("checkpoint %s written", final)
+
+
+class FinalStateCallback(pl.Callback):
+    """Gathers the final LoRA on every rank (ZeRO-3 needs them all) and keeps rank 0's copy."""
+
+    def __init__(self) -> None:
+        self.state: dict[str, torch.Tensor] | None = None
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        assert isinstance(pl_module, LoRAModule)
+        state = pl_module.lora_state()
+        if trainer.is_global_zero:
+            self.state = state

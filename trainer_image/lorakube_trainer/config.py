@@ -1,0 +1,318 @@
+"""The trainer's configuration: every CLI flag parsed once into a typed, frozen dataclass.
+
+Flag names are the original framework's (plus lorakube's additions); the operator derives them from
+lorakube.contract, so those spellings come from there. A YAML file given with --config uses the same
+names as keys (without the dashes); flags on the command line override it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+from lorakube import contract
+
+# Original flag names that are not in contract.TRAINING_FLAGS but the operator never passes.
+FLAG_MODELSCOPE_MODEL_ID = "--modelscope_model_id"
+FLAG_MODELSCOPE_ACCESS_TOKEN = "--modelscope_access_token"
+
+RESUME_AUTO = "auto"
+RESUME_NEVER = "never"
+ACCELERATORS = ("auto", "cpu", "gpu")
+# Lightning's deprecated spellings that users of the original trainer will type.
+PRECISION_ALIASES = {"bf16": "bf16-mixed"}
+
+
+class ConfigError(ValueError):
+    """A bad flag value; the message names the flag and says how to fix it."""
+
+    def __init__(self, flag: str, message: str) -> None:
+        super().__init__(f"{flag}: {message}")
+        self.flag = flag
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    model_family: str
+    model_path: str
+    dataset_path: str
+    output_path: str
+    checkpoint_dir: str
+    resume: str
+    checkpoint_every_n_steps: int
+    keep_last_checkpoints: int
+    seed: int
+    lora_target_modules: tuple[str, ...] | None    # None: the family's default targets
+    steps_per_epoch: int                            # micro-batches each process draws per epoch
+    max_epochs: int
+    height: int
+    width: int
+    center_crop: bool
+    random_flip: bool
+    batch_size: int
+    dataloader_num_workers: int
+    precision: str                                  # one of contract.PRECISIONS
+    learning_rate: float
+    lora_rank: int
+    lora_alpha: float
+    use_gradient_checkpointing: bool
+    accumulate_grad_batches: int
+    training_strategy: str                          # one of contract.STRATEGIES
+    output_formats: tuple[str, ...]
+    validation_prompts: tuple[str, ...]
+    validation_every_n_steps: int                   # 0: only the final before/after grid
+    validation_inference_steps: int
+    num_nodes: int | None                           # None: from the environment
+    devices: int | None
+    accelerator: str
+    rendezvous_timeout: float
+    modelscope_model_id: str | None
+    modelscope_access_token: str | None
+
+    @property
+    def optimizer_steps_per_epoch(self) -> int:
+        return self.steps_per_epoch // self.accumulate_grad_batches
+
+    @property
+    def total_steps(self) -> int:
+        """Optimizer steps of the whole run: what progress, checkpoints and resume count."""
+        return self.optimizer_steps_per_epoch * self.max_epochs
+
+    def to_json(self) -> dict[str, Any]:
+        body = dataclasses.asdict(self)
+        # Never write a secret into an artifact.
+        body["modelscope_access_token"] = None if self.modelscope_access_token is None else "***"
+        return body
+
+
+DEFAULT_VALIDATION_PROMPT = "a photo of a cat sitting on a wooden table"
+
+
+def _comma_list(value: str | Sequence[str]) -> tuple[str, ...]:
+    items = value.split(",") if isinstance(value, str) else [str(v) for v in value]
+    return tuple(item.strip() for item in items if item.strip())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=contract.TRAINER_COMMAND,
+        description="Train a LoRA for a text-to-image diffusion model (FLUX, SD3, Kolors, Hunyuan-DiT).",
+    )
+    flags = contract.TRAINING_FLAGS
+    p.add_argument("--config", help="YAML file whose keys are these flag names (flags given here override it)")
+    p.add_argument(contract.FLAG_MODEL_FAMILY, choices=contract.FAMILIES)
+    p.add_argument(contract.FLAG_MODEL_PATH, help="local folder holding the diffusers pipeline")
+    p.add_argument(contract.FLAG_DATASET_PATH, help="folder with train/ images and train/metadata.csv")
+    p.add_argument(contract.FLAG_OUTPUT_PATH, help="where the LoRA and its artifacts go")
+    p.add_argument(contract.FLAG_CHECKPOINT_DIR, help=f"default: <output_path>/{contract.DEFAULT_CHECKPOINT_SUBDIR}")
+    p.add_argument(contract.FLAG_RESUME, default=RESUME_AUTO,
+                   help="auto (newest complete checkpoint, if any), never, or a checkpoint folder")
+    p.add_argument(flags["checkpointEverySteps"], type=int, default=100, help="0 disables checkpoints")
+    p.add_argument("--keep_last_checkpoints", type=int, default=3)
+    p.add_argument(flags["seed"], type=int, default=42)
+    p.add_argument(flags["loraTargetModules"], default=None, help="comma-separated; default: the family's")
+    p.add_argument(flags["stepsPerEpoch"], type=int, default=500)
+    p.add_argument(flags["maxEpochs"], type=int, default=1)
+    p.add_argument(flags["height"], type=int, default=1024)
+    p.add_argument(flags["width"], type=int, default=1024)
+    p.add_argument(flags["centerCrop"], action="store_true")
+    p.add_argument(flags["randomFlip"], action="store_true")
+    p.add_argument(flags["batchSize"], type=int, default=1)
+    p.add_argument(flags["dataloaderNumWorkers"], type=int, default=0)
+    p.add_argument(flags["precision"], default="16-mixed",
+                   choices=contract.PRECISIONS + tuple(PRECISION_ALIASES))
+    p.add_argument(flags["learningRate"], type=float, default=1e-4)
+    p.add_argument(flags["loraRank"], type=int, default=4)
+    p.add_argument(flags["loraAlpha"], type=float, default=4.0)
+    p.add_argument(flags["gradientCheckpointing"], action="store_true")
+    p.add_argument(flags["accumulateGradBatches"], type=int, default=1)
+    p.add_argument(flags["strategy"], default="auto", choices=contract.STRATEGIES)
+    p.add_argument(contract.FLAG_OUTPUT_FORMATS, default=",".join(contract.OUTPUT_FORMATS),
+                   help="comma-separated subset of " + ",".join(contract.OUTPUT_FORMATS))
+    p.add_argument(flags["validationPrompts"], action="append", dest="validation_prompt", default=None,
+                   help="repeat for several prompts")
+    p.add_argument(flags["validationEverySteps"], type=int, default=0)
+    p.add_argument("--validation_inference_steps", type=int, default=28)
+    p.add_argument("--num_nodes", type=int, default=None, help=f"default: ${contract.ENV_NNODES} or 1")
+    p.add_argument("--devices", type=int, default=None, help=f"default: ${contract.ENV_NPROC_PER_NODE} or 1")
+    p.add_argument("--accelerator", default="auto", choices=ACCELERATORS)
+    p.add_argument("--rendezvous_timeout", type=float, default=None,
+                   help=f"seconds; default: ${contract.ENV_RENDEZVOUS_TIMEOUT} or "
+                        f"{contract.DEFAULT_RENDEZVOUS_TIMEOUT_SECONDS}")
+    p.add_argument(FLAG_MODELSCOPE_MODEL_ID, default=None)
+    p.add_argument(FLAG_MODELSCOPE_ACCESS_TOKEN, default=None)
+    return p
+
+
+def _dest(action: argparse.Action) -> str:
+    return action.dest
+
+
+def _yaml_defaults(parser: argparse.ArgumentParser, path: str) -> dict[str, Any]:
+    try:
+        loaded = yaml.safe_load(Path(path).read_text())
+    except OSError as exc:
+        raise ConfigError("--config", f"cannot read {path}: {exc.strerror}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError("--config", f"{path} is not valid YAML: {exc}") from exc
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError("--config", f"{path} must hold a mapping of flag names to values")
+    # Keys are flag names without the dashes; a flag's dest may differ (validation_prompt is the dest).
+    known = {a.option_strings[0].lstrip("-"): a for a in parser._actions if a.option_strings}
+    defaults: dict[str, Any] = {}
+    for key, value in loaded.items():
+        action = known.get(str(key))
+        if action is None or key in ("config", "help"):
+            raise ConfigError("--config", f"unknown key {key!r} in {path}; keys are the flag names, "
+                                          "e.g. learning_rate, lora_rank")
+        if key == "validation_prompt" and isinstance(value, str):
+            value = [value]
+        if isinstance(action, argparse._StoreTrueAction) and not isinstance(value, bool):
+            raise ConfigError(f"--{key}", f"must be true or false in {path}, got {value!r}")
+        if action.type is not None and value is not None and not isinstance(value, list):
+            try:
+                value = action.type(value)
+            except (TypeError, ValueError) as exc:
+                raise ConfigError(f"--{key}", f"{value!r} in {path} is not a valid {action.type.__name__}") from exc
+        if action.choices is not None and value not in action.choices:
+            raise ConfigError(f"--{key}", f"{value!r} in {path} is not one of {', '.join(map(str, action.choices))}")
+        defaults[_dest(action)] = value
+    return defaults
+
+
+def _require(value: Any, flag: str) -> Any:
+    if value in (None, ""):
+        raise ConfigError(flag, "is required (give it on the command line or in --config)")
+    return value
+
+
+def _positive(value: int | float, flag: str, minimum: int | float = 1) -> None:
+    if value < minimum:
+        raise ConfigError(flag, f"must be >= {minimum}, got {value}")
+
+
+def _env_float(env: dict[str, str], name: str, default: float) -> float:
+    raw = env.get(name)
+    if raw in (None, ""):
+        return default
+    try:
+        return float(raw)
+    except ValueError as exc:
+        raise ConfigError(name, f"environment value {raw!r} is not a number of seconds") from exc
+
+
+def parse_config(argv: Sequence[str] | None = None, env: dict[str, str] | None = None) -> TrainConfig:
+    """argv -> TrainConfig. Raises ConfigError (bad values) or SystemExit(2) (argparse syntax)."""
+    env = dict(os.environ) if env is None else env
+    parser = build_parser()
+    first, _ = parser.parse_known_args(argv)
+    if first.config:
+        parser.set_defaults(**_yaml_defaults(parser, first.config))
+    ns = parser.parse_args(argv)
+    return _validate(ns, env)
+
+
+def _validate(ns: argparse.Namespace, env: dict[str, str]) -> TrainConfig:
+    flags = contract.TRAINING_FLAGS
+    family = _require(ns.model_family, contract.FLAG_MODEL_FAMILY)
+    model_path = _require(ns.model_path, contract.FLAG_MODEL_PATH)
+    dataset_path = _require(ns.dataset_path, contract.FLAG_DATASET_PATH)
+    output_path = _require(ns.output_path, contract.FLAG_OUTPUT_PATH)
+
+    multiple = contract.SIZE_MULTIPLE[family]
+    for key in ("height", "width"):
+        value = getattr(ns, key)
+        if value < multiple or value % multiple:
+            nearest = max(multiple, round(value / multiple) * multiple)
+            raise ConfigError(flags[key], f"{value} is not a multiple of {multiple}, which {family} needs; "
+                                          f"use e.g. {nearest}")
+    for key, flag_key in (("steps_per_epoch", "stepsPerEpoch"), ("max_epochs", "maxEpochs"),
+                          ("batch_size", "batchSize"), ("lora_rank", "loraRank"),
+                          ("accumulate_grad_batches", "accumulateGradBatches")):
+        _positive(getattr(ns, key), flags[flag_key])
+    _positive(ns.dataloader_num_workers, flags["dataloaderNumWorkers"], 0)
+    _positive(ns.checkpoint_every_n_steps, flags["checkpointEverySteps"], 0)
+    _positive(ns.validation_every_n_steps, flags["validationEverySteps"], 0)
+    _positive(ns.keep_last_checkpoints, "--keep_last_checkpoints")
+    _positive(ns.validation_inference_steps, "--validation_inference_steps")
+    if ns.steps_per_epoch % ns.accumulate_grad_batches:
+        raise ConfigError(flags["stepsPerEpoch"],
+                          f"{ns.steps_per_epoch} is not a multiple of {flags['accumulateGradBatches']} "
+                          f"({ns.accumulate_grad_batches}); each epoch must end on an optimizer step")
+    if not ns.learning_rate > 0:
+        raise ConfigError(flags["learningRate"], f"must be > 0, got {ns.learning_rate}")
+    if not ns.lora_alpha > 0:
+        raise ConfigError(flags["loraAlpha"], f"must be > 0, got {ns.lora_alpha}")
+
+    targets = None
+    if ns.lora_target_modules is not None:
+        targets = _comma_list(ns.lora_target_modules)
+        if not targets:
+            raise ConfigError(flags["loraTargetModules"], "is empty; give module names like to_q,to_k,to_v")
+
+    formats = _comma_list(ns.output_formats)
+    unknown = [f for f in formats if f not in contract.OUTPUT_FORMATS]
+    if unknown or not formats:
+        raise ConfigError(contract.FLAG_OUTPUT_FORMATS,
+                          f"{','.join(unknown) or 'nothing'} given; choose from {','.join(contract.OUTPUT_FORMATS)}")
+
+    prompts = tuple(p for p in (ns.validation_prompt or []) if p.strip()) or (DEFAULT_VALIDATION_PROMPT,)
+
+    for key in ("num_nodes", "devices"):
+        if getattr(ns, key) is not None:
+            _positive(getattr(ns, key), f"--{key}")
+    timeout = ns.rendezvous_timeout
+    if timeout is None:
+        timeout = _env_float(env, contract.ENV_RENDEZVOUS_TIMEOUT, contract.DEFAULT_RENDEZVOUS_TIMEOUT_SECONDS)
+    if not timeout > 0:
+        raise ConfigError("--rendezvous_timeout", f"must be > 0 seconds, got {timeout}")
+
+    if bool(ns.modelscope_model_id) != bool(ns.modelscope_access_token):
+        raise ConfigError(FLAG_MODELSCOPE_MODEL_ID,
+                          f"the upload needs both {FLAG_MODELSCOPE_MODEL_ID} and {FLAG_MODELSCOPE_ACCESS_TOKEN}")
+
+    checkpoint_dir = ns.checkpoint_dir or str(Path(output_path) / contract.DEFAULT_CHECKPOINT_SUBDIR)
+    return TrainConfig(
+        model_family=family,
+        model_path=str(model_path),
+        dataset_path=str(dataset_path),
+        output_path=str(output_path),
+        checkpoint_dir=str(checkpoint_dir),
+        resume=ns.resume,
+        checkpoint_every_n_steps=ns.checkpoint_every_n_steps,
+        keep_last_checkpoints=ns.keep_last_checkpoints,
+        seed=ns.seed,
+        lora_target_modules=targets,
+        steps_per_epoch=ns.steps_per_epoch,
+        max_epochs=ns.max_epochs,
+        height=ns.height,
+        width=ns.width,
+        center_crop=ns.center_crop,
+        random_flip=ns.random_flip,
+        batch_size=ns.batch_size,
+        dataloader_num_workers=ns.dataloader_num_workers,
+        precision=PRECISION_ALIASES.get(ns.precision, ns.precision),
+        learning_rate=ns.learning_rate,
+        lora_rank=ns.lora_rank,
+        lora_alpha=ns.lora_alpha,
+        use_gradient_checkpointing=ns.use_gradient_checkpointing,
+        accumulate_grad_batches=ns.accumulate_grad_batches,
+        training_strategy=ns.training_strategy,
+        output_formats=formats,
+        validation_prompts=prompts,
+        validation_every_n_steps=ns.validation_every_n_steps,
+        validation_inference_steps=ns.validation_inference_steps,
+        num_nodes=ns.num_nodes,
+        devices=ns.devices,
+        accelerator=ns.accelerator,
+        rendezvous_timeout=timeout,
+        modelscope_model_id=ns.modelscope_model_id,
+        modelscope_access_token=ns.modelscope_access_token,
+    )

@@ -1,0 +1,89 @@
+"""The general LightningModule: a frozen pipeline, LoRA in its denoiser, the family's loss.
+
+Only the denoiser is a registered submodule (so DDP/DeepSpeed see it and nothing else); the rest of
+the pipeline (VAE, text encoders) is kept out of the module tree, frozen, and moved to the device
+by hand. The optimizer sees the LoRA parameters alone, kept in fp32 even over a bf16/fp16 base.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+
+from lorakube import contract
+
+from .config import ConfigError, TrainConfig
+from .families.base import Family
+
+
+def trainable_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for p in module.parameters() if p.requires_grad]
+
+
+class LoRAModule(pl.LightningModule):
+    def __init__(self, family: Family, pipe: Any, cfg: TrainConfig, targets: list[str], weight_dtype: torch.dtype) -> None:
+        super().__init__()
+        self.family = family
+        self.cfg = cfg
+        self.weight_dtype = weight_dtype
+        self._pipe = [pipe]                     # a list: not registered as a submodule
+        self.denoiser = family.denoiser(pipe)
+        try:
+            family.add_lora(self.denoiser, cfg.lora_rank, cfg.lora_alpha, targets)
+        except ValueError as exc:
+            raise ConfigError(contract.TRAINING_FLAGS["loraTargetModules"], str(exc)) from exc
+        params = trainable_parameters(self.denoiser)
+        if not params:
+            raise ConfigError(contract.TRAINING_FLAGS["loraTargetModules"], f"{','.join(targets)} matched no layer of the {family.name} "
+                             "denoiser; use module names such as to_q,to_k,to_v")
+        for p in params:
+            # fp32 LoRA weights and optimizer moments over a low-precision frozen base.
+            p.data = p.data.float()
+        if cfg.use_gradient_checkpointing:
+            family.enable_gradient_checkpointing(self.denoiser)
+        self.denoiser.train()
+        self.last_micro_batch_loss = torch.zeros(())
+        self.step_offset = 0                    # optimizer steps done before this process started (resume)
+
+    @property
+    def pipe(self) -> Any:
+        return self._pipe[0]
+
+    @property
+    def absolute_step(self) -> int:
+        return self.step_offset + self.trainer.global_step
+
+    def lora_state(self) -> dict[str, torch.Tensor]:
+        """The LoRA tensors, whole even under ZeRO-3 (gathered; every rank must call this)."""
+        with self.gathered():
+            return {k: v.detach().to("cpu", torch.float32).clone()
+                    for k, v in self.family.lora_state_dict(self.denoiser).items()}
+
+    def gathered(self) -> contextlib.AbstractContextManager:
+        params = trainable_parameters(self.denoiser)
+        if params and hasattr(params[0], "ds_id"):      # partitioned by ZeRO-3
+            import deepspeed
+
+            return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+        return contextlib.nullcontext()
+
+    def on_fit_start(self) -> None:
+        for component in self.pipe.components.values():
+            if isinstance(component, torch.nn.Module) and component is not self.denoiser:
+                component.to(self.device)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        pixels = batch["pixels"].to(self.device, self.weight_dtype)
+        with torch.no_grad():
+            latents = self.family.encode_images(self.pipe, pixels)
+            cond = self.family.encode_prompts(self.pipe, list(batch["text"]), self.device)
+        loss = self.family.training_loss(self.pipe, self.denoiser, latents, cond)
+        self.last_micro_batch_loss = loss.detach().float()
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        # torch's AdamW defaults (weight decay 0.01) as in the original trainer; a constant LR.
+        return torch.optim.AdamW(trainable_parameters(self.denoiser), lr=self.cfg.learning_rate)

@@ -1,0 +1,145 @@
+"""Rank 0's progress: contract.Progress JSON lines on stdout and, when asked, merge-patches of its
+own LoRATrainingJob's status.progress through the status subresource.
+
+Plain urllib with the pod's ServiceAccount token: the trainer image carries no Kubernetes client.
+A failing API call never fails training; it is logged once and retried at the next report.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import ssl
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Callable, Mapping, TextIO
+
+from lorakube import contract
+
+log = logging.getLogger(__name__)
+
+SERVICEACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
+
+
+@dataclasses.dataclass(frozen=True)
+class ApiTarget:
+    base_url: str            # https://host:port
+    token: str
+    ca_file: str | None
+    namespace: str
+    job_name: str
+
+    @property
+    def status_url(self) -> str:
+        return (f"{self.base_url}/apis/{contract.API_GROUP}/{contract.API_VERSION}/namespaces/{self.namespace}/"
+                f"{contract.PLURAL}/{self.job_name}/status")
+
+
+def api_target_from_env(env: Mapping[str, str], sa_dir: Path = SERVICEACCOUNT_DIR) -> ApiTarget | None:
+    """The in-cluster API endpoint and credentials, or None (with a warning) when incomplete."""
+    if env.get(contract.ENV_REPORT_PROGRESS) != "1":
+        return None
+    host, port = env.get("KUBERNETES_SERVICE_HOST"), env.get("KUBERNETES_SERVICE_PORT", "443")
+    name, namespace = env.get(contract.ENV_JOB_NAME), env.get(contract.ENV_JOB_NAMESPACE)
+    token_file = sa_dir / "token"
+    missing = [n for n, v in (("KUBERNETES_SERVICE_HOST", host), (contract.ENV_JOB_NAME, name),
+                              (contract.ENV_JOB_NAMESPACE, namespace)) if not v]
+    if not token_file.is_file():
+        missing.append(str(token_file))
+    if missing:
+        log.warning("%s=1 but %s missing: progress goes to stdout only", contract.ENV_REPORT_PROGRESS,
+                    ", ".join(missing))
+        return None
+    host_part = f"[{host}]" if ":" in host else host      # IPv6 service address
+    ca = sa_dir / "ca.crt"
+    return ApiTarget(base_url=f"https://{host_part}:{port}", token=token_file.read_text().strip(),
+                     ca_file=str(ca) if ca.is_file() else None, namespace=namespace, job_name=name)
+
+
+class StatusPatcher:
+    def __init__(self, target: ApiTarget, timeout_s: float = 10.0) -> None:
+        self.target = target
+        self.timeout_s = timeout_s
+        self._warned = False
+        if target.base_url.startswith("https://"):
+            self._context = ssl.create_default_context(cafile=target.ca_file)
+        else:
+            self._context = None
+
+    def patch(self, progress: contract.Progress) -> bool:
+        body = json.dumps({"status": {"progress": progress.to_status()}}).encode()
+        request = urllib.request.Request(
+            self.target.status_url, data=body, method="PATCH",
+            headers={"Content-Type": "application/merge-patch+json", "Authorization": f"Bearer {self.target.token}",
+                     "Accept": "application/json"},
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout_s, context=self._context) as response:
+                response.read()
+            return True
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            if not self._warned:
+                self._warned = True
+                log.warning("could not patch %s (training goes on; further failures are not logged): %s",
+                            self.target.status_url, exc)
+            return False
+
+
+class ProgressReporter:
+    """Rate-limited: at most one stdout line and one patch per interval, plus the first and the last."""
+
+    def __init__(self, total_steps: int, *, interval_s: float, out: TextIO | None = None,
+                 patcher: StatusPatcher | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+        self.total_steps = total_steps
+        self.interval_s = interval_s
+        self.out = out if out is not None else sys.stdout
+        self.patcher = patcher
+        self.clock = clock
+        self._last_sent: float | None = None
+        self._first_step: int | None = None
+        self._first_time: float | None = None
+
+    def _rates(self, step: int, samples_per_step: int) -> tuple[float | None, float | None]:
+        now = self.clock()
+        if self._first_step is None:
+            self._first_step, self._first_time = step, now
+            return None, None
+        steps = step - self._first_step
+        elapsed = now - self._first_time
+        if steps <= 0 or elapsed <= 0:
+            return None, None
+        per_step = elapsed / steps
+        return samples_per_step / per_step, per_step * (self.total_steps - step)
+
+    def report(self, step: int, epoch: int, loss: float | None, samples_per_step: int, *, force: bool = False) -> bool:
+        samples_per_second, eta = self._rates(step, samples_per_step)
+        now = self.clock()
+        final = step >= self.total_steps
+        if not (force or final or self._last_sent is None or now - self._last_sent >= self.interval_s):
+            return False
+        self._last_sent = now
+        progress = contract.Progress(step=step, totalSteps=self.total_steps, epoch=epoch, loss=loss,
+                                     samplesPerSecond=samples_per_second, etaSeconds=0.0 if final else eta,
+                                     updatedAt=contract.utc_now_iso())
+        print(progress.to_json_line(), file=self.out, flush=True)
+        if self.patcher is not None:
+            self.patcher.patch(progress)
+        return True
+
+
+def reporter_from_env(total_steps: int, env: Mapping[str, str] | None = None) -> ProgressReporter:
+    env = os.environ if env is None else env
+    raw = env.get(contract.ENV_PROGRESS_INTERVAL)
+    try:
+        interval = float(raw) if raw else contract.DEFAULT_PROGRESS_INTERVAL_SECONDS
+    except ValueError:
+        log.warning("%s=%r is not a number; using %s s", contract.ENV_PROGRESS_INTERVAL, raw,
+                    contract.DEFAULT_PROGRESS_INTERVAL_SECONDS)
+        interval = contract.DEFAULT_PROGRESS_INTERVAL_SECONDS
+    target = api_target_from_env(env)
+    return ProgressReporter(total_steps, interval_s=interval, patcher=None if target is None else StatusPatcher(target))

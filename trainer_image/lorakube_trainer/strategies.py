@@ -1,0 +1,56 @@
+"""--training_strategy and --precision -> what Lightning and the weight loader get."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+
+import torch
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, Strategy
+
+# --precision -> (Lightning precision, dtype the frozen base weights load in). "16" keeps the original
+# trainer's meaning (Lightning's old alias for 16-mixed); the trainable LoRA stays fp32 in all cases.
+PRECISION = {
+    "32": ("32-true", torch.float32),
+    "16": ("16-mixed", torch.float16),
+    "16-mixed": ("16-mixed", torch.float16),
+    "bf16-mixed": ("bf16-mixed", torch.bfloat16),
+}
+
+DEEPSPEED_STAGES = {"deepspeed_stage_1": 1, "deepspeed_stage_2": 2, "deepspeed_stage_3": 3}
+
+
+def lightning_precision(precision: str) -> str:
+    return PRECISION[precision][0]
+
+
+def weight_dtype(precision: str) -> torch.dtype:
+    return PRECISION[precision][1]
+
+
+def deepspeed_stage(name: str) -> int | None:
+    return DEEPSPEED_STAGES.get(name)
+
+
+@dataclasses.dataclass(frozen=True)
+class StrategyPlan:
+    name: str
+    world_size: int
+    on_gpu: bool
+    timeout_s: float
+
+
+def build_strategy(plan: StrategyPlan) -> Strategy | str:
+    """DDP by default (gloo on CPU, nccl on GPU), DeepSpeed ZeRO as named.
+
+    The process-group timeout is the rendezvous timeout, so a missing peer ends the run within it.
+    """
+    timeout = dt.timedelta(seconds=plan.timeout_s)
+    backend = "nccl" if plan.on_gpu else "gloo"
+    stage = deepspeed_stage(plan.name)
+    if stage is not None:
+        return DeepSpeedStrategy(stage=stage, process_group_backend=backend, timeout=timeout)
+    if plan.world_size == 1:
+        return "auto"       # one process: no process group to form
+    # find_unused_parameters stays off: every LoRA layer sits on the forward path of every step.
+    return DDPStrategy(process_group_backend=backend, timeout=timeout, find_unused_parameters=False)

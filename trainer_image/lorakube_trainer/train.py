@@ -1,0 +1,220 @@
+"""One training run, start to finish: check inputs, build, (maybe) resume, fit, write artifacts."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.strategies import Strategy
+
+from lorakube import contract
+
+from . import checkpoint as ckpt
+from .artifacts import (MODEL_CARD, MetricsWriter, check_comfyui, check_loaded, save_comfyui, upload_to_modelscope,
+                        write_json, write_manifest, write_model_card)
+from .callbacks import FinalStateCallback, ResumeCallback, StepCallback
+from .config import ConfigError, TrainConfig
+from .data import DataPosition, load_records
+from .datamodule import CaptionDataModule
+from .distributed import Topology, needs_rendezvous_check, resolve_topology, wait_for_master
+from .families import get_family
+from .families.base import Family
+from .module import LoRAModule
+from .progress import ProgressReporter, reporter_from_env
+from .strategies import StrategyPlan, build_strategy, lightning_precision, weight_dtype
+from .validation import generate_images, save_grid
+
+log = logging.getLogger(__name__)
+
+StrategyFactory = Callable[[StrategyPlan], "Strategy | str"]
+
+
+@dataclasses.dataclass(frozen=True)
+class RunResult:
+    global_rank: int
+    steps_done: int
+    final_lora: dict[str, torch.Tensor] | None     # rank 0 only
+    artifacts: dict[str, Any] | None               # rank 0 only: the manifest
+
+
+def _use_gpu(cfg: TrainConfig) -> bool:
+    if cfg.accelerator == "gpu":
+        return True
+    return cfg.accelerator == "auto" and torch.cuda.is_available()
+
+
+def _planned_global_rank(topology: Topology, env: Mapping[str, str]) -> int:
+    if env.get("RANK"):
+        return int(env["RANK"])
+    return topology.node_rank * topology.devices + int(env.get("LOCAL_RANK") or 0)
+
+
+def run(cfg: TrainConfig, env: Mapping[str, str] | None = None, *,
+        strategy_factory: StrategyFactory = build_strategy, family: Family | None = None,
+        extra_callbacks: Sequence[pl.Callback] = ()) -> RunResult:
+    """Train per `cfg`. Tests inject a family, a strategy factory or callbacks; the CLI never does."""
+    env = os.environ if env is None else env
+    family = family or get_family(cfg.model_family)
+    targets = list(cfg.lora_target_modules or family.default_lora_targets)
+    on_gpu = _use_gpu(cfg)
+    topology = resolve_topology(env, cfg.num_nodes, cfg.devices,
+                                default_devices=torch.cuda.device_count() if on_gpu else 1)
+    records = load_records(cfg.dataset_path)
+    loaded = ckpt.resolve_resume(cfg.resume, Path(cfg.checkpoint_dir))
+    start_step = 0 if loaded is None else loaded.step
+    if loaded is not None:
+        log.info("resuming from %s (step %d of %d)", loaded.folder, loaded.step, cfg.total_steps)
+        if loaded.state.get("world_size") != topology.world_size:
+            log.warning("checkpoint was written by %s processes, now %d: the data order and noise differ from "
+                        "an uninterrupted run", loaded.state.get("world_size"), topology.world_size)
+
+    remaining = cfg.total_steps - start_step
+    if remaining <= 0:
+        rank = _planned_global_rank(topology, env)
+        log.info("checkpoint step %d already reaches the %d planned steps: writing artifacts only",
+                 start_step, cfg.total_steps)
+        if rank != 0:
+            return RunResult(rank, start_step, None, None)
+        state = dict(loaded.trainable)
+        return RunResult(0, start_step, state, write_artifacts(cfg, family, targets, state, start_step, on_gpu))
+
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    dtype = weight_dtype(cfg.precision)
+    try:
+        pipe = family.load_pipeline(cfg.model_path, dtype)
+    except FileNotFoundError as exc:
+        raise ConfigError(contract.FLAG_MODEL_PATH, str(exc)) from exc
+    module = LoRAModule(family, pipe, cfg, targets, dtype)
+    if loaded is not None:
+        family.set_lora_state_dict(module.denoiser, loaded.trainable)
+        module.step_offset = start_step
+
+    start = DataPosition.after_optimizer_steps(start_step, cfg.accumulate_grad_batches, cfg.steps_per_epoch)
+    datamodule = CaptionDataModule(cfg, records, start, topology.world_size)
+    planned_rank = _planned_global_rank(topology, env)
+    reporter: ProgressReporter | None = reporter_from_env(cfg.total_steps, env) if planned_rank == 0 else None
+    metrics = (MetricsWriter(Path(cfg.output_path) / contract.ARTIFACT_METRICS, start_step)
+               if planned_rank == 0 else None)
+    step_cb, final_cb = StepCallback(cfg, reporter, metrics, topology.world_size), FinalStateCallback()
+    trainer = pl.Trainer(**trainer_kwargs(cfg, topology, on_gpu, remaining, strategy_factory),
+                         callbacks=[ResumeCallback(cfg, loaded), step_cb, final_cb, *extra_callbacks])
+    if needs_rendezvous_check(topology):
+        waited = wait_for_master(topology.master_addr, topology.master_port, cfg.rendezvous_timeout)
+        log.info("rank 0 at %s:%s reachable after %.1f s", topology.master_addr, topology.master_port, waited)
+    trainer.fit(module, datamodule=datamodule)
+    steps_done = start_step + trainer.global_step
+    if steps_done != cfg.total_steps:
+        raise RuntimeError(f"training stopped at step {steps_done} of {cfg.total_steps}")
+    if not trainer.is_global_zero:
+        return RunResult(trainer.global_rank, steps_done, None, None)
+    state = final_cb.state
+    assert state is not None
+    # Free the training copy before the post-save check loads a fresh pipeline.
+    del trainer, module, pipe, datamodule
+    if on_gpu:
+        torch.cuda.empty_cache()
+    return RunResult(0, steps_done, state, write_artifacts(cfg, family, targets, state, steps_done, on_gpu))
+
+
+def trainer_kwargs(cfg: TrainConfig, topology: Topology, on_gpu: bool, remaining_steps: int,
+                   strategy_factory: StrategyFactory = build_strategy) -> dict[str, Any]:
+    """Everything pl.Trainer gets except callbacks: a pure function of the flags and the topology."""
+    return dict(
+        accelerator="gpu" if on_gpu else "cpu",
+        devices=topology.devices,
+        num_nodes=topology.num_nodes,
+        strategy=strategy_factory(StrategyPlan(cfg.training_strategy, topology.world_size, on_gpu,
+                                               cfg.rendezvous_timeout)),
+        precision=lightning_precision(cfg.precision),
+        # One pass of the sampler covers every remaining epoch (see data.ShardSampler), so a resume
+        # in the middle of an epoch needs no special case.
+        max_epochs=1,
+        max_steps=remaining_steps,
+        accumulate_grad_batches=cfg.accumulate_grad_batches,
+        logger=False,
+        enable_checkpointing=False,     # checkpoints are ours: LoRA + optimizer only (callbacks.save_checkpoint)
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        use_distributed_sampler=False,  # the ShardSampler already shards per rank
+        num_sanity_val_steps=0,
+        default_root_dir=cfg.output_path,
+    )
+
+
+def write_artifacts(cfg: TrainConfig, family: Family, targets: list[str], state: dict[str, torch.Tensor],
+                    steps: int, on_gpu: bool) -> dict[str, Any]:
+    out = Path(cfg.output_path)
+    out.mkdir(parents=True, exist_ok=True)
+    names: list[str] = []
+    device = torch.device("cuda") if on_gpu else torch.device("cpu")
+    # On CPU half precision is slow or unsupported for sampling; on GPU use the training dtype.
+    check_dtype = weight_dtype(cfg.precision) if on_gpu else torch.float32
+
+    def fresh_pipeline() -> Any:
+        return family.load_pipeline(cfg.model_path, check_dtype).to(device)
+
+    size = dict(seed=cfg.seed, height=cfg.height, width=cfg.width, steps=cfg.validation_inference_steps)
+    pipe = fresh_pipeline()
+    base_images = generate_images(family, pipe, cfg.validation_prompts, **size)
+    lora_images = None
+    if "diffusers" in cfg.output_formats:
+        path = out / contract.ARTIFACT_LORA_DIFFUSERS
+        family.save_diffusers_lora(state, path, cfg.lora_rank, cfg.lora_alpha)
+        family.load_lora_into_pipeline(pipe, path)
+        check_loaded(family, pipe, state, path)
+        lora_images = generate_images(family, pipe, cfg.validation_prompts, **size)
+        names.append(path.name)
+    if "comfyui" in cfg.output_formats:
+        path = out / contract.ARTIFACT_LORA_COMFYUI
+        save_comfyui(family, state, path, cfg.lora_rank, cfg.lora_alpha)
+        check_comfyui(path, state, cfg.lora_alpha)
+        names.append(path.name)
+    if lora_images is None:
+        # Only the ComfyUI file was asked for: the grid still shows the trained LoRA.
+        family.set_lora_state_dict(_with_lora(family, pipe, targets, cfg), state)
+        lora_images = generate_images(family, pipe, cfg.validation_prompts, **size)
+    save_grid([base_images, lora_images], out / contract.ARTIFACT_VALIDATION_GRID)
+    names.append(contract.ARTIFACT_VALIDATION_GRID)
+    del pipe
+
+    write_json(out / contract.ARTIFACT_TRAINING_CONFIG,
+               {**cfg.to_json(), "resolved_lora_target_modules": targets, "steps_done": steps,
+                "versions": _versions()})
+    names.append(contract.ARTIFACT_TRAINING_CONFIG)
+    metrics = out / contract.ARTIFACT_METRICS
+    if metrics.is_file():
+        names.append(metrics.name)
+    write_model_card(out / MODEL_CARD, family=family.name, model_path=cfg.model_path, rank=cfg.lora_rank,
+                     alpha=cfg.lora_alpha, steps=steps, targets=targets, prompts=cfg.validation_prompts,
+                     formats=cfg.output_formats)
+    names.append(MODEL_CARD)
+    manifest = write_manifest(out, names)
+    if cfg.modelscope_model_id and cfg.modelscope_access_token:
+        upload_to_modelscope(out, cfg.modelscope_model_id, cfg.modelscope_access_token,
+                             names + [contract.ARTIFACT_MANIFEST])
+    return manifest
+
+
+def _with_lora(family: Family, pipe: Any, targets: list[str], cfg: TrainConfig) -> torch.nn.Module:
+    denoiser = family.denoiser(pipe)
+    family.add_lora(denoiser, cfg.lora_rank, cfg.lora_alpha, targets)
+    return denoiser
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    found = {}
+    for dist in ("torch", "lightning", "diffusers", "transformers", "peft", "deepspeed"):
+        try:
+            found[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            continue
+    return found
+
+
