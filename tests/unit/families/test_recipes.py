@@ -1,0 +1,157 @@
+"""The objectives' maths against closed forms and against diffusers' own schedulers."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
+
+from lorakube_trainer.families import flux, hunyuan_dit, kolors, recipes, sd3
+
+
+def test_flow_interpolation_runs_from_data_to_noise_and_target_is_its_derivative():
+    x0, noise = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
+    assert torch.equal(recipes.flow_interpolate(x0, noise, torch.zeros(3)), x0)
+    assert torch.allclose(recipes.flow_interpolate(x0, noise, torch.ones(3)), noise)
+    s, ds = torch.full((3,), 0.3), 1e-3
+    numeric = (recipes.flow_interpolate(x0, noise, s + ds) - recipes.flow_interpolate(x0, noise, s)) / ds
+    assert torch.allclose(numeric, recipes.flow_target(x0, noise), atol=1e-2)
+
+
+def test_flow_interpolation_uses_each_samples_own_sigma():
+    x0, noise = torch.zeros(2, 1, 2, 2), torch.ones(2, 1, 2, 2)
+    out = recipes.flow_interpolate(x0, noise, torch.tensor([0.25, 0.75]))
+    assert out[0].unique().item() == 0.25 and out[1].unique().item() == 0.75
+
+
+def test_static_shift_matches_the_sd3_scheduler_grid():
+    sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    grid = recipes.shifted_sigma_grid(sched.config, image_seq_len=4096, n=1000)
+    assert torch.allclose(grid.float(), sched.sigmas[:1000].float(), atol=1e-6)
+    assert recipes.shift_sigmas_static(torch.tensor([0.5]), 3.0).item() == pytest.approx(0.75)
+    assert grid[0].item() == pytest.approx(1.0)
+
+
+def test_dynamic_shift_matches_flux_inference_schedule_at_the_same_resolution():
+    config = dict(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
+    sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, **config)
+    seq_len = 64 * 64   # a 1024 px image: 128x128 latents, 2x2 packed
+    mu = recipes.dynamic_shift_mu(seq_len, 256, 4096, 0.5, 1.15)
+    assert mu == pytest.approx(1.15)
+    # e^1.15 ~ 3.16: the static shift kohya recommends for FLUX at 1024 px.
+    assert math.exp(mu) == pytest.approx(3.158, abs=1e-3)
+    sched.set_timesteps(num_inference_steps=1000, mu=mu)
+    grid = recipes.shifted_sigma_grid(sched.config, seq_len, 1000)
+    assert torch.allclose(grid.float(), sched.sigmas[:1000].float(), atol=1e-5)
+    smaller = recipes.shifted_sigma_grid(sched.config, 16 * 16, 1000)
+    assert (smaller <= grid + 1e-12).all(), "fewer image tokens must shift less towards noise"
+
+
+@pytest.mark.parametrize("sampling", ["logit_normal", "uniform"])
+def test_one_sigma_per_sample_from_the_grid(sampling):
+    recipe = recipes.FlowMatchingRecipe(sampling=sampling)
+    grid = recipes.shifted_sigma_grid({"shift": 3.0}, 1024, 1000)
+    torch.manual_seed(0)
+    pairs = [recipes.sample_flow_sigmas(grid, 2, recipe, torch.device("cpu")) for _ in range(200)]
+    assert sum(int(p[0] != p[1]) for p in pairs) >= 190
+    values = torch.cat(pairs)
+    assert values.min() >= grid.min().item() - 1e-7 and values.max() <= 1.0
+    assert torch.isin(values.double(), grid.float().double()).all()
+
+
+def test_logit_normal_concentrates_on_the_middle_of_the_grid():
+    torch.manual_seed(0)
+    idx = recipes.sample_grid_indices(20000, 1000, recipes.FlowMatchingRecipe(), torch.device("cpu")).float()
+    assert abs(idx.mean().item() - 500) < 15
+    middle = ((idx > 250) & (idx < 750)).float().mean().item()
+    assert middle > 0.6   # uniform would give 0.5
+
+
+def test_flow_sampling_draws_from_the_global_rng():
+    recipe = recipes.FlowMatchingRecipe()
+    grid = recipes.flow_base_sigmas(1000)
+    torch.manual_seed(7)
+    a = recipes.sample_flow_sigmas(grid, 4, recipe, torch.device("cpu"))
+    torch.manual_seed(7)
+    b = recipes.sample_flow_sigmas(grid, 4, recipe, torch.device("cpu"))
+    assert torch.equal(a, b)
+
+
+def test_bell_weighting_has_mean_one_and_zero_weight_at_pure_noise():
+    recipe = recipes.FlowMatchingRecipe(weighting="bell")
+    grid = recipes.flow_base_sigmas(1000).float()
+    w = recipes.flow_loss_weights(grid, recipe)
+    assert w.mean().item() == pytest.approx(1.0, abs=1e-4)
+    assert w[0].item() == pytest.approx(0.0, abs=1e-6)          # σ = 1
+    assert w.argmax().item() == pytest.approx(500, abs=2)       # t = 500
+    assert torch.equal(recipes.flow_loss_weights(grid, recipes.FlowMatchingRecipe()), torch.ones(1000))
+
+
+def test_family_recipe_constants():
+    assert flux.RECIPE.guidance == 1.0
+    assert sd3.RECIPE.guidance is None
+    assert (kolors.RECIPE.prediction, kolors.RECIPE.num_train_timesteps) == ("epsilon", 1100)
+    assert (hunyuan_dit.RECIPE.prediction, hunyuan_dit.RECIPE.num_train_timesteps) == ("v_prediction", 1000)
+
+
+@pytest.mark.parametrize(
+    "recipe, end",
+    [(kolors.RECIPE, 0.014), (hunyuan_dit.RECIPE, 0.03)],
+    ids=["kolors", "hunyuan-dit"],
+)
+def test_beta_schedule_endpoints_and_agreement_with_diffusers(recipe, end):
+    betas = recipes.ddpm_betas(recipe)
+    assert len(betas) == recipe.num_train_timesteps
+    assert betas[0].item() == pytest.approx(0.00085)
+    assert betas[-1].item() == pytest.approx(end)
+    ref = DDPMScheduler(
+        num_train_timesteps=recipe.num_train_timesteps, beta_start=recipe.beta_start, beta_end=recipe.beta_end,
+        beta_schedule="scaled_linear",
+    )
+    assert torch.allclose(recipes.ddpm_alphas_cumprod(recipe).float(), ref.alphas_cumprod, rtol=1e-5)
+
+
+def test_ddpm_noising_and_targets_match_closed_form_and_diffusers():
+    recipe = hunyuan_dit.RECIPE
+    ac = recipes.ddpm_alphas_cumprod(recipe)
+    ref = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.03, beta_schedule="scaled_linear")
+    x0, noise = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    t = torch.tensor([10, 900])
+    noisy = recipes.ddpm_add_noise(x0, noise, ac, t)
+    a = ac[900].item()
+    assert torch.allclose(noisy[1], math.sqrt(a) * x0[1] + math.sqrt(1 - a) * noise[1], atol=1e-5)
+    assert torch.allclose(noisy, ref.add_noise(x0, noise, t), atol=1e-5)
+    v = recipes.ddpm_target(x0, noise, ac, t, "v_prediction")
+    assert torch.allclose(v[1], math.sqrt(a) * noise[1] - math.sqrt(1 - a) * x0[1], atol=1e-5)
+    assert torch.allclose(v, ref.get_velocity(x0, noise, t), atol=1e-5)
+    assert torch.equal(recipes.ddpm_target(x0, noise, ac, t, "epsilon"), noise)
+
+
+def test_one_ddpm_timestep_per_sample():
+    torch.manual_seed(0)
+    pairs = [recipes.sample_ddpm_timesteps(2, kolors.RECIPE, torch.device("cpu")) for _ in range(200)]
+    assert sum(int(p[0] != p[1]) for p in pairs) >= 195
+    allt = torch.cat(pairs)
+    assert allt.min() >= 0 and allt.max() <= 1099 and allt.max() > 1000
+
+
+def test_loss_is_fp32_even_for_bf16_predictions():
+    pred = torch.randn(2, 4, 4, 4).to(torch.bfloat16)
+    loss = recipes.weighted_mse(pred, torch.zeros(2, 4, 4, 4), torch.tensor([1.0, 0.0]))
+    assert loss.dtype == torch.float32
+    assert loss.item() == pytest.approx(pred[0].float().pow(2).mean().item() / 2, rel=1e-6)
+
+
+def test_flux_pack_unpack_round_trip_and_agree_with_the_pipeline():
+    from diffusers import FluxPipeline
+
+    latents = torch.randn(2, 16, 8, 12)
+    packed = flux.pack_latents(latents)
+    assert packed.shape == (2, 4 * 6, 64)
+    assert torch.equal(packed, FluxPipeline._pack_latents(latents, 2, 16, 8, 12))
+    assert torch.equal(flux.unpack_latents(packed, 8, 12), latents)
+    assert torch.equal(flux.unpack_latents(packed, 8, 12), FluxPipeline._unpack_latents(packed, 64, 96, 8))
+    ids = flux.latent_image_ids(8, 12, torch.device("cpu"), torch.float32)
+    assert torch.equal(ids, FluxPipeline._prepare_latent_image_ids(2, 4, 6, torch.device("cpu"), torch.float32))
