@@ -1,0 +1,121 @@
+"""The lorakube process node: registers Nodes and runs the pods bound to them as local
+processes, each in its own network and mount namespace (see README.md beside this file).
+
+This module stays import-light (no Kubernetes client): the control plane imports it to
+start and stop the daemon, which runs as `python -m localcluster.node run ...`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+from .layout import StateLayout
+from .nodespec import NodeSpec
+
+__all__ = ["NodeSpec", "NodeStartError", "start_node_daemon", "stop_node_daemon"]
+
+START_TIMEOUT_SECONDS = 60.0
+STOP_TIMEOUT_SECONDS = 45.0
+
+
+class NodeStartError(RuntimeError):
+    pass
+
+
+def _ticks(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def start_node_daemon(
+    kubeconfig: Path,
+    state_dir: Path,
+    nodes: list[NodeSpec],
+    path_prefix: list[Path] | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    kubelet_port: int = 10250,
+    kubelet_client_ca: Path | None = None,
+    timeout: float = START_TIMEOUT_SECONDS,
+) -> int:
+    """Start the daemon detached and return its pid once its nodes are registered.
+
+    `env` plays the part of the image's ENV: it is given to every container before the
+    pod's own env (e.g. HF_HUB_OFFLINE=1). Raises NodeStartError with the daemon's log tail
+    if it exits or does not come up within `timeout` seconds.
+    """
+    if not nodes:
+        raise ValueError("start_node_daemon: nodes is empty; pass at least one NodeSpec")
+    state_dir = Path(state_dir).resolve()
+    layout = StateLayout(state_dir)
+    ready = layout.ready_marker
+    ready.unlink(missing_ok=True)
+    cmd = [sys.executable, "-m", "localcluster.node", "run", "--kubeconfig",
+           str(Path(kubeconfig).resolve()), "--state-dir", str(state_dir),
+           "--kubelet-port", str(kubelet_port)]
+    for node in nodes:
+        cmd += ["--node", node.to_arg()]
+    for prefix in path_prefix or []:
+        cmd += ["--path-prefix", str(prefix)]
+    for key, value in (env or {}).items():
+        cmd += ["--env", f"{key}={value}"]
+    if kubelet_client_ca is not None:
+        cmd += ["--kubelet-client-ca", str(kubelet_client_ca)]
+    log_path = layout.daemon_log
+    with open(log_path, "ab") as logfile:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logfile,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    layout.pidfile.write_text(json.dumps({"pid": proc.pid, "start": _ticks(proc.pid)}))
+    deadline = time.monotonic() + timeout
+    while not ready.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            if proc.poll() is None:
+                stop_node_daemon(state_dir)
+            tail = log_path.read_text(errors="replace")[-3000:]
+            raise NodeStartError(f"process node did not come up (log {log_path}):\n{tail}")
+        time.sleep(0.2)
+    return proc.pid
+
+
+def stop_node_daemon(state_dir: Path) -> None:
+    """SIGTERM the daemon (it fails its pods, deletes its nodes, tears the network down),
+    wait, SIGKILL if it hangs, then sweep whatever it may have left behind."""
+    from .cleanup import sweep  # the sweep needs the network helpers; keep import-time light
+
+    state_dir = Path(state_dir).resolve()
+    pidfile = StateLayout(state_dir).pidfile
+    if pidfile.exists():
+        record = json.loads(pidfile.read_text())
+        pid, start = int(record["pid"]), record.get("start")
+        if _ticks(pid) == start and start is not None:
+            os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + STOP_TIMEOUT_SECONDS
+            while _alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+                while _alive(pid):
+                    time.sleep(0.1)
+        pidfile.unlink(missing_ok=True)
+    sweep(state_dir)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.waitpid(pid, os.WNOHANG)  # reap it if it was our child
+    except ChildProcessError:
+        pass
+    state = Path(f"/proc/{pid}/stat")
+    try:
+        return state.read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False

@@ -1,0 +1,623 @@
+"""The node daemon: one thread owns all pod state and reacts to queued events.
+
+Informers, container supervisors and the heartbeat run on their own threads but only ever
+put events on the queue (or make API calls that need no shared state), so every decision
+about a pod is made on the main loop without locks.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import shutil
+import signal
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import hostsfile, network, podspec
+from .forwarder import Forwarder
+from .informer import Informer
+from .kubeapi import ApiError, KubeApi
+from .kubelet_server import KubeletServer
+from .layout import StateLayout
+from .nodes import NodeRegistry
+from .nodespec import GPU_RESOURCE, NodeSpec
+from .podspec import NotReadyYet, PodSpecError
+from .runtime import ContainerProcess, Exit, LaunchSpec
+from .status import ContainerRun, PodRun, now_rfc3339, reason_for_exit
+from .volumes import PodVolumes, VolumeBuilder, container_mounts
+
+log = logging.getLogger(__name__)
+
+APISERVER_PORT_IN_CLUSTER = 6443
+HEARTBEAT_SECONDS = 10.0
+RETRY_SECONDS = 2.0
+SHUTDOWN_GRACE_SECONDS = 10.0
+DEFAULT_GRACE_SECONDS = 30
+HOST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+LOG_TAIL_BYTES = 2048
+NODE_RESTART_MESSAGE = "the process node restarted; the container could not be located"
+SHUTDOWN_MESSAGE = "Pod was terminated in response to imminent node shutdown."
+
+
+@dataclass
+class PodRuntime:
+    pod: dict[str, Any]
+    run: PodRun
+    node: NodeSpec
+    dir: Path
+    log_dir: Path
+    net: network.PodNet | None = None
+    volumes: PodVolumes | None = None
+    processes: dict[str, ContainerProcess] = field(default_factory=dict)
+    gpus: list[int] = field(default_factory=list)
+    next_retry: float = 0.0
+    deleting: bool = False
+    gone: bool = False
+    kill_deadline: float | None = None
+    torn_down: bool = False
+    dirty: bool = True
+
+    @property
+    def uid(self) -> str:
+        return self.run.uid
+
+    def running(self) -> list[ContainerProcess]:
+        return [p for p in self.processes.values() if not p.exited.is_set()]
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    kubeconfig: Path
+    state_dir: Path
+    nodes: list[NodeSpec]
+    path_prefix: list[Path]
+    image_env: dict[str, str]
+    kubelet_port: int = 10250
+    kubelet_client_ca: Path | None = None
+
+
+class NodeDaemon:
+    def __init__(self, config: DaemonConfig) -> None:
+        self.config = config
+        self.layout = StateLayout(config.state_dir)
+        self.api = KubeApi(config.kubeconfig)
+        self.events: queue.Queue[tuple[Any, ...]] = queue.Queue()
+        self.stop_event = threading.Event()
+        self.nodes = {n.name: n for n in config.nodes}
+        self.pods: dict[str, dict[str, Any]] = {}
+        self.services: dict[tuple[str, str], dict[str, Any]] = {}
+        self.runs: dict[str, PodRuntime] = {}
+        self.ipam = network.Ipam(self.layout.ipam)
+        self.gpu_in_use: dict[str, set[int]] = {n.name: set() for n in config.nodes}
+        self.host_ip = str(network.GATEWAY)
+        self.dns_dirty = True
+        self.builders = {
+            n.name: VolumeBuilder(self.api, self.layout.pvcs, n.resources()) for n in config.nodes
+        }
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def run(self) -> None:
+        network.ensure_bridge()
+        api_host, api_port = self.api.endpoint.host, self.api.endpoint.port
+        self.forwarder = Forwarder((self.host_ip, APISERVER_PORT_IN_CLUSTER), (api_host, api_port))
+        self.forwarder.start()
+        self.kubelet = KubeletServer(self.host_ip, self.config.kubelet_port, self.layout.certs,
+                                     self.locate_log, self.config.kubelet_client_ca)
+        self.kubelet.start()
+        self.registry = NodeRegistry(self.api, self.config.nodes, self.host_ip, self.kubelet.port)
+        self.registry.register()
+        threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True).start()
+        Informer(self.api, "/api/v1/pods", lambda t, o: self.events.put(("pod", t, o)),
+                 self.stop_event).start()
+        Informer(self.api, "/api/v1/services", lambda t, o: self.events.put(("service", t, o)),
+                 self.stop_event).start()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self.events.put(("stop",)))
+        log.info("process node up: nodes=%s kubelet port=%d", sorted(self.nodes), self.kubelet.port)
+        self.layout.ready_marker.write_text(str(self.kubelet.port))
+        try:
+            self._loop()
+        finally:
+            self._shutdown()
+
+    def _loop(self) -> None:
+        next_tick = 0.0
+        while True:
+            try:
+                event = self.events.get(timeout=0.5)
+            except queue.Empty:
+                event = None
+            if event is not None:
+                if event[0] == "stop":
+                    return
+                self._guard(self._dispatch, event)
+            if time.monotonic() >= next_tick:
+                self._guard(self._tick)
+                next_tick = time.monotonic() + 1.0
+            if self.events.empty():
+                self._guard(self._flush)
+
+    def _guard(self, func: Any, *args: Any) -> None:
+        try:
+            func(*args)
+        except ApiError as exc:
+            log.warning("API error (will retry): %s", exc)
+        except Exception:
+            log.exception("node daemon step failed; continuing")
+
+    def _heartbeat_loop(self) -> None:
+        while not self.stop_event.wait(HEARTBEAT_SECONDS):
+            try:
+                self.registry.heartbeat()
+            except Exception as exc:
+                log.warning("heartbeat failed: %s", exc)
+
+    def _shutdown(self) -> None:
+        log.info("shutting down: terminating pods")
+        self.stop_event.set()
+        deadline = time.monotonic() + SHUTDOWN_GRACE_SECONDS
+        for rt in self.runs.values():
+            for proc in rt.running():
+                proc.signal_group(signal.SIGTERM)
+        while any(rt.running() for rt in self.runs.values()) and time.monotonic() < deadline:
+            self._drain_exits(0.2)
+        for rt in self.runs.values():
+            for proc in rt.running():
+                proc.signal_group(signal.SIGKILL)
+        while any(rt.running() for rt in self.runs.values()) and time.monotonic() < deadline + 5:
+            self._drain_exits(0.2)
+        for rt in self.runs.values():
+            if not rt.run.terminal() and not rt.gone:
+                rt.run.phase_override = "Failed"
+                rt.run.reason = "Terminated"
+                rt.run.message = SHUTDOWN_MESSAGE
+                rt.run.disruption = {"type": "DisruptionTarget", "status": "True",
+                                     "reason": "TerminationByKubelet", "message": SHUTDOWN_MESSAGE}
+                rt.dirty = True
+            self._teardown(rt)
+        self._guard(self._flush)
+        self.kubelet.stop()
+        self.forwarder.stop()
+        network.teardown_all()
+        self.ipam.clear()
+        self._guard(self.registry.deregister)
+        self.layout.ready_marker.unlink(missing_ok=True)
+        log.info("process node stopped")
+
+    def _drain_exits(self, timeout: float) -> None:
+        try:
+            event = self.events.get(timeout=timeout)
+        except queue.Empty:
+            return
+        if event[0] in ("exited", "started", "start-failed"):
+            self._guard(self._dispatch, event)
+
+    # -- events ---------------------------------------------------------------------------
+
+    def _dispatch(self, event: tuple[Any, ...]) -> None:
+        kind = event[0]
+        if kind == "pod":
+            self._on_pod(event[1], event[2])
+        elif kind == "service":
+            self._on_service(event[1], event[2])
+        elif kind in ("started", "start-failed", "exited"):
+            rt = self.runs.get(event[1])
+            if rt is not None:
+                self._on_container(rt, kind, event[2], event[3] if len(event) > 3 else None)
+
+    def _on_service(self, kind: str, obj: Any) -> None:
+        if kind == "SYNC":
+            self.services = {(s["metadata"]["namespace"], s["metadata"]["name"]): s for s in obj}
+        elif kind == "DELETED":
+            self.services.pop((obj["metadata"]["namespace"], obj["metadata"]["name"]), None)
+        else:
+            self.services[(obj["metadata"]["namespace"], obj["metadata"]["name"])] = obj
+        self.dns_dirty = True
+
+    def _on_pod(self, kind: str, obj: Any) -> None:
+        self.dns_dirty = True
+        if kind == "SYNC":
+            self.pods = {p["metadata"]["uid"]: p for p in obj}
+            for uid in [u for u in self.runs if u not in self.pods]:
+                self._on_pod_gone(self.runs[uid])
+            for uid, pod in self.pods.items():
+                if pod.get("spec", {}).get("nodeName") in self.nodes:
+                    self._reconcile(uid)
+            return
+        uid = obj["metadata"]["uid"]
+        if kind == "DELETED":
+            self.pods.pop(uid, None)
+            if uid in self.runs:
+                self._on_pod_gone(self.runs[uid])
+            else:
+                self._forget_logs(obj)
+            return
+        self.pods[uid] = obj
+        if obj.get("spec", {}).get("nodeName") in self.nodes:
+            self._reconcile(uid)
+
+    def _reconcile(self, uid: str) -> None:
+        pod = self.pods[uid]
+        rt = self.runs.get(uid)
+        if rt is None:
+            self._admit(pod)
+            return
+        rt.pod = pod
+        if pod["metadata"].get("deletionTimestamp") and not rt.deleting:
+            self._begin_delete(rt)
+
+    def _admit(self, pod: dict[str, Any]) -> None:
+        meta, status = pod["metadata"], pod.get("status", {})
+        phase = status.get("phase")
+        if phase in ("Succeeded", "Failed"):
+            if meta.get("deletionTimestamp"):
+                self._delete_object(pod)
+            return
+        if meta.get("deletionTimestamp"):
+            self._delete_object(pod)
+            return
+        if status.get("podIP") or status.get("containerStatuses") or phase == "Running":
+            self._fail_lost(pod)
+            return
+        node = self.nodes[pod["spec"]["nodeName"]]
+        run = PodRun(uid=meta["uid"], namespace=meta["namespace"], name=meta["name"])
+        spec = pod["spec"]
+        for c in spec.get("initContainers") or []:
+            run.containers.append(ContainerRun(c["name"], c.get("image", ""), init=True,
+                                               waiting_reason="PodInitializing"))
+        for c in spec.get("containers") or []:
+            reason = "PodInitializing" if spec.get("initContainers") else "ContainerCreating"
+            run.containers.append(ContainerRun(c["name"], c.get("image", ""), init=False,
+                                               waiting_reason=reason))
+        rt = PodRuntime(pod=pod, run=run, node=node, dir=self.layout.pod_dir(meta["uid"]),
+                        log_dir=self.layout.log_dir(meta["namespace"], meta["name"], meta["uid"]))
+        self.runs[rt.uid] = rt
+        self._advance(rt)
+
+    def _fail_lost(self, pod: dict[str, Any]) -> None:
+        """A pod this node started before a restart: its processes are gone (they never
+        outlive the daemon), so report it as kubelet does for vanished containers."""
+        meta = pod["metadata"]
+        run = PodRun(uid=meta["uid"], namespace=meta["namespace"], name=meta["name"],
+                     phase_override="Failed", reason="NodeRestart", message=NODE_RESTART_MESSAGE,
+                     pod_ip=pod["status"].get("podIP"), host_ip=pod["status"].get("hostIP"),
+                     start_time=pod["status"].get("startTime"))
+        for c in pod["spec"].get("containers") or []:
+            cr = ContainerRun(c["name"], c.get("image", ""), init=False)
+            cr.terminate(137, "ContainerStatusUnknown", NODE_RESTART_MESSAGE)
+            run.containers.append(cr)
+        self._patch_status(meta, run.to_status())
+        log.info("pod %s/%s was running before a node restart: marked Failed", meta["namespace"],
+                 meta["name"])
+
+    # -- pod progress ---------------------------------------------------------------------
+
+    def _advance(self, rt: PodRuntime) -> None:
+        if rt.deleting or rt.torn_down:
+            return
+        try:
+            if rt.net is None:
+                self._setup_sandbox(rt)
+            if rt.volumes is None:
+                rt.volumes = self.builders[rt.node.name].build(rt.pod, rt.dir, self.api.endpoint.ca_pem)
+            self._start_next(rt)
+        except NotReadyYet as exc:
+            self._set_waiting(rt, "ContainerCreating", str(exc))
+            rt.next_retry = time.monotonic() + RETRY_SECONDS
+        except PodSpecError as exc:
+            self._fail_config(rt, str(exc))
+        except ApiError as exc:
+            log.warning("pod %s/%s: %s (retrying)", rt.run.namespace, rt.run.name, exc)
+            rt.next_retry = time.monotonic() + RETRY_SECONDS
+        self._maybe_finish(rt)
+
+    def _setup_sandbox(self, rt: PodRuntime) -> None:
+        ip = self.ipam.allocate(rt.uid)
+        net = network.pod_net_for(ip)
+        network.create_pod_net(net)
+        rt.net = net
+        (rt.dir / "etc").mkdir(parents=True, exist_ok=True)
+        hostsfile.write_in_place(self.layout.resolv_conf(rt.uid), hostsfile.RESOLV_CONF)
+        rt.run.pod_ip = ip
+        rt.run.host_ip = self.host_ip
+        rt.run.start_time = now_rfc3339()
+        rt.run.sandbox_ready = True
+        rt.gpus = self._allocate_gpus(rt)
+        rt.pod = dict(rt.pod, status=dict(rt.pod.get("status", {}), podIP=ip, hostIP=self.host_ip))
+        self._write_hosts(rt, hostsfile.records(self._dns_pods(), self.services.values()))
+        rt.dirty = True
+
+    def _allocate_gpus(self, rt: PodRuntime) -> list[int]:
+        wanted = 0
+        for c in rt.pod["spec"].get("containers") or []:
+            limits = c.get("resources", {}).get("limits", {})
+            wanted += int(limits.get(GPU_RESOURCE, 0) or 0)
+        if not wanted:
+            return []
+        used = self.gpu_in_use[rt.node.name]
+        free = [i for i in range(rt.node.gpus) if i not in used]
+        if len(free) < wanted:
+            log.warning("pod %s/%s asks for %d GPUs, node %s has %d free; sharing",
+                        rt.run.namespace, rt.run.name, wanted, rt.node.name, len(free))
+            free = list(range(rt.node.gpus))
+        chosen = free[:wanted]
+        used.update(chosen)
+        return chosen
+
+    def _start_next(self, rt: PodRuntime) -> None:
+        containers = {c["name"]: c for c in [*(rt.pod["spec"].get("initContainers") or []),
+                                             *(rt.pod["spec"].get("containers") or [])]}
+        for cr in rt.run.init_containers:
+            if cr.state == "terminated" and cr.exit_code == 0:
+                continue
+            if cr.state == "waiting" and cr.name not in rt.processes:
+                self._start_container(rt, cr, containers[cr.name])
+            return  # one init container at a time, in order
+        for cr in rt.run.main_containers:
+            if cr.state == "waiting" and cr.name not in rt.processes:
+                self._start_container(rt, cr, containers[cr.name])
+
+    def _base_env(self, rt: PodRuntime) -> dict[str, str]:
+        prefix = ":".join(str(p) for p in self.config.path_prefix)
+        env = {"PATH": f"{prefix}:{HOST_PATH}" if prefix else HOST_PATH,
+               "HOME": "/root", "LANG": "C.UTF-8"}
+        env.update(self.config.image_env)
+        host, port = self.host_ip, str(APISERVER_PORT_IN_CLUSTER)
+        env.update({
+            "HOSTNAME": rt.pod["spec"].get("hostname") or rt.run.name,
+            "KUBERNETES_SERVICE_HOST": host, "KUBERNETES_SERVICE_PORT": port,
+            "KUBERNETES_SERVICE_PORT_HTTPS": port, "KUBERNETES_PORT": f"tcp://{host}:{port}",
+            "KUBERNETES_PORT_443_TCP": f"tcp://{host}:{port}",
+        })
+        if rt.gpus or rt.node.gpus:
+            visible = ",".join(str(i) for i in rt.gpus)
+            env["CUDA_VISIBLE_DEVICES"] = visible
+            env["NVIDIA_VISIBLE_DEVICES"] = visible or "void"
+        return env
+
+    def _start_container(self, rt: PodRuntime, cr: ContainerRun, container: dict[str, Any]) -> None:
+        assert rt.net is not None and rt.volumes is not None
+        ns = rt.run.namespace
+        builder = self.builders[rt.node.name]
+
+        def lookup_map(kind: str, name: str) -> Mapping[str, str] | None:
+            data = builder.object_data(ns, kind, name)
+            return None if data is None else {k: v.decode() for k, v in data.items()}
+
+        def lookup_value(kind: str, name: str, key: str) -> str | None:
+            data = lookup_map(kind, name)
+            return None if data is None else data.get(key)
+
+        env = podspec.container_env(rt.pod, container, self._base_env(rt), lookup_value,
+                                    lookup_map, rt.node.resources())
+        try:
+            argv = podspec.container_argv(container, env)
+        except PodSpecError as exc:
+            cr.terminate(128, "CreateContainerConfigError", str(exc))
+            rt.dirty = True
+            return
+        mounts = container_mounts(container, rt.volumes,
+                                  podspec.wants_implicit_sa_mount(rt.pod, container))
+        mounts += [
+            {"src": str(self.layout.hosts(rt.uid)), "dst": "/etc/hosts", "readOnly": False},
+            {"src": str(self.layout.resolv_conf(rt.uid)), "dst": "/etc/resolv.conf",
+             "readOnly": False},
+        ]
+        self.layout.note_mountpoints([str(m["dst"]) for m in mounts])
+        spec = LaunchSpec(netns=rt.net.netns_path,
+                          hostname=rt.pod["spec"].get("hostname") or rt.run.name,
+                          mounts=mounts, cwd=container.get("workingDir") or "/", argv=argv, env=env)
+        uid, name = rt.uid, cr.name
+        proc = ContainerProcess(
+            spec, rt.dir / f"launch-{name}.json", rt.log_dir / f"{name}.log",
+            self.layout.process_record(uid, name),
+            on_started=lambda: self.events.put(("started", uid, name, None)),
+            on_start_failed=lambda msg: self.events.put(("start-failed", uid, name, msg)),
+            on_exit=lambda result: self.events.put(("exited", uid, name, result)),
+        )
+        rt.processes[name] = proc
+        cr.pid = proc.pid
+
+    def _on_container(self, rt: PodRuntime, kind: str, name: str, detail: Any) -> None:
+        cr = next(c for c in rt.run.containers if c.name == name)
+        if kind == "started":
+            if cr.state == "waiting":
+                cr.state = "running"
+                cr.started_at = now_rfc3339()
+        elif kind == "start-failed":
+            cr.terminate(128, "StartError", str(detail))
+        else:
+            result: Exit = detail
+            cr.terminate(result.code, reason_for_exit(result.code),
+                         self._termination_message(rt, name, result))
+        rt.dirty = True
+        if rt.deleting:
+            if not rt.running():
+                self._finish_delete(rt)
+            return
+        self._advance(rt)
+
+    def _termination_message(self, rt: PodRuntime, name: str, result: Exit) -> str | None:
+        container = next((c for c in [*(rt.pod["spec"].get("initContainers") or []),
+                                      *(rt.pod["spec"].get("containers") or [])]
+                          if c["name"] == name), {})
+        if result.code == 0 or container.get("terminationMessagePolicy") != "FallbackToLogsOnError":
+            return None
+        path = rt.log_dir / f"{name}.log"
+        if not path.exists():
+            return None
+        with open(path, "rb") as f:
+            f.seek(max(0, path.stat().st_size - LOG_TAIL_BYTES))
+            return f.read().decode(errors="replace")
+
+    def _set_waiting(self, rt: PodRuntime, reason: str, message: str) -> None:
+        for cr in rt.run.containers:
+            if cr.state == "waiting" and (cr.waiting_reason, cr.waiting_message) != (reason, message):
+                cr.waiting_reason, cr.waiting_message = reason, message
+                rt.dirty = True
+
+    def _fail_config(self, rt: PodRuntime, message: str) -> None:
+        log.warning("pod %s/%s cannot run: %s", rt.run.namespace, rt.run.name, message)
+        for cr in rt.run.containers:
+            if cr.state == "waiting":
+                cr.terminate(128, "CreateContainerConfigError", message)
+        rt.run.phase_override = "Failed"
+        rt.run.message = message
+        rt.dirty = True
+
+    def _maybe_finish(self, rt: PodRuntime) -> None:
+        if rt.run.terminal() and not rt.running():
+            self._teardown(rt)
+
+    def _teardown(self, rt: PodRuntime) -> None:
+        """Release what a finished pod held (processes, network, GPUs); logs stay until the
+        pod object is deleted, so `kubectl logs` works on completed pods."""
+        if rt.torn_down:
+            return
+        for proc in rt.running():
+            proc.signal_group(signal.SIGKILL)
+        if rt.net is not None:
+            network.delete_pod_net(rt.net)
+        self.ipam.release(rt.uid)
+        self.gpu_in_use[rt.node.name].difference_update(rt.gpus)
+        rt.torn_down = True
+        self.dns_dirty = True
+
+    # -- deletion -------------------------------------------------------------------------
+
+    def _begin_delete(self, rt: PodRuntime) -> None:
+        rt.deleting = True
+        grace = rt.pod["metadata"].get("deletionGracePeriodSeconds")
+        grace = DEFAULT_GRACE_SECONDS if grace is None else int(grace)
+        running = rt.running()
+        if not running:
+            self._finish_delete(rt)
+            return
+        log.info("pod %s/%s deleted: SIGTERM, grace %ds", rt.run.namespace, rt.run.name, grace)
+        for proc in running:
+            proc.signal_group(signal.SIGTERM)
+        rt.kill_deadline = time.monotonic() + grace
+
+    def _finish_delete(self, rt: PodRuntime) -> None:
+        self._teardown(rt)
+        if rt.gone:
+            self._forget(rt)
+            return
+        self._flush_one(rt)
+        self._delete_object(rt.pod)
+
+    def _delete_object(self, pod: Mapping[str, Any]) -> None:
+        meta = pod["metadata"]
+        body = {"apiVersion": "v1", "kind": "DeleteOptions", "gracePeriodSeconds": 0,
+                "preconditions": {"uid": meta["uid"]}}
+        try:
+            self.api.delete(f"/api/v1/namespaces/{meta['namespace']}/pods/{meta['name']}", body)
+        except ApiError as exc:
+            if exc.status not in (404, 409):
+                raise
+
+    def _on_pod_gone(self, rt: PodRuntime) -> None:
+        rt.gone = True
+        if rt.running():
+            # Force-deleted while running: still let the processes shut down briefly.
+            for proc in rt.running():
+                proc.signal_group(signal.SIGTERM)
+            rt.deleting = True
+            rt.kill_deadline = time.monotonic() + 2.0
+            return
+        self._teardown(rt)
+        self._forget(rt)
+
+    def _forget(self, rt: PodRuntime) -> None:
+        self.runs.pop(rt.uid, None)
+        shutil.rmtree(rt.dir, ignore_errors=True)
+        shutil.rmtree(rt.log_dir, ignore_errors=True)
+
+    def _forget_logs(self, pod: Mapping[str, Any]) -> None:
+        meta = pod["metadata"]
+        shutil.rmtree(self.layout.log_dir(meta["namespace"], meta["name"], meta["uid"]),
+                      ignore_errors=True)
+        shutil.rmtree(self.layout.pod_dir(meta["uid"]), ignore_errors=True)
+
+    # -- periodic work --------------------------------------------------------------------
+
+    def _tick(self) -> None:
+        now = time.monotonic()
+        for rt in list(self.runs.values()):
+            if rt.deleting and rt.kill_deadline is not None and now >= rt.kill_deadline:
+                for proc in rt.running():
+                    proc.signal_group(signal.SIGKILL)
+                rt.kill_deadline = None
+            elif not rt.deleting and not rt.torn_down and rt.next_retry and now >= rt.next_retry:
+                rt.next_retry = 0.0
+                self._advance(rt)
+            if rt.volumes and not rt.torn_down:
+                for token in rt.volumes.tokens:
+                    if time.time() >= token.refresh_at:
+                        self.builders[rt.node.name].request_token(rt.pod, token)
+
+    def _flush(self) -> None:
+        if self.dns_dirty:
+            self.dns_dirty = False
+            cluster = hostsfile.records(self._dns_pods(), self.services.values())
+            for rt in self.runs.values():
+                if rt.net is not None and not rt.torn_down:
+                    self._write_hosts(rt, cluster)
+        for rt in list(self.runs.values()):
+            if rt.dirty and not rt.gone:
+                self._flush_one(rt)
+
+    def _flush_one(self, rt: PodRuntime) -> None:
+        rt.dirty = False
+        try:
+            self._patch_status(rt.pod["metadata"], rt.run.to_status())
+        except ApiError:
+            rt.dirty = True
+            raise
+
+    def _patch_status(self, meta: Mapping[str, Any], status: dict[str, Any]) -> None:
+        path = f"/api/v1/namespaces/{meta['namespace']}/pods/{meta['name']}/status"
+        try:
+            self.api.patch(path, {"metadata": {"uid": meta["uid"]}, "status": status},
+                           strategic=True)
+        except ApiError as exc:
+            if exc.status not in (404, 409):  # gone or replaced by a namesake: nothing to report
+                raise
+
+    def _dns_pods(self) -> list[dict[str, Any]]:
+        # Our own pods' IPs are known before the status patch lands; prefer that view.
+        out = []
+        for uid, pod in self.pods.items():
+            rt = self.runs.get(uid)
+            if rt is not None and rt.run.pod_ip and not rt.torn_down:
+                pod = dict(pod, status=dict(pod.get("status", {}), podIP=rt.run.pod_ip,
+                                            phase=rt.run.phase(),
+                                            conditions=rt.run.to_status()["conditions"]))
+            out.append(pod)
+        return out
+
+    def _write_hosts(self, rt: PodRuntime, cluster: list[hostsfile.Record]) -> None:
+        assert rt.run.pod_ip is not None
+        hostsfile.write_in_place(self.layout.hosts(rt.uid),
+                                 hostsfile.render(rt.pod, rt.run.pod_ip, cluster))
+
+    # -- logs -----------------------------------------------------------------------------
+
+    def locate_log(self, namespace: str, pod: str, container: str) -> Any:
+        """Called from the kubelet API thread: read-only look-ups only."""
+        for uid, obj in list(self.pods.items()):
+            meta = obj["metadata"]
+            if meta["namespace"] == namespace and meta["name"] == pod:
+                path = self.layout.log_dir(namespace, pod, uid) / f"{container}.log"
+                if not path.exists():
+                    return None
+                rt = self.runs.get(uid)
+                proc = rt.processes.get(container) if rt else None
+                return path, (lambda: proc is not None and not proc.exited.is_set())
+        return None

@@ -1,0 +1,164 @@
+"""The slice of the kubelet HTTPS API that `kubectl logs` needs: /containerLogs.
+
+The apiserver proxies `kubectl logs` to https://<node InternalIP>:<kubeletEndpoint port>/
+containerLogs/{namespace}/{pod}/{container}?tailLines=&follow=&limitBytes=. Without
+--kubelet-certificate-authority it does not verify the serving certificate, so a
+self-signed one is enough. When a client CA is given, callers must present a certificate
+it signed (the apiserver's --kubelet-client-certificate); otherwise the endpoint is open to
+the pod network, which only carries this cluster's own pods.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import logging
+import ssl
+import threading
+import time
+import urllib.parse
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+log = logging.getLogger(__name__)
+
+LogLocator = Callable[[str, str, str], "tuple[Path, Callable[[], bool]] | None"]
+"""(namespace, pod, container) -> (log file, is-still-running) or None if unknown."""
+
+
+def ensure_serving_cert(cert_dir: Path, ip: str) -> tuple[Path, Path]:
+    cert_path, key_path = cert_dir / "kubelet.crt", cert_dir / "kubelet.key"
+    if cert_path.exists() and key_path.exists():
+        return cert_path, key_path
+    cert_dir.mkdir(parents=True, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "lorakube-process-node")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name)
+        .public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=30))
+        .add_extension(x509.SubjectAlternativeName([
+            x509.IPAddress(ipaddress.ip_address(ip)),
+            x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]),
+            critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    key_path.chmod(0o600)
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return cert_path, key_path
+
+
+def _tail(data: bytes, lines: int) -> bytes:
+    if lines < 0:
+        return data
+    if lines == 0:
+        return b""
+    parts = data.splitlines(keepends=True)
+    return b"".join(parts[-lines:])
+
+
+def _handler(locate: LogLocator) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - stdlib name
+            log.debug("kubelet-api %s", format % args)
+
+        def do_GET(self) -> None:  # noqa: N802 - stdlib name
+            url = urllib.parse.urlsplit(self.path)
+            parts = [urllib.parse.unquote(p) for p in url.path.strip("/").split("/")]
+            if url.path == "/healthz":
+                self._plain(200, b"ok")
+                return
+            if len(parts) != 4 or parts[0] != "containerLogs":
+                self._plain(404, b"only /containerLogs/{namespace}/{pod}/{container} is served\n")
+                return
+            found = locate(parts[1], parts[2], parts[3])
+            if found is None:
+                self._plain(404, f"container {parts[3]!r} of pod {parts[1]}/{parts[2]} "
+                                 "is not known on this node\n".encode())
+                return
+            query = urllib.parse.parse_qs(url.query)
+            tail = int(query.get("tailLines", ["-1"])[0])
+            limit = int(query.get("limitBytes", ["0"])[0])
+            follow = query.get("follow", ["false"])[0] in ("true", "1")
+            path, running = found
+            data = path.read_bytes() if path.exists() else b""
+            first = _tail(data, tail)
+            if limit > 0:
+                first = first[:limit]
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain")
+            if not follow:
+                self.send_header("Content-Length", str(len(first)))
+                self.end_headers()
+                self.wfile.write(first)
+                return
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            self._chunk(first)
+            offset = len(data)
+            try:
+                while True:
+                    alive = running()
+                    with open(path, "rb") as f:
+                        f.seek(offset)
+                        more = f.read()
+                    if more:
+                        offset += len(more)
+                        self._chunk(more)
+                    elif not alive:
+                        break
+                    else:
+                        time.sleep(0.5)
+                self._chunk(b"")
+            except (BrokenPipeError, ConnectionResetError):
+                return
+
+        def _chunk(self, data: bytes) -> None:
+            self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+            self.wfile.flush()
+
+        def _plain(self, code: int, body: bytes) -> None:
+            self.send_response(code)
+            self.send_header("Content-Type", "text/plain")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    return Handler
+
+
+class KubeletServer:
+    def __init__(self, bind_ip: str, port: int, cert_dir: Path, locate: LogLocator,
+                 client_ca: Path | None = None) -> None:
+        cert, key = ensure_serving_cert(cert_dir, bind_ip)
+        self._server = ThreadingHTTPServer((bind_ip, port), _handler(locate))
+        self._server.daemon_threads = True
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(cert, key)
+        if client_ca is not None:
+            context.verify_mode = ssl.CERT_REQUIRED
+            context.load_verify_locations(client_ca)
+        self._server.socket = context.wrap_socket(self._server.socket, server_side=True)
+        self.port = self._server.server_address[1]
+        self._thread = threading.Thread(target=self._server.serve_forever, name="kubelet-api",
+                                        daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()

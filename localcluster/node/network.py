@@ -1,0 +1,148 @@
+"""Pod networking: one bridge on the host, one network namespace + veth pair per pod.
+
+    host: lkbr0 10.250.0.1/16 ──┬── lkv0002 ═ eth0 10.250.0.2/16 (netns lkpod-0002)
+                                └── lkv0003 ═ eth0 10.250.0.3/16 (netns lkpod-0003)
+
+Pods get no default route: only the pod network and their own loopback are reachable,
+which is all the workloads here need and keeps them off the host's other networks.
+Device names derive from the IP, so they are unique and a crashed daemon's leftovers are
+recognisable by prefix.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import os
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+BRIDGE = "lkbr0"
+NETWORK = ipaddress.IPv4Network("10.250.0.0/16")
+GATEWAY = ipaddress.IPv4Address("10.250.0.1")
+NETNS_PREFIX = "lkpod-"
+VETH_PREFIX = "lkv"
+NETNS_DIR = Path("/run/netns")
+
+
+class NetworkError(RuntimeError):
+    pass
+
+
+def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(["ip", *args], capture_output=True, text=True)
+    if check and result.returncode != 0:
+        raise NetworkError(f"ip {' '.join(args)} failed: {result.stderr.strip()}")
+    return result
+
+
+@dataclass(frozen=True)
+class PodNet:
+    ip: str
+    netns: str
+    veth: str
+
+    @property
+    def netns_path(self) -> Path:
+        return NETNS_DIR / self.netns
+
+
+def pod_net_for(ip: str) -> PodNet:
+    offset = int(ipaddress.IPv4Address(ip)) - int(NETWORK.network_address)
+    return PodNet(ip=ip, netns=f"{NETNS_PREFIX}{offset:04x}", veth=f"{VETH_PREFIX}{offset:04x}")
+
+
+class Ipam:
+    """Pod IP allocation persisted as {ip: pod uid} so a restarted daemon keeps its view."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._owners: dict[str, str] = json.loads(path.read_text()) if path.exists() else {}
+
+    def allocate(self, uid: str) -> str:
+        for ip, owner in self._owners.items():
+            if owner == uid:
+                return ip
+        for host in NETWORK.hosts():
+            candidate = str(host)
+            if host != GATEWAY and candidate not in self._owners:
+                self._owners[candidate] = uid
+                self._save()
+                return candidate
+        raise NetworkError(f"pod network {NETWORK} is exhausted")
+
+    def release(self, uid: str) -> None:
+        before = len(self._owners)
+        self._owners = {ip: owner for ip, owner in self._owners.items() if owner != uid}
+        if len(self._owners) != before:
+            self._save()
+
+    def clear(self) -> None:
+        self._owners = {}
+        self._save()
+
+    def _save(self) -> None:
+        tmp = self._path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self._owners, indent=1, sort_keys=True))
+        os.replace(tmp, self._path)
+
+
+def ensure_bridge() -> None:
+    if _ip("link", "show", BRIDGE, check=False).returncode != 0:
+        _ip("link", "add", BRIDGE, "type", "bridge")
+    addrs = _ip("-o", "-4", "addr", "show", "dev", BRIDGE).stdout
+    if f"{GATEWAY}/{NETWORK.prefixlen}" not in addrs:
+        _ip("addr", "add", f"{GATEWAY}/{NETWORK.prefixlen}", "dev", BRIDGE)
+    _ip("link", "set", BRIDGE, "up")
+
+
+def create_pod_net(net: PodNet) -> None:
+    delete_pod_net(net)  # a leftover with the same name would make `netns add` fail
+    _ip("netns", "add", net.netns)
+    try:
+        _ip("link", "add", net.veth, "type", "veth", "peer", "name", "eth0", "netns", net.netns)
+        _ip("link", "set", net.veth, "master", BRIDGE, "up")
+        _ip("-n", net.netns, "addr", "add", f"{net.ip}/{NETWORK.prefixlen}", "dev", "eth0")
+        _ip("-n", net.netns, "link", "set", "eth0", "up")
+        _ip("-n", net.netns, "link", "set", "lo", "up")
+    except NetworkError:
+        delete_pod_net(net)
+        raise
+
+
+def delete_pod_net(net: PodNet) -> None:
+    # Deleting the namespace destroys eth0 and with it the host end of the pair.
+    if net.netns_path.exists():
+        _ip("netns", "delete", net.netns, check=False)
+    if _ip("link", "show", net.veth, check=False).returncode == 0:
+        _ip("link", "delete", net.veth, check=False)
+
+
+def leftover_netns() -> list[str]:
+    if not NETNS_DIR.is_dir():
+        return []
+    return sorted(p.name for p in NETNS_DIR.iterdir() if p.name.startswith(NETNS_PREFIX))
+
+
+def leftover_veths() -> list[str]:
+    out = _ip("-o", "link", "show", check=False).stdout
+    names = [line.split(":")[1].strip().split("@")[0] for line in out.splitlines() if ":" in line]
+    return [n for n in names if n.startswith(VETH_PREFIX)]
+
+
+def bridge_exists() -> bool:
+    return _ip("link", "show", BRIDGE, check=False).returncode == 0
+
+
+def teardown_all() -> None:
+    """Remove every pod namespace, veth and the bridge (daemon stop / crash recovery)."""
+    for name in leftover_netns():
+        _ip("netns", "delete", name, check=False)
+    for veth in leftover_veths():
+        _ip("link", "delete", veth, check=False)
+    if bridge_exists():
+        _ip("link", "delete", BRIDGE, check=False)

@@ -1,0 +1,160 @@
+"""Container processes: start through the launcher, signal the process group, report exit.
+
+Each container is its own session (and so process group): SIGTERM on deletion reaches the
+command and everything it forked (torch dataloader workers, shells), and the daemon's own
+signals never reach the pods.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+LAUNCHER = Path(__file__).with_name("launch.py")
+
+
+@dataclass(frozen=True)
+class LaunchSpec:
+    netns: Path
+    hostname: str
+    mounts: list[dict[str, object]]
+    cwd: str
+    argv: list[str]
+    env: dict[str, str]
+
+    def to_json(self) -> str:
+        return json.dumps({"netns": str(self.netns), "hostname": self.hostname,
+                           "mounts": self.mounts, "cwd": self.cwd, "argv": self.argv,
+                           "env": self.env})
+
+
+@dataclass(frozen=True)
+class Exit:
+    code: int
+    signal: int | None  # the signal that killed it, if any
+
+
+def exit_from_returncode(returncode: int) -> Exit:
+    # Popen reports death by signal as -N; runtimes report 128+N.
+    if returncode < 0:
+        return Exit(code=128 - returncode, signal=-returncode)
+    return Exit(code=returncode, signal=None)
+
+
+def process_start_ticks(pid: int) -> int | None:
+    """Field 22 of /proc/PID/stat: tells a pid apart from a later reuse of the same number."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[19])
+
+
+class ContainerProcess:
+    """One running container. Callbacks run on a private thread; the daemon queues them."""
+
+    def __init__(self, spec: LaunchSpec, spec_path: Path, log_path: Path, record_path: Path,
+                 on_started: Callable[[], None], on_start_failed: Callable[[str], None],
+                 on_exit: Callable[[Exit], None]) -> None:
+        spec_path.write_text(spec.to_json())
+        read_fd, write_fd = os.pipe()
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "ab") as logfile:
+            self._proc = subprocess.Popen(
+                [sys.executable, "-I", str(LAUNCHER), str(spec_path), str(write_fd)],
+                stdin=subprocess.DEVNULL, stdout=logfile, stderr=subprocess.STDOUT,
+                pass_fds=(write_fd,), start_new_session=True, close_fds=True, env={},
+            )
+        os.close(write_fd)
+        self.pid = self._proc.pid
+        record_path.write_text(json.dumps({"pid": self.pid,
+                                           "start": process_start_ticks(self.pid)}))
+        self.started_at = time.time()
+        self._record_path = record_path
+        self.exited = threading.Event()
+        self._thread = threading.Thread(
+            target=self._supervise, args=(read_fd, on_started, on_start_failed, on_exit),
+            name=f"container-{self.pid}", daemon=True)
+        self._thread.start()
+
+    def _supervise(self, read_fd: int, on_started: Callable[[], None],
+                   on_start_failed: Callable[[str], None], on_exit: Callable[[Exit], None]) -> None:
+        with os.fdopen(read_fd, "rb") as pipe:
+            report = pipe.read()
+        if report:
+            try:
+                message = json.loads(report)["error"]
+            except (ValueError, KeyError):
+                message = report.decode(errors="replace")
+            self._proc.wait()
+            self._forget()
+            on_start_failed(message)
+            return
+        on_started()
+        result = exit_from_returncode(self._proc.wait())
+        # A container ends with its main process (as when a PID namespace's init dies):
+        # stragglers it forked into the same group go too.
+        try:
+            os.killpg(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self._forget()
+        on_exit(result)
+
+    def _forget(self) -> None:
+        self.exited.set()
+        self._record_path.unlink(missing_ok=True)
+
+    def signal_group(self, sig: int) -> None:
+        if self.exited.is_set():
+            return
+        try:
+            os.killpg(self.pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+def _session_members(sid: int, not_before: int) -> list[int]:
+    members = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == sid and int(fields[19]) >= not_before:
+            members.append(int(entry.name))
+    return members
+
+
+def kill_recorded(record_path: Path) -> int:
+    """SIGKILL what is left of a container a previous daemon recorded (its session, even
+    if the leader is gone). Returns how many processes were signalled."""
+    try:
+        record = json.loads(record_path.read_text())
+    except (OSError, ValueError):
+        return 0
+    pid, start = int(record["pid"]), record.get("start")
+    record_path.unlink(missing_ok=True)
+    leader_start = process_start_ticks(pid)
+    if start is None or (leader_start is not None and leader_start != start):
+        return 0  # the pid now belongs to an unrelated process
+    victims = _session_members(pid, start)
+    for victim in victims:
+        try:
+            os.kill(victim, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return len(victims)
