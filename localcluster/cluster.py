@@ -191,22 +191,40 @@ class LocalCluster:
                 f"{self.state_dir} still has mounts from an earlier run: {leftover_mounts}; "
                 f"run `python -m localcluster down --state-dir {self.state_dir}` or unmount them."
             )
-        # A fresh cluster each time: old certs, ports and etcd data would only confuse.
-        if self.state_dir.exists():
+        if self.state_dir.exists() and any(self.state_dir.iterdir()):
+            if not (self.state_dir / STATE_FILE).is_file():
+                raise ClusterError(
+                    f"{self.state_dir} is not empty and holds no {STATE_FILE}: refusing to wipe a "
+                    "directory localcluster did not create; pass an empty or new --state-dir."
+                )
+            # A fresh cluster each time: old certs, ports and etcd data would only confuse.
             shutil.rmtree(self.state_dir)
-        self.state_dir.mkdir(parents=True)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def node_state_dir(self) -> Path:
+        # Handed our state dir, the node daemon keeps its own layout (pid file, log, pod dirs)
+        # in this subdirectory.
+        return self.state_dir / "node"
 
     def _start_node(self, nodes: list[NodeSpec]) -> DaemonRecord:
         from localcluster.node import start_node_daemon
 
         self._log(f"starting process node ({', '.join(node.name for node in nodes)})")
-        pid = start_node_daemon(self.kubeconfig, self.state_dir, nodes)
+        try:
+            pid = start_node_daemon(
+                self.kubeconfig, self.state_dir, nodes,
+                # The kubelet endpoint accepts only the apiserver's client cert from our CA.
+                kubelet_client_ca=self.ca_file,
+            )
+        except Exception as error:  # the node reports its own failures with its log tail
+            raise ClusterError(f"the process node did not start: {error}") from error
         start_time = process_start_time(pid)
         if start_time is None:
             raise ClusterError(
-                f"the process node (pid {pid}) exited at once; see its log in {self.layout.log_dir}"
+                f"the process node (pid {pid}) exited at once; see {self.node_state_dir}"
             )
-        return DaemonRecord(NODE_RECORD, pid, start_time, str(self.layout.log_dir))
+        return DaemonRecord(NODE_RECORD, pid, start_time, str(self.node_state_dir / "daemon.log"))
 
     def _wait_settled(self, nodes: list[NodeSpec], timeout: float) -> None:
         """Ready means usable: namespaces get a `default` ServiceAccount and nodes take pods."""
@@ -230,7 +248,7 @@ class LocalCluster:
                 if time.monotonic() > deadline:
                     raise ClusterError(
                         f"node {node.name} not Ready within {timeout:.0f} s: "
-                        f"{result.stderr.strip()}; see the node log in {self.layout.log_dir}"
+                        f"{result.stderr.strip()}; see the node log in {self.node_state_dir}"
                     )
                 time.sleep(0.5)
                 remaining = max(1, int(deadline - time.monotonic()))
@@ -241,7 +259,7 @@ class LocalCluster:
         state = ClusterState.load(self.state_dir)
         if state is None:
             return []
-        if NODE_RECORD in state.daemons or state.nodes:
+        if self.node_state_dir.exists():
             self._stop_node()
         ports = Ports(**state.ports)
         ControlPlane.load(self.state_dir, ports).stop()
