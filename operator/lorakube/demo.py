@@ -1,0 +1,82 @@
+"""`lorakube demo`: the whole product on one machine, in one command.
+
+Brings up a local cluster (real kube-apiserver, controllers, a process node), builds the tiny FLUX
+model, installs the CRD and RBAC, starts the operator under its ServiceAccount's token, applies
+examples/quickstart.yaml (a 2-node CPU job), shows phase and progress until the job ends, prints
+where the LoRA and the sample image are, and tears the cluster down unless --keep is given.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from lorakube import contract, sandbox
+
+JOB_NAMESPACE = "lorakube-demo"
+JOB_NAME = "quickstart"
+
+
+def default_state_dir() -> Path:
+    from localcluster.build import cache_root
+
+    return cache_root() / "demo"
+
+
+def _say(text: str) -> None:
+    print(f"[lorakube demo] {text}", flush=True)
+
+
+def _show(status: dict) -> None:
+    progress = status.get("progress") or {}
+    loss = f", loss {progress['loss']}" if progress.get("loss") else ""
+    _say(f"phase {status.get('phase') or '-'}, nodes {status.get('readyNodes') or '-'}, "
+         f"step {status.get('progressText') or '-'}{loss}, attempt {status.get('attempt') or '-'}")
+
+
+def run(state_dir: str | Path | None = None, keep: bool = False, timeout: float = 900.0) -> int:
+    from localcluster import kubeconfig as kubeconfig_mod
+    from localcluster.cluster import LocalCluster
+
+    state = Path(state_dir) if state_dir else default_state_dir()
+    data_dir = state / "data"
+    cluster = LocalCluster(state / "cluster", log=_say)
+    operator = None
+    started = time.monotonic()
+    try:
+        cluster.up()
+        sandbox.prepare_data(data_dir, log=_say)
+        kubectl = cluster.kubectl
+        sandbox.install(kubectl, JOB_NAMESPACE)
+        token = sandbox.operator_token(kubectl)
+        operator_kubeconfig = kubeconfig_mod.write_for_token(
+            state / "operator.kubeconfig", cluster.server, cluster.ca_file, sandbox.OPERATOR_SERVICE_ACCOUNT, token)
+        operator = sandbox.OperatorProcess(operator_kubeconfig, state / "operator.log").start()
+        _say(f"operator running as {sandbox.OPERATOR_NAMESPACE}/{sandbox.OPERATOR_SERVICE_ACCOUNT} "
+             f"(log: {state / 'operator.log'})")
+        job = sandbox.quickstart_job(data_dir, JOB_NAME)
+        sandbox.apply_job(kubectl, JOB_NAMESPACE, job)
+        _say(f"applied examples/quickstart.yaml as {JOB_NAMESPACE}/{JOB_NAME}")
+        body = sandbox.follow(kubectl, JOB_NAMESPACE, JOB_NAME, timeout, on_change=_show)
+        print(kubectl("get", contract.SHORT_NAME, "-n", JOB_NAMESPACE).stdout, flush=True)
+        status = body.get("status") or {}
+        output = data_dir / "output" / JOB_NAME
+        if status.get("phase") != "Succeeded":
+            failure = status.get("lastFailure") or {}
+            _say(f"the job failed: {failure.get('message') or status.get('conditions')}")
+            if failure.get("logTail"):
+                print(failure["logTail"], flush=True)
+            return 1
+        _say(f"done in {time.monotonic() - started:.0f}s")
+        _say(f"LoRA (diffusers/peft keys): {output / contract.ARTIFACT_LORA_DIFFUSERS}")
+        _say(f"LoRA (ComfyUI/kohya keys):  {output / contract.ARTIFACT_LORA_COMFYUI}")
+        _say(f"validation images:          {output / contract.ARTIFACT_VALIDATION_GRID}")
+        return 0
+    finally:
+        if operator is not None:
+            operator.stop()
+        if keep:
+            _say(f"left the cluster up (--keep): KUBECONFIG={cluster.kubeconfig}; "
+                 f"stop it with: python -m localcluster down --state-dir {cluster.state_dir}")
+        else:
+            cluster.down()

@@ -1,0 +1,185 @@
+"""The pieces `lorakube demo` and the end-to-end tests share: install the API and RBAC on a
+cluster, run the operator under its own ServiceAccount token, prepare the quickstart data, and
+follow a job until it ends.
+
+It drives the cluster the way a user would: kubectl with the manifests from this repository, the
+operator as a separate `lorakube operator` process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lorakube import contract
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+REPO_ROOT = PACKAGE_DIR.parents[1]
+CRD_FILE = REPO_ROOT / "crds" / f"{contract.PLURAL}.{contract.API_GROUP}.yaml"
+RBAC_OPERATOR = PACKAGE_DIR / "manifests" / "rbac-operator.yaml"
+RBAC_TRAINER = PACKAGE_DIR / "manifests" / "rbac-trainer.yaml"
+QUICKSTART = REPO_ROOT / "examples" / "quickstart.yaml"
+EXAMPLE_DATASET = REPO_ROOT / "examples" / "dataset"
+OPERATOR_NAMESPACE = "lorakube-system"
+OPERATOR_SERVICE_ACCOUNT = "lorakube-operator"
+TERMINAL = ("Succeeded", "Failed")
+
+# cluster.kubectl-like: (*args, input=None, kubeconfig=None) -> CompletedProcess
+Kubectl = Callable[..., subprocess.CompletedProcess]
+
+
+class SandboxError(RuntimeError):
+    pass
+
+
+def _run(kubectl: Kubectl, *args: str, input: str | None = None) -> str:
+    result = kubectl(*args, input=input)
+    if result.returncode != 0:
+        raise SandboxError(f"kubectl {' '.join(args)} failed: {result.stderr.strip()}")
+    return result.stdout
+
+
+def _require(path: Path) -> Path:
+    if not path.exists():
+        raise SandboxError(f"{path} is missing; run this from a lorakube source checkout")
+    return path
+
+
+def install(kubectl: Kubectl, job_namespace: str) -> None:
+    """The CRD, the operator's RBAC, and a job namespace with the trainer's RBAC."""
+    _run(kubectl, "apply", "--server-side", "-f", str(_require(CRD_FILE)))
+    _run(kubectl, "wait", "--for=condition=Established", "--timeout=60s",
+         f"crd/{contract.PLURAL}.{contract.API_GROUP}")
+    _run(kubectl, "apply", "-f", str(_require(RBAC_OPERATOR)))
+    namespace = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": job_namespace}}
+    _run(kubectl, "apply", "-f", "-", input=yaml.safe_dump(namespace))
+    _run(kubectl, "apply", "-n", job_namespace, "-f", str(_require(RBAC_TRAINER)))
+
+
+def operator_token(kubectl: Kubectl, duration: str = "4h") -> str:
+    """A TokenRequest token of the operator's ServiceAccount: the operator gets exactly the RBAC
+    the manifests grant, as it would in the cluster."""
+    return _run(kubectl, "create", "token", OPERATOR_SERVICE_ACCOUNT, "-n", OPERATOR_NAMESPACE,
+                f"--duration={duration}").strip()
+
+
+def prepare_data(data_dir: Path, log: Callable[[str], None] = print) -> Path:
+    """<data>/model (tiny FLUX, built once), <data>/dataset (the example), <data>/output."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    model = data_dir / "model"
+    if not (model / "model_index.json").is_file():
+        log(f"building the tiny FLUX pipeline in {model}")
+        subprocess.run([sys.executable, "-m", "lorakube_trainer.tiny", "--family", "flux", "--out", str(model)],
+                       check=True, stdout=subprocess.DEVNULL)
+    dataset = data_dir / "dataset"
+    if dataset.exists():
+        shutil.rmtree(dataset)
+    shutil.copytree(_require(EXAMPLE_DATASET), dataset)
+    output = data_dir / "output"
+    output.mkdir(exist_ok=True)
+    # The pods run as a non-root user (runAsUser 1000); they must be able to write here.
+    for path in (data_dir, output):
+        path.chmod(0o777)
+    return data_dir
+
+
+def quickstart_job(data_dir: Path, name: str = "quickstart", **spec_overrides: Any) -> dict[str, Any]:
+    """examples/quickstart.yaml with its hostPath pointed at `data_dir`."""
+    job = yaml.safe_load(_require(QUICKSTART).read_text())
+    job["metadata"]["name"] = name
+    job["spec"]["output"]["uri"] = f"/data/output/{name}"
+    for volume in job["spec"]["resources"]["volumes"]:
+        if "hostPath" in volume:
+            volume["hostPath"]["path"] = str(data_dir)
+    for section, values in spec_overrides.items():
+        job["spec"].setdefault(section, {}).update(values)
+    return job
+
+
+def apply_job(kubectl: Kubectl, namespace: str, job: Mapping[str, Any]) -> None:
+    _run(kubectl, "apply", "-n", namespace, "-f", "-", input=yaml.safe_dump(dict(job)))
+
+
+def get_job(kubectl: Kubectl, namespace: str, name: str) -> dict[str, Any] | None:
+    result = kubectl("get", contract.SHORT_NAME, name, "-n", namespace, "-o", "json")
+    return json.loads(result.stdout) if result.returncode == 0 else None
+
+
+def follow(kubectl: Kubectl, namespace: str, name: str, timeout: float,
+           on_change: Callable[[dict[str, Any]], None] = lambda status: None,
+           interval: float = 1.0) -> dict[str, Any]:
+    """Poll the job until it is Succeeded or Failed; `on_change(status)` sees every new
+    (phase, progress) pair. Returns the final job body."""
+    deadline = time.monotonic() + timeout
+    seen: tuple[Any, ...] | None = None
+    while True:
+        body = get_job(kubectl, namespace, name) or {}
+        status = body.get("status") or {}
+        marker = (status.get("phase"), json.dumps(status.get("progress"), sort_keys=True),
+                  status.get("readyNodes"), status.get("attempt"))
+        if marker != seen:
+            seen = marker
+            on_change(status)
+        if status.get("phase") in TERMINAL:
+            return body
+        if time.monotonic() > deadline:
+            raise SandboxError(f"job {namespace}/{name} did not finish within {timeout:.0f}s "
+                               f"(phase {status.get('phase')!r})")
+        time.sleep(interval)
+
+
+class OperatorProcess:
+    """`lorakube operator --all-namespaces` as a child process with its own kubeconfig."""
+
+    def __init__(self, kubeconfig: Path, log_path: Path, env: Mapping[str, str] | None = None) -> None:
+        self.kubeconfig = kubeconfig
+        self.log_path = log_path
+        self.env = dict(env or {})
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> OperatorProcess:
+        env = {**os.environ, **self.env, "KUBECONFIG": str(self.kubeconfig)}
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("ab") as log_file:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "lorakube.cli", "operator", "--all-namespaces"],
+                env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+        return self
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL: the operator gets no chance to finish what it was doing."""
+        if self.running:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(timeout=30)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        if not self.running:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def __enter__(self) -> OperatorProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
