@@ -104,6 +104,13 @@ def test_training_fields_are_exactly_the_trainer_flags(spec):
     assert set(spec["properties"]["training"]["properties"]) == set(contract.TRAINING_FLAGS)
 
 
+def test_training_descriptions_name_the_trainer_flag(spec):
+    # `kubectl explain` then tells a researcher which original flag a field is.
+    training = spec["properties"]["training"]["properties"]
+    for key, flag in contract.TRAINING_FLAGS.items():
+        assert flag in training[key]["description"], key
+
+
 def test_boolean_flags_are_boolean_fields(spec):
     training = spec["properties"]["training"]["properties"]
     booleans = {name for name, s in training.items() if s["type"] == "boolean"}
