@@ -22,6 +22,10 @@ from .nodespec import NodeSpec
 __all__ = ["NodeSpec", "NodeStartError", "start_node_daemon", "stop_node_daemon"]
 
 START_TIMEOUT_SECONDS = 60.0
+# Passed from the caller's environment to every container unless `env` is given: what a
+# trainer image would bake in as ENV (offline hub, caches) on a real cluster.
+IMAGE_ENV_PASSTHROUGH = ("HF_HUB_OFFLINE", "HF_HOME", "HF_DATASETS_OFFLINE",
+                         "TRANSFORMERS_OFFLINE", "TORCH_HOME", "LORAKUBE_CACHE")
 STOP_TIMEOUT_SECONDS = 45.0
 
 
@@ -49,9 +53,12 @@ def start_node_daemon(
 ) -> int:
     """Start the daemon detached and return its pid once its nodes are registered.
 
-    `env` plays the part of the image's ENV: it is given to every container before the
-    pod's own env (e.g. HF_HUB_OFFLINE=1). Raises NodeStartError with the daemon's log tail
-    if it exits or does not come up within `timeout` seconds.
+    `path_prefix` goes first on every container's PATH (default: the directory of the
+    running interpreter, i.e. the project's venv, so `python` and `lorakube-train` resolve).
+    `env` plays the part of the image's ENV: every container gets it before the pod's own
+    env (default: IMAGE_ENV_PASSTHROUGH taken from this process's environment).
+    Raises NodeStartError with the daemon's log tail if it exits or does not come up
+    within `timeout` seconds.
     """
     if not nodes:
         raise ValueError("start_node_daemon: nodes is empty; pass at least one NodeSpec")
@@ -64,9 +71,13 @@ def start_node_daemon(
            "--kubelet-port", str(kubelet_port)]
     for node in nodes:
         cmd += ["--node", node.to_arg()]
-    for prefix in path_prefix or []:
+    if path_prefix is None:
+        path_prefix = [Path(sys.executable).parent]
+    if env is None:
+        env = {key: os.environ[key] for key in IMAGE_ENV_PASSTHROUGH if key in os.environ}
+    for prefix in path_prefix:
         cmd += ["--path-prefix", str(prefix)]
-    for key, value in (env or {}).items():
+    for key, value in env.items():
         cmd += ["--env", f"{key}={value}"]
     if kubelet_client_ca is not None:
         cmd += ["--kubelet-client-ca", str(kubelet_client_ca)]

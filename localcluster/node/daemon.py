@@ -162,6 +162,7 @@ class NodeDaemon:
         log.info("shutting down: terminating pods")
         self.stop_event.set()
         deadline = time.monotonic() + SHUTDOWN_GRACE_SECONDS
+        interrupted = [rt for rt in self.runs.values() if not rt.run.terminal() and not rt.gone]
         for rt in self.runs.values():
             for proc in rt.running():
                 proc.signal_group(signal.SIGTERM)
@@ -172,14 +173,14 @@ class NodeDaemon:
                 proc.signal_group(signal.SIGKILL)
         while any(rt.running() for rt in self.runs.values()) and time.monotonic() < deadline + 5:
             self._drain_exits(0.2)
+        for rt in interrupted:
+            rt.run.phase_override = "Failed"
+            rt.run.reason = "Terminated"
+            rt.run.message = SHUTDOWN_MESSAGE
+            rt.run.disruption = {"type": "DisruptionTarget", "status": "True",
+                                 "reason": "TerminationByKubelet", "message": SHUTDOWN_MESSAGE}
+            rt.dirty = True
         for rt in self.runs.values():
-            if not rt.run.terminal() and not rt.gone:
-                rt.run.phase_override = "Failed"
-                rt.run.reason = "Terminated"
-                rt.run.message = SHUTDOWN_MESSAGE
-                rt.run.disruption = {"type": "DisruptionTarget", "status": "True",
-                                     "reason": "TerminationByKubelet", "message": SHUTDOWN_MESSAGE}
-                rt.dirty = True
             self._teardown(rt)
         self._guard(self._flush)
         self.kubelet.stop()
