@@ -171,7 +171,7 @@ def test_default_targets_each_match_and_bad_targets_are_named(tiny_models, name)
 
 
 @pytest.mark.parametrize("name", FAMILY_NAMES)
-def test_gradient_checkpointing_gives_identical_loss_and_gradients(tiny_models, example_batch, name):
+def test_gradient_checkpointing_gives_identical_loss_and_gradients(tiny_models, example_batch, name, monkeypatch):
     family = get_family(name)
     pipe = family.load_pipeline(tiny_models[name], torch.float32)
     pixels, captions = example_batch
@@ -192,9 +192,47 @@ def test_gradient_checkpointing_gives_identical_loss_and_gradients(tiny_models, 
         return loss.item(), grads
 
     plain_loss, plain_grads = loss_and_grads()
+    calls = []
+    real_checkpoint = torch.utils.checkpoint.checkpoint
+
+    def counting_checkpoint(*args, **kwargs):
+        calls.append(1)
+        return real_checkpoint(*args, **kwargs)
+
+    # Patched before enabling: diffusers captures the function when checkpointing is switched on.
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", counting_checkpoint)
     family.enable_gradient_checkpointing(denoiser)
     gc_loss, gc_grads = loss_and_grads()
+    assert calls, "no block ran under torch.utils.checkpoint"
     assert gc_loss == pytest.approx(plain_loss, rel=1e-6)
     assert plain_grads.keys() == gc_grads.keys() and plain_grads
     assert all(torch.allclose(plain_grads[k], gc_grads[k], rtol=1e-4, atol=1e-7) for k in plain_grads)
     assert len(family.lora_state_dict(denoiser)) == len(plain_grads), "checkpointing must not hide the LoRA layers"
+
+
+@pytest.mark.parametrize("name", FAMILY_NAMES)
+def test_bf16_pipeline_trains_with_fp32_loss_and_lora(tiny_models, example_batch, name):
+    family = get_family(name)
+    pipe = family.load_pipeline(tiny_models[name], torch.bfloat16)
+    pixels, captions = example_batch
+    latents, cond = family.encode_images(pipe, pixels), family.encode_prompts(pipe, captions, CPU)
+    assert latents.dtype == torch.bfloat16
+    denoiser = family.denoiser(pipe)
+    family.add_lora(denoiser, RANK, ALPHA, list(family.default_lora_targets))
+    torch.manual_seed(0)
+    loss = family.training_loss(pipe, denoiser, latents, cond)
+    loss.backward()
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    grads = [p.grad for p in denoiser.parameters() if p.requires_grad]
+    assert grads and all(g is not None and g.dtype == torch.float32 for g in grads)
+
+
+def test_fp16_kolors_encodes_with_an_fp32_vae_and_restores_it(tiny_models, example_batch):
+    family = get_family("kolors")
+    pixels, _ = example_batch
+    reference = family.encode_images(family.load_pipeline(tiny_models["kolors"], torch.float32), pixels)
+    pipe = family.load_pipeline(tiny_models["kolors"], torch.float16)
+    latents = family.encode_images(pipe, pixels)
+    assert pipe.vae.dtype == torch.float16
+    assert latents.dtype == torch.float16 and torch.isfinite(latents).all()
+    assert torch.allclose(latents.float(), reference, atol=2e-3)
