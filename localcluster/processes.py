@@ -83,26 +83,33 @@ def _reap(pid: int) -> None:
         pass
 
 
+def _wait_gone(record: DaemonRecord, seconds: float) -> bool:
+    """Wait until the process has left /proc (its ports and files are released only then).
+
+    A multi-threaded process shows as a zombie while its other threads still exit, and waitpid
+    cannot reap it before they have, so "not running" alone is too early.
+    """
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        _reap(record.pid)
+        if process_start_time(record.pid) != record.start_time:
+            return True
+        time.sleep(0.05)
+    # A zombie whose parent is not us and never reaps it holds no resources any more.
+    return not is_running(record)
+
+
 def stop_daemon(record: DaemonRecord, grace_seconds: float = 15.0) -> None:
     """SIGTERM, then SIGKILL after the grace period; returns once the process is gone."""
     if not is_running(record):
         _reap(record.pid)
         return
     os.kill(record.pid, signal.SIGTERM)
-    deadline = time.monotonic() + grace_seconds
-    while time.monotonic() < deadline:
-        _reap(record.pid)
-        if not is_running(record):
-            return
-        time.sleep(0.1)
+    if _wait_gone(record, grace_seconds):
+        return
     os.kill(record.pid, signal.SIGKILL)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        _reap(record.pid)
-        if not is_running(record):
-            return
-        time.sleep(0.1)
-    raise RuntimeError(f"{record.name} (pid {record.pid}) survived SIGKILL")
+    if not _wait_gone(record, 10.0):
+        raise RuntimeError(f"{record.name} (pid {record.pid}) survived SIGKILL")
 
 
 def log_tail(path: str | Path, lines: int = 30) -> str:
