@@ -2,12 +2,13 @@
 
 0 success; EXIT_INVALID_ARGS bad flags/config; EXIT_DATASET_ERROR malformed dataset;
 EXIT_RETRYABLE rendezvous/collective timeouts and vanished peers (the operator restarts the gang);
-EXIT_USER_ERROR anything else (with the traceback in the log).
+EXIT_USER_ERROR anything else (with the traceback in the log); 143 on SIGTERM.
 """
 
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 from typing import Sequence
 
@@ -37,8 +38,14 @@ def run_cli(argv: Sequence[str] | None = None) -> int:
     from .distributed import RendezvousTimeout, is_retryable
     from .train import run
 
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
     try:
         run(cfg)
+    except SIGTERMException:
+        # Lightning turns SIGTERM into a SystemExit without a code (= 0, "success"): report the
+        # signal as the shell would, so the operator classifies it as a retryable kill.
+        return _fail(128 + signal.SIGTERM, "terminated by SIGTERM (pod deleted, evicted or preempted)")
     except ConfigError as exc:
         return _fail(contract.EXIT_INVALID_ARGS, str(exc))
     except DatasetError as exc:

@@ -156,7 +156,11 @@ def write_artifacts(cfg: TrainConfig, family: Family, targets: list[str], state:
     check_dtype = weight_dtype(cfg.precision) if on_gpu else torch.float32
 
     def fresh_pipeline() -> Any:
-        return family.load_pipeline(cfg.model_path, check_dtype).to(device)
+        pipe = family.load_pipeline(cfg.model_path, check_dtype)
+        for component in pipe.components.values():
+            if isinstance(component, torch.nn.Module):
+                component.to(device)
+        return pipe
 
     size = dict(seed=cfg.seed, height=cfg.height, width=cfg.width, steps=cfg.validation_inference_steps)
     pipe = fresh_pipeline()

@@ -1,0 +1,115 @@
+"""Progress: rate-limited JSON lines on stdout, and merge-patches of status.progress received by a
+real local HTTP server; API failures never fail training."""
+
+from __future__ import annotations
+
+import http.server
+import io
+import json
+import threading
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from lorakube import contract
+from lorakube_trainer.progress import ApiTarget, ProgressReporter, StatusPatcher, api_target_from_env
+
+
+class Recorder(http.server.BaseHTTPRequestHandler):
+    requests: list[dict] = []
+    status = 200
+
+    def do_PATCH(self) -> None:  # noqa: N802 - http.server's naming
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        Recorder.requests.append({"path": self.path, "headers": dict(self.headers), "body": json.loads(body)})
+        self.send_response(Recorder.status)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        self.wfile.write(b"{}")
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def server() -> Iterator[str]:
+    Recorder.requests, Recorder.status = [], 200
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Recorder)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _target(url: str) -> ApiTarget:
+    return ApiTarget(base_url=url, token="tok", ca_file=None, namespace="team-a", job_name="cats")
+
+
+def test_rate_limited_lines_and_patches(server: str) -> None:
+    clock, out = FakeClock(), io.StringIO()
+    reporter = ProgressReporter(10, interval_s=5.0, out=out, patcher=StatusPatcher(_target(server)), clock=clock)
+    sent = []
+    for step in range(1, 11):
+        clock.now += 1.0                              # one step per second
+        sent.append(reporter.report(step, epoch=0, loss=0.5 / step, samples_per_step=4))
+    # First report, then one per 5 s, and always the final step.
+    assert [s for s, ok in zip(range(1, 11), sent) if ok] == [1, 6, 10]
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert [line["step"] for line in lines] == [1, 6, 10]
+    assert lines[0]["event"] == contract.PROGRESS_EVENT
+    final = lines[-1]
+    assert final["totalSteps"] == 10 and final["etaSeconds"] == 0 and final["samplesPerSecond"] == 4.0
+    assert len(Recorder.requests) == 3
+    request = Recorder.requests[-1]
+    assert request["path"] == "/apis/lorakube.io/v1alpha1/namespaces/team-a/loratrainingjobs/cats/status"
+    assert request["headers"]["Content-Type"] == "application/merge-patch+json"
+    assert request["headers"]["Authorization"] == "Bearer tok"
+    progress = request["body"]["status"]["progress"]
+    assert progress["step"] == 10 and progress["totalSteps"] == 10 and progress["loss"] == "0.05"
+    assert request["body"] == {"status": {"progress": progress}}
+
+
+def test_eta_from_the_observed_rate(server: str) -> None:
+    clock = FakeClock()
+    reporter = ProgressReporter(100, interval_s=0.0, out=io.StringIO(), clock=clock)
+    reporter.report(1, 0, 1.0, 2)
+    clock.now += 10.0
+    reporter.report(11, 0, 1.0, 2)
+    line = json.loads(reporter.out.getvalue().splitlines()[-1])
+    assert line["samplesPerSecond"] == 2.0 and line["etaSeconds"] == 89
+
+
+def test_api_errors_are_logged_once_and_never_raise(server: str, caplog: pytest.LogCaptureFixture) -> None:
+    Recorder.status = 403
+    patcher = StatusPatcher(_target(server))
+    clock = FakeClock()
+    reporter = ProgressReporter(3, interval_s=0.0, out=io.StringIO(), patcher=patcher, clock=clock)
+    for step in (1, 2, 3):
+        clock.now += 1
+        assert reporter.report(step, 0, 0.1, 1)
+    assert len(Recorder.requests) == 3
+    assert sum("could not patch" in r.message for r in caplog.records) == 1
+    unreachable = StatusPatcher(_target("http://127.0.0.1:9"))
+    assert unreachable.patch(contract.Progress(1, 3, 0, None, None, None, "now")) is False
+
+
+def test_api_target_from_the_pods_environment(tmp_path: Path) -> None:
+    (tmp_path / "token").write_text("sa-token\n")
+    (tmp_path / "ca.crt").write_text("")
+    env = {contract.ENV_REPORT_PROGRESS: "1", "KUBERNETES_SERVICE_HOST": "10.0.0.1",
+           "KUBERNETES_SERVICE_PORT": "6443", contract.ENV_JOB_NAME: "cats", contract.ENV_JOB_NAMESPACE: "ns"}
+    target = api_target_from_env(env, sa_dir=tmp_path)
+    assert target.status_url == "https://10.0.0.1:6443/apis/lorakube.io/v1alpha1/namespaces/ns/loratrainingjobs/cats/status"
+    assert target.token == "sa-token" and target.ca_file == str(tmp_path / "ca.crt")
+    assert api_target_from_env({**env, contract.ENV_REPORT_PROGRESS: "0"}, sa_dir=tmp_path) is None
+    assert api_target_from_env({**env, contract.ENV_JOB_NAME: ""}, sa_dir=tmp_path) is None
