@@ -115,15 +115,17 @@ class Kube:
                 return False
             raise
 
-    def create(self, manifest: Mapping[str, Any]) -> None:
+    def create(self, manifest: Mapping[str, Any]) -> bool:
+        """Create a child; False when it already exists (made by an earlier pass: adopt it)."""
         namespace = manifest["metadata"]["namespace"]
         create = (self.core.create_namespaced_pod if manifest["kind"] == "Pod"
                   else self.core.create_namespaced_service)
         try:
             create(namespace, dict(manifest))
+            return True
         except ApiException as exc:
             if exc.status == 409:
-                return  # made by an earlier pass: adopt it
+                return False
             raise _classify_create_error(exc) from exc
 
     def delete_pod(self, namespace: str, name: str) -> None:
@@ -190,21 +192,27 @@ def act(kube: Kube, obs: reconcile.Observation, decision: reconcile.Decision) ->
     job = obs.job
     if decision.status_patch:
         kube.patch_job_status(job.namespace, job.name, decision.status_patch)
+    created: list[str] = []
     try:
         for manifest in _children(decision):
-            kube.create(manifest)
+            if kube.create(manifest) and manifest["kind"] == "Pod":
+                created.append(manifest["metadata"]["name"])
     except Rejected as exc:
         what = _describe(decision)
         failed = reconcile.rejected(obs, what, str(exc))
         kube.patch_job_status(job.namespace, job.name, failed.status_patch)
-        for name in (m["metadata"]["name"] for m in decision.create_pods):
+        for name in created:
             kube.delete_pod(job.namespace, name)
         return list(decision.events) + list(failed.events)
     for name in decision.delete_pods:
         kube.delete_pod(job.namespace, name)
     if decision.delete_job:
         kube.delete_job(job.namespace, job.name)
-    return list(decision.events)
+    events = list(decision.events)
+    if created:
+        attempt = decision.create_pods[0]["metadata"]["labels"][contract.LABEL_ATTEMPT]
+        events.append(reconcile.Event("Normal", "PodsCreated", f"created {', '.join(created)} (attempt {attempt})"))
+    return events
 
 
 def _children(decision: reconcile.Decision) -> Sequence[Mapping[str, Any]]:

@@ -311,10 +311,9 @@ def _create_missing(plan: _Plan, spec: JobSpec, missing: Sequence[int], all_pods
     attempt = plan.status["attempt"]
     plan.create_pods = [builders.build_pod(spec, obs.job, attempt, rank, config) for rank in missing]
     plan.status.setdefault("startTime", format_time(obs.now))
-    message = f"creating {', '.join(names)} for attempt {attempt}"
     if plan.phase in (st.PENDING, st.RESTARTING):
-        plan.transition(st.CREATED, "PodsCreated", message, event=False)
-    plan.events.append(Event("Normal", "PodsCreated", message))
+        # The event names the pods really created (kube.act knows which were already there).
+        plan.transition(st.CREATED, "PodsCreated", f"created the pods of attempt {attempt}", event=False)
     plan.requeue(spec.run_policy.startup_deadline_seconds)
 
 

@@ -79,8 +79,11 @@ def prepare_data(data_dir: Path, log: Callable[[str], None] = print) -> Path:
     model = data_dir / "model"
     if not (model / "model_index.json").is_file():
         log(f"building the tiny FLUX pipeline in {model}")
-        subprocess.run([sys.executable, "-m", "lorakube_trainer.tiny", "--family", "flux", "--out", str(model)],
-                       check=True, stdout=subprocess.DEVNULL)
+        built = subprocess.run(
+            [sys.executable, "-m", "lorakube_trainer.tiny", "--family", "flux", "--out", str(model)],
+            capture_output=True, text=True)
+        if built.returncode != 0:
+            raise SandboxError(f"building the tiny model failed:\n{built.stderr[-2000:]}")
     dataset = data_dir / "dataset"
     if dataset.exists():
         shutil.rmtree(dataset)
