@@ -10,8 +10,9 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -36,6 +37,12 @@ class ClusterError(RuntimeError):
 
 def default_state_dir() -> Path:
     return build_mod.cache_root() / "cluster"
+
+
+def default_image_path() -> Path:
+    # Not resolved: a venv's python is a symlink to the base interpreter, and the venv's bin
+    # directory (with the console scripts) is what pods need.
+    return Path(sys.executable).parent
 
 
 def default_nodes(count: int = 1, gpus: int = 0) -> list[NodeSpec]:
@@ -103,9 +110,16 @@ class LocalCluster:
     """
 
     def __init__(self, state_dir: Path | None = None, nodes: Sequence[NodeSpec] | None = None,
-                 log: Callable[[str], None] = print) -> None:
+                 log: Callable[[str], None] = print, *,
+                 node_path: Sequence[Path] | None = None,
+                 node_env: Mapping[str, str] | None = None) -> None:
+        """``node_path`` and ``node_env`` play the container image: directories put in front of
+        PATH and variables set for every container. By default that is this Python environment's
+        bin directory, so pods find ``lorakube-train`` the way an image would provide it."""
         self.state_dir = Path(state_dir or default_state_dir()).resolve()
         self._nodes = nodes
+        self._node_path = list(node_path) if node_path is not None else [default_image_path()]
+        self._node_env = dict(node_env or {})
         self._log = log
         self._binaries: Binaries | None = None
 
@@ -213,7 +227,7 @@ class LocalCluster:
         self._log(f"starting process node ({', '.join(node.name for node in nodes)})")
         try:
             pid = start_node_daemon(
-                self.kubeconfig, self.state_dir, nodes,
+                self.kubeconfig, self.state_dir, nodes, self._node_path, env=self._node_env,
                 # The kubelet endpoint accepts only the apiserver's client cert from our CA.
                 kubelet_client_ca=self.ca_file,
             )

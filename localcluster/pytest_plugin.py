@@ -132,7 +132,11 @@ def local_cluster(request: pytest.FixtureRequest,
     """A control plane plus process node for the whole session; KUBECONFIG points at it."""
     node_count = request.config.getoption("--localcluster-nodes")
     state_dir = tmp_path_factory.mktemp("localcluster")
-    cluster = LocalCluster(state_dir, nodes=default_nodes(node_count) if node_count else [])
+    cluster = LocalCluster(
+        state_dir, nodes=default_nodes(node_count) if node_count else [],
+        # Pods run this environment's console scripts, offline like the rest of the suite.
+        node_env={"HF_HUB_OFFLINE": "1"},
+    )
     with pytest.MonkeyPatch.context() as env:
         try:
             cluster.up()
