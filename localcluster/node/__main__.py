@@ -39,7 +39,8 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--kubelet-port", type=int, default=10250,
                      help="port of the kubelet API (logs); 0 picks a free one")
     run.add_argument("--kubelet-client-ca", type=Path,
-                     help="require kubelet API clients to present a certificate from this CA")
+                     help="CA that kubelet API clients' certificates must chain to "
+                          "(default: the kubeconfig's CA)")
     stop = sub.add_parser("stop", help="stop a running daemon and clean up after it")
     stop.add_argument("--state-dir", type=Path, required=True)
     logs = sub.add_parser("logs", help="print a container's log (works without kubectl)")
@@ -64,24 +65,26 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from . import lock
+    from . import hostregistry
     from .cleanup import sweep
     from .daemon import DaemonConfig, NodeDaemon
 
     state_dir = args.state_dir.resolve()
-    try:
-        held = lock.acquire(state_dir)
-    except lock.NodeBusyError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    sweep(state_dir)  # a crashed predecessor's pods, namespaces and bridge
     config = DaemonConfig(kubeconfig=args.kubeconfig, state_dir=state_dir, nodes=args.node,
                           path_prefix=args.path_prefix, image_env=dict(args.env),
                           kubelet_port=args.kubelet_port, kubelet_client_ca=args.kubelet_client_ca)
+    daemon = NodeDaemon(config)
     try:
-        NodeDaemon(config).run()
+        registration = hostregistry.register_daemon(
+            state_dir, (daemon.api.endpoint.host, daemon.api.endpoint.port))
+    except hostregistry.NodeBusyError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        sweep(state_dir)  # what a crashed predecessor with this state dir left behind
+        daemon.run()
     finally:
-        held.close()
+        registration.close()
     return 0
 
 

@@ -2,7 +2,8 @@
 
 Mounts need no unmounting: every pod mount lives in a private mount namespace that the
 kernel frees with the pod's last process. Used on daemon start (after a crash) and by
-stop_node_daemon after the daemon has exited, whatever state it left.
+stop_node_daemon after the daemon has exited, whatever state it left. Other daemons'
+pods are never touched; the bridge goes only when no other daemon is alive.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import logging
 import time
 from pathlib import Path
 
-from . import lock, network
+from . import hostregistry, network
 from .layout import StateLayout
 from .runtime import kill_recorded
 
@@ -24,27 +25,22 @@ def sweep(state_dir: Path) -> None:
     if killed:
         log.warning("killed %d leftover pod processes", killed)
         time.sleep(0.2)  # let the kernel tear their mount namespaces down
-    owner = lock.holder()
-    if owner is not None and owner.get("state_dir") != str(state_dir):
-        # Another daemon owns the pod network now; its bridge and pods are not ours to remove.
-        log.warning("not touching the pod network: it belongs to %s", owner)
-        return
-    network.teardown_all()
-    if layout.ipam.exists():
-        network.Ipam(layout.ipam).clear()
+    network.remove_pod_nets(hostregistry.release_owner(state_dir))
+    with hostregistry.network_lock():
+        if not hostregistry.other_daemons(state_dir):
+            network.delete_bridge_if_unused()
     remove_created_mountpoints(layout)
 
 
 def remove_created_mountpoints(layout: StateLayout) -> None:
     # Deepest first, and only if still empty: a directory that got content is not ours.
     for path in sorted(layout.created_mountpoints(), key=lambda p: p.count("/"), reverse=True):
+        target = Path(path)
         try:
-            Path(path).rmdir()
-        except OSError:
-            pass
-        try:
-            if Path(path).is_file() and Path(path).stat().st_size == 0:
-                Path(path).unlink()
+            if target.is_dir():
+                target.rmdir()
+            elif target.is_file() and target.stat().st_size == 0:
+                target.unlink()
         except OSError:
             pass
     layout.mountpoints.unlink(missing_ok=True)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import hostsfile, network, podspec
+from . import hostregistry, hostsfile, network, podspec
 from .forwarder import Forwarder
 from .informer import Informer
 from .kubeapi import ApiError, KubeApi
@@ -92,9 +92,8 @@ class NodeDaemon:
         self.pods: dict[str, dict[str, Any]] = {}
         self.services: dict[tuple[str, str], dict[str, Any]] = {}
         self.runs: dict[str, PodRuntime] = {}
-        self.ipam = network.Ipam(self.layout.ipam)
         self.gpu_in_use: dict[str, set[int]] = {n.name: set() for n in config.nodes}
-        self.host_ip = str(network.GATEWAY)
+        self.host_ip = str(hostregistry.GATEWAY)
         self.dns_dirty = True
         self.builders = {
             n.name: VolumeBuilder(self.api, self.layout.pvcs, n.resources()) for n in config.nodes
@@ -103,12 +102,17 @@ class NodeDaemon:
     # -- lifecycle ------------------------------------------------------------------------
 
     def run(self) -> None:
-        network.ensure_bridge()
-        api_host, api_port = self.api.endpoint.host, self.api.endpoint.port
-        self.forwarder = Forwarder((self.host_ip, APISERVER_PORT_IN_CLUSTER), (api_host, api_port))
-        self.forwarder.start()
+        with hostregistry.network_lock():
+            network.ensure_bridge()
+        # One listener on the gateway serves every daemon on the host (whoever binds first);
+        # the others take over on their tick if it goes away.
+        self.forwarder = Forwarder((self.host_ip, APISERVER_PORT_IN_CLUSTER),
+                                   hostregistry.apiserver_for_pod_ip)
+        self.forwarder.try_listen()
+        client_ca = (self.config.kubelet_client_ca.read_bytes() if self.config.kubelet_client_ca
+                     else self.api.endpoint.ca_pem)
         self.kubelet = KubeletServer(self.host_ip, self.config.kubelet_port, self.layout.certs,
-                                     self.locate_log, self.config.kubelet_client_ca)
+                                     self.locate_log, client_ca)
         self.kubelet.start()
         self.registry = NodeRegistry(self.api, self.config.nodes, self.host_ip, self.kubelet.port)
         self.registry.register()
@@ -139,6 +143,7 @@ class NodeDaemon:
                 self._guard(self._dispatch, event)
             if time.monotonic() >= next_tick:
                 self._guard(self._tick)
+                self._guard(self.forwarder.try_listen)
                 next_tick = time.monotonic() + 1.0
             if self.events.empty():
                 self._guard(self._flush)
@@ -185,8 +190,9 @@ class NodeDaemon:
         self._guard(self._flush)
         self.kubelet.stop()
         self.forwarder.stop()
-        network.teardown_all()
-        self.ipam.clear()
+        with hostregistry.network_lock():
+            if not hostregistry.other_daemons(self.config.state_dir):
+                network.delete_bridge_if_unused()
         self._guard(self.registry.deregister)
         self.layout.ready_marker.unlink(missing_ok=True)
         log.info("process node stopped")
@@ -319,9 +325,11 @@ class NodeDaemon:
         self._maybe_finish(rt)
 
     def _setup_sandbox(self, rt: PodRuntime) -> None:
-        ip = self.ipam.allocate(rt.uid)
+        ip = hostregistry.allocate_ip(self.config.state_dir, rt.uid, network.netns_taken)
         net = network.pod_net_for(ip)
-        network.create_pod_net(net)
+        with hostregistry.network_lock():  # the bridge may have gone with another daemon
+            network.ensure_bridge()
+            network.create_pod_net(net)
         rt.net = net
         (rt.dir / "etc").mkdir(parents=True, exist_ok=True)
         hostsfile.write_in_place(self.layout.resolv_conf(rt.uid), hostsfile.RESOLV_CONF)
@@ -485,7 +493,7 @@ class NodeDaemon:
             proc.signal_group(signal.SIGKILL)
         if rt.net is not None:
             network.delete_pod_net(rt.net)
-        self.ipam.release(rt.uid)
+        hostregistry.release_ip(self.config.state_dir, rt.uid)
         self.gpu_in_use[rt.node.name].difference_update(rt.gpus)
         rt.torn_down = True
         self.dns_dirty = True

@@ -3,23 +3,26 @@
 The apiserver proxies `kubectl logs` to https://<node InternalIP>:<kubeletEndpoint port>/
 containerLogs/{namespace}/{pod}/{container}?tailLines=&follow=&limitBytes=. Without
 --kubelet-certificate-authority it does not verify the serving certificate, so a
-self-signed one is enough. When a client CA is given, callers must present a certificate
-it signed (the apiserver's --kubelet-client-certificate); otherwise the endpoint is open to
-the pod network, which only carries this cluster's own pods.
+self-signed one is enough. Callers must present a client certificate signed by the
+cluster CA (the apiserver's --kubelet-client-certificate is), so pods on the pod network,
+which hold tokens but no certificates, cannot read each other's logs.
 """
 
 from __future__ import annotations
 
 import datetime
+import errno
 import ipaddress
 import logging
 import ssl
+import sys
 import threading
 import time
 import urllib.parse
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -140,18 +143,40 @@ def _handler(locate: LogLocator) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
+class _TLSServer(ThreadingHTTPServer):
+    """TLS handshakes happen on the per-connection thread, so a client that stalls (or
+    fails to present a certificate) never blocks the accept loop."""
+
+    daemon_threads = True
+    context: ssl.SSLContext
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        with self.context.wrap_socket(request, server_side=True) as tls:
+            self.RequestHandlerClass(tls, client_address, self)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        log.info("kubelet API: connection from %s failed: %s", client_address,
+                 sys.exc_info()[1])
+
+
 class KubeletServer:
     def __init__(self, bind_ip: str, port: int, cert_dir: Path, locate: LogLocator,
-                 client_ca: Path | None = None) -> None:
+                 client_ca_pem: bytes | None = None) -> None:
         cert, key = ensure_serving_cert(cert_dir, bind_ip)
-        self._server = ThreadingHTTPServer((bind_ip, port), _handler(locate))
-        self._server.daemon_threads = True
+        try:
+            self._server = _TLSServer((bind_ip, port), _handler(locate))
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE or port == 0:
+                raise
+            # Another node daemon on this host has the usual port; the Node object tells
+            # the apiserver which one we got.
+            self._server = _TLSServer((bind_ip, 0), _handler(locate))
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.load_cert_chain(cert, key)
-        if client_ca is not None:
+        if client_ca_pem:
             context.verify_mode = ssl.CERT_REQUIRED
-            context.load_verify_locations(client_ca)
-        self._server.socket = context.wrap_socket(self._server.socket, server_side=True)
+            context.load_verify_locations(cadata=client_ca_pem.decode())
+        self._server.context = context
         self.port = self._server.server_address[1]
         self._thread = threading.Thread(target=self._server.serve_forever, name="kubelet-api",
                                         daemon=True)

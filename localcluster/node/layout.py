@@ -28,10 +28,6 @@ class StateLayout:
         return self.root / "daemon.ready"
 
     @property
-    def ipam(self) -> Path:
-        return self.root / "ipam.json"
-
-    @property
     def pvcs(self) -> Path:
         return self.root / "pvcs"
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from . import lock
+from . import hostregistry
 from .layout import StateLayout
 
 
@@ -35,11 +35,12 @@ def find_log(state_dir: Path, namespace: str, pod: str, container: str | None) -
 
 def print_logs(namespace: str, pod: str, container: str | None, state_dir: Path | None) -> int:
     if state_dir is None:
-        owner = lock.holder()
-        if not owner or "state_dir" not in owner:
-            print("error: no process node is running; pass --state-dir", file=sys.stderr)
+        running = hostregistry.live_daemons()
+        if len(running) != 1:
+            found = [d.state_dir for d in running] or "none"
+            print(f"error: pass --state-dir (running process nodes: {found})", file=sys.stderr)
             return 2
-        state_dir = Path(str(owner["state_dir"]))
+        state_dir = Path(running[0].state_dir)
     try:
         path = find_log(state_dir, namespace, pod, container)
     except FileNotFoundError as exc:

@@ -5,25 +5,23 @@
 
 Pods get no default route: only the pod network and their own loopback are reachable,
 which is all the workloads here need and keeps them off the host's other networks.
-Device names derive from the IP, so they are unique and a crashed daemon's leftovers are
-recognisable by prefix.
+Device names derive from the IP (unique host-wide, see hostregistry), so several daemons
+share the bridge and a crashed daemon's leftovers are recognisable by prefix.
 """
 
 from __future__ import annotations
 
 import ipaddress
-import json
 import logging
-import os
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from .hostregistry import GATEWAY, NETWORK
+
 log = logging.getLogger(__name__)
 
 BRIDGE = "lkbr0"
-NETWORK = ipaddress.IPv4Network("10.250.0.0/16")
-GATEWAY = ipaddress.IPv4Address("10.250.0.1")
 NETNS_PREFIX = "lkpod-"
 VETH_PREFIX = "lkv"
 NETNS_DIR = Path("/run/netns")
@@ -54,41 +52,6 @@ class PodNet:
 def pod_net_for(ip: str) -> PodNet:
     offset = int(ipaddress.IPv4Address(ip)) - int(NETWORK.network_address)
     return PodNet(ip=ip, netns=f"{NETNS_PREFIX}{offset:04x}", veth=f"{VETH_PREFIX}{offset:04x}")
-
-
-class Ipam:
-    """Pod IP allocation persisted as {ip: pod uid} so a restarted daemon keeps its view."""
-
-    def __init__(self, path: Path) -> None:
-        self._path = path
-        self._owners: dict[str, str] = json.loads(path.read_text()) if path.exists() else {}
-
-    def allocate(self, uid: str) -> str:
-        for ip, owner in self._owners.items():
-            if owner == uid:
-                return ip
-        for host in NETWORK.hosts():
-            candidate = str(host)
-            if host != GATEWAY and candidate not in self._owners:
-                self._owners[candidate] = uid
-                self._save()
-                return candidate
-        raise NetworkError(f"pod network {NETWORK} is exhausted")
-
-    def release(self, uid: str) -> None:
-        before = len(self._owners)
-        self._owners = {ip: owner for ip, owner in self._owners.items() if owner != uid}
-        if len(self._owners) != before:
-            self._save()
-
-    def clear(self) -> None:
-        self._owners = {}
-        self._save()
-
-    def _save(self) -> None:
-        tmp = self._path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self._owners, indent=1, sort_keys=True))
-        os.replace(tmp, self._path)
 
 
 def ensure_bridge() -> None:
@@ -138,11 +101,23 @@ def bridge_exists() -> bool:
     return _ip("link", "show", BRIDGE, check=False).returncode == 0
 
 
-def teardown_all() -> None:
-    """Remove every pod namespace, veth and the bridge (daemon stop / crash recovery)."""
-    for name in leftover_netns():
-        _ip("netns", "delete", name, check=False)
-    for veth in leftover_veths():
-        _ip("link", "delete", veth, check=False)
-    if bridge_exists():
-        _ip("link", "delete", BRIDGE, check=False)
+def remove_pod_nets(ips: list[str]) -> None:
+    for ip in ips:
+        delete_pod_net(pod_net_for(ip))
+
+
+def bridge_ports() -> list[str]:
+    out = _ip("-o", "link", "show", "master", BRIDGE, check=False).stdout
+    return [line.split(":")[1].strip().split("@")[0] for line in out.splitlines() if ":" in line]
+
+
+def delete_bridge_if_unused() -> bool:
+    """Delete the bridge unless some pod (of any daemon, of any version) is still plugged in."""
+    if not bridge_exists() or bridge_ports():
+        return False
+    _ip("link", "delete", BRIDGE, check=False)
+    return True
+
+
+def netns_taken(ip: str) -> bool:
+    return pod_net_for(ip).netns_path.exists()

@@ -20,7 +20,8 @@ from typing import Any
 import pytest
 
 from localcluster.node import NodeSpec, start_node_daemon, stop_node_daemon
-from localcluster.node.network import BRIDGE, NETNS_PREFIX, VETH_PREFIX
+from localcluster.node import hostregistry
+from localcluster.node.network import BRIDGE, bridge_ports, pod_net_for
 
 pytestmark = pytest.mark.cluster
 
@@ -90,7 +91,8 @@ def pid_alive(pid: int) -> bool:
 
 def test_pod_runs_to_succeeded_with_logs(local_cluster: Any, new_namespace: str) -> None:
     ns = new_namespace
-    local_cluster.apply(python_pod("hello", "print('hello from a process pod', flush=True)"), ns)
+    local_cluster.apply(python_pod("hello", "print('starting')\nprint('hello from a process pod')"),
+                        ns)
 
     obj = wait_phase(local_cluster, ns, "hello", ("Succeeded", "Failed"))
 
@@ -101,6 +103,8 @@ def test_pod_runs_to_succeeded_with_logs(local_cluster: Any, new_namespace: str)
     assert terminated["startedAt"] and terminated["finishedAt"]
     assert re.fullmatch(r"10\.250\.\d+\.\d+", status["podIP"]) and status["hostIP"]
     assert "hello from a process pod" in logs(local_cluster, ns, "hello")
+    tail = local_cluster.kubectl("logs", "hello", "-n", ns, "--tail=1", check=True).stdout
+    assert tail.strip() == "hello from a process pod"
     fallback = subprocess.run(
         [sys.executable, "-m", "localcluster.node", "logs", ns, "hello",
          "--state-dir", str(local_cluster.state_dir)], capture_output=True, text=True)
@@ -127,15 +131,18 @@ def test_downward_api_env_and_private_volume_mounts(local_cluster: Any, new_name
     ns = new_namespace
     results = tmp_path / "results"
     mount_point = f"/lk-results-{ns}"  # does not exist on the host
-    local_cluster.apply({"apiVersion": "v1", "kind": "ConfigMap",
-                         "metadata": {"name": "settings"}, "data": {"greeting": "hi"}}, ns)
+    local_cluster.apply([{"apiVersion": "v1", "kind": "ConfigMap",
+                          "metadata": {"name": "settings"}, "data": {"greeting": "hi"}},
+                         {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "creds"},
+                          "stringData": {"token": "s3cret"}}], ns)
     script = f"""
         import json, os, socket
         with open('{mount_point}/seen.json', 'w') as f:
             json.dump({{k: os.environ.get(k) for k in
                        ('POD_NAME', 'POD_NAMESPACE', 'TEAM', 'NODE', 'GREETING', 'MESSAGE')}}
                       | {{'hostname': socket.gethostname(), 'cwd': os.getcwd(),
-                         'scratch': os.listdir('/scratch')}}, f)
+                         'init': open('/scratch/from-init').read(),
+                         'secret': open('/creds/token').read()}}, f)
     """
     manifest = python_pod(
         "downward", script,
@@ -154,11 +161,17 @@ def test_downward_api_env_and_private_volume_mounts(local_cluster: Any, new_name
                 {"name": "MESSAGE", "value": "$(GREETING) from $(POD_NAME), $$(NOT_EXPANDED)"},
             ],
             "volumeMounts": [{"name": "out", "mountPath": mount_point},
-                             {"name": "scratch", "mountPath": "/scratch"}],
+                             {"name": "scratch", "mountPath": "/scratch"},
+                             {"name": "creds", "mountPath": "/creds", "readOnly": True}],
         },
         spec={"volumes": [{"name": "out", "hostPath": {"path": str(results),
                                                        "type": "DirectoryOrCreate"}},
-                          {"name": "scratch", "emptyDir": {}}]},
+                          {"name": "scratch", "emptyDir": {}},
+                          {"name": "creds", "secret": {"secretName": "creds"}}],
+              "initContainers": [{
+                  "name": "prepare", "image": "busybox",
+                  "command": ["sh", "-c", "echo prepared > /scratch/from-init"],
+                  "volumeMounts": [{"name": "scratch", "mountPath": "/scratch"}]}]},
     )
     local_cluster.apply(manifest, ns)
 
@@ -170,6 +183,9 @@ def test_downward_api_env_and_private_volume_mounts(local_cluster: Any, new_name
     assert seen["TEAM"] == "vision" and seen["NODE"].startswith("localnode-")
     assert seen["MESSAGE"] == "hi from downward, $(NOT_EXPANDED)"
     assert seen["hostname"] == "downward" and seen["cwd"] == "/scratch"
+    assert seen["init"] == "prepared\n" and seen["secret"] == "s3cret"
+    init_state = status["initContainerStatuses"][0]["state"]["terminated"]
+    assert init_state["exitCode"] == 0
     # The pod's mounts lived in its own mount namespace: the host path stays an empty dir.
     assert not Path(mount_point).exists() or not any(Path(mount_point).iterdir())
 
@@ -294,7 +310,18 @@ IN_CLUSTER = """
         secrets = 'allowed'
     except client.ApiException as exc:
         secrets = exc.status
-    print(json.dumps({'configmaps': names, 'secrets': secrets}), flush=True)
+    # The kubelet API shares the gateway address but wants a cluster client certificate.
+    import socket, ssl, urllib.request
+    socket.create_connection(('10.250.0.1', 10250), timeout=5).close()
+    insecure = ssl.create_default_context()
+    insecure.check_hostname, insecure.verify_mode = False, ssl.CERT_NONE
+    try:
+        urllib.request.urlopen(f'https://10.250.0.1:10250/containerLogs/{ns}/incluster/main',
+                               context=insecure, timeout=5)
+        kubelet = 'open'
+    except Exception as exc:
+        kubelet = 'refused: ' + type(exc).__name__
+    print(json.dumps({'configmaps': names, 'secrets': secrets, 'kubelet': kubelet}), flush=True)
 """
 
 
@@ -324,6 +351,7 @@ def test_in_cluster_service_account_token_through_the_forwarder(local_cluster: A
     seen = json.loads(output.strip().splitlines()[-1])
     assert "visible" in seen["configmaps"]
     assert seen["secrets"] == 403
+    assert seen["kubelet"].startswith("refused")
 
 
 # -- stop and restart (last: they restart the session's node) --------------------------------
@@ -341,21 +369,26 @@ def _restart_node(cluster: Any, nodes: list[NodeSpec]) -> None:
                         check=True)
 
 
-def _host_leftovers(state_dir: Path) -> list[str]:
-    found = [f"netns {name}" for name in os.listdir("/run/netns")
-             if name.startswith(NETNS_PREFIX)] if os.path.isdir("/run/netns") else []
+def _host_leftovers(state_dir: Path, pod_ips: list[str]) -> list[str]:
+    """This node's devices, mounts and IP table entries that survived its stop. The bridge
+    counts only when no other node daemon (another cluster on this host) is alive."""
+    owned = [pod_net_for(ip) for ip in pod_ips]
+    found = [f"netns {net.netns}" for net in owned if net.netns_path.exists()]
     links = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True).stdout
-    for line in links.splitlines():
-        name = line.split(":")[1].strip().split("@")[0]
-        if name == BRIDGE or name.startswith(VETH_PREFIX):
-            found.append(f"link {name}")
+    names = {line.split(":")[1].strip().split("@")[0] for line in links.splitlines()}
+    found += [f"link {net.veth}" for net in owned if net.veth in names]
+    if BRIDGE in names and not hostregistry.live_daemons() and not bridge_ports():
+        found.append(f"bridge {BRIDGE}")
+    owner = hostregistry.owner_id(state_dir)
+    found += [f"pod IP {ip}" for ip, entry in hostregistry.ip_table().items()
+              if entry["owner"] == owner]
     for mountinfo in Path("/proc").glob("[0-9]*/mountinfo"):
         try:
             text = mountinfo.read_text()
         except OSError:
             continue
         if str(state_dir / "node") in text:
-            found.append(f"mount in {mountinfo.parent.name}")
+            found.append(f"mount in pid {mountinfo.parent.name}")
     return found
 
 
@@ -364,12 +397,14 @@ def test_stop_node_daemon_terminates_pods_and_cleans_the_host(local_cluster: Any
     ns = new_namespace
     nodes = _node_specs(local_cluster)
     local_cluster.apply(python_pod("sleeper", "import time\nwhile True: time.sleep(0.2)"), ns)
-    pid = pid_of(wait_phase(local_cluster, ns, "sleeper", ("Running",)))
+    running = wait_phase(local_cluster, ns, "sleeper", ("Running",))
+    pid = pid_of(running)
+    assert pod_net_for(running["status"]["podIP"]).netns_path.exists()
 
     stop_node_daemon(local_cluster.state_dir)
     try:
         assert not pid_alive(pid)
-        assert _host_leftovers(local_cluster.state_dir) == []
+        assert _host_leftovers(local_cluster.state_dir, [running["status"]["podIP"]]) == []
         status = pod(local_cluster, ns, "sleeper")["status"]
         assert status["phase"] == "Failed"
         assert any(c["type"] == "DisruptionTarget" and c["status"] == "True"
