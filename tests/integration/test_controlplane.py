@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from localcluster.cluster import ClusterState, LocalCluster, leftovers
+from localcluster.cluster import ClusterState, leftovers
 from localcluster.processes import mounts_under, port_in_use, process_start_time
 from localcluster.versions import KUBERNETES_VERSION
 
@@ -78,23 +80,34 @@ def test_garbage_collector_deletes_dependents_of_a_deleted_owner(local_cluster, 
     local_cluster.kubectl("get", "configmap", "kube-root-ca.crt", "-n", new_namespace, check=True)
 
 
-def test_down_leaves_no_processes_ports_or_mounts(tmp_path, local_cluster):
-    # A second, private cluster (control plane only), so the session cluster stays up.
-    cluster = LocalCluster(tmp_path / "state", nodes=[])
-    cluster.up()
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "localcluster", *args],
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_up_survives_the_command_and_down_leaves_no_processes_ports_or_mounts(
+        tmp_path, local_cluster):
+    # A second, control-plane-only cluster driven through the CLI; the session cluster stays up.
+    state_dir = tmp_path / "state"
+    up = _cli("up", "--nodes", "0", "--state-dir", str(state_dir))
+    assert up.returncode == 0, up.stderr
+    assert f"export KUBECONFIG={state_dir / 'admin.kubeconfig'}" in up.stdout
+    state = ClusterState.load(state_dir)
     try:
-        state = ClusterState.load(cluster.state_dir)
+        # `up` has exited; the daemons it started keep serving.
         assert all(Path(f"/proc/{record.pid}").exists() for record in state.records())
-        result = cluster.kubectl("get", "--raw", "/readyz")
-        assert result.returncode == 0 and result.stdout.strip() == "ok"
+        assert _cli("status", "--state-dir", str(state_dir)).returncode == 0
+        ready = local_cluster.kubectl("get", "--raw", "/readyz",
+                                      kubeconfig=state_dir / "admin.kubeconfig")
+        assert ready.returncode == 0 and ready.stdout.strip() == "ok"
     finally:
-        problems = cluster.down()
-    assert problems == []
-    assert leftovers(state, cluster.state_dir) == []
+        down = _cli("down", "--state-dir", str(state_dir))
+    assert down.returncode == 0, down.stderr
     for record in state.records():
         # Gone, or (if the pid was reused meanwhile) a different process than the one started.
         assert process_start_time(record.pid) != record.start_time, f"{record.name} still runs"
     for port in state.ports.values():
         assert not port_in_use(port), f"127.0.0.1:{port} still listening after down"
-    assert mounts_under(cluster.state_dir) == []
-    assert not cluster.status().up
+    assert mounts_under(state_dir) == []
+    assert leftovers(state, state_dir) == []
+    assert _cli("status", "--state-dir", str(state_dir)).returncode != 0
