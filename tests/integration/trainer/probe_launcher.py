@@ -1,0 +1,65 @@
+"""Test-only entry point: `lorakube-train` plus a probe that records, per rank, which dataset
+records the rank trained on and a hash of its final LoRA (written to $PROBE_DIR/rank-<r>.json).
+
+    python probe_launcher.py [--test-strategy cpu-deepspeed-N] <lorakube-train flags>
+
+`--test-strategy` swaps in CPUDeepSpeedStrategyForTests, since Lightning's stock DeepSpeed
+strategy refuses CPUs. Everything else is the real CLI, including its exit codes.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+
+from lorakube_trainer import cli, train
+from lorakube_trainer.strategies import StrategyPlan
+
+
+class Probe(pl.Callback):
+    def __init__(self, out: Path) -> None:
+        self.out, self.indices = out, []
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        self.indices.append([int(i) for i in batch["index"]])
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
+        state = pl_module.lora_state()          # gathered under ZeRO-3 (every rank calls it)
+        digest = hashlib.sha256()
+        for key in sorted(state):
+            digest.update(key.encode() + state[key].numpy().tobytes())
+        record = {"rank": trainer.global_rank, "world_size": trainer.world_size, "indices": self.indices,
+                  "lora_sha256": digest.hexdigest(), "lora_tensors": len(state),
+                  "strategy": type(trainer.strategy).__name__,
+                  "cluster_env": type(trainer.strategy.cluster_environment).__name__}
+        (self.out / f"rank-{trainer.global_rank}.json").write_text(json.dumps(record))
+
+
+def main() -> None:
+    argv = sys.argv[1:]
+    factory = train.build_strategy
+    if argv[:1] == ["--test-strategy"]:
+        stage = int(argv[1].rsplit("-", 1)[1])
+        argv = argv[2:]
+        from lorakube_trainer.testing import CPUDeepSpeedStrategyForTests
+
+        def factory(plan: StrategyPlan) -> CPUDeepSpeedStrategyForTests:
+            return CPUDeepSpeedStrategyForTests(stage=stage, process_group_backend="gloo")
+
+    out = Path(os.environ["PROBE_DIR"])
+    out.mkdir(parents=True, exist_ok=True)
+    train.run = functools.partial(train.run, strategy_factory=factory, extra_callbacks=[Probe(out)])
+    torch.set_num_threads(1)
+    sys.exit(cli.run_cli(argv))
+
+
+if __name__ == "__main__":
+    main()
