@@ -27,7 +27,9 @@ DELETE = object()
 
 @pytest.fixture(scope="module")
 def crd(local_cluster) -> str:
-    local_cluster.kubectl("apply", "-f", str(CRD_FILE), check=True)
+    # Server-side, like lorakube.sandbox installs it: modules sharing the session cluster then
+    # apply the CRD as the same field manager.
+    local_cluster.kubectl("apply", "--server-side", "-f", str(CRD_FILE), check=True)
     # Ready when discovery serves the new kind and the OpenAPI document that `kubectl explain`
     # reads has it (both come a little after the Established condition).
     deadline = time.monotonic() + 60

@@ -119,7 +119,9 @@ class Caller:
 @pytest.fixture(scope="module")
 def installed(local_cluster) -> dict[str, str]:
     """CRD + operator RBAC, and the trainer RBAC in two job namespaces."""
-    local_cluster.kubectl("apply", "-f", str(CRD_FILE), check=True)
+    # Server-side, like lorakube.sandbox installs it: modules sharing the session cluster then
+    # apply the CRD as the same field manager.
+    local_cluster.kubectl("apply", "--server-side", "-f", str(CRD_FILE), check=True)
     local_cluster.kubectl("apply", "-f", str(OPERATOR_RBAC), check=True)
     namespaces = {"jobs": local_cluster.create_namespace(), "other": local_cluster.create_namespace()}
     for namespace in namespaces.values():
