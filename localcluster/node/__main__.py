@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -63,6 +64,11 @@ def main(argv: list[str] | None = None) -> int:
 
         stop_node_daemon(args.state_dir)
         return 0
+    if os.geteuid() != 0:
+        print("error: the process node needs root: it creates network namespaces, a bridge and "
+              "bind mounts for every pod (see localcluster/node/README.md, 'Without root')",
+              file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from . import hostregistry
