@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import hostregistry, hostsfile, network, podspec
+from . import events, hostregistry, hostsfile, network, podspec
 from .forwarder import Forwarder
 from .informer import Informer
 from .kubeapi import ApiError, KubeApi
@@ -315,7 +315,8 @@ class NodeDaemon:
                 rt.volumes = self.builders[rt.node.name].build(rt.pod, rt.dir, self.api.endpoint.ca_pem)
             self._start_next(rt)
         except NotReadyYet as exc:
-            self._set_waiting(rt, "ContainerCreating", str(exc))
+            if self._set_waiting(rt, "ContainerCreating", str(exc)):
+                self._event(rt, "FailedMount", str(exc), warning=True)
             rt.next_retry = time.monotonic() + RETRY_SECONDS
         except PodSpecError as exc:
             self._fail_config(rt, str(exc))
@@ -409,6 +410,7 @@ class NodeDaemon:
             argv = podspec.container_argv(container, env)
         except PodSpecError as exc:
             cr.terminate(128, "CreateContainerConfigError", str(exc))
+            self._event(rt, "Failed", f"Error: {exc}", warning=True, container=cr.name)
             rt.dirty = True
             return
         mounts = container_mounts(container, rt.volumes,
@@ -439,8 +441,10 @@ class NodeDaemon:
             if cr.state == "waiting":
                 cr.state = "running"
                 cr.started_at = now_rfc3339()
+                self._event(rt, "Started", f"Started container {name}", container=name)
         elif kind == "start-failed":
             cr.terminate(128, "StartError", str(detail))
+            self._event(rt, "Failed", f"Error: {detail}", warning=True, container=name)
         else:
             result: Exit = detail
             cr.terminate(result.code, reason_for_exit(result.code),
@@ -465,14 +469,23 @@ class NodeDaemon:
             f.seek(max(0, path.stat().st_size - LOG_TAIL_BYTES))
             return f.read().decode(errors="replace")
 
-    def _set_waiting(self, rt: PodRuntime, reason: str, message: str) -> None:
+    def _set_waiting(self, rt: PodRuntime, reason: str, message: str) -> bool:
+        """Returns whether anything changed (so a repeated problem is reported once)."""
+        changed = False
         for cr in rt.run.containers:
             if cr.state == "waiting" and (cr.waiting_reason, cr.waiting_message) != (reason, message):
                 cr.waiting_reason, cr.waiting_message = reason, message
-                rt.dirty = True
+                changed = rt.dirty = True
+        return changed
+
+    def _event(self, rt: PodRuntime, reason: str, message: str, warning: bool = False,
+               container: str | None = None) -> None:
+        events.emit(self.api, rt.pod["metadata"], rt.node.name, reason, message, warning,
+                    container)
 
     def _fail_config(self, rt: PodRuntime, message: str) -> None:
         log.warning("pod %s/%s cannot run: %s", rt.run.namespace, rt.run.name, message)
+        self._event(rt, "Failed", f"Error: {message}", warning=True)
         for cr in rt.run.containers:
             if cr.state == "waiting":
                 cr.terminate(128, "CreateContainerConfigError", message)
@@ -509,8 +522,10 @@ class NodeDaemon:
             self._finish_delete(rt)
             return
         log.info("pod %s/%s deleted: SIGTERM, grace %ds", rt.run.namespace, rt.run.name, grace)
-        for proc in running:
-            proc.signal_group(signal.SIGTERM)
+        for name, proc in rt.processes.items():
+            if not proc.exited.is_set():
+                self._event(rt, "Killing", f"Stopping container {name}", container=name)
+                proc.signal_group(signal.SIGTERM)
         rt.kill_deadline = time.monotonic() + grace
 
     def _finish_delete(self, rt: PodRuntime) -> None:

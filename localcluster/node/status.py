@@ -6,9 +6,6 @@ import datetime
 from dataclasses import dataclass, field
 from typing import Any
 
-LOG_TAIL_BYTES = 2048
-SIGNAL_KILL = 9
-
 
 def now_rfc3339() -> str:
     return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -84,6 +81,8 @@ class PodRun:
     reason: str | None = None
     message: str | None = None
     disruption: dict[str, Any] | None = None
+    # condition type -> (status, lastTransitionTime): a time changes only with its status
+    transitions: dict[str, tuple[str, str]] = field(default_factory=dict)
 
     @property
     def init_containers(self) -> list[ContainerRun]:
@@ -137,7 +136,10 @@ class PodRun:
 
         def cond(kind: str, value: bool | str, reason: str | None = None) -> dict[str, Any]:
             status = value if isinstance(value, str) else ("True" if value else "False")
-            entry: dict[str, Any] = {"type": kind, "status": status, "lastTransitionTime": stamp,
+            previous = self.transitions.get(kind)
+            since = previous[1] if previous and previous[0] == status else stamp
+            self.transitions[kind] = (status, since)
+            entry: dict[str, Any] = {"type": kind, "status": status, "lastTransitionTime": since,
                                      "lastProbeTime": None}
             if reason and status != "True":
                 entry["reason"] = reason

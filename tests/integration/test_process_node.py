@@ -278,6 +278,9 @@ def test_deleting_a_running_pod_sends_sigterm_and_removes_it(local_cluster: Any,
 
     assert (marks / "terminated").read_text() == "SIGTERM"
     assert not pid_alive(pid)
+    events = local_cluster.get_json("events", "--field-selector", "involvedObject.name=victim",
+                                    namespace=ns)["items"]
+    assert {"Started", "Killing"} <= {e["reason"] for e in events}
     assert time.monotonic() - started < 15, "SIGTERM was not delivered before the grace period"
 
 
