@@ -437,6 +437,8 @@ class NodeDaemon:
 
     def _on_container(self, rt: PodRuntime, kind: str, name: str, detail: Any) -> None:
         cr = next(c for c in rt.run.containers if c.name == name)
+        if kind != "exited":  # the launcher has read its spec (which holds the env's secrets)
+            (rt.dir / f"launch-{name}.json").unlink(missing_ok=True)
         if kind == "started":
             if cr.state == "waiting":
                 cr.state = "running"
@@ -611,7 +613,9 @@ class NodeDaemon:
             self.api.patch(path, {"metadata": {"uid": meta["uid"]}, "status": status},
                            strategic=True)
         except ApiError as exc:
-            if exc.status not in (404, 409):  # gone or replaced by a namesake: nothing to report
+            if exc.status == 422:  # a status the apiserver refuses will not improve by retrying
+                log.error("status of pod %s/%s rejected: %s", meta["namespace"], meta["name"], exc)
+            elif exc.status not in (404, 409):  # 404/409: gone or replaced by a namesake
                 raise
 
     def _dns_pods(self) -> list[dict[str, Any]]:

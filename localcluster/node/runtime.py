@@ -67,6 +67,7 @@ class ContainerProcess:
     def __init__(self, spec: LaunchSpec, spec_path: Path, log_path: Path, record_path: Path,
                  on_started: Callable[[], None], on_start_failed: Callable[[str], None],
                  on_exit: Callable[[Exit], None]) -> None:
+        spec_path.touch(mode=0o600)
         spec_path.write_text(spec.to_json())
         read_fd, write_fd = os.pipe()
         log_path.parent.mkdir(parents=True, exist_ok=True)
