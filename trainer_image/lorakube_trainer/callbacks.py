@@ -139,8 +139,11 @@ class StepCallback(pl.Callback):
         samples_per_step = self.cfg.batch_size * self.cfg.accumulate_grad_batches * self.world_size
         if self.metrics is not None:
             lr = trainer.optimizers[0].param_groups[0]["lr"]
-            self.metrics.write({"step": step, "epoch": epoch, "loss": self.last_loss, "lr": lr,
-                                "elapsed_s": round(time.monotonic() - self._start, 3)})
+            record = {"step": step, "epoch": epoch, "loss": self.last_loss, "lr": lr,
+                      "elapsed_s": round(time.monotonic() - self._start, 3)}
+            if torch.cuda.is_available():
+                record["gpu_max_memory_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+            self.metrics.write(record)
         if self.reporter is not None:
             self.reporter.report(step, epoch, self.last_loss, samples_per_step)
 
