@@ -1,0 +1,49 @@
+"""End-to-end fixtures: the real control plane, the process node, the real trainer, and the
+operator as its own process under the operator ServiceAccount's token (so its RBAC is proven)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from lorakube import sandbox
+
+
+@pytest.fixture(scope="session")
+def operator_kubeconfig(local_cluster) -> Path:
+    """CRD + RBAC installed; a kubeconfig holding a TokenRequest token of the operator's SA."""
+    sandbox.install(local_cluster.cluster.kubectl, "lorakube-e2e-setup")
+    token = sandbox.operator_token(local_cluster.cluster.kubectl)
+    return local_cluster.kubeconfig_for_token(token, user="lorakube-operator")
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> Path:
+    """The tiny FLUX pipeline, the example dataset and an output folder, mounted into the pods."""
+    return sandbox.prepare_data(tmp_path_factory.mktemp("lorakube-data"), log=lambda _: None)
+
+
+@pytest.fixture
+def job_namespace(local_cluster, new_namespace) -> str:
+    local_cluster.kubectl("apply", "-n", new_namespace, "-f", str(sandbox.RBAC_TRAINER), check=True)
+    return new_namespace
+
+
+@pytest.fixture
+def start_operator(operator_kubeconfig, tmp_path) -> Iterator:
+    """Start `lorakube operator` processes; every one still running is stopped afterwards."""
+    started: list[sandbox.OperatorProcess] = []
+
+    def start() -> sandbox.OperatorProcess:
+        process = sandbox.OperatorProcess(operator_kubeconfig, tmp_path / f"operator-{len(started)}.log",
+                                          env={"LORAKUBE_RECONCILE_INTERVAL_SECONDS": "5"})
+        started.append(process.start())
+        return process
+
+    yield start
+    for process in started:
+        process.stop()
+    for process in started:
+        print(f"--- {process.log_path.name} ---\n{process.log_text()[-6000:]}")

@@ -1,0 +1,192 @@
+"""The operator on a real cluster: jobs run the real trainer in process-node pods.
+
+Each test applies a LoRATrainingJob the way a user would and checks what a user would check:
+`kubectl get ltj`, the job's status and Events, the pods and the Service, and the LoRA on disk.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+from safetensors import safe_open
+
+from lorakube import builders, contract, sandbox
+from lorakube.spec import JobRef, parse_job
+
+pytestmark = [pytest.mark.cluster, pytest.mark.e2e]
+
+JOB_TIMEOUT = 600
+
+
+def quickstart(data_dir: Path, name: str, steps: int = 8) -> dict:
+    # Progress every second, so a short run shows it moving.
+    job = sandbox.quickstart_job(data_dir, name, training={"stepsPerEpoch": steps, "checkpointEverySteps": 2})
+    job["spec"]["resources"]["env"].append({"name": contract.ENV_PROGRESS_INTERVAL, "value": "1"})
+    return job
+
+
+def kubectl_json(local_cluster, *args: str) -> dict:
+    return json.loads(local_cluster.kubectl(*args, "-o", "json", check=True).stdout)
+
+
+def job_children(local_cluster, namespace: str, name: str) -> tuple[list[dict], list[dict]]:
+    selector = f"{contract.LABEL_JOB_NAME}={name}"
+    pods = kubectl_json(local_cluster, "get", "pods", "-n", namespace, "-l", selector)["items"]
+    services = kubectl_json(local_cluster, "get", "services", "-n", namespace, "-l", selector)["items"]
+    return pods, services
+
+
+def event_reasons(local_cluster, namespace: str, name: str) -> list[str]:
+    events = kubectl_json(local_cluster, "get", "events", "-n", namespace,
+                          "--field-selector", f"involvedObject.kind={contract.KIND},involvedObject.name={name}")
+    return [e["reason"] for e in events["items"]]
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.2):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def test_quickstart_runs_two_pods_to_succeeded_with_progress(local_cluster, job_namespace, data_dir,
+                                                              start_operator):
+    start_operator()
+    name = "quickstart"
+    sandbox.apply_job(local_cluster.cluster.kubectl, job_namespace, quickstart(data_dir, name))
+
+    seen: list[dict] = []
+    final = sandbox.follow(local_cluster.cluster.kubectl, job_namespace, name, JOB_TIMEOUT,
+                           on_change=lambda status: seen.append(status), interval=0.3)
+    status = final["status"]
+    assert status["phase"] == "Succeeded", json.dumps(status, indent=1)
+    assert status["readyNodes"] == "2/2" and status["attempt"] == 1 and status["restarts"] == 0
+    assert [n["exitCode"] for n in status["nodes"]] == [0, 0]
+    assert status["startTime"] <= status["completionTime"]
+
+    # progress moved while the job ran: an intermediate step was visible in status
+    running_steps = {s["progress"]["step"] for s in seen if s.get("phase") == "Running" and s.get("progress")}
+    assert any(step < status["progress"]["totalSteps"] for step in running_steps), seen
+    assert status["progress"]["step"] == status["progress"]["totalSteps"] == 8
+    assert status["progressText"] == "8/8"
+
+    # the LoRA is where spec.output.uri says (the hostPath volume maps /data to data_dir)
+    lora = data_dir / "output" / name / contract.ARTIFACT_LORA_DIFFUSERS
+    assert lora.is_file()
+    with safe_open(str(lora), "pt") as weights:
+        keys = list(weights.keys())
+    assert keys and all("lora" in key for key in keys)
+
+    # both ranks rendezvoused through the injected env: rank 1 reached rank 0 by its DNS name
+    rank1_log = local_cluster.kubectl("logs", "quickstart-node-1", "-n", job_namespace, check=True).stdout
+    assert contract.master_addr(name, job_namespace) in rank1_log
+
+    table = local_cluster.kubectl("get", "ltj", "-n", job_namespace, check=True).stdout.splitlines()
+    assert table[0].split() == ["NAME", "PHASE", "NODES", "PROGRESS", "LOSS", "ATTEMPT", "AGE"]
+    row = table[1].split()
+    assert row[:4] == [name, "Succeeded", "2/2", "8/8"] and row[5] == "1"
+    float(row[4])  # the loss column holds a number
+
+    reasons = event_reasons(local_cluster, job_namespace, name)
+    assert {"PodsCreated", "AllPodsRunning", "AllPodsSucceeded"} <= set(reasons)
+    # finished: Kopf removed its finalizer, so deleting the job never waits for the operator
+    assert not final["metadata"].get("finalizers")
+
+
+def test_operator_killed_during_pod_creation_creates_nothing_twice(local_cluster, job_namespace, data_dir,
+                                                                   start_operator):
+    name = "crashy"
+    kubectl = local_cluster.cluster.kubectl
+    sandbox.apply_job(kubectl, job_namespace, quickstart(data_dir, name))
+    body = sandbox.get_job(kubectl, job_namespace, name)
+    job = JobRef(name=name, namespace=job_namespace, uid=body["metadata"]["uid"])
+
+    # What an operator that died after its first two creates leaves behind: the Service and rank 0.
+    spec = parse_job(name, body["spec"])
+    leftovers = [builders.build_service(job), builders.build_pod(spec, job, 1, 0, builders.OperatorConfig())]
+    local_cluster.apply(leftovers, namespace=job_namespace)
+    pod0_uid = kubectl_json(local_cluster, "get", "pod", f"{name}-node-0", "-n", job_namespace)["metadata"]["uid"]
+
+    # A fresh operator adopts them; it is SIGKILLed as soon as it has created the missing pod.
+    first = start_operator()
+    wait_for(lambda: len(job_children(local_cluster, job_namespace, name)[0]) >= 2, 60, "the missing pod")
+    first.kill()
+    start_operator()
+
+    final = sandbox.follow(kubectl, job_namespace, name, JOB_TIMEOUT)
+    assert final["status"]["phase"] == "Succeeded", json.dumps(final["status"], indent=1)
+    assert final["status"]["attempt"] == 1 and final["status"]["restarts"] == 0
+    pods, services = job_children(local_cluster, job_namespace, name)
+    assert sorted(p["metadata"]["name"] for p in pods) == [f"{name}-node-0", f"{name}-node-1"]
+    assert [s["metadata"]["name"] for s in services] == [name]
+    adopted = next(p for p in pods if p["metadata"]["name"] == f"{name}-node-0")
+    assert adopted["metadata"]["uid"] == pod0_uid  # adopted, never recreated
+
+
+def test_deleting_a_job_removes_its_pods_and_service(local_cluster, job_namespace, data_dir, start_operator):
+    start_operator()
+    name = "short-lived"
+    kubectl = local_cluster.cluster.kubectl
+    sandbox.apply_job(kubectl, job_namespace, quickstart(data_dir, name, steps=200))
+    wait_for(lambda: (sandbox.get_job(kubectl, job_namespace, name) or {}).get("status", {}).get("phase")
+             == "Running", 120, "the job to run")
+    pods, services = job_children(local_cluster, job_namespace, name)
+    assert len(pods) == 2 and len(services) == 1
+
+    local_cluster.kubectl("delete", "ltj", name, "-n", job_namespace, "--wait=true", "--timeout=60s", check=True)
+    wait_for(lambda: job_children(local_cluster, job_namespace, name) == ([], []), 90,
+             "garbage collection of the pods and the Service")
+
+
+def test_a_user_error_fails_the_job_with_the_pod_exit_code_and_log_tail(local_cluster, job_namespace, data_dir,
+                                                                        start_operator):
+    start_operator()
+    name = "bad-data"
+    job = quickstart(data_dir, name)
+    job["spec"]["dataset"]["uri"] = "/data/no-such-dataset"
+    sandbox.apply_job(local_cluster.cluster.kubectl, job_namespace, job)
+
+    final = sandbox.follow(local_cluster.cluster.kubectl, job_namespace, name, JOB_TIMEOUT)
+    status = final["status"]
+    assert status["phase"] == "Failed"
+    failed = next(c for c in status["conditions"] if c["type"] == "Failed")
+    assert failed["status"] == "True" and failed["reason"] == "UserError"
+    failure = status["lastFailure"]
+    assert failure["pod"].startswith(f"{name}-node-")
+    assert 1 <= failure["exitCode"] <= 127 and failure["exitCode"] != contract.EXIT_RETRYABLE
+    assert "no-such-dataset" in failure["logTail"]
+    assert status["restarts"] == 0
+    assert "UserError" in event_reasons(local_cluster, job_namespace, name)
+
+
+def test_a_pod_deleted_mid_run_restarts_the_gang_which_resumes(local_cluster, job_namespace, data_dir,
+                                                                start_operator):
+    start_operator()
+    name = "resumer"
+    kubectl = local_cluster.cluster.kubectl
+    sandbox.apply_job(kubectl, job_namespace, quickstart(data_dir, name, steps=40))
+
+    def checkpointed():
+        status = (sandbox.get_job(kubectl, job_namespace, name) or {}).get("status", {})
+        return status.get("phase") == "Running" and (status.get("progress") or {}).get("step", 0) >= 4
+    wait_for(checkpointed, 300, "a few steps (and a checkpoint) of attempt 1")
+    local_cluster.kubectl("delete", "pod", f"{name}-node-1", "-n", job_namespace, "--wait=false", check=True)
+
+    final = sandbox.follow(kubectl, job_namespace, name, JOB_TIMEOUT)
+    status = final["status"]
+    assert status["phase"] == "Succeeded", json.dumps(status, indent=1)
+    assert status["attempt"] == 2 and status["restarts"] == 1
+    restarting = next(c for c in status["conditions"] if c["type"] == "Restarting")
+    assert restarting["status"] == "False"  # over: attempt 2 was created and ran
+    reasons = set(event_reasons(local_cluster, job_namespace, name))
+    assert reasons & {"PodDeleted", "PodLost", "KilledBySignal", "RetryableExit", "PodDisrupted"}, reasons
+    pods, _ = job_children(local_cluster, job_namespace, name)
+    assert {p["metadata"]["labels"][contract.LABEL_ATTEMPT] for p in pods} == {"2"}
+    log = local_cluster.kubectl("logs", f"{name}-node-0", "-n", job_namespace, check=True).stdout
+    assert "resuming from" in log
