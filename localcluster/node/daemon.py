@@ -312,11 +312,18 @@ class NodeDaemon:
             if rt.net is None:
                 self._setup_sandbox(rt)
             if rt.volumes is None:
-                rt.volumes = self.builders[rt.node.name].build(rt.pod, rt.dir, self.api.endpoint.ca_pem)
+                try:
+                    rt.volumes = self.builders[rt.node.name].build(rt.pod, rt.dir,
+                                                                   self.api.endpoint.ca_pem)
+                except NotReadyYet as exc:
+                    if self._set_waiting(rt, "ContainerCreating", str(exc)):
+                        self._event(rt, "FailedMount", str(exc), warning=True)
+                    rt.next_retry = time.monotonic() + RETRY_SECONDS
+                    return
             self._start_next(rt)
-        except NotReadyYet as exc:
-            if self._set_waiting(rt, "ContainerCreating", str(exc)):
-                self._event(rt, "FailedMount", str(exc), warning=True)
+        except NotReadyYet as exc:  # env from a ConfigMap/Secret that is not there (yet)
+            if self._set_waiting(rt, "CreateContainerConfigError", str(exc)):
+                self._event(rt, "Failed", f"Error: {exc}", warning=True)
             rt.next_retry = time.monotonic() + RETRY_SECONDS
         except PodSpecError as exc:
             self._fail_config(rt, str(exc))

@@ -68,7 +68,12 @@ def main():
         with open(spec_path) as f:
             spec = json.load(f)
         enter(spec)
-        os.execvpe(spec["argv"][0], spec["argv"], spec["env"])
+        program = spec["argv"][0]
+        try:
+            os.execvpe(program, spec["argv"], spec["env"])
+        except FileNotFoundError:
+            where = "" if "/" in program else f" in $PATH ({spec['env'].get('PATH', '')})"
+            raise FileNotFoundError(f"executable {program!r} not found{where}") from None
     except Exception as exc:  # report every pre-exec failure the same way
         os.write(errfd, json.dumps({"error": f"{type(exc).__name__}: {exc}"}).encode())
         os._exit(128)
