@@ -44,6 +44,20 @@ def make_lora_config(rank: int, alpha: float, targets: list[str]) -> Any:
     return LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), init_lora_weights=True)
 
 
+def avoid_cudnn_attention_backward() -> None:
+    """Route training attention away from cuDNN's SDPA kernels (flash / memory-efficient instead).
+
+    With torch 2.11+ on H100/H200, cuDNN's SDPA backward returns NaN gradients for some shapes
+    while its forward is fine (pytorch/pytorch#196678; huggingface/trl#7181 sees it on 2.13). The
+    tiny FLUX model hits it on an H200 in bf16: finite loss, NaN LoRA gradients after one step,
+    and `ScaledDotProductCudnnAttentionBackward0` is the op that anomaly mode names. The switch is
+    process-wide on purpose: gradient checkpointing recomputes attention during backward, outside
+    any context manager around the forward, and must pick the same kernel. No-op without CUDA.
+    """
+    if torch.cuda.is_available():
+        torch.backends.cuda.enable_cudnn_sdp(False)
+
+
 def mark_only_lora_trainable(denoiser: torch.nn.Module) -> None:
     """LoRA tensors trainable and in fp32 (AdamW on bf16/fp16 weights loses small updates; peft
     casts activations to the LoRA dtype and back), everything else frozen."""
@@ -116,6 +130,8 @@ class PeftFamily(Family):
             )
         self._inject(denoiser, make_lora_config(rank, alpha, targets))
         mark_only_lora_trainable(denoiser)
+        # Adding LoRA means this process is about to train.
+        avoid_cudnn_attention_backward()
 
     def _inject(self, denoiser: torch.nn.Module, config: Any) -> None:
         denoiser.add_adapter(config)
