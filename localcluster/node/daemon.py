@@ -382,8 +382,12 @@ class NodeDaemon:
 
     def _base_env(self, rt: PodRuntime) -> dict[str, str]:
         prefix = ":".join(str(p) for p in self.config.path_prefix)
+        # Pods share the host's /tmp (host paths must stay visible), so give each its own
+        # TMPDIR: two jobs' temp files never meet.
+        tmpdir = rt.dir / "tmp"
+        tmpdir.mkdir(parents=True, exist_ok=True)
         env = {"PATH": f"{prefix}:{HOST_PATH}" if prefix else HOST_PATH,
-               "HOME": "/root", "LANG": "C.UTF-8"}
+               "HOME": "/root", "LANG": "C.UTF-8", "TMPDIR": str(tmpdir)}
         env.update(self.config.image_env)
         host, port = self.host_ip, str(APISERVER_PORT_IN_CLUSTER)
         env.update({
