@@ -95,6 +95,7 @@ class NodeDaemon:
         self.gpu_in_use: dict[str, set[int]] = {n.name: set() for n in config.nodes}
         self.host_ip = str(hostregistry.GATEWAY)
         self.dns_dirty = True
+        self.stopping = False
         self.builders = {
             n.name: VolumeBuilder(self.api, self.layout.pvcs, n.resources()) for n in config.nodes
         }
@@ -166,6 +167,7 @@ class NodeDaemon:
     def _shutdown(self) -> None:
         log.info("shutting down: terminating pods")
         self.stop_event.set()
+        self.stopping = True  # no container may start from here on
         deadline = time.monotonic() + SHUTDOWN_GRACE_SECONDS
         interrupted = [rt for rt in self.runs.values() if not rt.run.terminal() and not rt.gone]
         for rt in self.runs.values():
@@ -306,7 +308,7 @@ class NodeDaemon:
     # -- pod progress ---------------------------------------------------------------------
 
     def _advance(self, rt: PodRuntime) -> None:
-        if rt.deleting or rt.torn_down:
+        if rt.deleting or rt.torn_down or self.stopping:
             return
         try:
             if rt.net is None:
