@@ -16,8 +16,8 @@ from lorakube import contract
 from lorakube.spec import JobRef, JobSpec
 
 GPU_RESOURCE = "nvidia.com/gpu"
-# The non-root identity the trainer image runs as (trainer_image/Dockerfile creates it).
-TRAINER_UID = 1000
+# The non-root identity the trainer image runs as (trainer_image/Dockerfile creates uid 10001).
+TRAINER_UID = 10001
 MASTER_PORT_NAME = "rendezvous"
 
 

@@ -57,7 +57,7 @@ def run(state_dir: str | Path | None = None, keep: bool = False, timeout: float 
         job = sandbox.quickstart_job(data_dir, JOB_NAME)
         sandbox.apply_job(kubectl, JOB_NAMESPACE, job)
         _say(f"applied examples/quickstart.yaml as {JOB_NAMESPACE}/{JOB_NAME}")
-        body = sandbox.follow(kubectl, JOB_NAMESPACE, JOB_NAME, timeout, on_change=_show)
+        body = sandbox.follow(kubectl, JOB_NAMESPACE, JOB_NAME, timeout, on_change=_show, interval=0.5)
         print(kubectl("get", contract.SHORT_NAME, "-n", JOB_NAMESPACE).stdout, flush=True)
         status = body.get("status") or {}
         output = data_dir / "output" / JOB_NAME

@@ -90,7 +90,7 @@ def prepare_data(data_dir: Path, log: Callable[[str], None] = print) -> Path:
     shutil.copytree(_require(EXAMPLE_DATASET), dataset)
     output = data_dir / "output"
     output.mkdir(exist_ok=True)
-    # The pods run as a non-root user (runAsUser 1000); they must be able to write here.
+    # The pods run as a non-root user (builders.TRAINER_UID); they must be able to write here.
     for path in (data_dir, output):
         path.chmod(0o777)
     return data_dir
