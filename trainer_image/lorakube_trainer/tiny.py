@@ -164,7 +164,6 @@ def _chatglm_encoder(vocab_size: int, hidden: int = 32) -> Any:
         kv_channels=8, num_attention_heads=4, seq_length=TOKENIZER_MAX_LENGTH["chatglm"],
         multi_query_attention=True, multi_query_group_num=2, add_qkv_bias=True,
         original_rope=True,          # the real config.json has it; the class default lacks it
-        torch_dtype="float32",
     )
     # empty_init=False: the default leaves Linear weights uninitialised; RMSNorm weights come
     # from torch.empty and _init_weights skips them (garbage up to 1e30 -> NaN embeddings).

@@ -76,9 +76,9 @@ def test_flat_kohya_names_alpha_and_delta(family, module, expected):
 
 def test_fused_lora_reproduces_each_parts_update():
     q, k = (torch.randn(4, 6), torch.randn(5, 4)), (torch.randn(4, 6), torch.randn(5, 4))
-    down, up, alpha = lora_keys.fuse_lora([q, k, None], alpha=2.0)
-    assert down.shape == (12, 6) and up.shape == (15, 12) and alpha == 6.0
-    delta = (alpha / down.shape[0]) * up @ down
+    down, up = lora_keys.fuse_lora([q, k, None])
+    assert down.shape == (12, 6) and up.shape == (15, 12)
+    delta = (2.0 / down.shape[0]) * up @ down       # what a loader applies for alpha 2
     assert torch.allclose(delta[:5], (2.0 / 4) * q[1] @ q[0])
     assert torch.allclose(delta[5:10], (2.0 / 4) * k[1] @ k[0])
     assert torch.equal(delta[10:], torch.zeros(5, 6))
@@ -94,9 +94,7 @@ def test_hunyuan_comfyui_export_uses_official_fused_names():
     names = {k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in out}
     p = "base_model.model.blocks.0."
     assert names == {p + "attn1.Wqkv", p + "attn1.out_proj", p + "attn2.q_proj", p + "attn2.kv_proj", p + "attn2.out_proj"}
-    assert out[p + "attn1.Wqkv.alpha"].item() == 3 * alpha
-    assert out[p + "attn2.kv_proj.alpha"].item() == 2 * alpha
-    assert out[p + "attn1.out_proj.alpha"].item() == alpha
+    assert {v.item() for k, v in out.items() if k.endswith(".alpha")} == {alpha}
     assert out[p + "attn1.Wqkv.lora_down.weight"].shape == (3 * rank, dim)
     wqkv = lora_keys.kohya_delta(out, p + "attn1.Wqkv")
     expected = torch.cat([_peft_delta(state, f"blocks.0.attn1.{m}", rank, alpha) for m in ("to_q", "to_k", "to_v")])

@@ -99,3 +99,15 @@ def test_cli_builds_every_family(tmp_path, capsys):
 def test_load_pipeline_names_a_wrong_model_path(tmp_path):
     with pytest.raises(FileNotFoundError, match="--model_path .* no model_index.json"):
         get_family("sd3").load_pipeline(tmp_path, torch.float32)
+
+
+def test_load_pipeline_names_a_family_mismatch(tiny_models):
+    with pytest.raises(ValueError, match="holds a StableDiffusion3Pipeline .*--model_family is flux"):
+        get_family("flux").load_pipeline(tiny_models["sd3"], torch.float32)
+
+
+def test_size_multiples_come_from_the_contract():
+    from lorakube.contract import SIZE_MULTIPLE
+
+    for name in FAMILY_NAMES:
+        assert type(get_family(name)).size_multiple == SIZE_MULTIPLE[name]

@@ -31,7 +31,7 @@ COMFYUI_EXAMPLE = {
         "lora_unet_up_blocks_0_attentions_1_transformer_blocks_0_attn2_to_v",
         ALPHA,
     ),
-    "hunyuan-dit": ("blocks.1.attn1.to_k", "base_model.model.blocks.1.attn1.Wqkv", 3 * ALPHA),
+    "hunyuan-dit": ("blocks.1.attn1.to_k", "base_model.model.blocks.1.attn1.Wqkv", ALPHA),
 }
 
 
@@ -137,6 +137,7 @@ def test_comfyui_export_names_alpha_and_weights(trained):
     module, name, alpha = COMFYUI_EXAMPLE[family.name]
     assert f"{name}.lora_down.weight" in out and f"{name}.lora_up.weight" in out
     assert out[f"{name}.alpha"].item() == alpha
+    assert {v.item() for k, v in out.items() if k.endswith(".alpha")} == {ALPHA}
     suffixes = {k.rsplit(".", 2)[-2] + "." + k.rsplit(".", 1)[-1] if k.endswith(".weight") else "alpha" for k in out}
     assert suffixes == {"lora_down.weight", "lora_up.weight", "alpha"}
     if family.name != "hunyuan-dit":

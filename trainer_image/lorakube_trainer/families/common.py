@@ -3,6 +3,7 @@ the diffusers-layout file, VAE encoding. Each family module adds only what diffe
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -12,6 +13,15 @@ from lorakube.contract import SIZE_MULTIPLE
 
 from . import lora_keys
 from .base import Family
+
+
+# diffusers pipeline class (model_index.json's _class_name) -> family, to name a mismatch.
+PIPELINE_FAMILIES = {
+    "FluxPipeline": "flux",
+    "StableDiffusion3Pipeline": "sd3",
+    "KolorsPipeline": "kolors",
+    "HunyuanDiTPipeline": "hunyuan-dit",
+}
 
 
 def freeze_pipeline(pipe: Any) -> None:
@@ -78,8 +88,10 @@ class PeftFamily(Family):
     # Key prefix of the kohya/ComfyUI export (see lora_keys' module docstring).
     comfyui_prefix: ClassVar[str] = ""
 
-    def __init__(self) -> None:
-        self.size_multiple = SIZE_MULTIPLE[self.name]
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "name" in cls.__dict__:
+            cls.size_multiple = SIZE_MULTIPLE[cls.name]
 
     # --- loading ------------------------------------------------------------------------------
 
@@ -94,6 +106,12 @@ class PeftFamily(Family):
             raise FileNotFoundError(
                 f"--model_path {str(path)!r} has no model_index.json: point it at a diffusers pipeline "
                 f"folder of a {self.name} model (the layout save_pretrained writes)"
+            )
+        found = json.loads((path / "model_index.json").read_text()).get("_class_name")
+        if found != self.pipeline_class_name and found in PIPELINE_FAMILIES:
+            raise ValueError(
+                f"--model_path {str(path)!r} holds a {found} ({PIPELINE_FAMILIES[found]} model), but "
+                f"--model_family is {self.name}, which needs a {self.pipeline_class_name}"
             )
         pipe = self.pipeline_class().from_pretrained(str(path), dtype=dtype)
         freeze_pipeline(pipe)

@@ -20,7 +20,8 @@ scalar `<name>.alpha`; ComfyUI scales by alpha / rank(lora_down). Names per fami
                  (ComfyUI maps diffusers UNet names through `unet_to_diffusers`; Kolors is an SDXL UNet)
     Hunyuan-DiT  base_model.model.<original HunyuanDiT module path>
                  (ComfyUI's HunyuanDiT key map only knows the official Tencent module names, where
-                 q/k/v are fused into attn1.Wqkv and k/v into attn2.kv_proj; see `hunyuan_fused_modules`)
+                 q/k/v are fused into attn1.Wqkv and k/v into attn2.kv_proj; see `fuse_lora`)
+Every `.alpha` in an export equals the trained alpha.
 """
 
 from __future__ import annotations
@@ -136,12 +137,14 @@ def to_kohya_flat(state: Mapping[str, torch.Tensor], prefix: str, alpha: float) 
     return out
 
 
-def fuse_lora(parts: list[tuple[torch.Tensor, torch.Tensor] | None], alpha: float) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """One LoRA for a fused linear layer (rows = the parts' outputs stacked) from per-part LoRAs.
+def fuse_lora(parts: list[tuple[torch.Tensor, torch.Tensor] | None]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One LoRA (down, up) for a fused linear layer (rows = the parts' outputs stacked) from the
+    per-part LoRAs, keeping the file's alpha equal to the trained alpha.
 
-    ΔW_fused = blockdiag(B_1..B_n) @ [A_1; ..; A_n], so each part keeps its own update. The rank
-    becomes n·r; alpha becomes n·alpha so that alpha/rank, hence the scale, is unchanged. A part
-    that was not trained contributes zero rows (its A and B blocks are zeros).
+    ΔW_fused = blockdiag(B_1..B_n) @ [A_1; ..; A_n] gives each part its own update. The fused rank
+    is n·r, so a loader scaling by alpha/rank would shrink it n-fold; the up blocks are multiplied
+    by n to compensate (alpha/(n·r) · n·B = alpha/r · B). A part that was not trained contributes
+    zero rows (its A and B blocks are zeros).
     """
     present = [p for p in parts if p is not None]
     if not present:
@@ -153,8 +156,8 @@ def fuse_lora(parts: list[tuple[torch.Tensor, torch.Tensor] | None], alpha: floa
         if a.shape[0] != rank or b.shape[0] != out_dim:
             raise ValueError("fused parts must share rank and output size")
     down = torch.cat([a for a, _ in filled], dim=0)
-    up = torch.block_diag(*[b for _, b in filled])
-    return down, up, alpha * len(parts)
+    up = torch.block_diag(*[b for _, b in filled]) * len(parts)
+    return down, up
 
 
 # Hunyuan-DiT: diffusers module (inside blocks.N) -> (official module, part index, number of parts)
@@ -196,8 +199,8 @@ def to_comfyui_hunyuan(state: Mapping[str, torch.Tensor], alpha: float) -> dict[
     modules = peft_modules(state)
     out: dict[str, torch.Tensor] = {}
     for official, members in hunyuan_fused_modules(modules).items():
-        down, up, fused_alpha = fuse_lora([modules[m] if m else None for m in members], alpha)
-        out.update(kohya_entry(HUNYUAN_COMFYUI_PREFIX + official, down, up, fused_alpha))
+        down, up = fuse_lora([modules[m] if m else None for m in members])
+        out.update(kohya_entry(HUNYUAN_COMFYUI_PREFIX + official, down, up, alpha))
     return out
 
 
