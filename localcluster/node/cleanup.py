@@ -26,6 +26,10 @@ def sweep(state_dir: Path) -> None:
         log.warning("killed %d leftover pod processes", killed)
         time.sleep(0.2)  # let the kernel tear their mount namespaces down
     network.remove_pod_nets(hostregistry.release_owner(state_dir))
+    abandoned = hostregistry.release_abandoned()
+    if abandoned:
+        log.warning("removed pods of crashed daemons whose state is gone: %s", abandoned)
+        network.remove_pod_nets(abandoned)
     with hostregistry.network_lock():
         if not hostregistry.other_daemons(state_dir):
             network.delete_bridge_if_unused()

@@ -177,3 +177,15 @@ def apiserver_for_pod_ip(ip: str) -> tuple[str, int] | None:
         if daemon.state_dir == entry["owner"]:
             return daemon.apiserver
     return None
+
+
+def release_abandoned() -> list[str]:
+    """Free the IPs of daemons that are dead *and* whose state dir is gone (so no restart
+    will ever clean up after them); returns the IPs whose devices should be removed."""
+    alive = {d.state_dir for d in live_daemons()}
+    with _ipam() as table:
+        abandoned = [ip for ip, e in table.items()
+                     if e.get("owner") not in alive and not Path(e.get("owner", "")).exists()]
+        for ip in abandoned:
+            del table[ip]
+    return abandoned

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
+import signal
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,7 +79,22 @@ def create_pod_net(net: PodNet) -> None:
         raise
 
 
+def kill_netns_processes(net: PodNet) -> int:
+    """SIGKILL whatever still lives in the pod's network namespace: only pod processes can be
+    there, including any that escaped the container's process group with setsid."""
+    if not net.netns_path.exists():
+        return 0
+    pids = [int(p) for p in _ip("netns", "pids", net.netns, check=False).stdout.split()]
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return len(pids)
+
+
 def delete_pod_net(net: PodNet) -> None:
+    kill_netns_processes(net)
     # Deleting the namespace destroys eth0 and with it the host end of the pair.
     if net.netns_path.exists():
         _ip("netns", "delete", net.netns, check=False)

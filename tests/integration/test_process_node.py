@@ -357,6 +357,22 @@ def test_in_cluster_service_account_token_through_the_forwarder(local_cluster: A
     assert seen["kubelet"].startswith("refused")
 
 
+def test_processes_that_escape_the_process_group_end_with_the_pod(local_cluster: Any,
+                                                                   new_namespace: str) -> None:
+    ns = new_namespace
+    script = """
+        import subprocess
+        child = subprocess.Popen(['sleep', '300'], start_new_session=True)
+        print(child.pid, flush=True)
+    """
+    local_cluster.apply(python_pod("escaper", script), ns)
+
+    assert wait_phase(local_cluster, ns, "escaper", ("Succeeded", "Failed"))["status"]["phase"] \
+        == "Succeeded"
+    escaped = int(logs(local_cluster, ns, "escaper").split()[0])
+    wait_for("the escaped process to be killed", lambda: not pid_alive(escaped), timeout=10)
+
+
 # -- stop and restart (last: they restart the session's node) --------------------------------
 
 def _node_specs(cluster: Any) -> list[NodeSpec]:
