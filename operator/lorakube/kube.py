@@ -11,6 +11,7 @@ import dataclasses
 import datetime as dt
 import json
 import logging
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -51,12 +52,14 @@ def _classify_create_error(exc: ApiException) -> Exception:
 
 
 def load_api_client() -> client.ApiClient:
-    """In-cluster credentials when running in a pod, else the kubeconfig ($KUBECONFIG)."""
+    """In-cluster credentials when running in a pod, else the kubeconfig ($KUBECONFIG, read now:
+    the client library reads it only once, at import)."""
+    configuration = client.Configuration()
     try:
-        config.load_incluster_config()
+        config.load_incluster_config(client_configuration=configuration)
     except config.ConfigException:
-        config.load_kube_config()
-    return client.ApiClient()
+        config.load_kube_config(config_file=os.environ.get("KUBECONFIG"), client_configuration=configuration)
+    return client.ApiClient(configuration)
 
 
 @dataclasses.dataclass

@@ -88,7 +88,7 @@ class LeaderElector:
                 if create_exc.status == 409:
                     return False
                 raise
-        current = client.ApiClient().sanitize_for_serialization(lease.spec) if lease.spec else {}
+        current = self.coordination.api_client.sanitize_for_serialization(lease.spec) if lease.spec else {}
         if not may_take(current, self.identity, now):
             return False
         body = {"metadata": {"name": LEASE_NAME, "namespace": self.namespace,
