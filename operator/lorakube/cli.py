@@ -55,6 +55,9 @@ def run_operator(namespaces: Sequence[str] = (), leader_elect: bool = False, liv
     from lorakube import kube, leader
 
     kopf.configure(verbose=verbose)
+    if not verbose:
+        # Kopf logs every handler call at INFO; the operator's own transitions are what matter.
+        logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     stop = stop or threading.Event()
     lost = threading.Event()
     if leader_elect:
