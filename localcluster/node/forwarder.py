@@ -44,10 +44,6 @@ class Forwarder:
         self._listener: socket.socket | None = None
         self._closed = threading.Event()
 
-    @property
-    def listening(self) -> bool:
-        return self._listener is not None
-
     def try_listen(self) -> None:
         """Bind the gateway port unless this daemon (or another) already serves it."""
         if self._listener is not None or self._closed.is_set():

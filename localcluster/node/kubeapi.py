@@ -117,9 +117,6 @@ class KubeApi:
         kind = STRATEGIC_MERGE_PATCH if strategic else MERGE_PATCH
         return self.request("PATCH", path, body=body, content_type=kind)
 
-    def put(self, path: str, body: dict[str, Any]) -> Any:
-        return self.request("PUT", path, body=body)
-
     def delete(self, path: str, body: dict[str, Any] | None = None) -> Any:
         return self.request("DELETE", path, body=body)
 

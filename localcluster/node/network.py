@@ -102,18 +102,6 @@ def delete_pod_net(net: PodNet) -> None:
         _ip("link", "delete", net.veth, check=False)
 
 
-def leftover_netns() -> list[str]:
-    if not NETNS_DIR.is_dir():
-        return []
-    return sorted(p.name for p in NETNS_DIR.iterdir() if p.name.startswith(NETNS_PREFIX))
-
-
-def leftover_veths() -> list[str]:
-    out = _ip("-o", "link", "show", check=False).stdout
-    names = [line.split(":")[1].strip().split("@")[0] for line in out.splitlines() if ":" in line]
-    return [n for n in names if n.startswith(VETH_PREFIX)]
-
-
 def bridge_exists() -> bool:
     return _ip("link", "show", BRIDGE, check=False).returncode == 0
 

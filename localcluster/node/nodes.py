@@ -9,7 +9,7 @@ import uuid
 from typing import Any
 
 from .kubeapi import ApiError, KubeApi
-from .nodespec import GPU_RESOURCE, NodeSpec
+from .nodespec import NodeSpec
 from .status import now_rfc3339
 
 log = logging.getLogger(__name__)

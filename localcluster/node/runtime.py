@@ -14,7 +14,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,7 +80,6 @@ class ContainerProcess:
         self.pid = self._proc.pid
         record_path.write_text(json.dumps({"pid": self.pid,
                                            "start": process_start_ticks(self.pid)}))
-        self.started_at = time.time()
         self._record_path = record_path
         self.exited = threading.Event()
         self._thread = threading.Thread(
