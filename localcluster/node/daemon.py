@@ -389,7 +389,7 @@ class NodeDaemon:
         tmpdir = rt.dir / "tmp"
         tmpdir.mkdir(parents=True, exist_ok=True)
         env = {"PATH": f"{prefix}:{HOST_PATH}" if prefix else HOST_PATH,
-               "HOME": "/root", "LANG": "C.UTF-8", "TMPDIR": str(tmpdir)}
+               "HOME": str(Path.home()), "LANG": "C.UTF-8", "TMPDIR": str(tmpdir)}
         env.update(self.config.image_env)
         host, port = self.host_ip, str(APISERVER_PORT_IN_CLUSTER)
         env.update({
