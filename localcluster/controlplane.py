@@ -21,7 +21,7 @@ from localcluster.certs import (
     FRONT_PROXY_CLIENT, POD_NETWORK_GATEWAY, ClusterPKI, generate_pki, pki_paths,
 )
 from localcluster.processes import (
-    DaemonRecord, free_loopback_ports, is_running, log_tail, start_daemon, stop_daemon,
+    DaemonRecord, free_loopback_ports, is_running, log_tail, start_daemon, stop_daemons,
 )
 
 SERVICE_CLUSTER_IP_RANGE = "10.96.0.0/16"
@@ -52,7 +52,7 @@ CONTROLLERS = (
     "pod-garbage-collector-controller",
 )
 
-# Start order; stop runs in reverse.
+# Start order (each waits for the one before to be healthy).
 COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler")
 
 
@@ -344,7 +344,10 @@ class ControlPlane:
         ]
 
     def stop(self) -> None:
-        """Stop in reverse start order, so nothing writes to a store that is already gone."""
-        for record in reversed(self.records()):
-            stop_daemon(record)
-            (self.layout.pid_dir / f"{record.name}.json").unlink(missing_ok=True)
+        """Clients first (together), then the apiserver, then etcd: an apiserver whose etcd
+        vanished hangs in shutdown until it is killed."""
+        records = {record.name: record for record in self.records()}
+        for wave in (("kube-scheduler", "kube-controller-manager"), ("kube-apiserver",), ("etcd",)):
+            stop_daemons([records[name] for name in wave if name in records])
+        for name in records:
+            (self.layout.pid_dir / f"{name}.json").unlink(missing_ok=True)

@@ -83,33 +83,56 @@ def _reap(pid: int) -> None:
         pass
 
 
-def _wait_gone(record: DaemonRecord, seconds: float) -> bool:
-    """Wait until the process has left /proc (its ports and files are released only then).
+def has_exited(record: DaemonRecord) -> bool:
+    """True once every thread of the process has exited (so its ports and files are released).
 
-    A multi-threaded process shows as a zombie while its other threads still exit, and waitpid
-    cannot reap it before they have, so "not running" alone is too early.
+    A multi-threaded process shows as a zombie while its other threads still exit, so the state
+    letter alone is too early; what may remain after this is only the parent's reaping.
     """
+    fields = _stat_fields(record.pid)
+    if fields is None or int(fields[19]) != record.start_time:
+        return True
+    if fields[0] != "Z":
+        return False
+    try:
+        return len(os.listdir(f"/proc/{record.pid}/task")) <= 1
+    except FileNotFoundError:
+        return True
+
+
+def _wait_gone(record: DaemonRecord, seconds: float) -> bool:
     deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
+    while True:
         _reap(record.pid)
-        if process_start_time(record.pid) != record.start_time:
+        if has_exited(record):
+            _reap(record.pid)
             return True
+        if time.monotonic() >= deadline:
+            return False
         time.sleep(0.05)
-    # A zombie whose parent is not us and never reaps it holds no resources any more.
-    return not is_running(record)
+
+
+def stop_daemons(records: list[DaemonRecord], grace_seconds: float = 15.0) -> None:
+    """SIGTERM all at once, SIGKILL whatever outlives the grace period; returns once all are gone."""
+    alive = [record for record in records if is_running(record)]
+    for record in records:
+        if record not in alive:
+            _reap(record.pid)
+    for record in alive:
+        os.kill(record.pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_seconds
+    stubborn = [r for r in alive if not _wait_gone(r, max(0.0, deadline - time.monotonic()))]
+    for record in stubborn:
+        if is_running(record):
+            os.kill(record.pid, signal.SIGKILL)
+    for record in stubborn:
+        if not _wait_gone(record, 10.0):
+            raise RuntimeError(f"{record.name} (pid {record.pid}) survived SIGKILL")
 
 
 def stop_daemon(record: DaemonRecord, grace_seconds: float = 15.0) -> None:
     """SIGTERM, then SIGKILL after the grace period; returns once the process is gone."""
-    if not is_running(record):
-        _reap(record.pid)
-        return
-    os.kill(record.pid, signal.SIGTERM)
-    if _wait_gone(record, grace_seconds):
-        return
-    os.kill(record.pid, signal.SIGKILL)
-    if not _wait_gone(record, 10.0):
-        raise RuntimeError(f"{record.name} (pid {record.pid}) survived SIGKILL")
+    stop_daemons([record], grace_seconds)
 
 
 def log_tail(path: str | Path, lines: int = 30) -> str:
