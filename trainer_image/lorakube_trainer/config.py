@@ -149,10 +149,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _dest(action: argparse.Action) -> str:
-    return action.dest
-
-
 def _yaml_defaults(parser: argparse.ArgumentParser, path: str) -> dict[str, Any]:
     try:
         loaded = yaml.safe_load(Path(path).read_text())
@@ -183,7 +179,7 @@ def _yaml_defaults(parser: argparse.ArgumentParser, path: str) -> dict[str, Any]
                 raise ConfigError(f"--{key}", f"{value!r} in {path} is not a valid {action.type.__name__}") from exc
         if action.choices is not None and value not in action.choices:
             raise ConfigError(f"--{key}", f"{value!r} in {path} is not one of {', '.join(map(str, action.choices))}")
-        defaults[_dest(action)] = value
+        defaults[action.dest] = value
     return defaults
 
 

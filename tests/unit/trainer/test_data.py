@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import EXAMPLE_DATASET, write_dataset
+from trainer_testlib import EXAMPLE_DATASET, write_dataset
 from PIL import Image
 
 from lorakube import contract

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from test_training import CrashAt, SimulatedNodeLoss, lora_file_identity
+from trainer_testlib import CrashAt, SimulatedNodeLoss, lora_file_identity
 
 from lorakube import contract
 from lorakube_trainer.config import parse_config

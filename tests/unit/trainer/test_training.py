@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import struct
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +15,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 from toy_family import ToyFamily
+from trainer_testlib import CrashAt, SimulatedNodeLoss, lora_file_identity
 
 from lorakube import contract
 from lorakube_trainer import checkpoint as ckpt
@@ -40,21 +40,6 @@ class Spy(pl.Callback):
         self.loader_workers = trainer.train_dataloader.num_workers
 
 
-class SimulatedNodeLoss(Exception):
-    pass
-
-
-class CrashAt(pl.Callback):
-    """Simulates a pod killed right after optimizer step `step` (before any later checkpoint)."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: Any, *args: Any) -> None:
-        if pl_module.absolute_step == self.step:
-            raise SimulatedNodeLoss(f"after step {self.step}")
-
-
 def _run(cfg, family: ToyFamily | None = None, callbacks=()) -> tuple[RunResult, ToyFamily]:
     family = family or ToyFamily()
     return run(cfg, env={}, family=family, extra_callbacks=callbacks), family
@@ -62,18 +47,6 @@ def _run(cfg, family: ToyFamily | None = None, callbacks=()) -> tuple[RunResult,
 
 def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def lora_file_identity(path: Path) -> tuple[str, dict[str, str]]:
-    """(sha256 of the tensor bytes and their index, metadata). The safetensors writer orders
-    metadata keys in its header arbitrarily (a Rust HashMap), so whole-file hashes of two equal
-    LoRAs can differ; the tensor section and the parsed metadata cannot."""
-    data = path.read_bytes()
-    size = struct.unpack("<Q", data[:8])[0]
-    header = json.loads(data[8:8 + size])
-    metadata = header.pop("__metadata__", {})
-    digest = hashlib.sha256(json.dumps(header, sort_keys=True).encode() + data[8 + size:]).hexdigest()
-    return digest, metadata
 
 
 def test_artifacts_a_user_picks_up(make_cfg, tmp_path: Path) -> None:
