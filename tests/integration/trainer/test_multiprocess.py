@@ -79,7 +79,7 @@ def test_two_pods_train_together_over_gloo(tiny_flux: Path, tmp_path: Path) -> N
     codes = [finish(p) for p in procs]
     assert codes == [0, 0], "\n".join(log.read_text()[-3000:] for log in logs)
 
-    probes = [json.loads((tmp_path / "probe" / f"rank-{r}.json").read_text()) for r in (0, 1)]
+    probes = _probes(tmp_path / "probe", 2)
     assert [p["world_size"] for p in probes] == [2, 2]
     assert {p["cluster_env"] for p in probes} == {"LightningEnvironment"}
     # Each rank drew its own shard: 3 batches each, 6 distinct positions of a shuffled pass over 5
@@ -99,6 +99,42 @@ def test_two_pods_train_together_over_gloo(tiny_flux: Path, tmp_path: Path) -> N
     assert folder is not None and ckpt.read_marker(folder)["step"] == 3
     assert (folder / ckpt.rng_file(0)).is_file() and (folder / ckpt.rng_file(1)).is_file()
     assert load_file(str(tmp_path / "out0" / contract.ARTIFACT_LORA_DIFFUSERS))
+
+
+def _probes(folder: Path, ranks: int) -> list[dict]:
+    return [json.loads((folder / f"rank-{r}.json").read_text()) for r in range(ranks)]
+
+
+def test_torchrun_launch_needs_no_other_settings(tiny_flux: Path, tmp_path: Path) -> None:
+    port, procs, logs = free_port(), [], []
+    for node in (0, 1):
+        logs.append(tmp_path / f"node{node}.log")
+        torchrun = ["-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1", "--node-rank", str(node),
+                    "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", str(LAUNCHER)]
+        fh = logs[-1].open("w")
+        procs.append(subprocess.Popen(
+            [sys.executable, *torchrun, *flags(tiny_flux, tmp_path / f"out{node}",
+                                               "--checkpoint_dir", str(tmp_path / "ck"))],
+            env=base_env(PROBE_DIR=str(tmp_path / "probe")), stdout=fh, stderr=subprocess.STDOUT,
+            start_new_session=True))
+    codes = [finish(p) for p in procs]
+    assert codes == [0, 0], "\n".join(log.read_text()[-3000:] for log in logs)
+    probes = _probes(tmp_path / "probe", 2)
+    assert {p["cluster_env"] for p in probes} == {"TorchElasticEnvironment"}
+    assert [p["world_size"] for p in probes] == [2, 2]
+    assert probes[0]["lora_sha256"] == probes[1]["lora_sha256"]
+    assert probes[0]["indices"] != probes[1]["indices"]
+
+
+def test_one_pod_with_two_processes_lightning_launches_the_second(tiny_flux: Path, tmp_path: Path) -> None:
+    env = base_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), NODE_RANK="0", NNODES="1",
+                   NPROC_PER_NODE="2", WORLD_SIZE="2", PROBE_DIR=str(tmp_path / "probe"))
+    proc = start(flags(tiny_flux, tmp_path / "out"), env, tmp_path / "pod.log")
+    assert finish(proc) == 0, (tmp_path / "pod.log").read_text()[-3000:]
+    probes = _probes(tmp_path / "probe", 2)
+    assert [p["world_size"] for p in probes] == [2, 2]
+    assert probes[0]["lora_sha256"] == probes[1]["lora_sha256"]
+    assert (tmp_path / "out" / contract.ARTIFACT_MANIFEST).is_file()
 
 
 def test_a_missing_rank0_ends_with_the_retryable_code_within_the_timeout(tiny_flux: Path, tmp_path: Path) -> None:
