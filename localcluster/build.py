@@ -109,12 +109,6 @@ def binaries_dir(key: str) -> Path:
     return cache_root() / "bin" / key
 
 
-def find_binaries() -> Binaries | None:
-    """The cached set for the current pins, or None when it has not been built yet."""
-    directory = binaries_dir(cache_key(go_version()))
-    return Binaries(directory) if (directory / COMPLETE_MARKER).is_file() else None
-
-
 @contextmanager
 def _exclusive(lock_path: Path) -> Iterator[None]:
     # Two test sessions starting at once must not both run a 5-minute build into the same place.

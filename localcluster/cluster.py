@@ -19,9 +19,9 @@ from typing import TYPE_CHECKING
 
 from localcluster import build as build_mod
 from localcluster.build import Binaries
-from localcluster.controlplane import COMPONENTS, ControlPlane, Layout, Ports
+from localcluster.controlplane import ControlPlane, Layout, Ports
 from localcluster.processes import (
-    DaemonRecord, is_running, mounts_under, port_in_use, process_start_time,
+    DaemonRecord, has_exited, is_running, mounts_under, port_in_use, process_start_time,
 )
 
 if TYPE_CHECKING:
@@ -273,11 +273,13 @@ class LocalCluster:
         state = ClusterState.load(self.state_dir)
         if state is None:
             return []
+        plane = ControlPlane.load(self.state_dir, Ports(**state.ports))
+        # Pid files cover components started before a failed `up` could record them in state.
+        records = {record.name: record for record in [*plane.records(), *state.records()]}
         if self.node_state_dir.exists():
             self._stop_node()
-        ports = Ports(**state.ports)
-        ControlPlane.load(self.state_dir, ports).stop()
-        problems = leftovers(state, self.state_dir)
+        plane.stop()
+        problems = leftovers(list(records.values()), list(state.ports.values()), self.state_dir)
         for problem in problems:
             self._log(f"left behind: {problem}")
         return problems
@@ -294,16 +296,9 @@ class LocalCluster:
         return subprocess.run(command, input=input, capture_output=True, text=True, timeout=timeout)
 
 
-def leftovers(state: ClusterState, state_dir: Path) -> list[str]:
-    """Processes, listening ports and mounts of this cluster that are still there."""
-    problems = [
-        f"process {record.name} (pid {record.pid})" for record in state.records() if is_running(record)
-    ]
-    problems += [f"port 127.0.0.1:{port} still listening" for port in state.ports.values()
-                 if port_in_use(port)]
+def leftovers(records: Sequence[DaemonRecord], ports: Sequence[int], state_dir: Path) -> list[str]:
+    """Processes, listening loopback ports and mounts of this cluster that are still there."""
+    problems = [f"process {r.name} (pid {r.pid})" for r in records if not has_exited(r)]
+    problems += [f"port 127.0.0.1:{port} still listening" for port in ports if port_in_use(port)]
     problems += [f"mount {mount}" for mount in mounts_under(state_dir)]
     return problems
-
-
-__all__ = ["COMPONENTS", "ClusterError", "ClusterState", "ClusterStatus", "LocalCluster",
-           "default_nodes", "default_state_dir", "leftovers"]

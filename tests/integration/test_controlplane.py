@@ -111,5 +111,5 @@ def test_up_survives_the_command_and_down_leaves_no_processes_ports_or_mounts(
     for port in state.ports.values():
         assert not port_in_use(port), f"127.0.0.1:{port} still listening after down"
     assert mounts_under(state_dir) == []
-    assert leftovers(state, state_dir) == []
+    assert leftovers(state.records(), list(state.ports.values()), state_dir) == []
     assert _cli("status", "--state-dir", str(state_dir)).returncode != 0
