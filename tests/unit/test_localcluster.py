@@ -7,11 +7,13 @@ import socket
 import sys
 from pathlib import Path
 
+import pytest
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
 from localcluster import build, versions
 from localcluster.certs import generate_pki
+from localcluster.cluster import ClusterError, LocalCluster
 from localcluster.controlplane import (
     CONTROLLERS, Layout, Ports, apiserver_args, controller_manager_args, etcd_args,
     scheduler_args,
@@ -131,3 +133,21 @@ def test_free_ports_are_distinct_and_detected_when_listening():
         listener.listen()
         assert port_in_use(ports[0])
     assert not port_in_use(ports[0])
+
+
+def test_missing_go_toolchain_says_what_to_install(monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(build.BuildError, match=r"install Go 1\.26"):
+        build.go_version()
+
+
+def test_up_refuses_to_wipe_a_directory_it_did_not_create(tmp_path):
+    (tmp_path / "precious.txt").write_text("keep me")
+    with pytest.raises(ClusterError, match="refusing to wipe"):
+        LocalCluster(tmp_path, nodes=[], log=lambda _: None).up()
+    assert (tmp_path / "precious.txt").read_text() == "keep me"
+
+
+def test_status_of_an_empty_state_dir_is_not_up(tmp_path):
+    status = LocalCluster(tmp_path, nodes=[]).status()
+    assert not status.up and "no cluster" in status.describe()
