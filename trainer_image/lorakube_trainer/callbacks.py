@@ -130,7 +130,9 @@ class StepCallback(pl.Callback):
         if trainer.is_global_zero:
             self._record(step, epoch, trainer)
         cfg = self.cfg
-        if cfg.checkpoint_every_n_steps and step % cfg.checkpoint_every_n_steps == 0:
+        # The last step is always checkpointed: a crash while writing the artifacts then resumes
+        # straight to writing them instead of training again.
+        if cfg.checkpoint_every_n_steps and (step % cfg.checkpoint_every_n_steps == 0 or step == cfg.total_steps):
             save_checkpoint(trainer, pl_module, cfg, step, epoch)
         if cfg.validation_every_n_steps and step % cfg.validation_every_n_steps == 0 and step < cfg.total_steps:
             self._validate(trainer, pl_module, step)

@@ -80,6 +80,7 @@ def run(cfg: TrainConfig, env: Mapping[str, str] | None = None, *,
                  start_step, cfg.total_steps)
         if rank != 0:
             return RunResult(rank, start_step, None, None)
+        reporter_from_env(cfg.total_steps, env).report(start_step, cfg.max_epochs - 1, None, 0, force=True)
         state = dict(loaded.trainable)
         return RunResult(0, start_step, state, write_artifacts(cfg, family, targets, state, start_step, on_gpu))
 

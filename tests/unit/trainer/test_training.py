@@ -126,10 +126,25 @@ def test_checkpoint_interval_and_retention(make_cfg) -> None:
     cfg = make_cfg("--max_epochs", "2", "--checkpoint_every_n_steps", "2", "--keep_last_checkpoints", "2")
     _run(cfg)
     steps = [s for s, _ in ckpt.list_checkpoints(Path(cfg.checkpoint_dir))]
-    assert steps == [8, 6]
+    assert steps == [8, 6]                                          # 2, 4 pruned
     state = ckpt.load(Path(cfg.checkpoint_dir) / contract.checkpoint_dir_name(8)).state
     assert state["step"] == 8 and state["data_position"] == {"epoch": 2, "batch_in_epoch": 0}
     assert state["optimizer"]["state"]                              # AdamW moments saved
+
+
+def test_a_crash_after_the_last_step_resumes_to_the_artifacts(make_cfg, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = make_cfg("--checkpoint_every_n_steps", "3")             # 4 steps: checkpoints 3 and 4 (the last)
+    first, _ = _run(cfg)
+    manifest = Path(cfg.output_path) / contract.ARTIFACT_MANIFEST
+    manifest.unlink()                                              # as if the pod died while writing artifacts
+    capsys.readouterr()
+    family = ToyFamily()
+    again, _ = _run(cfg, family)
+    assert again.steps_done == 4 and not family.batch_shapes      # no training step ran again
+    assert manifest.is_file()
+    assert all(torch.equal(first.final_lora[k], again.final_lora[k]) for k in first.final_lora)
+    final = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert final["step"] == final["totalSteps"] == 4               # the final progress report
 
 
 def test_bad_target_modules_is_an_invalid_argument(make_cfg) -> None:
