@@ -54,6 +54,8 @@ CONTROLLERS = (
 
 # Start order (each waits for the one before to be healthy).
 COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler")
+# Components that authenticate callers through the apiserver and serve with a generated cert.
+DELEGATING_COMPONENTS = ("kube-controller-manager", "kube-scheduler")
 
 
 @dataclass(frozen=True)
@@ -326,7 +328,8 @@ class ControlPlane:
         self.layout.etcd_data.chmod(0o700)  # etcd refuses a group/world-readable data dir
         records = []
         for component in COMPONENTS:
-            self.layout.component_cert_dir(component).mkdir(parents=True, exist_ok=True)
+            if component in DELEGATING_COMPONENTS:
+                self.layout.component_cert_dir(component).mkdir(parents=True, exist_ok=True)
             record = start_daemon(
                 component, self._argv(component, binaries), self.layout.log(component),
                 self.layout.pid_dir,
@@ -347,7 +350,7 @@ class ControlPlane:
         """Clients first (together), then the apiserver, then etcd: an apiserver whose etcd
         vanished hangs in shutdown until it is killed."""
         records = {record.name: record for record in self.records()}
-        for wave in (("kube-scheduler", "kube-controller-manager"), ("kube-apiserver",), ("etcd",)):
+        for wave in (DELEGATING_COMPONENTS, ("kube-apiserver",), ("etcd",)):
             stop_daemons([records[name] for name in wave if name in records])
         for name in records:
             (self.layout.pid_dir / f"{name}.json").unlink(missing_ok=True)
