@@ -60,17 +60,16 @@ class Reconciler:
         views = list(index.get(key, []))
         now = dt.datetime.now(dt.timezone.utc)
         try:
-            body, decision, events = await asyncio.to_thread(
-                kube.reconcile_job, self.kube, namespace, name, views, self.config, now)
+            outcome = await asyncio.to_thread(kube.reconcile_job, self.kube, namespace, name, views, self.config, now)
         except Exception as exc:  # noqa: BLE001 - any API failure: log and look again shortly
             log.warning("reconciling %s/%s failed, retrying in %ss: %s", namespace, name, ERROR_RETRY_SECONDS, exc)
             self._requeue(key, index, ERROR_RETRY_SECONDS)
             return
-        for event in events:
-            kopf.event(body, type=event.type, reason=event.reason, message=event.message)
+        for event in outcome.events:
+            kopf.event(outcome.body, type=event.type, reason=event.reason, message=event.message)
             log.info("%s/%s: %s: %s", namespace, name, event.reason, event.message)
-        if decision is not None and decision.requeue_after is not None:
-            self._requeue(key, index, decision.requeue_after)
+        if outcome.requeue_after is not None:
+            self._requeue(key, index, outcome.requeue_after)
 
     def _requeue(self, key: Key, index: Any, delay: float) -> None:
         loop = asyncio.get_running_loop()

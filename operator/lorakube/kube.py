@@ -189,10 +189,25 @@ def observe(kube: Kube, body: Mapping[str, Any], pods: Iterable[PodView], now: d
     )
 
 
-def act(kube: Kube, obs: reconcile.Observation, decision: reconcile.Decision) -> list[reconcile.Event]:
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+    """What a pass leaves for the handler: the job body (Events attach to it), the Events to
+    post, and when to look again (None: the timer and the watch triggers suffice)."""
+
+    body: Mapping[str, Any] | None = None
+    events: tuple[reconcile.Event, ...] = ()
+    requeue_after: float | None = None
+
+
+# A refusal that may pass (quota, our own RBAC): look again after this long.
+TRANSIENT_RETRY_SECONDS = 15.0
+
+
+def act(kube: Kube, obs: reconcile.Observation, decision: reconcile.Decision) -> Outcome:
     """Carry a decision out. Status first: a new attempt number or a terminal phase is on record
     before any pod of that attempt is created or any pod is deleted for it."""
     job = obs.job
+    events = list(decision.events)
     if decision.status_patch:
         kube.patch_job_status(job.namespace, job.name, decision.status_patch)
     created: list[str] = []
@@ -201,21 +216,39 @@ def act(kube: Kube, obs: reconcile.Observation, decision: reconcile.Decision) ->
             if kube.create(manifest) and manifest["kind"] == "Pod":
                 created.append(manifest["metadata"]["name"])
     except Rejected as exc:
-        what = _describe(decision)
-        failed = reconcile.rejected(obs, what, str(exc))
+        failed = reconcile.rejected(obs, _describe(decision), str(exc))
         kube.patch_job_status(job.namespace, job.name, failed.status_patch)
         for name in created:
             kube.delete_pod(job.namespace, name)
-        return list(decision.events) + list(failed.events)
+        return Outcome(obs_body(obs), tuple(events + _created(decision, created) + list(failed.events)))
+    except Transient as exc:
+        events += _created(decision, created)
+        events.append(reconcile.Event("Warning", "CreateFailed",
+                                      f"creating {_describe(decision)} failed, retrying: {exc}"))
+        return Outcome(obs_body(obs), tuple(events), TRANSIENT_RETRY_SECONDS)
+    events += _created(decision, created)
     for name in decision.delete_pods:
         kube.delete_pod(job.namespace, name)
     if decision.delete_job:
         kube.delete_job(job.namespace, job.name)
-    events = list(decision.events)
-    if created:
-        attempt = decision.create_pods[0]["metadata"]["labels"][contract.LABEL_ATTEMPT]
-        events.append(reconcile.Event("Normal", "PodsCreated", f"created {', '.join(created)} (attempt {attempt})"))
-    return events
+    return Outcome(obs_body(obs), tuple(events), decision.requeue_after)
+
+
+def _created(decision: reconcile.Decision, created: list[str]) -> list[reconcile.Event]:
+    """An Event naming the pods this pass really created (a 409 means an earlier pass did)."""
+    if not created:
+        return []
+    attempt = decision.create_pods[0]["metadata"]["labels"][contract.LABEL_ATTEMPT]
+    return [reconcile.Event("Normal", "PodsCreated", f"created {', '.join(created)} (attempt {attempt})")]
+
+
+def obs_body(obs: reconcile.Observation) -> dict[str, Any]:
+    """The smallest body Kopf needs to attach an Event to the job."""
+    return {
+        "apiVersion": f"{contract.API_GROUP}/{contract.API_VERSION}",
+        "kind": contract.KIND,
+        "metadata": {"name": obs.job.name, "namespace": obs.job.namespace, "uid": obs.job.uid},
+    }
 
 
 def _children(decision: reconcile.Decision) -> Sequence[Mapping[str, Any]]:
@@ -228,15 +261,10 @@ def _describe(decision: reconcile.Decision) -> str:
 
 
 def reconcile_job(kube: Kube, namespace: str, name: str, pods: Iterable[PodView],
-                  config: builders.OperatorConfig, now: dt.datetime) -> tuple[dict[str, Any] | None,
-                                                                            reconcile.Decision | None,
-                                                                            list[reconcile.Event]]:
-    """One pass for one job: fresh GET, observe, decide, act. Returns the body (for events),
-    the decision (for its requeue time) and the events to post."""
+                  config: builders.OperatorConfig, now: dt.datetime) -> Outcome:
+    """One pass for one job: fresh GET, observe, decide, act."""
     body = kube.get_job(namespace, name)
     if body is None:
-        return None, None, []
+        return Outcome()
     obs = observe(kube, body, pods, now)
-    decision = reconcile.decide(obs, config)
-    events = act(kube, obs, decision)
-    return body, decision, events
+    return act(kube, obs, reconcile.decide(obs, config))

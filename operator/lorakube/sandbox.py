@@ -58,12 +58,21 @@ def _require(path: Path) -> Path:
 def install(kubectl: Kubectl, job_namespace: str) -> None:
     """The CRD, the operator's RBAC, and a job namespace with the trainer's RBAC."""
     _run(kubectl, "apply", "--server-side", "-f", str(_require(CRD_FILE)))
-    _run(kubectl, "wait", "--for=condition=Established", "--timeout=60s",
-         f"crd/{contract.PLURAL}.{contract.API_GROUP}")
+    _wait_established(kubectl, f"{contract.PLURAL}.{contract.API_GROUP}")
     _run(kubectl, "apply", "-f", str(_require(RBAC_OPERATOR)))
     namespace = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": job_namespace}}
     _run(kubectl, "apply", "-f", "-", input=yaml.safe_dump(namespace))
     _run(kubectl, "apply", "-n", job_namespace, "-f", str(_require(RBAC_TRAINER)))
+
+
+def _wait_established(kubectl: Kubectl, crd: str, timeout: float = 60.0) -> None:
+    # Polled rather than `kubectl wait`, which errors out while a fresh CRD has no conditions yet.
+    query = '{.status.conditions[?(@.type=="Established")].status}'
+    deadline = time.monotonic() + timeout
+    while kubectl("get", "crd", crd, "-o", f"jsonpath={query}").stdout.strip() != "True":
+        if time.monotonic() > deadline:
+            raise SandboxError(f"the CRD {crd} was not Established after {timeout:.0f}s")
+        time.sleep(0.2)
 
 
 def operator_token(kubectl: Kubectl, duration: str = "4h") -> str:
