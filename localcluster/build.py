@@ -70,11 +70,14 @@ class Binaries:
         return self.path("helm")
 
 
+# Static, reproducible builds with the local toolchain only (no toolchain downloads). No VCS
+# stamping: the tools modules sit inside this repository, and a checkout owned by another user
+# would make `go build` fail on `git status`.
+FIXED_GO_ENV = {"GOTOOLCHAIN": "local", "CGO_ENABLED": "0", "GOFLAGS": "-trimpath -buildvcs=false"}
+
+
 def go_env() -> dict[str, str]:
-    """Static, reproducible builds with the local toolchain only (no toolchain downloads)."""
-    env = dict(os.environ)
-    env.update(GOTOOLCHAIN="local", CGO_ENABLED="0", GOFLAGS="-trimpath")
-    return env
+    return {**os.environ, **FIXED_GO_ENV}
 
 
 def _go_binary() -> str:
@@ -98,7 +101,8 @@ def cache_key(go_version_text: str, build_targets: tuple[GoTarget, ...] = target
     """Hash of everything that changes the produced binaries."""
     digest = hashlib.sha256()
     spec = [(t.name, t.package, t.module_dir, t.version, list(t.ldflags)) for t in build_targets]
-    digest.update(json.dumps({"go": go_version_text, "targets": spec}, sort_keys=True).encode())
+    digest.update(json.dumps({"go": go_version_text, "env": FIXED_GO_ENV, "targets": spec},
+                             sort_keys=True).encode())
     for module_file in sorted(GO_DIR.glob("*/go.mod")) + sorted(GO_DIR.glob("*/go.sum")):
         digest.update(module_file.relative_to(GO_DIR).as_posix().encode())
         digest.update(module_file.read_bytes())
