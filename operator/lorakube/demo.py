@@ -8,6 +8,7 @@ where the LoRA and the sample image are, and tears the cluster down unless --kee
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 
@@ -36,7 +37,7 @@ def _show(status: dict) -> None:
 
 def run(state_dir: str | Path | None = None, keep: bool = False, timeout: float = 900.0) -> int:
     from localcluster import kubeconfig as kubeconfig_mod
-    from localcluster.cluster import LocalCluster
+    from localcluster.cluster import ClusterError, LocalCluster
 
     state = Path(state_dir) if state_dir else default_state_dir()
     data_dir = state / "data"
@@ -54,6 +55,9 @@ def run(state_dir: str | Path | None = None, keep: bool = False, timeout: float 
         operator = sandbox.OperatorProcess(operator_kubeconfig, state / "operator.log").start()
         _say(f"operator running as {sandbox.OPERATOR_NAMESPACE}/{sandbox.OPERATOR_SERVICE_ACCOUNT} "
              f"(log: {state / 'operator.log'})")
+        # A fresh run each time: an earlier demo's job and checkpoints would make this one resume.
+        kubectl("delete", contract.SHORT_NAME, JOB_NAME, "-n", JOB_NAMESPACE, "--ignore-not-found", "--wait=true")
+        shutil.rmtree(data_dir / "output" / JOB_NAME, ignore_errors=True)
         job = sandbox.quickstart_job(data_dir, JOB_NAME)
         sandbox.apply_job(kubectl, JOB_NAMESPACE, job)
         _say(f"applied examples/quickstart.yaml as {JOB_NAMESPACE}/{JOB_NAME}")
@@ -72,11 +76,16 @@ def run(state_dir: str | Path | None = None, keep: bool = False, timeout: float 
         _say(f"LoRA (ComfyUI/kohya keys):  {output / contract.ARTIFACT_LORA_COMFYUI}")
         _say(f"validation images:          {output / contract.ARTIFACT_VALIDATION_GRID}")
         return 0
+    except (sandbox.SandboxError, ClusterError) as exc:
+        _say(f"error: {exc}")
+        return 2
     finally:
-        if operator is not None:
-            operator.stop()
-        if keep:
-            _say(f"left the cluster up (--keep): KUBECONFIG={cluster.kubeconfig}; "
-                 f"stop it with: python -m localcluster down --state-dir {cluster.state_dir}")
+        if keep and operator is not None and operator.running:
+            _say(f"left the cluster and the operator up (--keep): export KUBECONFIG={cluster.kubeconfig}; "
+                 f"stop them with: kill {operator.process.pid}; "
+                 f"python -m localcluster down --state-dir {cluster.state_dir}")
         else:
-            cluster.down()
+            if operator is not None:
+                operator.stop()
+            if not keep:
+                cluster.down()
