@@ -156,10 +156,13 @@ class StepCallback(pl.Callback):
             return
         out = Path(self.cfg.output_path) / "validation" / f"step-{step:09d}.png"
         pl_module.denoiser.eval()
+        pl_module.encoders_to(pl_module.device)        # offloaded when latents are cached
         try:
             with trainer.precision_plugin.forward_context():
                 save_validation_row(pl_module.family, pl_module.pipe, self.cfg, out)
         finally:
+            if self.cfg.cache_latents:
+                pl_module.encoders_to("cpu")
             pl_module.denoiser.train()
 
 

@@ -61,6 +61,7 @@ class TrainConfig:
     lora_rank: int
     lora_alpha: float
     use_gradient_checkpointing: bool
+    cache_latents: bool
     accumulate_grad_batches: int
     training_strategy: str                          # one of contract.STRATEGIES
     output_formats: tuple[str, ...]
@@ -130,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(flags["loraRank"], type=int, default=4)
     p.add_argument(flags["loraAlpha"], type=float, default=4.0)
     p.add_argument(flags["gradientCheckpointing"], action="store_true")
+    p.add_argument("--cache_latents", action="store_true",
+                   help="encode images and captions once, then train without the encoders (needs --center_crop)")
     p.add_argument(flags["accumulateGradBatches"], type=int, default=1)
     p.add_argument(flags["strategy"], default="auto", choices=contract.STRATEGIES)
     p.add_argument(contract.FLAG_OUTPUT_FORMATS, default=",".join(contract.OUTPUT_FORMATS),
@@ -242,6 +245,9 @@ def _validate(ns: argparse.Namespace, env: dict[str, str]) -> TrainConfig:
         raise ConfigError(flags["stepsPerEpoch"],
                           f"{ns.steps_per_epoch} is not a multiple of {flags['accumulateGradBatches']} "
                           f"({ns.accumulate_grad_batches}); each epoch must end on an optimizer step")
+    if ns.cache_latents and not ns.center_crop:
+        raise ConfigError("--cache_latents", f"needs {flags['centerCrop']}: a random crop differs every time and "
+                                             f"cannot be cached; add {flags['centerCrop']} or drop --cache_latents")
     if not ns.learning_rate > 0:
         raise ConfigError(flags["learningRate"], f"must be > 0, got {ns.learning_rate}")
     if not ns.lora_alpha > 0:
@@ -299,6 +305,7 @@ def _validate(ns: argparse.Namespace, env: dict[str, str]) -> TrainConfig:
         lora_rank=ns.lora_rank,
         lora_alpha=ns.lora_alpha,
         use_gradient_checkpointing=ns.use_gradient_checkpointing,
+        cache_latents=ns.cache_latents,
         accumulate_grad_batches=ns.accumulate_grad_batches,
         training_strategy=ns.training_strategy,
         output_formats=formats,

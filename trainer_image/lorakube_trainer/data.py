@@ -108,6 +108,10 @@ def load_records(dataset_path: str | Path, max_pixels: int = DEFAULT_MAX_IMAGE_P
     return records
 
 
+def flip_decision(random_flip: bool, rng: np.random.Generator) -> bool:
+    return random_flip and bool(rng.random() < 0.5)
+
+
 def resize_and_crop(img: Image.Image, height: int, width: int, center_crop: bool,
                     random_flip: bool, rng: np.random.Generator) -> torch.Tensor:
     """Resize so the image covers height x width, crop to exactly that, maybe flip, scale to [-1, 1]."""
@@ -122,7 +126,7 @@ def resize_and_crop(img: Image.Image, height: int, width: int, center_crop: bool
         left = int(rng.integers(0, new_w - width + 1))
         top = int(rng.integers(0, new_h - height + 1))
     img = img.crop((left, top, left + width, top + height))
-    if random_flip and rng.random() < 0.5:
+    if flip_decision(random_flip, rng):
         img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     pixels = torch.from_numpy(np.asarray(img, dtype=np.float32).copy()).permute(2, 0, 1)
     return pixels / 127.5 - 1.0
@@ -162,10 +166,14 @@ class CaptionedImages(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.samples_per_epoch
 
+    def sample_rng(self, key: SampleKey) -> np.random.Generator:
+        """The sample's own augmentation randomness (crop offsets, then the flip)."""
+        return np.random.default_rng([self.seed, key.epoch, key.position, 0xC409])
+
     def __getitem__(self, key: SampleKey) -> dict:
         index = self.record_index(key)
         record = self.records[index]
-        rng = np.random.default_rng([self.seed, key.epoch, key.position, 0xC409])
+        rng = self.sample_rng(key)
         try:
             with Image.open(record.path) as img:
                 pixels = resize_and_crop(img, self.height, self.width, self.center_crop, self.random_flip, rng)

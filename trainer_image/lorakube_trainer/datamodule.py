@@ -2,27 +2,33 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import lightning.pytorch as pl
 import torch
 
+from .caching import CachedCaptions
 from .config import TrainConfig
 from .data import CaptionedImages, DataPosition, Record, ShardSampler
 
 
 class CaptionDataModule(pl.LightningDataModule):
-    def __init__(self, cfg: TrainConfig, records: list[Record], start: DataPosition, world_size: int) -> None:
+    def __init__(self, cfg: TrainConfig, records: list[Record], start: DataPosition, world_size: int,
+                 cache_folder: Path | None = None) -> None:
         super().__init__()
         self.cfg, self.records, self.start, self.world_size = cfg, records, start, world_size
+        self.cache_folder = cache_folder
 
     def train_dataloader(self) -> torch.utils.data.DataLoader:
         cfg = self.cfg
         rank = self.trainer.global_rank if self.trainer is not None else 0
         if self.trainer is not None and self.trainer.world_size != self.world_size:
             raise RuntimeError(f"world size {self.trainer.world_size} differs from the planned {self.world_size}")
-        dataset = CaptionedImages(
-            self.records, seed=cfg.seed, height=cfg.height, width=cfg.width, center_crop=cfg.center_crop,
-            random_flip=cfg.random_flip, samples_per_epoch=cfg.steps_per_epoch * cfg.batch_size * self.world_size,
-        )
+        common = dict(seed=cfg.seed, height=cfg.height, width=cfg.width, center_crop=cfg.center_crop,
+                      random_flip=cfg.random_flip, samples_per_epoch=cfg.steps_per_epoch * cfg.batch_size * self.world_size)
+        # The cache is filled in LoRAModule.on_fit_start, which Lightning runs before asking for this loader.
+        dataset = (CaptionedImages(self.records, **common) if self.cache_folder is None
+                   else CachedCaptions(self.records, self.cache_folder, **common))
         sampler = ShardSampler(rank=rank, world_size=self.world_size, batch_size=cfg.batch_size,
                                batches_per_epoch=cfg.steps_per_epoch, max_epochs=cfg.max_epochs, start=self.start)
         return torch.utils.data.DataLoader(

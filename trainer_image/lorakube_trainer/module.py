@@ -8,6 +8,8 @@ by hand. The optimizer sees the LoRA parameters alone, kept in fp32 even over a 
 from __future__ import annotations
 
 import contextlib
+import logging
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -15,8 +17,13 @@ import torch
 
 from lorakube import contract
 
+from .caching import build_cache
 from .config import ConfigError, TrainConfig
+from .data import Record
 from .families.base import Family
+
+
+log = logging.getLogger(__name__)
 
 
 def trainable_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -46,6 +53,7 @@ class LoRAModule(pl.LightningModule):
             family.enable_gradient_checkpointing(self.denoiser)
         self.denoiser.train()
         self.last_micro_batch_loss = torch.zeros(())
+        self._cache: tuple[list[Record], Path] | None = None
         self.step_offset = 0                    # optimizer steps done before this process started (resume)
 
     @property
@@ -70,16 +78,41 @@ class LoRAModule(pl.LightningModule):
             return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
         return contextlib.nullcontext()
 
-    def on_fit_start(self) -> None:
+    def encoders_to(self, device: torch.device | str) -> None:
+        """Move the frozen non-denoiser components (VAE, text encoders)."""
         for component in self.pipe.components.values():
             if isinstance(component, torch.nn.Module) and component is not self.denoiser:
-                component.to(self.device)
+                component.to(device)
+
+    def enable_latent_cache(self, records: list[Record], folder: Path) -> None:
+        self._cache = (records, folder)
+
+    def on_fit_start(self) -> None:
+        self.encoders_to(self.device)
+        if self._cache is None:
+            return
+        records, folder = self._cache
+        done = build_cache(self.family, self.pipe, records, self.cfg, folder, device=self.device,
+                           dtype=self.weight_dtype, rank=self.global_rank, world_size=self.trainer.world_size,
+                           barrier=lambda: self.trainer.strategy.barrier("lorakube-latent-cache"))
+        log.info("latent cache %s: this rank encoded %d of %d records", folder, done, len(records))
+        # Training reads the cache from now on: give the accelerator memory back to the denoiser.
+        self.encoders_to("cpu")
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        pixels = batch["pixels"].to(self.device, self.weight_dtype)
-        with torch.no_grad():
-            latents = self.family.encode_images(self.pipe, pixels)
-            cond = self.family.encode_prompts(self.pipe, list(batch["text"]), self.device)
+        if "latents" in batch:
+            latents = batch["latents"].to(self.device)
+            cond = {k: v.to(self.device) for k, v in batch["cond"].items()}
+        else:
+            pixels = batch["pixels"].to(self.device, self.weight_dtype)
+            with torch.no_grad():
+                latents = self.family.encode_images(self.pipe, pixels)
+                cond = self.family.encode_prompts(self.pipe, list(batch["text"]), self.device)
+        # A VAE may return channels-last strides; randn_like keeps strides, so the same seed would draw
+        # differently laid-out noise for cached (contiguous) and fresh latents. One layout for both.
+        latents = latents.contiguous()
         loss = self.family.training_loss(self.pipe, self.denoiser, latents, cond)
         self.last_micro_batch_loss = loss.detach().float()
         return loss

@@ -17,6 +17,7 @@ from lorakube import contract
 from . import checkpoint as ckpt
 from .artifacts import (MODEL_CARD, MetricsWriter, check_comfyui, check_loaded, save_comfyui, upload_to_modelscope,
                         write_json, write_manifest, write_model_card)
+from .caching import cache_folder
 from .callbacks import FinalStateCallback, ResumeCallback, StepCallback
 from .config import ConfigError, TrainConfig
 from .data import DataPosition, load_records
@@ -95,8 +96,11 @@ def run(cfg: TrainConfig, env: Mapping[str, str] | None = None, *,
         family.set_lora_state_dict(module.denoiser, loaded.trainable)
         module.step_offset = start_step
 
+    cache = cache_folder(cfg, records, dtype) if cfg.cache_latents else None
+    if cache is not None:
+        module.enable_latent_cache(records, cache)
     start = DataPosition.after_optimizer_steps(start_step, cfg.accumulate_grad_batches, cfg.steps_per_epoch)
-    datamodule = CaptionDataModule(cfg, records, start, topology.world_size)
+    datamodule = CaptionDataModule(cfg, records, start, topology.world_size, cache)
     planned_rank = _planned_global_rank(topology, env)
     reporter: ProgressReporter | None = reporter_from_env(cfg.total_steps, env) if planned_rank == 0 else None
     metrics = (MetricsWriter(Path(cfg.output_path) / contract.ARTIFACT_METRICS, start_step)

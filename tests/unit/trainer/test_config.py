@@ -25,7 +25,7 @@ def test_defaults_keep_the_original_trainers_values() -> None:
     assert cfg.output_formats == contract.OUTPUT_FORMATS
     assert cfg.validation_prompts == (DEFAULT_VALIDATION_PROMPT,)
     assert cfg.resume == "auto" and cfg.rendezvous_timeout == contract.DEFAULT_RENDEZVOUS_TIMEOUT_SECONDS
-    assert not (cfg.center_crop or cfg.random_flip or cfg.use_gradient_checkpointing)
+    assert not (cfg.center_crop or cfg.random_flip or cfg.use_gradient_checkpointing or cfg.cache_latents)
 
 
 def test_every_flag_is_parsed_into_the_config() -> None:
@@ -40,7 +40,7 @@ def test_every_flag_is_parsed_into_the_config() -> None:
         flags["validationPrompts"], "a cat", flags["validationPrompts"], "a dog", flags["validationEverySteps"], "6",
         contract.FLAG_CHECKPOINT_DIR, "ck", contract.FLAG_RESUME, "never", contract.FLAG_OUTPUT_FORMATS, "comfyui",
         "--num_nodes", "2", "--devices", "4", "--rendezvous_timeout", "9", "--keep_last_checkpoints", "2",
-        "--validation_inference_steps", "3", "--accelerator", "cpu",
+        "--validation_inference_steps", "3", "--accelerator", "cpu", "--cache_latents",
         "--modelscope_model_id", "me/lora", "--modelscope_access_token", "secret",
     ]
     cfg = parse_config(argv, env={})
@@ -53,7 +53,7 @@ def test_every_flag_is_parsed_into_the_config() -> None:
     assert cfg.training_strategy == "deepspeed_stage_2"
     assert cfg.checkpoint_every_n_steps == 5 and cfg.keep_last_checkpoints == 2 and cfg.checkpoint_dir == "ck"
     assert cfg.validation_prompts == ("a cat", "a dog") and cfg.validation_every_n_steps == 6
-    assert cfg.validation_inference_steps == 3 and cfg.accelerator == "cpu"
+    assert cfg.validation_inference_steps == 3 and cfg.accelerator == "cpu" and cfg.cache_latents
     assert cfg.resume == "never" and cfg.output_formats == ("comfyui",)
     assert (cfg.num_nodes, cfg.devices, cfg.rendezvous_timeout) == (2, 4, 9.0)
     assert cfg.modelscope_model_id == "me/lora" and cfg.modelscope_access_token == "secret"
@@ -110,6 +110,7 @@ def test_bad_yaml_names_the_key(tmp_path: Path, text: str, flag: str) -> None:
     (["--dataloader_num_workers", "-1"], "--dataloader_num_workers", ">= 0"),
     (["--rendezvous_timeout", "0"], "--rendezvous_timeout", "> 0"),
     (["--modelscope_model_id", "me/x"], "--modelscope_model_id", "both"),
+    (["--cache_latents"], "--cache_latents", "needs --center_crop"),
 ])
 def test_invalid_values_name_the_flag_and_the_fix(extra: list[str], flag: str, hint: str) -> None:
     with pytest.raises(ConfigError) as err:

@@ -4,13 +4,19 @@ uninterrupted run with the same seed, and that file must load into a fresh pipel
 
 from __future__ import annotations
 
+import json
+
 from pathlib import Path
 
 import pytest
+import torch
 from trainer_testlib import CrashAt, SimulatedNodeLoss, lora_file_identity
 
 from lorakube import contract
+from lorakube_trainer.caching import CachedCaptions
 from lorakube_trainer.config import parse_config
+from lorakube_trainer.data import CaptionedImages, SampleKey, load_records
+from lorakube_trainer.families import get_family
 from lorakube_trainer.tiny import build_tiny_pipeline
 from lorakube_trainer.train import run
 
@@ -52,3 +58,38 @@ def test_resume_is_bit_identical(family: str, tiny, dataset: Path, tmp_path: Pat
     for key, tensor in whole.final_lora.items():
         assert tensor.equal(resumed.final_lora[key]), key
     assert (tmp_path / "cut" / contract.ARTIFACT_LORA_COMFYUI).is_file()
+
+
+def test_cached_latents_match_the_uncached_path_on_flux(tiny, dataset: Path, tmp_path: Path) -> None:
+    """The cache holds what the encoders would give for the same sample (flip included), and a
+    cached run's first loss equals the uncached one (Adam turns float noise in near-zero LoRA
+    gradients into full-size steps, so later weights are compared only in the toy-family test)."""
+    def cfg(out: str, *extra: str):
+        return parse_config([
+            "--model_family", "flux", "--model_path", str(tiny("flux")), "--dataset_path", str(dataset),
+            "--output_path", str(tmp_path / out), "--height", "32", "--width", "32", "--precision", "32",
+            "--steps_per_epoch", "4", "--batch_size", "2", "--center_crop", "--random_flip",
+            "--checkpoint_every_n_steps", "0", "--validation_inference_steps", "2", "--output_formats", "diffusers",
+            *extra,
+        ], env={})
+
+    run(cfg("plain"), env={})
+    cached_cfg = cfg("cached", "--cache_latents")
+    run(cached_cfg, env={})
+    first = [json.loads((tmp_path / d / contract.ARTIFACT_METRICS).read_text().splitlines()[0])["loss"]
+             for d in ("plain", "cached")]
+    assert first[0] == pytest.approx(first[1], rel=1e-5)
+
+    family = get_family("flux")
+    pipe = family.load_pipeline(cached_cfg.model_path, torch.float32)
+    records = load_records(dataset)
+    common = dict(seed=cached_cfg.seed, height=32, width=32, center_crop=True, random_flip=True, samples_per_epoch=8)
+    folder = next((tmp_path / "cached" / "latent-cache").iterdir())
+    plain_ds, cached_ds = CaptionedImages(records, **common), CachedCaptions(records, folder, **common)
+    for position in range(8):
+        key = SampleKey(0, position)
+        expected = family.encode_images(pipe, plain_ds[key]["pixels"][None])[0]
+        item = cached_ds[key]
+        assert torch.allclose(item["latents"], expected, atol=1e-5), position
+        cond = family.encode_prompts(pipe, [item["text"]], torch.device("cpu"))
+        assert all(torch.allclose(item["cond"][k], v[0], atol=1e-6) for k, v in cond.items())

@@ -147,14 +147,31 @@ def test_a_crash_after_the_last_step_resumes_to_the_artifacts(make_cfg, capsys: 
     assert final["step"] == final["totalSteps"] == 4               # the final progress report
 
 
+def test_cached_latents_train_like_the_uncached_path(make_cfg, tmp_path: Path, dataset: Path) -> None:
+    args = ("--center_crop", "--random_flip", "--batch_size", "2", "--checkpoint_every_n_steps", "0",
+            "--max_epochs", "2", "--output_formats", "diffusers")
+    plain, _ = _run(make_cfg(*args, output=tmp_path / "plain"))
+    family = ToyFamily()
+    cached, _ = _run(make_cfg(*args, "--cache_latents", output=tmp_path / "cached"), family)
+    for key, tensor in plain.final_lora.items():
+        assert torch.allclose(tensor, cached.final_lora[key], atol=1e-5), key
+    files = list((tmp_path / "cached" / "latent-cache").glob("*/record-*.safetensors"))
+    assert len(files) == 5
+    # Encoded once per record (both flips in one call), never again while training.
+    assert family.batch_shapes == [(2, 3, 16, 16)] * 5
+    again = ToyFamily()
+    _run(make_cfg(*args, "--cache_latents", output=tmp_path / "cached"), again)
+    assert again.batch_shapes == []                                # the cache is reused
+
+
 def test_bad_target_modules_is_an_invalid_argument(make_cfg) -> None:
     with pytest.raises(ConfigError, match="--lora_target_modules"):
         _run(make_cfg("--lora_target_modules", "no_such_layer"))
 
 
-@pytest.mark.parametrize("accumulate", [1, 2])
-def test_interrupted_run_resumes_bit_identically(make_cfg, tmp_path: Path, accumulate: int) -> None:
-    args = ("--max_epochs", "3", "--accumulate_grad_batches", str(accumulate), "--random_flip", "--batch_size", "2",
+@pytest.mark.parametrize(("accumulate", "extra"), [(1, ()), (2, ()), (1, ("--cache_latents", "--center_crop"))])
+def test_interrupted_run_resumes_bit_identically(make_cfg, tmp_path: Path, accumulate: int, extra: tuple) -> None:
+    args = (*extra, "--max_epochs", "3", "--accumulate_grad_batches", str(accumulate), "--random_flip", "--batch_size", "2",
             "--checkpoint_every_n_steps", "1" if accumulate == 2 else "2", "--output_formats", "diffusers")
     whole, _ = _run(make_cfg(*args, output=tmp_path / "whole"))
     interrupted = make_cfg(*args, output=tmp_path / "cut")

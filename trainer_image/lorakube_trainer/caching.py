@@ -1,0 +1,102 @@
+"""--cache_latents: VAE latents and text conditioning computed once per dataset record, written to
+`<output_path>/latent-cache/<key>/`, then training reads them instead of running the encoders,
+which are moved off the accelerator.
+
+Ranks split the records (rank r encodes r, r + W, ...) and write one safetensors file per record
+atomically; after a barrier each rank encodes whatever it still cannot see (storage that is not
+shared between pods), so the cache works on shared and on local volumes. The key covers everything
+the tensors depend on, so a changed dataset, model, size or precision never reuses stale files.
+
+Only centre crops can be cached (a random crop differs every time); with --random_flip both the
+plain and the mirrored latents are stored, and the per-sample flip decision is the same draw the
+uncached path makes, so cached and uncached runs see the same samples.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from .config import TrainConfig
+from .data import CaptionedImages, Record, SampleKey, flip_decision, resize_and_crop
+from .families.base import Family
+
+COND_PREFIX = "cond."
+
+
+def cache_folder(cfg: TrainConfig, records: list[Record], dtype: torch.dtype) -> Path:
+    identity = {
+        "family": cfg.model_family, "model": str(Path(cfg.model_path).resolve()), "height": cfg.height,
+        "width": cfg.width, "dtype": str(dtype), "flip": cfg.random_flip,
+        "records": [(str(r.path), r.path.stat().st_size, r.path.stat().st_mtime_ns, r.text) for r in records],
+    }
+    key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    return Path(cfg.output_path) / "latent-cache" / key
+
+
+def record_file(folder: Path, index: int) -> Path:
+    return folder / f"record-{index:06d}.safetensors"
+
+
+@torch.no_grad()
+def encode_record(family: Family, pipe: Any, record: Record, cfg: TrainConfig, device: torch.device,
+                  dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    with Image.open(record.path) as img:
+        plain = resize_and_crop(img, cfg.height, cfg.width, center_crop=True, random_flip=False,
+                                rng=np.random.default_rng(0))
+    variants = [plain, plain.flip(-1)] if cfg.random_flip else [plain]
+    latents = family.encode_images(pipe, torch.stack(variants).to(device, dtype))
+    cond = family.encode_prompts(pipe, [record.text], device)
+    tensors = {"latents": latents}
+    tensors.update({COND_PREFIX + k: v[0] for k, v in cond.items()})
+    return {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+
+
+def _write_atomic(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    save_file(tensors, str(tmp))
+    os.replace(tmp, path)
+
+
+def build_cache(family: Family, pipe: Any, records: list[Record], cfg: TrainConfig, folder: Path, *,
+                device: torch.device, dtype: torch.dtype, rank: int, world_size: int,
+                barrier: Callable[[], None]) -> int:
+    """Fill the cache; returns how many records this rank encoded."""
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def encode(indices: range | list[int]) -> int:
+        done = 0
+        for i in indices:
+            path = record_file(folder, i)
+            if not path.is_file():
+                _write_atomic(path, encode_record(family, pipe, records[i], cfg, device, dtype))
+                done += 1
+        return done
+
+    done = encode(range(rank, len(records), world_size))
+    barrier()
+    return done + encode(range(len(records)))         # what another pod wrote to storage we cannot see
+
+
+class CachedCaptions(CaptionedImages):
+    """Same sample order and flip decisions as CaptionedImages, tensors from the cache."""
+
+    def __init__(self, records: list[Record], folder: Path, **kwargs: Any) -> None:
+        super().__init__(records, **kwargs)
+        self.folder = folder
+
+    def __getitem__(self, key: SampleKey) -> dict:
+        index = self.record_index(key)
+        tensors = load_file(str(record_file(self.folder, index)))
+        flip = flip_decision(self.random_flip, self.sample_rng(key))
+        cond = {k[len(COND_PREFIX):]: v for k, v in tensors.items() if k.startswith(COND_PREFIX)}
+        return {"latents": tensors["latents"][1 if flip else 0], "cond": cond,
+                "text": self.records[index].text, "index": index}
