@@ -212,9 +212,15 @@ def parse_config(argv: Sequence[str] | None = None, env: dict[str, str] | None =
     env = dict(os.environ) if env is None else env
     parser = build_parser()
     first, _ = parser.parse_known_args(argv)
+    file_prompts = None
     if first.config:
-        parser.set_defaults(**_yaml_defaults(parser, first.config))
+        defaults = _yaml_defaults(parser, first.config)
+        # An append flag would add command-line prompts to the file's; the command line replaces them.
+        file_prompts = defaults.pop("validation_prompt", None)
+        parser.set_defaults(**defaults)
     ns = parser.parse_args(argv)
+    if ns.validation_prompt is None:
+        ns.validation_prompt = file_prompts
     return _validate(ns, env)
 
 

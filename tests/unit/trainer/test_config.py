@@ -79,6 +79,8 @@ def test_yaml_config_uses_flag_names_and_the_command_line_wins(tmp_path: Path) -
     assert cfg.lora_rank == 32                       # command line over file
     assert cfg.validation_prompts == ("one", "two") and cfg.lora_target_modules == ("to_q", "to_v")
     assert cfg.learning_rate == 0.001
+    replaced = parse_config(["--config", str(path), "--validation_prompt", "three"], env={})
+    assert replaced.validation_prompts == ("three",)
 
 
 @pytest.mark.parametrize(("text", "flag"), [
