@@ -56,7 +56,7 @@ class TrainConfig:
     random_flip: bool
     batch_size: int
     dataloader_num_workers: int
-    precision: str                                  # one of contract.PRECISIONS
+    precision: str | None                           # one of contract.PRECISIONS; None: by accelerator
     learning_rate: float
     lora_rank: int
     lora_alpha: float
@@ -125,8 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(flags["randomFlip"], action="store_true")
     p.add_argument(flags["batchSize"], type=int, default=1)
     p.add_argument(flags["dataloaderNumWorkers"], type=int, default=0)
-    p.add_argument(flags["precision"], default="16-mixed",
-                   choices=contract.PRECISIONS + tuple(PRECISION_ALIASES))
+    p.add_argument(flags["precision"], default=None, choices=contract.PRECISIONS + tuple(PRECISION_ALIASES),
+                   help="default: 16-mixed on GPU (the original's default), 32 on CPU")
     p.add_argument(flags["learningRate"], type=float, default=1e-4)
     p.add_argument(flags["loraRank"], type=int, default=4)
     p.add_argument(flags["loraAlpha"], type=float, default=4.0)
@@ -306,7 +306,7 @@ def _validate(ns: argparse.Namespace, env: dict[str, str]) -> TrainConfig:
         random_flip=ns.random_flip,
         batch_size=ns.batch_size,
         dataloader_num_workers=ns.dataloader_num_workers,
-        precision=PRECISION_ALIASES.get(ns.precision, ns.precision),
+        precision=None if ns.precision is None else PRECISION_ALIASES.get(ns.precision, ns.precision),
         learning_rate=ns.learning_rate,
         lora_rank=ns.lora_rank,
         lora_alpha=ns.lora_alpha,

@@ -8,6 +8,8 @@ import datetime as dt
 import torch
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, Strategy
 
+from .config import ConfigError
+
 # --precision -> (Lightning precision, dtype the frozen base weights load in). "16" keeps the original
 # trainer's meaning (Lightning's old alias for 16-mixed); the trainable LoRA stays fp32 in all cases.
 PRECISION = {
@@ -18,6 +20,16 @@ PRECISION = {
 }
 
 DEEPSPEED_STAGES = {"deepspeed_stage_1": 1, "deepspeed_stage_2": 2, "deepspeed_stage_3": 3}
+
+
+def resolve_precision(precision: str | None, on_gpu: bool) -> str:
+    """The flag's value, or the default for the accelerator; fp16 is refused on CPU, where fp16
+    autocast breaks the VAE's group norm (and would be slow anyway)."""
+    if precision is None:
+        return "16-mixed" if on_gpu else "32"
+    if not on_gpu and weight_dtype(precision) == torch.float16:
+        raise ConfigError("--precision", f"{precision} needs a GPU; on CPU use 32 or bf16-mixed")
+    return precision
 
 
 def lightning_precision(precision: str) -> str:

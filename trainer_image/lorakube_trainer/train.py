@@ -27,7 +27,7 @@ from .families import get_family
 from .families.base import Family
 from .module import LoRAModule
 from .progress import ProgressReporter, reporter_from_env
-from .strategies import StrategyPlan, build_strategy, lightning_precision, weight_dtype
+from .strategies import StrategyPlan, build_strategy, lightning_precision, resolve_precision, weight_dtype
 from .validation import generate_images, save_grid
 
 log = logging.getLogger(__name__)
@@ -63,6 +63,7 @@ def run(cfg: TrainConfig, env: Mapping[str, str] | None = None, *,
     family = family or get_family(cfg.model_family)
     targets = list(cfg.lora_target_modules or family.default_lora_targets)
     on_gpu = _use_gpu(cfg)
+    cfg = dataclasses.replace(cfg, precision=resolve_precision(cfg.precision, on_gpu))
     topology = resolve_topology(env, cfg.num_nodes, cfg.devices,
                                 default_devices=torch.cuda.device_count() if on_gpu else 1)
     records = load_records(cfg.dataset_path)

@@ -19,7 +19,7 @@ def test_defaults_keep_the_original_trainers_values() -> None:
     cfg = parse_config(BASE, env={})
     assert (cfg.height, cfg.width, cfg.steps_per_epoch, cfg.max_epochs) == (1024, 1024, 500, 1)
     assert (cfg.lora_rank, cfg.lora_alpha, cfg.learning_rate, cfg.batch_size) == (4, 4.0, 1e-4, 1)
-    assert cfg.precision == "16-mixed" and cfg.training_strategy == "auto"
+    assert cfg.precision is None and cfg.training_strategy == "auto"      # 16-mixed on GPU, 32 on CPU
     assert cfg.lora_target_modules is None          # the family's defaults
     assert cfg.checkpoint_dir == str(Path("o") / contract.DEFAULT_CHECKPOINT_SUBDIR)
     assert cfg.output_formats == contract.OUTPUT_FORMATS

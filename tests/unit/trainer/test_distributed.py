@@ -14,7 +14,8 @@ from lorakube import contract
 from lorakube_trainer.config import ConfigError
 from lorakube_trainer.distributed import (RendezvousTimeout, Topology, is_retryable, needs_rendezvous_check,
                                           resolve_topology, wait_for_master)
-from lorakube_trainer.strategies import StrategyPlan, build_strategy, lightning_precision, weight_dtype
+from lorakube_trainer.strategies import (StrategyPlan, build_strategy, lightning_precision, resolve_precision,
+                                         weight_dtype)
 
 OPERATOR_ENV = {contract.ENV_MASTER_ADDR: "job-node-0.job.ns.svc", contract.ENV_MASTER_PORT: "29500",
                 contract.ENV_NNODES: "3", contract.ENV_NPROC_PER_NODE: "2", contract.ENV_NODE_RANK: "1",
@@ -101,6 +102,13 @@ def test_strategy_mapping() -> None:
         ds = build_strategy(StrategyPlan(f"deepspeed_stage_{stage}", 1, True, 9))
         assert isinstance(ds, DeepSpeedStrategy)
         assert ds.config["zero_optimization"]["stage"] == stage and ds._timeout.total_seconds() == 9
+
+
+def test_default_precision_follows_the_accelerator_and_cpu_refuses_fp16() -> None:
+    assert resolve_precision(None, on_gpu=True) == "16-mixed" and resolve_precision(None, on_gpu=False) == "32"
+    assert resolve_precision("bf16-mixed", on_gpu=False) == "bf16-mixed"
+    with pytest.raises(ConfigError, match="needs a GPU; on CPU use 32 or bf16-mixed"):
+        resolve_precision("16-mixed", on_gpu=False)
 
 
 def test_precision_mapping_loads_the_matching_weight_dtype() -> None:
