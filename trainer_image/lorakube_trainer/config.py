@@ -143,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--validation_inference_steps", type=int, default=28)
     p.add_argument("--num_nodes", type=int, default=None, help=f"default: ${contract.ENV_NNODES} or 1")
     p.add_argument("--devices", type=int, default=None, help=f"default: ${contract.ENV_NPROC_PER_NODE} or 1")
-    p.add_argument("--accelerator", default="auto", choices=ACCELERATORS)
+    p.add_argument(contract.FLAG_ACCELERATOR, default="auto", choices=ACCELERATORS)
     p.add_argument("--rendezvous_timeout", type=float, default=None,
                    help=f"seconds; default: ${contract.ENV_RENDEZVOUS_TIMEOUT} or "
                         f"{contract.DEFAULT_RENDEZVOUS_TIMEOUT_SECONDS}")
