@@ -126,7 +126,7 @@ class StepCallback(pl.Callback):
         mean = trainer.strategy.reduce(local.to(pl_module.device), reduce_op="mean")
         self.last_loss = float(mean)
         step = pl_module.absolute_step
-        epoch = (step - 1) // self.cfg.optimizer_steps_per_epoch
+        epoch = self.cfg.epoch_of_step(step)
         if trainer.is_global_zero:
             self._record(step, epoch, trainer)
         cfg = self.cfg

@@ -76,13 +76,15 @@ class TrainConfig:
     modelscope_access_token: str | None
 
     @property
-    def optimizer_steps_per_epoch(self) -> int:
-        return self.steps_per_epoch // self.accumulate_grad_batches
-
-    @property
     def total_steps(self) -> int:
-        """Optimizer steps of the whole run: what progress, checkpoints and resume count."""
-        return self.optimizer_steps_per_epoch * self.max_epochs
+        """Optimizer steps of the whole run: what progress, checkpoints and resume count. Epochs
+        only order the data, so an accumulation window may span an epoch boundary; leftover
+        micro-batches (fewer than one window) at the very end are not used."""
+        return self.steps_per_epoch * self.max_epochs // self.accumulate_grad_batches
+
+    def epoch_of_step(self, step: int) -> int:
+        """The (0-based) epoch in which optimizer step `step` (1-based) drew its last micro-batch."""
+        return (step * self.accumulate_grad_batches - 1) // self.steps_per_epoch
 
     def to_json(self) -> dict[str, Any]:
         body = dataclasses.asdict(self)
@@ -247,10 +249,11 @@ def _validate(ns: argparse.Namespace, env: dict[str, str]) -> TrainConfig:
     _positive(ns.validation_every_n_steps, flags["validationEverySteps"], 0)
     _positive(ns.keep_last_checkpoints, "--keep_last_checkpoints")
     _positive(ns.validation_inference_steps, "--validation_inference_steps")
-    if ns.steps_per_epoch % ns.accumulate_grad_batches:
-        raise ConfigError(flags["stepsPerEpoch"],
-                          f"{ns.steps_per_epoch} is not a multiple of {flags['accumulateGradBatches']} "
-                          f"({ns.accumulate_grad_batches}); each epoch must end on an optimizer step")
+    if ns.steps_per_epoch * ns.max_epochs < ns.accumulate_grad_batches:
+        raise ConfigError(flags["accumulateGradBatches"],
+                          f"{ns.accumulate_grad_batches} micro-batches per optimizer step, but the run draws only "
+                          f"{ns.steps_per_epoch * ns.max_epochs} ({flags['stepsPerEpoch']} x {flags['maxEpochs']}); "
+                          "raise those or lower this")
     if ns.cache_latents and not ns.center_crop:
         raise ConfigError("--cache_latents", f"needs {flags['centerCrop']}: a random crop differs every time and "
                                              f"cannot be cached; add {flags['centerCrop']} or drop --cache_latents")

@@ -63,6 +63,13 @@ def test_every_flag_is_parsed_into_the_config() -> None:
         cfg.height = 64  # type: ignore[misc]
 
 
+def test_accumulation_windows_may_span_epochs() -> None:
+    cfg = parse_config(BASE + ["--steps_per_epoch", "250", "--accumulate_grad_batches", "4", "--max_epochs", "3"],
+                       env={})
+    assert cfg.total_steps == 187                    # 750 micro-batches, the last 2 unused
+    assert cfg.epoch_of_step(62) == 0 and cfg.epoch_of_step(63) == 1 and cfg.epoch_of_step(187) == 2
+
+
 def test_rendezvous_timeout_comes_from_the_environment_unless_given() -> None:
     env = {contract.ENV_RENDEZVOUS_TIMEOUT: "42"}
     assert parse_config(BASE, env=env).rendezvous_timeout == 42.0
@@ -102,7 +109,7 @@ def test_bad_yaml_names_the_key(tmp_path: Path, text: str, flag: str) -> None:
     (["--height", "1000"], "--height", "multiple of 16"),
     (["--width", "8"], "--width", "multiple of 16"),
     (["--steps_per_epoch", "0"], "--steps_per_epoch", ">= 1"),
-    (["--steps_per_epoch", "10", "--accumulate_grad_batches", "4"], "--steps_per_epoch", "multiple of"),
+    (["--steps_per_epoch", "2", "--accumulate_grad_batches", "4"], "--accumulate_grad_batches", "draws only 2"),
     (["--learning_rate", "0"], "--learning_rate", "> 0"),
     (["--lora_alpha", "-1"], "--lora_alpha", "> 0"),
     (["--lora_rank", "0"], "--lora_rank", ">= 1"),

@@ -1,0 +1,45 @@
+"""The operator's side of the contract meets this parser: every example job's trainer args (as
+lorakube.builders derives them) parse into a config that says what the job YAML says."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lorakube import builders, contract
+from lorakube.spec import parse_job
+from lorakube_trainer.config import parse_config
+
+EXAMPLES = sorted((Path(__file__).resolve().parents[3] / "examples").glob("*.yaml"))
+
+
+def _jobs() -> list[tuple[str, dict]]:
+    jobs = []
+    for path in EXAMPLES:
+        for doc in yaml.safe_load_all(path.read_text()):
+            if doc and doc.get("kind") == contract.KIND:
+                jobs.append((f"{path.name}:{doc['metadata']['name']}", doc))
+    return jobs
+
+
+@pytest.mark.parametrize(("label", "doc"), _jobs(), ids=[label for label, _ in _jobs()])
+def test_operator_args_parse_into_the_jobs_settings(label: str, doc: dict) -> None:
+    spec = parse_job(doc["metadata"]["name"], doc["spec"])
+    cfg = parse_config(builders.trainer_args(spec), env={})
+    training = doc["spec"].get("training", {})
+    assert cfg.model_family == doc["spec"]["model"]["family"] and cfg.resume == "auto"
+    for key in ("height", "width", "batchSize", "loraRank", "stepsPerEpoch", "maxEpochs", "seed",
+                "accumulateGradBatches"):
+        if key in training:
+            attr = {"batchSize": "batch_size", "loraRank": "lora_rank", "stepsPerEpoch": "steps_per_epoch",
+                    "maxEpochs": "max_epochs", "accumulateGradBatches": "accumulate_grad_batches"}.get(key, key)
+            assert getattr(cfg, attr) == training[key], key
+    if "learningRate" in training:
+        assert cfg.learning_rate == pytest.approx(training["learningRate"])
+    if "strategy" in training:
+        assert cfg.training_strategy == training["strategy"]
+    if "validationPrompts" in training:
+        assert cfg.validation_prompts == tuple(training["validationPrompts"])
+    assert cfg.center_crop == bool(training.get("centerCrop")) and cfg.random_flip == bool(training.get("randomFlip"))
