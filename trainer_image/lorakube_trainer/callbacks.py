@@ -20,13 +20,15 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.strategies import DeepSpeedStrategy
 import numpy as np
 import torch
+from lightning.pytorch.strategies import DeepSpeedStrategy
+
+from lorakube import contract
 
 from . import checkpoint as ckpt
 from .artifacts import MetricsWriter
-from .config import TrainConfig
+from .config import ConfigError, TrainConfig
 from .data import DataPosition
 from .module import LoRAModule
 from .progress import ProgressReporter
@@ -63,6 +65,14 @@ class ResumeCallback(pl.Callback):
         import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized():
+            # Every rank chose its checkpoint before the join; they must have chosen the same one,
+            # or optimizer state and data position would silently diverge.
+            steps: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(steps, None if self.loaded is None else self.loaded.step)
+            if len(set(steps)) > 1:
+                raise ConfigError(contract.FLAG_CHECKPOINT_DIR,
+                                  f"ranks found different checkpoints to resume from (step per rank: {steps}); "
+                                  "the checkpoint dir must be storage every node shares (one volume or bucket)")
             try:
                 from torch.distributed.distributed_c10d import _set_pg_timeout
 
@@ -175,7 +185,13 @@ def save_checkpoint(trainer: pl.Trainer, module: LoRAModule, cfg: TrainConfig, s
         tmp = ckpt.prepare_tmp(root, step)
     trainer.strategy.barrier("lorakube-ckpt-prepared")
     tmp = ckpt.tmp_dir(root, step)
-    ckpt.write_rng(tmp, rank)
+    if tmp.is_dir():
+        ckpt.write_rng(tmp, rank)
+    else:
+        # This rank does not see rank 0's folder: the checkpoint dir is not shared storage. The
+        # checkpoint still completes, but a resume of this rank cannot be exact (and the ranks'
+        # resume check will refuse to mix storages).
+        log.warning("checkpoint folder %s not visible on rank %d: its RNG state is not saved", tmp, rank)
     if trainer.is_global_zero:
         optimizer = None if _is_deepspeed(trainer) else trainer.optimizers[0].state_dict()
         scaler = getattr(trainer.precision_plugin, "scaler", None)

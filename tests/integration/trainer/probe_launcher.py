@@ -1,10 +1,11 @@
 """Test-only entry point: `lorakube-train` plus a probe that records, per rank, which dataset
 records the rank trained on and a hash of its final LoRA (written to $PROBE_DIR/rank-<r>.json).
 
-    python probe_launcher.py [--test-strategy cpu-deepspeed-N] <lorakube-train flags>
+    python probe_launcher.py [--test-strategy cpu-deepspeed-N] [--crash-after-step N] <lorakube-train flags>
 
 `--test-strategy` swaps in CPUDeepSpeedStrategyForTests, since Lightning's stock DeepSpeed
-strategy refuses CPUs. Everything else is the real CLI, including its exit codes.
+strategy refuses CPUs; `--crash-after-step` makes every rank fail right after that optimizer step
+(and its checkpoint), like a gang losing a node. Everything else is the real CLI, exit codes included.
 """
 
 from __future__ import annotations
@@ -43,6 +44,15 @@ class Probe(pl.Callback):
         (self.out / f"rank-{trainer.global_rank}.json").write_text(json.dumps(record))
 
 
+class CrashAfter(pl.Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: Any, *args: Any) -> None:
+        if pl_module.absolute_step == self.step:
+            raise RuntimeError(f"simulated failure after step {self.step}")
+
+
 def main() -> None:
     argv = sys.argv[1:]
     factory = train.build_strategy
@@ -54,9 +64,14 @@ def main() -> None:
         def factory(plan: StrategyPlan) -> CPUDeepSpeedStrategyForTests:
             return CPUDeepSpeedStrategyForTests(stage=stage, process_group_backend="gloo")
 
+    callbacks: list[pl.Callback] = []
+    if argv[:1] == ["--crash-after-step"]:
+        callbacks.append(CrashAfter(int(argv[1])))
+        argv = argv[2:]
     out = Path(os.environ["PROBE_DIR"])
     out.mkdir(parents=True, exist_ok=True)
-    train.run = functools.partial(train.run, strategy_factory=factory, extra_callbacks=[Probe(out)])
+    callbacks.append(Probe(out))
+    train.run = functools.partial(train.run, strategy_factory=factory, extra_callbacks=callbacks)
     torch.set_num_threads(1)
     sys.exit(cli.run_cli(argv))
 
