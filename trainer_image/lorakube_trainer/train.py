@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 import os
 from pathlib import Path
@@ -32,7 +33,7 @@ from .validation import generate_images, save_grid
 
 log = logging.getLogger(__name__)
 
-StrategyFactory = Callable[[StrategyPlan], "Strategy | str"]
+StrategyFactory = Callable[[StrategyPlan], Strategy | str]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,26 +78,10 @@ def run(cfg: TrainConfig, env: Mapping[str, str] | None = None, *,
 
     remaining = cfg.total_steps - start_step
     if remaining <= 0:
-        rank = _planned_global_rank(topology, env)
-        log.info("checkpoint step %d already reaches the %d planned steps: writing artifacts only",
-                 start_step, cfg.total_steps)
-        if rank != 0:
-            return RunResult(rank, start_step, None, None)
-        reporter_from_env(cfg.total_steps, env).report(start_step, cfg.max_epochs - 1, None, 0, force=True)
-        state = dict(loaded.trainable)
-        return RunResult(0, start_step, state, write_artifacts(cfg, family, targets, state, start_step, on_gpu))
+        return _artifacts_only(cfg, family, targets, loaded, _planned_global_rank(topology, env), env, on_gpu)
 
-    pl.seed_everything(cfg.seed, workers=True, verbose=False)
     dtype = weight_dtype(cfg.precision)
-    try:
-        pipe = family.load_pipeline(cfg.model_path, dtype)
-    except FileNotFoundError as exc:
-        raise ConfigError(contract.FLAG_MODEL_PATH, str(exc)) from exc
-    module = LoRAModule(family, pipe, cfg, targets, dtype)
-    if loaded is not None:
-        family.set_lora_state_dict(module.denoiser, loaded.trainable)
-        module.step_offset = start_step
-
+    module = _build_module(cfg, family, targets, dtype, loaded)
     cache = cache_folder(cfg, records, dtype) if cfg.cache_latents else None
     if cache is not None:
         module.enable_latent_cache(records, cache)
@@ -121,10 +106,38 @@ def run(cfg: TrainConfig, env: Mapping[str, str] | None = None, *,
     state = final_cb.state
     assert state is not None
     # Free the training copy before the post-save check loads a fresh pipeline.
-    del trainer, module, pipe, datamodule
+    del trainer, module, datamodule
+    gc.collect()                # Lightning's trainer and module reference each other
     if on_gpu:
         torch.cuda.empty_cache()
     return RunResult(0, steps_done, state, write_artifacts(cfg, family, targets, state, steps_done, on_gpu))
+
+
+def _artifacts_only(cfg: TrainConfig, family: Family, targets: list[str], loaded: ckpt.LoadedCheckpoint, rank: int,
+                    env: Mapping[str, str], on_gpu: bool) -> RunResult:
+    """The newest checkpoint already holds the last step (a crash while writing the artifacts)."""
+    log.info("checkpoint step %d already reaches the %d planned steps: writing artifacts only",
+             loaded.step, cfg.total_steps)
+    if rank != 0:
+        return RunResult(rank, loaded.step, None, None)
+    reporter_from_env(cfg.total_steps, env).report(loaded.step, cfg.epoch_of_step(loaded.step), None, 0, force=True)
+    state = dict(loaded.trainable)
+    return RunResult(0, loaded.step, state, write_artifacts(cfg, family, targets, state, loaded.step, on_gpu))
+
+
+def _build_module(cfg: TrainConfig, family: Family, targets: list[str], dtype: torch.dtype,
+                  loaded: ckpt.LoadedCheckpoint | None) -> LoRAModule:
+    # Seeded before the LoRA layers are created, so their initial values are reproducible.
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    try:
+        pipe = family.load_pipeline(cfg.model_path, dtype)
+    except FileNotFoundError as exc:
+        raise ConfigError(contract.FLAG_MODEL_PATH, str(exc)) from exc
+    module = LoRAModule(family, pipe, cfg, targets, dtype)
+    if loaded is not None:
+        family.set_lora_state_dict(module.denoiser, loaded.trainable)
+        module.step_offset = loaded.step
+    return module
 
 
 def trainer_kwargs(cfg: TrainConfig, topology: Topology, on_gpu: bool, remaining_steps: int,
