@@ -4,6 +4,7 @@ the artifacts a user picks up, checkpoints and exact resume."""
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 from pathlib import Path
 from typing import Any
@@ -192,3 +193,39 @@ def test_interrupted_run_resumes_bit_identically(make_cfg, tmp_path: Path, accum
     assert lora_file_identity(tmp_path / "whole" / name) == lora_file_identity(tmp_path / "cut" / name)
     steps = [json.loads(x)["step"] for x in (tmp_path / "cut" / contract.ARTIFACT_METRICS).read_text().splitlines()]
     assert steps == list(range(1, whole.steps_done + 1))            # replayed steps not logged twice
+
+
+def test_resume_never_starts_over_and_path_picks_a_checkpoint(make_cfg) -> None:
+    cfg = make_cfg("--checkpoint_every_n_steps", "2")
+    _run(cfg)
+    fresh = ToyFamily()
+    _run(make_cfg("--checkpoint_every_n_steps", "2", "--resume", "never"), fresh)
+    assert len(fresh.batch_shapes) == 4                            # all 4 steps trained again
+    picked = ToyFamily()
+    folder = Path(cfg.checkpoint_dir) / contract.checkpoint_dir_name(2)
+    result, _ = _run(make_cfg("--checkpoint_every_n_steps", "2", "--resume", str(folder)), picked)
+    assert len(picked.batch_shapes) == 2 and result.steps_done == 4  # steps 3 and 4 only
+
+
+def test_center_crop_and_flip_flags_reach_the_dataset(make_cfg, dataset: Path) -> None:
+    from lorakube_trainer.data import DataPosition, SampleKey, load_records, resize_and_crop
+    from lorakube_trainer.datamodule import CaptionDataModule
+
+    cfg = make_cfg("--center_crop", "--height", "32", "--width", "16")
+    loader = CaptionDataModule(cfg, load_records(dataset), DataPosition(0, 0), world_size=1).train_dataloader()
+    ds = loader.dataset
+    assert ds.center_crop and not ds.random_flip and loader.batch_size == cfg.batch_size
+    key = SampleKey(0, 0)
+    with Image.open(ds.records[ds.record_index(key)].path) as img:
+        expected = resize_and_crop(img, 32, 16, center_crop=True, random_flip=False, rng=ds.sample_rng(key))
+    assert torch.equal(ds[key]["pixels"], expected)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("modelscope") is not None, reason="would upload for real")
+def test_modelscope_upload_needs_the_package(make_cfg) -> None:
+    cfg = make_cfg("--modelscope_model_id", "me/lora", "--modelscope_access_token", "tok",
+                   "--checkpoint_every_n_steps", "0")
+    with pytest.raises(RuntimeError, match="needs the `modelscope` package"):
+        _run(cfg)
+    # The artifacts are complete before the upload is attempted.
+    assert (Path(cfg.output_path) / contract.ARTIFACT_MANIFEST).is_file()
