@@ -40,26 +40,49 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("strategy", ["auto", "deepspeed_stage_1", "deepspeed_stage_2", "deepspeed_stage_3"])
-def test_stock_strategy_trains_and_writes_one_lora(strategy: str, tiny_flux: Path, tmp_path: Path) -> None:
-    out = tmp_path / "out"
+def _train(model: Path, out: Path, strategy: str, precision: str, *extra: str) -> list[dict]:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
     for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK"):
         env.pop(name, None)
-    cmd = [sys.executable, "-m", "lorakube_trainer", "--model_family", "flux", "--model_path", str(tiny_flux),
+    cmd = [sys.executable, "-m", "lorakube_trainer", "--model_family", "flux", "--model_path", str(model),
            "--dataset_path", str(DATASET), "--output_path", str(out), "--height", "64", "--width", "64",
-           "--precision", "bf16-mixed", "--training_strategy", strategy, "--accelerator", "gpu", "--devices", "1",
+           "--precision", precision, "--training_strategy", strategy, "--accelerator", "gpu", "--devices", "1",
            "--steps_per_epoch", str(STEPS), "--batch_size", "2", "--checkpoint_every_n_steps", "4",
-           "--validation_inference_steps", "2", "--use_gradient_checkpointing"]
+           "--validation_inference_steps", "2", "--use_gradient_checkpointing", *extra]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=540)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    metrics = [json.loads(x) for x in (out / contract.ARTIFACT_METRICS).read_text().splitlines()]
+    return [json.loads(x) for x in (out / contract.ARTIFACT_METRICS).read_text().splitlines()]
+
+
+@pytest.mark.parametrize(("strategy", "precision"), [
+    ("auto", "bf16-mixed"), ("auto", "16-mixed"),
+    ("deepspeed_stage_1", "bf16-mixed"), ("deepspeed_stage_2", "bf16-mixed"), ("deepspeed_stage_3", "bf16-mixed"),
+])
+def test_stock_strategy_trains_and_writes_one_lora(strategy: str, precision: str, tiny_flux: Path,
+                                                   tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    metrics = _train(tiny_flux, out, strategy, precision)
     assert [m["step"] for m in metrics] == list(range(1, STEPS + 1))
     assert all(m["loss"] == m["loss"] for m in metrics)                      # no NaN
     lora = load_file(str(out / contract.ARTIFACT_LORA_DIFFUSERS))           # one gathered file
     assert lora and all(v.numel() > 0 and torch.isfinite(v.float()).all() for v in lora.values())
     assert any(v.abs().sum() > 0 for k, v in lora.items() if "lora_B" in k)   # B moved from its zero init
     times = [b["elapsed_s"] - a["elapsed_s"] for a, b in zip(metrics, metrics[1:])]
-    print(f"\n[{strategy}] median step {statistics.median(times) * 1000:.1f} ms, "
+    print(f"\n[{strategy} {precision}] median step {statistics.median(times) * 1000:.1f} ms, "
           f"peak GPU memory {metrics[-1]['gpu_max_memory_mb']:.1f} MiB, final loss {metrics[-1]['loss']:.4f}, "
           f"device {torch.cuda.get_device_name(0)}")
+
+
+@pytest.mark.parametrize("strategy", ["auto", "deepspeed_stage_2"])
+def test_resume_on_gpu_continues_from_the_checkpoint(strategy: str, tiny_flux: Path, tmp_path: Path) -> None:
+    """A finished run extended by one epoch resumes from its last checkpoint (16-mixed: the grad
+    scaler's state travels too; DeepSpeed: LoRA, step, RNG and data position)."""
+    out = tmp_path / "out"
+    precision = "16-mixed" if strategy == "auto" else "bf16-mixed"
+    _train(tiny_flux, out, strategy, precision)
+    metrics = _train(tiny_flux, out, strategy, precision, "--max_epochs", "2")
+    assert [m["step"] for m in metrics] == list(range(1, 2 * STEPS + 1))     # 1..8 kept, 9..16 new
+    state = torch.load(out / "checkpoints" / contract.checkpoint_dir_name(2 * STEPS) / "state.pt", weights_only=False)
+    assert state["step"] == 2 * STEPS
+    if strategy == "auto":
+        assert state["grad_scaler"] is not None and state["optimizer"]["state"]
