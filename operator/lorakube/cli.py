@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import socket
 import sys
 import threading
@@ -47,8 +48,9 @@ def _own_namespace() -> str | None:
 
 
 def run_operator(namespaces: Sequence[str] = (), leader_elect: bool = False, liveness: str | None = None,
-                 verbose: bool = False, stop: threading.Event | None = None) -> int:
-    """Run the operator until `stop` is set (or a signal arrives). Returns the exit code."""
+                 verbose: bool = False) -> int:
+    """Run the operator until SIGTERM/SIGINT (or, with leader election, until the lease is lost).
+    Returns the exit code."""
     import kopf
 
     from lorakube import handlers  # noqa: F401 - registers the handlers
@@ -58,8 +60,7 @@ def run_operator(namespaces: Sequence[str] = (), leader_elect: bool = False, liv
     if not verbose:
         # Kopf logs every handler call at INFO; the operator's own transitions are what matter.
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)
-    stop = stop or threading.Event()
-    lost = threading.Event()
+    stop, lost = threading.Event(), threading.Event()
     if leader_elect:
         namespace = os.environ.get("LORAKUBE_OPERATOR_NAMESPACE") or _own_namespace()
         if not namespace:
@@ -69,16 +70,14 @@ def run_operator(namespaces: Sequence[str] = (), leader_elect: bool = False, liv
         elector = leader.LeaderElector(kube.load_api_client(), namespace, identity)
         if not elector.wait_until_leader(stop):
             return 0
-        renewer = threading.Thread(target=elector.keep_renewing, args=(stop, lost), daemon=True)
-        renewer.start()
-        threading.Thread(target=lambda: (lost.wait(), stop.set()), daemon=True).start()
-    kopf.run(
-        standalone=True,
-        clusterwide=not namespaces,
-        namespaces=list(namespaces),
-        liveness_endpoint=liveness,
-        stop_flag=stop,
-    )
+        threading.Thread(target=elector.keep_renewing, args=(stop, lost), daemon=True).start()
+        # Losing the lease stops Kopf the way a pod deletion would. (Kopf's stop_flag is awaited
+        # from an executor thread, which would keep the process from exiting.)
+        threading.Thread(target=lambda: lost.wait() and os.kill(os.getpid(), signal.SIGTERM), daemon=True).start()
+    kopf.run(standalone=True, clusterwide=not namespaces, namespaces=list(namespaces), liveness_endpoint=liveness)
+    stop.set()  # ends the lease renewal
+    if leader_elect and not lost.is_set():
+        elector.release()
     if lost.is_set():
         log.error("lost the leader lease; exiting so a restarted replica rejoins as a follower")
         return 1

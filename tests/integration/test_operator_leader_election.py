@@ -38,3 +38,7 @@ def test_only_one_replica_leads_and_a_follower_takes_over_an_expired_lease(local
     assert lease["spec"]["holderIdentity"] == "replica-b"
     assert lease["spec"]["leaseTransitions"] == 1
     assert not lost.is_set()
+
+    # a clean exit hands the lease over at once
+    second.release()
+    assert first.try_claim()
