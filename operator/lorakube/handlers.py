@@ -4,6 +4,9 @@ A job is reconciled when it changes, when one of its pods changes, on a timer wh
 and at the time its last decision asked for (backoff, deadlines). Each trigger only names the job;
 `Reconciler` coalesces triggers so at most one pass per job runs at a time, and the pass itself
 (kube.reconcile_job) reads the job fresh, so triggers may arrive in any order or twice.
+
+Every handler returns None: Kopf stores a handler's return value in the object's status, and the
+status belongs to the operator's own fields and the trainer's progress.
 """
 
 from __future__ import annotations
