@@ -85,13 +85,26 @@ class ResumeCallback(pl.Callback):
             return
         state = self.loaded.state
         if _is_deepspeed(trainer):
-            log.warning("DeepSpeed run: resumed LoRA weights, step, RNG and data position; the optimizer's "
-                        "moments restart (ZeRO partitions them per rank)")
+            self._restore_zero_optimizer(trainer)
         elif state.get("optimizer") is not None:
             trainer.optimizers[0].load_state_dict(state["optimizer"])
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         if scaler is not None and state.get("grad_scaler") is not None:
             scaler.load_state_dict(state["grad_scaler"])
+
+    def _restore_zero_optimizer(self, trainer: pl.Trainer) -> None:
+        assert self.loaded is not None
+        rank, world = trainer.global_rank, trainer.world_size
+        saved = self.loaded.optimizer_for(rank)
+        if saved is None or self.loaded.state.get("world_size") != world:
+            log.warning("no ZeRO optimizer partition for rank %d of %d in %s: the optimizer's moments restart",
+                        rank, world, self.loaded.folder)
+            return
+        # DeepSpeed's loader takes the list of every rank's partition and reads its own entry.
+        partitions: list[Any] = [None] * world
+        partitions[rank] = saved
+        trainer.strategy.deepspeed_engine.optimizer.load_state_dict(
+            partitions, load_optimizer_states=True, load_from_fp32_weights=True)
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
@@ -187,6 +200,8 @@ def save_checkpoint(trainer: pl.Trainer, module: LoRAModule, cfg: TrainConfig, s
     tmp = ckpt.tmp_dir(root, step)
     if tmp.is_dir():
         ckpt.write_rng(tmp, rank)
+        if _is_deepspeed(trainer):
+            ckpt.write_rank_optimizer(tmp, rank, trainer.strategy.deepspeed_engine.optimizer.state_dict())
     else:
         # This rank does not see rank 0's folder: the checkpoint dir is not shared storage. The
         # checkpoint still completes, but a resume of this rank cannot be exact (and the ranks'

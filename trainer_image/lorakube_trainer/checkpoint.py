@@ -3,6 +3,7 @@
     <checkpoint_dir>/step-000000120/trainable.safetensors   LoRA tensors (written by rank 0)
     <checkpoint_dir>/step-000000120/state.pt                optimizer, step, epoch, data position (rank 0)
     <checkpoint_dir>/step-000000120/rng-rank-00001.pt       each rank's RNG states (written by that rank)
+    <checkpoint_dir>/step-000000120/optimizer-rank-00001.pt DeepSpeed only: that rank's ZeRO optimizer partition
     <checkpoint_dir>/step-000000120/COMPLETE.json           written last by rank 0: step + sha256 per file
 
 Everything is written into `.tmp-step-...` first and renamed when COMPLETE.json is in place, so a
@@ -38,6 +39,11 @@ class CheckpointError(RuntimeError):
 
 def rng_file(rank: int) -> str:
     return f"rng-rank-{rank:05d}.pt"
+
+
+def optimizer_file(rank: int) -> str:
+    """Per-rank optimizer state: DeepSpeed ZeRO partitions the optimizer across ranks."""
+    return f"optimizer-rank-{rank:05d}.pt"
 
 
 def sha256_file(path: Path) -> str:
@@ -93,6 +99,10 @@ def restore_rng(state: dict[str, Any]) -> None:
 
 def write_rng(tmp: Path, rank: int) -> None:
     torch.save(capture_rng(), tmp / rng_file(rank))
+
+
+def write_rank_optimizer(tmp: Path, rank: int, state: dict[str, Any]) -> None:
+    torch.save(state, tmp / optimizer_file(rank))
 
 
 def finalize(root: Path, step: int) -> Path:
@@ -161,7 +171,13 @@ class LoadedCheckpoint:
     state: dict[str, Any]
 
     def rng_for(self, rank: int) -> dict[str, Any] | None:
-        path = self.folder / rng_file(rank)
+        return self._rank_file(rng_file(rank))
+
+    def optimizer_for(self, rank: int) -> dict[str, Any] | None:
+        return self._rank_file(optimizer_file(rank))
+
+    def _rank_file(self, name: str) -> dict[str, Any] | None:
+        path = self.folder / name
         return torch.load(path, weights_only=False) if path.is_file() else None
 
 

@@ -199,3 +199,26 @@ def test_deepspeed_zero_on_cpu_writes_one_gathered_lora(stage: int, tiny_flux: P
     assert len(lora) == probe["lora_tensors"] and all(v.numel() > 0 for v in lora.values())
     folder = ckpt.find_latest_complete(tmp_path / "out" / contract.DEFAULT_CHECKPOINT_SUBDIR)
     assert folder is not None and len(load_file(str(folder / ckpt.TRAINABLE_FILE))) == len(lora)
+
+
+@pytest.mark.parametrize("stage", [2, pytest.param(3, marks=pytest.mark.slow)])
+def test_deepspeed_resume_restores_the_zero_optimizer_bit_identically(stage: int, tiny_flux: Path,
+                                                                      tmp_path: Path) -> None:
+    def train(name: str, *extra: str) -> int:
+        env = base_env(PROBE_DIR=str(tmp_path / f"probe-{name}"), MASTER_ADDR="127.0.0.1",
+                       MASTER_PORT=str(free_port()))
+        args = ["--test-strategy", f"cpu-deepspeed-{stage}", *extra,
+                *flags(tiny_flux, tmp_path / name, "--training_strategy", f"deepspeed_stage_{stage}",
+                       "--max_epochs", "2", "--checkpoint_every_n_steps", "2", "--output_formats", "diffusers")]
+        return finish(start(args, env, tmp_path / f"{name}.log"))
+
+    assert train("whole") == 0, (tmp_path / "whole.log").read_text()[-3000:]
+    assert train("cut", "--crash-after-step", "3") != 0
+    folder = ckpt.find_latest_complete(tmp_path / "cut" / contract.DEFAULT_CHECKPOINT_SUBDIR)
+    assert (folder / ckpt.optimizer_file(0)).is_file()
+    assert train("cut") == 0, (tmp_path / "cut.log").read_text()[-3000:]
+    assert "moments restart" not in (tmp_path / "cut.log").read_text()
+    whole = json.loads((tmp_path / "probe-whole" / "rank-0.json").read_text())
+    resumed = json.loads((tmp_path / "probe-cut" / "rank-0.json").read_text())
+    assert resumed["lora_sha256"] == whole["lora_sha256"]
+    assert resumed["indices"] == whole["indices"][2:]
