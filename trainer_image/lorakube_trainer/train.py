@@ -78,7 +78,7 @@ def run(cfg: TrainConfig, env: Mapping[str, str] | None = None, *,
 
     remaining = cfg.total_steps - start_step
     if remaining <= 0:
-        return _artifacts_only(cfg, family, targets, loaded, _planned_global_rank(topology, env), env, on_gpu)
+        return _artifacts_only(cfg, family, targets, loaded, topology, env, on_gpu)
 
     dtype = weight_dtype(cfg.precision)
     module = _build_module(cfg, family, targets, dtype, loaded)
@@ -110,19 +110,22 @@ def run(cfg: TrainConfig, env: Mapping[str, str] | None = None, *,
     gc.collect()                # Lightning's trainer and module reference each other
     if on_gpu:
         torch.cuda.empty_cache()
-    return RunResult(0, steps_done, state, write_artifacts(cfg, family, targets, state, steps_done, on_gpu))
+    return RunResult(0, steps_done, state,
+                     write_artifacts(cfg, family, targets, state, steps_done, on_gpu, topology))
 
 
-def _artifacts_only(cfg: TrainConfig, family: Family, targets: list[str], loaded: ckpt.LoadedCheckpoint, rank: int,
-                    env: Mapping[str, str], on_gpu: bool) -> RunResult:
+def _artifacts_only(cfg: TrainConfig, family: Family, targets: list[str], loaded: ckpt.LoadedCheckpoint,
+                    topology: Topology, env: Mapping[str, str], on_gpu: bool) -> RunResult:
     """The newest checkpoint already holds the last step (a crash while writing the artifacts)."""
+    rank = _planned_global_rank(topology, env)
     log.info("checkpoint step %d already reaches the %d planned steps: writing artifacts only",
              loaded.step, cfg.total_steps)
     if rank != 0:
         return RunResult(rank, loaded.step, None, None)
     reporter_from_env(cfg.total_steps, env).report(loaded.step, cfg.epoch_of_step(loaded.step), None, 0, force=True)
     state = dict(loaded.trainable)
-    return RunResult(0, loaded.step, state, write_artifacts(cfg, family, targets, state, loaded.step, on_gpu))
+    return RunResult(0, loaded.step, state,
+                     write_artifacts(cfg, family, targets, state, loaded.step, on_gpu, topology))
 
 
 def _build_module(cfg: TrainConfig, family: Family, targets: list[str], dtype: torch.dtype,
@@ -166,7 +169,7 @@ def trainer_kwargs(cfg: TrainConfig, topology: Topology, on_gpu: bool, remaining
 
 
 def write_artifacts(cfg: TrainConfig, family: Family, targets: list[str], state: dict[str, torch.Tensor],
-                    steps: int, on_gpu: bool) -> dict[str, Any]:
+                    steps: int, on_gpu: bool, topology: Topology) -> dict[str, Any]:
     out = Path(cfg.output_path)
     out.mkdir(parents=True, exist_ok=True)
     names: list[str] = []
@@ -207,6 +210,8 @@ def write_artifacts(cfg: TrainConfig, family: Family, targets: list[str], state:
 
     write_json(out / contract.ARTIFACT_TRAINING_CONFIG,
                {**cfg.to_json(), "resolved_lora_target_modules": targets, "steps_done": steps,
+                "topology": {"num_nodes": topology.num_nodes, "processes_per_node": topology.devices,
+                             "world_size": topology.world_size, "accelerator": "gpu" if on_gpu else "cpu"},
                 "versions": _versions()})
     names.append(contract.ARTIFACT_TRAINING_CONFIG)
     metrics = out / contract.ARTIFACT_METRICS

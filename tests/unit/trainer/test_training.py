@@ -77,6 +77,7 @@ def test_artifacts_a_user_picks_up(make_cfg, tmp_path: Path) -> None:
     assert [m["step"] for m in metrics] == list(range(1, 9)) and metrics[-1]["epoch"] == 1
     config = json.loads((out / contract.ARTIFACT_TRAINING_CONFIG).read_text())
     assert config["lora_rank"] == 2 and config["resolved_lora_target_modules"] == ["to_q", "to_k"]
+    assert config["precision"] == "32" and config["topology"]["world_size"] == 1
 
 
 def test_flags_reach_the_trainer_module_and_data(make_cfg) -> None:
