@@ -36,7 +36,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory):
     return get
 
 
-@pytest.mark.parametrize("family", ["flux", "kolors"])
+@pytest.mark.parametrize("family", ["flux", "kolors", "hunyuan-dit"])
 def test_resume_is_bit_identical(family: str, tiny, dataset: Path, tmp_path: Path) -> None:
     size = str(SIZES[family])
 
@@ -46,6 +46,7 @@ def test_resume_is_bit_identical(family: str, tiny, dataset: Path, tmp_path: Pat
             "--output_path", str(tmp_path / out), "--height", size, "--width", size, "--precision", "32",
             "--steps_per_epoch", "3", "--max_epochs", "2", "--batch_size", "2", "--random_flip",
             "--checkpoint_every_n_steps", "2", "--validation_inference_steps", "2", "--seed", "11",
+            "--use_gradient_checkpointing",
         ], env={})
 
     whole = run(cfg("whole"), env={})
