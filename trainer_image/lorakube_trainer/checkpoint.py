@@ -28,6 +28,8 @@ from safetensors.torch import load_file, save_file
 
 from lorakube import contract
 
+from .config import RESUME_AUTO, RESUME_NEVER
+
 TRAINABLE_FILE = "trainable.safetensors"
 STATE_FILE = "state.pt"
 TMP_PREFIX = ".tmp-"
@@ -194,9 +196,9 @@ def load(folder: Path) -> LoadedCheckpoint:
 
 def resolve_resume(resume: str, root: Path) -> LoadedCheckpoint | None:
     """--resume auto|never|PATH -> the checkpoint to continue from, if any."""
-    if resume == "never":
+    if resume == RESUME_NEVER:
         return None
-    if resume == "auto":
+    if resume == RESUME_AUTO:
         latest = find_latest_complete(root)
         return None if latest is None else load(latest)
     folder = Path(resume)
