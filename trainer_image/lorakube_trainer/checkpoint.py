@@ -160,7 +160,8 @@ def find_latest_complete(root: Path) -> Path | None:
 
 def prune(root: Path, keep: int) -> None:
     """Delete all but the newest `keep` complete checkpoints (incomplete ones are left for inspection)."""
-    complete = [folder for _, folder in list_checkpoints(root) if (folder / contract.CHECKPOINT_COMPLETE_MARKER).exists()]
+    complete = [folder for _, folder in list_checkpoints(root)
+                if (folder / contract.CHECKPOINT_COMPLETE_MARKER).exists()]
     for folder in complete[keep:]:
         shutil.rmtree(folder, ignore_errors=True)
 

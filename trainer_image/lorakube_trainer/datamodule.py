@@ -25,7 +25,8 @@ class CaptionDataModule(pl.LightningDataModule):
         if self.trainer is not None and self.trainer.world_size != self.world_size:
             raise RuntimeError(f"world size {self.trainer.world_size} differs from the planned {self.world_size}")
         common = dict(seed=cfg.seed, height=cfg.height, width=cfg.width, center_crop=cfg.center_crop,
-                      random_flip=cfg.random_flip, samples_per_epoch=cfg.steps_per_epoch * cfg.batch_size * self.world_size)
+                      random_flip=cfg.random_flip,
+                      samples_per_epoch=cfg.steps_per_epoch * cfg.batch_size * self.world_size)
         # The cache is filled in LoRAModule.on_fit_start, which Lightning runs before asking for this loader.
         dataset = (CaptionedImages(self.records, **common) if self.cache_folder is None
                    else CachedCaptions(self.records, self.cache_folder, **common))

@@ -31,7 +31,8 @@ def trainable_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
 
 
 class LoRAModule(pl.LightningModule):
-    def __init__(self, family: Family, pipe: Any, cfg: TrainConfig, targets: list[str], weight_dtype: torch.dtype) -> None:
+    def __init__(self, family: Family, pipe: Any, cfg: TrainConfig, targets: list[str],
+                 weight_dtype: torch.dtype) -> None:
         super().__init__()
         self.family = family
         self.cfg = cfg
@@ -44,8 +45,9 @@ class LoRAModule(pl.LightningModule):
             raise ConfigError(contract.TRAINING_FLAGS["loraTargetModules"], str(exc)) from exc
         params = trainable_parameters(self.denoiser)
         if not params:
-            raise ConfigError(contract.TRAINING_FLAGS["loraTargetModules"], f"{','.join(targets)} matched no layer of the {family.name} "
-                             "denoiser; use module names such as to_q,to_k,to_v")
+            raise ConfigError(contract.TRAINING_FLAGS["loraTargetModules"],
+                              f"{','.join(targets)} matched no layer of the {family.name} denoiser; "
+                              "use module names such as to_q,to_k,to_v")
         for p in params:
             # fp32 LoRA weights and optimizer moments over a low-precision frozen base.
             p.data = p.data.float()

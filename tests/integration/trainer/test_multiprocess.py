@@ -112,7 +112,8 @@ def _two_pods(tiny_flux: Path, tmp_path: Path, name: str, *extra: str) -> list[i
                        NPROC_PER_NODE="1", WORLD_SIZE="2", PROBE_DIR=str(tmp_path / f"probe-{name}"),
                        **{contract.ENV_RENDEZVOUS_TIMEOUT: "60"})
         logs.append(tmp_path / f"{name}-rank{rank}.log")
-        args = [*extra, *flags(tiny_flux, tmp_path / f"{name}-out{rank}", "--checkpoint_dir", str(tmp_path / f"{name}-ck"),
+        args = [*extra, *flags(tiny_flux, tmp_path / f"{name}-out{rank}",
+                               "--checkpoint_dir", str(tmp_path / f"{name}-ck"),
                                "--max_epochs", "2", "--checkpoint_every_n_steps", "2")]
         procs.append(start(args, env, logs[-1]))
     return [finish(p) for p in procs]

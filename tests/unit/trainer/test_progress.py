@@ -109,7 +109,8 @@ def test_api_target_from_the_pods_environment(tmp_path: Path) -> None:
     env = {contract.ENV_REPORT_PROGRESS: "1", "KUBERNETES_SERVICE_HOST": "10.0.0.1",
            "KUBERNETES_SERVICE_PORT": "6443", contract.ENV_JOB_NAME: "cats", contract.ENV_JOB_NAMESPACE: "ns"}
     target = api_target_from_env(env, sa_dir=tmp_path)
-    assert target.status_url == "https://10.0.0.1:6443/apis/lorakube.io/v1alpha1/namespaces/ns/loratrainingjobs/cats/status"
+    assert target.status_url == ("https://10.0.0.1:6443/apis/lorakube.io/v1alpha1/namespaces/ns/"
+                                 "loratrainingjobs/cats/status")
     assert target.token == "sa-token" and target.ca_file == str(tmp_path / "ca.crt")
     assert api_target_from_env({**env, contract.ENV_REPORT_PROGRESS: "0"}, sa_dir=tmp_path) is None
     assert api_target_from_env({**env, contract.ENV_JOB_NAME: ""}, sa_dir=tmp_path) is None

@@ -172,9 +172,11 @@ def test_bad_target_modules_is_an_invalid_argument(make_cfg) -> None:
         _run(make_cfg("--lora_target_modules", "no_such_layer"))
 
 
-@pytest.mark.parametrize(("accumulate", "extra"), [(1, ()), (2, ()), (3, ()), (1, ("--cache_latents", "--center_crop"))])
+@pytest.mark.parametrize(("accumulate", "extra"),
+                         [(1, ()), (2, ()), (3, ()), (1, ("--cache_latents", "--center_crop"))])
 def test_interrupted_run_resumes_bit_identically(make_cfg, tmp_path: Path, accumulate: int, extra: tuple) -> None:
-    args = (*extra, "--max_epochs", "3", "--accumulate_grad_batches", str(accumulate), "--random_flip", "--batch_size", "2",
+    args = (*extra, "--max_epochs", "3", "--accumulate_grad_batches", str(accumulate), "--random_flip",
+            "--batch_size", "2",
             "--checkpoint_every_n_steps", "1" if accumulate == 2 else "2", "--output_formats", "diffusers")
     # accumulate 3 over 4-batch epochs: windows span epoch boundaries; resume from step 2 is mid-epoch.
     whole, _ = _run(make_cfg(*args, output=tmp_path / "whole"))
