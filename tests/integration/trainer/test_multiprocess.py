@@ -131,6 +131,25 @@ def test_a_restarted_gang_resumes_bit_identically(tiny_flux: Path, tmp_path: Pat
         assert resumed[rank]["indices"] == whole[rank]["indices"][2:]
 
 
+def test_two_pods_sd3_with_gradient_checkpointing(tmp_path: Path) -> None:
+    """SD3's last block computes add_q_proj but discards its output (context_pre_only): its LoRA
+    gets an exactly-zero gradient, which DDP must still all-reduce without complaint."""
+    model = build_tiny_pipeline("sd3", tmp_path / "sd3")
+    port, procs, logs = free_port(), [], []
+    for rank in (0, 1):
+        env = base_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), NODE_RANK=str(rank), NNODES="2",
+                       NPROC_PER_NODE="1", WORLD_SIZE="2", PROBE_DIR=str(tmp_path / "probe"))
+        logs.append(tmp_path / f"rank{rank}.log")
+        args = flags(model, tmp_path / f"out{rank}", "--checkpoint_dir", str(tmp_path / "ck"),
+                     "--use_gradient_checkpointing")
+        args[args.index("flux")] = "sd3"
+        procs.append(start(args, env, logs[-1]))
+    codes = [finish(p) for p in procs]
+    assert codes == [0, 0], "\n".join(log.read_text()[-3000:] for log in logs)
+    probes = _probes(tmp_path / "probe", 2)
+    assert probes[0]["lora_sha256"] == probes[1]["lora_sha256"]
+
+
 def test_torchrun_launch_needs_no_other_settings(tiny_flux: Path, tmp_path: Path) -> None:
     port, procs, logs = free_port(), [], []
     for node in (0, 1):
