@@ -7,6 +7,7 @@ process as gone rather than signalling a stranger.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -77,10 +78,8 @@ def start_daemon(name: str, argv: list[str], log_path: Path, pid_dir: Path,
 
 def _reap(pid: int) -> None:
     # When the daemon is our own child (pytest fixture), collect it so no zombie lingers.
-    try:
+    with contextlib.suppress(ChildProcessError):
         os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        pass
 
 
 def has_exited(record: DaemonRecord) -> bool:

@@ -7,6 +7,7 @@ start and stop the daemon, which runs as `python -m localcluster.node run ...`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -30,7 +31,7 @@ STOP_TIMEOUT_SECONDS = 45.0
 
 
 class NodeStartError(RuntimeError):
-    pass
+    """The node daemon did not come up; the message points at its log."""
 
 
 def _ticks(pid: int) -> int | None:
@@ -121,10 +122,8 @@ def stop_node_daemon(state_dir: Path) -> None:
 
 
 def _alive(pid: int) -> bool:
-    try:
+    with contextlib.suppress(ChildProcessError):
         os.waitpid(pid, os.WNOHANG)  # reap it if it was our child
-    except ChildProcessError:
-        pass
     state = Path(f"/proc/{pid}/stat")
     try:
         return state.read_text().rsplit(")", 1)[1].split()[0] != "Z"

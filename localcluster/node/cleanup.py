@@ -8,6 +8,7 @@ pods are never touched; the bridge goes only when no other daemon is alive.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from pathlib import Path
@@ -40,11 +41,9 @@ def remove_created_mountpoints(layout: StateLayout) -> None:
     # Deepest first, and only if still empty: a directory that got content is not ours.
     for path in sorted(layout.created_mountpoints(), key=lambda p: p.count("/"), reverse=True):
         target = Path(path)
-        try:
+        with contextlib.suppress(OSError):
             if target.is_dir():
                 target.rmdir()
             elif target.is_file() and target.stat().st_size == 0:
                 target.unlink()
-        except OSError:
-            pass
     layout.mountpoints.unlink(missing_ok=True)

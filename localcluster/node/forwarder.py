@@ -12,6 +12,7 @@ survives the daemon that held it.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import socket
@@ -24,17 +25,13 @@ Route = Callable[[str], "tuple[str, int] | None"]
 
 
 def _pump(src: socket.socket, dst: socket.socket) -> None:
-    try:
+    # A reset connection simply ends the pump; either way both halves are shut down.
+    with contextlib.suppress(OSError):
         while data := src.recv(65536):
             dst.sendall(data)
-    except OSError:
-        pass
-    finally:
-        for sock, how in ((dst, socket.SHUT_WR), (src, socket.SHUT_RD)):
-            try:
-                sock.shutdown(how)
-            except OSError:
-                pass
+    for sock, how in ((dst, socket.SHUT_WR), (src, socket.SHUT_RD)):
+        with contextlib.suppress(OSError):
+            sock.shutdown(how)
 
 
 class Forwarder:
@@ -91,8 +88,6 @@ class Forwarder:
         self._closed.set()
         if self._listener is None:
             return
-        try:
+        with contextlib.suppress(OSError):
             self._listener.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
         self._listener.close()

@@ -32,11 +32,11 @@ GATEWAY = ipaddress.IPv4Address("10.250.0.1")
 
 
 class NodeBusyError(RuntimeError):
-    pass
+    """Another node daemon already owns what this one needs (its message names the owner)."""
 
 
 class IpamExhausted(RuntimeError):
-    pass
+    """Every address of the pod network is taken."""
 
 
 @contextmanager

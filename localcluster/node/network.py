@@ -11,6 +11,7 @@ share the bridge and a crashed daemon's leftovers are recognisable by prefix.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import os
@@ -30,7 +31,7 @@ NETNS_DIR = Path("/run/netns")
 
 
 class NetworkError(RuntimeError):
-    pass
+    """Setting up or tearing down a pod network namespace, veth or the bridge failed."""
 
 
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -86,10 +87,8 @@ def kill_netns_processes(net: PodNet) -> int:
         return 0
     pids = [int(p) for p in _ip("netns", "pids", net.netns, check=False).stdout.split()]
     for pid in pids:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
     return len(pids)
 
 

@@ -7,6 +7,7 @@ signals never reach the pods.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -104,10 +105,8 @@ class ContainerProcess:
         result = exit_from_returncode(self._proc.wait())
         # A container ends with its main process (as when a PID namespace's init dies):
         # stragglers it forked into the same group go too.
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         self._forget()
         on_exit(result)
 
@@ -118,10 +117,8 @@ class ContainerProcess:
     def signal_group(self, sig: int) -> None:
         if self.exited.is_set():
             return
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.pid, sig)
-        except ProcessLookupError:
-            pass
 
 
 def _session_members(sid: int, not_before: int) -> list[int]:
@@ -152,8 +149,6 @@ def kill_recorded(record_path: Path) -> int:
         return 0  # the pid now belongs to an unrelated process
     victims = _session_members(pid, start)
     for victim in victims:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(victim, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
     return len(victims)

@@ -39,7 +39,7 @@ Kubectl = Callable[..., subprocess.CompletedProcess]
 
 
 class SandboxError(RuntimeError):
-    pass
+    """The demo or e2e sandbox could not be set up; the message says which step and why."""
 
 
 def _run(kubectl: Kubectl, *args: str, input: str | None = None) -> str:

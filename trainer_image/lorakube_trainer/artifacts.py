@@ -7,7 +7,6 @@ each) last and atomically, so a reader that finds the manifest finds every file 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -19,6 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from lorakube import contract
 
+from .checkpoint import sha256_file
 from .families.base import Family
 
 MODEL_CARD = "README.md"
@@ -26,14 +26,6 @@ MODEL_CARD = "README.md"
 
 class ArtifactCheckError(RuntimeError):
     """A written LoRA file did not load back correctly."""
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -158,7 +150,7 @@ def write_manifest(output: Path, names: Iterable[str]) -> dict[str, Any]:
     files = {}
     for name in sorted(set(names)):
         path = output / name
-        files[name] = {"sha256": _sha256(path), "bytes": path.stat().st_size}
+        files[name] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
     body = {"files": files}
     write_json(output / contract.ARTIFACT_MANIFEST, body)
     return body

@@ -29,7 +29,7 @@ class Recorder(http.server.BaseHTTPRequestHandler):
         self.wfile.write(b"{}")
 
     def log_message(self, *args: object) -> None:
-        pass
+        """Keep the test output quiet: the recorded requests are what the tests read."""
 
 
 @pytest.fixture

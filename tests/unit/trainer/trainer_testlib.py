@@ -31,7 +31,7 @@ def write_dataset(root: Path, sizes: list[tuple[int, int]], layout: str = "train
 
 
 class SimulatedNodeLoss(Exception):
-    pass
+    """Raised inside a training step to stop a run the way a lost node would."""
 
 
 class CrashAt(pl.Callback):
