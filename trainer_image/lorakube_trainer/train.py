@@ -204,7 +204,8 @@ def write_artifacts(cfg: TrainConfig, family: Family, targets: list[str], state:
         # Only the ComfyUI file was asked for: the grid still shows the trained LoRA.
         family.set_lora_state_dict(_with_lora(family, pipe, targets, cfg), state)
         lora_images = generate_images(family, pipe, cfg.validation_prompts, **size)
-    save_grid([base_images, lora_images], out / contract.ARTIFACT_VALIDATION_GRID)
+    save_grid([base_images, lora_images], out / contract.ARTIFACT_VALIDATION_GRID,
+              row_labels=["base", "+ LoRA"], column_labels=cfg.validation_prompts)
     names.append(contract.ARTIFACT_VALIDATION_GRID)
     del pipe
 

@@ -19,6 +19,7 @@ from toy_family import ToyFamily
 from trainer_testlib import CrashAt, SimulatedNodeLoss, lora_file_identity
 
 from lorakube import contract
+from lorakube_trainer import validation
 from lorakube_trainer import checkpoint as ckpt
 from lorakube_trainer.config import ConfigError
 from lorakube_trainer.distributed import resolve_topology
@@ -69,10 +70,14 @@ def test_artifacts_a_user_picks_up(make_cfg, tmp_path: Path) -> None:
         assert fh.metadata()["lora_alpha"] == "3"
     comfy = load_file(str(out / contract.ARTIFACT_LORA_COMFYUI))
     assert {float(v) for k, v in comfy.items() if k.endswith(".alpha")} == {3.0}
-    grid = Image.open(out / contract.ARTIFACT_VALIDATION_GRID)
-    assert grid.size == (2 * 16, 2 * 16)                         # 2 prompts x (base, LoRA)
-    top, bottom = grid.crop((0, 0, 32, 16)), grid.crop((0, 16, 32, 32))
-    assert top.tobytes() != bottom.tobytes()                     # the LoRA changes the output
+    grid = Image.open(out / contract.ARTIFACT_VALIDATION_GRID).convert("RGB")
+    cell, left, top_px = validation.MIN_CELL_PX, validation.LABEL_PX, validation.HEADER_PX
+    assert grid.size == (left + 2 * cell, top_px + 2 * cell)     # 2 prompts x (base, LoRA), labelled
+    base_row = grid.crop((left, top_px, left + 2 * cell, top_px + cell))
+    lora_row = grid.crop((left, top_px + cell, left + 2 * cell, top_px + 2 * cell))
+    assert base_row.tobytes() != lora_row.tobytes()               # the LoRA changes the output
+    header, margin = grid.crop((left, 0, grid.width, top_px)), grid.crop((0, top_px, left, grid.height))
+    assert header.getextrema() != ((255, 255),) * 3 and margin.getextrema() != ((255, 255),) * 3  # text drawn
     metrics = [json.loads(line) for line in (out / contract.ARTIFACT_METRICS).read_text().splitlines()]
     assert [m["step"] for m in metrics] == list(range(1, 9)) and metrics[-1]["epoch"] == 1
     config = json.loads((out / contract.ARTIFACT_TRAINING_CONFIG).read_text())
