@@ -197,3 +197,21 @@ FLAG_RESUME = "--resume"
 FLAG_ACCELERATOR = "--accelerator"
 TRAINER_COMMAND = "lorakube-train"
 DEFAULT_CHECKPOINT_SUBDIR = "checkpoints"   # under --output_path when --checkpoint_dir is not given
+
+# What each published file is, as status.artifacts[].format says it.
+ARTIFACT_FORMATS = {
+    ARTIFACT_LORA_DIFFUSERS: "diffusers",
+    ARTIFACT_LORA_COMFYUI: "comfyui",
+    ARTIFACT_TRAINING_CONFIG: "config",
+    ARTIFACT_METRICS: "metrics",
+    ARTIFACT_VALIDATION_GRID: "samples",
+    ARTIFACT_MANIFEST: "manifest",
+}
+
+
+def artifacts_status(output_uri: str, files: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """status.artifacts from a manifest's {name: {sha256, bytes}}: one entry per file, sorted by name."""
+    base = output_uri.rstrip("/")
+    return [{"uri": f"{base}/{name}", "sha256": entry["sha256"], "bytes": entry["bytes"],
+             "format": ARTIFACT_FORMATS.get(name, "other")}
+            for name, entry in sorted(files.items())]

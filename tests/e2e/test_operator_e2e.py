@@ -6,6 +6,7 @@ Each test applies a LoRATrainingJob the way a user would and checks what a user 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -83,6 +84,13 @@ def test_quickstart_runs_two_pods_to_succeeded_with_progress(local_cluster, job_
     with safe_open(str(lora), "pt") as weights:
         keys = list(weights.keys())
     assert keys and all("lora" in key for key in keys)
+    # ... and status.artifacts says so, with a checksum that matches the file on disk
+    published = {Path(a["uri"]).name: a for a in status["artifacts"]}
+    assert published[lora.name]["uri"] == f"/data/output/{name}/{lora.name}"
+    assert published[lora.name]["format"] == "diffusers"
+    assert published[lora.name]["sha256"] == hashlib.sha256(lora.read_bytes()).hexdigest()
+    assert published[lora.name]["bytes"] == lora.stat().st_size
+    assert {contract.ARTIFACT_LORA_COMFYUI, contract.ARTIFACT_VALIDATION_GRID, contract.ARTIFACT_MANIFEST} <= set(published)
 
     # both ranks rendezvoused through the injected env: rank 1 reached rank 0 by its DNS name
     rank1_log = local_cluster.kubectl("logs", "quickstart-node-1", "-n", job_namespace, check=True).stdout

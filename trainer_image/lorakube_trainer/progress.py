@@ -72,7 +72,11 @@ class StatusPatcher:
             self._context = None
 
     def patch(self, progress: contract.Progress) -> bool:
-        body = json.dumps({"status": {"progress": progress.to_status()}}).encode()
+        return self.patch_status({"progress": progress.to_status()})
+
+    def patch_status(self, fields: dict[str, object]) -> bool:
+        """Merge-patch these top-level status fields; False (warned once) when the API call fails."""
+        body = json.dumps({"status": fields}).encode()
         request = urllib.request.Request(
             self.target.status_url, data=body, method="PATCH",
             headers={"Content-Type": "application/merge-patch+json", "Authorization": f"Bearer {self.target.token}",
@@ -130,6 +134,16 @@ class ProgressReporter:
         if self.patcher is not None:
             self.patcher.patch(progress)
         return True
+
+
+def publish_artifacts(output_uri: str, files: dict[str, dict[str, object]],
+                      env: Mapping[str, str] | None = None) -> bool:
+    """Rank 0, after the manifest is written: list every published file with its sha256 and size in
+    status.artifacts, so `kubectl get ltj -o yaml` says where the LoRA is and how to verify it."""
+    target = api_target_from_env(os.environ if env is None else env)
+    if target is None:
+        return False
+    return StatusPatcher(target).patch_status({"artifacts": contract.artifacts_status(output_uri, files)})
 
 
 def reporter_from_env(total_steps: int, env: Mapping[str, str] | None = None) -> ProgressReporter:

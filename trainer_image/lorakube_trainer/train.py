@@ -27,7 +27,7 @@ from .distributed import Topology, needs_rendezvous_check, resolve_topology, wai
 from .families import get_family
 from .families.base import Family
 from .module import LoRAModule
-from .progress import ProgressReporter, reporter_from_env
+from .progress import ProgressReporter, publish_artifacts, reporter_from_env
 from .strategies import StrategyPlan, build_strategy, lightning_precision, resolve_precision, weight_dtype
 from .validation import generate_images, save_grid
 
@@ -223,6 +223,9 @@ def write_artifacts(cfg: TrainConfig, family: Family, targets: list[str], state:
                      formats=cfg.output_formats)
     names.append(MODEL_CARD)
     manifest = write_manifest(out, names)
+    manifest_file = out / contract.ARTIFACT_MANIFEST
+    publish_artifacts(cfg.output_path, {**manifest["files"], manifest_file.name: {
+        "sha256": ckpt.sha256_file(manifest_file), "bytes": manifest_file.stat().st_size}})
     if cfg.modelscope_model_id and cfg.modelscope_access_token:
         upload_to_modelscope(out, cfg.modelscope_model_id, cfg.modelscope_access_token,
                              names + [contract.ARTIFACT_MANIFEST])

@@ -3,6 +3,7 @@ real local HTTP server; API failures never fail training."""
 
 from __future__ import annotations
 
+import dataclasses
 import http.server
 import io
 import json
@@ -114,3 +115,24 @@ def test_api_target_from_the_pods_environment(tmp_path: Path) -> None:
     assert target.token == "sa-token" and target.ca_file == str(tmp_path / "ca.crt")
     assert api_target_from_env({**env, contract.ENV_REPORT_PROGRESS: "0"}, sa_dir=tmp_path) is None
     assert api_target_from_env({**env, contract.ENV_JOB_NAME: ""}, sa_dir=tmp_path) is None
+
+
+def test_published_artifacts_list_every_file_with_uri_checksum_size_and_format(server: str, tmp_path) -> None:
+    sa = tmp_path / "sa"
+    sa.mkdir()
+    (sa / "token").write_text("tok\n")
+    host, port = server.removeprefix("http://").split(":")
+    env = {contract.ENV_REPORT_PROGRESS: "1", "KUBERNETES_SERVICE_HOST": host, "KUBERNETES_SERVICE_PORT": port,
+           contract.ENV_JOB_NAME: "cats", contract.ENV_JOB_NAMESPACE: "team-a"}
+    target = api_target_from_env(env, sa_dir=sa)
+    assert target is not None
+    files = {contract.ARTIFACT_LORA_DIFFUSERS: {"sha256": "ab" * 32, "bytes": 14696},
+             contract.ARTIFACT_MANIFEST: {"sha256": "cd" * 32, "bytes": 865}}
+    # The in-cluster target speaks https; point the same credentials at the plain-http recorder.
+    patcher = StatusPatcher(dataclasses.replace(target, base_url=server))
+    assert patcher.patch_status({"artifacts": contract.artifacts_status("/data/out/", files)})
+    body = Recorder.requests[-1]["body"]
+    assert body == {"status": {"artifacts": [
+        {"uri": "/data/out/manifest.json", "sha256": "cd" * 32, "bytes": 865, "format": "manifest"},
+        {"uri": "/data/out/pytorch_lora_weights.safetensors", "sha256": "ab" * 32, "bytes": 14696,
+         "format": "diffusers"}]}}
