@@ -119,9 +119,10 @@ TRAINING_FLAGS: dict[str, str] = {
     "checkpointEverySteps": "--checkpoint_every_n_steps",
     "validationPrompts": "--validation_prompt",       # repeated once per prompt
     "validationEverySteps": "--validation_every_n_steps",
+    "cacheLatents": "--cache_latents",
 }
 # Boolean flags are store_true switches: present when true, absent when false.
-BOOLEAN_TRAINING_FLAGS = frozenset({"centerCrop", "randomFlip", "gradientCheckpointing"})
+BOOLEAN_TRAINING_FLAGS = frozenset({"centerCrop", "randomFlip", "gradientCheckpointing", "cacheLatents"})
 
 # --- Progress ---------------------------------------------------------------------------------
 

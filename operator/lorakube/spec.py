@@ -106,6 +106,7 @@ class TrainingSpec:
     checkpoint_every_steps: int = _flag("checkpointEverySteps", 100)
     validation_prompts: tuple[str, ...] = _flag("validationPrompts", ())
     validation_every_steps: int = _flag("validationEverySteps", 0)
+    cache_latents: bool = _flag("cacheLatents", False)
 
     def by_key(self) -> dict[str, Any]:
         """camelCase key -> value, the form contract.TRAINING_FLAGS is keyed by."""
@@ -350,6 +351,7 @@ def _parse_training(section: Mapping[str, Any], family: str) -> TrainingSpec:
         checkpoint_every_steps=_int(section, "checkpointEverySteps", f, defaults.checkpoint_every_steps, 0),
         validation_prompts=prompts,
         validation_every_steps=_int(section, "validationEverySteps", f, defaults.validation_every_steps, 0),
+        cache_latents=_bool(section, "cacheLatents", f, defaults.cache_latents),
     )
 
 

@@ -102,11 +102,18 @@ def test_trainer_command_is_an_argv_list_derived_from_the_spec(job):
     assert value("--accelerator") == "cpu"  # gpusPerNode 0
     # booleans are switches: present when true, absent when false
     assert "--center_crop" in args and "--use_gradient_checkpointing" in args
-    assert "--random_flip" not in args
+    assert "--random_flip" not in args and "--cache_latents" not in args
     # one flag per validation prompt, prompt text passed verbatim (no shell anywhere)
     prompts = [args[i + 1] for i, a in enumerate(args) if a == "--validation_prompt"]
     assert prompts == ["a cat on a mat", "a dog in fog"]
     assert "--lora_target_modules" not in args  # unset: the trainer uses the family's default
+
+
+def test_cached_latents_become_the_trainer_switch(job_spec):
+    job_spec["training"].update(cacheLatents=True, centerCrop=True)
+    container = builders.build_pod(parse_job("cats", job_spec), JOB, 1, 0, CONFIG)["spec"]["containers"][0]
+    args = container["command"] + container.get("args", [])
+    assert "--cache_latents" in args and "--center_crop" in args
 
 
 def test_lora_targets_are_comma_joined_and_gpu_jobs_do_not_force_cpu(job_spec):
