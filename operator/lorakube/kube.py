@@ -13,7 +13,7 @@ import json
 import logging
 import os
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, Callable
 
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
@@ -101,22 +101,10 @@ class Kube:
     # --- children -------------------------------------------------------------------------
 
     def service_exists(self, namespace: str, name: str) -> bool:
-        try:
-            self.core.read_namespaced_service(name, namespace)
-            return True
-        except ApiException as exc:
-            if exc.status == 404:
-                return False
-            raise
+        return _exists(self.core.read_namespaced_service, namespace, name)
 
     def service_account_exists(self, namespace: str, name: str) -> bool:
-        try:
-            self.core.read_namespaced_service_account(name, namespace)
-            return True
-        except ApiException as exc:
-            if exc.status == 404:
-                return False
-            raise
+        return _exists(self.core.read_namespaced_service_account, namespace, name)
 
     def create(self, manifest: Mapping[str, Any]) -> bool:
         """Create a child; False when it already exists (made by an earlier pass: adopt it)."""
@@ -268,3 +256,14 @@ def reconcile_job(kube: Kube, namespace: str, name: str, pods: Iterable[PodView]
         return Outcome()
     obs = observe(kube, body, pods, now)
     return act(kube, obs, reconcile.decide(obs, config))
+
+
+def _exists(read: Callable[[str, str], Any], namespace: str, name: str) -> bool:
+    """True when the read succeeds, False on 404; any other API error propagates."""
+    try:
+        read(name, namespace)
+        return True
+    except ApiException as exc:
+        if exc.status == 404:
+            return False
+        raise
