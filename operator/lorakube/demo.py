@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from lorakube import contract, sandbox
+from lorakube import status as st
 
 JOB_NAMESPACE = "lorakube-demo"
 JOB_NAME = "quickstart"
@@ -65,7 +66,7 @@ def run(state_dir: str | Path | None = None, keep: bool = False, timeout: float 
         print(kubectl("get", contract.SHORT_NAME, "-n", JOB_NAMESPACE).stdout, flush=True)
         status = body.get("status") or {}
         output = data_dir / "output" / JOB_NAME
-        if status.get("phase") != "Succeeded":
+        if status.get("phase") != st.SUCCEEDED_PHASE:
             failure = status.get("lastFailure") or {}
             _say(f"the job failed: {failure.get('message') or status.get('conditions')}")
             if failure.get("logTail"):

@@ -19,6 +19,7 @@ from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
 from lorakube import builders, contract, reconcile, spec
+from lorakube import status as st
 from lorakube.pods import PodView
 
 log = logging.getLogger(__name__)
@@ -155,7 +156,7 @@ def observe(kube: Kube, body: Mapping[str, Any], pods: Iterable[PodView], now: d
     except spec.InvalidSpec as exc:
         parsed, error = None, exc
     sa_exists = None
-    if parsed is not None and status.get("phase") not in ("Succeeded", "Failed"):
+    if parsed is not None and status.get("phase") not in st.TERMINAL_PHASES:
         attempt = reconcile.current_attempt(status)
         present = {p.rank for p in pods if p.owner_uid == job.uid and p.attempt == attempt}
         if len(present) < parsed.resources.num_nodes:

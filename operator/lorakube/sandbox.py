@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 
 from lorakube import contract
+from lorakube import status as st
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 REPO_ROOT = PACKAGE_DIR.parents[1]
@@ -32,7 +33,6 @@ QUICKSTART = REPO_ROOT / "examples" / "quickstart.yaml"
 EXAMPLE_DATASET = REPO_ROOT / "examples" / "dataset"
 OPERATOR_NAMESPACE = "lorakube-system"
 OPERATOR_SERVICE_ACCOUNT = "lorakube-operator"
-TERMINAL = ("Succeeded", "Failed")
 
 # cluster.kubectl-like: (*args, input=None, kubeconfig=None) -> CompletedProcess
 Kubectl = Callable[..., subprocess.CompletedProcess]
@@ -142,7 +142,7 @@ def follow(kubectl: Kubectl, namespace: str, name: str, timeout: float,
         if marker != seen:
             seen = marker
             on_change(status)
-        if status.get("phase") in TERMINAL:
+        if status.get("phase") in st.TERMINAL_PHASES:
             return body
         if time.monotonic() > deadline:
             raise SandboxError(f"job {namespace}/{name} did not finish within {timeout:.0f}s "
