@@ -22,8 +22,6 @@ FAILED = "Failed"
 SUSPENDED = "Suspended"
 TERMINAL_PHASES = frozenset({SUCCEEDED_PHASE, FAILED})
 
-CONDITION_TYPES = ("Created", "Running", "Restarting", "Succeeded", "Failed", "Suspended")
-
 # Status keys the operator writes; `progress` and `artifacts` belong to the trainer.
 OPERATOR_KEYS = (
     "phase", "conditions", "observedGeneration", "attempt", "restarts", "startTime", "completionTime",
