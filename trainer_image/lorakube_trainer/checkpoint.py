@@ -151,11 +151,17 @@ def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
     return sorted(found, reverse=True)
 
 
-def find_latest_complete(root: Path) -> Path | None:
+def _latest_complete(root: Path) -> tuple[Path, dict[str, Any]] | None:
     for _, folder in list_checkpoints(root):
-        if read_marker(folder) is not None:
-            return folder
+        marker = read_marker(folder)
+        if marker is not None:
+            return folder, marker
     return None
+
+
+def find_latest_complete(root: Path) -> Path | None:
+    latest = _latest_complete(root)
+    return None if latest is None else latest[0]
 
 
 def prune(root: Path, keep: int) -> None:
@@ -189,6 +195,10 @@ def load(folder: Path) -> LoadedCheckpoint:
     if marker is None:
         raise CheckpointError(f"{folder} is not a complete checkpoint (no valid {contract.CHECKPOINT_COMPLETE_MARKER} "
                               "or a file does not match its sha256); pick another or use --resume auto")
+    return _load_verified(folder, marker)
+
+
+def _load_verified(folder: Path, marker: dict[str, Any]) -> LoadedCheckpoint:
     # Our own files, written by this trainer: the pickle in state.pt holds optimizer state and RNG tuples.
     state = torch.load(folder / STATE_FILE, weights_only=False)
     return LoadedCheckpoint(folder=folder, step=int(marker["step"]), trainable=load_file(str(folder / TRAINABLE_FILE)),
@@ -200,8 +210,9 @@ def resolve_resume(resume: str, root: Path) -> LoadedCheckpoint | None:
     if resume == RESUME_NEVER:
         return None
     if resume == RESUME_AUTO:
-        latest = find_latest_complete(root)
-        return None if latest is None else load(latest)
+        # read_marker already hashed every file of the chosen folder: load it without hashing again.
+        latest = _latest_complete(root)
+        return None if latest is None else _load_verified(*latest)
     folder = Path(resume)
     if not folder.is_dir():
         raise CheckpointError(f"--resume: {resume} is not a folder; give a step-NNNNNNNNN checkpoint folder, "

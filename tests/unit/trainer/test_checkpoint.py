@@ -90,3 +90,19 @@ def test_rng_round_trip() -> None:
     ckpt.restore_rng(state)
     again = (random.random(), np.random.rand(), torch.rand(3))
     assert expected[0] == again[0] and expected[1] == again[1] and torch.equal(expected[2], again[2])
+
+
+def test_auto_resume_hashes_each_file_of_the_chosen_checkpoint_once(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = _write(tmp_path, 3, ranks=2)
+    hashed: list[str] = []
+    real = ckpt.sha256_file
+
+    def counting(path: Path) -> str:
+        hashed.append(path.name)
+        return real(path)
+
+    monkeypatch.setattr(ckpt, "sha256_file", counting)
+    assert ckpt.resolve_resume("auto", tmp_path).step == 3
+    expected = json.loads((folder / contract.CHECKPOINT_COMPLETE_MARKER).read_text())["files"]
+    assert sorted(hashed) == sorted(expected)
