@@ -133,8 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(flags["loraRank"], type=int, default=4)
     p.add_argument(flags["loraAlpha"], type=float, default=4.0)
     p.add_argument(flags["gradientCheckpointing"], action="store_true")
-    p.add_argument("--cache_latents", action="store_true",
-                   help="encode images and captions once, then train without the encoders (needs --center_crop)")
+    p.add_argument(flags["cacheLatents"], action="store_true",
+                   help=f"encode images and captions once, then train without the encoders "
+                        f"(needs {flags['centerCrop']})")
     p.add_argument(flags["accumulateGradBatches"], type=int, default=1)
     p.add_argument(flags["strategy"], default="auto", choices=contract.STRATEGIES)
     p.add_argument(contract.FLAG_OUTPUT_FORMATS, default=",".join(contract.OUTPUT_FORMATS),
@@ -255,8 +256,9 @@ def _validate(ns: argparse.Namespace, env: dict[str, str]) -> TrainConfig:
                           f"{ns.steps_per_epoch * ns.max_epochs} ({flags['stepsPerEpoch']} x {flags['maxEpochs']}); "
                           "raise those or lower this")
     if ns.cache_latents and not ns.center_crop:
-        raise ConfigError("--cache_latents", f"needs {flags['centerCrop']}: a random crop differs every time and "
-                                             f"cannot be cached; add {flags['centerCrop']} or drop --cache_latents")
+        raise ConfigError(flags["cacheLatents"], f"needs {flags['centerCrop']}: a random crop differs every time "
+                                                 f"and cannot be cached; add {flags['centerCrop']} or drop "
+                                                 f"{flags['cacheLatents']}")
     if not ns.learning_rate > 0:
         raise ConfigError(flags["learningRate"], f"must be > 0, got {ns.learning_rate}")
     if not ns.lora_alpha > 0:
