@@ -195,7 +195,7 @@ def save_checkpoint(trainer: pl.Trainer, module: LoRAModule, cfg: TrainConfig, s
     rank = trainer.global_rank
     lora = module.lora_state()              # collective under ZeRO-3
     if trainer.is_global_zero:
-        tmp = ckpt.prepare_tmp(root, step)
+        ckpt.prepare_tmp(root, step)
     trainer.strategy.barrier("lorakube-ckpt-prepared")
     tmp = ckpt.tmp_dir(root, step)
     if tmp.is_dir():
