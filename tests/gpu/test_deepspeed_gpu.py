@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from lorakube import contract
+from lorakube_trainer import checkpoint as ckpt
 from lorakube_trainer.tiny import build_tiny_pipeline
 
 pytestmark = [pytest.mark.gpu,
@@ -82,7 +83,8 @@ def test_resume_on_gpu_continues_from_the_checkpoint(strategy: str, tiny_flux: P
     _train(tiny_flux, out, strategy, precision)
     metrics = _train(tiny_flux, out, strategy, precision, "--max_epochs", "2")
     assert [m["step"] for m in metrics] == list(range(1, 2 * STEPS + 1))     # 1..8 kept, 9..16 new
-    state = torch.load(out / "checkpoints" / contract.checkpoint_dir_name(2 * STEPS) / "state.pt", weights_only=False)
+    folder = out / contract.DEFAULT_CHECKPOINT_SUBDIR / contract.checkpoint_dir_name(2 * STEPS)
+    state = torch.load(folder / ckpt.STATE_FILE, weights_only=False)
     assert state["step"] == 2 * STEPS
     if strategy == "auto":
         assert state["grad_scaler"] is not None and state["optimizer"]["state"]
