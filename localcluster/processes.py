@@ -36,23 +36,24 @@ class DaemonRecord:
         return cls(**json.loads(path.read_text()))
 
 
-def _stat_fields(pid: int) -> list[str] | None:
+def stat_fields(pid: int) -> list[str] | None:
+    """/proc/<pid>/stat from the state letter on (field 3 is index 0); None once it is gone."""
     try:
         raw = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
+    except OSError:
         return None
     # The command name (field 2) may contain spaces and parentheses; split after its closing one.
     return raw[raw.rindex(")") + 2 :].split()
 
 
 def process_start_time(pid: int) -> int | None:
-    fields = _stat_fields(pid)
+    fields = stat_fields(pid)
     return int(fields[19]) if fields else None  # field 22 of stat, counted from "state" (3)
 
 
 def is_running(record: DaemonRecord) -> bool:
     """True while the recorded process exists and is not a zombie."""
-    fields = _stat_fields(record.pid)
+    fields = stat_fields(record.pid)
     if fields is None or fields[0] == "Z":
         return False
     return int(fields[19]) == record.start_time
@@ -88,7 +89,7 @@ def has_exited(record: DaemonRecord) -> bool:
     A multi-threaded process shows as a zombie while its other threads still exit, so the state
     letter alone is too early; what may remain after this is only the parent's reaping.
     """
-    fields = _stat_fields(record.pid)
+    fields = stat_fields(record.pid)
     if fields is None or int(fields[19]) != record.start_time:
         return True
     if fields[0] != "Z":

@@ -7,15 +7,15 @@ start and stop the daemon, which runs as `python -m localcluster.node run ...`.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
+
+from localcluster.processes import DaemonRecord, process_start_time, stop_daemon
 
 from .layout import StateLayout
 from .nodespec import NodeSpec
@@ -32,13 +32,6 @@ STOP_TIMEOUT_SECONDS = 45.0
 
 class NodeStartError(RuntimeError):
     """The node daemon did not come up; the message points at its log."""
-
-
-def _ticks(pid: int) -> int | None:
-    try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
-    except (OSError, IndexError, ValueError):
-        return None
 
 
 def start_node_daemon(
@@ -86,7 +79,7 @@ def start_node_daemon(
     with open(log_path, "ab") as logfile:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logfile,
                                 stderr=subprocess.STDOUT, start_new_session=True)
-    layout.pidfile.write_text(json.dumps({"pid": proc.pid, "start": _ticks(proc.pid)}))
+    layout.pidfile.write_text(json.dumps({"pid": proc.pid, "start": process_start_time(proc.pid)}))
     deadline = time.monotonic() + timeout
     while not ready.exists():
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -104,28 +97,13 @@ def stop_node_daemon(state_dir: Path) -> None:
     from .cleanup import sweep  # the sweep needs the network helpers; keep import-time light
 
     state_dir = Path(state_dir).resolve()
-    pidfile = StateLayout(state_dir).pidfile
+    layout = StateLayout(state_dir)
+    pidfile = layout.pidfile
     if pidfile.exists():
         record = json.loads(pidfile.read_text())
-        pid, start = int(record["pid"]), record.get("start")
-        if _ticks(pid) == start and start is not None:
-            os.kill(pid, signal.SIGTERM)
-            deadline = time.monotonic() + STOP_TIMEOUT_SECONDS
-            while _alive(pid) and time.monotonic() < deadline:
-                time.sleep(0.2)
-            if _alive(pid):
-                os.kill(pid, signal.SIGKILL)
-                while _alive(pid):
-                    time.sleep(0.1)
+        if record.get("start") is not None:
+            daemon = DaemonRecord("node", int(record["pid"]), record["start"],
+                                  str(layout.daemon_log))
+            stop_daemon(daemon, STOP_TIMEOUT_SECONDS)
         pidfile.unlink(missing_ok=True)
     sweep(state_dir)
-
-
-def _alive(pid: int) -> bool:
-    with contextlib.suppress(ChildProcessError):
-        os.waitpid(pid, os.WNOHANG)  # reap it if it was our child
-    state = Path(f"/proc/{pid}/stat")
-    try:
-        return state.read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False

@@ -19,6 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from localcluster.processes import process_start_time, stat_fields
+
 log = logging.getLogger(__name__)
 
 LAUNCHER = Path(__file__).with_name("launch.py")
@@ -52,15 +54,6 @@ def exit_from_returncode(returncode: int) -> Exit:
     return Exit(code=returncode, signal=None)
 
 
-def process_start_ticks(pid: int) -> int | None:
-    """Field 22 of /proc/PID/stat: tells a pid apart from a later reuse of the same number."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return int(stat.rsplit(")", 1)[1].split()[19])
-
-
 class ContainerProcess:
     """One running container. Callbacks run on a private thread; the daemon queues them."""
 
@@ -80,7 +73,7 @@ class ContainerProcess:
         os.close(write_fd)
         self.pid = self._proc.pid
         record_path.write_text(json.dumps({"pid": self.pid,
-                                           "start": process_start_ticks(self.pid)}))
+                                           "start": process_start_time(self.pid)}))
         self._record_path = record_path
         self.exited = threading.Event()
         self._thread = threading.Thread(
@@ -126,11 +119,8 @@ def _session_members(sid: int, not_before: int) -> list[int]:
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[3]) == sid and int(fields[19]) >= not_before:
+        fields = stat_fields(int(entry.name))
+        if fields is not None and int(fields[3]) == sid and int(fields[19]) >= not_before:
             members.append(int(entry.name))
     return members
 
@@ -144,7 +134,7 @@ def kill_recorded(record_path: Path) -> int:
         return 0
     pid, start = int(record["pid"]), record.get("start")
     record_path.unlink(missing_ok=True)
-    leader_start = process_start_ticks(pid)
+    leader_start = process_start_time(pid)
     if start is None or (leader_start is not None and leader_start != start):
         return 0  # the pid now belongs to an unrelated process
     victims = _session_members(pid, start)
