@@ -26,11 +26,14 @@ class Rule:
     matches: Callable[[PodView], bool]
     action: Action
     explain: str                      # the first words of the condition message
+    # False: the cluster took the pod away (eviction, preemption, node loss); the restart is
+    # counted in status.disruptions, bounded separately, instead of spending runPolicy.maxRestarts.
+    spends_budget: bool = True
 
 
 RULES: tuple[Rule, ...] = (
     Rule("PodDisrupted", lambda p: p.disrupted, Action.RESTART,
-         "evicted, preempted or its node went away"),
+         "evicted, preempted or its node went away", spends_budget=False),
     Rule("RetryableExit", lambda p: p.exit_code == contract.EXIT_RETRYABLE, Action.RESTART,
          "reported a retryable infrastructure failure (rendezvous, NCCL, storage)"),
     Rule("KilledBySignal", lambda p: p.exit_code is not None and p.exit_code >= 128, Action.RESTART,

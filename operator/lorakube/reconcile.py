@@ -30,6 +30,9 @@ from lorakube.spec import InvalidSpec, JobRef, JobSpec
 # While waiting for pods to go, look again soon; pod events usually arrive first.
 WAIT_FOR_DELETION_SECONDS = 2.0
 MAX_BACKOFF_SECONDS = 3600.0
+# Gang restarts after disruptions (eviction, preemption, node loss) do not spend maxRestarts, but a
+# job whose pods are taken away again and again still ends instead of cycling forever.
+MAX_DISRUPTIONS = 20
 LOG_TAIL_LINES = 20
 
 
@@ -98,6 +101,7 @@ class _Plan:
         self.status.setdefault("conditions", [])
         self.status.setdefault("attempt", 1)
         self.status.setdefault("restarts", 0)
+        self.status.setdefault("disruptions", 0)
         if obs.generation is not None:
             self.status["observedGeneration"] = obs.generation
         text = st.progress_text(obs.status.get("progress"))
@@ -229,7 +233,8 @@ def _decide_valid(plan: _Plan, spec: JobSpec, mine: list[PodView], all_pods: Seq
     if plan.phase == st.RESTARTING:
         restarting = st.condition(plan.status["conditions"], "Restarting") or {}
         since = parse_time(restarting.get("lastTransitionTime")) or obs.now
-        wait = backoff_seconds(spec.run_policy.backoff_seconds, plan.status["restarts"])
+        wait = backoff_seconds(spec.run_policy.backoff_seconds,
+                               plan.status["restarts"] + plan.status["disruptions"])
         remaining = (since - obs.now).total_seconds() + wait
         if remaining > 0:
             plan.requeue(remaining)
@@ -276,15 +281,19 @@ def _handle_failure(plan: _Plan, spec: JobSpec, failure: failures.Failure,
         plan.transition(st.FAILED, failure.rule.reason, failure.message, warning=True)
         plan.delete([p for p in live if p.active])
         return
-    restarts = plan.status["restarts"]
-    if restarts >= spec.run_policy.max_restarts:
-        plan.transition(st.FAILED, "MaxRestartsExceeded",
-                        f"{failure.message}; the job already restarted {restarts} time(s) "
-                        f"(spec.runPolicy.maxRestarts is {spec.run_policy.max_restarts})", warning=True)
+    charged = failure.rule.spends_budget
+    counter = "restarts" if charged else "disruptions"
+    count = plan.status[counter]
+    limit = spec.run_policy.max_restarts if charged else MAX_DISRUPTIONS
+    if count >= limit:
+        reason, bound = (("MaxRestartsExceeded", f"spec.runPolicy.maxRestarts is {limit}") if charged else
+                         ("MaxDisruptionsExceeded", f"at most {limit} after evictions, preemptions and node losses"))
+        plan.transition(st.FAILED, reason,
+                        f"{failure.message}; the job already restarted {count} time(s) ({bound})", warning=True)
         plan.delete([p for p in live if p.active])
         return
     plan.status["attempt"] += 1
-    plan.status["restarts"] = restarts + 1
+    plan.status[counter] = count + 1
     plan.transition(st.RESTARTING, failure.rule.reason,
                     f"{failure.message}; restarting all pods as attempt {plan.status['attempt']}", warning=True)
     # The whole gang goes, finished pods too: the next attempt reuses their names.

@@ -24,8 +24,8 @@ TERMINAL_PHASES = frozenset({SUCCEEDED_PHASE, FAILED})
 
 # Status keys the operator writes; `progress` and `artifacts` belong to the trainer.
 OPERATOR_KEYS = (
-    "phase", "conditions", "observedGeneration", "attempt", "restarts", "startTime", "completionTime",
-    "nodes", "readyNodes", "progressText", "lastFailure",
+    "phase", "conditions", "observedGeneration", "attempt", "restarts", "disruptions", "startTime",
+    "completionTime", "nodes", "readyNodes", "progressText", "lastFailure",
 )
 
 

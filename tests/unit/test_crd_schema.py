@@ -165,6 +165,16 @@ def test_rendezvous_timeout_default_matches_the_trainer_default(spec):
     assert run_policy["rendezvousTimeoutSeconds"]["default"] == contract.DEFAULT_RENDEZVOUS_TIMEOUT_SECONDS
 
 
+def test_the_disruption_limit_the_crd_states_is_the_operators(root, spec):
+    # kubectl explain promises a number; reconcile enforces it.
+    from lorakube.reconcile import MAX_DISRUPTIONS
+
+    max_restarts = spec["properties"]["runPolicy"]["properties"]["maxRestarts"]["description"]
+    disruptions = root["properties"]["status"]["properties"]["disruptions"]["description"]
+    for text in (max_restarts, disruptions):
+        assert f"allows {MAX_DISRUPTIONS}" in text, text
+
+
 def test_status_progress_holds_what_the_trainer_reports(root):
     progress = root["properties"]["status"]["properties"]["progress"]["properties"]
     sample = contract.Progress(step=3, totalSteps=10, epoch=0, loss=0.25, samplesPerSecond=1.5,

@@ -9,7 +9,7 @@ import pytest
 from ltj_fixtures import NOW, UID, pod_view
 
 from lorakube import builders, contract
-from lorakube.reconcile import Observation, backoff_seconds, decide, pods_needing_log_tail
+from lorakube.reconcile import MAX_DISRUPTIONS, Observation, backoff_seconds, decide, pods_needing_log_tail
 from lorakube.spec import InvalidSpec, JobRef, parse_job
 
 JOB = JobRef(name="cats", namespace="team-a", uid=UID)
@@ -138,6 +138,37 @@ def test_restart_budget_exhausted_fails_the_job(job_spec):
     assert patch["phase"] == "Failed"
     assert condition(patch, "Failed")["reason"] == "MaxRestartsExceeded"
     assert "maxRestarts is 2" in condition(patch, "Failed")["message"]
+
+
+def test_a_disruption_restarts_the_gang_without_spending_max_restarts(job_spec):
+    # maxRestarts (2) is spent already; an eviction/preemption still restarts, counted apart.
+    pods = [pod_view(0, "Failed", disrupted=True, attempt=3), pod_view(1, "Running", attempt=3),
+            pod_view(2, "Running", attempt=3)]
+    patch = decide(observe(job_spec, running_status(attempt=3, restarts=2), pods), CONFIG).status_patch
+    assert patch["phase"] == "Restarting"
+    assert condition(patch, "Restarting")["reason"] == "PodDisrupted"
+    assert patch["attempt"] == 4 and patch["disruptions"] == 1
+    assert "restarts" not in patch  # unchanged: still 2
+
+
+def test_disruptions_are_bounded_separately(job_spec):
+    pods = [pod_view(0, "Failed", disrupted=True, attempt=30), pod_view(1, "Running", attempt=30),
+            pod_view(2, "Running", attempt=30)]
+    status = running_status(attempt=30, restarts=0, disruptions=MAX_DISRUPTIONS)
+    decision = decide(observe(job_spec, status, pods), CONFIG)
+    failed = condition(decision.status_patch, "Failed")
+    assert decision.status_patch["phase"] == "Failed" and failed["reason"] == "MaxDisruptionsExceeded"
+    assert f"at most {MAX_DISRUPTIONS}" in failed["message"]
+    assert sorted(decision.delete_pods) == ["cats-node-1", "cats-node-2"]
+
+
+def test_the_backoff_counts_restarts_after_disruptions_too(job_spec):
+    restarted = "2026-05-01T11:59:55Z"  # 5 s ago; the second gang restart waits 2 x 10 s
+    status = {"phase": "Restarting", "attempt": 3, "restarts": 1, "disruptions": 1, "conditions": [
+        {"type": "Restarting", "status": "True", "reason": "PodDisrupted", "message": "",
+         "lastTransitionTime": restarted}]}
+    decision = decide(observe(job_spec, status, [], service_account_exists=True), CONFIG)
+    assert decision.create_pods == () and decision.requeue_after == pytest.approx(15.0)
 
 
 def test_a_new_attempt_waits_until_the_old_pods_are_gone(job_spec):
