@@ -370,8 +370,7 @@ class NodeDaemon:
         return chosen
 
     def _start_next(self, rt: PodRuntime) -> None:
-        containers = {c["name"]: c for c in [*(rt.pod["spec"].get("initContainers") or []),
-                                             *(rt.pod["spec"].get("containers") or [])]}
+        containers = {c["name"]: c for c in podspec.all_containers(rt.pod)}
         for cr in rt.run.init_containers:
             if cr.state == "terminated" and cr.exit_code == 0:
                 continue
@@ -472,9 +471,7 @@ class NodeDaemon:
         self._advance(rt)
 
     def _termination_message(self, rt: PodRuntime, name: str, result: Exit) -> str | None:
-        container = next((c for c in [*(rt.pod["spec"].get("initContainers") or []),
-                                      *(rt.pod["spec"].get("containers") or [])]
-                          if c["name"] == name), {})
+        container = next((c for c in podspec.all_containers(rt.pod) if c["name"] == name), {})
         if result.code == 0 or container.get("terminationMessagePolicy") != "FallbackToLogsOnError":
             return None
         path = rt.log_dir / f"{name}.log"

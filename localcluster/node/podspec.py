@@ -127,6 +127,12 @@ def resource_value(container: Mapping[str, Any], ref: Mapping[str, Any],
     return str(math.ceil(parse_quantity(raw) / divisor))
 
 
+def all_containers(pod: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Init containers, then containers, as the pod lists them."""
+    spec = pod.get("spec", {})
+    return [*(spec.get("initContainers") or []), *(spec.get("containers") or [])]
+
+
 def service_account_name(pod: Mapping[str, Any]) -> str:
     spec = pod.get("spec", {})
     return spec.get("serviceAccountName") or spec.get("serviceAccount") or "default"

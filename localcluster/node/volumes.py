@@ -101,7 +101,7 @@ class VolumeBuilder:
     def build(self, pod: Mapping[str, Any], pod_dir: Path, ca_pem: bytes) -> PodVolumes:
         result = PodVolumes()
         volumes = list(pod.get("spec", {}).get("volumes") or [])
-        if any(podspec.wants_implicit_sa_mount(pod, c) for c in _all_containers(pod)):
+        if any(podspec.wants_implicit_sa_mount(pod, c) for c in podspec.all_containers(pod)):
             volumes.append(_implicit_sa_volume())
         for volume in volumes:
             name = volume["name"]
@@ -190,7 +190,7 @@ class VolumeBuilder:
                 _write_file(target / key, value, default_mode)
 
     def _write_downward(self, pod: Mapping[str, Any], spec: Mapping[str, Any], target: Path) -> None:
-        containers = {c["name"]: c for c in _all_containers(pod)}
+        containers = {c["name"]: c for c in podspec.all_containers(pod)}
         for item in spec.get("items") or []:
             if "fieldRef" in item:
                 value = podspec.field_value(pod, item["fieldRef"].get("fieldPath", ""))
@@ -199,11 +199,6 @@ class VolumeBuilder:
                 container = containers.get(ref.get("containerName", ""), {})
                 value = podspec.resource_value(container, ref, self._allocatable)
             _write_file(target / item["path"], value.encode(), item.get("mode"))
-
-
-def _all_containers(pod: Mapping[str, Any]) -> list[dict[str, Any]]:
-    spec = pod.get("spec", {})
-    return [*(spec.get("initContainers") or []), *(spec.get("containers") or [])]
 
 
 def _implicit_sa_volume() -> dict[str, Any]:
