@@ -16,9 +16,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from localcluster.node.hostregistry import GATEWAY
+
 # The pod network's gateway: the process node forwards pods' API traffic arriving there to the
 # apiserver, so in-cluster clients verify the serving cert against this address.
-POD_NETWORK_GATEWAY = "10.250.0.1"
+POD_NETWORK_GATEWAY = str(GATEWAY)
 # First address of --service-cluster-ip-range: the `kubernetes` Service's ClusterIP.
 KUBERNETES_SERVICE_IP = "10.96.0.1"
 APISERVER_DNS_NAMES = (
