@@ -53,14 +53,13 @@ def claimed_spec(lease_spec: Mapping[str, Any] | None, me: str, now: dt.datetime
     """The Lease spec after `me` takes or renews it; a change of holder bumps leaseTransitions."""
     lease_spec = dict(lease_spec or {})
     taking_over = lease_spec.get("holderIdentity") != me
-    claimed = {
+    return {
         "holderIdentity": me,
         "leaseDurationSeconds": times.duration_seconds,
         "renewTime": _micro(now),
         "acquireTime": _micro(now) if taking_over else lease_spec.get("acquireTime", _micro(now)),
         "leaseTransitions": int(lease_spec.get("leaseTransitions") or 0) + (1 if taking_over and lease_spec else 0),
     }
-    return claimed
 
 
 class LeaderElector:

@@ -178,7 +178,7 @@ def parse_job(name: str, spec: Mapping[str, Any] | None) -> JobSpec:
     check_job_name(name)
     spec = _section(spec, "spec")
     model = _parse_model(_section(spec.get("model"), "spec.model"))
-    job = JobSpec(
+    return JobSpec(
         model=model,
         dataset=_parse_dataset(_section(spec.get("dataset"), "spec.dataset")),
         training=_parse_training(_section(spec.get("training"), "spec.training"), model.family),
@@ -186,7 +186,6 @@ def parse_job(name: str, spec: Mapping[str, Any] | None) -> JobSpec:
         output=_parse_output(_section(spec.get("output"), "spec.output")),
         run_policy=_parse_run_policy(_section(spec.get("runPolicy"), "spec.runPolicy")),
     )
-    return job
 
 
 def check_job_name(name: str) -> None:
