@@ -31,9 +31,11 @@ class Rule:
     spends_budget: bool = True
 
 
+DISRUPTED = Rule("PodDisrupted", lambda p: p.disrupted, Action.RESTART,
+                 "evicted, preempted or its node went away", spends_budget=False)
+
 RULES: tuple[Rule, ...] = (
-    Rule("PodDisrupted", lambda p: p.disrupted, Action.RESTART,
-         "evicted, preempted or its node went away", spends_budget=False),
+    DISRUPTED,
     Rule("RetryableExit", lambda p: p.exit_code == contract.EXIT_RETRYABLE, Action.RESTART,
          "reported a retryable infrastructure failure (rendezvous, NCCL, storage)"),
     Rule("KilledBySignal", lambda p: p.exit_code is not None and p.exit_code >= 128, Action.RESTART,
@@ -63,7 +65,10 @@ def classify(pod: PodView) -> Failure:
 
 def deleted_by_someone_else(pod: PodView) -> Failure:
     """A pod of the running attempt that is being deleted although the operator did not ask for it
-    (a drain, a user): the gang has lost a rank."""
+    (a drain, a user): the gang has lost a rank. An eviction or preemption marks the pod
+    DisruptionTarget as it deletes it, and stays a disruption here too."""
+    if pod.disrupted:
+        return Failure(pod, DISRUPTED)
     return Failure(pod, Rule("PodDeleted", lambda p: True, Action.RESTART, "was deleted while the job ran"))
 
 

@@ -151,6 +151,22 @@ def test_a_disruption_restarts_the_gang_without_spending_max_restarts(job_spec):
     assert "restarts" not in patch  # unchanged: still 2
 
 
+def test_a_pod_being_evicted_is_a_disruption_before_it_has_failed(job_spec):
+    # The Eviction API (and preemption) set DisruptionTarget and the deletionTimestamp together;
+    # the operator usually sees the pod still Running, and must not charge maxRestarts for it.
+    pods = [pod_view(0, "Running"), pod_view(1, "Running", deleting=True, disrupted=True), pod_view(2, "Running")]
+    patch = decide(observe(job_spec, running_status(), pods), CONFIG).status_patch
+    assert condition(patch, "Restarting")["reason"] == "PodDisrupted"
+    assert patch["disruptions"] == 1 and "restarts" not in patch
+
+
+def test_a_pod_deleted_by_someone_else_spends_the_restart_budget(job_spec):
+    pods = [pod_view(0, "Running"), pod_view(1, "Running", deleting=True), pod_view(2, "Running")]
+    patch = decide(observe(job_spec, running_status(), pods), CONFIG).status_patch
+    assert condition(patch, "Restarting")["reason"] == "PodDeleted"
+    assert patch["restarts"] == 1 and patch["disruptions"] == 0
+
+
 def test_disruptions_are_bounded_separately(job_spec):
     pods = [pod_view(0, "Failed", disrupted=True, attempt=30), pod_view(1, "Running", attempt=30),
             pod_view(2, "Running", attempt=30)]
