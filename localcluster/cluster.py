@@ -15,17 +15,14 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from localcluster import build as build_mod
 from localcluster.build import Binaries
 from localcluster.controlplane import ControlPlane, Layout, Ports
+from localcluster.node import NodeSpec, start_node_daemon, stop_node_daemon
 from localcluster.processes import (
     DaemonRecord, has_exited, is_running, mounts_under, port_in_use, process_start_time,
 )
-
-if TYPE_CHECKING:
-    from localcluster.node import NodeSpec
 
 STATE_FILE = "cluster.json"
 NODE_RECORD = "node"
@@ -46,8 +43,6 @@ def default_image_path() -> Path:
 
 
 def default_nodes(count: int = 1, gpus: int = 0) -> list[NodeSpec]:
-    from localcluster.node import NodeSpec  # the node package imports the kubernetes client
-
     return [NodeSpec(name=f"localnode-{index}", gpus=gpus) for index in range(count)]
 
 
@@ -222,8 +217,6 @@ class LocalCluster:
         return self.state_dir / "node"
 
     def _start_node(self, nodes: list[NodeSpec]) -> DaemonRecord:
-        from localcluster.node import start_node_daemon
-
         self._log(f"starting process node ({', '.join(node.name for node in nodes)})")
         try:
             pid = start_node_daemon(
@@ -277,17 +270,12 @@ class LocalCluster:
         # Pid files cover components started before a failed `up` could record them in state.
         records = {record.name: record for record in [*plane.records(), *state.records()]}
         if self.node_state_dir.exists():
-            self._stop_node()
+            stop_node_daemon(self.state_dir)
         plane.stop()
         problems = leftovers(list(records.values()), list(state.ports.values()), self.state_dir)
         for problem in problems:
             self._log(f"left behind: {problem}")
         return problems
-
-    def _stop_node(self) -> None:
-        from localcluster.node import stop_node_daemon
-
-        stop_node_daemon(self.state_dir)
 
     # -- helpers for tests and the demo --------------------------------------------------------
     def kubectl(self, *args: str, input: str | None = None, timeout: float = 120.0,
