@@ -125,9 +125,8 @@ class ResumeCallback(pl.Callback):
 class StepCallback(pl.Callback):
     """After each optimizer step: metrics line, progress report, checkpoint, periodic validation."""
 
-    def __init__(self, cfg: TrainConfig, reporter: ProgressReporter | None, metrics: MetricsWriter | None,
-                 world_size: int) -> None:
-        self.cfg, self.reporter, self.metrics, self.world_size = cfg, reporter, metrics, world_size
+    def __init__(self, cfg: TrainConfig, reporter: ProgressReporter | None, metrics: MetricsWriter | None) -> None:
+        self.cfg, self.reporter, self.metrics = cfg, reporter, metrics
         self._losses: list[torch.Tensor] = []
         self._last_global_step = 0
         self._start = time.monotonic()
@@ -161,7 +160,7 @@ class StepCallback(pl.Callback):
             self._validate(trainer, pl_module, step)
 
     def _record(self, step: int, epoch: int, trainer: pl.Trainer) -> None:
-        samples_per_step = self.cfg.batch_size * self.cfg.accumulate_grad_batches * self.world_size
+        samples_per_step = self.cfg.batch_size * self.cfg.accumulate_grad_batches * trainer.world_size
         if self.metrics is not None:
             lr = trainer.optimizers[0].param_groups[0]["lr"]
             record = {"step": step, "epoch": epoch, "loss": self.last_loss, "lr": lr,

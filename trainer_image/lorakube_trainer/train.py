@@ -91,7 +91,7 @@ def run(cfg: TrainConfig, env: Mapping[str, str] | None = None, *,
     reporter: ProgressReporter | None = reporter_from_env(cfg.total_steps, env) if planned_rank == 0 else None
     metrics = (MetricsWriter(Path(cfg.output_path) / contract.ARTIFACT_METRICS, start_step)
                if planned_rank == 0 else None)
-    step_cb, final_cb = StepCallback(cfg, reporter, metrics, topology.world_size), FinalStateCallback()
+    step_cb, final_cb = StepCallback(cfg, reporter, metrics), FinalStateCallback()
     trainer = pl.Trainer(**trainer_kwargs(cfg, topology, on_gpu, remaining, strategy_factory),
                          callbacks=[ResumeCallback(cfg, loaded), step_cb, final_cb, *extra_callbacks])
     if needs_rendezvous_check(topology):
