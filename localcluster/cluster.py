@@ -18,6 +18,7 @@ from pathlib import Path
 
 from localcluster import build as build_mod
 from localcluster.build import Binaries
+from localcluster.certs import pki_paths
 from localcluster.controlplane import ControlPlane, Layout, Ports
 from localcluster.node import NodeSpec, start_node_daemon, stop_node_daemon
 from localcluster.processes import (
@@ -129,7 +130,7 @@ class LocalCluster:
 
     @property
     def ca_file(self) -> Path:
-        return self.layout.pki_dir / "ca.crt"
+        return pki_paths(self.layout.pki_dir).ca.cert
 
     @property
     def server(self) -> str:
