@@ -97,12 +97,7 @@ class KubeApi:
             timeout=urllib3.Timeout(connect=5.0, read=timeout),
             retries=False,
         )
-        decoded: Any = None
-        if resp.data:
-            try:
-                decoded = json.loads(resp.data)
-            except ValueError:
-                decoded = resp.data.decode(errors="replace")
+        decoded = _decode(resp.data) if resp.data else None
         if resp.status >= 300:
             raise ApiError(method, path, resp.status, decoded)
         return decoded
@@ -138,8 +133,7 @@ class KubeApi:
         )
         try:
             if resp.status >= 300:
-                raw = resp.read()
-                raise ApiError("WATCH", path, resp.status, _decode(raw))
+                raise ApiError("WATCH", path, resp.status, _decode(resp.read()))
             buffer = b""
             for chunk in resp.stream(64 * 1024, decode_content=True):
                 buffer += chunk
