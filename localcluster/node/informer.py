@@ -20,13 +20,11 @@ Callback = Callable[[str, Any], None]
 
 
 class Informer:
-    def __init__(self, api: KubeApi, path: str, callback: Callback, stop: threading.Event,
-                 **params: Any) -> None:
+    def __init__(self, api: KubeApi, path: str, callback: Callback, stop: threading.Event) -> None:
         self._api = api
         self._path = path
         self._callback = callback
         self._stop = stop
-        self._params = params
         self._thread = threading.Thread(target=self._run, name=f"informer{path}", daemon=True)
 
     def start(self) -> None:
@@ -36,11 +34,11 @@ class Informer:
         backoff = 0.5
         while not self._stop.is_set():
             try:
-                listing = self._api.get(self._path, **self._params)
+                listing = self._api.get(self._path)
                 self._callback("SYNC", listing.get("items", []))
                 version = listing["metadata"]["resourceVersion"]
                 while not self._stop.is_set():
-                    for event in self._api.watch(self._path, version, **self._params):
+                    for event in self._api.watch(self._path, version):
                         obj = event["object"]
                         version = obj.get("metadata", {}).get("resourceVersion", version)
                         if event["type"] != "BOOKMARK":

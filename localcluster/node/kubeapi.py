@@ -115,14 +115,14 @@ class KubeApi:
     def delete(self, path: str, body: dict[str, Any] | None = None) -> Any:
         return self.request("DELETE", path, body=body)
 
-    def watch(self, path: str, resource_version: str, timeout_seconds: int = 240,
-              **params: Any) -> Iterator[dict[str, Any]]:
+    def watch(self, path: str, resource_version: str,
+              timeout_seconds: int = 240) -> Iterator[dict[str, Any]]:
         """Yield watch events until the server closes the stream (normal after timeout_seconds).
 
         Raises ApiError(410) when the resourceVersion is too old; the caller relists.
         """
-        query = dict(params, watch="true", resourceVersion=resource_version,
-                     timeoutSeconds=timeout_seconds, allowWatchBookmarks="true")
+        query = {"watch": "true", "resourceVersion": resource_version,
+                 "timeoutSeconds": timeout_seconds, "allowWatchBookmarks": "true"}
         resp = self._pool.request(
             "GET",
             self._url(path, query),
