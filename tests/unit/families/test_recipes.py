@@ -8,7 +8,7 @@ import pytest
 import torch
 from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
 
-from lorakube_trainer.families import flux, hunyuan_dit, kolors, recipes, sd3
+from lorakube_trainer.families import flux, get_family, hunyuan_dit, kolors, recipes, sd3
 
 
 def test_flow_interpolation_runs_from_data_to_noise_and_target_is_its_derivative():
@@ -94,6 +94,13 @@ def test_family_recipe_constants():
     assert sd3.RECIPE.guidance is None
     assert (kolors.RECIPE.prediction, kolors.RECIPE.num_train_timesteps) == ("epsilon", 1100)
     assert (hunyuan_dit.RECIPE.prediction, hunyuan_dit.RECIPE.num_train_timesteps) == ("v_prediction", 1000)
+
+
+def test_validation_sampling_arguments_per_family():
+    assert get_family("flux").generate_kwargs() == {"guidance_scale": 3.5, "max_sequence_length": 512}
+    assert get_family("sd3").generate_kwargs() == {"guidance_scale": 5.0, "max_sequence_length": 77}
+    assert get_family("kolors").generate_kwargs() == {"guidance_scale": 5.0}
+    assert get_family("hunyuan-dit").generate_kwargs() == {"guidance_scale": 5.0, "use_resolution_binning": False}
 
 
 @pytest.mark.parametrize(

@@ -87,6 +87,8 @@ class PeftFamily(Family):
     vae_fp16_unsafe: ClassVar[bool] = False
     # Key prefix of the kohya/ComfyUI export (see lora_keys' module docstring).
     comfyui_prefix: ClassVar[str] = ""
+    # Classifier-free guidance scale for validation images.
+    inference_guidance: ClassVar[float]
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -200,7 +202,7 @@ class PeftFamily(Family):
             ).images[0]
 
     def generate_kwargs(self) -> dict[str, Any]:
-        return {}
+        return {"guidance_scale": self.inference_guidance}
 
 
 def latent_pixel_size(pipe: Any, latents: torch.Tensor) -> tuple[int, int]:

@@ -34,3 +34,6 @@ class FlowFamily(PeftFamily):
         pred = predict(noisy, sigmas)
         weights = recipes.flow_loss_weights(sigmas, self.recipe)
         return recipes.weighted_mse(pred, recipes.flow_target(latents, noise), weights)
+
+    def generate_kwargs(self) -> dict[str, Any]:
+        return {**super().generate_kwargs(), "max_sequence_length": self.t5_max_length}

@@ -80,6 +80,3 @@ class Flux(FlowFamily):
             return unpack_latents(out, h, w)
 
         return self.flow_loss(pipe, latents, predict)
-
-    def generate_kwargs(self) -> dict[str, Any]:
-        return {"guidance_scale": self.inference_guidance, "max_sequence_length": self.t5_max_length}

@@ -127,4 +127,4 @@ class HunyuanDiT(DDPMFamily):
 
     def generate_kwargs(self) -> dict[str, Any]:
         # Keep the requested size: the pipeline otherwise snaps it to its trained aspect buckets.
-        return {"guidance_scale": self.inference_guidance, "use_resolution_binning": False}
+        return {**super().generate_kwargs(), "use_resolution_binning": False}

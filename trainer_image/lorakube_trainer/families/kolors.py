@@ -60,6 +60,3 @@ class Kolors(DDPMFamily):
             )[0]
 
         return self.ddpm_loss(latents, predict)
-
-    def generate_kwargs(self) -> dict[str, Any]:
-        return {"guidance_scale": self.inference_guidance}

@@ -46,6 +46,3 @@ class SD3(FlowFamily):
             )[0]
 
         return self.flow_loss(pipe, latents, predict)
-
-    def generate_kwargs(self) -> dict[str, Any]:
-        return {"guidance_scale": self.inference_guidance, "max_sequence_length": self.t5_max_length}
