@@ -218,7 +218,7 @@ class NodeDaemon:
         elif kind in ("started", "start-failed", "exited"):
             rt = self.runs.get(event[1])
             if rt is not None:
-                self._on_container(rt, kind, event[2], event[3] if len(event) > 3 else None)
+                self._on_container(rt, kind, event[2], event[3])
 
     def _on_service(self, kind: str, obj: Any) -> None:
         if kind == "SYNC":
@@ -264,12 +264,10 @@ class NodeDaemon:
     def _admit(self, pod: dict[str, Any]) -> None:
         meta, status = pod["metadata"], pod.get("status", {})
         phase = status.get("phase")
-        if phase in ("Succeeded", "Failed"):
-            if meta.get("deletionTimestamp"):
-                self._delete_object(pod)
-            return
-        if meta.get("deletionTimestamp"):
+        if meta.get("deletionTimestamp"):  # nothing of it runs here: finish the deletion
             self._delete_object(pod)
+            return
+        if phase in ("Succeeded", "Failed"):
             return
         if status.get("podIP") or status.get("containerStatuses") or phase == "Running":
             self._fail_lost(pod)
