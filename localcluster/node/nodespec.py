@@ -33,13 +33,9 @@ class NodeSpec:
         parts = text.split(":")
         if not parts[0] or len(parts) > 4:
             raise ValueError(f"--node {text!r}: expected name[:gpus[:cpu[:memory]]], e.g. node-0:1")
+        name, gpus, cpu, memory = (parts + [""] * 3)[:4]
         try:
-            gpus = int(parts[1]) if len(parts) > 1 and parts[1] else 0
+            gpu_count = int(gpus) if gpus else 0
         except ValueError:
             raise ValueError(f"--node {text!r}: gpus must be an integer") from None
-        spec = cls(name=parts[0], gpus=gpus)
-        if len(parts) > 2 and parts[2]:
-            spec = cls(spec.name, cpu=parts[2], gpus=gpus)
-        if len(parts) > 3 and parts[3]:
-            spec = cls(spec.name, cpu=spec.cpu, memory=parts[3], gpus=gpus)
-        return spec
+        return cls(name, cpu=cpu or cls.cpu, memory=memory or cls.memory, gpus=gpu_count)

@@ -169,6 +169,8 @@ def test_signals_become_128_plus_signal() -> None:
 def test_node_flag_parsing() -> None:
     assert NodeSpec.from_arg("n0:2:4:8Gi") == NodeSpec("n0", cpu="4", memory="8Gi", gpus=2)
     assert NodeSpec.from_arg("n1") == NodeSpec("n1")
+    assert NodeSpec.from_arg("n1::4") == NodeSpec("n1", cpu="4")
+    assert NodeSpec.from_arg("n1:1::16Gi") == NodeSpec("n1", memory="16Gi", gpus=1)
     assert NodeSpec.from_arg(NodeSpec("n2", gpus=1).to_arg()) == NodeSpec("n2", gpus=1)
     with pytest.raises(ValueError, match="gpus must be an integer"):
         NodeSpec.from_arg("n0:x")
