@@ -32,11 +32,16 @@ from .families.base import Family
 COND_PREFIX = "cond."
 
 
+def _record_identity(record: Record) -> tuple[str, int, int, str]:
+    stat = record.path.stat()
+    return str(record.path), stat.st_size, stat.st_mtime_ns, record.text
+
+
 def cache_folder(cfg: TrainConfig, records: list[Record], dtype: torch.dtype) -> Path:
     identity = {
         "family": cfg.model_family, "model": str(Path(cfg.model_path).resolve()), "height": cfg.height,
         "width": cfg.width, "dtype": str(dtype), "flip": cfg.random_flip,
-        "records": [(str(r.path), r.path.stat().st_size, r.path.stat().st_mtime_ns, r.text) for r in records],
+        "records": [_record_identity(r) for r in records],
     }
     key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
     return Path(cfg.output_path) / "latent-cache" / key
