@@ -21,6 +21,7 @@ import pytest
 
 from localcluster.node import NodeSpec, start_node_daemon, stop_node_daemon
 from localcluster.node import hostregistry
+from localcluster.node.layout import StateLayout
 from localcluster.node.network import BRIDGE, bridge_ports, pod_net_for
 
 pytestmark = pytest.mark.cluster
@@ -406,7 +407,7 @@ def _host_leftovers(state_dir: Path, pod_ips: list[str]) -> list[str]:
             text = mountinfo.read_text()
         except OSError:
             continue
-        if str(state_dir / "node") in text:
+        if str(StateLayout(state_dir).root) in text:
             found.append(f"mount in pid {mountinfo.parent.name}")
     return found
 
@@ -439,7 +440,7 @@ def test_node_restart_after_a_crash_fails_lost_pods_and_kills_leftovers(local_cl
     nodes = _node_specs(local_cluster)
     local_cluster.apply(python_pod("orphan", "import time\nwhile True: time.sleep(0.2)"), ns)
     pid = pid_of(wait_phase(local_cluster, ns, "orphan", ("Running",)))
-    daemon_pid = json.loads((local_cluster.state_dir / "node" / "daemon.pid").read_text())["pid"]
+    daemon_pid = json.loads(StateLayout(local_cluster.state_dir).pidfile.read_text())["pid"]
 
     os.kill(daemon_pid, 9)  # a crash: no chance to clean up
     wait_for("the daemon to die", lambda: not pid_alive(daemon_pid), timeout=10)
