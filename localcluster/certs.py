@@ -57,7 +57,7 @@ class ClusterPKI:
     service_account_pub: Path
 
 
-def _new_key() -> ec.EllipticCurvePrivateKey:
+def new_key() -> ec.EllipticCurvePrivateKey:
     return ec.generate_private_key(ec.SECP256R1())
 
 
@@ -68,7 +68,7 @@ def _name(common_name: str, organization: str | None = None) -> x509.Name:
     return x509.Name(attributes)
 
 
-def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
+def write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
     path.write_bytes(
         key.private_bytes(
             serialization.Encoding.PEM,
@@ -79,22 +79,22 @@ def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
     path.chmod(0o600)
 
 
-def _write_cert(path: Path, cert: x509.Certificate) -> None:
+def write_cert(path: Path, cert: x509.Certificate) -> None:
     path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
 
 
-def _validity(builder: x509.CertificateBuilder) -> x509.CertificateBuilder:
+def with_validity(builder: x509.CertificateBuilder) -> x509.CertificateBuilder:
     now = dt.datetime.now(dt.timezone.utc)
     # Back-dated a little so a clock step between processes does not make a cert "not yet valid".
     return builder.not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + VALIDITY)
 
 
 def _make_ca(pair: KeyPair, common_name: str
-             ) -> tuple[KeyPair, ec.EllipticCurvePrivateKey, x509.Certificate]:
-    key = _new_key()
+             ) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    key = new_key()
     name = _name(common_name)
     builder = (
-        _validity(x509.CertificateBuilder())
+        with_validity(x509.CertificateBuilder())
         .subject_name(name)
         .issuer_name(name)
         .public_key(key.public_key())
@@ -111,9 +111,9 @@ def _make_ca(pair: KeyPair, common_name: str
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
     )
     cert = builder.sign(key, hashes.SHA256())
-    _write_cert(pair.cert, cert)
-    _write_key(pair.key, key)
-    return pair, key, cert
+    write_cert(pair.cert, cert)
+    write_key(pair.key, key)
+    return key, cert
 
 
 def _issue(
@@ -126,13 +126,13 @@ def _issue(
     client: bool = False,
     dns_names: tuple[str, ...] = (),
     ips: tuple[str, ...] = (),
-) -> KeyPair:
-    key = _new_key()
+) -> None:
+    key = new_key()
     usages = ([ExtendedKeyUsageOID.SERVER_AUTH] if server else []) + (
         [ExtendedKeyUsageOID.CLIENT_AUTH] if client else []
     )
     builder = (
-        _validity(x509.CertificateBuilder())
+        with_validity(x509.CertificateBuilder())
         .subject_name(subject)
         .issuer_name(ca_cert.subject)
         .public_key(key.public_key())
@@ -147,15 +147,14 @@ def _issue(
         alt_names: list[x509.GeneralName] = [x509.DNSName(n) for n in dns_names]
         alt_names += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips]
         builder = builder.add_extension(x509.SubjectAlternativeName(alt_names), critical=False)
-    _write_cert(pair.cert, builder.sign(ca_key, hashes.SHA256()))
-    _write_key(pair.key, key)
-    return pair
+    write_cert(pair.cert, builder.sign(ca_key, hashes.SHA256()))
+    write_key(pair.key, key)
 
 
 def _service_account_keys(key_path: Path, pub_path: Path) -> None:
     # Signs ServiceAccount tokens (TokenRequest and legacy); the apiserver verifies with the public half.
-    key = _new_key()
-    _write_key(key_path, key)
+    key = new_key()
+    write_key(key_path, key)
     pub_path.write_bytes(
         key.public_key().public_bytes(
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
@@ -187,7 +186,7 @@ def generate_pki(directory: Path) -> ClusterPKI:
     """Write a CA and every cert/key the control plane needs into ``directory``."""
     directory.mkdir(parents=True, exist_ok=True)
     paths = pki_paths(directory)
-    _, ca_key, ca_cert = _make_ca(paths.ca, "lorakube-localcluster-ca")
+    ca_key, ca_cert = _make_ca(paths.ca, "lorakube-localcluster-ca")
 
     def client(pair: KeyPair, user: str, group: str | None = None) -> None:
         _issue(pair, ca_key, ca_cert, _name(user, group), client=True)
@@ -205,7 +204,7 @@ def generate_pki(directory: Path) -> ClusterPKI:
     client(paths.apiserver_kubelet_client, "kube-apiserver-kubelet-client")
     # A separate CA for the aggregation layer, as kubeadm does: a client cert of the main CA must
     # not be able to assert arbitrary users through the request-header path.
-    _, proxy_ca_key, proxy_ca_cert = _make_ca(paths.front_proxy_ca, "lorakube-front-proxy-ca")
+    proxy_ca_key, proxy_ca_cert = _make_ca(paths.front_proxy_ca, "lorakube-front-proxy-ca")
     _issue(paths.front_proxy_client, proxy_ca_key, proxy_ca_cert, _name(FRONT_PROXY_CLIENT),
            client=True)
     _service_account_keys(paths.service_account_key, paths.service_account_pub)

@@ -10,7 +10,6 @@ which hold tokens but no certificates, cannot read each other's logs.
 
 from __future__ import annotations
 
-import datetime
 import errno
 import ipaddress
 import logging
@@ -25,9 +24,10 @@ from pathlib import Path
 from typing import Any
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives import hashes
 from cryptography.x509.oid import NameOID
+
+from localcluster import certs
 
 log = logging.getLogger(__name__)
 
@@ -40,25 +40,19 @@ def ensure_serving_cert(cert_dir: Path, ip: str) -> tuple[Path, Path]:
     if cert_path.exists() and key_path.exists():
         return cert_path, key_path
     cert_dir.mkdir(parents=True, exist_ok=True)
-    key = ec.generate_private_key(ec.SECP256R1())
+    key = certs.new_key()
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "lorakube-process-node")])
-    now = datetime.datetime.now(datetime.timezone.utc)
     cert = (
-        x509.CertificateBuilder().subject_name(name).issuer_name(name)
+        certs.with_validity(x509.CertificateBuilder()).subject_name(name).issuer_name(name)
         .public_key(key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=30))
         .add_extension(x509.SubjectAlternativeName([
             x509.IPAddress(ipaddress.ip_address(ip)),
             x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]),
             critical=False)
         .sign(key, hashes.SHA256())
     )
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                           serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    key_path.chmod(0o600)
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    certs.write_key(key_path, key)
+    certs.write_cert(cert_path, cert)
     return cert_path, key_path
 
 
