@@ -128,7 +128,8 @@ class VolumeBuilder:
             kind = "configMap" if "configMap" in volume else "secret"
             src = volume[kind]
             src_name = src.get("name") if kind == "configMap" else src.get("secretName")
-            self._write_keys(ns, kind, src_name, src, target, f"volumes[{name}].{kind}")
+            self._write_keys(self.object_data(ns, kind, src_name or ""), ns, kind, src_name, src,
+                             target, f"volumes[{name}].{kind}")
             return target
         if "downwardAPI" in volume:
             self._write_downward(pod, volume["downwardAPI"], target)
@@ -150,12 +151,12 @@ class VolumeBuilder:
                 elif "configMap" in source or "secret" in source:
                     kind = "configMap" if "configMap" in source else "secret"
                     src = source[kind]
-                    if kind == "configMap" and src.get("name") == "kube-root-ca.crt" \
-                            and self.object_data(ns, kind, "kube-root-ca.crt") is None:
+                    data = self.object_data(ns, kind, src.get("name") or "")
+                    if data is None and (kind, src.get("name")) == ("configMap", "kube-root-ca.crt"):
                         # Without the root-CA publisher the kubeconfig's CA is the same file.
                         _write_file(target / "ca.crt", ca_pem, None)
                         continue
-                    self._write_keys(ns, kind, src.get("name"), src, target, where)
+                    self._write_keys(data, ns, kind, src.get("name"), src, target, where)
                 elif "downwardAPI" in source:
                     self._write_downward(pod, source["downwardAPI"], target)
                 elif "_implicitCA" in source:
@@ -169,9 +170,10 @@ class VolumeBuilder:
             "emptyDir, hostPath, persistentVolumeClaim, configMap, secret, downwardAPI or projected"
         )
 
-    def _write_keys(self, ns: str, kind: str, obj_name: str | None, src: Mapping[str, Any],
-                    target: Path, where: str) -> None:
-        data = self.object_data(ns, kind, obj_name or "")
+    @staticmethod
+    def _write_keys(data: Mapping[str, bytes] | None, ns: str, kind: str, obj_name: str | None,
+                    src: Mapping[str, Any], target: Path, where: str) -> None:
+        """Write a ConfigMap's or Secret's keys (``data``; None when the object is missing)."""
         if data is None:
             if src.get("optional"):
                 return
