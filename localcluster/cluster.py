@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -35,12 +34,6 @@ class ClusterError(RuntimeError):
 
 def default_state_dir() -> Path:
     return build_mod.cache_root() / "cluster"
-
-
-def default_image_path() -> Path:
-    # Not resolved: a venv's python is a symlink to the base interpreter, and the venv's bin
-    # directory (with the console scripts) is what pods need.
-    return Path(sys.executable).parent
 
 
 def default_nodes(count: int = 1, gpus: int = 0) -> list[NodeSpec]:
@@ -110,12 +103,14 @@ class LocalCluster:
                  node_path: Sequence[Path] | None = None,
                  node_env: Mapping[str, str] | None = None) -> None:
         """``node_path`` and ``node_env`` play the container image: directories put in front of
-        PATH and variables set for every container. By default that is this Python environment's
-        bin directory, so pods find ``lorakube-train`` the way an image would provide it."""
+        PATH and variables set for every container. Left out, the node's defaults apply (see
+        ``start_node_daemon``): this Python environment's bin directory, so pods find
+        ``lorakube-train`` the way an image would provide it, and the image-like variables
+        (offline hub, caches) taken from this process's environment."""
         self.state_dir = Path(state_dir or default_state_dir()).resolve()
         self._nodes = nodes
-        self._node_path = list(node_path) if node_path is not None else [default_image_path()]
-        self._node_env = dict(node_env or {})
+        self._node_path = list(node_path) if node_path is not None else None
+        self._node_env = dict(node_env) if node_env is not None else None
         self._log = log
         self._binaries: Binaries | None = None
 

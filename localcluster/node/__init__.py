@@ -66,6 +66,8 @@ def start_node_daemon(
     for node in nodes:
         cmd += ["--node", node.to_arg()]
     if path_prefix is None:
+        # Not resolved: a venv's python is a symlink to the base interpreter, and the venv's
+        # bin directory (with the console scripts) is what pods need.
         path_prefix = [Path(sys.executable).parent]
     if env is None:
         env = {key: os.environ[key] for key in IMAGE_ENV_PASSTHROUGH if key in os.environ}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 import socket
 import sys
 from pathlib import Path
@@ -12,8 +13,9 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 
 from localcluster import build, versions
+from localcluster import cluster as cluster_mod
 from localcluster.certs import generate_pki
-from localcluster.cluster import ClusterError, LocalCluster
+from localcluster.cluster import ClusterError, LocalCluster, default_nodes
 from localcluster.controlplane import (
     CONTROLLERS, Layout, Ports, apiserver_args, controller_manager_args, etcd_args,
     scheduler_args,
@@ -151,3 +153,19 @@ def test_up_refuses_to_wipe_a_directory_it_did_not_create(tmp_path):
 def test_status_of_an_empty_state_dir_is_not_up(tmp_path):
     status = LocalCluster(tmp_path, nodes=[]).status()
     assert not status.up and "no cluster" in status.describe()
+
+
+def test_the_node_gets_the_image_defaults_unless_the_caller_sets_them(monkeypatch, tmp_path):
+    # `localcluster up` and the demo pass no node_path/node_env: the node's own defaults (this
+    # venv's bin first on PATH, HF_HUB_OFFLINE & co. from this environment) must then apply.
+    seen = []
+
+    def fake_start(kubeconfig, state_dir, nodes, path_prefix=None, *, env=None, **_):
+        seen.append((path_prefix, env))
+        return os.getpid()
+
+    monkeypatch.setattr(cluster_mod, "start_node_daemon", fake_start)
+    LocalCluster(tmp_path, log=lambda _: None)._start_node(default_nodes())
+    LocalCluster(tmp_path, log=lambda _: None, node_path=[Path("/opt/image/bin")],
+                 node_env={"A": "1"})._start_node(default_nodes())
+    assert seen == [(None, None), ([Path("/opt/image/bin")], {"A": "1"})]
