@@ -181,6 +181,7 @@ ARTIFACT_LORA_COMFYUI = "lora_comfyui.safetensors"             # kohya/ComfyUI k
 ARTIFACT_TRAINING_CONFIG = "training_config.json"
 ARTIFACT_METRICS = "metrics.jsonl"
 ARTIFACT_VALIDATION_GRID = "validation_grid.png"               # base vs base+LoRA, same seed
+ARTIFACT_MODEL_CARD = "README.md"                              # what was trained, on what, how to load it
 ARTIFACT_MANIFEST = "manifest.json"                             # sha256 + bytes per file, written last
 
 # --- Trainer CLI flags that are not in spec.training ------------------------------------------
@@ -206,6 +207,7 @@ ARTIFACT_FORMATS = {
     ARTIFACT_TRAINING_CONFIG: "config",
     ARTIFACT_METRICS: "metrics",
     ARTIFACT_VALIDATION_GRID: "samples",
+    ARTIFACT_MODEL_CARD: "model-card",
     ARTIFACT_MANIFEST: "manifest",
 }
 

@@ -21,8 +21,6 @@ from lorakube import contract
 from .checkpoint import sha256_file
 from .families.base import Family
 
-MODEL_CARD = "README.md"
-
 
 class ArtifactCheckError(RuntimeError):
     """A written LoRA file did not load back correctly."""

@@ -16,7 +16,7 @@ from lightning.pytorch.strategies import Strategy
 from lorakube import contract
 
 from . import checkpoint as ckpt
-from .artifacts import (MODEL_CARD, MetricsWriter, check_comfyui, check_loaded, save_comfyui, upload_to_modelscope,
+from .artifacts import (MetricsWriter, check_comfyui, check_loaded, save_comfyui, upload_to_modelscope,
                         write_json, write_manifest, write_model_card)
 from .caching import cache_folder
 from .callbacks import FinalStateCallback, ResumeCallback, StepCallback
@@ -218,10 +218,10 @@ def write_artifacts(cfg: TrainConfig, family: Family, targets: list[str], state:
     metrics = out / contract.ARTIFACT_METRICS
     if metrics.is_file():
         names.append(metrics.name)
-    write_model_card(out / MODEL_CARD, family=family.name, model_path=cfg.model_path, rank=cfg.lora_rank,
+    write_model_card(out / contract.ARTIFACT_MODEL_CARD, family=family.name, model_path=cfg.model_path, rank=cfg.lora_rank,
                      alpha=cfg.lora_alpha, steps=steps, targets=targets, prompts=cfg.validation_prompts,
                      formats=cfg.output_formats)
-    names.append(MODEL_CARD)
+    names.append(contract.ARTIFACT_MODEL_CARD)
     manifest = write_manifest(out, names)
     manifest_file = out / contract.ARTIFACT_MANIFEST
     publish_artifacts(cfg.output_path, {**manifest["files"], manifest_file.name: {

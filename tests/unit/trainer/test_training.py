@@ -60,7 +60,7 @@ def test_artifacts_a_user_picks_up(make_cfg, tmp_path: Path) -> None:
     manifest = json.loads((out / contract.ARTIFACT_MANIFEST).read_text())["files"]
     assert set(manifest) == {contract.ARTIFACT_LORA_DIFFUSERS, contract.ARTIFACT_LORA_COMFYUI,
                              contract.ARTIFACT_TRAINING_CONFIG, contract.ARTIFACT_METRICS,
-                             contract.ARTIFACT_VALIDATION_GRID, "README.md"}
+                             contract.ARTIFACT_VALIDATION_GRID, contract.ARTIFACT_MODEL_CARD}
     for name, entry in manifest.items():
         assert entry == {"sha256": _sha(out / name), "bytes": (out / name).stat().st_size}
     lora = load_file(str(out / contract.ARTIFACT_LORA_DIFFUSERS))
