@@ -58,7 +58,7 @@ def pod_net_for(ip: str) -> PodNet:
 
 
 def ensure_bridge() -> None:
-    if _ip("link", "show", BRIDGE, check=False).returncode != 0:
+    if not bridge_exists():
         _ip("link", "add", BRIDGE, "type", "bridge")
     addrs = _ip("-o", "-4", "addr", "show", "dev", BRIDGE).stdout
     if f"{GATEWAY}/{NETWORK.prefixlen}" not in addrs:
