@@ -97,6 +97,12 @@ def test_up_survives_the_command_and_down_leaves_no_processes_ports_or_mounts(
         # `up` has exited; the daemons it started keep serving.
         assert all(Path(f"/proc/{record.pid}").exists() for record in state.records())
         assert _cli("status", "--state-dir", str(state_dir)).returncode == 0
+        kubeconfig = _cli("kubeconfig", "--state-dir", str(state_dir))
+        assert kubeconfig.returncode == 0 and kubeconfig.stdout.strip() == str(
+            (state_dir / "admin.kubeconfig").resolve())
+        again = _cli("up", "--nodes", "0", "--state-dir", str(state_dir))
+        assert again.returncode == 0 and "already up" in again.stdout, again.stderr
+        assert ClusterState.load(state_dir) == state, "a second `up` must not restart anything"
         ready = local_cluster.kubectl("get", "--raw", "/readyz",
                                       kubeconfig=state_dir / "admin.kubeconfig")
         assert ready.returncode == 0 and ready.stdout.strip() == "ok"
@@ -113,3 +119,4 @@ def test_up_survives_the_command_and_down_leaves_no_processes_ports_or_mounts(
     assert mounts_under(state_dir) == []
     assert leftovers(state.records(), list(state.ports.values()), state_dir) == []
     assert _cli("status", "--state-dir", str(state_dir)).returncode != 0
+    assert _cli("kubeconfig", "--state-dir", str(state_dir)).returncode == 3
