@@ -311,6 +311,21 @@ BAD_JOBS = [
      {"spec.resources.env": [{"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": "hub", "key": "t"},
                                                                "configMapKeyRef": {"name": "cfg", "key": "t"}}}]},
      "spec.resources.env[0].valueFrom", "must have at most 1 items"),
+    ("a 40,000-character node affinity value is refused",
+     {"spec.resources.affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+         "nodeSelectorTerms": [{"matchExpressions": [{"key": "zone", "operator": "In", "values": ["z" * 40000]}]}]}}}},
+     "spec.resources.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution.nodeSelectorTerms[0]"
+     ".matchExpressions[0].values[0]", "may not be more than 63"),
+    ("an unknown node affinity operator is refused",
+     {"spec.resources.affinity": {"nodeAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [
+         {"weight": 1, "preference": {"matchExpressions": [{"key": "zone", "operator": "Near"}]}}]}}},
+     "spec.resources.affinity.nodeAffinity.preferredDuringSchedulingIgnoredDuringExecution[0].preference"
+     ".matchExpressions[0].operator", '"DoesNotExist"'),
+    ("a pod anti-affinity topologyKey longer than a label key is refused",
+     {"spec.resources.affinity": {"podAntiAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [
+         {"topologyKey": "t" * 400}]}}},
+     "spec.resources.affinity.podAntiAffinity.requiredDuringSchedulingIgnoredDuringExecution[0].topologyKey",
+     "may not be more than 317"),
     ("sixty-five volumes are too many",
      {"spec.resources.volumes": [{"name": f"v{i}", "emptyDir": {}} for i in range(65)]},
      "spec.resources.volumes", "must have at most 64 items"),
@@ -340,6 +355,17 @@ def test_capped_fields_at_their_limit_are_accepted(local_cluster, ns):
                                {"name": "MEM", "valueFrom": {"resourceFieldRef": {"resource": "limits.memory",
                                                                                    "divisor": "1Mi"}}}],
         "spec.resources.shmSize": "64Gi",
+        "spec.resources.affinity": {
+            "nodeAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [
+                {"weight": 100, "preference": {"matchFields": [
+                    {"key": "metadata.name", "operator": "NotIn", "values": ["n" * 63]}]}}]},
+            "podAntiAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [
+                {"weight": 50, "podAffinityTerm": {
+                    "topologyKey": "kubernetes.io/hostname", "namespaces": ["team-a"],
+                    "matchLabelKeys": ["lorakube.io/attempt"],
+                    "labelSelector": {"matchLabels": {"lorakube.io/job-name": "other"},
+                                      "matchExpressions": [{"key": "tier", "operator": "Exists"}]},
+                    "namespaceSelector": {}}}]}},
     })
     result = apply(local_cluster, ns, [job], "--dry-run=server")
     assert result.returncode == 0, result.stderr

@@ -389,7 +389,8 @@ def reference_rows(spec: dict[str, Any]) -> dict[str, tuple[str, str]]:
     """spec field path -> (type, default) as crds/README.md's table shows them."""
     rows = {}
     for path, node in walk(spec, "spec"):
-        if path == "spec" or "[]" in path or "{}" in path:
+        # Inside affinity the fields are core/v1 Affinity's, documented by Kubernetes.
+        if path == "spec" or "[]" in path or "{}" in path or path.startswith("spec.resources.affinity."):
             continue
         kind = node.get("type", "int-or-string")
         if kind == "array":
