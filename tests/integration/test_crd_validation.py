@@ -86,6 +86,15 @@ def applied_objects(stdout: str) -> list[dict[str, Any]]:
     return out["items"] if out.get("kind") == "List" else [out]
 
 
+def test_crd_with_every_cel_rule_is_accepted_and_established(local_cluster, crd):
+    # The API server refuses a CRD whose rules' estimated CEL cost is over budget (the fixture
+    # applied it with check=True); this says what a user sees after `kubectl apply -f crds/`.
+    conditions = {c["type"]: c for c in local_cluster.get_json("crd", crd)["status"]["conditions"]}
+    assert conditions["Established"]["status"] == "True"
+    assert conditions["NamesAccepted"]["status"] == "True"
+    assert "NonStructuralSchema" not in conditions
+
+
 # --- good jobs ---------------------------------------------------------------------------------
 
 def test_minimal_job_is_stored_with_every_default_filled_in(local_cluster, ns):
