@@ -13,12 +13,17 @@ import os
 from typing import Any
 
 from lorakube import contract
-from lorakube.spec import JobRef, JobSpec
+from lorakube.spec import OPERATOR_VOLUME_PREFIX, JobRef, JobSpec
 
 GPU_RESOURCE = "nvidia.com/gpu"
 # The non-root identity the trainer image runs as (trainer_image/Dockerfile creates uid 10001).
 TRAINER_UID = 10001
 MASTER_PORT_NAME = "rendezvous"
+# A container runtime gives /dev/shm 64 MiB; NCCL's shared-memory transport and DataLoader
+# workers (which pass batches through shared memory) fail with "Bus error" or "No space left"
+# beyond that, so every pod mounts a Memory-backed emptyDir there.
+SHM_VOLUME = f"{OPERATOR_VOLUME_PREFIX}shm"
+SHM_PATH = "/dev/shm"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,6 +170,10 @@ def pod_security_context() -> dict[str, Any]:
         "runAsUser": TRAINER_UID,
         "runAsGroup": TRAINER_UID,
         "fsGroup": TRAINER_UID,
+        # Without it kubelet chowns every file of every volume to fsGroup at each pod start: hours
+        # on a PVC holding models and checkpoints. OnRootMismatch skips a volume whose root
+        # already has the right owner and mode.
+        "fsGroupChangePolicy": "OnRootMismatch",
         "seccompProfile": {"type": "RuntimeDefault"},
     }
 
@@ -176,6 +185,15 @@ def container_security_context() -> dict[str, Any]:
         "runAsNonRoot": True,
         "seccompProfile": {"type": "RuntimeDefault"},
     }
+
+
+def shm_volume_and_mount(spec: JobSpec) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The /dev/shm emptyDir and its mount, unless the user mounts a volume at /dev/shm already
+    (a spec written before shmSize existed keeps its own)."""
+    if any(m.get("mountPath", "").rstrip("/") == SHM_PATH for m in spec.resources.volume_mounts):
+        return [], []
+    volume = {"name": SHM_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": spec.resources.shm_size}}
+    return [volume], [{"name": SHM_VOLUME, "mountPath": SHM_PATH}]
 
 
 def _secret_names(spec: JobSpec) -> list[str]:
@@ -203,8 +221,10 @@ def build_pod(spec: JobSpec, job: JobRef, attempt: int, rank: int, config: Opera
     if secrets:
         # Credentials for model/dataset/output URIs: each Secret's keys become env vars.
         container["envFrom"] = [{"secretRef": {"name": name}} for name in secrets]
-    if res.volume_mounts:
-        container["volumeMounts"] = copy.deepcopy(list(res.volume_mounts))
+    shm_volumes, shm_mounts = shm_volume_and_mount(spec)
+    mounts = copy.deepcopy(list(res.volume_mounts)) + shm_mounts
+    if mounts:
+        container["volumeMounts"] = mounts
     pod_spec: dict[str, Any] = {
         "hostname": name,
         "subdomain": job.name,
@@ -221,7 +241,7 @@ def build_pod(spec: JobSpec, job: JobRef, attempt: int, rank: int, config: Opera
         "affinity": copy.deepcopy(dict(res.affinity)) if res.affinity else None,
         "priorityClassName": res.priority_class_name,
         "imagePullSecrets": [{"name": n} for n in res.image_pull_secrets] or None,
-        "volumes": copy.deepcopy(list(res.volumes)) or None,
+        "volumes": copy.deepcopy(list(res.volumes)) + shm_volumes or None,
     }
     pod_spec.update({key: value for key, value in optional.items() if value is not None})
     return {

@@ -73,6 +73,25 @@ DEFAULT_PROGRESS_INTERVAL_SECONDS = 5.0
 
 DEFAULT_MASTER_PORT = 29500
 
+# Env a job's spec.resources.env may not set: what the operator injects above, and what the
+# launchers (Lightning, torchrun/torch.distributed.elastic) derive per process from it. A user
+# RANK or LOCAL_RANK in the pod env would make every process of a pod claim the same rank.
+RESERVED_ENV_NAMES = frozenset(
+    {
+        ENV_MASTER_ADDR, ENV_MASTER_PORT, ENV_WORLD_SIZE, ENV_NODE_RANK, ENV_NNODES, ENV_NPROC_PER_NODE,
+        *ENV_PET,
+        ENV_JOB_NAME, ENV_JOB_NAMESPACE, ENV_JOB_UID, ENV_ATTEMPT, ENV_POD_NAME,
+        ENV_RENDEZVOUS_TIMEOUT, ENV_REPORT_PROGRESS,
+        "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK",
+    }
+)
+# Whole families: torchelastic's agent sets TORCHELASTIC_RUN_ID, TORCHELASTIC_RESTART_COUNT, ...
+RESERVED_ENV_PREFIXES = ("TORCHELASTIC_",)
+
+
+def is_reserved_env(name: str) -> bool:
+    return name in RESERVED_ENV_NAMES or name.startswith(RESERVED_ENV_PREFIXES)
+
 # --- Labels and names -------------------------------------------------------------------------
 
 LABEL_JOB_NAME = "lorakube.io/job-name"

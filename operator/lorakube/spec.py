@@ -32,25 +32,12 @@ SUPPORTED_SCHEMES = {
 # The API names four gang-scheduling modes; the operator implements plain pods so far.
 SUPPORTED_GANG_SCHEDULING = ("none",)
 
-# Env names the operator sets itself; a user value would silently break the rendezvous.
-RESERVED_ENV = frozenset(
-    {
-        contract.ENV_MASTER_ADDR,
-        contract.ENV_MASTER_PORT,
-        contract.ENV_WORLD_SIZE,
-        contract.ENV_NODE_RANK,
-        contract.ENV_NNODES,
-        contract.ENV_NPROC_PER_NODE,
-        contract.ENV_JOB_NAME,
-        contract.ENV_JOB_NAMESPACE,
-        contract.ENV_JOB_UID,
-        contract.ENV_ATTEMPT,
-        contract.ENV_POD_NAME,
-        contract.ENV_RENDEZVOUS_TIMEOUT,
-        contract.ENV_REPORT_PROGRESS,
-        *contract.ENV_PET,
-    }
-)
+# Volumes the operator adds to every pod are named with this prefix, so a user volume cannot
+# collide with them (the CRD refuses such names too).
+OPERATOR_VOLUME_PREFIX = "lorakube-"
+# Size limit of the Memory-backed emptyDir at /dev/shm (spec.resources.shmSize's default): a cap,
+# not a reservation; the pages written count against the pod's memory.
+DEFAULT_SHM_SIZE = "8Gi"
 
 _DNS_1035_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 _URI_SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
@@ -129,6 +116,7 @@ class ResourcesSpec:
     volumes: tuple[Mapping[str, Any], ...] = ()
     volume_mounts: tuple[Mapping[str, Any], ...] = ()
     env: tuple[Mapping[str, Any], ...] = ()
+    shm_size: str = DEFAULT_SHM_SIZE
 
     @property
     def procs_per_node(self) -> int:
@@ -359,11 +347,23 @@ def _parse_resources(section: Mapping[str, Any]) -> ResourcesSpec:
     defaults = ResourcesSpec()
     env = _objects(section, "env", f)
     for index, var in enumerate(env):
-        if var.get("name") in RESERVED_ENV:
+        if contract.is_reserved_env(str(var.get("name", ""))):
             raise InvalidSpec(
                 f"{f}.env[{index}].name",
-                f"{var.get('name')} is set by the operator for the rendezvous; remove it from the job",
+                f"{var.get('name')} is set by the operator or the launcher for the rendezvous and the "
+                "process ranks; remove it from the job",
             )
+    volumes = _objects(section, "volumes", f)
+    for index, volume in enumerate(volumes):
+        if str(volume.get("name", "")).startswith(OPERATOR_VOLUME_PREFIX):
+            raise InvalidSpec(
+                f"{f}.volumes[{index}].name",
+                f"names starting with {OPERATOR_VOLUME_PREFIX} are reserved for the volumes the operator "
+                "adds (such as the /dev/shm emptyDir); rename the volume",
+            )
+    shm_size = section.get("shmSize", DEFAULT_SHM_SIZE)
+    if isinstance(shm_size, bool) or not isinstance(shm_size, (str, int)) or str(shm_size) in ("", "0"):
+        raise InvalidSpec(f"{f}.shmSize", f"must be a positive quantity such as 8Gi, got {shm_size!r}")
     pull_secrets = []
     for index, ref in enumerate(_objects(section, "imagePullSecrets", f)):
         pull_secrets.append(_required_str(ref, "name", f"{f}.imagePullSecrets[{index}]"))
@@ -383,9 +383,10 @@ def _parse_resources(section: Mapping[str, Any]) -> ResourcesSpec:
         priority_class_name=_optional_str(section, "priorityClassName", f),
         service_account_name=_optional_str(section, "serviceAccountName", f) or DEFAULT_SERVICE_ACCOUNT,
         image_pull_secrets=tuple(pull_secrets),
-        volumes=_objects(section, "volumes", f),
+        volumes=volumes,
         volume_mounts=_objects(section, "volumeMounts", f),
         env=env,
+        shm_size=str(shm_size),
     )
 
 

@@ -86,6 +86,15 @@ def applied_objects(stdout: str) -> list[dict[str, Any]]:
     return out["items"] if out.get("kind") == "List" else [out]
 
 
+def test_crd_with_every_cel_rule_is_accepted_and_established(local_cluster, crd):
+    # The API server refuses a CRD whose rules' estimated CEL cost is over budget (the fixture
+    # applied it with check=True); this says what a user sees after `kubectl apply -f crds/`.
+    conditions = {c["type"]: c for c in local_cluster.get_json("crd", crd)["status"]["conditions"]}
+    assert conditions["Established"]["status"] == "True"
+    assert conditions["NamesAccepted"]["status"] == "True"
+    assert "NonStructuralSchema" not in conditions
+
+
 # --- good jobs ---------------------------------------------------------------------------------
 
 def test_minimal_job_is_stored_with_every_default_filled_in(local_cluster, ns):
@@ -101,7 +110,7 @@ def test_minimal_job_is_stored_with_every_default_filled_in(local_cluster, ns):
     assert training["gradientCheckpointing"] is True
     assert training["checkpointEverySteps"] == 100
     assert "loraAlpha" not in training, "loraAlpha stays unset so the trainer uses loraRank"
-    assert spec["resources"] == {"numNodes": 1, "gpusPerNode": 1}
+    assert spec["resources"] == {"numNodes": 1, "gpusPerNode": 1, "shmSize": "8Gi"}
     assert spec["output"]["formats"] == list(contract.OUTPUT_FORMATS)
     assert "checkpointUri" not in spec["output"]
     run_policy = spec["runPolicy"]
@@ -258,6 +267,77 @@ BAD_JOBS = [
      "greater than or equal to 10"),
     ("an unknown field in spec.training is refused by strict field validation",
      {"spec.training.learning_rate": 0.001}, "spec.training.learning_rate", "unknown field"),
+    # Per-process ranks the launcher derives (issue #7 item 10): one pod-wide value would give
+    # every process of the pod the same rank.
+    *[(f"an env entry overriding {name} is refused",
+       {"spec.resources.env": [{"name": name, "value": "0"}]}, "spec.resources.env[0].name",
+       f"spec.resources.env {name} is set by the operator")
+      for name in ("RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "TORCHELASTIC_RESTART_COUNT")],
+    ("a volume named like the operator's own is refused",
+     {"spec.resources.volumes": [{"name": "lorakube-shm", "emptyDir": {}}]},
+     "spec.resources.volumes[0].name", "rename the volume"),
+    ("a shmSize that is not a quantity is refused",
+     {"spec.resources.shmSize": "lots"}, "spec.resources.shmSize", "positive quantity such as 8Gi"),
+    ("a shmSize of zero is refused",
+     {"spec.resources.shmSize": "0"}, "spec.resources.shmSize", "positive quantity"),
+    # Size caps (issue #7 item 19): refused at apply, naming the field, instead of every pod
+    # creation failing later with a message as long as the value.
+    ("a 40,000-character toleration value is refused",
+     {"spec.resources.tolerations": [{"key": "spot", "operator": "Equal", "value": "v" * 40000,
+                                      "effect": "NoSchedule"}]},
+     "spec.resources.tolerations[0].value", "may not be more than 63"),
+    ("a toleration key longer than a label key is refused",
+     {"spec.resources.tolerations": [{"key": "k" * 318, "operator": "Exists"}]},
+     "spec.resources.tolerations[0].key", "may not be more than 317"),
+    ("an unknown toleration effect is refused",
+     {"spec.resources.tolerations": [{"key": "spot", "operator": "Exists", "effect": "NoRun"}]},
+     "spec.resources.tolerations[0].effect", '"PreferNoSchedule"'),
+    ("an unknown toleration operator is refused",
+     {"spec.resources.tolerations": [{"key": "spot", "operator": "In"}]},
+     "spec.resources.tolerations[0].operator", '"Exists"'),
+    ("sixty-five tolerations are too many",
+     {"spec.resources.tolerations": [{"key": f"t{i}", "operator": "Exists"} for i in range(65)]},
+     "spec.resources.tolerations", "must have at most 64 items"),
+    ("a nodeSelector key longer than a label key is refused",
+     {"spec.resources.nodeSelector": {"k" * 400: "x"}}, "spec.resources.nodeSelector",
+     "shorten it to the node label's key"),
+    ("a nodeSelector value longer than a label value is refused",
+     {"spec.resources.nodeSelector": {"gpu": "v" * 64}}, "spec.resources.nodeSelector.gpu",
+     "may not be more than 63"),
+    ("an env value over 32 KiB is refused",
+     {"spec.resources.env": [{"name": "BIG", "value": "v" * 40000}]},
+     "spec.resources.env[0].value", "may not be more than 32768"),
+    ("an env name over 256 characters is refused",
+     {"spec.resources.env": [{"name": "N" * 300, "value": "1"}]},
+     "spec.resources.env[0].name", "may not be more than 256"),
+    ("129 env entries are too many",
+     {"spec.resources.env": [{"name": f"V{i}", "value": "1"} for i in range(129)]},
+     "spec.resources.env", "must have at most 128 items"),
+    ("an env secret key longer than an object name is refused",
+     {"spec.resources.env": [{"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": "hub", "key": "k" * 300}}}]},
+     "spec.resources.env[0].valueFrom.secretKeyRef.key", "may not be more than 253"),
+    ("an env valueFrom with two sources is refused",
+     {"spec.resources.env": [{"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": "hub", "key": "t"},
+                                                               "configMapKeyRef": {"name": "cfg", "key": "t"}}}]},
+     "spec.resources.env[0].valueFrom", "must have at most 1 item"),
+    ("a 40,000-character node affinity value is refused",
+     {"spec.resources.affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+         "nodeSelectorTerms": [{"matchExpressions": [{"key": "zone", "operator": "In", "values": ["z" * 40000]}]}]}}}},
+     "spec.resources.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution.nodeSelectorTerms[0]"
+     ".matchExpressions[0].values[0]", "may not be more than 63"),
+    ("an unknown node affinity operator is refused",
+     {"spec.resources.affinity": {"nodeAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [
+         {"weight": 1, "preference": {"matchExpressions": [{"key": "zone", "operator": "Near"}]}}]}}},
+     "spec.resources.affinity.nodeAffinity.preferredDuringSchedulingIgnoredDuringExecution[0].preference"
+     ".matchExpressions[0].operator", '"DoesNotExist"'),
+    ("a pod anti-affinity topologyKey longer than a label key is refused",
+     {"spec.resources.affinity": {"podAntiAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [
+         {"topologyKey": "t" * 400}]}}},
+     "spec.resources.affinity.podAntiAffinity.requiredDuringSchedulingIgnoredDuringExecution[0].topologyKey",
+     "may not be more than 317"),
+    ("sixty-five volumes are too many",
+     {"spec.resources.volumes": [{"name": f"v{i}", "emptyDir": {}} for i in range(65)]},
+     "spec.resources.volumes", "must have at most 64 items"),
 ]
 
 
@@ -270,6 +350,34 @@ def test_bad_job_is_rejected_naming_the_field(local_cluster, ns, changes, field,
     assert result.returncode != 0, f"accepted: {changes}"
     assert field in result.stderr, result.stderr
     assert fix in result.stderr, result.stderr
+
+
+def test_capped_fields_at_their_limit_are_accepted(local_cluster, ns):
+    # The caps are Kubernetes' own: a job at every limit is still a valid job.
+    job = with_changes({
+        "spec.resources.tolerations": [{"key": f"{'p' * 253}/{'n' * 63}", "operator": "Equal",
+                                        "value": "v" * 63, "effect": "NoExecute", "tolerationSeconds": 30}]
+        + [{"key": f"t{i}", "operator": "Exists"} for i in range(63)],
+        "spec.resources.nodeSelector": {f"{'p' * 253}/{'n' * 63}": "v" * 63},
+        "spec.resources.env": [{"name": "BIG", "value": "v" * 32768},
+                               {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+                               {"name": "MEM", "valueFrom": {"resourceFieldRef": {"resource": "limits.memory",
+                                                                                   "divisor": "1Mi"}}}],
+        "spec.resources.shmSize": "64Gi",
+        "spec.resources.affinity": {
+            "nodeAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [
+                {"weight": 100, "preference": {"matchFields": [
+                    {"key": "metadata.name", "operator": "NotIn", "values": ["n" * 63]}]}}]},
+            "podAntiAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [
+                {"weight": 50, "podAffinityTerm": {
+                    "topologyKey": "kubernetes.io/hostname", "namespaces": ["team-a"],
+                    "matchLabelKeys": ["lorakube.io/attempt"],
+                    "labelSelector": {"matchLabels": {"lorakube.io/job-name": "other"},
+                                      "matchExpressions": [{"key": "tier", "operator": "Exists"}]},
+                    "namespaceSelector": {}}}]}},
+    })
+    result = apply(local_cluster, ns, [job], "--dry-run=server")
+    assert result.returncode == 0, result.stderr
 
 
 def test_the_bad_job_table_is_big_enough():
@@ -290,6 +398,139 @@ def test_unknown_field_is_dropped_without_strict_validation(local_cluster, ns):
     training = local_cluster.get_json(contract.SHORT_NAME, "pruned", namespace=ns)["spec"]["training"]
     assert "learning_rate" not in training
     assert training["learningRate"] == pytest.approx(1e-4)
+
+
+# --- changing a stored job (issue #7 item 7) -----------------------------------------------------
+
+def patch_spec(local_cluster, namespace: str, name: str, spec: dict[str, Any]):
+    """A merge patch of the spec, as `kubectl patch` sends it (an update of the stored job)."""
+    return local_cluster.kubectl("patch", contract.SHORT_NAME, name, "-n", namespace, "--type=merge",
+                                 "-p", json.dumps({"spec": spec}))
+
+
+@pytest.fixture(scope="module")
+def stored_job(local_cluster, ns) -> str:
+    job = with_changes({"metadata.name": "stored", "spec.resources.volumes": [{"name": "data", "emptyDir": {}}],
+                        "spec.resources.volumeMounts": [{"name": "data", "mountPath": "/data"}],
+                        "spec.runPolicy.activeDeadlineSeconds": 7200})
+    apply(local_cluster, ns, [job]).check_returncode()
+    return "stored"
+
+
+IMMUTABLE_CHANGES = [
+    # (what changes, merge patch of spec, words of the refusal)
+    ("loraRank", {"training": {"loraRank": 32}},
+     "spec.training is immutable once the job exists: a changed loraRank"),
+    ("learningRate", {"training": {"learningRate": 0.001}}, "spec.training is immutable"),
+    ("validation prompts", {"training": {"validationPrompts": ["a cat"]}}, "spec.training is immutable"),
+    ("model family", {"model": {"family": "sd3"}}, "spec.model is immutable"),
+    ("model uri", {"model": {"uri": "/models/other"}}, "spec.model is immutable"),
+    ("dataset uri", {"dataset": {"uri": "/data/other"}}, "spec.dataset is immutable"),
+    ("output uri", {"output": {"uri": "/outputs/other"}}, "spec.output is immutable"),
+    ("a checkpointUri added", {"output": {"checkpointUri": "/checkpoints/other"}}, "spec.output is immutable"),
+    ("output formats", {"output": {"formats": ["diffusers"]}}, "spec.output is immutable"),
+    ("numNodes", {"resources": {"numNodes": 2}}, "spec.resources.numNodes and spec.resources.gpusPerNode"),
+    ("gpusPerNode", {"resources": {"gpusPerNode": 2}}, "spec.resources.numNodes and spec.resources.gpusPerNode"),
+    ("an image set", {"resources": {"image": "example/trainer:2"}}, "spec.resources (image"),
+    ("container resources", {"resources": {"resources": {"limits": {"memory": "8Gi"}}}}, "spec.resources (image"),
+    ("shmSize", {"resources": {"shmSize": "16Gi"}}, "spec.resources (image"),
+    ("an env entry added", {"resources": {"env": [{"name": "NCCL_DEBUG", "value": "INFO"}]}},
+     "spec.resources (image"),
+    ("a volume replaced", {"resources": {"volumes": [{"name": "data", "hostPath": {"path": "/srv"}}]}},
+     "spec.resources (image"),
+    ("a volume's emptyDir moved to memory",
+     {"resources": {"volumes": [{"name": "data", "emptyDir": {"medium": "Memory"}}]}}, "spec.resources (image"),
+    ("a volume switched to another free-form source",
+     {"resources": {"volumes": [{"name": "data", "nfs": {"server": "nfs.example.com", "path": "/x"}}]}},
+     "spec.resources (image"),
+    ("the volumes removed", {"resources": {"volumes": None}}, "spec.resources (image"),
+    ("serviceAccountName", {"resources": {"serviceAccountName": "other"}}, "spec.resources (image"),
+    ("nodeSelector of a job that is not suspended", {"resources": {"nodeSelector": {"gpu": "h100"}}},
+     "may change only while the job is suspended"),
+    ("tolerations of a job that is not suspended",
+     {"resources": {"tolerations": [{"key": "spot", "operator": "Exists"}]}},
+     "may change only while the job is suspended"),
+    ("gangScheduling", {"runPolicy": {"gangScheduling": "kueue"}}, "spec.runPolicy.gangScheduling is immutable"),
+]
+
+
+@pytest.mark.parametrize("change, words", [case[1:] for case in IMMUTABLE_CHANGES],
+                         ids=[case[0] for case in IMMUTABLE_CHANGES])
+def test_changing_what_is_trained_is_refused(local_cluster, ns, stored_job, change, words):
+    before = local_cluster.get_json(contract.SHORT_NAME, stored_job, namespace=ns)["spec"]
+    result = patch_spec(local_cluster, ns, stored_job, change)
+    assert result.returncode != 0, f"accepted: {change}"
+    assert words in result.stderr, result.stderr
+    assert "create a new job" in result.stderr or "suspend the job first" in result.stderr, result.stderr
+    assert local_cluster.get_json(contract.SHORT_NAME, stored_job, namespace=ns)["spec"] == before
+
+
+MUTABLE_CHANGES = [
+    ("suspend", {"runPolicy": {"suspend": True}}),
+    ("resume", {"runPolicy": {"suspend": False}}),
+    ("activeDeadlineSeconds", {"runPolicy": {"activeDeadlineSeconds": 86400}}),
+    ("activeDeadlineSeconds removed", {"runPolicy": {"activeDeadlineSeconds": None}}),
+    ("startupDeadlineSeconds", {"runPolicy": {"startupDeadlineSeconds": 1800}}),
+    ("ttlSecondsAfterFinished", {"runPolicy": {"ttlSecondsAfterFinished": 3600}}),
+    ("maxRestarts", {"runPolicy": {"maxRestarts": 10}}),
+    ("backoffSeconds", {"runPolicy": {"backoffSeconds": 60}}),
+    ("rendezvousTimeoutSeconds", {"runPolicy": {"rendezvousTimeoutSeconds": 900}}),
+]
+
+
+@pytest.fixture(scope="module")
+def tuned_job(local_cluster, ns) -> str:
+    # Not stored_job: a suspension here must not let the scheduling changes above through.
+    apply(local_cluster, ns, [with_changes({"metadata.name": "tuned",
+                                            "spec.runPolicy.activeDeadlineSeconds": 7200})]).check_returncode()
+    return "tuned"
+
+
+@pytest.mark.parametrize("change", [case[1] for case in MUTABLE_CHANGES], ids=[case[0] for case in MUTABLE_CHANGES])
+def test_run_policy_changes_are_accepted(local_cluster, ns, tuned_job, change):
+    result = patch_spec(local_cluster, ns, tuned_job, change)
+    assert result.returncode == 0, result.stderr
+    stored = local_cluster.get_json(contract.SHORT_NAME, tuned_job, namespace=ns)["spec"]["runPolicy"]
+    for key, value in change["runPolicy"].items():
+        assert stored.get(key) == value, key
+
+
+def test_scheduling_directives_change_while_suspended_as_a_queue_needs(local_cluster, ns):
+    # Kueue's contract with a Job: the job waits suspended; on admission the queue writes the node
+    # selector and tolerations of the capacity it chose and unsuspends, in one update.
+    job = with_changes({"metadata.name": "queued", "spec.runPolicy.suspend": True})
+    apply(local_cluster, ns, [job]).check_returncode()
+    placement = {"nodeSelector": {"cloud.example.com/pool": "spot-h100"},
+                 "tolerations": [{"key": "spot", "operator": "Exists", "effect": "NoSchedule"}],
+                 "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+                     "nodeSelectorTerms": [{"matchExpressions": [
+                         {"key": "zone", "operator": "In", "values": ["a"]}]}]}}}}
+    admitted = patch_spec(local_cluster, ns, "queued", {"resources": placement, "runPolicy": {"suspend": False}})
+    assert admitted.returncode == 0, admitted.stderr
+    stored = local_cluster.get_json(contract.SHORT_NAME, "queued", namespace=ns)["spec"]
+    assert {key: stored["resources"][key] for key in placement} == placement
+    assert stored["runPolicy"]["suspend"] is False
+
+    # Running again: placement is frozen until the next suspension.
+    moved = patch_spec(local_cluster, ns, "queued", {"resources": {"nodeSelector": {"cloud.example.com/pool": "a100"}}})
+    assert moved.returncode != 0
+    assert "spec.resources.nodeSelector, tolerations and affinity may change only while the job is suspended" \
+        in moved.stderr
+    # Evicted by the queue: suspended, then the placement is restored.
+    assert patch_spec(local_cluster, ns, "queued", {"runPolicy": {"suspend": True}}).returncode == 0
+    restored = patch_spec(local_cluster, ns, "queued", {"resources": {"nodeSelector": None, "tolerations": None,
+                                                                       "affinity": None}})
+    assert restored.returncode == 0, restored.stderr
+    assert not {"nodeSelector", "tolerations", "affinity"} & set(
+        local_cluster.get_json(contract.SHORT_NAME, "queued", namespace=ns)["spec"]["resources"])
+    # Even suspended, what is trained stays fixed.
+    retrained = patch_spec(local_cluster, ns, "queued", {"training": {"loraRank": 64}})
+    assert retrained.returncode != 0 and "spec.training is immutable" in retrained.stderr
+
+
+def test_metadata_changes_are_accepted(local_cluster, ns, stored_job):
+    result = local_cluster.kubectl("label", contract.SHORT_NAME, stored_job, "-n", ns, "team=vision", "--overwrite")
+    assert result.returncode == 0, result.stderr
 
 
 # --- status, printer columns, explain ------------------------------------------------------------

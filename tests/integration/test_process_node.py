@@ -191,6 +191,39 @@ def test_downward_api_env_and_private_volume_mounts(local_cluster: Any, new_name
     assert not Path(mount_point).exists() or not any(Path(mount_point).iterdir())
 
 
+def test_memory_emptydir_at_dev_shm_is_private_to_the_pod(local_cluster: Any, new_namespace: str) -> None:
+    # Every lorakube pod mounts a Memory emptyDir at /dev/shm (NCCL, DataLoader workers). On the
+    # process node it is the pod's own directory bound over /dev/shm in the pod's mount namespace:
+    # POSIX shared memory works there, and the host's /dev/shm never sees it.
+    ns = new_namespace
+    marker = f"lorakube-shm-test-{ns}"
+    script = f"""
+        from multiprocessing import shared_memory
+        block = shared_memory.SharedMemory(name='{marker}', create=True, size=1 << 20)
+        block.buf[:5] = b'hello'
+        again = shared_memory.SharedMemory(name='{marker}')
+        assert bytes(again.buf[:5]) == b'hello'
+        import os
+        open('/dev/shm/{marker}.file', 'w').close()   # outlives the process, unlike the block
+        print('in pod:', sorted(os.listdir('/dev/shm')), flush=True)
+        again.close()
+        block.close()
+        block.unlink()
+    """
+    local_cluster.apply(python_pod(
+        "shm", script,
+        container={"volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}]},
+        spec={"volumes": [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "1Gi"}}]},
+    ), ns)
+
+    status = wait_phase(local_cluster, ns, "shm", ("Succeeded", "Failed"))["status"]
+
+    out = logs(local_cluster, ns, "shm")
+    assert status["phase"] == "Succeeded", out
+    assert f"in pod: ['{marker}', '{marker}.file']" in out, out
+    assert not (Path("/dev/shm") / f"{marker}.file").exists()
+
+
 SERVER = """
     import socket, sys
     srv = socket.create_server(('0.0.0.0', 29500))

@@ -149,15 +149,62 @@ def test_name_length_rule_uses_the_contract_limit(root):
     assert len(contract.pod_name("a" * contract.MAX_JOB_NAME_LENGTH, 999)) <= 63
 
 
-def test_reserved_env_names_are_the_ones_the_operator_reserves(spec):
-    # The operator (lorakube.spec) rejects the same names, so the API server and the operator agree
-    # on what a job may not override.
-    from lorakube.spec import RESERVED_ENV
-
+def test_reserved_env_names_are_the_contracts(spec):
+    # contract.py is the one list: the API server (this rule) and the operator (lorakube.spec,
+    # through contract.is_reserved_env) refuse the same names.
     env_item = spec["properties"]["resources"]["properties"]["env"]["items"]
     (reserved_rule,) = [r for r in rules(env_item) if "self.name in" in r]
-    assert set(re.findall(r"'([A-Z_]+)'", reserved_rule)) == set(RESERVED_ENV)
-    assert {contract.ENV_MASTER_ADDR, contract.ENV_WORLD_SIZE, *contract.ENV_PET} <= set(RESERVED_ENV)
+    names = re.search(r"self\.name in \[([^\]]*)\]", reserved_rule).group(1)
+    assert set(re.findall(r"'([A-Z_]+)'", names)) == set(contract.RESERVED_ENV_NAMES)
+    prefixes = re.findall(r"self\.name\.startsWith\('([A-Z_]+)'\)", reserved_rule)
+    assert tuple(prefixes) == contract.RESERVED_ENV_PREFIXES
+    assert {contract.ENV_MASTER_ADDR, contract.ENV_WORLD_SIZE, *contract.ENV_PET,
+            "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK"} <= contract.RESERVED_ENV_NAMES
+    assert contract.is_reserved_env("TORCHELASTIC_RESTART_COUNT")
+    assert not contract.is_reserved_env("NCCL_DEBUG")
+
+
+def test_reserved_volume_prefix_is_the_one_the_builder_uses(spec):
+    from lorakube import builders
+    from lorakube.spec import OPERATOR_VOLUME_PREFIX
+
+    volume_item = spec["properties"]["resources"]["properties"]["volumes"]["items"]
+    (prefix_rule,) = rules(volume_item)
+    assert prefix_rule == f"!self.name.startsWith('{OPERATOR_VOLUME_PREFIX}')"
+    assert builders.SHM_VOLUME.startswith(OPERATOR_VOLUME_PREFIX)
+
+
+def test_shm_size_default_is_the_operators(spec):
+    from lorakube.spec import DEFAULT_SHM_SIZE, ResourcesSpec
+
+    shm = spec["properties"]["resources"]["properties"]["shmSize"]
+    assert shm["default"] == DEFAULT_SHM_SIZE == ResourcesSpec().shm_size
+
+
+# Fields a user may change on a stored job; everything else in spec is immutable (crds/README.md).
+MUTABLE_RUN_POLICY = {"suspend", "activeDeadlineSeconds", "startupDeadlineSeconds",
+                      "ttlSecondsAfterFinished", "maxRestarts", "backoffSeconds",
+                      "rendezvousTimeoutSeconds"}
+SCHEDULING_DIRECTIVES = {"nodeSelector", "tolerations", "affinity"}
+
+
+def test_every_spec_field_is_immutable_but_the_ones_meant_to_change(spec):
+    # A new spec field must be added to a transition rule (or to the mutable sets above, on
+    # purpose): otherwise it could change under a running job and meet an old checkpoint.
+    transition = " ".join(r for r in rules(spec) if "oldSelf" in r)
+    # The API server cannot bound the cost of optional (?.) selections and refuses such a CRD.
+    assert ".?" not in transition
+    props = spec["properties"]
+    for section in ("model", "dataset", "training", "output"):
+        assert f"self.{section} == oldSelf.{section}" in transition, section
+    for field in props["resources"]["properties"]:
+        compared = re.search(rf"self\.resources\.{field} == oldSelf\.resources\.{field}\b", transition)
+        assert compared, f"spec.resources.{field} has no immutability rule"
+    for field in props["runPolicy"]["properties"]:
+        compared = f"self.runPolicy.{field} == oldSelf.runPolicy.{field}" in transition
+        assert compared == (field not in MUTABLE_RUN_POLICY), field
+    (scheduling_rule,) = [r for r in rules(spec) if "oldSelf.runPolicy.suspend" in r]
+    assert set(re.findall(r"self\.resources\.(\w+) == oldSelf", scheduling_rule)) == SCHEDULING_DIRECTIVES
 
 
 def test_rendezvous_timeout_default_matches_the_trainer_default(spec):
@@ -344,7 +391,8 @@ def reference_rows(spec: dict[str, Any]) -> dict[str, tuple[str, str]]:
     """spec field path -> (type, default) as crds/README.md's table shows them."""
     rows = {}
     for path, node in walk(spec, "spec"):
-        if path == "spec" or "[]" in path or "{}" in path:
+        # Inside affinity the fields are core/v1 Affinity's, documented by Kubernetes.
+        if path == "spec" or "[]" in path or "{}" in path or path.startswith("spec.resources.affinity."):
             continue
         kind = node.get("type", "int-or-string")
         if kind == "array":

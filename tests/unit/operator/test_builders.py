@@ -146,6 +146,49 @@ def test_security_context_is_pod_security_restricted(job):
     assert not any("hostNetwork" in k or "hostPID" in k for k in pod["spec"])
 
 
+def test_pod_security_context_skips_the_recursive_chown_of_large_volumes(job):
+    # Without OnRootMismatch kubelet walks every file of a PVC holding models and checkpoints at
+    # every pod start to set fsGroup.
+    ctx = builders.build_pod(job, JOB, 1, 0, CONFIG)["spec"]["securityContext"]
+    assert ctx["fsGroupChangePolicy"] == "OnRootMismatch"
+    assert ctx["fsGroup"] == builders.TRAINER_UID
+
+
+def test_every_pod_mounts_a_memory_backed_dev_shm_of_the_default_size(job):
+    for pod in builders.build_pods(job, JOB, 1, CONFIG):
+        volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+        assert volumes["lorakube-shm"] == {"name": "lorakube-shm",
+                                           "emptyDir": {"medium": "Memory", "sizeLimit": "8Gi"}}
+        mounts = pod["spec"]["containers"][0]["volumeMounts"]
+        assert {"name": "lorakube-shm", "mountPath": "/dev/shm"} in mounts
+        assert len({m["mountPath"] for m in mounts}) == len(mounts)
+
+
+def test_shm_size_comes_from_the_spec(job_spec):
+    job_spec["resources"]["shmSize"] = "64Gi"
+    pod = builders.build_pod(parse_job("cats", job_spec), JOB, 1, 0, CONFIG)
+    (shm,) = [v for v in pod["spec"]["volumes"] if v["name"] == builders.SHM_VOLUME]
+    assert shm["emptyDir"] == {"medium": "Memory", "sizeLimit": "64Gi"}
+
+
+def test_a_job_without_volumes_still_gets_dev_shm(job_spec):
+    del job_spec["resources"]["volumes"], job_spec["resources"]["volumeMounts"]
+    pod = builders.build_pod(parse_job("cats", job_spec), JOB, 1, 0, CONFIG)
+    assert [v["name"] for v in pod["spec"]["volumes"]] == [builders.SHM_VOLUME]
+    assert pod["spec"]["containers"][0]["volumeMounts"] == [{"name": builders.SHM_VOLUME,
+                                                             "mountPath": "/dev/shm"}]
+
+
+def test_a_users_own_dev_shm_mount_is_kept_and_not_doubled(job_spec):
+    # Jobs written before shmSize existed mount their own emptyDir there; two mounts at one path
+    # would make the API server refuse the pod.
+    job_spec["resources"]["volumes"].append({"name": "dshm", "emptyDir": {"medium": "Memory"}})
+    job_spec["resources"]["volumeMounts"].append({"name": "dshm", "mountPath": "/dev/shm/"})
+    pod = builders.build_pod(parse_job("cats", job_spec), JOB, 1, 0, CONFIG)
+    assert [v["name"] for v in pod["spec"]["volumes"]] == ["data", "dshm"]
+    assert [m["name"] for m in pod["spec"]["containers"][0]["volumeMounts"]] == ["data", "dshm"]
+
+
 def test_user_scheduling_and_volumes_are_passed_through(job_spec):
     job_spec["resources"].update(
         nodeSelector={"gpu": "a100"}, tolerations=[{"key": "spot", "operator": "Exists"}],
@@ -162,8 +205,8 @@ def test_user_scheduling_and_volumes_are_passed_through(job_spec):
     assert spec["priorityClassName"] == "training"
     assert spec["serviceAccountName"] == "trainer-x"
     assert spec["imagePullSecrets"] == [{"name": "regcred"}]
-    assert spec["volumes"] == [{"name": "data", "hostPath": {"path": "/srv/lorakube", "type": "Directory"}}]
-    assert container["volumeMounts"] == [{"name": "data", "mountPath": "/data"}]
+    assert spec["volumes"][0] == {"name": "data", "hostPath": {"path": "/srv/lorakube", "type": "Directory"}}
+    assert container["volumeMounts"][0] == {"name": "data", "mountPath": "/data"}
     assert container["image"] == "my/trainer:2" and container["imagePullPolicy"] == "Always"
     assert container["resources"] == {"requests": {"cpu": "4"},
                                       "limits": {"memory": "32Gi", "nvidia.com/gpu": 2}}
