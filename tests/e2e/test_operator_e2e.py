@@ -96,6 +96,11 @@ def test_quickstart_runs_two_pods_to_succeeded_with_progress(local_cluster, job_
     # (progress and artifacts above came through it)
     pods, _ = job_children(local_cluster, job_namespace, name)
     assert {p["spec"]["serviceAccountName"] for p in pods} == {f"{name}-trainer"}
+    # ... and only rank 0 got a token volume from the ServiceAccount admission plugin
+    token_volumes = {p["metadata"]["name"]: [v["name"] for v in p["spec"].get("volumes", [])
+                                             if "serviceAccountToken" in json.dumps(v.get("projected", {}))]
+                     for p in pods}
+    assert len(token_volumes[f"{name}-node-0"]) == 1 and token_volumes[f"{name}-node-1"] == [], token_volumes
     local_cluster.kubectl("get", "serviceaccount,role,rolebinding", f"{name}-trainer", "-n", job_namespace,
                           check=True)
 
