@@ -269,8 +269,9 @@ def _check_owner(manifest: Mapping[str, Any], existing: Any) -> None:
     owners = existing.metadata.owner_references or []
     if not any(owner.uid == uid for owner in owners):
         kind, name = manifest["kind"], manifest["metadata"]["name"]
-        raise Transient(f"{kind} {name} already exists and does not belong to this job (an earlier "
-                        f"job of the same name being deleted, or made by hand); waiting for it to go")
+        raise Transient(f"{kind} {name} already exists and does not belong to this job: waiting "
+                        f"for it to go (an earlier job of the same name is being deleted), or delete "
+                        f"it if someone else made it")
 
 
 def _describe(decision: reconcile.Decision) -> str:
