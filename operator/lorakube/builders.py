@@ -12,7 +12,7 @@ import dataclasses
 import os
 from typing import Any
 
-from lorakube import contract
+from lorakube import contract, rbac
 from lorakube.spec import OPERATOR_VOLUME_PREFIX, JobRef, JobSpec
 
 GPU_RESOURCE = "nvidia.com/gpu"
@@ -229,7 +229,7 @@ def build_pod(spec: JobSpec, job: JobRef, attempt: int, rank: int, config: Opera
         "hostname": name,
         "subdomain": job.name,
         "restartPolicy": "Never",
-        "serviceAccountName": res.service_account_name,
+        "serviceAccountName": rbac.service_account(spec, job),
         # The job's Service is headless; service-link env vars would only add noise.
         "enableServiceLinks": False,
         "securityContext": pod_security_context(),
@@ -244,6 +244,10 @@ def build_pod(spec: JobSpec, job: JobRef, attempt: int, rank: int, config: Opera
         "volumes": copy.deepcopy(list(res.volumes)) + shm_volumes or None,
     }
     pod_spec.update({key: value for key, value in optional.items() if value is not None})
+    # Only rank 0 talks to the API (progress); see rbac.automount_token.
+    automount = rbac.automount_token(spec, rank)
+    if automount is not None:
+        pod_spec["automountServiceAccountToken"] = automount
     return {
         "apiVersion": "v1",
         "kind": "Pod",

@@ -161,6 +161,9 @@ class Progress:
     updatedAt: str
 
     def to_status(self) -> dict[str, Any]:
+        """The body of status.progress, sent as a JSON merge patch: a value that does not apply now
+        (no loss yet, no rate or ETA before a second step) is an explicit null, which deletes what
+        an earlier report left, so a restarted attempt never shows the last attempt's speed or ETA."""
         body = dataclasses.asdict(self)
         # The CRD stores loss as a string so `kubectl get` can print it and so that a NaN loss
         # survives JSON (which has no NaN).
@@ -169,10 +172,12 @@ class Progress:
             None if self.samplesPerSecond is None else round(self.samplesPerSecond, 3)
         )
         body["etaSeconds"] = None if self.etaSeconds is None else int(self.etaSeconds)
-        return {k: v for k, v in body.items() if v is not None}
+        return body
 
     def to_json_line(self) -> str:
-        return json.dumps({"event": PROGRESS_EVENT, **self.to_status()}, sort_keys=True)
+        # A log line deletes nothing: values that do not apply are left out.
+        known = {k: v for k, v in self.to_status().items() if v is not None}
+        return json.dumps({"event": PROGRESS_EVENT, **known}, sort_keys=True)
 
 
 def utc_now_iso() -> str:

@@ -44,8 +44,10 @@ def _api_message(exc: ApiException) -> str:
 
 def _classify_create_error(exc: ApiException) -> Exception:
     message = _api_message(exc)
-    # A quota may free up, and RBAC on the operator is an installation problem, not the job's.
-    if exc.status == 403 and ("exceeded quota" in message or "cannot create resource" in message):
+    # A quota may free up, and RBAC on the operator (including granting the trainer's Role, which
+    # needs the operator to hold what it grants) is an installation problem, not the job's.
+    if exc.status == 403 and ("exceeded quota" in message or "cannot create resource" in message
+                              or "attempting to grant RBAC permissions not currently held" in message):
         return Transient(message)
     if exc.status in (400, 403, 422):
         return Rejected(message)
@@ -74,6 +76,10 @@ class Kube:
     @property
     def custom(self) -> client.CustomObjectsApi:
         return client.CustomObjectsApi(self.api)
+
+    @property
+    def rbac(self) -> client.RbacAuthorizationV1Api:
+        return client.RbacAuthorizationV1Api(self.api)
 
     # --- the job --------------------------------------------------------------------------
 
@@ -110,15 +116,23 @@ class Kube:
     def create(self, manifest: Mapping[str, Any]) -> bool:
         """Create a child; False when it already exists (made by an earlier pass: adopt it)."""
         namespace = manifest["metadata"]["namespace"]
-        create = (self.core.create_namespaced_pod if manifest["kind"] == "Pod"
-                  else self.core.create_namespaced_service)
+        create, read = {
+            "Pod": (self.core.create_namespaced_pod, None),
+            "Service": (self.core.create_namespaced_service, None),
+            "ServiceAccount": (self.core.create_namespaced_service_account,
+                               self.core.read_namespaced_service_account),
+            "Role": (self.rbac.create_namespaced_role, self.rbac.read_namespaced_role),
+            "RoleBinding": (self.rbac.create_namespaced_role_binding, self.rbac.read_namespaced_role_binding),
+        }[manifest["kind"]]
         try:
             create(namespace, dict(manifest))
             return True
         except ApiException as exc:
-            if exc.status == 409:
-                return False
-            raise _classify_create_error(exc) from exc
+            if exc.status != 409:
+                raise _classify_create_error(exc) from exc
+        if read is not None:
+            _check_owner(manifest, read(manifest["metadata"]["name"], namespace))
+        return False
 
     def delete_pod(self, namespace: str, name: str) -> None:
         try:
@@ -159,7 +173,8 @@ def observe(kube: Kube, body: Mapping[str, Any], pods: Iterable[PodView], now: d
     if parsed is not None and status.get("phase") not in st.TERMINAL_PHASES:
         attempt = reconcile.current_attempt(status)
         present = {p.rank for p in pods if p.owner_uid == job.uid and p.attempt == attempt}
-        if len(present) < parsed.resources.num_nodes:
+        # The job's own account is the operator's to create; only a user-named one must exist.
+        if parsed.resources.service_account_name and len(present) < parsed.resources.num_nodes:
             sa_exists = kube.service_account_exists(job.namespace, parsed.resources.service_account_name)
     tails = {name: kube.log_tail(job.namespace, name, reconcile.LOG_TAIL_LINES)
              for name in reconcile.pods_needing_log_tail(status, pods, job.uid)}
@@ -241,7 +256,22 @@ def obs_body(obs: reconcile.Observation) -> dict[str, Any]:
 
 
 def _children(decision: reconcile.Decision) -> Sequence[Mapping[str, Any]]:
-    return ([decision.create_service] if decision.create_service else []) + list(decision.create_pods)
+    # The pods' ServiceAccount must exist before them (admission refuses a pod without it).
+    return (list(decision.create_access) + ([decision.create_service] if decision.create_service else [])
+            + list(decision.create_pods))
+
+
+def _check_owner(manifest: Mapping[str, Any], existing: Any) -> None:
+    """An existing trainer account, Role or RoleBinding is adopted only when it is this job's: one
+    left by an earlier job of the same name is about to be garbage-collected (and its rules would
+    vanish under the running pods), and one made by someone else is not ours to bind."""
+    uid = manifest["metadata"]["ownerReferences"][0]["uid"]
+    owners = existing.metadata.owner_references or []
+    if not any(owner.uid == uid for owner in owners):
+        kind, name = manifest["kind"], manifest["metadata"]["name"]
+        raise Transient(f"{kind} {name} already exists and does not belong to this job: waiting "
+                        f"for it to go (an earlier job of the same name is being deleted), or delete "
+                        f"it if someone else made it")
 
 
 def _describe(decision: reconcile.Decision) -> str:

@@ -18,7 +18,7 @@ import datetime as dt
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from lorakube import builders, contract, failures
+from lorakube import builders, contract, failures, rbac
 from lorakube import status as st
 from lorakube.pods import FAILED as POD_FAILED
 from lorakube.pods import PENDING as POD_PENDING
@@ -62,6 +62,8 @@ class Observation:
 @dataclasses.dataclass(frozen=True)
 class Decision:
     create_service: Mapping[str, Any] | None = None
+    # The trainer's ServiceAccount, Role and RoleBinding, created (or adopted) before the pods.
+    create_access: tuple[Mapping[str, Any], ...] = ()
     create_pods: tuple[Mapping[str, Any], ...] = ()
     delete_pods: tuple[str, ...] = ()
     status_patch: Mapping[str, Any] = dataclasses.field(default_factory=dict)
@@ -108,6 +110,7 @@ class _Plan:
         if text is not None:
             self.status["progressText"] = text
         self.create_service: Mapping[str, Any] | None = None
+        self.create_access: list[Mapping[str, Any]] = []
         self.create_pods: list[Mapping[str, Any]] = []
         self.delete_pods: list[str] = []
         self.events: list[Event] = []
@@ -155,6 +158,7 @@ class _Plan:
     def decision(self) -> Decision:
         return Decision(
             create_service=self.create_service,
+            create_access=tuple(self.create_access),
             create_pods=tuple(self.create_pods),
             delete_pods=tuple(self.delete_pods),
             status_patch=st.status_patch(self.obs.status, self.status),
@@ -304,10 +308,11 @@ def _handle_failure(plan: _Plan, spec: JobSpec, failure: failures.Failure,
 def _create_missing(plan: _Plan, spec: JobSpec, missing: Sequence[int], all_pods: Sequence[PodView],
                     config: builders.OperatorConfig) -> None:
     obs = plan.obs
-    if obs.service_account_exists is False:
+    if spec.resources.service_account_name and obs.service_account_exists is False:
         _fail_invalid(plan, [], f"spec.resources.serviceAccountName: ServiceAccount "
                                 f"{spec.resources.service_account_name!r} not found in namespace "
-                                f"{obs.job.namespace!r}; create it (the chart's trainer RBAC) or name an existing one")
+                                f"{obs.job.namespace!r}; create it, or leave the field unset to run "
+                                f"as the job's own account")
         return
     names = {contract.pod_name(obs.job.name, rank): rank for rank in missing}
     blockers = [p for p in all_pods if p.name in names and p.owner_uid != obs.job.uid]
@@ -317,6 +322,9 @@ def _create_missing(plan: _Plan, spec: JobSpec, missing: Sequence[int], all_pods
         return
     if not obs.service_exists:
         plan.create_service = builders.build_service(obs.job)
+    # Every time pods are created, not only the first: a 409 adopts what an earlier pass made,
+    # and an object someone deleted comes back before the pods that need it.
+    plan.create_access = rbac.build_trainer_access(spec, obs.job)
     attempt = plan.status["attempt"]
     plan.create_pods = [builders.build_pod(spec, obs.job, attempt, rank, config) for rank in missing]
     plan.status.setdefault("startTime", format_time(obs.now))

@@ -28,7 +28,7 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 REPO_ROOT = PACKAGE_DIR.parents[1]
 CRD_FILE = REPO_ROOT / "crds" / f"{contract.PLURAL}.{contract.API_GROUP}.yaml"
 RBAC_OPERATOR = PACKAGE_DIR / "manifests" / "rbac-operator.yaml"
-RBAC_TRAINER = PACKAGE_DIR / "manifests" / "rbac-trainer.yaml"
+TRAINER_STATUS_POLICY = PACKAGE_DIR / "manifests" / "trainer-status-policy.yaml"
 QUICKSTART = REPO_ROOT / "examples" / "quickstart.yaml"
 EXAMPLE_DATASET = REPO_ROOT / "examples" / "dataset"
 OPERATOR_NAMESPACE = "lorakube-system"
@@ -56,13 +56,14 @@ def _require(path: Path) -> Path:
 
 
 def install(kubectl: Kubectl, job_namespace: str) -> None:
-    """The CRD, the operator's RBAC, and a job namespace with the trainer's RBAC."""
+    """The CRD, the operator's RBAC and the trainer-status policy, and a job namespace. Nothing
+    per namespace: the operator gives every job its own trainer account and Role."""
     _run(kubectl, "apply", "--server-side", "-f", str(_require(CRD_FILE)))
     _wait_established(kubectl, f"{contract.PLURAL}.{contract.API_GROUP}")
     _run(kubectl, "apply", "-f", str(_require(RBAC_OPERATOR)))
+    _run(kubectl, "apply", "-f", str(_require(TRAINER_STATUS_POLICY)))
     namespace = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": job_namespace}}
     _run(kubectl, "apply", "-f", "-", input=yaml.safe_dump(namespace))
-    _run(kubectl, "apply", "-n", job_namespace, "-f", str(_require(RBAC_TRAINER)))
 
 
 def _wait_established(kubectl: Kubectl, crd: str, timeout: float = 60.0) -> None:

@@ -17,8 +17,6 @@ from typing import Any
 
 from lorakube import contract
 
-DEFAULT_SERVICE_ACCOUNT = "lorakube-trainer"
-
 # URI schemes each field accepts today. The trainer reads models and datasets from local paths
 # only (a mounted volume); hf:// and s3:// are part of the API but not implemented yet.
 _LOCAL = "local path"
@@ -111,7 +109,8 @@ class ResourcesSpec:
     tolerations: tuple[Mapping[str, Any], ...] = ()
     affinity: Mapping[str, Any] | None = None
     priority_class_name: str | None = None
-    service_account_name: str = DEFAULT_SERVICE_ACCOUNT
+    # None: the pods run as the job's own ServiceAccount, which the operator creates (rbac.py).
+    service_account_name: str | None = None
     image_pull_secrets: tuple[str, ...] = ()
     volumes: tuple[Mapping[str, Any], ...] = ()
     volume_mounts: tuple[Mapping[str, Any], ...] = ()
@@ -381,7 +380,7 @@ def _parse_resources(section: Mapping[str, Any]) -> ResourcesSpec:
         tolerations=_objects(section, "tolerations", f),
         affinity=dict(_section(section.get("affinity"), f"{f}.affinity")) or None,
         priority_class_name=_optional_str(section, "priorityClassName", f),
-        service_account_name=_optional_str(section, "serviceAccountName", f) or DEFAULT_SERVICE_ACCOUNT,
+        service_account_name=_optional_str(section, "serviceAccountName", f),
         image_pull_secrets=tuple(pull_secrets),
         volumes=volumes,
         volume_mounts=_objects(section, "volumeMounts", f),

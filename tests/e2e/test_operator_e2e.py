@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
-from lorakube import builders, contract, sandbox
+from lorakube import builders, contract, rbac, sandbox
 from lorakube.spec import JobRef, parse_job
 
 pytestmark = [pytest.mark.cluster, pytest.mark.e2e]
@@ -92,6 +92,18 @@ def test_quickstart_runs_two_pods_to_succeeded_with_progress(local_cluster, job_
     assert published[lora.name]["bytes"] == lora.stat().st_size
     assert {contract.ARTIFACT_LORA_COMFYUI, contract.ARTIFACT_VALIDATION_GRID, contract.ARTIFACT_MANIFEST} <= set(published)
 
+    # nothing was applied by hand: the pods ran as the job's own account, which the operator made
+    # (progress and artifacts above came through it)
+    pods, _ = job_children(local_cluster, job_namespace, name)
+    assert {p["spec"]["serviceAccountName"] for p in pods} == {f"{name}-trainer"}
+    # ... and only rank 0 got a token volume from the ServiceAccount admission plugin
+    token_volumes = {p["metadata"]["name"]: [v["name"] for v in p["spec"].get("volumes", [])
+                                             if "serviceAccountToken" in json.dumps(v.get("projected", {}))]
+                     for p in pods}
+    assert len(token_volumes[f"{name}-node-0"]) == 1 and token_volumes[f"{name}-node-1"] == [], token_volumes
+    local_cluster.kubectl("get", "serviceaccount,role,rolebinding", f"{name}-trainer", "-n", job_namespace,
+                          check=True)
+
     # both ranks rendezvoused through the injected env: rank 1 reached rank 0 by its DNS name
     rank1_log = local_cluster.kubectl("logs", "quickstart-node-1", "-n", job_namespace, check=True).stdout
     assert contract.master_addr(name, job_namespace) in rank1_log
@@ -116,9 +128,11 @@ def test_operator_killed_during_pod_creation_creates_nothing_twice(local_cluster
     body = sandbox.get_job(kubectl, job_namespace, name)
     job = JobRef(name=name, namespace=job_namespace, uid=body["metadata"]["uid"])
 
-    # What an operator that died after its first two creates leaves behind: the Service and rank 0.
+    # What an operator that died after its first creates leaves behind: the trainer's account,
+    # Role and RoleBinding, the Service and rank 0.
     spec = parse_job(name, body["spec"])
-    leftovers = [builders.build_service(job), builders.build_pod(spec, job, 1, 0, builders.OperatorConfig())]
+    leftovers = [*rbac.build_trainer_access(spec, job), builders.build_service(job),
+                 builders.build_pod(spec, job, 1, 0, builders.OperatorConfig())]
     local_cluster.apply(leftovers, namespace=job_namespace)
     pod0_uid = kubectl_json(local_cluster, "get", "pod", f"{name}-node-0", "-n", job_namespace)["metadata"]["uid"]
 

@@ -7,7 +7,7 @@ import copy
 import pytest
 import yaml
 
-from lorakube import builders
+from lorakube import builders, rbac
 from lorakube.spec import JobRef, parse_job
 
 pytestmark = pytest.mark.cluster
@@ -37,8 +37,10 @@ def test_built_pods_are_admitted_under_restricted_and_a_weakened_one_is_not(loca
         "pod-security.kubernetes.io/warn": "restricted",
     })
     try:
-        local_cluster.kubectl("create", "serviceaccount", "lorakube-trainer", "-n", namespace, check=True)
         job = JobRef(name="psa-check", namespace=namespace, uid="7d1c6a2e-0000-4000-8000-000000000001")
+        # The job's own account, which the operator creates before the pods (lorakube.rbac).
+        local_cluster.kubectl("create", "serviceaccount", rbac.trainer_account_name(job.name), "-n", namespace,
+                              check=True)
         for rank in (0, 1):
             pod = builders.build_pod(parse_job(job.name, SPEC), job, 1, rank, builders.OperatorConfig())
             admitted = _dry_run_create(local_cluster, namespace, pod)

@@ -2,7 +2,12 @@
 own LoRATrainingJob's status.progress through the status subresource.
 
 Plain urllib with the pod's ServiceAccount token: the trainer image carries no Kubernetes client.
-A failing API call never fails training; it is logged once and retried at the next report.
+The token is a projected, expiring one that the kubelet rewrites before it expires, so it is read
+from its file for every request, never kept. A failing API call never fails training; it is logged
+once and retried at the next report.
+
+Only rank 0 has a token (the operator mounts none into the other ranks), and its account may patch
+only its own job's status, and there only `status.progress` and `status.artifacts`.
 """
 
 from __future__ import annotations
@@ -29,10 +34,13 @@ SERVICEACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 @dataclasses.dataclass(frozen=True)
 class ApiTarget:
     base_url: str            # https://host:port
-    token: str
+    token_file: str          # re-read for every request: the kubelet rotates it
     ca_file: str | None
     namespace: str
     job_name: str
+
+    def token(self) -> str:
+        return Path(self.token_file).read_text().strip()
 
     @property
     def status_url(self) -> str:
@@ -57,7 +65,7 @@ def api_target_from_env(env: Mapping[str, str], sa_dir: Path = SERVICEACCOUNT_DI
         return None
     host_part = f"[{host}]" if ":" in host else host      # IPv6 service address
     ca = sa_dir / "ca.crt"
-    return ApiTarget(base_url=f"https://{host_part}:{port}", token=token_file.read_text().strip(),
+    return ApiTarget(base_url=f"https://{host_part}:{port}", token_file=str(token_file),
                      ca_file=str(ca) if ca.is_file() else None, namespace=namespace, job_name=name)
 
 
@@ -77,12 +85,12 @@ class StatusPatcher:
     def patch_status(self, fields: dict[str, object]) -> bool:
         """Merge-patch these top-level status fields; False (warned once) when the API call fails."""
         body = json.dumps({"status": fields}).encode()
-        request = urllib.request.Request(
-            self.target.status_url, data=body, method="PATCH",
-            headers={"Content-Type": "application/merge-patch+json", "Authorization": f"Bearer {self.target.token}",
-                     "Accept": "application/json"},
-        )
         try:
+            request = urllib.request.Request(
+                self.target.status_url, data=body, method="PATCH",
+                headers={"Content-Type": "application/merge-patch+json",
+                         "Authorization": f"Bearer {self.target.token()}", "Accept": "application/json"},
+            )
             with urllib.request.urlopen(request, timeout=self.timeout_s, context=self._context) as response:
                 response.read()
             return True

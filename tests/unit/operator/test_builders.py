@@ -217,7 +217,7 @@ def test_defaults_come_from_the_operator_config(job):
     pod = builders.build_pod(job, JOB, 1, 0, CONFIG)
     container = pod["spec"]["containers"][0]
     assert container["image"] == "example/trainer:1"
-    assert pod["spec"]["serviceAccountName"] == "lorakube-trainer"
+    assert pod["spec"]["serviceAccountName"] == "cats-trainer"     # the job's own, made by the operator
     assert "nvidia.com/gpu" not in container["resources"].get("limits", {})
     assert builders.OperatorConfig.from_env({"LORAKUBE_TRAINER_IMAGE": "x/y:z"}).trainer_image == "x/y:z"
 

@@ -245,11 +245,35 @@ def test_invalid_spec_fails_with_the_field_in_the_message(job_spec):
 
 
 def test_missing_service_account_fails_instead_of_stalling(job_spec):
+    job_spec["resources"]["serviceAccountName"] = "storage"
     decision = decide(observe(job_spec, service_account_exists=False), CONFIG)
     failed = condition(decision.status_patch, "Failed")
     assert failed["reason"] == "InvalidSpec"
-    assert "spec.resources.serviceAccountName" in failed["message"] and "lorakube-trainer" in failed["message"]
-    assert decision.create_pods == ()
+    assert "spec.resources.serviceAccountName" in failed["message"] and "'storage'" in failed["message"]
+    assert decision.create_pods == () and decision.create_access == ()
+
+
+def test_the_trainer_account_and_role_are_created_with_every_batch_of_pods(job_spec):
+    decision = decide(observe(job_spec, service_exists=False), CONFIG)
+    assert [(m["kind"], m["metadata"]["name"]) for m in decision.create_access] == [
+        ("ServiceAccount", "cats-trainer"), ("Role", "cats-trainer"), ("RoleBinding", "cats-trainer")]
+    assert {p["spec"]["serviceAccountName"] for p in decision.create_pods} == {"cats-trainer"}
+    # A later attempt creates them again (a 409 adopts them): one deleted meanwhile comes back.
+    status = {"phase": "Created", "attempt": 2, "restarts": 1}
+    again = decide(observe(job_spec, status, []), CONFIG)
+    assert len(again.create_pods) == 3 and len(again.create_access) == 3
+    # No pods to create, nothing else either.
+    running = decide(observe(job_spec, running_status(), [pod_view(r, "Running") for r in range(3)]), CONFIG)
+    assert running.create_access == ()
+
+
+def test_a_user_named_account_is_bound_to_the_jobs_role_and_not_created(job_spec):
+    job_spec["resources"]["serviceAccountName"] = "storage"
+    decision = decide(observe(job_spec, service_account_exists=True), CONFIG)
+    assert [m["kind"] for m in decision.create_access] == ["Role", "RoleBinding"]
+    assert decision.create_access[1]["subjects"] == [{"kind": "ServiceAccount", "name": "storage",
+                                                      "namespace": "team-a"}]
+    assert {p["spec"]["serviceAccountName"] for p in decision.create_pods} == {"storage"}
 
 
 def test_a_finished_job_frees_pods_still_running_and_stays_finished(job_spec):

@@ -16,7 +16,7 @@ def test_full_spec_parses_into_typed_values(job_spec):
     assert job.resources.num_nodes == 3 and job.resources.world_size == 3
     assert job.output.checkpoint_uri == "/data/out/cats-lora/checkpoints"
     assert job.output.formats == ("diffusers", "comfyui")
-    assert job.resources.service_account_name == "lorakube-trainer"
+    assert job.resources.service_account_name is None     # the pods run as the job's own account
 
 
 def test_defaults_are_assumed_when_the_api_server_did_not_fill_them():

@@ -52,11 +52,22 @@ class FakeClock:
         return self.now
 
 
-def _target(url: str) -> ApiTarget:
-    return ApiTarget(base_url=url, token="tok", ca_file=None, namespace="team-a", job_name="cats")
+@pytest.fixture
+def token_file(tmp_path: Path) -> Path:
+    path = tmp_path / "token"
+    path.write_text("tok\n")
+    return path
 
 
-def test_rate_limited_lines_and_patches(server: str) -> None:
+@pytest.fixture
+def _target(token_file: Path):
+    def make(url: str) -> ApiTarget:
+        return ApiTarget(base_url=url, token_file=str(token_file), ca_file=None, namespace="team-a",
+                         job_name="cats")
+    return make
+
+
+def test_rate_limited_lines_and_patches(server: str, _target) -> None:
     clock, out = FakeClock(), io.StringIO()
     reporter = ProgressReporter(10, interval_s=5.0, out=out, patcher=StatusPatcher(_target(server)), clock=clock)
     sent = []
@@ -90,7 +101,8 @@ def test_eta_from_the_observed_rate(server: str) -> None:
     assert line["samplesPerSecond"] == 2.0 and line["etaSeconds"] == 89
 
 
-def test_api_errors_are_logged_once_and_never_raise(server: str, caplog: pytest.LogCaptureFixture) -> None:
+def test_api_errors_are_logged_once_and_never_raise(server: str, caplog: pytest.LogCaptureFixture,
+                                                    _target) -> None:
     Recorder.status = 403
     patcher = StatusPatcher(_target(server))
     clock = FakeClock()
@@ -112,7 +124,7 @@ def test_api_target_from_the_pods_environment(tmp_path: Path) -> None:
     target = api_target_from_env(env, sa_dir=tmp_path)
     assert target.status_url == ("https://10.0.0.1:6443/apis/lorakube.io/v1alpha1/namespaces/ns/"
                                  "loratrainingjobs/cats/status")
-    assert target.token == "sa-token" and target.ca_file == str(tmp_path / "ca.crt")
+    assert target.token() == "sa-token" and target.ca_file == str(tmp_path / "ca.crt")
     assert api_target_from_env({**env, contract.ENV_REPORT_PROGRESS: "0"}, sa_dir=tmp_path) is None
     assert api_target_from_env({**env, contract.ENV_JOB_NAME: ""}, sa_dir=tmp_path) is None
 
@@ -136,3 +148,40 @@ def test_published_artifacts_list_every_file_with_uri_checksum_size_and_format(s
         {"uri": "/data/out/manifest.json", "sha256": "cd" * 32, "bytes": 865, "format": "manifest"},
         {"uri": "/data/out/pytorch_lora_weights.safetensors", "sha256": "ab" * 32, "bytes": 14696,
          "format": "diffusers"}]}}
+
+
+def test_the_token_is_read_again_for_every_request_so_a_rotated_one_is_used(server: str, token_file: Path,
+                                                                            _target) -> None:
+    # The kubelet rewrites the projected token before it expires; a token read once at start
+    # would be refused an hour into a run.
+    patcher = StatusPatcher(_target(server))
+    progress = contract.Progress(1, 3, 0, 0.5, None, None, "2026-05-01T12:00:00Z")
+    assert patcher.patch(progress)
+    token_file.write_text("rotated\n")
+    assert patcher.patch(progress)
+    assert [r["headers"]["Authorization"] for r in Recorder.requests] == ["Bearer tok", "Bearer rotated"]
+    token_file.unlink()
+    assert patcher.patch(progress) is False        # gone: logged, training goes on
+    assert len(Recorder.requests) == 2
+
+
+def test_a_restarted_attempt_clears_the_previous_speed_and_eta_with_explicit_nulls(server: str, _target) -> None:
+    clock = FakeClock()
+    first = ProgressReporter(100, interval_s=0.0, out=io.StringIO(), patcher=StatusPatcher(_target(server)),
+                             clock=clock)
+    first.report(10, 0, 0.5, 4)
+    clock.now += 10.0
+    first.report(20, 0, 0.4, 4)
+    assert Recorder.requests[-1]["body"]["status"]["progress"]["etaSeconds"] == 80
+    # The gang restarts; the new attempt's first report knows no rate yet.
+    out = io.StringIO()
+    resumed = ProgressReporter(100, interval_s=0.0, out=out, patcher=StatusPatcher(_target(server)), clock=clock)
+    clock.now += 60.0
+    resumed.report(20, 0, None, 4)
+    sent = Recorder.requests[-1]["body"]["status"]["progress"]
+    # JSON merge patch (RFC 7386): null deletes the stored value; an absent key would keep it.
+    assert sent["samplesPerSecond"] is None and sent["etaSeconds"] is None and sent["loss"] is None
+    assert sent["step"] == 20 and sent["totalSteps"] == 100
+    # The log line has nothing to delete: it leaves unknown values out instead of printing nulls.
+    line = json.loads(out.getvalue())
+    assert {"samplesPerSecond", "etaSeconds", "loss"}.isdisjoint(line) and line["step"] == 20
