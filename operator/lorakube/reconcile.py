@@ -209,6 +209,9 @@ def _decide_valid(plan: _Plan, spec: JobSpec, mine: list[PodView], all_pods: Seq
             plan.status["conditions"], "Suspended", False, "Resumed", "spec.runPolicy.suspend is false",
             obs.now, obs.generation)
         plan.status["phase"] = st.PENDING
+        # As Kubernetes Jobs do: the activeDeadlineSeconds clock restarts with the resumed pods,
+        # so time spent suspended is not charged (None removes it until the pods are created).
+        plan.status["startTime"] = None
         plan.events.append(Event("Normal", "Resumed", f"resuming with attempt {attempt}"))
         current = {}
 
@@ -319,7 +322,8 @@ def _create_missing(plan: _Plan, spec: JobSpec, missing: Sequence[int], all_pods
         plan.create_service = builders.build_service(obs.job)
     attempt = plan.status["attempt"]
     plan.create_pods = [builders.build_pod(spec, obs.job, attempt, rank, config) for rank in missing]
-    plan.status.setdefault("startTime", format_time(obs.now))
+    if not plan.status.get("startTime"):
+        plan.status["startTime"] = format_time(obs.now)
     if plan.phase in (st.PENDING, st.RESTARTING):
         # The event names the pods really created (kube.act knows which were already there).
         plan.transition(st.CREATED, "PodsCreated", f"created the pods of attempt {attempt}", event=False)

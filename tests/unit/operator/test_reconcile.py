@@ -321,3 +321,31 @@ def test_log_tails_are_read_only_for_failed_pods_of_a_live_job():
 def test_backoff_doubles_per_restart_and_is_capped():
     assert [backoff_seconds(10, n) for n in (0, 1, 2, 3)] == [0.0, 10.0, 20.0, 40.0]
     assert backoff_seconds(3000, 5) == 3600.0
+
+
+def test_resuming_resets_the_active_deadline_clock(job_spec):
+    """As Kubernetes Jobs reset status.startTime on resume: time spent suspended does not count
+    against activeDeadlineSeconds."""
+    job_spec["runPolicy"]["activeDeadlineSeconds"] = 600
+    started_long_ago = {**running_status(startTime="2026-04-01T12:00:00Z"), "phase": "Suspended",
+                        "conditions": [{"type": "Suspended", "status": "True", "reason": "Suspended",
+                                        "message": "", "lastTransitionTime": "2026-04-01T12:05:00Z"}]}
+    resumed = decide(observe(job_spec, started_long_ago, [], service_account_exists=True), CONFIG)
+    patch = resumed.status_patch
+    assert patch["phase"] == "Created" and "Failed" not in {c["type"] for c in patch["conditions"]}
+    assert len(resumed.create_pods) == 3
+    assert patch["startTime"] == "2026-05-01T12:00:00Z"  # the clock starts again with the new pods
+    # Ten minutes later the resumed job has used up its own deadline, not the suspended time.
+    later = {**started_long_ago, **patch}
+    timed_out = decide(observe(job_spec, later, [pod_view(r, "Running", attempt=2) for r in range(3)],
+                               now=NOW + dt.timedelta(seconds=601)), CONFIG)
+    assert condition(timed_out.status_patch, "Failed")["reason"] == "DeadlineExceeded"
+
+
+def test_resuming_while_old_pods_linger_clears_the_start_time_until_new_pods_exist(job_spec):
+    job_spec["runPolicy"]["activeDeadlineSeconds"] = 600
+    suspended = {**running_status(startTime="2026-04-01T12:00:00Z"), "phase": "Suspended"}
+    lingering = [pod_view(0, "Running", deleting=True)]
+    resumed = decide(observe(job_spec, suspended, lingering), CONFIG)
+    assert resumed.status_patch["startTime"] is None  # merge patch: removed until pods are created
+    assert resumed.status_patch["phase"] == "Pending" and resumed.create_pods == ()
