@@ -104,9 +104,6 @@ class _Plan:
         self.status.setdefault("disruptions", 0)
         if obs.generation is not None:
             self.status["observedGeneration"] = obs.generation
-        text = st.progress_text(obs.status.get("progress"))
-        if text is not None:
-            self.status["progressText"] = text
         self.create_service: Mapping[str, Any] | None = None
         self.create_pods: list[Mapping[str, Any]] = []
         self.delete_pods: list[str] = []

@@ -25,16 +25,8 @@ TERMINAL_PHASES = frozenset({SUCCEEDED_PHASE, FAILED})
 # Status keys the operator writes; `progress` and `artifacts` belong to the trainer.
 OPERATOR_KEYS = (
     "phase", "conditions", "observedGeneration", "attempt", "restarts", "disruptions", "startTime",
-    "completionTime", "nodes", "readyNodes", "progressText", "lastFailure",
+    "completionTime", "nodes", "readyNodes", "lastFailure",
 )
-
-
-def progress_text(progress: Mapping[str, Any] | None) -> str | None:
-    """"step/total" for the Progress printer column (CRD columns cannot concatenate fields)."""
-    if not progress or progress.get("step") is None:
-        return None
-    total = progress.get("totalSteps")
-    return f"{progress['step']}/{total}" if total is not None else str(progress["step"])
 
 
 def ready_nodes(pods: Iterable[PodView], num_nodes: int) -> str:

@@ -222,7 +222,6 @@ def test_all_pods_succeeded_finishes_the_job_and_deletes_nothing(job_spec):
     assert condition(patch, "Succeeded")["status"] == "True"
     assert condition(patch, "Running")["status"] == "False"
     assert patch["completionTime"] == "2026-05-01T12:00:00Z"
-    assert patch["progressText"] == "8/8"
     assert "progress" not in patch  # the trainer's field
     assert decision.delete_pods == () and decision.create_pods == ()
 
@@ -349,3 +348,16 @@ def test_resuming_while_old_pods_linger_clears_the_start_time_until_new_pods_exi
     resumed = decide(observe(job_spec, suspended, lingering), CONFIG)
     assert resumed.status_patch["startTime"] is None  # merge patch: removed until pods are created
     assert resumed.status_patch["phase"] == "Pending" and resumed.create_pods == ()
+
+
+def test_a_progress_patch_by_the_trainer_costs_no_operator_status_write(job_spec):
+    """The Progress column reads status.progress.text, which the trainer sends itself; the
+    operator used to mirror it into status.progressText, one extra write per progress patch."""
+    pods = [pod_view(r, "Running") for r in range(3)]
+    first = decide(observe(job_spec, running_status(progress={"step": 3, "totalSteps": 8, "text": "3/8"}),
+                           pods), CONFIG)
+    settled = {**running_status(), **first.status_patch}
+    moved = {**settled, "progress": {"step": 4, "totalSteps": 8, "text": "4/8", "loss": "0.5"}}
+    again = decide(observe(job_spec, moved, pods), CONFIG)
+    assert again.status_patch == {}
+    assert again.create_pods == () and again.delete_pods == () and again.events == ()

@@ -9,10 +9,11 @@ from ltj_fixtures import NOW, UID, pod_view
 from lorakube import contract, pods, status
 
 
-def test_progress_text_is_step_over_total():
-    assert status.progress_text({"step": 37, "totalSteps": 120, "loss": "0.2"}) == "37/120"
-    assert status.progress_text({"step": 5}) == "5"
-    assert status.progress_text({}) is None and status.progress_text(None) is None
+def test_the_progress_column_text_comes_with_the_trainers_progress():
+    progress = contract.Progress(step=37, totalSteps=120, epoch=0, loss=0.2, samplesPerSecond=None,
+                                 etaSeconds=None, updatedAt="2026-05-01T12:00:00Z")
+    assert progress.to_status()["text"] == "37/120"
+    assert "progressText" not in status.OPERATOR_KEYS
 
 
 def test_ready_nodes_counts_running_and_finished_pods():
