@@ -68,10 +68,13 @@ def test_trainer_manifest_leaves_the_namespace_to_kubectl():
             assert "namespace" not in subject
 
 
-def test_operator_role_never_mentions_secrets_or_nodes():
-    resources = {r for rule in rules_of(OPERATOR_RBAC, "ClusterRole", OPERATOR_SA) for r in rule["resources"]}
-    assert not resources & {"secrets", "nodes", "namespaces", "customresourcedefinitions",
+def test_operator_role_never_mentions_secrets_and_only_reads_nodes():
+    rules = rules_of(OPERATOR_RBAC, "ClusterRole", OPERATOR_SA)
+    resources = {r for rule in rules for r in rule["resources"]}
+    assert not resources & {"secrets", "namespaces", "customresourcedefinitions",
                             "clusterrolebindings", "rolebindings", "pods/exec"}
+    # A restart stuck on a pod whose node is gone reads that one Node (reconcile.nodes_to_check).
+    assert [rule["verbs"] for rule in rules if "nodes" in rule["resources"]] == [["get"]]
 
 
 # --- on the API server -------------------------------------------------------------------------
@@ -196,7 +199,8 @@ OPERATOR_ACCESS = [
     ("create", "events", "", "jobs", "", True),
     ("get", "secrets", "", "jobs", "", False),
     ("list", "secrets", "", "cluster", "", False),
-    ("get", "nodes", "", "cluster", "", False),
+    ("get", "nodes", "", "cluster", "", True),
+    ("list", "nodes", "", "cluster", "", False),
     ("delete", "nodes", "", "cluster", "", False),
     ("list", "namespaces", "", "cluster", "", False),
     ("create", "rbac.authorization.k8s.io/rolebindings", "", "jobs", "", False),

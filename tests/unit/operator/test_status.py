@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import re
 
 from ltj_fixtures import NOW, UID, pod_view
 
@@ -61,3 +62,13 @@ def test_pod_view_reads_exit_code_reason_and_disruption():
 
 def test_pods_without_our_labels_are_not_indexed():
     assert pods.from_body({"metadata": {"name": "x", "labels": {contract.LABEL_RANK: "one"}}}) is None
+
+
+def test_bounded_keeps_head_and_tail_and_says_what_was_cut():
+    assert status.bounded("short") == "short"
+    text = "HEAD" + "x" * 100_000 + "TAIL"
+    cut = status.bounded(text, 1000)
+    assert len(cut) <= 1000 and cut.startswith("HEAD") and cut.endswith("TAIL")
+    marker = re.search(r" \[\.\.\. (\d+) characters cut \.\.\.\] ", cut)
+    assert marker and len(cut) - len(marker.group(0)) + int(marker.group(1)) == len(text)
+    assert all(len(status.bounded("y" * n, 300)) <= 300 for n in (299, 300, 301, 10_000))
