@@ -138,7 +138,8 @@ class Kube:
                 return reconcile.NODE_MISSING
             log.warning("cannot read node %s: %s", name, _api_message(exc))
             return reconcile.NODE_UNKNOWN
-        ready = next((c for c in (node.status.conditions or []) if c.type == "Ready"), None)
+        conditions = (node.status.conditions if node.status else None) or []
+        ready = next((c for c in conditions if c.type == "Ready"), None)
         return reconcile.NODE_READY if ready is not None and ready.status == "True" else reconcile.NODE_NOT_READY
 
     def log_tail(self, namespace: str, name: str, lines: int) -> str | None:

@@ -294,8 +294,8 @@ def _wait_for_old_pods(plan: _Plan, old: Sequence[PodView]) -> None:
     in the condition of the phase, so a restart never waits silently."""
     obs = plan.obs
     stuck = [p for p in sorted(old, key=lambda p: p.name) if overdue(p, obs.now)]
-    if not stuck or len(stuck) < len([p for p in old if p.deleting]):
-        # Deletions still within their grace period: they usually finish in seconds.
+    if len(stuck) < len(old):
+        # Deletions just asked for or within their grace period: they usually finish in seconds.
         plan.requeue(WAIT_FOR_DELETION_SECONDS)
     else:
         plan.requeue(STUCK_RECHECK_SECONDS)
