@@ -303,7 +303,7 @@ def _wait_for_old_pods(plan: _Plan, old: Sequence[PodView]) -> None:
         return
     details = []
     for pod in stuck:
-        node = obs.node_states.get(pod.node_name or "", NODE_UNKNOWN) if pod.node_name else None
+        node = obs.node_states.get(pod.node_name, NODE_UNKNOWN) if pod.node_name else None
         lost = node in (NODE_NOT_READY, NODE_MISSING)
         if lost and pod.deletion_grace_seconds != 0:
             plan.force_delete_pods.append(pod.name)
