@@ -172,6 +172,9 @@ class Progress:
             None if self.samplesPerSecond is None else round(self.samplesPerSecond, 3)
         )
         body["etaSeconds"] = None if self.etaSeconds is None else int(self.etaSeconds)
+        # The Progress printer column reads this (CRD columns cannot join two fields); sent with
+        # the progress itself, so a progress patch costs the operator no status write.
+        body["text"] = f"{self.step}/{self.totalSteps}"
         return body
 
     def to_json_line(self) -> str:

@@ -33,7 +33,7 @@ def _show(status: dict) -> None:
     progress = status.get("progress") or {}
     loss = f", loss {progress['loss']}" if progress.get("loss") else ""
     _say(f"phase {status.get('phase') or '-'}, nodes {status.get('readyNodes') or '-'}, "
-         f"step {status.get('progressText') or '-'}{loss}, attempt {status.get('attempt') or '-'}")
+         f"step {progress.get('text') or '-'}{loss}, attempt {status.get('attempt') or '-'}")
 
 
 def run(state_dir: str | Path | None = None, keep: bool = False, timeout: float = 900.0) -> int:

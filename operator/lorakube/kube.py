@@ -134,12 +134,27 @@ class Kube:
             _check_owner(manifest, read(manifest["metadata"]["name"], namespace))
         return False
 
-    def delete_pod(self, namespace: str, name: str) -> None:
+    def delete_pod(self, namespace: str, name: str, force: bool = False) -> None:
+        """Delete a pod; `force` (grace 0) removes the object without waiting for its kubelet."""
         try:
-            self.core.delete_namespaced_pod(name, namespace, grace_period_seconds=None)
+            self.core.delete_namespaced_pod(name, namespace, grace_period_seconds=0 if force else None)
         except ApiException as exc:
             if exc.status != 404:
                 raise
+
+    def node_state(self, name: str) -> str:
+        """Ready, NotReady (its Ready condition is False or Unknown) or Missing (the Node object is
+        gone); Unknown when it cannot be read, which never leads to a force deletion."""
+        try:
+            node = self.core.read_node(name)
+        except ApiException as exc:
+            if exc.status == 404:
+                return reconcile.NODE_MISSING
+            log.warning("cannot read node %s: %s", name, _api_message(exc))
+            return reconcile.NODE_UNKNOWN
+        conditions = (node.status.conditions if node.status else None) or []
+        ready = next((c for c in conditions if c.type == "Ready"), None)
+        return reconcile.NODE_READY if ready is not None and ready.status == "True" else reconcile.NODE_NOT_READY
 
     def log_tail(self, namespace: str, name: str, lines: int) -> str | None:
         try:
@@ -148,7 +163,7 @@ class Kube:
         except ApiException as exc:
             log.info("no log tail for pod %s/%s: %s", namespace, name, _api_message(exc))
             return None
-        return text.rstrip("\n")[-4000:] or None
+        return text.rstrip("\n") or None
 
 
 # --- observe and act ------------------------------------------------------------------------
@@ -178,6 +193,7 @@ def observe(kube: Kube, body: Mapping[str, Any], pods: Iterable[PodView], now: d
             sa_exists = kube.service_account_exists(job.namespace, parsed.resources.service_account_name)
     tails = {name: kube.log_tail(job.namespace, name, reconcile.LOG_TAIL_LINES)
              for name in reconcile.pods_needing_log_tail(status, pods, job.uid)}
+    nodes = {name: kube.node_state(name) for name in reconcile.nodes_to_check(status, pods, job.uid, now)}
     return reconcile.Observation(
         job=job,
         generation=meta.get("generation"),
@@ -190,6 +206,7 @@ def observe(kube: Kube, body: Mapping[str, Any], pods: Iterable[PodView], now: d
         deleting=bool(meta.get("deletionTimestamp")),
         service_account_exists=sa_exists,
         log_tails={k: v for k, v in tails.items() if v},
+        node_states=nodes,
     )
 
 
@@ -213,7 +230,12 @@ def act(kube: Kube, obs: reconcile.Observation, decision: reconcile.Decision) ->
     job = obs.job
     events = list(decision.events)
     if decision.status_patch:
-        kube.patch_job_status(job.namespace, job.name, decision.status_patch)
+        try:
+            kube.patch_job_status(job.namespace, job.name, decision.status_patch)
+        except ApiException as exc:
+            if exc.status not in (400, 422):
+                raise
+            return _status_refused(kube, obs, exc)
     created: list[str] = []
     try:
         for manifest in _children(decision):
@@ -224,18 +246,40 @@ def act(kube: Kube, obs: reconcile.Observation, decision: reconcile.Decision) ->
         kube.patch_job_status(job.namespace, job.name, failed.status_patch)
         for name in created:
             kube.delete_pod(job.namespace, name)
-        return Outcome(obs_body(obs), tuple(events + _created(decision, created) + list(failed.events)))
+        return _outcome(obs, events + _created(decision, created) + list(failed.events))
     except Transient as exc:
         events += _created(decision, created)
         events.append(reconcile.Event("Warning", "CreateFailed",
                                       f"creating {_describe(decision)} failed, retrying: {exc}"))
-        return Outcome(obs_body(obs), tuple(events), TRANSIENT_RETRY_SECONDS)
+        return _outcome(obs, events, TRANSIENT_RETRY_SECONDS)
     events += _created(decision, created)
     for name in decision.delete_pods:
         kube.delete_pod(job.namespace, name)
+    for name in decision.force_delete_pods:
+        kube.delete_pod(job.namespace, name, force=True)
     if decision.delete_job:
         kube.delete_job(job.namespace, job.name)
-    return Outcome(obs_body(obs), tuple(events), decision.requeue_after)
+    return _outcome(obs, events, decision.requeue_after)
+
+
+def _status_refused(kube: Kube, obs: reconcile.Observation, exc: ApiException) -> Outcome:
+    """The API server refused the status write (422: the schema, 400: a malformed patch). The
+    same pass would compute the same patch again, so instead of retrying it every few seconds the
+    job fails with a small status the server accepts, and the refusal is logged and posted."""
+    job = obs.job
+    message = _api_message(exc)
+    log.error("the API server refused the status of %s/%s (%s): %s", job.namespace, job.name, exc.status,
+              st.bounded(message))
+    fallback = reconcile.status_refused(obs, message)
+    kube.patch_job_status(job.namespace, job.name, fallback.status_patch)
+    return _outcome(obs, list(fallback.events))
+
+
+def _outcome(obs: reconcile.Observation, events: Sequence[reconcile.Event],
+             requeue_after: float | None = None) -> Outcome:
+    """The Outcome of a pass, with every Event message bounded (some quote the API server)."""
+    bounded = tuple(reconcile.Event(e.type, e.reason, st.bounded(e.message, st.EVENT_MESSAGE_LIMIT)) for e in events)
+    return Outcome(obs_body(obs), bounded, requeue_after)
 
 
 def _created(decision: reconcile.Decision, created: list[str]) -> list[reconcile.Event]:

@@ -30,6 +30,12 @@ class PodView:
     created_at: dt.datetime | None = None
     deleting: bool = False
     disrupted: bool = False   # the DisruptionTarget condition: evicted, preempted, node going away
+    # While deleting: metadata.deletionTimestamp (the request's time plus the grace period, when
+    # the kubelet should have confirmed), deletionGracePeriodSeconds, and the finalizers that hold
+    # the object; what a restart waiting for this pod reports.
+    deletion_due: dt.datetime | None = None
+    deletion_grace_seconds: int | None = None
+    finalizers: tuple[str, ...] = ()
 
     @property
     def finished(self) -> bool:
@@ -88,4 +94,7 @@ def from_body(body: Mapping[str, Any]) -> PodView | None:
         created_at=parse_time(meta.get("creationTimestamp")),
         deleting=bool(meta.get("deletionTimestamp")),
         disrupted=any(c.get("type") == "DisruptionTarget" and c.get("status") == "True" for c in conditions),
+        deletion_due=parse_time(meta.get("deletionTimestamp")),
+        deletion_grace_seconds=meta.get("deletionGracePeriodSeconds"),
+        finalizers=tuple(meta.get("finalizers") or ()),
     )

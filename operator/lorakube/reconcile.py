@@ -34,6 +34,15 @@ MAX_BACKOFF_SECONDS = 3600.0
 # job whose pods are taken away again and again still ends instead of cycling forever.
 MAX_DISRUPTIONS = 20
 LOG_TAIL_LINES = 20
+# A kubelet confirms a deletion within seconds of the grace period's end (deletionTimestamp); a
+# pod still there this much later is stuck (its node is gone, or a finalizer holds it), and the
+# restart waiting for it says so.
+TERMINATION_MARGIN_SECONDS = 15.0
+# While waiting only on stuck pods, look again this often (pod events still wake the job at once).
+STUCK_RECHECK_SECONDS = 15.0
+
+# Node states kube.observe reports for the nodes of stuck pods.
+NODE_READY, NODE_NOT_READY, NODE_MISSING, NODE_UNKNOWN = "Ready", "NotReady", "Missing", "Unknown"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +66,8 @@ class Observation:
     # None: not looked up (no pods were about to be created).
     service_account_exists: bool | None = None
     log_tails: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    # The state of each node that holds a stuck pod (see nodes_to_check); empty otherwise.
+    node_states: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +77,8 @@ class Decision:
     create_access: tuple[Mapping[str, Any], ...] = ()
     create_pods: tuple[Mapping[str, Any], ...] = ()
     delete_pods: tuple[str, ...] = ()
+    # Stuck past their grace period on a node that is NotReady or gone: delete with grace 0.
+    force_delete_pods: tuple[str, ...] = ()
     status_patch: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     events: tuple[Event, ...] = ()
     requeue_after: float | None = None
@@ -84,6 +97,20 @@ def pods_needing_log_tail(status: Mapping[str, Any], pods: Sequence[PodView], ui
     attempt = current_attempt(status)
     return [p.name for p in pods
             if p.owner_uid == uid and p.attempt == attempt and p.phase == POD_FAILED]
+
+
+def overdue(pod: PodView, now: dt.datetime) -> bool:
+    """Being deleted, and still here well after its grace period ended."""
+    return (pod.deleting and pod.deletion_due is not None
+            and (now - pod.deletion_due).total_seconds() >= TERMINATION_MARGIN_SECONDS)
+
+
+def nodes_to_check(status: Mapping[str, Any], pods: Sequence[PodView], uid: str, now: dt.datetime) -> list[str]:
+    """Nodes whose state decides whether a stuck pod of this job may be force-deleted; looked up
+    only for pods stuck past their grace period, so a normal pass reads no node."""
+    if status.get("phase") in st.TERMINAL_PHASES:
+        return []
+    return sorted({p.node_name for p in pods if p.owner_uid == uid and p.node_name and overdue(p, now)})
 
 
 def backoff_seconds(base: int, restarts: int) -> float:
@@ -106,13 +133,11 @@ class _Plan:
         self.status.setdefault("disruptions", 0)
         if obs.generation is not None:
             self.status["observedGeneration"] = obs.generation
-        text = st.progress_text(obs.status.get("progress"))
-        if text is not None:
-            self.status["progressText"] = text
         self.create_service: Mapping[str, Any] | None = None
         self.create_access: list[Mapping[str, Any]] = []
         self.create_pods: list[Mapping[str, Any]] = []
         self.delete_pods: list[str] = []
+        self.force_delete_pods: list[str] = []
         self.events: list[Event] = []
         self.requeue_after: float | None = None
         self.delete_job = False
@@ -161,8 +186,11 @@ class _Plan:
             create_access=tuple(self.create_access),
             create_pods=tuple(self.create_pods),
             delete_pods=tuple(self.delete_pods),
-            status_patch=st.status_patch(self.obs.status, self.status),
-            events=tuple(self.events),
+            force_delete_pods=tuple(self.force_delete_pods),
+            # Bounded here, once for every path: a message the CRD refuses fails the whole write.
+            status_patch=st.status_patch(self.obs.status, st.bound_messages(self.status)),
+            events=tuple(Event(e.type, e.reason, st.bounded(e.message, st.EVENT_MESSAGE_LIMIT))
+                         for e in self.events),
             requeue_after=self.requeue_after,
             delete_job=self.delete_job,
         )
@@ -213,6 +241,9 @@ def _decide_valid(plan: _Plan, spec: JobSpec, mine: list[PodView], all_pods: Seq
             plan.status["conditions"], "Suspended", False, "Resumed", "spec.runPolicy.suspend is false",
             obs.now, obs.generation)
         plan.status["phase"] = st.PENDING
+        # As Kubernetes Jobs do: the activeDeadlineSeconds clock restarts with the resumed pods,
+        # so time spent suspended is not charged (None removes it until the pods are created).
+        plan.status["startTime"] = None
         plan.events.append(Event("Normal", "Resumed", f"resuming with attempt {attempt}"))
         current = {}
 
@@ -222,7 +253,7 @@ def _decide_valid(plan: _Plan, spec: JobSpec, mine: list[PodView], all_pods: Seq
     old = [p for p in mine if p.attempt < attempt]
     if old:
         plan.delete(old)
-        plan.requeue(WAIT_FOR_DELETION_SECONDS)
+        _wait_for_old_pods(plan, old)
         return
     if any(p.attempt > attempt for p in mine):
         # The status we read predates our own last write; the next pass sees the new attempt.
@@ -258,6 +289,45 @@ def _decide_valid(plan: _Plan, spec: JobSpec, mine: list[PodView], all_pods: Seq
         plan.transition(st.SUCCEEDED_PHASE, "AllPodsSucceeded", f"all {num_nodes} pods exited 0")
     elif all(phase in (POD_RUNNING, POD_SUCCEEDED) for phase in phases):
         plan.transition(st.RUNNING_PHASE, "AllPodsRunning", f"all {num_nodes} pods of attempt {attempt} are running")
+
+
+def _wait_for_old_pods(plan: _Plan, old: Sequence[PodView]) -> None:
+    """The next attempt starts only once the old pods are gone. A pod stuck past its grace period
+    on a node that is NotReady or missing (no kubelet will ever confirm) is force-deleted, as
+    Kubernetes' own pod garbage collector does for lost nodes; any stuck pod is named, with why,
+    in the condition of the phase, so a restart never waits silently."""
+    obs = plan.obs
+    stuck = [p for p in sorted(old, key=lambda p: p.name) if overdue(p, obs.now)]
+    if len(stuck) < len(old):
+        # Deletions just asked for or within their grace period: they usually finish in seconds.
+        plan.requeue(WAIT_FOR_DELETION_SECONDS)
+    else:
+        plan.requeue(STUCK_RECHECK_SECONDS)
+    if not stuck:
+        return
+    details = []
+    for pod in stuck:
+        node = obs.node_states.get(pod.node_name, NODE_UNKNOWN) if pod.node_name else None
+        lost = node in (NODE_NOT_READY, NODE_MISSING)
+        if lost and pod.deletion_grace_seconds != 0:
+            plan.force_delete_pods.append(pod.name)
+            plan.events.append(Event("Warning", "ForceDeleted", (
+                f"force-deleting pod {pod.name} of attempt {pod.attempt}: its deletion was due at "
+                f"{format_time(pod.deletion_due)} and its node {pod.node_name} is {node}")))
+            plan.requeue(WAIT_FOR_DELETION_SECONDS)
+        parts = [f"deletion due {format_time(pod.deletion_due)}, grace {pod.deletion_grace_seconds}s"]
+        if pod.finalizers:
+            parts.append(f"finalizers {', '.join(pod.finalizers)}")
+        if pod.node_name:
+            parts.append(f"node {pod.node_name} {node}" + (", force-deleted" if lost else ""))
+        details.append(f"{pod.name} ({'; '.join(parts)})")
+    message = (f"attempt {plan.status['attempt']} waits for pods of an earlier attempt to go: "
+               + ", ".join(details))
+    type_ = "Restarting" if plan.phase == st.RESTARTING else "Suspended"
+    found = st.condition(plan.status["conditions"], type_)
+    if found is not None and found.get("message") != st.bounded(message):
+        plan.status["conditions"] = st.set_message(plan.status["conditions"], type_, message)
+        plan.events.append(Event("Warning", "WaitingForPods", message))
 
 
 def _first_failure(plan: _Plan, current: Mapping[int, PodView], num_nodes: int) -> failures.Failure | None:
@@ -327,7 +397,8 @@ def _create_missing(plan: _Plan, spec: JobSpec, missing: Sequence[int], all_pods
     plan.create_access = rbac.build_trainer_access(spec, obs.job)
     attempt = plan.status["attempt"]
     plan.create_pods = [builders.build_pod(spec, obs.job, attempt, rank, config) for rank in missing]
-    plan.status.setdefault("startTime", format_time(obs.now))
+    if not plan.status.get("startTime"):
+        plan.status["startTime"] = format_time(obs.now)
     if plan.phase in (st.PENDING, st.RESTARTING):
         # The event names the pods really created (kube.act knows which were already there).
         plan.transition(st.CREATED, "PodsCreated", f"created the pods of attempt {attempt}", event=False)
@@ -353,6 +424,15 @@ def rejected(obs: Observation, what: str, message: str) -> Decision:
     user volume): the job cannot run as written, so it fails with the server's words."""
     plan = _Plan(obs)
     plan.transition(st.FAILED, "InvalidSpec", f"the API server rejected {what}: {message}", warning=True)
+    return plan.decision()
+
+
+def status_refused(obs: Observation, message: str) -> Decision:
+    """The API server refused the status a pass computed. Writing it again would be refused again
+    on every pass, so the job fails with the server's words (bounded) instead of looping."""
+    plan = _Plan(obs)
+    plan.transition(st.FAILED, "StatusRejected",
+                    f"the API server refused the operator's status update: {message}", warning=True)
     return plan.decision()
 
 

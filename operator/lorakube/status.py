@@ -25,16 +25,42 @@ TERMINAL_PHASES = frozenset({SUCCEEDED_PHASE, FAILED})
 # Status keys the operator writes; `progress` and `artifacts` belong to the trainer.
 OPERATOR_KEYS = (
     "phase", "conditions", "observedGeneration", "attempt", "restarts", "disruptions", "startTime",
-    "completionTime", "nodes", "readyNodes", "progressText", "lastFailure",
+    "completionTime", "nodes", "readyNodes", "lastFailure",
 )
 
+# Messages quote other components (the API server's validation errors, pod messages, log lines)
+# and can be any length; the CRD caps a condition message at 32768 characters and the API server
+# then refuses the whole status write. Every message is cut to this before it is written: long
+# enough for a full validation error or 20 log lines, far under the cap.
+MESSAGE_LIMIT = 4096
+# Kopf cuts Event messages at 1024 characters without a trace; cut them first, with a marker.
+EVENT_MESSAGE_LIMIT = 1000
+_CUT = " [... {} characters cut ...] "
 
-def progress_text(progress: Mapping[str, Any] | None) -> str | None:
-    """"step/total" for the Progress printer column (CRD columns cannot concatenate fields)."""
-    if not progress or progress.get("step") is None:
-        return None
-    total = progress.get("totalSteps")
-    return f"{progress['step']}/{total}" if total is not None else str(progress["step"])
+
+def bounded(text: str, limit: int = MESSAGE_LIMIT) -> str:
+    """`text` if it fits in `limit` characters, else its head and tail around a marker saying how
+    much was cut (the head names what failed, the tail often says why)."""
+    if len(text) <= limit:
+        return text
+    keep = max(limit - len(_CUT.format(len(text))), 0)
+    head = keep - keep // 2
+    return text[:head] + _CUT.format(len(text) - keep) + text[len(text) - keep // 2:]
+
+
+def bound_messages(status: Mapping[str, Any]) -> dict[str, Any]:
+    """`status` with every free-form text the operator writes bounded: condition messages and
+    lastFailure's message and logTail."""
+    result = dict(status)
+    if result.get("conditions"):
+        result["conditions"] = [
+            {**c, "message": bounded(c["message"])} if isinstance(c.get("message"), str) else c
+            for c in result["conditions"]]
+    failure = result.get("lastFailure")
+    if failure:
+        result["lastFailure"] = {k: bounded(v) if k in ("message", "logTail") and isinstance(v, str) else v
+                                 for k, v in failure.items()}
+    return result
 
 
 def ready_nodes(pods: Iterable[PodView], num_nodes: int) -> str:
@@ -107,6 +133,11 @@ def set_condition(
 
 def condition(conditions: Sequence[Mapping[str, Any]], type_: str) -> Mapping[str, Any] | None:
     return next((c for c in conditions if c.get("type") == type_), None)
+
+
+def set_message(conditions: Sequence[Mapping[str, Any]], type_: str, message: str) -> list[dict[str, Any]]:
+    """Conditions with only the message of `type_` replaced (status, reason and time kept)."""
+    return [{**c, "message": message} if c.get("type") == type_ else dict(c) for c in conditions]
 
 
 def apply_transition(

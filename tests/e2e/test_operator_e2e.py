@@ -76,7 +76,7 @@ def test_quickstart_runs_two_pods_to_succeeded_with_progress(local_cluster, job_
     running_steps = {s["progress"]["step"] for s in seen if s.get("phase") == "Running" and s.get("progress")}
     assert any(step < status["progress"]["totalSteps"] for step in running_steps), seen
     assert status["progress"]["step"] == status["progress"]["totalSteps"] == 8
-    assert status["progressText"] == "8/8"
+    assert status["progress"]["text"] == "8/8"
 
     # the LoRA is where spec.output.uri says (the hostPath volume maps /data to data_dir)
     lora = data_dir / "output" / name / contract.ARTIFACT_LORA_DIFFUSERS

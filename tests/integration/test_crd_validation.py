@@ -540,7 +540,7 @@ def test_status_written_like_the_operator_and_trainer_shows_in_kubectl_get(local
     progress = contract.Progress(step=120, totalSteps=500, epoch=0, loss=0.0923, samplesPerSecond=3.5,
                                  etaSeconds=380.2, updatedAt=contract.utc_now_iso()).to_status()
     status = {
-        "phase": "Running", "attempt": 1, "restarts": 1, "readyNodes": "2/2", "progressText": "120/500",
+        "phase": "Running", "attempt": 1, "restarts": 1, "readyNodes": "2/2",
         "observedGeneration": 1, "startTime": contract.utc_now_iso(), "progress": progress,
         "conditions": [{"type": "Running", "status": "True", "reason": "AllPodsRunning",
                         "message": "2/2 pods running", "lastTransitionTime": contract.utc_now_iso()}],

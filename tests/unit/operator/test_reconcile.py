@@ -8,7 +8,8 @@ from typing import Any
 import pytest
 from ltj_fixtures import NOW, UID, pod_view
 
-from lorakube import builders, contract
+from lorakube import builders, contract, reconcile
+from lorakube import status as st
 from lorakube.reconcile import MAX_DISRUPTIONS, Observation, backoff_seconds, decide, pods_needing_log_tail
 from lorakube.spec import InvalidSpec, JobRef, parse_job
 
@@ -222,7 +223,6 @@ def test_all_pods_succeeded_finishes_the_job_and_deletes_nothing(job_spec):
     assert condition(patch, "Succeeded")["status"] == "True"
     assert condition(patch, "Running")["status"] == "False"
     assert patch["completionTime"] == "2026-05-01T12:00:00Z"
-    assert patch["progressText"] == "8/8"
     assert "progress" not in patch  # the trainer's field
     assert decision.delete_pods == () and decision.create_pods == ()
 
@@ -345,3 +345,150 @@ def test_log_tails_are_read_only_for_failed_pods_of_a_live_job():
 def test_backoff_doubles_per_restart_and_is_capped():
     assert [backoff_seconds(10, n) for n in (0, 1, 2, 3)] == [0.0, 10.0, 20.0, 40.0]
     assert backoff_seconds(3000, 5) == 3600.0
+
+
+def test_resuming_resets_the_active_deadline_clock(job_spec):
+    """As Kubernetes Jobs reset status.startTime on resume: time spent suspended does not count
+    against activeDeadlineSeconds."""
+    job_spec["runPolicy"]["activeDeadlineSeconds"] = 600
+    started_long_ago = {**running_status(startTime="2026-04-01T12:00:00Z"), "phase": "Suspended",
+                        "conditions": [{"type": "Suspended", "status": "True", "reason": "Suspended",
+                                        "message": "", "lastTransitionTime": "2026-04-01T12:05:00Z"}]}
+    resumed = decide(observe(job_spec, started_long_ago, [], service_account_exists=True), CONFIG)
+    patch = resumed.status_patch
+    assert patch["phase"] == "Created" and "Failed" not in {c["type"] for c in patch["conditions"]}
+    assert len(resumed.create_pods) == 3
+    assert patch["startTime"] == "2026-05-01T12:00:00Z"  # the clock starts again with the new pods
+    # Ten minutes later the resumed job has used up its own deadline, not the suspended time.
+    later = {**started_long_ago, **patch}
+    timed_out = decide(observe(job_spec, later, [pod_view(r, "Running", attempt=2) for r in range(3)],
+                               now=NOW + dt.timedelta(seconds=601)), CONFIG)
+    assert condition(timed_out.status_patch, "Failed")["reason"] == "DeadlineExceeded"
+
+
+def test_resuming_while_old_pods_linger_clears_the_start_time_until_new_pods_exist(job_spec):
+    job_spec["runPolicy"]["activeDeadlineSeconds"] = 600
+    suspended = {**running_status(startTime="2026-04-01T12:00:00Z"), "phase": "Suspended"}
+    lingering = [pod_view(0, "Running", deleting=True)]
+    resumed = decide(observe(job_spec, suspended, lingering), CONFIG)
+    assert resumed.status_patch["startTime"] is None  # merge patch: removed until pods are created
+    assert resumed.status_patch["phase"] == "Pending" and resumed.create_pods == ()
+
+
+def test_a_progress_patch_by_the_trainer_costs_no_operator_status_write(job_spec):
+    """The Progress column reads status.progress.text, which the trainer sends itself; the
+    operator used to mirror it into status.progressText, one extra write per progress patch."""
+    pods = [pod_view(r, "Running") for r in range(3)]
+    first = decide(observe(job_spec, running_status(progress={"step": 3, "totalSteps": 8, "text": "3/8"}),
+                           pods), CONFIG)
+    settled = {**running_status(), **first.status_patch}
+    moved = {**settled, "progress": {"step": 4, "totalSteps": 8, "text": "4/8", "loss": "0.5"}}
+    again = decide(observe(job_spec, moved, pods), CONFIG)
+    assert again.status_patch == {}
+    assert again.create_pods == () and again.delete_pods == () and again.events == ()
+
+
+# --- a restart waiting for pods that do not go (stuck Terminating) ----------------------------
+
+def restarting_status(**fields: Any) -> dict[str, Any]:
+    return {"phase": "Restarting", "attempt": 2, "restarts": 1, "startTime": "2026-05-01T11:50:00Z",
+            "conditions": [{"type": "Restarting", "status": "True", "reason": "KilledBySignal",
+                            "message": "pod cats-node-0 was killed; restarting all pods as attempt 2",
+                            "lastTransitionTime": "2026-05-01T11:58:00Z"}], **fields}
+
+
+def stuck(rank: int, *, due_ago: float = 60, node: str | None = "gpu-7", **fields: Any):
+    """A pod of attempt 1 whose deletion was due `due_ago` seconds ago."""
+    fields.setdefault("deletion_grace_seconds", 30)
+    return pod_view(rank, "Running", attempt=1, deleting=True, node_name=node,
+                    deletion_due=NOW - dt.timedelta(seconds=due_ago), **fields)
+
+
+@pytest.mark.parametrize("node_state", [reconcile.NODE_MISSING, reconcile.NODE_NOT_READY])
+def test_a_pod_stuck_terminating_on_a_lost_node_is_force_deleted(job_spec, node_state):
+    pods = [stuck(0), stuck(1, node="gpu-8")]
+    decision = decide(observe(job_spec, restarting_status(), pods,
+                              node_states={"gpu-7": node_state, "gpu-8": reconcile.NODE_READY}), CONFIG)
+    assert decision.force_delete_pods == ("cats-node-0",)  # gpu-8 is Ready: its kubelet will confirm
+    assert decision.create_pods == ()
+    message = condition(decision.status_patch, "Restarting")["message"]
+    assert "cats-node-0" in message and f"node gpu-7 {node_state}, force-deleted" in message
+    assert "cats-node-1" in message and "node gpu-8 Ready" in message
+    assert "deletion due 2026-05-01T11:59:00Z, grace 30s" in message
+    forced = [e for e in decision.events if e.reason == "ForceDeleted"]
+    assert len(forced) == 1 and "cats-node-0" in forced[0].message and node_state in forced[0].message
+
+
+def test_a_pod_held_by_a_finalizer_is_reported_once_and_not_force_deleted(job_spec):
+    pods = [stuck(0, finalizers=("example.com/hold",))]
+    first = decide(observe(job_spec, restarting_status(), pods, node_states={"gpu-7": reconcile.NODE_READY}),
+                   CONFIG)
+    assert first.force_delete_pods == () and first.create_pods == ()
+    message = condition(first.status_patch, "Restarting")["message"]
+    assert message.startswith("attempt 2 waits for pods of an earlier attempt to go: cats-node-0 (")
+    assert "finalizers example.com/hold" in message
+    assert [e.reason for e in first.events] == ["WaitingForPods"]
+    assert first.requeue_after == reconcile.STUCK_RECHECK_SECONDS
+    # The next passes find the same wait: no status write, no Event.
+    settled = {**restarting_status(), **first.status_patch}
+    again = decide(observe(job_spec, settled, pods, node_states={"gpu-7": reconcile.NODE_READY},
+                           now=NOW + dt.timedelta(seconds=45)), CONFIG)
+    assert again.status_patch == {} and again.events == ()
+
+
+def test_a_pod_already_force_deleted_is_not_deleted_again(job_spec):
+    pods = [stuck(0, deletion_grace_seconds=0, finalizers=("example.com/hold",))]
+    decision = decide(observe(job_spec, restarting_status(), pods, node_states={"gpu-7": reconcile.NODE_MISSING}),
+                      CONFIG)
+    assert decision.force_delete_pods == ()
+    assert "finalizers example.com/hold" in condition(decision.status_patch, "Restarting")["message"]
+
+
+def test_pods_within_their_grace_period_are_waited_for_quietly(job_spec):
+    pods = [stuck(0, due_ago=-20), stuck(1, due_ago=reconcile.TERMINATION_MARGIN_SECONDS - 1)]
+    decision = decide(observe(job_spec, restarting_status(), pods), CONFIG)
+    assert "conditions" not in decision.status_patch and decision.events == ()
+    assert decision.force_delete_pods == () and decision.requeue_after == reconcile.WAIT_FOR_DELETION_SECONDS
+
+
+def test_a_node_is_read_only_for_pods_stuck_past_their_grace_period():
+    pods = [stuck(0), stuck(1, due_ago=1, node="gpu-8"), pod_view(2, "Running", node_name="gpu-9"),
+            stuck(3, node="other-job-node", uid="another-uid")]
+    assert reconcile.nodes_to_check({"phase": "Restarting"}, pods, UID, NOW) == ["gpu-7"]
+    assert reconcile.nodes_to_check({"phase": "Failed"}, pods, UID, NOW) == []
+
+
+def test_a_resumed_job_reports_pods_that_do_not_go_in_its_suspended_condition(job_spec):
+    status = {"phase": "Suspended", "attempt": 1, "restarts": 0,
+              "conditions": [{"type": "Suspended", "status": "True", "reason": "Suspended", "message": "",
+                              "lastTransitionTime": "2026-05-01T11:00:00Z"}]}
+    decision = decide(observe(job_spec, status, [stuck(0, finalizers=("example.com/hold",))],
+                              node_states={"gpu-7": reconcile.NODE_READY}), CONFIG)
+    suspended = condition(decision.status_patch, "Suspended")
+    assert suspended["status"] == "False" and "cats-node-0" in suspended["message"]
+
+
+# --- every message the operator writes is bounded -------------------------------------------
+
+def test_a_huge_api_server_rejection_is_written_bounded(job_spec):
+    """The API server's message for a pod it rejects can be any length (one line per invalid
+    field); the CRD caps condition messages at 32 KiB and refuses the whole write beyond that."""
+    server = "Pod \"cats-node-0\" is invalid: " + ", ".join(
+        f"spec.containers[0].volumeMounts[{i}].mountPath: Invalid value: \"/{'x/..' * 200}\"" for i in range(64))
+    assert len(server) > 32768
+    decision = reconcile.rejected(observe(job_spec, {"phase": "Pending"}), "pod(s) cats-node-0", server)
+    failed = condition(decision.status_patch, "Failed")
+    assert failed["reason"] == "InvalidSpec"
+    assert len(failed["message"]) <= st.MESSAGE_LIMIT
+    assert failed["message"].startswith("the API server rejected pod(s) cats-node-0: Pod \"cats-node-0\" is invalid")
+    assert "characters cut" in failed["message"] and failed["message"].endswith(server[-100:])
+    assert all(len(e.message) <= st.EVENT_MESSAGE_LIMIT for e in decision.events)
+
+
+def test_a_huge_log_tail_and_pod_message_are_bounded_in_last_failure(job_spec):
+    pods = [pod_view(0, "Failed", exit_code=1, message="m" * 50_000), pod_view(1), pod_view(2)]
+    decision = decide(observe(job_spec, running_status(), pods, log_tails={"cats-node-0": "line\n" * 20_000 + "last"}),
+                      CONFIG)
+    failure = decision.status_patch["lastFailure"]
+    assert len(failure["message"]) <= st.MESSAGE_LIMIT and len(failure["logTail"]) <= st.MESSAGE_LIMIT
+    assert "characters cut" in failure["logTail"] and failure["logTail"].endswith("line\n" * 3 + "last")

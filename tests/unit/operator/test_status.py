@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import datetime as dt
+import re
 
 from ltj_fixtures import NOW, UID, pod_view
 
 from lorakube import contract, pods, status
 
 
-def test_progress_text_is_step_over_total():
-    assert status.progress_text({"step": 37, "totalSteps": 120, "loss": "0.2"}) == "37/120"
-    assert status.progress_text({"step": 5}) == "5"
-    assert status.progress_text({}) is None and status.progress_text(None) is None
+def test_the_progress_column_text_comes_with_the_trainers_progress():
+    progress = contract.Progress(step=37, totalSteps=120, epoch=0, loss=0.2, samplesPerSecond=None,
+                                 etaSeconds=None, updatedAt="2026-05-01T12:00:00Z")
+    assert progress.to_status()["text"] == "37/120"
+    assert "progressText" not in status.OPERATOR_KEYS
 
 
 def test_ready_nodes_counts_running_and_finished_pods():
@@ -60,3 +62,13 @@ def test_pod_view_reads_exit_code_reason_and_disruption():
 
 def test_pods_without_our_labels_are_not_indexed():
     assert pods.from_body({"metadata": {"name": "x", "labels": {contract.LABEL_RANK: "one"}}}) is None
+
+
+def test_bounded_keeps_head_and_tail_and_says_what_was_cut():
+    assert status.bounded("short") == "short"
+    text = "HEAD" + "x" * 100_000 + "TAIL"
+    cut = status.bounded(text, 1000)
+    assert len(cut) <= 1000 and cut.startswith("HEAD") and cut.endswith("TAIL")
+    marker = re.search(r" \[\.\.\. (\d+) characters cut \.\.\.\] ", cut)
+    assert marker and len(cut) - len(marker.group(0)) + int(marker.group(1)) == len(text)
+    assert all(len(status.bounded("y" * n, 300)) <= 300 for n in (299, 300, 301, 10_000))
