@@ -137,3 +137,33 @@ def test_kopfs_own_requests_and_watches_are_bounded_and_pods_are_selected_by_the
     assert settings.watching.label_selectors.collect(pods) == ["app.kubernetes.io/managed-by=lorakube"]
     metrics_pods = references.Resource(group="metrics.k8s.io", version="v1beta1", plural="pods")
     assert settings.watching.label_selectors.collect(metrics_pods) == []
+
+
+def test_a_leader_whose_renewals_hang_gives_up_at_its_renew_deadline(tmp_path, monkeypatch, silent):
+    # Before the fix a renewal without a timeout hung for good (and a non-API error ended the
+    # renewal thread silently): the leader went on acting without a lease.
+    monkeypatch.setenv("KUBECONFIG", str(kubeconfig(tmp_path, f"http://127.0.0.1:{silent.port}")))
+    times = leader.LeaseTimes(duration_seconds=1.0, renew_deadline_seconds=0.6, retry_seconds=0.1)
+    elector = leader.LeaderElector(kube.load_api_client(), "ns", "me", times)
+    elector.leadership.extend(time.monotonic() + times.renew_deadline_seconds)
+    stop, lost = threading.Event(), threading.Event()
+    renewer = threading.Thread(target=elector.keep_renewing, args=(stop, lost), daemon=True)
+    renewer.start()
+    assert lost.wait(times.renew_deadline_seconds * 2 + SLACK), "the leader kept its leadership without renewing"
+    assert not elector.leadership.valid()
+    stop.set()
+    renewer.join(timeout=5)
+    assert silent.connections
+
+
+def test_the_deadline_watchdog_does_not_wait_for_a_stuck_renewal():
+    elector = leader.LeaderElector(None, "ns", "me", leader.LeaseTimes())  # no API call is made
+    elector.leadership.extend(time.monotonic() + 0.3)
+    stop, lost = threading.Event(), threading.Event()
+    watchdog = threading.Thread(target=elector.watch_deadline, args=(stop, lost), daemon=True)
+    watchdog.start()
+    started = time.monotonic()
+    assert lost.wait(5)
+    assert 0.2 < time.monotonic() - started < 0.3 + SLACK
+    stop.set()
+    watchdog.join(timeout=5)
