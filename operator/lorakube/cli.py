@@ -9,14 +9,13 @@ import socket
 import sys
 import threading
 from collections.abc import Sequence
-from typing import Any
+
+from lorakube.leader import LeaseTimes
 
 log = logging.getLogger("lorakube")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from lorakube.leader import LeaseTimes
-
     parser = argparse.ArgumentParser(prog="lorakube", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -59,7 +58,7 @@ def _own_namespace() -> str | None:
 
 
 def run_operator(namespaces: Sequence[str] = (), leader_elect: bool = False, liveness: str | None = None,
-                 verbose: bool = False, lease_times: Any = None) -> int:
+                 verbose: bool = False, lease_times: LeaseTimes | None = None) -> int:
     """Run the operator until SIGTERM/SIGINT (or, with leader election, until the lease is lost).
     Returns the exit code."""
     import kopf
@@ -83,7 +82,7 @@ def run_operator(namespaces: Sequence[str] = (), leader_elect: bool = False, liv
             log.error("--leader-elect needs $LORAKUBE_OPERATOR_NAMESPACE (the Lease's namespace)")
             return 2
         elector = leader.LeaderElector(kube.load_api_client(user_agent=user_agent), namespace, identity,
-                                       lease_times or leader.LeaseTimes())
+                                       lease_times or LeaseTimes())
         leadership = elector.leadership
         if not elector.wait_until_leader(stop):
             return 0
@@ -108,11 +107,9 @@ def _exit_when_lost(lost: threading.Event) -> None:
     os._exit(1)
 
 
-def _lease_times(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Any:
-    from lorakube import leader
-
+def _lease_times(parser: argparse.ArgumentParser, args: argparse.Namespace) -> LeaseTimes:
     try:
-        return leader.LeaseTimes(args.lease_duration, args.renew_deadline, args.retry_period)
+        return LeaseTimes(args.lease_duration, args.renew_deadline, args.retry_period)
     except ValueError as exc:
         parser.error(f"--retry-period, --renew-deadline, --lease-duration: {exc}")
 

@@ -81,7 +81,8 @@ def load_api_client(timeout: tuple[float, float] | None = None, fence: Callable[
                     user_agent: str | None = None) -> BoundedApiClient:
     """In-cluster credentials when running in a pod, else the kubeconfig ($KUBECONFIG, read now:
     the client library reads it only once, at import). `user_agent` names the replica in the
-    apiserver's logs and in `managedFields` (the apiserver takes the part before the first `/`)."""
+    apiserver's logs (the field manager the apiserver derives from it is the part before the
+    first `/`)."""
     configuration = client.Configuration()
     try:
         config.load_incluster_config(client_configuration=configuration)
