@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
 import socket
 import sys
 import threading
 from collections.abc import Sequence
+
+from lorakube.leader import LeaseTimes
 
 log = logging.getLogger("lorakube")
 
@@ -26,6 +27,15 @@ def build_parser() -> argparse.ArgumentParser:
     op.add_argument("--leader-elect", action="store_true",
                     help="hold a coordination.k8s.io Lease so only one replica acts; the namespace is "
                          "$LORAKUBE_OPERATOR_NAMESPACE (or the pod's own namespace)")
+    defaults = LeaseTimes()
+    op.add_argument("--lease-duration", type=float, default=defaults.duration_seconds, metavar="SECONDS",
+                    help="how long a follower waits, on its own clock, for an unchanged Lease before "
+                         "taking it over (default %(default)s)")
+    op.add_argument("--renew-deadline", type=float, default=defaults.renew_deadline_seconds, metavar="SECONDS",
+                    help="the leader stops acting and exits when it has not renewed for this long; "
+                         "must be shorter than --lease-duration (default %(default)s)")
+    op.add_argument("--retry-period", type=float, default=defaults.retry_seconds, metavar="SECONDS",
+                    help="how often the leader renews and a follower tries (default %(default)s)")
     op.add_argument("--liveness", metavar="URL", default=None,
                     help="serve Kopf's liveness probe, e.g. http://0.0.0.0:8080/healthz")
     op.add_argument("--verbose", "-v", action="store_true")
@@ -48,11 +58,12 @@ def _own_namespace() -> str | None:
 
 
 def run_operator(namespaces: Sequence[str] = (), leader_elect: bool = False, liveness: str | None = None,
-                 verbose: bool = False) -> int:
+                 verbose: bool = False, lease_times: LeaseTimes | None = None) -> int:
     """Run the operator until SIGTERM/SIGINT (or, with leader election, until the lease is lost).
     Returns the exit code."""
     import kopf
 
+    import lorakube
     from lorakube import handlers  # noqa: F401 - registers the handlers
     from lorakube import kube, leader
 
@@ -60,34 +71,55 @@ def run_operator(namespaces: Sequence[str] = (), leader_elect: bool = False, liv
     if not verbose:
         # Kopf logs every handler call at INFO; the operator's own transitions are what matter.
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)
+    identity = os.environ.get("POD_NAME") or f"{socket.gethostname()}-{os.getpid()}"
+    # The replica's name in the apiserver's logs; the field manager stays `lorakube-operator`.
+    user_agent = f"lorakube-operator/{lorakube.__version__} ({identity})"
+    leadership = leader.Leadership.always()
     stop, lost = threading.Event(), threading.Event()
     if leader_elect:
         namespace = os.environ.get("LORAKUBE_OPERATOR_NAMESPACE") or _own_namespace()
         if not namespace:
             log.error("--leader-elect needs $LORAKUBE_OPERATOR_NAMESPACE (the Lease's namespace)")
             return 2
-        identity = os.environ.get("POD_NAME") or f"{socket.gethostname()}-{os.getpid()}"
-        elector = leader.LeaderElector(kube.load_api_client(), namespace, identity)
+        elector = leader.LeaderElector(kube.load_api_client(user_agent=user_agent), namespace, identity,
+                                       lease_times or LeaseTimes())
+        leadership = elector.leadership
         if not elector.wait_until_leader(stop):
             return 0
         threading.Thread(target=elector.keep_renewing, args=(stop, lost), daemon=True).start()
-        # Losing the lease stops Kopf the way a pod deletion would. (Kopf's stop_flag is awaited
-        # from an executor thread, which would keep the process from exiting.)
-        threading.Thread(target=lambda: lost.wait() and os.kill(os.getpid(), signal.SIGTERM), daemon=True).start()
-    kopf.run(standalone=True, clusterwide=not namespaces, namespaces=list(namespaces), liveness_endpoint=liveness)
+        threading.Thread(target=elector.watch_deadline, args=(stop, lost), daemon=True).start()
+        threading.Thread(target=_exit_when_lost, args=(lost,), daemon=True).start()
+    memo = kopf.Memo(leadership=leadership, user_agent=user_agent)
+    kopf.run(standalone=True, clusterwide=not namespaces, namespaces=list(namespaces), liveness_endpoint=liveness,
+             memo=memo)
     stop.set()  # ends the lease renewal
     if leader_elect and not lost.is_set():
         elector.release()
-    if lost.is_set():
-        log.error("lost the leader lease; exiting so a restarted replica rejoins as a follower")
-        return 1
     return 0
 
 
+def _exit_when_lost(lost: threading.Event) -> None:
+    """A replica that lost the lease exits at once, without Kopf's graceful shutdown: nothing of
+    it may write any more (Kopf's own bookkeeping included), and its pod restarts as a follower."""
+    lost.wait()
+    log.error("lost the leader lease; exiting at once so a restarted replica rejoins as a follower")
+    logging.shutdown()
+    os._exit(1)
+
+
+def _lease_times(parser: argparse.ArgumentParser, args: argparse.Namespace) -> LeaseTimes:
+    try:
+        return LeaseTimes(args.lease_duration, args.renew_deadline, args.retry_period)
+    except ValueError as exc:
+        parser.error(f"--retry-period, --renew-deadline, --lease-duration: {exc}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.command == "operator":
-        return run_operator(args.namespace, args.leader_elect, args.liveness, args.verbose)
+        return run_operator(args.namespace, args.leader_elect, args.liveness, args.verbose,
+                            _lease_times(parser, args))
     from lorakube import demo
 
     return demo.run(state_dir=args.state_dir, keep=args.keep, timeout=args.timeout)

@@ -20,16 +20,22 @@ from typing import Any
 
 import kopf
 
-from lorakube import builders, contract, kube, pods
+from lorakube import builders, contract, kube, leader, pods
 from lorakube import status as st
 
 log = logging.getLogger(__name__)
 
 JOB = {"group": contract.API_GROUP, "version": contract.API_VERSION, "plural": contract.PLURAL}
 OUR_PODS = {contract.LABEL_MANAGED_BY: contract.MANAGED_BY}
+# The pod watch asks the apiserver for our pods only: other pods of the cluster never reach the
+# operator (the handlers below check the label again).
+PODS = ("v1", "pods")  # core v1 only (not metrics.k8s.io pods)
+POD_LABEL_SELECTOR = ",".join(f"{key}={value}" for key, value in OUR_PODS.items())
 # The safety net under the event triggers; decisions that need an earlier look ask for it.
 TIMER_INTERVAL_SECONDS = float(os.environ.get("LORAKUBE_RECONCILE_INTERVAL_SECONDS", "10"))
 ERROR_RETRY_SECONDS = 5.0
+KOPF_CONNECT_TIMEOUT = kube.REQUEST_TIMEOUT[0]
+KOPF_REQUEST_TIMEOUT = kube.REQUEST_TIMEOUT[1]
 
 Key = tuple[str, str]
 
@@ -37,9 +43,13 @@ Key = tuple[str, str]
 class Reconciler:
     """Runs reconcile passes: one at a time per job, a trigger during a pass causes one more."""
 
-    def __init__(self, client: kube.Kube, config: builders.OperatorConfig) -> None:
+    def __init__(self, client: kube.Kube, config: builders.OperatorConfig,
+                 leadership: leader.Leadership | None = None) -> None:
         self.kube = client
         self.config = config
+        # With leader election: a pass acts only while this replica's lease is valid (the API
+        # client also checks before every write, for a pass that was under way when it lapsed).
+        self.leadership = leadership or leader.Leadership.always()
         self._running: set[Key] = set()
         self._dirty: set[Key] = set()
         self._requeues: dict[Key, asyncio.TimerHandle] = {}
@@ -60,13 +70,22 @@ class Reconciler:
 
     async def _pass(self, key: Key, index: Any) -> None:
         namespace, name = key
+        if not self.leadership.valid():
+            log.warning("not reconciling %s/%s: this replica's leader lease lapsed", namespace, name)
+            return
         views = list(index.get(key, []))
         now = dt.datetime.now(dt.timezone.utc)
         try:
             outcome = await asyncio.to_thread(kube.reconcile_job, self.kube, namespace, name, views, self.config, now)
-        except Exception as exc:  # noqa: BLE001 - any API failure: log and look again shortly
+        except leader.NotLeader as exc:
+            log.warning("stopped reconciling %s/%s before writing: %s", namespace, name, exc)
+            return
+        except Exception as exc:  # noqa: BLE001 - any API failure or timeout: log and look again shortly
             log.warning("reconciling %s/%s failed, retrying in %ss: %s", namespace, name, ERROR_RETRY_SECONDS, exc)
             self._requeue(key, index, ERROR_RETRY_SECONDS)
+            return
+        if not self.leadership.valid():
+            log.warning("not posting the Events of %s/%s: this replica's leader lease lapsed", namespace, name)
             return
         for event in outcome.events:
             kopf.event(outcome.body, type=event.type, reason=event.reason, message=event.message)
@@ -102,14 +121,28 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     # No cluster scanning: no RBAC on namespaces/CRDs needed; the CRD must exist at startup.
     settings.scanning.disabled = True
     settings.peering.standalone = True
-    # Reconnect watches regularly so a silently dropped connection costs minutes, not hours.
+    # Reconnect watches regularly so a silently dropped connection costs minutes, not hours; a
+    # stream with no event (not even a bookmark) for inactivity_timeout is reconnected too.
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
-    memo.reconciler = Reconciler(kube.Kube(kube.load_api_client()), builders.OperatorConfig.from_env())
+    settings.watching.connect_timeout = KOPF_CONNECT_TIMEOUT
+    # Kopf's own requests (finalizers, annotations, Events, the initial lists) are bounded as
+    # ours are; Kopf retries them with its error backoffs.
+    settings.networking.connect_timeout = KOPF_CONNECT_TIMEOUT
+    settings.networking.request_timeout = KOPF_REQUEST_TIMEOUT
+    settings.watching.label_selectors[PODS] = POD_LABEL_SELECTOR
+    leadership = memo.get("leadership") or leader.Leadership.always()
+    api = kube.load_api_client(fence=leadership.check, user_agent=memo.get("user_agent"))
+    memo.reconciler = Reconciler(kube.Kube(api), builders.OperatorConfig.from_env(), leadership)
 
 
-@kopf.index("pods", labels=OUR_PODS)
-def pods_by_job(namespace: str, labels: Mapping[str, str], body: kopf.Body, **_: Any) -> Any:
+@kopf.index(*PODS)
+def pods_by_job(namespace: str, name: str, labels: Mapping[str, str], body: kopf.Body, **_: Any) -> Any:
+    # No client-side label filter here, so this sees every pod the watch delivers: the debug line
+    # shows what reaches the operator (only our pods, thanks to the server-side selector).
+    log.debug("pod %s/%s received", namespace, name)
+    if labels.get(contract.LABEL_MANAGED_BY) != contract.MANAGED_BY:
+        return None
     view = pods.from_body(body)
     job = labels.get(contract.LABEL_JOB_NAME)
     return None if view is None or not job else {(namespace, job): view}
@@ -133,7 +166,7 @@ async def job_event(type: str | None, namespace: str, name: str, pods_by_job: ko
         await memo.reconciler.trigger((namespace, name), pods_by_job)
 
 
-@kopf.on.event("pods", labels=OUR_PODS)
+@kopf.on.event(*PODS, labels=OUR_PODS)
 async def pod_event(namespace: str, labels: Mapping[str, str], pods_by_job: kopf.Index, memo: kopf.Memo,
                     **_: Any) -> None:
     job = labels.get(contract.LABEL_JOB_NAME)

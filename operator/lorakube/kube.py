@@ -54,15 +54,48 @@ def _classify_create_error(exc: ApiException) -> Exception:
     return Transient(message)
 
 
-def load_api_client() -> client.ApiClient:
+# Every call the operator makes is bounded: (connect, read) seconds. A call that hangs (a dead
+# connection, an apiserver that accepted and never answers) fails with a timeout instead of
+# holding a job's reconciles until the operator restarts; the caller retries (the Reconciler
+# requeues the job). No list or watch goes through this client (Kopf watches), so the read bound
+# is far above any answer the apiserver gives to a single request.
+REQUEST_TIMEOUT = (5.0, 30.0)
+WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+
+class BoundedApiClient(client.ApiClient):
+    """An ApiClient whose every request has a timeout (unless the call names its own) and whose
+    writes first ask `fence` (a leader that may no longer act raises there, before sending)."""
+
+    def __init__(self, configuration: client.Configuration, timeout: tuple[float, float] = REQUEST_TIMEOUT,
+                 fence: Callable[[], None] | None = None) -> None:
+        super().__init__(configuration)
+        self.timeout = timeout
+        self.fence = fence
+
+    def request(self, method: str, url: str, *args: Any, _request_timeout: Any = None, **kwargs: Any) -> Any:
+        if self.fence is not None and method.upper() in WRITE_METHODS:
+            self.fence()
+        return super().request(method, url, *args, _request_timeout=_request_timeout or self.timeout, **kwargs)
+
+
+def load_api_client(timeout: tuple[float, float] | None = None, fence: Callable[[], None] | None = None,
+                    user_agent: str | None = None) -> BoundedApiClient:
     """In-cluster credentials when running in a pod, else the kubeconfig ($KUBECONFIG, read now:
-    the client library reads it only once, at import)."""
+    the client library reads it only once, at import). `user_agent` names the replica in the
+    apiserver's logs (the field manager the apiserver derives from it is the part before the
+    first `/`)."""
     configuration = client.Configuration()
     try:
         config.load_incluster_config(client_configuration=configuration)
     except config.ConfigException:
         config.load_kube_config(config_file=os.environ.get("KUBECONFIG"), client_configuration=configuration)
-    return client.ApiClient(configuration)
+    # No silent retries inside urllib3: they would multiply the bound; the callers retry.
+    configuration.retries = False
+    api = BoundedApiClient(configuration, timeout or REQUEST_TIMEOUT, fence)
+    if user_agent:
+        api.user_agent = user_agent
+    return api
 
 
 @dataclasses.dataclass

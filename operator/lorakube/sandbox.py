@@ -15,7 +15,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -152,12 +152,15 @@ def follow(kubectl: Kubectl, namespace: str, name: str, timeout: float,
 
 
 class OperatorProcess:
-    """`lorakube operator --all-namespaces` as a child process with its own kubeconfig."""
+    """`lorakube operator --all-namespaces` (or other `args`) as a child process with its own
+    kubeconfig."""
 
-    def __init__(self, kubeconfig: Path, log_path: Path, env: Mapping[str, str] | None = None) -> None:
+    def __init__(self, kubeconfig: Path, log_path: Path, env: Mapping[str, str] | None = None,
+                 args: Sequence[str] = ("--all-namespaces",)) -> None:
         self.kubeconfig = kubeconfig
         self.log_path = log_path
         self.env = dict(env or {})
+        self.args = list(args)
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> OperatorProcess:
@@ -165,7 +168,7 @@ class OperatorProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as log_file:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "lorakube.cli", "operator", "--all-namespaces"],
+                [sys.executable, "-m", "lorakube.cli", "operator", *self.args],
                 env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
         return self
 
