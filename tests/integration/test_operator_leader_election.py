@@ -87,7 +87,6 @@ def job_namespaces(local_cluster) -> Iterator[Callable[[], str]]:
     def make() -> str:
         namespace = local_cluster.create_namespace()
         made.append(namespace)
-        local_cluster.kubectl("apply", "-n", namespace, "-f", str(sandbox.RBAC_TRAINER), check=True)
         return namespace
 
     yield make

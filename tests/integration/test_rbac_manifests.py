@@ -350,7 +350,7 @@ def test_rank_0s_token_patches_its_own_progress_and_nothing_of_another_job(
                                 etaSeconds=None, updatedAt=contract.utc_now_iso())
     assert patcher.patch(resumed) is True
     stored = local_cluster.get_json(contract.SHORT_NAME, trainer_job.name, namespace=namespace)
-    assert stored["status"]["progress"] == {"step": 40, "totalSteps": 400, "epoch": 0,
+    assert stored["status"]["progress"] == {"step": 40, "totalSteps": 400, "epoch": 0, "text": "40/400",
                                             "updatedAt": resumed.updatedAt}
 
     # A sibling job in the same namespace, and a job of the same name elsewhere: refused.
