@@ -150,7 +150,8 @@ def test_deepspeed_zero_on_two_ranks_saves_the_lora_ddp_saves(stage: int, ddp_ru
     for key in expected:
         # fp32 on both sides; ZeRO reduces in another order, so allow rounding, far below one
         # step's update (learning rate 1e-3).
-        torch.testing.assert_close(saved[key], expected[key], rtol=1e-4, atol=1e-6, msg=key)
+        torch.testing.assert_close(saved[key], expected[key], rtol=1e-4, atol=1e-6,
+                                   msg=lambda m, k=key: f"{k}: {m}")
 
     # The last checkpoint's LoRA (gathered for the checkpoint) is the same, plus each rank's
     # ZeRO optimizer partition.
@@ -160,5 +161,6 @@ def test_deepspeed_zero_on_two_ranks_saves_the_lora_ddp_saves(stage: int, ddp_ru
     reference = load_file(str(ckpt.find_latest_complete(ddp_run.checkpoints) / ckpt.TRAINABLE_FILE))
     assert trainable.keys() == reference.keys()
     for key in reference:
-        torch.testing.assert_close(trainable[key], reference[key], rtol=1e-4, atol=1e-6, msg=key)
+        torch.testing.assert_close(trainable[key], reference[key], rtol=1e-4, atol=1e-6,
+                                   msg=lambda m, k=key: f"{k}: {m}")
     assert all((last / ckpt.optimizer_file(rank)).is_file() for rank in range(RANKS))
