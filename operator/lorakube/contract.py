@@ -143,6 +143,17 @@ TRAINING_FLAGS: dict[str, str] = {
 # Boolean flags are store_true switches: present when true, absent when false.
 BOOLEAN_TRAINING_FLAGS = frozenset({"centerCrop", "randomFlip", "gradientCheckpointing", "cacheLatents"})
 
+# What stepsPerEpoch / --steps_per_epoch counts, word for word in the CRD's description (kubectl
+# explain) and in `lorakube-train --help`; a unit test holds both to this text. Optimizer steps,
+# because every other step count a user sees (progress, checkpointEverySteps,
+# validationEverySteps) counts them, and they do not change when nodes are added.
+STEPS_PER_EPOCH_MEANING = (
+    "Optimizer steps per epoch, counted once for the whole job (all processes step together), the "
+    "unit of progress totalSteps: a run makes steps per epoch x max epochs optimizer steps, and each "
+    "step draws batch size x accumulate grad batches samples on every process (one per GPU), so an "
+    "epoch uses steps per epoch x accumulate grad batches x batch size x processes samples."
+)
+
 # --- Progress ---------------------------------------------------------------------------------
 
 PROGRESS_EVENT = "progress"

@@ -48,7 +48,7 @@ class TrainConfig:
     keep_last_checkpoints: int
     seed: int
     lora_target_modules: tuple[str, ...] | None    # None: the family's default targets
-    steps_per_epoch: int                            # micro-batches each process draws per epoch
+    steps_per_epoch: int                            # optimizer steps per epoch (contract.STEPS_PER_EPOCH_MEANING)
     max_epochs: int
     height: int
     width: int
@@ -77,14 +77,12 @@ class TrainConfig:
 
     @property
     def total_steps(self) -> int:
-        """Optimizer steps of the whole run: what progress, checkpoints and resume count. Epochs
-        only order the data, so an accumulation window may span an epoch boundary; leftover
-        micro-batches (fewer than one window) at the very end are not used."""
-        return self.steps_per_epoch * self.max_epochs // self.accumulate_grad_batches
+        """Optimizer steps of the whole run: what progress, checkpoints and resume count."""
+        return self.steps_per_epoch * self.max_epochs
 
     def epoch_of_step(self, step: int) -> int:
-        """The (0-based) epoch in which optimizer step `step` (1-based) drew its last micro-batch."""
-        return (step * self.accumulate_grad_batches - 1) // self.steps_per_epoch
+        """The (0-based) epoch of optimizer step `step` (1-based); an epoch holds whole steps."""
+        return (step - 1) // self.steps_per_epoch
 
     def to_json(self) -> dict[str, Any]:
         body = dataclasses.asdict(self)
@@ -119,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep_last_checkpoints", type=int, default=3)
     p.add_argument(flags["seed"], type=int, default=42)
     p.add_argument(flags["loraTargetModules"], default=None, help="comma-separated; default: the family's")
-    p.add_argument(flags["stepsPerEpoch"], type=int, default=500)
+    p.add_argument(flags["stepsPerEpoch"], type=int, default=500, help=contract.STEPS_PER_EPOCH_MEANING)
     p.add_argument(flags["maxEpochs"], type=int, default=1)
     p.add_argument(flags["height"], type=int, default=1024)
     p.add_argument(flags["width"], type=int, default=1024)
@@ -250,11 +248,6 @@ def _validate(ns: argparse.Namespace, env: dict[str, str]) -> TrainConfig:
     _positive(ns.validation_every_n_steps, flags["validationEverySteps"], 0)
     _positive(ns.keep_last_checkpoints, "--keep_last_checkpoints")
     _positive(ns.validation_inference_steps, "--validation_inference_steps")
-    if ns.steps_per_epoch * ns.max_epochs < ns.accumulate_grad_batches:
-        raise ConfigError(flags["accumulateGradBatches"],
-                          f"{ns.accumulate_grad_batches} micro-batches per optimizer step, but the run draws only "
-                          f"{ns.steps_per_epoch * ns.max_epochs} ({flags['stepsPerEpoch']} x {flags['maxEpochs']}); "
-                          "raise those or lower this")
     if ns.cache_latents and not ns.center_crop:
         raise ConfigError(flags["cacheLatents"], f"needs {flags['centerCrop']}: a random crop differs every time "
                                                  f"and cannot be cached; add {flags['centerCrop']} or drop "

@@ -182,17 +182,23 @@ class CaptionedImages(torch.utils.data.Dataset):
         return {"pixels": pixels, "text": record.text, "index": index}
 
 
+def micro_batches_per_epoch(steps_per_epoch: int, accumulate: int) -> int:
+    """Micro-batches each process draws per epoch: --steps_per_epoch counts optimizer steps (see
+    contract.STEPS_PER_EPOCH_MEANING), each of which takes `accumulate` micro-batches on every rank,
+    so an epoch always ends on a step boundary."""
+    return steps_per_epoch * accumulate
+
+
 @dataclasses.dataclass(frozen=True)
 class DataPosition:
-    """Where the data stream stands: the next micro-batch to draw."""
+    """Where the data stream stands: the next micro-batch to draw (per rank)."""
 
     epoch: int
     batch_in_epoch: int
 
     @classmethod
-    def after_optimizer_steps(cls, steps: int, accumulate: int, batches_per_epoch: int) -> "DataPosition":
-        consumed = steps * accumulate
-        return cls(epoch=consumed // batches_per_epoch, batch_in_epoch=consumed % batches_per_epoch)
+    def after_optimizer_steps(cls, steps: int, accumulate: int, steps_per_epoch: int) -> "DataPosition":
+        return cls(epoch=steps // steps_per_epoch, batch_in_epoch=(steps % steps_per_epoch) * accumulate)
 
 
 class ShardSampler(torch.utils.data.Sampler[SampleKey]):

@@ -9,7 +9,7 @@ import torch
 
 from .caching import CachedCaptions
 from .config import TrainConfig
-from .data import CaptionedImages, DataPosition, Record, ShardSampler
+from .data import CaptionedImages, DataPosition, Record, ShardSampler, micro_batches_per_epoch
 
 
 class CaptionDataModule(pl.LightningDataModule):
@@ -24,14 +24,14 @@ class CaptionDataModule(pl.LightningDataModule):
         rank = self.trainer.global_rank if self.trainer is not None else 0
         if self.trainer is not None and self.trainer.world_size != self.world_size:
             raise RuntimeError(f"world size {self.trainer.world_size} differs from the planned {self.world_size}")
+        batches = micro_batches_per_epoch(cfg.steps_per_epoch, cfg.accumulate_grad_batches)
         common = dict(seed=cfg.seed, height=cfg.height, width=cfg.width, center_crop=cfg.center_crop,
-                      random_flip=cfg.random_flip,
-                      samples_per_epoch=cfg.steps_per_epoch * cfg.batch_size * self.world_size)
+                      random_flip=cfg.random_flip, samples_per_epoch=batches * cfg.batch_size * self.world_size)
         # The cache is filled in LoRAModule.on_fit_start, which Lightning runs before asking for this loader.
         dataset = (CaptionedImages(self.records, **common) if self.cache_folder is None
                    else CachedCaptions(self.records, self.cache_folder, **common))
         sampler = ShardSampler(rank=rank, world_size=self.world_size, batch_size=cfg.batch_size,
-                               batches_per_epoch=cfg.steps_per_epoch, max_epochs=cfg.max_epochs, start=self.start)
+                               batches_per_epoch=batches, max_epochs=cfg.max_epochs, start=self.start)
         return torch.utils.data.DataLoader(
             dataset,
             batch_size=cfg.batch_size,

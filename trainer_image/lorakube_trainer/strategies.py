@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+from typing import Any
 
 import torch
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, Strategy
@@ -52,6 +53,23 @@ class StrategyPlan:
     timeout_s: float
 
 
+class DeepSpeedStrategyScaledOnce(DeepSpeedStrategy):
+    """Lightning's DeepSpeed strategy, with each micro-batch's loss divided by the accumulation once.
+
+    Lightning's training loop already divides the loss by accumulate_grad_batches before backward
+    (as for DDP), and DeepSpeedEngine.backward divides it again by its gradient_accumulation_steps
+    (which Lightning sets to the same number) unless told `scale_wrt_gas=False`. Without this, a
+    ZeRO run with accumulation gets gradients 1/accumulate of the DDP run's: AdamW hides most of
+    that, but not where gradients approach its eps, nor for fp16 loss scaling (found by
+    tests/integration/trainer/test_two_rank_accumulation.py; Lightning-AI/pytorch-lightning#6170
+    describes the double scaling).
+    """
+
+    def backward(self, closure_loss: torch.Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        kwargs.setdefault("scale_wrt_gas", False)
+        return super().backward(closure_loss, optimizer, *args, **kwargs)
+
+
 def build_strategy(plan: StrategyPlan) -> Strategy | str:
     """DDP by default (gloo on CPU, nccl on GPU), DeepSpeed ZeRO as named.
 
@@ -61,7 +79,7 @@ def build_strategy(plan: StrategyPlan) -> Strategy | str:
     backend = "nccl" if plan.on_gpu else "gloo"
     stage = deepspeed_stage(plan.name)
     if stage is not None:
-        return DeepSpeedStrategy(stage=stage, process_group_backend=backend, timeout=timeout)
+        return DeepSpeedStrategyScaledOnce(stage=stage, process_group_backend=backend, timeout=timeout)
     if plan.world_size == 1:
         return "auto"       # one process: no process group to form
     # find_unused_parameters stays off: every LoRA layer sits on the forward path of every step.

@@ -12,8 +12,10 @@ import torch
 from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.strategies import DeepSpeedStrategy
 
+from .strategies import DeepSpeedStrategyScaledOnce
 
-class CPUDeepSpeedStrategyForTests(DeepSpeedStrategy):
+
+class CPUDeepSpeedStrategyForTests(DeepSpeedStrategyScaledOnce):
     def setup_environment(self) -> None:
         # Skip DeepSpeedStrategy's CUDA-only guard; keep the parent (DDP) environment setup.
         super(DeepSpeedStrategy, self).setup_environment()

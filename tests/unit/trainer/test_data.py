@@ -84,7 +84,7 @@ def test_ranks_get_disjoint_shards_and_the_epoch_order_is_seeded(dataset: Path) 
 def test_sampler_resumes_with_exactly_the_next_samples() -> None:
     kwargs = dict(rank=1, world_size=2, batch_size=3, batches_per_epoch=4, max_epochs=3)
     full = list(ShardSampler(start=DataPosition(0, 0), **kwargs))
-    start = DataPosition.after_optimizer_steps(steps=5, accumulate=2, batches_per_epoch=4)
+    start = DataPosition.after_optimizer_steps(steps=5, accumulate=2, steps_per_epoch=2)   # 4 batches/epoch
     assert start == DataPosition(epoch=2, batch_in_epoch=2)
     resumed = ShardSampler(start=start, **kwargs)
     assert list(resumed) == full[(2 * 4 + 2) * 3:]

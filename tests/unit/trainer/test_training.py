@@ -92,7 +92,7 @@ def test_flags_reach_the_trainer_module_and_data(make_cfg) -> None:
                    "--use_gradient_checkpointing", "--dataloader_num_workers", "0", "--checkpoint_every_n_steps", "0")
     result, family = _run(cfg, callbacks=[spy])
     assert spy.lr == 0.003 and spy.accumulate == 2 and spy.precision == "bf16-mixed"
-    assert result.steps_done == 2                                  # 4 micro-batches / 2 per step
+    assert result.steps_done == 4                                  # 4 optimizer steps of 2 micro-batches
     assert spy.lora_names and all(n.startswith("to_k.lora_") for n in spy.lora_names)
     assert len(spy.opt_params) == len(spy.lora_names)              # only LoRA in AdamW
     assert spy.frozen_dtypes == {torch.bfloat16}                    # bf16 really loads bf16
@@ -183,7 +183,7 @@ def test_interrupted_run_resumes_bit_identically(make_cfg, tmp_path: Path, accum
     args = (*extra, "--max_epochs", "3", "--accumulate_grad_batches", str(accumulate), "--random_flip",
             "--batch_size", "2",
             "--checkpoint_every_n_steps", "1" if accumulate == 2 else "2", "--output_formats", "diffusers")
-    # accumulate 3 over 4-batch epochs: windows span epoch boundaries; resume from step 2 is mid-epoch.
+    # 4 steps per epoch: the resume from step 2 (accumulate 3) starts in the middle of an epoch.
     whole, _ = _run(make_cfg(*args, output=tmp_path / "whole"))
     interrupted = make_cfg(*args, output=tmp_path / "cut")
     crash_step = {1: 5, 2: 4, 3: 3}[accumulate]
