@@ -131,9 +131,10 @@ def report_failure(code: int, message: str, env: Mapping[str, str] | None = None
         pass                                # the exit code still says it; the log has the message
 
 
-def _read_report(path: Path) -> str | None:
+def _read_report(path: Path) -> tuple[int, str] | None:
     try:
-        return str(json.loads(path.read_text())["message"])
+        report = json.loads(path.read_text())
+        return int(report["code"]), str(report["message"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -191,6 +192,15 @@ class _Supervisor:
             time.sleep(POLL_SECONDS)
 
 
+def _rank_exit(topology: Topology, rank: int, code: int, stopped: bool,
+               report: tuple[int, str] | None) -> RankExit:
+    global_rank = topology.node_rank * topology.devices + rank
+    if report is None:
+        return RankExit(rank, global_rank, code, stopped)
+    # The rank failed by itself and said so, even if the launcher's SIGTERM ended it afterwards.
+    return RankExit(rank, global_rank, report[0], False, report[1])
+
+
 def launch(topology: Topology, env: Mapping[str, str], command: Sequence[str] | None = None) -> int:
     """Run one child per local rank to the end; return the pod's exit code."""
     command = list(command or child_command())
@@ -206,9 +216,7 @@ def launch(topology: Topology, env: Mapping[str, str], command: Sequence[str] | 
             supervisor.procs[rank] = subprocess.Popen(
                 command, env=child_env(env, topology, rank, master_addr, master_port, files[rank]))
         supervisor.run()
-        reports = {rank: _read_report(files[rank]) for rank in supervisor.codes}
-        exits = [RankExit(rank, topology.node_rank * topology.devices + rank, code,
-                          rank in supervisor.stopped and reports[rank] is None, reports[rank])
+        exits = [_rank_exit(topology, rank, code, rank in supervisor.stopped, _read_report(files[rank]))
                  for rank, code in supervisor.codes.items()]
     finally:
         for proc in supervisor.procs.values():

@@ -9,8 +9,8 @@ import pytest
 
 from lorakube import contract
 from lorakube_trainer.distributed import Topology
-from lorakube_trainer.launcher import (ENV_FAILURE_FILE, RankExit, child_env, describe, report_failure, root_cause,
-                                       shell_code, should_launch)
+from lorakube_trainer.launcher import (ENV_FAILURE_FILE, RankExit, _rank_exit, child_env, describe, report_failure,
+                                       root_cause, shell_code, should_launch)
 
 TWO_PER_NODE = Topology(num_nodes=2, devices=2, node_rank=1, master_addr="job-node-0.job.ns.svc", master_port=29500,
                         torchrun=False)
@@ -64,3 +64,11 @@ def test_a_failing_child_reports_its_code_and_message(tmp_path: Path) -> None:
     target = tmp_path / "r1.json"
     report_failure(65, "dataset: a.png: cannot decode image", env={ENV_FAILURE_FILE: str(target)})
     assert json.loads(target.read_text()) == {"code": 65, "message": "dataset: a.png: cannot decode image"}
+
+
+def test_a_stopped_rank_that_had_reported_its_own_failure_still_counts() -> None:
+    silent = _rank_exit(TWO_PER_NODE, 0, 143, stopped=True, report=None)
+    reported = _rank_exit(TWO_PER_NODE, 1, 143, stopped=True, report=(65, "dataset: a.png: cannot decode image"))
+    assert silent.stopped_by_launcher and silent.global_rank == 2
+    assert not reported.stopped_by_launcher and reported.code == 65 and reported.global_rank == 3
+    assert root_cause([silent, reported]) is reported
