@@ -16,7 +16,7 @@ export LORAKUBE_CACHE
 export HF_HUB_OFFLINE := 1
 export GOTOOLCHAIN := local
 
-.PHONY: env binaries test test-unit demo clean-cluster
+.PHONY: env binaries test test-unit soak demo clean-cluster
 
 $(DEPS_STAMP): pyproject.toml
 	@mkdir -p $(LORAKUBE_CACHE)
@@ -39,6 +39,11 @@ test: binaries
 
 test-unit: env
 	$(PYTHON) -m pytest tests/unit -p no:cacheprovider $(PYTEST_ARGS)
+
+# Slow soak (~5 min on 2 cores): SIGTERM both ranks of a 2-node CPU run 20 times; every process
+# must exit 143 within 5 s (`make test` runs the same test 3 times).
+soak: env
+	LORAKUBE_SIGTERM_REPEATS=20 $(PYTHON) -m pytest tests/integration/trainer/test_shutdown.py -p no:cacheprovider -s $(PYTEST_ARGS)
 
 demo: binaries
 	$(VENV)/bin/lorakube demo

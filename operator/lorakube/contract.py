@@ -36,6 +36,7 @@ OUTPUT_FORMATS = ("diffusers", "comfyui")
 EXIT_OK = 0
 EXIT_USER_ERROR = 1          # generic user/config error: fail the job at once
 EXIT_INVALID_ARGS = 2        # bad CLI/config values (argparse's own code)
+EXIT_OUT_OF_MEMORY = 3       # CUDA out of memory: fail at once, the same settings run out again
 EXIT_DATASET_ERROR = 65      # EX_DATAERR: the dataset is malformed (names the file/row)
 EXIT_RETRYABLE = 75          # EX_TEMPFAIL: rendezvous/NCCL timeout, transient storage: retry the gang
 

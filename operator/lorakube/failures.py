@@ -38,6 +38,13 @@ RULES: tuple[Rule, ...] = (
     DISRUPTED,
     Rule("RetryableExit", lambda p: p.exit_code == contract.EXIT_RETRYABLE, Action.RESTART,
          "reported a retryable infrastructure failure (rendezvous, NCCL, storage)"),
+    # Before KilledBySignal and UserError: the trainer caught a CUDA out-of-memory error. The same
+    # spec on the same GPUs runs out again, so retrying only burns GPU hours; the message says
+    # which spec fields trade memory for speed.
+    Rule("OutOfMemory", lambda p: p.exit_code == contract.EXIT_OUT_OF_MEMORY, Action.FAIL,
+         "ran out of GPU memory (CUDA out of memory; the same settings would run out again: lower "
+         "spec.training.batchSize, set spec.training.gradientCheckpointing: true, or pick a higher DeepSpeed "
+         "ZeRO stage in spec.training.strategy, deepspeed_stage_2 or deepspeed_stage_3)"),
     Rule("KilledBySignal", lambda p: p.exit_code is not None and p.exit_code >= 128, Action.RESTART,
          "was killed by a signal (out of memory, node shutdown)"),
     Rule("UserError", lambda p: p.exit_code is not None and p.exit_code > 0, Action.FAIL,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import random
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from lightning.pytorch.strategies import DeepSpeedStrategy
 from lorakube import contract
 
 from . import checkpoint as ckpt
+from . import shutdown
 from .artifacts import MetricsWriter
 from .config import ConfigError, TrainConfig
 from .data import DataPosition
@@ -238,3 +240,14 @@ class FinalStateCallback(pl.Callback):
         state = pl_module.lora_state()
         if trainer.is_global_zero:
             self.state = state
+
+
+class ExitOnSigterm(pl.Callback):
+    """Backstop for shutdown.keep_lightning_off_sigterm: if Lightning installed its SIGTERM handler
+    anyway (a release that renamed its connector), put the collective-free one back before the
+    first step."""
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if signal.getsignal(signal.SIGTERM) is not shutdown.exit_now:
+            log.warning("Lightning replaced the SIGTERM handler; restoring lorakube's (exit 143 at once)")
+            shutdown.install()

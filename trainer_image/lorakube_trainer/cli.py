@@ -1,27 +1,54 @@
 """`lorakube-train`: parse flags, run, and turn failures into the contract's exit codes.
 
-0 success; EXIT_INVALID_ARGS bad flags/config; EXIT_DATASET_ERROR malformed dataset;
-EXIT_RETRYABLE rendezvous/collective timeouts and vanished peers (the operator restarts the gang);
-EXIT_USER_ERROR anything else (with the traceback in the log); 143 on SIGTERM.
+0 success; EXIT_INVALID_ARGS bad flags/config; EXIT_OUT_OF_MEMORY CUDA out of memory (with a hint);
+EXIT_DATASET_ERROR malformed dataset; EXIT_RETRYABLE rendezvous/collective timeouts and vanished
+peers (the operator restarts the gang); EXIT_USER_ERROR anything else (with the traceback in the
+log); 143 on SIGTERM, at once (shutdown.py). With several processes per pod this process is the
+launcher of the local ranks and exits with the root cause's code (launcher.py).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 from typing import Sequence
 
 from lorakube import contract
 
+from . import shutdown
 from .config import ConfigError, parse_config
 
 log = logging.getLogger("lorakube_trainer")
 
+_FLAG = contract.TRAINING_FLAGS
+OOM_HINT = (f"the same settings run out again: lower {_FLAG['batchSize']} (spec.training.batchSize), add "
+            f"{_FLAG['gradientCheckpointing']} (spec.training.gradientCheckpointing: true), or use a higher "
+            f"DeepSpeed ZeRO stage, {_FLAG['strategy']} deepspeed_stage_2 or deepspeed_stage_3 "
+            f"(spec.training.strategy)")
+
 
 def _fail(code: int, message: str) -> int:
+    from .launcher import report_failure
+
     print(f"{contract.TRAINER_COMMAND}: error: {message}", file=sys.stderr, flush=True)
+    report_failure(code, message)
     return code
+
+
+def _out_of_memory(exc: BaseException) -> BaseException | None:
+    """The CUDA OOM behind `exc`, also when a library re-raised it as something else."""
+    import torch
+
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, torch.OutOfMemoryError):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
 
 
 def run_cli(argv: Sequence[str] | None = None) -> int:
@@ -31,20 +58,25 @@ def run_cli(argv: Sequence[str] | None = None) -> int:
         cfg = parse_config(argv)
     except ConfigError as exc:
         return _fail(contract.EXIT_INVALID_ARGS, str(exc))
+    shutdown.install()
 
     # Heavy imports (torch, lightning, diffusers) only after the flags are known to be good.
+    from . import launcher
     from .checkpoint import CheckpointError
     from .data import DatasetError
     from .distributed import RendezvousTimeout, is_retryable
-    from .train import run
+    from .train import plan_topology, run
 
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     try:
+        topology = plan_topology(cfg, os.environ)
+        if launcher.should_launch(topology, os.environ):
+            return launcher.launch(topology, os.environ)
         run(cfg)
     except SIGTERMException:
-        # Lightning turns SIGTERM into a SystemExit without a code (= 0, "success"): report the
-        # signal as the shell would, so the operator classifies it as a retryable kill.
+        # Only if Lightning's own handler ran after all (shutdown.py keeps it off): report the signal
+        # as the shell would, so the operator classifies it as a retryable kill.
         return _fail(128 + signal.SIGTERM, "terminated by SIGTERM (pod deleted, evicted or preempted)")
     except ConfigError as exc:
         return _fail(contract.EXIT_INVALID_ARGS, str(exc))
@@ -55,6 +87,11 @@ def run_cli(argv: Sequence[str] | None = None) -> int:
     except RendezvousTimeout as exc:
         return _fail(contract.EXIT_RETRYABLE, f"rendezvous: {exc}")
     except Exception as exc:  # noqa: BLE001 - every failure must map to an exit code the operator understands
+        oom = _out_of_memory(exc)
+        if oom is not None:
+            log.exception("CUDA out of memory")
+            first_line = (str(oom).strip().splitlines() or ["CUDA out of memory"])[0]
+            return _fail(contract.EXIT_OUT_OF_MEMORY, f"CUDA out of memory ({first_line}); {OOM_HINT}")
         if is_retryable(exc):
             log.exception("retryable infrastructure failure")
             return _fail(contract.EXIT_RETRYABLE, f"distributed: {exc}")

@@ -16,10 +16,11 @@ from lightning.pytorch.strategies import Strategy
 from lorakube import contract
 
 from . import checkpoint as ckpt
+from . import shutdown
 from .artifacts import (MetricsWriter, check_comfyui, check_loaded, save_comfyui, upload_to_modelscope,
                         write_json, write_manifest, write_model_card)
 from .caching import cache_folder
-from .callbacks import FinalStateCallback, ResumeCallback, StepCallback
+from .callbacks import ExitOnSigterm, FinalStateCallback, ResumeCallback, StepCallback
 from .config import ConfigError, TrainConfig
 from .data import DataPosition, load_records
 from .datamodule import CaptionDataModule
@@ -56,6 +57,14 @@ def _planned_global_rank(topology: Topology, env: Mapping[str, str]) -> int:
     return topology.node_rank * topology.devices + int(env.get("LOCAL_RANK") or 0)
 
 
+def plan_topology(cfg: TrainConfig, env: Mapping[str, str]) -> Topology:
+    """Nodes, processes per node and this node's rank, as run() will use them (the CLI asks first,
+    to know whether to launch one process per local rank)."""
+    on_gpu = _use_gpu(cfg)
+    return resolve_topology(env, cfg.num_nodes, cfg.devices,
+                            default_devices=torch.cuda.device_count() if on_gpu else 1)
+
+
 def run(cfg: TrainConfig, env: Mapping[str, str] | None = None, *,
         strategy_factory: StrategyFactory = build_strategy, family: Family | None = None,
         extra_callbacks: Sequence[pl.Callback] = ()) -> RunResult:
@@ -65,8 +74,7 @@ def run(cfg: TrainConfig, env: Mapping[str, str] | None = None, *,
     targets = list(cfg.lora_target_modules or family.default_lora_targets)
     on_gpu = _use_gpu(cfg)
     cfg = dataclasses.replace(cfg, precision=resolve_precision(cfg.precision, on_gpu))
-    topology = resolve_topology(env, cfg.num_nodes, cfg.devices,
-                                default_devices=torch.cuda.device_count() if on_gpu else 1)
+    topology = plan_topology(cfg, env)
     records = load_records(cfg.dataset_path)
     loaded = ckpt.resolve_resume(cfg.resume, Path(cfg.checkpoint_dir))
     start_step = 0 if loaded is None else loaded.step
@@ -93,7 +101,10 @@ def run(cfg: TrainConfig, env: Mapping[str, str] | None = None, *,
                if planned_rank == 0 else None)
     step_cb, final_cb = StepCallback(cfg, reporter, metrics), FinalStateCallback()
     trainer = pl.Trainer(**trainer_kwargs(cfg, topology, on_gpu, remaining, strategy_factory),
-                         callbacks=[ResumeCallback(cfg, loaded), step_cb, final_cb, *extra_callbacks])
+                         callbacks=[ResumeCallback(cfg, loaded), step_cb, final_cb, ExitOnSigterm(),
+                                    *extra_callbacks])
+    # SIGTERM must end this process at once, never through a collective (see shutdown.py).
+    shutdown.keep_lightning_off_sigterm(trainer)
     if needs_rendezvous_check(topology):
         waited = wait_for_master(topology.master_addr, topology.master_port, cfg.rendezvous_timeout)
         log.info("rank 0 at %s:%s reachable after %.1f s", topology.master_addr, topology.master_port, waited)

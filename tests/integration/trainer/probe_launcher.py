@@ -1,11 +1,16 @@
 """Test-only entry point: `lorakube-train` plus a probe that records, per rank, which dataset
 records the rank trained on and a hash of its final LoRA (written to $PROBE_DIR/rank-<r>.json).
 
-    python probe_launcher.py [--test-strategy cpu-deepspeed-N] [--crash-after-step N] <lorakube-train flags>
+    python probe_launcher.py [--test-strategy cpu-deepspeed-N] [--crash-after-step N]
+                             [--fake-cuda-oom-on-rank R] <lorakube-train flags>
 
 `--test-strategy` swaps in CPUDeepSpeedStrategyForTests, since Lightning's stock DeepSpeed
 strategy refuses CPUs; `--crash-after-step` makes every rank fail right after that optimizer step
-(and its checkpoint), like a gang losing a node. Everything else is the real CLI, exit codes included.
+(and its checkpoint), like a gang losing a node; `--fake-cuda-oom-on-rank` makes global rank R
+raise torch.OutOfMemoryError (what CUDA raises; there is no GPU here) in its first training batch.
+Each rank also touches $PROBE_DIR/rank-<r>.training when its first batch starts. Everything else
+is the real CLI, exit codes included; with several processes per pod the trainer's own launcher
+starts this script again for each local rank, with the same arguments.
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ class Probe(pl.Callback):
         self.out, self.indices = out, []
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        if not self.indices:
+            (self.out / f"rank-{trainer.global_rank}.training").touch()
         self.indices.append([int(i) for i in batch["index"]])
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
@@ -53,6 +60,16 @@ class CrashAfter(pl.Callback):
             raise RuntimeError(f"simulated failure after step {self.step}")
 
 
+class FakeCudaOutOfMemory(pl.Callback):
+    def __init__(self, rank: int) -> None:
+        self.rank = rank
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        if trainer.global_rank == self.rank:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB. GPU 1 has a total "
+                                         "capacity of 79.19 GiB of which 3.12 GiB is free. (faked by the test)")
+
+
 def main() -> None:
     argv = sys.argv[1:]
     factory = train.build_strategy
@@ -67,6 +84,9 @@ def main() -> None:
     callbacks: list[pl.Callback] = []
     if argv[:1] == ["--crash-after-step"]:
         callbacks.append(CrashAfter(int(argv[1])))
+        argv = argv[2:]
+    if argv[:1] == ["--fake-cuda-oom-on-rank"]:
+        callbacks.append(FakeCudaOutOfMemory(int(argv[1])))
         argv = argv[2:]
     out = Path(os.environ["PROBE_DIR"])
     out.mkdir(parents=True, exist_ok=True)

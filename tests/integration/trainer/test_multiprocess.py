@@ -171,14 +171,17 @@ def test_torchrun_launch_needs_no_other_settings(tiny_flux: Path, tmp_path: Path
     assert probes[0]["indices"] != probes[1]["indices"]
 
 
-def test_one_pod_with_two_processes_lightning_launches_the_second(tiny_flux: Path, tmp_path: Path) -> None:
+def test_one_pod_with_two_processes_the_trainer_launches_both_local_ranks(tiny_flux: Path, tmp_path: Path) -> None:
     env = base_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), NODE_RANK="0", NNODES="1",
                    NPROC_PER_NODE="2", WORLD_SIZE="2", PROBE_DIR=str(tmp_path / "probe"))
     proc = start(flags(tiny_flux, tmp_path / "out"), env, tmp_path / "pod.log")
     assert finish(proc) == 0, (tmp_path / "pod.log").read_text()[-3000:]
     probes = _probes(tmp_path / "probe", 2)
     assert [p["world_size"] for p in probes] == [2, 2]
+    # LOCAL_RANK set by lorakube-train's launcher: Lightning sees externally launched processes.
+    assert {p["cluster_env"] for p in probes} == {"LightningEnvironment"}
     assert probes[0]["lora_sha256"] == probes[1]["lora_sha256"]
+    assert probes[0]["indices"] != probes[1]["indices"]
     assert (tmp_path / "out" / contract.ARTIFACT_MANIFEST).is_file()
 
 
