@@ -46,10 +46,10 @@ class Family(abc.ABC):
         through `original_target_names`, any other name kept (add_lora checks it against the model)."""
         resolved: list[str] = []
         for name in names:
-            mapped = self.original_target_names.get(name)
-            if mapped is not None:
+            mapped = self.original_target_names.get(name, (name,))
+            if mapped != (name,):
                 log.info("--lora_target_modules: %s (the original framework's name) -> %s", name, ",".join(mapped))
-            for target in mapped or (name,):
+            for target in mapped:
                 if target not in resolved:
                     resolved.append(target)
         return resolved
