@@ -94,3 +94,12 @@ def test_a_name_that_maps_to_nothing_fails_with_the_valid_names(denoisers, name)
     assert "--lora_target_modules: no_such_layer match no linear layer" in message
     assert all(original in message for original in family.original_target_names)
     assert "to_q" in message and "*" in message              # diffusers names, block index as *
+
+
+def test_the_mapping_is_logged_and_diffusers_names_pass_unchanged(caplog):
+    flux = get_family("flux")
+    with caplog.at_level("INFO", logger="lorakube_trainer.families.base"):
+        resolved = flux.resolve_lora_targets(["to_q", "b_to_qkv", "norm.linear", "add_q_proj"])
+    assert resolved == ["to_q", "add_q_proj", "add_k_proj", "add_v_proj", "norm.linear"]   # no duplicates
+    assert [r.getMessage() for r in caplog.records] == [
+        "--lora_target_modules: b_to_qkv (the original framework's name) -> add_q_proj,add_k_proj,add_v_proj"]
