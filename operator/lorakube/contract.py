@@ -218,7 +218,10 @@ def checkpoint_dir_name(step: int) -> str:
 ARTIFACT_LORA_DIFFUSERS = "pytorch_lora_weights.safetensors"   # diffusers/peft keys, alpha stored
 ARTIFACT_LORA_COMFYUI = "lora_comfyui.safetensors"             # kohya/ComfyUI keys + per-module alpha
 ARTIFACT_TRAINING_CONFIG = "training_config.json"
-ARTIFACT_METRICS = "metrics.jsonl"
+ARTIFACT_METRICS = "metrics.jsonl"                             # step, epoch, loss, lr: reproducible
+# Wall-clock seconds and GPU memory per step. They differ between two runs of one spec, so they stay
+# out of metrics.jsonl and the manifest, which are byte-identical when a run reproduces.
+ARTIFACT_TIMINGS = "timings.jsonl"
 ARTIFACT_VALIDATION_GRID = "validation_grid.png"               # base vs base+LoRA, same seed
 ARTIFACT_MODEL_CARD = "README.md"                              # what was trained, on what, how to load it
 ARTIFACT_MANIFEST = "manifest.json"                             # sha256 + bytes per file, written last

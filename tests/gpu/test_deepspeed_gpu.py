@@ -52,7 +52,9 @@ def _train(model: Path, out: Path, strategy: str, precision: str, *extra: str) -
            "--validation_inference_steps", "2", "--use_gradient_checkpointing", *extra]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=540)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return [json.loads(x) for x in (out / contract.ARTIFACT_METRICS).read_text().splitlines()]
+    metrics = [json.loads(x) for x in (out / contract.ARTIFACT_METRICS).read_text().splitlines()]
+    timings = {t["step"]: t for t in map(json.loads, (out / contract.ARTIFACT_TIMINGS).read_text().splitlines())}
+    return [{**m, **timings[m["step"]]} for m in metrics]          # elapsed_s and peak memory live in timings
 
 
 @pytest.mark.parametrize(("strategy", "precision"), [

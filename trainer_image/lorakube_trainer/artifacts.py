@@ -8,60 +8,65 @@ each) last and atomically, so a reader that finds the manifest finds every file 
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 from typing import Any, Iterable
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from lorakube import contract
 
 from .checkpoint import sha256_file
 from .families.base import Family
+from .files import atomic_write_text, save_safetensors
 
 
 class ArtifactCheckError(RuntimeError):
     """A written LoRA file did not load back correctly."""
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+# Fields of a step record that measure the machine rather than the training: they go to
+# timings.jsonl, so that metrics.jsonl (and the manifest hashing it) is the same in a rerun.
+WALL_CLOCK_FIELDS = ("elapsed_s", "gpu_max_memory_mb")
 
 
 class MetricsWriter:
-    """metrics.jsonl, one JSON object per optimizer step. On resume, lines past the resumed step
-    (written by the interrupted attempt after its last checkpoint) are dropped, since those steps
-    run again."""
+    """metrics.jsonl (step, epoch, loss, lr) and timings.jsonl (step + WALL_CLOCK_FIELDS), one JSON
+    object per optimizer step each. On resume, lines past the resumed step (written by the
+    interrupted attempt after its last checkpoint) are dropped, since those steps run again."""
 
     def __init__(self, path: Path, resume_step: int) -> None:
         self.path = path
+        self.timings_path = path.with_name(contract.ARTIFACT_TIMINGS)
         path.parent.mkdir(parents=True, exist_ok=True)
-        kept = []
-        if path.is_file():
-            for line in path.read_text().splitlines():
-                try:
-                    if json.loads(line).get("step", 0) <= resume_step:
-                        kept.append(line)
-                except ValueError:
-                    continue            # a line cut short by the interruption
-        atomic_write_text(path, "".join(f"{line}\n" for line in kept))
+        for file in (self.path, self.timings_path):
+            _truncate_after(file, resume_step)
 
     def write(self, record: dict[str, Any]) -> None:
-        with self.path.open("a") as fh:
-            fh.write(json.dumps(record, sort_keys=True) + "\n")
+        timings = {k: record[k] for k in WALL_CLOCK_FIELDS if k in record}
+        metrics = {k: v for k, v in record.items() if k not in timings}
+        for file, body in ((self.path, metrics), (self.timings_path, {"step": record["step"], **timings})):
+            with file.open("a") as fh:
+                fh.write(json.dumps(body, sort_keys=True) + "\n")
+
+
+def _truncate_after(path: Path, step: int) -> None:
+    kept = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    kept.append(line)
+            except ValueError:
+                continue            # a line cut short by the interruption
+    atomic_write_text(path, "".join(f"{line}\n" for line in kept))
 
 
 def save_comfyui(family: Family, state: dict[str, torch.Tensor], path: Path, rank: int, alpha: float) -> None:
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in family.to_comfyui(state, rank, alpha).items()}
-    save_file(tensors, str(path), metadata={"ss_network_dim": str(rank), "ss_network_alpha": f"{alpha:g}",
-                                            "ss_base_model_family": family.name})
+    save_safetensors(family.to_comfyui(state, rank, alpha), path,
+                     {"ss_network_dim": str(rank), "ss_network_alpha": f"{alpha:g}",
+                      "ss_base_model_family": family.name})
 
 
 _ADAPTER_SEGMENT = re.compile(r"\.(lora_[AB])\.[^.]+\.weight$")
@@ -120,10 +125,11 @@ def write_json(path: Path, body: Any) -> None:
     atomic_write_text(path, json.dumps(body, indent=2, sort_keys=True, default=str) + "\n")
 
 
-def write_model_card(path: Path, *, family: str, model_path: str, rank: int, alpha: float, steps: int,
+def write_model_card(path: Path, *, family: Family, model_path: str, rank: int, alpha: float, steps: int,
                      targets: Iterable[str], prompts: Iterable[str], formats: Iterable[str]) -> None:
+    formats = tuple(formats)
     lines = [
-        f"# LoRA for {family}",
+        f"# LoRA for {family.name}",
         "",
         f"Trained with lorakube on `{Path(model_path).name}` for {steps} optimizer steps.",
         "",
@@ -131,17 +137,35 @@ def write_model_card(path: Path, *, family: str, model_path: str, rank: int, alp
         f"- target modules: {', '.join(targets)}",
         f"- validation prompts: {'; '.join(prompts)}",
         "",
-        "## Files",
+        "## Which file where",
+        "",
+        *_files_section(family, rank, alpha, formats),
+        f"- `{contract.ARTIFACT_VALIDATION_GRID}`: top row base model, bottom row with this LoRA (same seed)",
+        f"- `{contract.ARTIFACT_MANIFEST}`: sha256 and size of every file",
+        "",
     ]
-    if "diffusers" in formats:
-        lines += [f"- `{contract.ARTIFACT_LORA_DIFFUSERS}`: diffusers/peft keys; "
-                  "`pipe.load_lora_weights(folder)` (alpha in the file's metadata)"]
-    if "comfyui" in formats:
-        lines += [f"- `{contract.ARTIFACT_LORA_COMFYUI}`: kohya/ComfyUI keys with a per-module alpha; "
-                  "put it in ComfyUI's `models/loras`"]
-    lines += [f"- `{contract.ARTIFACT_VALIDATION_GRID}`: top row base model, bottom row with this LoRA (same seed)",
-              f"- `{contract.ARTIFACT_MANIFEST}`: sha256 and size of every file", ""]
     atomic_write_text(path, "\n".join(lines))
+
+
+def _files_section(family: Family, rank: int, alpha: float, formats: tuple[str, ...]) -> list[str]:
+    diffusers, comfyui = contract.ARTIFACT_LORA_DIFFUSERS, contract.ARTIFACT_LORA_COMFYUI
+    for_comfyui = (f"use `{comfyui}` there" if "comfyui" in formats else
+                   f"this run wrote no `{comfyui}` (add comfyui to the output formats to get one)")
+    lines = []
+    if "diffusers" in formats:
+        lines.append(f"- `{diffusers}` (diffusers/peft keys) for diffusers: {family.diffusers_loading}.")
+        if not family.comfyui_reads_diffusers_keys:
+            lines.append(f"  ComfyUI does not recognise its keys and applies nothing from it: {for_comfyui}.")
+        elif alpha != rank:
+            lines.append(f"  ComfyUI loads its keys but not its alpha (kept only in the file's metadata), so it applies "
+                         f"the LoRA at scale 1 instead of alpha/rank = {alpha / rank:g}: {for_comfyui}.")
+        else:
+            lines.append(f"  ComfyUI loads its keys but not its alpha (kept only in the file's metadata); with alpha = "
+                         f"rank the scale happens to be right, but {for_comfyui}.")
+    if "comfyui" in formats:
+        lines.append(f"- `{comfyui}` (kohya/ComfyUI keys, a per-module alpha) for ComfyUI and kohya-based tools: "
+                     "put it in ComfyUI's `models/loras`.")
+    return lines
 
 
 def write_manifest(output: Path, names: Iterable[str]) -> dict[str, Any]:
@@ -155,12 +179,9 @@ def write_manifest(output: Path, names: Iterable[str]) -> dict[str, Any]:
 
 
 def upload_to_modelscope(output: Path, model_id: str, token: str, names: Iterable[str]) -> None:
-    """Push the final files (not the checkpoints) to a ModelScope model repo."""
-    try:
-        from modelscope.hub.api import HubApi
-    except ImportError as exc:
-        raise RuntimeError("--modelscope_model_id needs the `modelscope` package, which is not installed in this "
-                           "image; pip install modelscope or drop the flag") from exc
+    """Push the final files (not the checkpoints) to a ModelScope model repo (config.py checked at
+    parse time that the package is installed)."""
+    from modelscope.hub.api import HubApi
     import shutil
     import tempfile
 

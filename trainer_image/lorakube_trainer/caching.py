@@ -16,18 +16,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from .config import TrainConfig
 from .data import CaptionedImages, Record, SampleKey, flip_decision, resize_and_crop
 from .families.base import Family
+from .files import save_safetensors
 
 COND_PREFIX = "cond."
 
@@ -65,12 +65,6 @@ def encode_record(family: Family, pipe: Any, record: Record, cfg: TrainConfig, d
     return {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
 
 
-def _write_atomic(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file(tensors, str(tmp))
-    os.replace(tmp, path)
-
-
 def build_cache(family: Family, pipe: Any, records: list[Record], cfg: TrainConfig, folder: Path, *,
                 device: torch.device, dtype: torch.dtype, rank: int, world_size: int,
                 barrier: Callable[[], None]) -> int:
@@ -82,7 +76,7 @@ def build_cache(family: Family, pipe: Any, records: list[Record], cfg: TrainConf
         for i in indices:
             path = record_file(folder, i)
             if not path.is_file():
-                _write_atomic(path, encode_record(family, pipe, records[i], cfg, device, dtype))
+                save_safetensors(encode_record(family, pipe, records[i], cfg, device, dtype), path)
                 done += 1
         return done
 

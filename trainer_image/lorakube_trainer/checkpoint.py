@@ -24,11 +24,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from lorakube import contract
 
 from .config import RESUME_AUTO, RESUME_NEVER
+from .files import atomic_write_bytes, save_safetensors
 
 TRAINABLE_FILE = "trainable.safetensors"
 STATE_FILE = "state.pt"
@@ -56,13 +57,6 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _fsync_write_bytes(path: Path, data: bytes) -> None:
-    with path.open("wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-
-
 def tmp_dir(root: Path, step: int) -> Path:
     return root / f"{TMP_PREFIX}{contract.checkpoint_dir_name(step)}"
 
@@ -77,7 +71,9 @@ def prepare_tmp(root: Path, step: int) -> Path:
 
 
 def write_trainable(tmp: Path, tensors: dict[str, torch.Tensor]) -> None:
-    save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}, str(tmp / TRAINABLE_FILE))
+    # Cloned: under DeepSpeed the parameters are views of one flat buffer, and safetensors refuses
+    # tensors that share memory.
+    save_safetensors({k: v.detach().to("cpu").clone() for k, v in tensors.items()}, tmp / TRAINABLE_FILE)
 
 
 def write_state(tmp: Path, state: dict[str, Any]) -> None:
@@ -115,7 +111,7 @@ def finalize(root: Path, step: int) -> Path:
         if required not in files:
             raise CheckpointError(f"checkpoint {tmp} lacks {required}")
     marker = {"step": step, "files": files}
-    _fsync_write_bytes(tmp / contract.CHECKPOINT_COMPLETE_MARKER, json.dumps(marker, indent=2).encode())
+    atomic_write_bytes(tmp / contract.CHECKPOINT_COMPLETE_MARKER, json.dumps(marker, indent=2).encode())
     final = root / contract.checkpoint_dir_name(step)
     if final.exists():
         shutil.rmtree(final)

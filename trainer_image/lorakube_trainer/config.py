@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import os
+import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -283,6 +285,11 @@ def _validate(ns: argparse.Namespace, env: dict[str, str]) -> TrainConfig:
     if bool(ns.modelscope_model_id) != bool(ns.modelscope_access_token):
         raise ConfigError(FLAG_MODELSCOPE_MODEL_ID,
                           f"the upload needs both {FLAG_MODELSCOPE_MODEL_ID} and {FLAG_MODELSCOPE_ACCESS_TOKEN}")
+    # The upload runs after the whole training: find out now that it could not.
+    if ns.modelscope_model_id and importlib.util.find_spec("modelscope") is None:
+        raise ConfigError(FLAG_MODELSCOPE_MODEL_ID,
+                          "the upload needs the `modelscope` package, which is not installed here; install it into "
+                          "the image (pip install modelscope) or drop the flag")
 
     checkpoint_dir = ns.checkpoint_dir or str(Path(output_path) / contract.DEFAULT_CHECKPOINT_SUBDIR)
     return TrainConfig(
@@ -323,3 +330,27 @@ def _validate(ns: argparse.Namespace, env: dict[str, str]) -> TrainConfig:
         modelscope_model_id=ns.modelscope_model_id,
         modelscope_access_token=ns.modelscope_access_token,
     )
+
+
+def check_output_folders(cfg: TrainConfig) -> None:
+    """At startup, before any model is loaded: each folder the run writes can take new files (it
+    exists, or its nearest existing parent lets the trainer create it). A probe file is created and
+    removed, which catches what permission bits do not show (read-only mounts, root-squashed NFS)."""
+    for path, flag in ((cfg.output_path, contract.FLAG_OUTPUT_PATH), (cfg.checkpoint_dir, contract.FLAG_CHECKPOINT_DIR)):
+        _check_writable_folder(Path(path), flag)
+
+
+def _check_writable_folder(path: Path, flag: str) -> None:
+    existing = path.absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(flag, f"{path} cannot be a folder: {existing} is a file; give a folder path")
+    where = str(existing) if existing == path.absolute() else f"{existing} (to create {path} in it)"
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".lorakube-write-check-", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise ConfigError(flag, f"cannot write to {where}: {exc.strerror}; mount a writable volume there or give a "
+                                f"path this process (uid {os.getuid()}) may write") from exc

@@ -21,7 +21,7 @@ from .artifacts import (MetricsWriter, check_comfyui, check_loaded, save_comfyui
                         write_json, write_manifest, write_model_card)
 from .caching import cache_folder
 from .callbacks import ExitOnSigterm, FinalStateCallback, ResumeCallback, StepCallback
-from .config import ConfigError, TrainConfig
+from .config import ConfigError, TrainConfig, check_output_folders
 from .data import DataPosition, load_records
 from .datamodule import CaptionDataModule
 from .distributed import Topology, needs_rendezvous_check, resolve_topology, wait_for_master
@@ -70,8 +70,10 @@ def run(cfg: TrainConfig, env: Mapping[str, str] | None = None, *,
         extra_callbacks: Sequence[pl.Callback] = ()) -> RunResult:
     """Train per `cfg`. Tests inject a family, a strategy factory or callbacks; the CLI never does."""
     env = os.environ if env is None else env
+    check_output_folders(cfg)                  # before anything slow: an unwritable output fails now
     family = family or get_family(cfg.model_family)
-    targets = list(cfg.lora_target_modules or family.default_lora_targets)
+    # The original framework's module names become the family's diffusers names (logged).
+    targets = family.resolve_lora_targets(cfg.lora_target_modules or family.default_lora_targets)
     on_gpu = _use_gpu(cfg)
     cfg = dataclasses.replace(cfg, precision=resolve_precision(cfg.precision, on_gpu))
     topology = plan_topology(cfg, env)
@@ -229,7 +231,7 @@ def write_artifacts(cfg: TrainConfig, family: Family, targets: list[str], state:
     metrics = out / contract.ARTIFACT_METRICS
     if metrics.is_file():
         names.append(metrics.name)
-    write_model_card(out / contract.ARTIFACT_MODEL_CARD, family=family.name, model_path=cfg.model_path, rank=cfg.lora_rank,
+    write_model_card(out / contract.ARTIFACT_MODEL_CARD, family=family, model_path=cfg.model_path, rank=cfg.lora_rank,
                      alpha=cfg.lora_alpha, steps=steps, targets=targets, prompts=cfg.validation_prompts,
                      formats=cfg.output_formats)
     names.append(contract.ARTIFACT_MODEL_CARD)

@@ -4,6 +4,7 @@ EXIT_INVALID_ARGS; --config YAML uses the flag names and the command line overri
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -41,7 +42,6 @@ def test_every_flag_is_parsed_into_the_config() -> None:
         contract.FLAG_CHECKPOINT_DIR, "ck", contract.FLAG_RESUME, "never", contract.FLAG_OUTPUT_FORMATS, "comfyui",
         "--num_nodes", "2", "--devices", "4", "--rendezvous_timeout", "9", "--keep_last_checkpoints", "2",
         "--validation_inference_steps", "3", "--accelerator", "cpu", "--cache_latents",
-        "--modelscope_model_id", "me/lora", "--modelscope_access_token", "secret",
     ]
     cfg = parse_config(argv, env={})
     assert cfg.lora_target_modules == ("to_q", "to_k", "to_v")
@@ -56,9 +56,9 @@ def test_every_flag_is_parsed_into_the_config() -> None:
     assert cfg.validation_inference_steps == 3 and cfg.accelerator == "cpu" and cfg.cache_latents
     assert cfg.resume == "never" and cfg.output_formats == ("comfyui",)
     assert (cfg.num_nodes, cfg.devices, cfg.rendezvous_timeout) == (2, 4, 9.0)
-    assert cfg.modelscope_model_id == "me/lora" and cfg.modelscope_access_token == "secret"
     assert cfg.total_steps == 12 * 3                 # optimizer steps, whatever the accumulation
-    assert cfg.to_json()["modelscope_access_token"] == "***"      # never written out
+    with_token = dataclasses.replace(cfg, modelscope_model_id="me/lora", modelscope_access_token="secret")
+    assert with_token.to_json()["modelscope_access_token"] == "***"      # never written out
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.height = 64  # type: ignore[misc]
 
@@ -160,3 +160,27 @@ def test_the_operators_flag_table_is_accepted() -> None:
             argv += [flag, values.get(key, "16")]
     cfg = parse_config(argv, env={})
     assert cfg.training_strategy == "ddp" and cfg.height == 16
+
+
+@pytest.mark.skipif(importlib.util.find_spec("modelscope") is not None, reason="the package is installed here")
+def test_modelscope_upload_without_the_package_fails_before_training(capsys: pytest.CaptureFixture[str]) -> None:
+    code = run_cli(BASE + ["--modelscope_model_id", "me/lora", "--modelscope_access_token", "tok"])
+    assert code == contract.EXIT_INVALID_ARGS
+    err = capsys.readouterr().err
+    assert "--modelscope_model_id" in err and "pip install modelscope" in err
+
+
+@pytest.mark.parametrize(("flag", "where"), [
+    ("--output_path", "file"), ("--output_path", "file/child"), ("--checkpoint_dir", "file/ckpt"),
+    ("--output_path", "/proc/lorakube-out"),          # a folder nobody may create entries in, root included
+])
+def test_an_output_folder_that_cannot_be_written_fails_at_startup(tmp_path: Path, flag: str, where: str,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "file").write_text("in the way")
+    argv = ["--model_family", "flux", "--model_path", str(tmp_path / "no-model"), "--dataset_path",
+            str(tmp_path / "no-data"), "--output_path", str(tmp_path / "out"), flag, str(tmp_path / where)]
+    # Neither the model nor the dataset exists: the run stops at the output check, before loading either.
+    assert run_cli(argv) == contract.EXIT_INVALID_ARGS
+    err = capsys.readouterr().err
+    assert f"error: {flag}: " in err
+    assert ("is a file; give a folder path" in err) if where.startswith("file") else ("mount a writable volume" in err)

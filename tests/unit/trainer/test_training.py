@@ -3,8 +3,6 @@ the artifacts a user picks up, checkpoints and exact resume."""
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
 import json
 from pathlib import Path
 from typing import Any
@@ -16,7 +14,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 from toy_family import ToyFamily
-from trainer_testlib import CrashAt, SimulatedNodeLoss, lora_file_identity
+from trainer_testlib import CrashAt, SimulatedNodeLoss, sha256
 
 from lorakube import contract
 from lorakube_trainer import validation
@@ -47,10 +45,6 @@ def _run(cfg, family: ToyFamily | None = None, callbacks=()) -> tuple[RunResult,
     return run(cfg, env={}, family=family, extra_callbacks=callbacks), family
 
 
-def _sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def test_artifacts_a_user_picks_up(make_cfg, tmp_path: Path) -> None:
     cfg = make_cfg("--max_epochs", "2", "--lora_rank", "2", "--lora_alpha", "3", "--checkpoint_every_n_steps", "0",
                    "--validation_prompt", "red", "--validation_prompt", "blue")
@@ -62,7 +56,7 @@ def test_artifacts_a_user_picks_up(make_cfg, tmp_path: Path) -> None:
                              contract.ARTIFACT_TRAINING_CONFIG, contract.ARTIFACT_METRICS,
                              contract.ARTIFACT_VALIDATION_GRID, contract.ARTIFACT_MODEL_CARD}
     for name, entry in manifest.items():
-        assert entry == {"sha256": _sha(out / name), "bytes": (out / name).stat().st_size}
+        assert entry == {"sha256": sha256(out / name), "bytes": (out / name).stat().st_size}
     lora = load_file(str(out / contract.ARTIFACT_LORA_DIFFUSERS))
     assert lora and all(".lora_A." in k or ".lora_B." in k for k in lora)     # LoRA tensors only
     assert {v.shape[0] for k, v in lora.items() if ".lora_A." in k} == {2}
@@ -198,7 +192,7 @@ def test_interrupted_run_resumes_bit_identically(make_cfg, tmp_path: Path, accum
     for key, tensor in whole.final_lora.items():
         assert torch.equal(tensor, resumed.final_lora[key]), key
     name = contract.ARTIFACT_LORA_DIFFUSERS
-    assert lora_file_identity(tmp_path / "whole" / name) == lora_file_identity(tmp_path / "cut" / name)
+    assert sha256(tmp_path / "whole" / name) == sha256(tmp_path / "cut" / name)
     steps = [json.loads(x)["step"] for x in (tmp_path / "cut" / contract.ARTIFACT_METRICS).read_text().splitlines()]
     assert steps == list(range(1, whole.steps_done + 1))            # replayed steps not logged twice
 
@@ -227,13 +221,3 @@ def test_center_crop_and_flip_flags_reach_the_dataset(make_cfg, dataset: Path) -
     with Image.open(ds.records[ds.record_index(key)].path) as img:
         expected = resize_and_crop(img, 32, 16, center_crop=True, random_flip=False, rng=ds.sample_rng(key))
     assert torch.equal(ds[key]["pixels"], expected)
-
-
-@pytest.mark.skipif(importlib.util.find_spec("modelscope") is not None, reason="would upload for real")
-def test_modelscope_upload_needs_the_package(make_cfg) -> None:
-    cfg = make_cfg("--modelscope_model_id", "me/lora", "--modelscope_access_token", "tok",
-                   "--checkpoint_every_n_steps", "0")
-    with pytest.raises(RuntimeError, match="needs the `modelscope` package"):
-        _run(cfg)
-    # The artifacts are complete before the upload is attempted.
-    assert (Path(cfg.output_path) / contract.ARTIFACT_MANIFEST).is_file()

@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from lorakube_trainer.families.base import Family
+from lorakube_trainer.files import save_safetensors
 
 LATENT = 4
 HIDDEN = 16
@@ -138,8 +139,9 @@ class ToyFamily(Family):
         set_peft_model_state_dict(denoiser, state)
 
     def save_diffusers_lora(self, state: dict[str, torch.Tensor], path: Path, rank: int, alpha: float) -> None:
-        save_file({f"denoiser.{k}": v.contiguous() for k, v in state.items()}, str(path),
-                  metadata={"lora_rank": str(rank), "lora_alpha": f"{alpha:g}"})
+        # The trainer's writer, as the real families use it (mode, atomic rename, stable bytes).
+        save_safetensors({f"denoiser.{k}": v for k, v in state.items()}, path,
+                         {"lora_rank": str(rank), "lora_alpha": f"{alpha:g}"})
 
     def to_comfyui(self, state: dict[str, torch.Tensor], rank: int, alpha: float) -> dict[str, torch.Tensor]:
         out = {}

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
-import struct
 from pathlib import Path
 from typing import Any
 
@@ -45,13 +43,6 @@ class CrashAt(pl.Callback):
             raise SimulatedNodeLoss(f"after step {self.step}")
 
 
-def lora_file_identity(path: Path) -> tuple[str, dict[str, str]]:
-    """(sha256 of the tensor bytes and their index, metadata). The safetensors writer orders
-    metadata keys in its header arbitrarily (a Rust HashMap), so whole-file hashes of two equal
-    LoRAs can differ; the tensor section and the parsed metadata cannot."""
-    data = path.read_bytes()
-    size = struct.unpack("<Q", data[:8])[0]
-    header = json.loads(data[8:8 + size])
-    metadata = header.pop("__metadata__", {})
-    digest = hashlib.sha256(json.dumps(header, sort_keys=True).encode() + data[8 + size:]).hexdigest()
-    return digest, metadata
+def sha256(path: Path) -> str:
+    """Whole-file hash: the trainer writes equal LoRAs as equal bytes (files.safetensors_bytes)."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()

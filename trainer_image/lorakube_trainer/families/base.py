@@ -9,17 +9,29 @@ trainer seeds and checkpoints/restores that RNG, which is what makes resume bit-
 from __future__ import annotations
 
 import abc
+import logging
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Iterable, Mapping
 
 import torch
+
+log = logging.getLogger(__name__)
 
 
 class Family(abc.ABC):
     name: ClassVar[str]                          # one of lorakube.contract.FAMILIES
     denoiser_attr: ClassVar[str]                 # "transformer" or "unet": the pipeline attribute LoRA goes into
     default_lora_targets: ClassVar[tuple[str, ...]]
+    # The original framework's (DiffSynth-Studio's) module names for this family -> the diffusers
+    # module names they correspond to, so that its --lora_target_modules lists keep working.
+    # Targets are peft's: a module path or its last part(s); "*" stands for one path segment (a block index).
+    original_target_names: ClassVar[Mapping[str, tuple[str, ...]]] = {}
     size_multiple: ClassVar[int]                 # height/width must be multiples (contract.SIZE_MULTIPLE)
+    # How a user loads the diffusers-layout file; the model card quotes it.
+    diffusers_loading: ClassVar[str] = "`pipe.load_lora_weights(folder)` (diffusers reads the alpha from the metadata)"
+    # Whether ComfyUI maps the diffusers-layout keys of this family's model. Where it does, it still
+    # ignores the alpha (ComfyUI reads a per-module `.alpha` tensor, never the metadata).
+    comfyui_reads_diffusers_keys: ClassVar[bool] = False
 
     @abc.abstractmethod
     def load_pipeline(self, model_path: str | Path, dtype: torch.dtype) -> Any:
@@ -28,6 +40,19 @@ class Family(abc.ABC):
 
     def denoiser(self, pipe: Any) -> torch.nn.Module:
         return getattr(pipe, self.denoiser_attr)
+
+    def resolve_lora_targets(self, names: Iterable[str]) -> list[str]:
+        """--lora_target_modules -> diffusers target names: the original framework's names mapped
+        through `original_target_names`, any other name kept (add_lora checks it against the model)."""
+        resolved: list[str] = []
+        for name in names:
+            mapped = self.original_target_names.get(name, (name,))
+            if mapped != (name,):
+                log.info("--lora_target_modules: %s (the original framework's name) -> %s", name, ",".join(mapped))
+            for target in mapped:
+                if target not in resolved:
+                    resolved.append(target)
+        return resolved
 
     @abc.abstractmethod
     def encode_prompts(self, pipe: Any, prompts: list[str], device: torch.device) -> dict[str, torch.Tensor]:
@@ -43,7 +68,9 @@ class Family(abc.ABC):
         self, pipe: Any, denoiser: torch.nn.Module, latents: torch.Tensor, cond: dict[str, torch.Tensor]
     ) -> torch.Tensor:
         """Scalar loss for one batch: one timestep per sample, the family's objective and
-        loss weighting, computed in fp32."""
+        loss weighting, computed in fp32. The timestep reaches the denoiser as sampled, in fp32
+        (or as integers): cast to bf16 it would move (997.5 -> 996), and the model would learn to
+        denoise one noise level under the time embedding of another."""
 
     @abc.abstractmethod
     def add_lora(self, denoiser: torch.nn.Module, rank: int, alpha: float, targets: list[str]) -> None:

@@ -4,6 +4,7 @@ the diffusers-layout file, VAE encoding. Each family module adds only what diffe
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -11,6 +12,7 @@ import torch
 
 from lorakube.contract import SIZE_MULTIPLE
 
+from ..files import save_safetensors
 from . import lora_keys
 from .base import Family
 
@@ -32,14 +34,29 @@ def freeze_pipeline(pipe: Any) -> None:
             component.eval()
 
 
-def _matches(module_name: str, target: str) -> bool:
-    # peft's rule for a list of targets: the module path equals the target or ends with ".target".
-    return module_name == target or module_name.endswith("." + target)
+def target_regex(targets: list[str]) -> str:
+    """One regular expression (peft matches a string target with re.fullmatch) for a list of targets
+    under peft's rule for lists, a module path that equals a target or ends with "." + target, where
+    a "*" segment stands for any one path segment (a block index): `single_transformer_blocks.*.proj_out`
+    names those layers without the top-level proj_out."""
+    def one(target: str) -> str:
+        return r"\.".join("[^.]+" if part == "*" else re.escape(part) for part in target.split("."))
+
+    return rf"(?:.*\.)?(?:{'|'.join(one(t) for t in targets)})"
+
+
+def _linear_names(denoiser: torch.nn.Module) -> list[str]:
+    return [n for n, m in denoiser.named_modules() if isinstance(m, torch.nn.Linear)]
 
 
 def unmatched_targets(denoiser: torch.nn.Module, targets: list[str]) -> list[str]:
-    names = [n for n, m in denoiser.named_modules() if isinstance(m, torch.nn.Linear)]
-    return [t for t in targets if not any(_matches(n, t) for n in names)]
+    names = _linear_names(denoiser)
+    return [t for t in targets if not any(re.fullmatch(target_regex([t]), n) for n in names)]
+
+
+def linear_layer_patterns(denoiser: torch.nn.Module) -> list[str]:
+    """Every linear layer's path with block indices as "*": the targets a user can choose from."""
+    return sorted({re.sub(r"(?<=\.)\d+(?=\.)", "*", n) for n in _linear_names(denoiser)})
 
 
 def make_lora_config(rank: int, alpha: float, targets: list[str]) -> Any:
@@ -51,7 +68,7 @@ def make_lora_config(rank: int, alpha: float, targets: list[str]) -> Any:
         raise ValueError(f"--lora_alpha must be > 0, got {alpha}")
     # init_lora_weights=True: peft's default (Kaiming-uniform A, zero B), so the adapter starts as
     # an exact no-op and step 0 reproduces the base model.
-    return LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), init_lora_weights=True)
+    return LoraConfig(r=rank, lora_alpha=alpha, target_modules=target_regex(list(targets)), init_lora_weights=True)
 
 
 def avoid_cudnn_attention_backward() -> None:
@@ -144,9 +161,13 @@ class PeftFamily(Family):
         targets = list(targets) or list(self.default_lora_targets)
         missing = unmatched_targets(denoiser, targets)
         if missing:
+            original = f"the original framework's {','.join(self.original_target_names)} or " \
+                if self.original_target_names else ""
             raise ValueError(
                 f"--lora_target_modules: {', '.join(missing)} match no linear layer of the {self.name} "
-                f"denoiser; the defaults are {','.join(self.default_lora_targets)}"
+                f"denoiser; valid names are {original}diffusers module paths or their last parts, with * for a "
+                f"block index: {','.join(linear_layer_patterns(denoiser))} "
+                f"(the default is {','.join(self.default_lora_targets)})"
             )
         self._inject(denoiser, make_lora_config(rank, alpha, targets))
         mark_only_lora_trainable(denoiser)
@@ -180,7 +201,8 @@ class PeftFamily(Family):
 
     def save_diffusers_lora(self, state: dict[str, torch.Tensor], path: Path, rank: int, alpha: float) -> None:
         tensors, metadata = lora_keys.to_diffusers_layout(state, self.denoiser_attr, rank, alpha, self.name)
-        lora_keys.save_safetensors(tensors, metadata, Path(path))
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        save_safetensors(tensors, Path(path), metadata)
 
     def to_comfyui(self, state: dict[str, torch.Tensor], rank: int, alpha: float) -> dict[str, torch.Tensor]:
         return lora_keys.to_kohya_flat(state, self.comfyui_prefix, alpha)

@@ -10,8 +10,34 @@ from . import recipes
 from .flow import FlowFamily
 
 RECIPE = recipes.FlowMatchingRecipe(guidance=1.0)
-# Attention of the double blocks (image and text streams) and the single blocks' q/k/v.
-DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+# DiffSynth-Studio's FLUX DiT fuses q/k/v (and, in single blocks, the MLP input) into one linear layer;
+# diffusers keeps them apart, so a fused name maps to each part. Its double blocks are `blocks`, its
+# single blocks `single_blocks`, and its proj_out and norm.linear exist only in single blocks (the
+# last layers are final_proj_out / final_norm_out), hence the "*" patterns that leave out diffusers'
+# top-level proj_out and the double blocks' attention.
+ORIGINAL_TARGETS = {
+    "a_to_qkv": ("transformer_blocks.*.attn.to_q", "transformer_blocks.*.attn.to_k", "transformer_blocks.*.attn.to_v"),
+    "b_to_qkv": ("add_q_proj", "add_k_proj", "add_v_proj"),
+    "a_to_out": ("to_out.0",),
+    "b_to_out": ("to_add_out",),
+    "ff_a.0": ("ff.net.0.proj",),
+    "ff_a.2": ("ff.net.2",),
+    "ff_b.0": ("ff_context.net.0.proj",),
+    "ff_b.2": ("ff_context.net.2",),
+    "norm1_a.linear": ("norm1.linear",),
+    "norm1_b.linear": ("norm1_context.linear",),
+    "to_qkv_mlp": ("single_transformer_blocks.*.attn.to_q", "single_transformer_blocks.*.attn.to_k",
+                   "single_transformer_blocks.*.attn.to_v", "proj_mlp"),
+    "proj_out": ("single_transformer_blocks.*.proj_out",),
+    "norm.linear": ("norm.linear",),
+}
+# The original's default: every linear layer of the double and single blocks (attention, feed-forward,
+# adaLN modulation), which is ORIGINAL_TARGETS as a whole, named the diffusers way.
+DEFAULT_TARGETS = (
+    "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+    "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "norm1.linear", "norm1_context.linear",
+    "proj_mlp", "single_transformer_blocks.*.proj_out", "norm.linear",
+)
 
 
 def pack_latents(latents: torch.Tensor) -> torch.Tensor:
@@ -41,8 +67,10 @@ class Flux(FlowFamily):
     name = "flux"
     denoiser_attr = "transformer"
     default_lora_targets = DEFAULT_TARGETS
+    original_target_names = ORIGINAL_TARGETS
     pipeline_class_name = "FluxPipeline"
     comfyui_prefix = "lora_transformer_"
+    comfyui_reads_diffusers_keys = True
     recipe = RECIPE
     t5_max_length = 512
     inference_guidance = 3.5
@@ -69,7 +97,7 @@ class Flux(FlowFamily):
         def predict(noisy: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
             out = denoiser(
                 hidden_states=pack_latents(noisy.to(dtype)),
-                timestep=sigmas.to(dtype),          # FLUX takes t/1000 = σ
+                timestep=sigmas,                    # FLUX takes t/1000 = σ; fp32, the model casts it itself
                 guidance=guidance,
                 pooled_projections=cond["pooled_prompt_embeds"].to(device=device, dtype=dtype),
                 encoder_hidden_states=embeds,

@@ -22,7 +22,18 @@ from .ddpm import DDPMFamily
 
 RECIPE = recipes.DDPMRecipe(prediction="v_prediction", beta_start=0.00085, beta_end=0.03, num_train_timesteps=1000)
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")   # attn1 (self) and attn2 (cross) of every block
+# As in kolors.py: the original's attention output projection to_out is diffusers' to_out.0.
+ORIGINAL_TARGETS = {"to_out": ("to_out.0",)}
 _CHECKPOINTED = "_lorakube_checkpointed"
+_FP32_TIMESTEPS = "_lorakube_fp32_timesteps"
+
+
+def _embed_in_weight_dtype(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """HunyuanDiT2DModel runs its timestep/size embedding in `timestep.dtype` (its pipeline passes
+    the timestep in the latents' dtype, so bf16 rounds it). Training passes fp32 timesteps, so the
+    embedding's dtype is pinned to the weights' here: sinusoids from the exact time, then the MLP in
+    the weights' dtype, as diffusers' other denoisers do."""
+    return args, {**kwargs, "hidden_dtype": module.timestep_embedder.linear_1.weight.dtype}
 
 
 def rotary_embedding(denoiser: torch.nn.Module, latent_h: int, latent_w: int, device: torch.device) -> tuple:
@@ -43,7 +54,13 @@ class HunyuanDiT(DDPMFamily):
     name = "hunyuan-dit"
     denoiser_attr = "transformer"
     default_lora_targets = DEFAULT_TARGETS
+    original_target_names = ORIGINAL_TARGETS
     pipeline_class_name = "HunyuanDiTPipeline"
+    diffusers_loading = (
+        "diffusers has no LoRA loader for Hunyuan-DiT: build `peft.LoraConfig(**config)` from the JSON in the "
+        "`lora_adapter_metadata` metadata (keys without `transformer.`), `inject_adapter_in_model(config, "
+        "pipe.transformer)`, then `set_peft_model_state_dict` with the tensors' `transformer.` prefix stripped"
+    )
     recipe = RECIPE
     max_length_clip = 77
     max_length_t5 = 256
@@ -75,8 +92,8 @@ class HunyuanDiT(DDPMFamily):
         def predict(noisy: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
             out = denoiser(
                 noisy.to(dtype),
-                # Float timesteps: the model takes its hidden dtype from timestep.dtype.
-                timestep=timesteps.to(dtype),
+                # fp32: exact integers (bf16 rounds 997 to 996); see _embed_in_weight_dtype.
+                timestep=timesteps.float(),
                 encoder_hidden_states=cond["prompt_embeds"].to(device=device, dtype=dtype),
                 text_embedding_mask=cond["prompt_attention_mask"].to(device),
                 encoder_hidden_states_t5=cond["prompt_embeds_2"].to(device=device, dtype=dtype),
@@ -92,6 +109,10 @@ class HunyuanDiT(DDPMFamily):
         from peft import inject_adapter_in_model
 
         inject_adapter_in_model(config, denoiser)
+        # This denoiser is about to train, and training_loss passes fp32 timesteps.
+        if not getattr(denoiser, _FP32_TIMESTEPS, False):
+            denoiser.time_extra_emb.register_forward_pre_hook(_embed_in_weight_dtype, with_kwargs=True)
+            setattr(denoiser, _FP32_TIMESTEPS, True)
 
     def enable_gradient_checkpointing(self, denoiser: torch.nn.Module) -> None:
         """HunyuanDiT2DModel refuses diffusers' switch, so each block's forward is wrapped in

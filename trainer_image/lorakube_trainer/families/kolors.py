@@ -19,12 +19,16 @@ from .ddpm import DDPMFamily
 
 RECIPE = recipes.DDPMRecipe(prediction="epsilon", beta_start=0.00085, beta_end=0.014, num_train_timesteps=1100)
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")   # self- and cross-attention of every transformer block
+# The original's UNet names its attention output projection to_out (a linear layer); diffusers' to_out
+# is a list whose linear layer is to_out.0. to_q/to_k/to_v are the same in both.
+ORIGINAL_TARGETS = {"to_out": ("to_out.0",)}
 
 
 class Kolors(DDPMFamily):
     name = "kolors"
     denoiser_attr = "unet"
     default_lora_targets = DEFAULT_TARGETS
+    original_target_names = ORIGINAL_TARGETS
     pipeline_class_name = "KolorsPipeline"
     comfyui_prefix = "lora_unet_"
     recipe = RECIPE

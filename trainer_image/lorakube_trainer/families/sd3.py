@@ -10,15 +10,40 @@ from . import recipes
 from .flow import FlowFamily
 
 RECIPE = recipes.FlowMatchingRecipe()
-DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+# DiffSynth-Studio's SD3 DiT fuses q/k/v; diffusers keeps them apart. Its `a` stream is the image
+# (attn, and attn2 in SD3.5's dual-attention blocks), `b` the text.
+ORIGINAL_TARGETS = {
+    "a_to_qkv": ("to_q", "to_k", "to_v"),
+    "b_to_qkv": ("add_q_proj", "add_k_proj", "add_v_proj"),
+    "a_to_out": ("to_out.0",),
+    "b_to_out": ("to_add_out",),
+    "ff_a.0": ("ff.net.0.proj",),
+    "ff_a.2": ("ff.net.2",),
+    "ff_b.0": ("ff_context.net.0.proj",),
+    "ff_b.2": ("ff_context.net.2",),
+    "norm1_a.linear": ("norm1.linear",),
+    "norm1_b.linear": ("norm1_context.linear",),
+    # The original's SD3 default list spells the adaLN layers this way, which matched no layer of
+    # its model; here they mean the layers they name.
+    "norm_1_a.linear": ("norm1.linear",),
+    "norm_1_b.linear": ("norm1_context.linear",),
+}
+# What the original's default really trained: attention and feed-forward of both streams (its
+# norm_1_* entries matched nothing, so the adaLN layers stayed frozen).
+DEFAULT_TARGETS = (
+    "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+    "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2",
+)
 
 
 class SD3(FlowFamily):
     name = "sd3"
     denoiser_attr = "transformer"
     default_lora_targets = DEFAULT_TARGETS
+    original_target_names = ORIGINAL_TARGETS
     pipeline_class_name = "StableDiffusion3Pipeline"
     comfyui_prefix = "lora_transformer_"
+    comfyui_reads_diffusers_keys = True
     recipe = RECIPE
     t5_max_length = 77
     inference_guidance = 5.0
@@ -39,7 +64,7 @@ class SD3(FlowFamily):
         def predict(noisy: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
             return denoiser(
                 hidden_states=noisy.to(dtype),
-                timestep=(sigmas * self.recipe.num_train_timesteps).to(dtype),
+                timestep=sigmas * self.recipe.num_train_timesteps,     # fp32, as the pipeline passes it
                 encoder_hidden_states=cond["prompt_embeds"].to(device=device, dtype=dtype),
                 pooled_projections=cond["pooled_prompt_embeds"].to(device=device, dtype=dtype),
                 return_dict=False,
