@@ -4,7 +4,8 @@ own LoRATrainingJob's status.progress through the status subresource.
 Plain urllib with the pod's ServiceAccount token: the trainer image carries no Kubernetes client.
 The token is a projected, expiring one that the kubelet rewrites before it expires, so it is read
 from its file for every request, never kept. A failing API call never fails training; it is logged
-once and retried at the next report.
+once and retried at the next report; the last report and the artifact list are retried with
+backoff, since no later report replaces them.
 
 Only rank 0 has a token (the operator mounts none into the other ranks), and its account may patch
 only its own job's status, and there only `status.progress` and `status.artifacts`.
@@ -29,6 +30,9 @@ from lorakube import contract
 log = logging.getLogger(__name__)
 
 SERVICEACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
+# Tries for the writes a user relies on once the run is over (the last step, status.artifacts);
+# with the default 2 s backoff they ride out about half a minute of API trouble.
+FINAL_WRITE_ATTEMPTS = 5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,36 +74,59 @@ def api_target_from_env(env: Mapping[str, str], sa_dir: Path = SERVICEACCOUNT_DI
 
 
 class StatusPatcher:
-    def __init__(self, target: ApiTarget, timeout_s: float = 10.0) -> None:
+    def __init__(self, target: ApiTarget, timeout_s: float = 10.0, backoff_s: float = 2.0) -> None:
         self.target = target
         self.timeout_s = timeout_s
+        self.backoff_s = backoff_s
         self._warned = False
         if target.base_url.startswith("https://"):
             self._context = ssl.create_default_context(cafile=target.ca_file)
         else:
             self._context = None
 
-    def patch(self, progress: contract.Progress) -> bool:
-        return self.patch_status({"progress": progress.to_status()})
+    def patch(self, progress: contract.Progress, attempts: int = 1) -> bool:
+        return self.patch_status({"progress": progress.to_status()}, attempts)
 
-    def patch_status(self, fields: dict[str, object]) -> bool:
-        """Merge-patch these top-level status fields; False (warned once) when the API call fails."""
+    def patch_status(self, fields: dict[str, object], attempts: int = 1) -> bool:
+        """Merge-patch these top-level status fields; False (warned once) when the API call fails.
+        With `attempts` > 1, a transient failure (timeout, connection refused, 408/429/5xx) is
+        retried with exponential backoff; a refusal (403, 422, ...) is not."""
         body = json.dumps({"status": fields}).encode()
-        try:
-            request = urllib.request.Request(
-                self.target.status_url, data=body, method="PATCH",
-                headers={"Content-Type": "application/merge-patch+json",
-                         "Authorization": f"Bearer {self.target.token()}", "Accept": "application/json"},
-            )
-            with urllib.request.urlopen(request, timeout=self.timeout_s, context=self._context) as response:
-                response.read()
-            return True
-        except (urllib.error.URLError, OSError, ValueError) as exc:
-            if not self._warned:
-                self._warned = True
-                log.warning("could not patch %s (training goes on; further failures are not logged): %s",
-                            self.target.status_url, exc)
-            return False
+        for attempt in range(attempts):
+            try:
+                request = urllib.request.Request(
+                    self.target.status_url, data=body, method="PATCH",
+                    headers={"Content-Type": "application/merge-patch+json",
+                             "Authorization": f"Bearer {self.target.token()}", "Accept": "application/json"},
+                )
+                with urllib.request.urlopen(request, timeout=self.timeout_s, context=self._context) as response:
+                    response.read()
+                return True
+            except (urllib.error.URLError, OSError, ValueError) as exc:
+                last = attempt + 1 >= attempts or not _transient(exc)
+                if last:
+                    self._warn(exc, attempt + 1)
+                    return False
+                time.sleep(self.backoff_s * 2 ** attempt)
+        return False
+
+    def _warn(self, exc: BaseException, tries: int) -> None:
+        if tries > 1:   # a write the user relies on: always say it was lost
+            log.warning("could not patch %s after %d tries: %s", self.target.status_url, tries, exc)
+        elif not self._warned:
+            self._warned = True
+            log.warning("could not patch %s (training goes on; further failures are not logged): %s",
+                        self.target.status_url, exc)
+
+
+def _transient(exc: BaseException) -> bool:
+    """What may pass by itself: a busy or restarting API server, a timeout, a dropped connection.
+    A token that is gone (FileNotFoundError) or a refused patch will not."""
+    if isinstance(exc, urllib.error.HTTPError):
+        return exc.code in (408, 429) or exc.code >= 500
+    if isinstance(exc, FileNotFoundError):
+        return False
+    return isinstance(exc, (urllib.error.URLError, OSError))
 
 
 class ProgressReporter:
@@ -140,7 +167,9 @@ class ProgressReporter:
                                      updatedAt=contract.utc_now_iso())
         print(progress.to_json_line(), file=self.out, flush=True)
         if self.patcher is not None:
-            self.patcher.patch(progress)
+            # The last step is what `kubectl get ltj` keeps showing: retry it through a transient
+            # API outage; any other report is replaced by the next one.
+            self.patcher.patch(progress, FINAL_WRITE_ATTEMPTS if final else 1)
         return True
 
 
@@ -151,7 +180,9 @@ def publish_artifacts(output_uri: str, files: dict[str, dict[str, object]],
     target = api_target_from_env(os.environ if env is None else env)
     if target is None:
         return False
-    return StatusPatcher(target).patch_status({"artifacts": contract.artifacts_status(output_uri, files)})
+    # Written once, after the run: a lost write would leave a Succeeded job without its artifact list.
+    return StatusPatcher(target).patch_status({"artifacts": contract.artifacts_status(output_uri, files)},
+                                              FINAL_WRITE_ATTEMPTS)
 
 
 def reporter_from_env(total_steps: int, env: Mapping[str, str] | None = None) -> ProgressReporter:

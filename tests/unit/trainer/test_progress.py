@@ -20,11 +20,12 @@ from lorakube_trainer.progress import ApiTarget, ProgressReporter, StatusPatcher
 class Recorder(http.server.BaseHTTPRequestHandler):
     requests: list[dict] = []
     status = 200
+    first_statuses: list[int] = []     # answered, in order, before `status`
 
     def do_PATCH(self) -> None:  # noqa: N802 - http.server's naming
         body = self.rfile.read(int(self.headers["Content-Length"]))
         Recorder.requests.append({"path": self.path, "headers": dict(self.headers), "body": json.loads(body)})
-        self.send_response(Recorder.status)
+        self.send_response(Recorder.first_statuses.pop(0) if Recorder.first_statuses else Recorder.status)
         self.send_header("Content-Type", "application/json")
         self.end_headers()
         self.wfile.write(b"{}")
@@ -35,7 +36,7 @@ class Recorder(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture
 def server() -> Iterator[str]:
-    Recorder.requests, Recorder.status = [], 200
+    Recorder.requests, Recorder.status, Recorder.first_statuses = [], 200, []
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Recorder)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
@@ -185,3 +186,29 @@ def test_a_restarted_attempt_clears_the_previous_speed_and_eta_with_explicit_nul
     # The log line has nothing to delete: it leaves unknown values out instead of printing nulls.
     line = json.loads(out.getvalue())
     assert {"samplesPerSecond", "etaSeconds", "loss"}.isdisjoint(line) and line["step"] == 20
+
+
+def test_the_last_step_and_the_artifact_list_ride_out_a_busy_api_server(server: str, _target, tmp_path) -> None:
+    # Nothing replaces them later: one timed-out write used to leave a Succeeded job with no
+    # status.artifacts. Routine reports are not retried (the next one replaces them).
+    Recorder.first_statuses = [503, 429]
+    patcher = StatusPatcher(_target(server), backoff_s=0.01)
+    clock = FakeClock()
+    reporter = ProgressReporter(2, interval_s=0.0, out=io.StringIO(), patcher=patcher, clock=clock)
+    assert reporter.report(1, 0, 0.5, 1)
+    assert len(Recorder.requests) == 1                 # refused with 503, not retried
+    assert reporter.report(2, 0, 0.4, 1)
+    assert len(Recorder.requests) == 3                 # 429, then accepted
+    assert Recorder.requests[-1]["body"]["status"]["progress"]["step"] == 2
+
+    Recorder.first_statuses = [502, 504]
+    files = {contract.ARTIFACT_MANIFEST: {"sha256": "cd" * 32, "bytes": 865}}
+    assert patcher.patch_status({"artifacts": contract.artifacts_status("/out", files)}, attempts=5)
+    assert len(Recorder.requests) == 6 and "artifacts" in Recorder.requests[-1]["body"]["status"]
+
+
+def test_a_refused_write_is_not_retried(server: str, _target) -> None:
+    Recorder.status = 403
+    patcher = StatusPatcher(_target(server), backoff_s=0.01)
+    assert patcher.patch_status({"artifacts": []}, attempts=5) is False
+    assert len(Recorder.requests) == 1
