@@ -9,6 +9,21 @@ import torch
 from . import recipes
 from .common import PeftFamily
 
+# The original framework's names for the layers FLUX's and SD3's double-stream (MMDiT) blocks share,
+# `a` the image stream and `b` the text stream, as diffusers names them. Each family adds the names
+# that differ (the fused q/k/v of the image stream, FLUX's single blocks, SD3's misspelt defaults).
+MMDIT_ORIGINAL_TARGETS: dict[str, tuple[str, ...]] = {
+    "b_to_qkv": ("add_q_proj", "add_k_proj", "add_v_proj"),
+    "a_to_out": ("to_out.0",),
+    "b_to_out": ("to_add_out",),
+    "ff_a.0": ("ff.net.0.proj",),
+    "ff_a.2": ("ff.net.2",),
+    "ff_b.0": ("ff_context.net.0.proj",),
+    "ff_b.2": ("ff_context.net.2",),
+    "norm1_a.linear": ("norm1.linear",),
+    "norm1_b.linear": ("norm1_context.linear",),
+}
+
 
 class FlowFamily(PeftFamily):
     recipe: ClassVar[recipes.FlowMatchingRecipe]

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from . import recipes
-from .flow import FlowFamily
+from .flow import MMDIT_ORIGINAL_TARGETS, FlowFamily
 
 RECIPE = recipes.FlowMatchingRecipe(guidance=1.0)
 # DiffSynth-Studio's FLUX DiT fuses q/k/v (and, in single blocks, the MLP input) into one linear layer;
@@ -17,15 +17,7 @@ RECIPE = recipes.FlowMatchingRecipe(guidance=1.0)
 # top-level proj_out and the double blocks' attention.
 ORIGINAL_TARGETS = {
     "a_to_qkv": ("transformer_blocks.*.attn.to_q", "transformer_blocks.*.attn.to_k", "transformer_blocks.*.attn.to_v"),
-    "b_to_qkv": ("add_q_proj", "add_k_proj", "add_v_proj"),
-    "a_to_out": ("to_out.0",),
-    "b_to_out": ("to_add_out",),
-    "ff_a.0": ("ff.net.0.proj",),
-    "ff_a.2": ("ff.net.2",),
-    "ff_b.0": ("ff_context.net.0.proj",),
-    "ff_b.2": ("ff_context.net.2",),
-    "norm1_a.linear": ("norm1.linear",),
-    "norm1_b.linear": ("norm1_context.linear",),
+    **MMDIT_ORIGINAL_TARGETS,
     "to_qkv_mlp": ("single_transformer_blocks.*.attn.to_q", "single_transformer_blocks.*.attn.to_k",
                    "single_transformer_blocks.*.attn.to_v", "proj_mlp"),
     "proj_out": ("single_transformer_blocks.*.proj_out",),

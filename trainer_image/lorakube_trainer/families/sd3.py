@@ -7,22 +7,14 @@ from typing import Any
 import torch
 
 from . import recipes
-from .flow import FlowFamily
+from .flow import MMDIT_ORIGINAL_TARGETS, FlowFamily
 
 RECIPE = recipes.FlowMatchingRecipe()
 # DiffSynth-Studio's SD3 DiT fuses q/k/v; diffusers keeps them apart. Its `a` stream is the image
 # (attn, and attn2 in SD3.5's dual-attention blocks), `b` the text.
 ORIGINAL_TARGETS = {
     "a_to_qkv": ("to_q", "to_k", "to_v"),
-    "b_to_qkv": ("add_q_proj", "add_k_proj", "add_v_proj"),
-    "a_to_out": ("to_out.0",),
-    "b_to_out": ("to_add_out",),
-    "ff_a.0": ("ff.net.0.proj",),
-    "ff_a.2": ("ff.net.2",),
-    "ff_b.0": ("ff_context.net.0.proj",),
-    "ff_b.2": ("ff_context.net.2",),
-    "norm1_a.linear": ("norm1.linear",),
-    "norm1_b.linear": ("norm1_context.linear",),
+    **MMDIT_ORIGINAL_TARGETS,
     # The original's SD3 default list spells the adaLN layers this way, which matched no layer of
     # its model; here they mean the layers they name.
     "norm_1_a.linear": ("norm1.linear",),
