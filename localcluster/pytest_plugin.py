@@ -12,7 +12,7 @@ import os
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -124,6 +124,18 @@ class ClusterHandle:
     def kubeconfig_for_service_account(self, namespace: str, service_account: str) -> Path:
         token = self.token_for(namespace, service_account)
         return self.kubeconfig_for_token(token, user=f"{namespace}-{service_account}")
+
+
+def wait_for(what: str, check: Callable[[], Any], timeout: float = 60.0, every: float = 0.3) -> Any:
+    """Poll `check` until it returns something truthy (returned) or fail the test naming `what`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(every)
 
 
 @pytest.fixture(scope="session")

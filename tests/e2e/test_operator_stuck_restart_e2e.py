@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from lorakube import contract, reconcile, sandbox
+from localcluster.pytest_plugin import wait_for
 
 pytestmark = [pytest.mark.cluster, pytest.mark.e2e]
 
@@ -57,17 +58,6 @@ def pinned_job(tmp_path: Path, name: str, node: str) -> dict[str, Any]:
         resources={"numNodes": 1, "nodeSelector": {"kubernetes.io/hostname": node}},
         # No kubelet ever starts the pod: keep the startup deadline out of the way; restart at once.
         runPolicy={"backoffSeconds": 0, "startupDeadlineSeconds": 3600})
-
-
-def wait_for(what: str, probe: Callable[[], Any], timeout: float) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = probe()
-        if value:
-            return value
-        time.sleep(0.5)
-    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
-
 
 def pod(local_cluster, namespace: str, name: str) -> dict[str, Any] | None:
     result = local_cluster.kubectl("get", "pod", name, "-n", namespace, "-o", "json")

@@ -14,9 +14,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-import yaml
 
 from lorakube import contract, kube, leader, sandbox
+from localcluster.pytest_plugin import wait_for
 
 pytestmark = pytest.mark.cluster
 
@@ -92,18 +92,6 @@ def job_namespaces(local_cluster) -> Iterator[Callable[[], str]]:
     yield make
     for namespace in made:
         local_cluster.delete_namespace(namespace)
-
-
-def wait_for(what: str, check: Callable[[], object], timeout: float = 30.0, interval: float = 0.2) -> object:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(interval)
-
 
 def lease_holder(local_cluster) -> str | None:
     result = local_cluster.kubectl("get", "lease", leader.LEASE_NAME, "-n", sandbox.OPERATOR_NAMESPACE,

@@ -13,7 +13,6 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,23 +22,12 @@ from localcluster.node import NodeSpec, start_node_daemon, stop_node_daemon
 from localcluster.node import hostregistry
 from localcluster.node.layout import StateLayout
 from localcluster.node.network import BRIDGE, bridge_ports, pod_net_for
+from localcluster.pytest_plugin import wait_for
 
 pytestmark = pytest.mark.cluster
 
 
 # -- helpers -----------------------------------------------------------------------------------
-
-def wait_for(what: str, check: Callable[[], Any], timeout: float = 60.0, every: float = 0.3) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(every)
-
-
 def pod(cluster: Any, ns: str, name: str) -> dict[str, Any] | None:
     result = cluster.kubectl("get", "pod", name, "-n", ns, "-o", "json")
     return json.loads(result.stdout) if result.returncode == 0 else None
