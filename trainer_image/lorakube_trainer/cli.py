@@ -18,7 +18,7 @@ from typing import Sequence
 from lorakube import contract
 
 from . import shutdown
-from .config import ConfigError, parse_config
+from .config import ConfigError, TrainConfig, parse_config
 
 log = logging.getLogger("lorakube_trainer")
 
@@ -60,19 +60,29 @@ def run_cli(argv: Sequence[str] | None = None) -> int:
         return _fail(contract.EXIT_INVALID_ARGS, str(exc))
     shutdown.install()
 
-    # Heavy imports (torch, lightning, diffusers) only after the flags are known to be good.
     from . import launcher
+    from .distributed import plan_topology
+
+    try:
+        topology = plan_topology(cfg, os.environ)
+    except ConfigError as exc:
+        return _fail(contract.EXIT_INVALID_ARGS, str(exc))
+    if launcher.should_launch(topology, os.environ):
+        # Decided without torch: the launcher loads nothing heavy, its local ranks start at once.
+        return launcher.launch(topology, os.environ)
+    return _train(cfg)
+
+
+def _train(cfg: TrainConfig) -> int:
+    # Heavy imports (torch, lightning, diffusers) only after the flags are known to be good.
     from .checkpoint import CheckpointError
     from .data import DatasetError
     from .distributed import RendezvousTimeout, is_retryable
-    from .train import plan_topology, run
+    from .train import run
 
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     try:
-        topology = plan_topology(cfg, os.environ)
-        if launcher.should_launch(topology, os.environ):
-            return launcher.launch(topology, os.environ)
         run(cfg)
     except SIGTERMException:
         # Only if Lightning's own handler ran after all (shutdown.py keeps it off): report the signal

@@ -15,7 +15,7 @@ from typing import Callable, Mapping
 
 from lorakube import contract
 
-from .config import ConfigError
+from .config import ConfigError, TrainConfig
 
 
 class RendezvousTimeout(RuntimeError):
@@ -77,6 +77,23 @@ def resolve_topology(env: Mapping[str, str], num_nodes: int | None, devices: int
     if nodes > 1 and addr is None:
         raise ConfigError(contract.ENV_MASTER_ADDR, f"must name rank 0's host when {nodes} nodes train together")
     return Topology(nodes, devs, node_rank, addr, port, torchrun=False)
+
+
+def plan_topology(cfg: TrainConfig, env: Mapping[str, str]) -> Topology:
+    """Nodes, processes per node and this node's rank, as train.run() uses them. torch is imported
+    only to count GPUs when neither --devices nor the environment says how many processes to run,
+    so the launcher of several local ranks decides without loading it (its children start sooner)."""
+    default_devices = 1
+    if devices_unknown(cfg, env) and cfg.accelerator != "cpu":
+        import torch
+
+        if cfg.accelerator == "gpu" or torch.cuda.is_available():
+            default_devices = torch.cuda.device_count()
+    return resolve_topology(env, cfg.num_nodes, cfg.devices, default_devices=default_devices)
+
+
+def devices_unknown(cfg: TrainConfig, env: Mapping[str, str]) -> bool:
+    return not cfg.devices and not _int_env(env, contract.ENV_NPROC_PER_NODE) and not env.get("TORCHELASTIC_RUN_ID")
 
 
 def needs_rendezvous_check(topology: Topology) -> bool:

@@ -24,7 +24,7 @@ from .callbacks import ExitOnSigterm, FinalStateCallback, ResumeCallback, StepCa
 from .config import ConfigError, TrainConfig, check_output_folders
 from .data import DataPosition, load_records
 from .datamodule import CaptionDataModule
-from .distributed import Topology, needs_rendezvous_check, resolve_topology, wait_for_master
+from .distributed import Topology, needs_rendezvous_check, plan_topology, wait_for_master
 from .families import get_family
 from .families.base import Family
 from .module import LoRAModule
@@ -55,14 +55,6 @@ def _planned_global_rank(topology: Topology, env: Mapping[str, str]) -> int:
     if env.get("RANK"):
         return int(env["RANK"])
     return topology.node_rank * topology.devices + int(env.get("LOCAL_RANK") or 0)
-
-
-def plan_topology(cfg: TrainConfig, env: Mapping[str, str]) -> Topology:
-    """Nodes, processes per node and this node's rank, as run() will use them (the CLI asks first,
-    to know whether to launch one process per local rank)."""
-    on_gpu = _use_gpu(cfg)
-    return resolve_topology(env, cfg.num_nodes, cfg.devices,
-                            default_devices=torch.cuda.device_count() if on_gpu else 1)
 
 
 def run(cfg: TrainConfig, env: Mapping[str, str] | None = None, *,

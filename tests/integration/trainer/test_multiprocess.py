@@ -208,22 +208,6 @@ def test_a_missing_peer_of_rank0_ends_with_the_retryable_code(tiny_flux: Path, t
     assert code == contract.EXIT_RETRYABLE, (tmp_path / "rank0.log").read_text()[-3000:]
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_deepspeed_zero_on_cpu_writes_one_gathered_lora(stage: int, tiny_flux: Path, tmp_path: Path) -> None:
-    env = base_env(PROBE_DIR=str(tmp_path / "probe"), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    proc = start(["--test-strategy", f"cpu-deepspeed-{stage}",
-                  *flags(tiny_flux, tmp_path / "out", "--training_strategy", f"deepspeed_stage_{stage}")],
-                 env, tmp_path / "ds.log")
-    code = finish(proc)
-    assert code == 0, (tmp_path / "ds.log").read_text()[-4000:]
-    probe = json.loads((tmp_path / "probe" / "rank-0.json").read_text())
-    assert probe["strategy"] == "CPUDeepSpeedStrategyForTests"
-    lora = load_file(str(tmp_path / "out" / contract.ARTIFACT_LORA_DIFFUSERS))
-    assert len(lora) == probe["lora_tensors"] and all(v.numel() > 0 for v in lora.values())
-    folder = ckpt.find_latest_complete(tmp_path / "out" / contract.DEFAULT_CHECKPOINT_SUBDIR)
-    assert folder is not None and len(load_file(str(folder / ckpt.TRAINABLE_FILE))) == len(lora)
-
-
 @pytest.mark.parametrize("stage", [2, pytest.param(3, marks=pytest.mark.slow)])
 def test_deepspeed_resume_restores_the_zero_optimizer_bit_identically(stage: int, tiny_flux: Path,
                                                                       tmp_path: Path) -> None:
