@@ -1,7 +1,7 @@
 """SIGTERM to every rank at once (a gang restart, a suspend, a job deletion) ends every process with
 143 within seconds, however the signal meets the ranks' collectives.
 
-The number of repetitions is LORAKUBE_SIGTERM_REPEATS (default 3); `make soak` runs 20.
+The number of repetitions is LORAKUBE_SIGTERM_REPEATS (default 2); `make soak` runs 20.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from test_multiprocess import base_env, flags, free_port, start, tiny_flux  # no
 
 from lorakube import contract
 
-REPEATS = int(os.environ.get("LORAKUBE_SIGTERM_REPEATS", "3"))
+REPEATS = int(os.environ.get("LORAKUBE_SIGTERM_REPEATS", "2"))
 EXIT_BUDGET_S = 5.0          # what the issue asks: every pod exits within 5 s
 OBSERVE_S = 40.0             # long enough to see a hang (kubelet's default grace period is 30 s)
 START_TIMEOUT_S = 240.0

@@ -129,8 +129,8 @@ def test_steps_per_epoch_counts_optimizer_steps_of_the_whole_job(ddp_run: Run) -
     assert first.state["data_position"] == {"epoch": 1, "batch_in_epoch": 0}
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("stage", [2, 3])
+# ZeRO-3 (gathers partitioned parameters) in `make test`; ZeRO-2 in the slow tier.
+@pytest.mark.parametrize("stage", [pytest.param(2, marks=pytest.mark.slow), 3])
 def test_deepspeed_zero_on_two_ranks_saves_the_lora_ddp_saves(stage: int, ddp_run: Run, tiny_flux: Path,
                                                               tmp_path: Path) -> None:
     zero = train_two_ranks(tiny_flux, tmp_path, "--test-strategy", f"cpu-deepspeed-{stage}")
