@@ -17,6 +17,7 @@ the (long) model load ends the same way.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -31,16 +32,10 @@ EXIT_SIGTERM = 128 + signal.SIGTERM
 def _flush_everything() -> None:
     # Best effort: the handler may have interrupted a write on one of these streams, and a
     # re-entrant flush of a buffered stream raises instead of blocking.
-    for handler in logging.getLogger().handlers:
-        try:
-            handler.flush()
-        except Exception:  # noqa: BLE001 - nothing may stop the exit
-            pass
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except Exception:  # noqa: BLE001
-            pass
+    # Nothing may stop the exit.
+    for flushable in (*logging.getLogger().handlers, sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            flushable.flush()
 
 
 def exit_now(signum: int, frame: FrameType | None) -> None:
