@@ -18,9 +18,10 @@ import json
 import os
 import struct
 from pathlib import Path
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
-import torch
+if TYPE_CHECKING:        # torch-free at import: the launcher of the local ranks writes through here too
+    import torch
 
 _HEADER_LENGTH = struct.Struct("<Q")     # safetensors: little-endian u64 header size, then JSON
 _HEADER_ALIGNMENT = 8                    # the writer pads the JSON with spaces to this multiple

@@ -19,6 +19,7 @@ mounted one.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -36,6 +37,7 @@ from typing import Mapping, Sequence
 from lorakube import contract
 
 from .distributed import Topology
+from .files import atomic_write_text
 
 # Set by the launcher for each child: where the child writes {"code", "message"} when it fails.
 ENV_FAILURE_FILE = "LORAKUBE_RANK_FAILURE_FILE"
@@ -120,15 +122,13 @@ def report_failure(code: int, message: str, env: Mapping[str, str] | None = None
     main process writes the termination message where Kubernetes mounted one."""
     env = os.environ if env is None else env
     target = env.get(ENV_FAILURE_FILE)
-    try:
+    # Best effort: the exit code still says it, and the log has the message.
+    with contextlib.suppress(OSError):
         if target:
-            tmp = Path(target + ".tmp")
-            tmp.write_text(json.dumps({"code": code, "message": message[-MAX_MESSAGE_CHARS:]}))
-            os.replace(tmp, target)         # the launcher never reads half a file
+            # Atomic, so the launcher never reads half a report.
+            atomic_write_text(Path(target), json.dumps({"code": code, "message": message[-MAX_MESSAGE_CHARS:]}))
         elif TERMINATION_LOG.is_file() and os.access(TERMINATION_LOG, os.W_OK):
             TERMINATION_LOG.write_text(message[-MAX_MESSAGE_CHARS:])
-    except OSError:
-        pass                                # the exit code still says it; the log has the message
 
 
 def _read_report(path: Path) -> tuple[int, str] | None:
