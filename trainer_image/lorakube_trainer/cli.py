@@ -18,7 +18,7 @@ from typing import Sequence
 from lorakube import contract
 
 from . import shutdown
-from .config import ConfigError, TrainConfig, parse_config
+from .config import ConfigError, TrainConfig, check_output_folders, parse_config
 
 log = logging.getLogger("lorakube_trainer")
 
@@ -56,6 +56,9 @@ def run_cli(argv: Sequence[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         cfg = parse_config(argv)
+        # Before the heavy imports and before launching local ranks: an unwritable output fails in
+        # a second, not after the model loads.
+        check_output_folders(cfg)
     except ConfigError as exc:
         return _fail(contract.EXIT_INVALID_ARGS, str(exc))
     shutdown.install()

@@ -21,7 +21,7 @@ from .artifacts import (MetricsWriter, check_comfyui, check_loaded, save_comfyui
                         write_json, write_manifest, write_model_card)
 from .caching import cache_folder
 from .callbacks import ExitOnSigterm, FinalStateCallback, ResumeCallback, StepCallback
-from .config import ConfigError, TrainConfig, check_output_folders
+from .config import ConfigError, TrainConfig
 from .data import DataPosition, load_records
 from .datamodule import CaptionDataModule
 from .distributed import Topology, needs_rendezvous_check, plan_topology, wait_for_master
@@ -62,7 +62,6 @@ def run(cfg: TrainConfig, env: Mapping[str, str] | None = None, *,
         extra_callbacks: Sequence[pl.Callback] = ()) -> RunResult:
     """Train per `cfg`. Tests inject a family, a strategy factory or callbacks; the CLI never does."""
     env = os.environ if env is None else env
-    check_output_folders(cfg)                  # before anything slow: an unwritable output fails now
     family = family or get_family(cfg.model_family)
     # The original framework's module names become the family's diffusers names (logged).
     targets = family.resolve_lora_targets(cfg.lora_target_modules or family.default_lora_targets)
