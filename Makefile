@@ -37,9 +37,9 @@ binaries: env
 test: binaries
 	$(PYTHON) -m pytest -m "not gpu and not slow" -p no:cacheprovider $(PYTEST_ARGS)
 
-# The slow tier (~1 min): variants whose stronger sibling runs in `make test` (ZeRO-2 next to
-# ZeRO-3, a second missing-peer case). Run it before resolving an issue that touches the trainer's
-# distributed code.
+# The slow tier (~2 min): costlier variants next to what `make test` keeps (DeepSpeed resume,
+# ZeRO-2 against DDP, CUDA OOM through the launcher, a second missing-peer case). Run it before
+# resolving an issue that touches the trainer's distributed code or its exit codes.
 test-slow: binaries
 	$(PYTHON) -m pytest -m "slow and not gpu" -p no:cacheprovider $(PYTEST_ARGS)
 

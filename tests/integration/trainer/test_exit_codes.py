@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 from test_multiprocess import (EXAMPLE_DATASET, PROCESS_TIMEOUT, base_env, finish, flags, free_port,  # noqa: F401
                                start, tiny_flux)
@@ -63,6 +64,9 @@ def test_a_dataset_error_on_local_rank_1_is_the_pods_exit_code(tiny_flux: Path, 
     assert seconds < PROCESS_TIMEOUT
 
 
+# The slow tier: the dataset-error test above proves the launcher carries a rank's code to the pod,
+# and tests/unit/operator/test_failures.py the OutOfMemory rule; this one the CLI's OOM mapping.
+@pytest.mark.slow
 def test_a_fake_cuda_oom_on_local_rank_1_exits_with_the_oom_code_and_a_hint(tiny_flux: Path, tmp_path: Path) -> None:
     """torch.OutOfMemoryError is raised by a test callback (no GPU here), in the real training loop."""
     code, log, _ = one_pod_two_processes(tiny_flux, tmp_path, "oom", "--fake-cuda-oom-on-rank", "1")

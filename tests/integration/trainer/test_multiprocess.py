@@ -208,8 +208,10 @@ def test_a_missing_peer_of_rank0_ends_with_the_retryable_code(tiny_flux: Path, t
     assert code == contract.EXIT_RETRYABLE, (tmp_path / "rank0.log").read_text()[-3000:]
 
 
-# ZeRO-3 (parameters partitioned too) in `make test`; ZeRO-2 in the slow tier.
-@pytest.mark.parametrize("stage", [pytest.param(2, marks=pytest.mark.slow), 3])
+# Three trainer runs per stage (about 30 s each): the slow tier. `make test` keeps DeepSpeed on two
+# ranks against DDP (test_two_rank_accumulation.py) and DDP's bit-identical resume.
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
 def test_deepspeed_resume_restores_the_zero_optimizer_bit_identically(stage: int, tiny_flux: Path,
                                                                       tmp_path: Path) -> None:
     def train(name: str, *extra: str) -> int:
