@@ -2,7 +2,7 @@
 
 Nothing here talks to the API or reads the clock, so the desired state is a function of its
 inputs and every field is unit-tested. Names, labels, env names and flags come from
-`lorakube.contract`, the module the trainer imports too.
+`lorakube_api.contract`, the module the trainer imports too.
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ import dataclasses
 import os
 from typing import Any
 
-from lorakube import contract, rbac
+from lorakube import rbac
+from lorakube_api import contract
 from lorakube.spec import OPERATOR_VOLUME_PREFIX, JobRef, JobSpec
 
 GPU_RESOURCE = "nvidia.com/gpu"

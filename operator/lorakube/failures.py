@@ -11,7 +11,7 @@ import dataclasses
 import enum
 from collections.abc import Callable
 
-from lorakube import contract
+from lorakube_api import contract
 from lorakube.pods import PodView
 
 

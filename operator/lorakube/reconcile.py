@@ -18,7 +18,8 @@ import datetime as dt
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from lorakube import builders, contract, failures, rbac
+from lorakube import builders, failures, rbac
+from lorakube_api import contract
 from lorakube import status as st
 from lorakube.pods import FAILED as POD_FAILED
 from lorakube.pods import PENDING as POD_PENDING

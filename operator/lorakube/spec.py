@@ -15,7 +15,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from lorakube import contract
+from lorakube_api import contract
 
 # URI schemes each field accepts today. The trainer reads models and datasets from local paths
 # only (a mounted volume); hf:// and s3:// are part of the API but not implemented yet.

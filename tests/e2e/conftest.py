@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from lorakube import sandbox
+from lorakube_dev import sandbox
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import yaml
 
-from lorakube import contract
+from lorakube_api import contract
 
 pytestmark = pytest.mark.cluster
 
@@ -27,7 +27,7 @@ DELETE = object()
 
 @pytest.fixture(scope="module")
 def crd(local_cluster) -> str:
-    # Server-side, like lorakube.sandbox installs it: modules sharing the session cluster then
+    # Server-side, like lorakube_dev.sandbox installs it: modules sharing the session cluster then
     # apply the CRD as the same field manager.
     local_cluster.kubectl("apply", "--server-side", "-f", str(CRD_FILE), check=True)
     # Ready when discovery serves the new kind and the OpenAPI document that `kubectl explain`

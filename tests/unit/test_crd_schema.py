@@ -14,7 +14,7 @@ from typing import Any, Iterator
 import pytest
 import yaml
 
-from lorakube import contract
+from lorakube_api import contract
 
 ROOT = Path(__file__).resolve().parents[2]
 CRD_PATH = ROOT / "crds" / "loratrainingjobs.lorakube.io.yaml"
