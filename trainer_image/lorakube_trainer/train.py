@@ -20,7 +20,7 @@ from . import shutdown
 from .artifacts import (MetricsWriter, check_comfyui, check_loaded, save_comfyui, upload_to_modelscope,
                         write_json, write_manifest, write_model_card)
 from .caching import cache_folder
-from .callbacks import ExitOnSigterm, FinalStateCallback, ResumeCallback, StepCallback
+from .callbacks import FinalStateCallback, ResumeCallback, SigtermCallback, StepCallback
 from .config import ConfigError, TrainConfig
 from .data import DataPosition, load_records
 from .datamodule import CaptionDataModule
@@ -94,9 +94,9 @@ def run(cfg: TrainConfig, env: Mapping[str, str] | None = None, *,
                if planned_rank == 0 else None)
     step_cb, final_cb = StepCallback(cfg, reporter, metrics), FinalStateCallback()
     trainer = pl.Trainer(**trainer_kwargs(cfg, topology, on_gpu, remaining, strategy_factory),
-                         callbacks=[ResumeCallback(cfg, loaded), step_cb, final_cb, ExitOnSigterm(),
+                         callbacks=[ResumeCallback(cfg, loaded), step_cb, final_cb, SigtermCallback(cfg),
                                     *extra_callbacks])
-    # SIGTERM must end this process at once, never through a collective (see shutdown.py).
+    # A SIGTERM must never run a collective inside the handler, as Lightning's does (see shutdown.py).
     shutdown.keep_lightning_off_sigterm(trainer)
     if needs_rendezvous_check(topology):
         waited = wait_for_master(topology.master_addr, topology.master_port, cfg.rendezvous_timeout)
