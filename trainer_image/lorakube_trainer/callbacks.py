@@ -18,7 +18,7 @@ import random
 import signal
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import lightning.pytorch as pl
 import numpy as np
@@ -258,8 +258,8 @@ class SigtermCallback(pl.Callback):
     handler anyway (a release that renamed its connector), put lorakube's back before the first step.
     """
 
-    def __init__(self, cfg: TrainConfig) -> None:
-        self.cfg = cfg
+    def __init__(self, cfg: TrainConfig, env: Mapping[str, str]) -> None:
+        self.cfg, self.env = cfg, env
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if signal.getsignal(signal.SIGTERM) is not shutdown.exit_now:
@@ -267,7 +267,7 @@ class SigtermCallback(pl.Callback):
             shutdown.install()
         shutdown.reset()
         if self.cfg.checkpoint_every_n_steps:
-            shutdown.begin_graceful()
+            shutdown.begin_graceful(self.env)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if shutdown.end_graceful():

@@ -94,7 +94,7 @@ def run(cfg: TrainConfig, env: Mapping[str, str] | None = None, *,
                if planned_rank == 0 else None)
     step_cb, final_cb = StepCallback(cfg, reporter, metrics), FinalStateCallback()
     trainer = pl.Trainer(**trainer_kwargs(cfg, topology, on_gpu, remaining, strategy_factory),
-                         callbacks=[ResumeCallback(cfg, loaded), step_cb, final_cb, SigtermCallback(cfg),
+                         callbacks=[ResumeCallback(cfg, loaded), step_cb, final_cb, SigtermCallback(cfg, env),
                                     *extra_callbacks])
     # A SIGTERM must never run a collective inside the handler, as Lightning's does (see shutdown.py).
     shutdown.keep_lightning_off_sigterm(trainer)

@@ -174,3 +174,29 @@ def test_sigterm_to_one_rank_at_a_random_step_loses_no_step(tiny_flux: Path, tmp
     assert all(bytes(expected[k].numpy().tobytes()) == bytes(got[k].numpy().tobytes()) for k in expected)
     print(f"stopped at step {step} (rank 0 had finished {target} when rank {victim} got SIGTERM), "
           f"both exited {contract.EXIT_RETRYABLE} {took:.2f} s after the signal; resumed at {step + 1}")
+
+
+def test_sigterm_to_a_pod_with_two_local_ranks_goes_to_both_and_the_pod_exits_retryable(
+        tiny_flux: Path, tmp_path: Path) -> None:  # noqa: F811
+    """The kubelet signals the container's main process only: lorakube-train's launcher forwards
+    the signal to its local ranks and exits with their (retryable) code."""
+    probe = tmp_path / "probe"
+    env = base_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), NODE_RANK="0", NNODES="1",
+                   NPROC_PER_NODE="2", WORLD_SIZE="2", PROBE_DIR=str(probe),
+                   **{contract.ENV_TERMINATION_GRACE: "60"})
+    log = tmp_path / "pod.log"
+    proc = start(flags(tiny_flux, tmp_path / "out", "--checkpoint_dir", str(tmp_path / "ck"),
+                       "--steps_per_epoch", "5000", "--checkpoint_every_n_steps", "1000"), env, log)
+    _wait_until_training(probe, [proc], [log])
+    sent = time.monotonic()
+    os.kill(proc.pid, signal.SIGTERM)               # the launcher alone, not its process group
+    code = finish(proc, timeout=OBSERVE_S)
+    took = time.monotonic() - sent
+    text = log.read_text()
+    assert code == contract.EXIT_RETRYABLE, text[-3000:]
+    assert "local processes exited with [75, 75]: exiting with 75" in text
+    newest = ckpt.find_latest_complete(tmp_path / "ck")
+    assert newest is not None
+    step = ckpt.read_marker(newest)["step"]
+    assert text.count(f"SIGTERM: every rank stops at step {step} ") == 2
+    assert took < EXIT_BUDGET_S, took
