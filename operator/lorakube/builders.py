@@ -104,6 +104,7 @@ def rendezvous_env(spec: JobSpec, job: JobRef, attempt: int, rank: int) -> list[
             contract.ENV_ATTEMPT: str(attempt),
             contract.ENV_POD_NAME: contract.pod_name(job.name, rank),
             contract.ENV_RENDEZVOUS_TIMEOUT: str(spec.run_policy.rendezvous_timeout_seconds),
+            contract.ENV_TERMINATION_GRACE: str(spec.run_policy.termination_grace_period_seconds),
             # Logs reach `kubectl logs` (and lastFailure.logTail) as they are written.
             "PYTHONUNBUFFERED": "1",
         }
@@ -238,6 +239,8 @@ def build_pod(spec: JobSpec, job: JobRef, attempt: int, rank: int, config: Opera
         # The job's Service is headless; service-link env vars would only add noise.
         "enableServiceLinks": False,
         "securityContext": pod_security_context(),
+        # SIGTERM -> the trainer checkpoints the step the ranks agree on before this runs out.
+        "terminationGracePeriodSeconds": spec.run_policy.termination_grace_period_seconds,
         "containers": [container],
     }
     optional = {

@@ -144,6 +144,8 @@ class RunPolicy:
     ttl_seconds_after_finished: int | None = None
     suspend: bool = False
     rendezvous_timeout_seconds: int = contract.DEFAULT_RENDEZVOUS_TIMEOUT_SECONDS
+    # Room after a SIGTERM for one step + the checkpoint the trainer writes then (shutdown.py).
+    termination_grace_period_seconds: int = contract.DEFAULT_TERMINATION_GRACE_SECONDS
     gang_scheduling: str = "none"
     failure_rules: tuple[FailureRuleSpec, ...] = ()
 
@@ -447,6 +449,8 @@ def _parse_run_policy(section: Mapping[str, Any]) -> RunPolicy:
         ttl_seconds_after_finished=_int(section, "ttlSecondsAfterFinished", f, None, 0),
         suspend=_bool(section, "suspend", f, d.suspend),
         rendezvous_timeout_seconds=_int(section, "rendezvousTimeoutSeconds", f, d.rendezvous_timeout_seconds, 10, 3600),
+        termination_grace_period_seconds=_int(section, "terminationGracePeriodSeconds", f,
+                                              d.termination_grace_period_seconds, 0, 3600),
         gang_scheduling=gang,
         failure_rules=_parse_failure_rules(section, f),
     )

@@ -72,6 +72,16 @@ def test_rendezvous_env_for_rank_0_and_rank_1_of_three(job):
     assert contract.ENV_REPORT_PROGRESS not in rank1
 
 
+def test_the_grace_period_reaches_the_pod_and_the_trainer(job, job_spec):
+    pod = builders.build_pod(job, JOB, 1, 1, CONFIG)
+    assert pod["spec"]["terminationGracePeriodSeconds"] == contract.DEFAULT_TERMINATION_GRACE_SECONDS == 120
+    assert env_of(pod)[contract.ENV_TERMINATION_GRACE] == "120"
+    job_spec["runPolicy"]["terminationGracePeriodSeconds"] = 45
+    pod = builders.build_pod(parse_job("cats", job_spec), JOB, 1, 0, CONFIG)
+    assert pod["spec"]["terminationGracePeriodSeconds"] == 45
+    assert env_of(pod)[contract.ENV_TERMINATION_GRACE] == "45"
+
+
 def test_world_size_counts_processes_not_pods(job_spec):
     job_spec["resources"].update(numNodes=2, gpusPerNode=4)
     env = env_of(builders.build_pod(parse_job("cats", job_spec), JOB, 1, 1, CONFIG))
