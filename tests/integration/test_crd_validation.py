@@ -117,6 +117,7 @@ def test_minimal_job_is_stored_with_every_default_filled_in(local_cluster, ns):
     assert run_policy["maxRestarts"] == 3
     assert run_policy["suspend"] is False
     assert run_policy["rendezvousTimeoutSeconds"] == contract.DEFAULT_RENDEZVOUS_TIMEOUT_SECONDS
+    assert run_policy["terminationGracePeriodSeconds"] == contract.DEFAULT_TERMINATION_GRACE_SECONDS
     assert run_policy["gangScheduling"] == "none"
     assert "activeDeadlineSeconds" not in run_policy
     assert set(training) == set(contract.TRAINING_FLAGS) - {"loraTargetModules", "loraAlpha",
@@ -278,7 +279,8 @@ BAD_JOBS = [
     *[(f"an env entry overriding {name} is refused",
        {"spec.resources.env": [{"name": name, "value": "0"}]}, "spec.resources.env[0].name",
        f"spec.resources.env {name} is set by the operator")
-      for name in ("RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "TORCHELASTIC_RESTART_COUNT")],
+      for name in ("RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "TORCHELASTIC_RESTART_COUNT",
+                   contract.ENV_TERMINATION_GRACE)],
     ("a volume named like the operator's own is refused",
      {"spec.resources.volumes": [{"name": "lorakube-shm", "emptyDir": {}}]},
      "spec.resources.volumes[0].name", "rename the volume"),
@@ -481,6 +483,7 @@ MUTABLE_CHANGES = [
     ("maxRestarts", {"runPolicy": {"maxRestarts": 10}}),
     ("backoffSeconds", {"runPolicy": {"backoffSeconds": 60}}),
     ("rendezvousTimeoutSeconds", {"runPolicy": {"rendezvousTimeoutSeconds": 900}}),
+    ("terminationGracePeriodSeconds", {"runPolicy": {"terminationGracePeriodSeconds": 300}}),
 ]
 
 
