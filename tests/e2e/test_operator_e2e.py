@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import time
 from pathlib import Path
 
@@ -197,12 +198,17 @@ def test_a_pod_deleted_mid_run_restarts_the_gang_which_resumes(local_cluster, jo
     start_operator()
     name = "resumer"
     kubectl = local_cluster.cluster.kubectl
-    sandbox.apply_job(kubectl, job_namespace, quickstart(data_dir, name, steps=40))
+    job = quickstart(data_dir, name, steps=40)
+    # No periodic checkpoint before the last step: the one attempt 2 resumes from can only be the
+    # one the gang wrote on SIGTERM (the node's delete of pod 1), at the step they agreed on.
+    job["spec"]["training"]["checkpointEverySteps"] = 1000
+    sandbox.apply_job(kubectl, job_namespace, job)
 
-    def checkpointed():
+    def stepping():
         status = (sandbox.get_job(kubectl, job_namespace, name) or {}).get("status", {})
-        return status.get("phase") == "Running" and (status.get("progress") or {}).get("step", 0) >= 4
-    wait_for(checkpointed, 300, "a few steps (and a checkpoint) of attempt 1")
+        step = (status.get("progress") or {}).get("step", 0)
+        return status.get("phase") == "Running" and step >= 4 and step
+    seen = wait_for(stepping, 300, "a few steps of attempt 1")
     local_cluster.kubectl("delete", "pod", f"{name}-node-1", "-n", job_namespace, "--wait=false", check=True)
 
     final = sandbox.follow(kubectl, job_namespace, name, JOB_TIMEOUT)
@@ -216,4 +222,13 @@ def test_a_pod_deleted_mid_run_restarts_the_gang_which_resumes(local_cluster, jo
     pods, _ = job_children(local_cluster, job_namespace, name)
     assert {p["metadata"]["labels"][contract.LABEL_ATTEMPT] for p in pods} == {"2"}
     log = local_cluster.kubectl("logs", f"{name}-node-0", "-n", job_namespace, check=True).stdout
-    assert "resuming from" in log
+    resumed = re.search(r"resuming from \S+ \(step (\d+) of 40\)", log)
+    assert resumed, log[-3000:]
+    # Zero lost steps: attempt 2 starts right after a step attempt 1 reached after the deletion.
+    stopped = int(resumed.group(1))
+    assert seen <= stopped < 40
+    metrics = data_dir / "output" / name / contract.ARTIFACT_METRICS
+    assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == list(range(1, 41))
+    tail = status.get("lastFailure", {}).get("logTail") or ""
+    if "stopped after SIGTERM" in tail:         # the failed pod's last words, when the operator kept them
+        assert f"the next attempt resumes at step {stopped + 1}" in tail, tail

@@ -76,7 +76,7 @@ def stop_budget_seconds(env: Mapping[str, str]) -> float:
 @dataclasses.dataclass
 class _State:
     graceful: bool = False          # inside training with checkpoints on: a SIGTERM asks, not ends
-    owner_pid: int = 0              # the process that enabled it (a forked child exits at once)
+    owner_pid: int = 0              # the process that enabled it (not its forked DataLoader workers)
     requested_at: float | None = None
     budget_s: float = 0.0
 
@@ -113,8 +113,13 @@ def _exit_143(why: str) -> None:
 
 def exit_now(signum: int, frame: FrameType | None) -> None:
     """The SIGTERM handler: no locks, no collectives, no waiting."""
-    if not _state.graceful or os.getpid() != _state.owner_pid:
+    if not _state.graceful:
         _exit_143("received SIGTERM")
+    if os.getpid() != _state.owner_pid:
+        # A helper forked during training (a DataLoader worker) that got the signal with its
+        # process group: its death would fail the step the trainer is finishing. It ends with
+        # the trainer (PyTorch's workers watch their parent).
+        return
     now = time.monotonic()
     if _state.requested_at is not None:
         if now - _state.requested_at >= REPEAT_AFTER_SECONDS:

@@ -131,3 +131,18 @@ def test_ranks_agree_to_stop_when_any_of_them_asked() -> None:
     assert [p.returncode for p in procs] == [0, 0], outs
     assert [out.strip() for out, _ in outs] == ["0,1,1,1", "0,1,1,1"]
     assert shutdown.agree_to_stop(True) is True and shutdown.agree_to_stop(False) is False   # one process
+
+
+def test_a_worker_forked_during_training_outlives_a_group_sigterm_and_ends_with_its_parent() -> None:
+    # The node signals the container's whole process group; a DataLoader worker dying of it would
+    # fail the step its parent is finishing.
+    code = ("import os, signal, sys, time; from lorakube_trainer import shutdown; shutdown.install(); "
+            "shutdown.begin_graceful({'LORAKUBE_TERMINATION_GRACE_SECONDS': '60'}); pid = os.fork()\n"
+            "if pid == 0:\n    time.sleep(1.0); os._exit(7)\n"
+            "print('ready', flush=True); os.killpg(0, signal.SIGTERM); time.sleep(0.2)\n"
+            "print(os.waitpid(pid, 0)[1] >> 8, shutdown.stop_requested(), flush=True)")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert out.split() == ["ready", "7", "True"]      # the worker ran on and exited by itself
