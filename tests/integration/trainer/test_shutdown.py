@@ -25,7 +25,9 @@ from lorakube_api import contract
 from lorakube_trainer import checkpoint as ckpt
 
 REPEATS = int(os.environ.get("LORAKUBE_SIGTERM_REPEATS", "2"))
-EXIT_BUDGET_S = 5.0          # every pod exits within 5 s: one tiny step + one tiny checkpoint + exit
+# Every pod exits within this: the rest of one tiny step + one tiny checkpoint + exit. About 1.3 s
+# measured; the margin is for 2 cores shared with other test runs (a first step once took 10 s).
+EXIT_BUDGET_S = 15.0
 OBSERVE_S = 40.0             # long enough to see a hang (kubelet's default grace period is 30 s)
 START_TIMEOUT_S = 240.0
 
@@ -126,6 +128,10 @@ def _steps_in(metrics: Path) -> list[int]:
     return [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
 
 
+# Three 2-process runs (about 3 minutes on 2 busy cores): the slow tier. `make test` keeps the
+# same stop + exact resume in one process (tests/unit/trainer/test_graceful_stop.py), the
+# one-rank-asks agreement over real gloo (test_shutdown_handler.py) and the tests around this one.
+@pytest.mark.slow
 def test_sigterm_to_one_rank_at_a_random_step_loses_no_step(tiny_flux: Path, tmp_path: Path) -> None:  # noqa: F811
     seed = random.randrange(1 << 30)
     rng = random.Random(seed)
