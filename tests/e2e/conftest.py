@@ -3,18 +3,15 @@ operator as its own process under the operator ServiceAccount's token (so its RB
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
+from localcluster.recorder import WatchRecorder
 from lorakube import contract, sandbox
 
 # Opt-in: set to a folder, and every version of every LoRATrainingJob the e2e tests create is
@@ -45,66 +42,17 @@ def job_namespace(new_namespace, local_cluster, request, tmp_path_factory) -> It
         yield new_namespace
         return
     scrub = {str(request.getfixturevalue("data_dir")): "/srv/lorakube-data",
-             str(sandbox.REPO_ROOT): "/src/lorakube",
+             str(Path(__file__).resolve().parents[2]): "/src/lorakube",
              str(tmp_path_factory.getbasetemp()): "/tmp/lorakube-e2e",
              **{entry: "/usr/lib/python3/site-packages" for entry in sys.path if entry.endswith("-packages")},
              sys.prefix: "/usr", sys.base_prefix: "/usr", str(Path.home()): "/home/user"}
     folder = Path(target) / re.sub(r"[^A-Za-z0-9_.-]+", "_", request.node.name)
-    recorder = StatusRecorder(local_cluster.kubectl_path, local_cluster.kubeconfig, new_namespace, folder, scrub)
+    recorder = WatchRecorder(local_cluster.kubectl_path, local_cluster.kubeconfig,
+                             f"{contract.PLURAL}.{contract.API_GROUP}", new_namespace, folder, scrub)
     try:
         yield new_namespace
     finally:
         recorder.stop()
-
-
-class StatusRecorder:
-    """Watches the LoRATrainingJobs of one namespace with `kubectl get --watch` and writes each
-    version whose generation, spec or status changed as `<nnn>-<job>-<phase>.json`: apiVersion,
-    kind, metadata (name and generation only), spec and status, with this machine's paths replaced
-    by neutral ones (`scrub`), so the files can be committed."""
-
-    def __init__(self, kubectl: Path, kubeconfig: Path, namespace: str, folder: Path,
-                 scrub: dict[str, str]) -> None:
-        self.folder = folder
-        self.scrub = sorted(scrub.items(), key=lambda item: -len(item[0]))
-        self.written = 0
-        self.last: dict[str, str] = {}
-        folder.mkdir(parents=True, exist_ok=True)
-        self.process = subprocess.Popen(
-            [str(kubectl), "--kubeconfig", str(kubeconfig), "get", f"{contract.PLURAL}.{contract.API_GROUP}",
-             "-n", namespace, "--watch", "-o", "json"],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-        self.thread = threading.Thread(target=self._read, daemon=True)
-        self.thread.start()
-
-    def _read(self) -> None:
-        # kubectl prints each object as indented JSON whose closing brace is alone on its line.
-        lines: list[str] = []
-        for line in self.process.stdout:
-            lines.append(line)
-            if line.rstrip("\n") == "}":
-                self._record(json.loads("".join(lines)))
-                lines = []
-
-    def _record(self, job: dict[str, Any]) -> None:
-        meta = job.get("metadata", {})
-        trimmed = {"apiVersion": job.get("apiVersion"), "kind": job.get("kind"),
-                   "metadata": {"name": meta.get("name"), "generation": meta.get("generation")},
-                   "spec": job.get("spec"), "status": job.get("status")}
-        text = json.dumps(trimmed, indent=2, sort_keys=True) + "\n"
-        for local, neutral in self.scrub:
-            text = text.replace(local, neutral)
-        if self.last.get(meta.get("name")) == text:
-            return  # only Kopf's annotations or the finalizer changed
-        self.last[meta.get("name")] = text
-        self.written += 1
-        phase = (job.get("status") or {}).get("phase", "NoStatus")
-        (self.folder / f"{self.written:03d}-{meta.get('name')}-{phase}.json").write_text(text)
-
-    def stop(self) -> None:
-        self.process.terminate()
-        self.process.wait(timeout=10)
-        self.thread.join(timeout=10)
 
 
 @pytest.fixture
