@@ -34,7 +34,8 @@ def test_the_recorder_writes_each_version_of_a_job_trimmed_and_scrubbed(local_cl
                              {LOCAL_DATA: "/srv/lorakube-data"})
     try:
         sandbox.apply_job(kubectl, new_namespace, sandbox.quickstart_job(Path(LOCAL_DATA), "rec"))
-        status = {"status": {"phase": "Running", "attempt": 1, "progress": {"step": 3, "totalSteps": 8, "text": "3/8"}}}
+        status = {"status": {"phase": "Running", "attempt": 1,
+                             "progress": {"step": 3, "totalSteps": 8, "text": "3/8"}}}
         local_cluster.kubectl("patch", contract.SHORT_NAME, "rec", "-n", new_namespace, "--subresource=status",
                               "--type=merge", "-p", json.dumps(status), check=True)
         # metadata only (as Kopf's annotations and finalizer): not a new version for the recorder
