@@ -107,7 +107,12 @@ def test_the_harness_runs_scripts_without_the_string_library_as_argo_cd_does(hea
     no_return = tmp_path / "no-return.lua"
     no_return.write_text('hs = {status = "Healthy"}\n')
     result = subprocess.run([str(healthcheck), str(no_return)], input="{}", capture_output=True, text=True)
-    assert result.returncode == 1 and "expect table output" in result.stderr
+    assert result.returncode == 1 and "returned nothing" in result.stderr
+
+    not_a_table = tmp_path / "not-a-table.lua"
+    not_a_table.write_text('return "Healthy"\n')
+    result = subprocess.run([str(healthcheck), str(not_a_table)], input="{}", capture_output=True, text=True)
+    assert result.returncode == 1 and "expect table output from Lua script, not string" in result.stderr
 
     bad_status = tmp_path / "bad-status.lua"
     bad_status.write_text('return {status = "Fine", message = obj.metadata.name}\n')

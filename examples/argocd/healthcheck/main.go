@@ -5,11 +5,11 @@
 //	go run . ../health.lua job.json
 //
 // It reproduces the Lua environment Argo CD gives a health script from resource.customizations
-// (Argo CD v3, util/lua): gopher-lua with the standard libraries skipped and only package, base and
+// (Argo CD v3.6, util/lua/lua.go): gopher-lua with the standard libraries skipped and only package, base and
 // table opened (no string or math library unless an admin sets useOpenLibs, which this example does
 // not need); the object as the global `obj`, decoded from JSON the same way; a one-second time
-// limit; the chunk's returned table encoded with gopher-json and read as {status, message}, and a
-// status outside Argo CD's set replaced by Unknown. Argo CD also opens a reduced `os` library; the
+// limit; the chunk's returned table encoded with gopher-json and read as {status, message} (an
+// empty table gives an empty health), and a status outside Argo CD's set replaced by Unknown. Argo CD also opens a reduced `os` library; the
 // example script does not use it, so it is left out here and any use of it fails the tests.
 //
 // Exit status: 0 with the health on stdout; 1 when the script fails to run or returns something
@@ -98,13 +98,19 @@ func run(script string, object map[string]interface{}) (*health, error) {
 		return nil, fmt.Errorf("the script failed: %w", err)
 	}
 	returned := state.Get(-1)
+	if returned.Type() == lua.LTNil {
+		// Argo CD then shows no health at all for the object: never what a health script means.
+		return nil, fmt.Errorf("the script returned nothing, so Argo CD would assess no health (does it end with `return hs`?)")
+	}
 	if returned.Type() != lua.LTTable {
-		return nil, fmt.Errorf("expect table output from Lua script, not %s (does the script end with `return hs`?)",
-			returned.Type().String())
+		return nil, fmt.Errorf("expect table output from Lua script, not %s", returned.Type().String())
 	}
 	encoded, err := luajson.Encode(returned)
 	if err != nil {
 		return nil, fmt.Errorf("encoding the returned table: %w", err)
+	}
+	if string(encoded) == "[]" {
+		return &health{}, nil // gopher-json encodes an empty table as a list; Argo CD reads it as no status
 	}
 	result := &health{}
 	if err := json.Unmarshal(encoded, result); err != nil {
