@@ -133,6 +133,9 @@ def test_the_recorded_statuses_cover_what_a_job_goes_through():
     # one was recorded between a spec change (resume) and the operator's next pass
     assert any(phase_of(job) and job["status"]["observedGeneration"] < job["metadata"]["generation"]
                for job in jobs)
+    # recorded with the machine's data folder replaced (localcluster.recorder's scrub)
+    assert {volume["hostPath"]["path"] for job in jobs for volume in job["spec"]["resources"]["volumes"]
+            if "hostPath" in volume} == {"/srv/lorakube-data"}
 
 
 @pytest.mark.parametrize("path", captured(), ids=lambda p: p.stem)
