@@ -52,7 +52,7 @@ soak: env
 	LORAKUBE_SIGTERM_REPEATS=20 $(PYTHON) -m pytest tests/integration/trainer/test_shutdown.py -p no:cacheprovider -s $(PYTEST_ARGS)
 
 demo: binaries
-	$(VENV)/bin/lorakube demo
+	$(VENV)/bin/lorakube-dev demo
 
 clean-cluster: env
 	$(PYTHON) -m localcluster down

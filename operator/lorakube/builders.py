@@ -2,7 +2,7 @@
 
 Nothing here talks to the API or reads the clock, so the desired state is a function of its
 inputs and every field is unit-tested. Names, labels, env names and flags come from
-`lorakube.contract`, the module the trainer imports too.
+`lorakube_api.contract`, the module the trainer imports too.
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ import dataclasses
 import os
 from typing import Any
 
-from lorakube import contract, rbac
+from lorakube import rbac
+from lorakube_api import contract
 from lorakube.spec import OPERATOR_VOLUME_PREFIX, JobRef, JobSpec
 
 GPU_RESOURCE = "nvidia.com/gpu"
@@ -216,6 +217,10 @@ def build_pod(spec: JobSpec, job: JobRef, attempt: int, rank: int, config: Opera
         "ports": [{"name": MASTER_PORT_NAME, "containerPort": contract.DEFAULT_MASTER_PORT, "protocol": "TCP"}],
         "resources": container_resources(spec),
         "securityContext": container_security_context(),
+        # The trainer writes its last words to /dev/termination-log; when it dies before it can
+        # (a signal, a crash in native code) the kubelet takes the log's tail instead, which is
+        # what status.lastFailure shows and spec.runPolicy.failureRules' onMessagePattern searches.
+        "terminationMessagePolicy": "FallbackToLogsOnError",
     }
     secrets = _secret_names(spec)
     if secrets:

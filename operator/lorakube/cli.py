@@ -1,4 +1,6 @@
-"""`lorakube`: run the operator (what the image runs) or the one-machine demo."""
+"""`lorakube`: run the LoRATrainingJob operator (what the operator image runs).
+
+The one-machine demo is a development tool: `lorakube-dev demo` (package `lorakube_dev`)."""
 
 from __future__ import annotations
 
@@ -40,11 +42,6 @@ def build_parser() -> argparse.ArgumentParser:
                     help="serve Kopf's liveness probe, e.g. http://0.0.0.0:8080/healthz")
     op.add_argument("--verbose", "-v", action="store_true")
 
-    demo = commands.add_parser("demo", help="train a tiny 2-node LoRA on a local cluster, end to end")
-    demo.add_argument("--keep", action="store_true", help="leave the cluster (and the job) up afterwards")
-    demo.add_argument("--state-dir", default=None,
-                      help="where the demo keeps its cluster and files (default ~/.cache/lorakube/demo)")
-    demo.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for the job")
     return parser
 
 
@@ -117,12 +114,8 @@ def _lease_times(parser: argparse.ArgumentParser, args: argparse.Namespace) -> L
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command == "operator":
-        return run_operator(args.namespace, args.leader_elect, args.liveness, args.verbose,
-                            _lease_times(parser, args))
-    from lorakube import demo
-
-    return demo.run(state_dir=args.state_dir, keep=args.keep, timeout=args.timeout)
+    return run_operator(args.namespace, args.leader_elect, args.liveness, args.verbose,
+                        _lease_times(parser, args))
 
 
 if __name__ == "__main__":

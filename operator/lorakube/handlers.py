@@ -20,7 +20,8 @@ from typing import Any
 
 import kopf
 
-from lorakube import builders, contract, kube, leader, pods
+from lorakube import builders, kube, leader, pods
+from lorakube_api import contract
 from lorakube import status as st
 
 log = logging.getLogger(__name__)

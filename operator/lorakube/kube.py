@@ -18,7 +18,8 @@ from typing import Any, Callable
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
-from lorakube import builders, contract, reconcile, spec
+from lorakube import builders, reconcile, spec
+from lorakube_api import contract
 from lorakube import status as st
 from lorakube.pods import PodView
 

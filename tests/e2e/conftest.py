@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from localcluster.recorder import WatchRecorder
-from lorakube import contract, sandbox
+from lorakube_api import contract
+from lorakube_dev import sandbox
 
 # Opt-in: set to a folder, and every version of every LoRATrainingJob the e2e tests create is
 # written there as JSON (tests/fixtures/job-statuses/ holds a few, for the Argo CD health check).

@@ -14,7 +14,9 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
-from lorakube import builders, contract, rbac, sandbox
+from lorakube import builders, rbac
+from lorakube_api import contract
+from lorakube_dev import sandbox
 from lorakube.spec import JobRef, parse_job
 
 pytestmark = [pytest.mark.cluster, pytest.mark.e2e]

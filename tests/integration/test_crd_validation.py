@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import yaml
 
-from lorakube import contract
+from lorakube_api import contract
 
 pytestmark = pytest.mark.cluster
 
@@ -27,7 +27,7 @@ DELETE = object()
 
 @pytest.fixture(scope="module")
 def crd(local_cluster) -> str:
-    # Server-side, like lorakube.sandbox installs it: modules sharing the session cluster then
+    # Server-side, like lorakube_dev.sandbox installs it: modules sharing the session cluster then
     # apply the CRD as the same field manager.
     local_cluster.kubectl("apply", "--server-side", "-f", str(CRD_FILE), check=True)
     # Ready when discovery serves the new kind and the OpenAPI document that `kubectl explain`
@@ -262,6 +262,12 @@ BAD_JOBS = [
      {"spec.runPolicy.gangScheduling": "slurm"}, "spec.runPolicy.gangScheduling", '"kueue"'),
     ("a negative maxRestarts is refused",
      {"spec.runPolicy.maxRestarts": -1}, "spec.runPolicy.maxRestarts", "greater than or equal to 0"),
+    ("a failure rule without any condition is refused",
+     {"spec.runPolicy.failureRules": [{"name": "Anything", "action": "Fail"}]},
+     "spec.runPolicy.failureRules", "at least one of onExitCodes, onPodReasons, onMessagePattern"),
+    ("a failure rule with an unknown action is refused",
+     {"spec.runPolicy.failureRules": [{"name": "Nccl", "action": "Retry", "onExitCodes": [1]}]},
+     "spec.runPolicy.failureRules[0].action", '"RestartWithoutCounting"'),
     ("a rendezvous timeout under 10 seconds is refused",
      {"spec.runPolicy.rendezvousTimeoutSeconds": 5}, "spec.runPolicy.rendezvousTimeoutSeconds",
      "greater than or equal to 10"),

@@ -9,7 +9,8 @@ import time
 from pathlib import Path
 
 from localcluster.recorder import WatchRecorder
-from lorakube import contract, sandbox
+from lorakube_api import contract
+from lorakube_dev import sandbox
 
 LOCAL_DATA = "/var/lib/recorder-test/data"
 

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from lightning.pytorch.strategies import DeepSpeedStrategy
 
-from lorakube import contract
+from lorakube_api import contract
 
 from . import checkpoint as ckpt
 from . import shutdown

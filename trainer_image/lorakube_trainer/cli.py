@@ -15,7 +15,7 @@ import signal
 import sys
 from typing import Sequence
 
-from lorakube import contract
+from lorakube_api import contract
 
 from . import shutdown
 from .config import ConfigError, TrainConfig, check_output_folders, parse_config

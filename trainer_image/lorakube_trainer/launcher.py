@@ -34,7 +34,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Mapping, Sequence
 
-from lorakube import contract
+from lorakube_api import contract
 
 from .distributed import Topology
 from .files import atomic_write_text

@@ -25,7 +25,7 @@ import urllib.request
 from pathlib import Path
 from typing import Callable, Mapping, TextIO
 
-from lorakube import contract
+from lorakube_api import contract
 
 log = logging.getLogger(__name__)
 

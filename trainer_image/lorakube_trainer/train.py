@@ -13,7 +13,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.strategies import Strategy
 
-from lorakube import contract
+from lorakube_api import contract
 
 from . import checkpoint as ckpt
 from . import shutdown

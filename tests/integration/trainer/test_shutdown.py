@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from test_multiprocess import base_env, flags, free_port, start, tiny_flux  # noqa: F401 - tiny_flux is a fixture
 
-from lorakube import contract
+from lorakube_api import contract
 
 REPEATS = int(os.environ.get("LORAKUBE_SIGTERM_REPEATS", "2"))
 EXIT_BUDGET_S = 5.0          # what the issue asks: every pod exits within 5 s

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from lorakube import builders, contract
+from lorakube import builders
+from lorakube_api import contract
 from lorakube.spec import JobRef, parse_job
 
 from ltj_fixtures import UID

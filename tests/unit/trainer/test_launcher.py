@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from lorakube import contract
+from lorakube_api import contract
 from lorakube_trainer.distributed import Topology
 from lorakube_trainer.launcher import (ENV_FAILURE_FILE, RankExit, _rank_exit, child_env, describe, report_failure,
                                        root_cause, shell_code, should_launch)

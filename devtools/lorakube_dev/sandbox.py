@@ -1,4 +1,4 @@
-"""The pieces `lorakube demo` and the end-to-end tests share: install the API and RBAC on a
+"""The pieces `lorakube-dev demo` and the end-to-end tests share: install the API and RBAC on a
 cluster, run the operator under its own ServiceAccount token, prepare the quickstart data, and
 follow a job until it ends.
 
@@ -21,14 +21,18 @@ from typing import Any
 
 import yaml
 
-from lorakube import contract
+import lorakube
+import lorakube_api
 from lorakube import status as st
+from lorakube_api import contract
 
-PACKAGE_DIR = Path(__file__).resolve().parent
-REPO_ROOT = PACKAGE_DIR.parents[1]
-CRD_FILE = REPO_ROOT / "crds" / f"{contract.PLURAL}.{contract.API_GROUP}.yaml"
-RBAC_OPERATOR = PACKAGE_DIR / "manifests" / "rbac-operator.yaml"
-TRAINER_STATUS_POLICY = PACKAGE_DIR / "manifests" / "trainer-status-policy.yaml"
+# The shipped manifests come from the installed packages; the quickstart and its dataset are the
+# repository's examples (the dev tools run from a source checkout and are never shipped).
+CRD_FILE = lorakube_api.crd_path()
+OPERATOR_MANIFESTS = Path(lorakube.__file__).resolve().parent / "manifests"
+RBAC_OPERATOR = OPERATOR_MANIFESTS / "rbac-operator.yaml"
+TRAINER_STATUS_POLICY = OPERATOR_MANIFESTS / "trainer-status-policy.yaml"
+REPO_ROOT = Path(__file__).resolve().parents[2]
 QUICKSTART = REPO_ROOT / "examples" / "quickstart.yaml"
 EXAMPLE_DATASET = REPO_ROOT / "examples" / "dataset"
 OPERATOR_NAMESPACE = "lorakube-system"
@@ -90,7 +94,7 @@ def prepare_data(data_dir: Path, log: Callable[[str], None] = print) -> Path:
     if not (model / "model_index.json").is_file():
         log(f"building the tiny FLUX pipeline in {model}")
         built = subprocess.run(
-            [sys.executable, "-m", "lorakube_trainer.tiny", "--family", "flux", "--out", str(model)],
+            [sys.executable, "-m", "lorakube_dev.tiny", "--family", "flux", "--out", str(model)],
             capture_output=True, text=True)
         if built.returncode != 0:
             raise SandboxError(f"building the tiny model failed:\n{built.stderr[-2000:]}")

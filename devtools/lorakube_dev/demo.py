@@ -1,4 +1,4 @@
-"""`lorakube demo`: the whole product on one machine, in one command.
+"""`lorakube-dev demo`: the whole product on one machine, in one command.
 
 Brings up a local cluster (real kube-apiserver, controllers, a process node), builds the tiny FLUX
 model, installs the CRD and RBAC, starts the operator under its ServiceAccount's token, applies
@@ -12,8 +12,9 @@ import shutil
 import time
 from pathlib import Path
 
-from lorakube import contract, sandbox
 from lorakube import status as st
+from lorakube_api import contract
+from lorakube_dev import sandbox
 
 JOB_NAMESPACE = "lorakube-demo"
 JOB_NAME = "quickstart"
@@ -26,7 +27,7 @@ def default_state_dir() -> Path:
 
 
 def _say(text: str) -> None:
-    print(f"[lorakube demo] {text}", flush=True)
+    print(f"[lorakube-dev demo] {text}", flush=True)
 
 
 def _show(status: dict) -> None:
