@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import http.server
 import socket
+import ssl
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from localcluster.node.kubelet_server import ensure_serving_cert
 from localcluster.node.podspec import PodSpecError
 from localcluster.node.prober import http_probe, tcp_probe
 from localcluster.node.probes import (
@@ -256,3 +259,21 @@ def test_tcp_probe_succeeds_against_a_listener() -> None:
         s.bind(("127.0.0.1", 0))
         s.listen()
         assert tcp_probe(TcpSocket(port=s.getsockname()[1]), "127.0.0.1", timeout=1) == (True, "")
+
+
+def test_https_probe_does_not_verify_the_certificate(tmp_path: Path) -> None:
+    cert, key = ensure_serving_cert(tmp_path, "127.0.0.1")  # self-signed, like most pods'
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        port = server.server_address[1]
+        assert http_probe(HttpGet(port=port, path="/ok", scheme="HTTPS"), "127.0.0.1",
+                          timeout=2) == (True, "")
+        ok, message = http_probe(HttpGet(port=port, path="/broken", scheme="HTTPS"),
+                                 "127.0.0.1", timeout=2)
+        assert (ok, message) == (False, "HTTP probe failed with statuscode: 503")
+    finally:
+        server.shutdown()

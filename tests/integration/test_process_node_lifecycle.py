@@ -1,0 +1,267 @@
+"""What a Deployment needs from the process node, against the real control plane: containers
+restarted in place per restartPolicy with kubelet's crash-loop back-off, and liveness,
+readiness and startup probes driving restarts and the Ready condition.
+
+The session cluster's node runs with a 1 s / 4 s back-off (localcluster.pytest_plugin) so
+crash loops take seconds; every assertion is what a user would read with kubectl.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import textwrap
+import time
+from typing import Any
+
+import pytest
+
+from localcluster.pytest_plugin import wait_for
+
+pytestmark = pytest.mark.cluster
+
+
+def pod(cluster: Any, ns: str, name: str) -> dict[str, Any] | None:
+    result = cluster.kubectl("get", "pod", name, "-n", ns, "-o", "json")
+    return json.loads(result.stdout) if result.returncode == 0 else None
+
+
+def container_status(obj: dict[str, Any] | None) -> dict[str, Any]:
+    statuses = (obj or {}).get("status", {}).get("containerStatuses") or [{}]
+    return statuses[0]
+
+
+def conditions(obj: dict[str, Any] | None) -> dict[str, str]:
+    return {c["type"]: c["status"] for c in (obj or {}).get("status", {}).get("conditions", [])}
+
+
+def events(cluster: Any, ns: str, name: str) -> list[dict[str, Any]]:
+    return cluster.get_json("events", "--field-selector", f"involvedObject.name={name}",
+                            namespace=ns)["items"]
+
+
+def python_pod(name: str, script: str, restart_policy: str, **container: Any) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name},
+            "spec": {"restartPolicy": restart_policy, "terminationGracePeriodSeconds": 5,
+                     "containers": [{"name": "main", "image": "python:3.11",
+                                     "command": ["python", "-u", "-c", textwrap.dedent(script)],
+                                     **container}]}}
+
+
+# A tiny web server: /healthz answers 200 once `delay` seconds have passed since start.
+WEB_SERVER = """
+    import http.server, os, time
+    time.sleep(float(os.environ.get("LISTEN_AFTER", "0")))
+    class H(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *a): pass
+        def do_GET(self):
+            self.send_response(200 if self.path == "/healthz" else 404)
+            self.end_headers()
+    print("listening", flush=True)
+    http.server.HTTPServer(("0.0.0.0", 8080), H).serve_forever()
+"""
+
+
+def test_always_restarts_a_crashing_container_with_back_off_and_deletes_promptly(
+        local_cluster: Any, new_namespace: str) -> None:
+    ns = new_namespace
+    local_cluster.apply(python_pod("crasher", "print('crashing'); raise SystemExit(1)", "Always"),
+                        ns)
+    seen_phases: set[str] = set()
+
+    def in_back_off() -> dict[str, Any] | None:
+        obj = pod(local_cluster, ns, "crasher")
+        seen_phases.add((obj or {}).get("status", {}).get("phase", ""))
+        cs = container_status(obj)
+        waiting = cs.get("state", {}).get("waiting", {})
+        return cs if cs.get("restartCount", 0) >= 1 and waiting.get("reason") == \
+            "CrashLoopBackOff" else None
+
+    backing_off = wait_for("CrashLoopBackOff after a restart", in_back_off, timeout=30, every=0.2)
+    assert "back-off" in backing_off["state"]["waiting"]["message"]
+    last = backing_off["lastState"]["terminated"]
+    assert (last["exitCode"], last["reason"]) == (1, "Error")
+    first_count = backing_off["restartCount"]
+    assert backing_off["ready"] is False
+
+    def restarted_again() -> dict[str, Any] | None:
+        obj = pod(local_cluster, ns, "crasher")
+        seen_phases.add((obj or {}).get("status", {}).get("phase", ""))
+        cs = container_status(obj)
+        return obj if cs.get("restartCount", 0) >= first_count + 1 else None
+
+    wait_for("restartCount to grow", restarted_again, timeout=30, every=0.2)
+    assert seen_phases <= {"Pending", "Running"}, "an Always pod never ends on its own"
+    reasons = [e["reason"] for e in events(local_cluster, ns, "crasher")]
+    assert reasons.count("Started") >= 2 and "BackOff" in reasons
+    logs = local_cluster.kubectl("logs", "crasher", "-n", ns, check=True).stdout
+    assert logs.count("crashing") >= 2  # every instance wrote to the container's log
+
+    wait_for("the next back-off", in_back_off, timeout=30, every=0.2)
+    started = time.monotonic()
+    local_cluster.kubectl("delete", "pod", "crasher", "-n", ns, "--wait=false", check=True)
+    wait_for("the pod to be deleted", lambda: pod(local_cluster, ns, "crasher") is None,
+             timeout=30, every=0.2)
+    assert time.monotonic() - started < 4, "deletion waited for the back-off"
+
+
+def test_on_failure_restarts_until_exit_zero_then_succeeds(local_cluster: Any,
+                                                          new_namespace: str) -> None:
+    ns = new_namespace
+    # The emptyDir outlives the container (not the pod): the second instance finds the mark.
+    script = """
+        import os, sys
+        mark = '/lk-onfailure/attempted'
+        if not os.path.exists(mark):
+            open(mark, 'w').close()
+            print('first attempt fails'); sys.exit(3)
+        print('second attempt succeeds')
+    """
+    manifest = python_pod("retry", script, "OnFailure",
+                          volumeMounts=[{"name": "work", "mountPath": "/lk-onfailure"}])
+    manifest["spec"]["volumes"] = [{"name": "work", "emptyDir": {}}]
+    local_cluster.apply(manifest, ns)
+
+    obj = wait_for("the pod to finish", lambda: (o := pod(local_cluster, ns, "retry")) and
+                   o["status"].get("phase") in ("Succeeded", "Failed") and o, timeout=60)
+
+    cs = container_status(obj)
+    assert obj["status"]["phase"] == "Succeeded"
+    assert cs["restartCount"] == 1
+    assert cs["state"]["terminated"]["exitCode"] == 0
+    assert cs["lastState"]["terminated"]["exitCode"] == 3
+    time.sleep(2)  # longer than the back-off: a finished OnFailure container stays finished
+    assert container_status(pod(local_cluster, ns, "retry"))["restartCount"] == 1
+
+
+def test_startup_and_http_readiness_probes_hold_ready_until_the_server_answers(
+        local_cluster: Any, new_namespace: str) -> None:
+    ns = new_namespace
+    manifest = python_pod(
+        "web", WEB_SERVER, "Always",
+        env=[{"name": "LISTEN_AFTER", "value": "4"}],
+        ports=[{"name": "http", "containerPort": 8080}],
+        startupProbe={"tcpSocket": {"port": "http"}, "periodSeconds": 1, "failureThreshold": 30},
+        readinessProbe={"httpGet": {"path": "/healthz", "port": "http",
+                                    "httpHeaders": [{"name": "X-Probe", "value": "1"}]},
+                        "periodSeconds": 1})
+    local_cluster.apply(manifest, ns)
+
+    def running() -> dict[str, Any] | None:
+        obj = pod(local_cluster, ns, "web")
+        return obj if container_status(obj).get("state", {}).get("running") else None
+
+    early = wait_for("the container to run", running, timeout=30, every=0.2)
+    early_status = container_status(early)
+    assert early["status"]["phase"] == "Running"
+    assert (early_status["started"], early_status["ready"]) == (False, False)
+    assert conditions(early)["Ready"] == "False"
+
+    ready = wait_for("the pod to become Ready",
+                     lambda: (o := pod(local_cluster, ns, "web")) and
+                     conditions(o).get("Ready") == "True" and o, timeout=30, every=0.2)
+    assert "listening" in local_cluster.kubectl("logs", "web", "-n", ns, check=True).stdout
+    cs = container_status(ready)
+    assert cs["started"] is True and cs["ready"] is True and cs["restartCount"] == 0
+    assert conditions(ready)["ContainersReady"] == "True"
+    unhealthy = [e["message"] for e in events(local_cluster, ns, "web")
+                 if e["reason"] == "Unhealthy"]
+    assert any(m.startswith("Startup probe failed: dial tcp") for m in unhealthy), unhealthy
+
+
+def test_failing_exec_liveness_probe_restarts_the_container(local_cluster: Any,
+                                                             new_namespace: str) -> None:
+    ns = new_namespace
+    # Healthy for 4 s, then the file the probe checks goes away. The file lives on a mount
+    # only the pod's mount namespace has: a probe run elsewhere would fail from the start
+    # and kill the first instance before it logs `removed`. SIGTERM is ignored, so only the
+    # SIGKILL after the probe's own grace period (1 s, not the pod's 5 s) ends it.
+    script = """
+        import os, signal, time
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        open('/lk-liveness/healthy', 'w').close()
+        print('healthy', flush=True)
+        time.sleep(4)
+        os.remove('/lk-liveness/healthy')
+        print('removed', flush=True)
+        while True: time.sleep(1)
+    """
+    manifest = python_pod(
+        "sick", script, "Always",
+        volumeMounts=[{"name": "state", "mountPath": "/lk-liveness"}],
+        livenessProbe={"exec": {"command": ["cat", "/lk-liveness/healthy"]},
+                       "periodSeconds": 1, "failureThreshold": 2,
+                       "terminationGracePeriodSeconds": 1})
+    manifest["spec"]["volumes"] = [{"name": "state", "emptyDir": {}}]
+    local_cluster.apply(manifest, ns)
+
+    obj = wait_for("a restart after the liveness probe failed",
+                   lambda: (o := pod(local_cluster, ns, "sick")) and
+                   container_status(o).get("restartCount", 0) >= 1 and o, timeout=45, every=0.3)
+
+    logs = local_cluster.kubectl("logs", "sick", "-n", ns, check=True).stdout.split()
+    assert logs[:2] == ["healthy", "removed"], logs
+    last = container_status(obj)["lastState"]["terminated"]
+    assert last["exitCode"] == 137  # SIGKILL: SIGTERM was ignored
+    assert obj["status"]["phase"] == "Running"
+    found = events(local_cluster, ns, "sick")
+    killing = [e for e in found if e["reason"] == "Killing"]
+    assert [e["message"] for e in killing] == \
+        ["Container main failed liveness probe, will be restarted"]
+    assert any(e["reason"] == "Unhealthy" and
+               e["message"].startswith("Liveness probe failed: cat:") for e in found), found
+    killed_after = _seconds(last["finishedAt"]) - _seconds(killing[0]["firstTimestamp"])
+    assert killed_after <= 3, f"SIGKILL came {killed_after}s after Killing (probe grace 1 s)"
+
+
+def _seconds(stamp: str) -> float:
+    return datetime.datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+
+
+def test_a_probe_the_node_cannot_run_fails_the_pod_naming_the_field(local_cluster: Any,
+                                                                    new_namespace: str) -> None:
+    ns = new_namespace
+    local_cluster.apply(python_pod("badprobe", "import time; time.sleep(60)", "Always",
+                                   readinessProbe={"httpGet": {"port": "metrics"}}), ns)
+
+    obj = wait_for("the pod to fail", lambda: (o := pod(local_cluster, ns, "badprobe")) and
+                   o["status"].get("phase") == "Failed" and o, timeout=30)
+
+    assert "spec.containers[0].readinessProbe.httpGet.port: no container port named " \
+        "'metrics'" in obj["status"]["message"]
+
+
+def test_deployment_with_readiness_probe_becomes_available(local_cluster: Any,
+                                                           new_namespace: str) -> None:
+    ns = new_namespace
+    labels = {"app": "web"}
+    deployment = {
+        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "web"},
+        "spec": {
+            "replicas": 2, "selector": {"matchLabels": labels},
+            "template": {"metadata": {"labels": labels}, "spec": {
+                "terminationGracePeriodSeconds": 5,
+                "containers": [{
+                    "name": "web", "image": "python:3.11",
+                    "command": ["python", "-u", "-c", textwrap.dedent(WEB_SERVER)],
+                    "env": [{"name": "LISTEN_AFTER", "value": "1"}],
+                    "ports": [{"name": "http", "containerPort": 8080}],
+                    "readinessProbe": {"httpGet": {"path": "/healthz", "port": "http"},
+                                       "periodSeconds": 1},
+                    "livenessProbe": {"tcpSocket": {"port": 8080}, "initialDelaySeconds": 3,
+                                      "periodSeconds": 1},
+                }]}},
+        },
+    }
+    local_cluster.apply(deployment, ns)
+
+    def available() -> dict[str, Any] | None:
+        status = local_cluster.get_json("deployment", "web", namespace=ns).get("status", {})
+        return status if status.get("availableReplicas") == 2 else None
+
+    status = wait_for("2 available replicas", available, timeout=60)
+    assert status["readyReplicas"] == 2
+    pods = local_cluster.get_json("pods", "-l", "app=web", namespace=ns)["items"]
+    assert len(pods) == 2
+    assert {p["status"]["podIP"] for p in pods}.__len__() == 2  # two pods, one port each
+    assert all(container_status(p)["restartCount"] == 0 for p in pods)
