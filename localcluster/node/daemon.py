@@ -65,6 +65,7 @@ class PodRuntime:
     torn_down: bool = False
     dirty: bool = True
     restart_policy: str = "Never"
+    config_error: str | None = None  # a spec the node cannot run, on a pod that restarts
     # Per container name: restart back-off, when a waiting restart is due, the deadline of
     # a liveness kill's SIGKILL, its probes (parsed, counted, running) and its launch spec
     # (exec probes run through the same launcher, with the same mounts and env).
@@ -338,7 +339,7 @@ class NodeDaemon:
     # -- pod progress ---------------------------------------------------------------------
 
     def _advance(self, rt: PodRuntime) -> None:
-        if rt.deleting or rt.torn_down or self.stopping:
+        if rt.deleting or rt.torn_down or self.stopping or rt.config_error:
             return
         try:
             if rt.net is None:
@@ -457,8 +458,12 @@ class NodeDaemon:
         try:
             argv = podspec.container_argv(container, env)
         except PodSpecError as exc:
-            cr.terminate(128, "CreateContainerConfigError", str(exc))
             self._event(rt, "Failed", f"Error: {exc}", warning=True, container=cr.name)
+            if rt.restart_policy == "Never":
+                cr.terminate(128, "CreateContainerConfigError", str(exc))
+            else:  # kubelet keeps it waiting; the pod spec cannot change, so no retry
+                cr.waiting_reason, cr.waiting_message = "CreateContainerConfigError", str(exc)
+                rt.restart_at[cr.name] = float("inf")
             rt.dirty = True
             return
         mounts = container_mounts(container, rt.volumes,
@@ -651,6 +656,15 @@ class NodeDaemon:
     def _fail_config(self, rt: PodRuntime, message: str) -> None:
         log.warning("pod %s/%s cannot run: %s", rt.run.namespace, rt.run.name, message)
         self._event(rt, "Failed", f"Error: {message}", warning=True)
+        if rt.restart_policy != "Never":
+            # Kubelet leaves such a pod Pending with waiting containers. Failing it would make
+            # a ReplicaSet replace it with an identical pod, over and over.
+            rt.config_error = message
+            for cr in rt.run.containers:
+                if cr.state == "waiting":
+                    cr.waiting_reason, cr.waiting_message = "CreateContainerConfigError", message
+            rt.dirty = True
+            return
         for cr in rt.run.containers:
             if cr.state == "waiting":
                 cr.terminate(128, "CreateContainerConfigError", message)

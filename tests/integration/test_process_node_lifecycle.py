@@ -221,17 +221,29 @@ def _seconds(stamp: str) -> float:
     return datetime.datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
 
 
-def test_a_probe_the_node_cannot_run_fails_the_pod_naming_the_field(local_cluster: Any,
-                                                                    new_namespace: str) -> None:
+def test_a_probe_the_node_cannot_run_is_reported_naming_the_field(local_cluster: Any,
+                                                                  new_namespace: str) -> None:
     ns = new_namespace
-    local_cluster.apply(python_pod("badprobe", "import time; time.sleep(60)", "Always",
-                                   readinessProbe={"httpGet": {"port": "metrics"}}), ns)
+    bad = {"readinessProbe": {"httpGet": {"port": "metrics"}}}
+    local_cluster.apply([python_pod("bad-never", "import time; time.sleep(60)", "Never", **bad),
+                         python_pod("bad-always", "import time; time.sleep(60)", "Always", **bad)],
+                        ns)
+    field = "spec.containers[0].readinessProbe.httpGet.port: no container port named 'metrics'"
 
-    obj = wait_for("the pod to fail", lambda: (o := pod(local_cluster, ns, "badprobe")) and
-                   o["status"].get("phase") == "Failed" and o, timeout=30)
+    failed = wait_for("the Never pod to fail",
+                      lambda: (o := pod(local_cluster, ns, "bad-never")) and
+                      o["status"].get("phase") == "Failed" and o, timeout=30)
+    assert field in failed["status"]["message"]
 
-    assert "spec.containers[0].readinessProbe.httpGet.port: no container port named " \
-        "'metrics'" in obj["status"]["message"]
+    # A restarting pod is left Pending and waiting, as kubelet leaves it: failing it would
+    # make its ReplicaSet replace it with the same broken pod in a loop.
+    waiting = wait_for("the Always pod to report the error",
+                       lambda: container_status(pod(local_cluster, ns, "bad-always"))
+                       .get("state", {}).get("waiting", {}).get("reason") ==
+                       "CreateContainerConfigError" and pod(local_cluster, ns, "bad-always"),
+                       timeout=30)
+    assert waiting["status"]["phase"] == "Pending"
+    assert field in container_status(waiting)["state"]["waiting"]["message"]
 
 
 def test_deployment_with_readiness_probe_becomes_available(local_cluster: Any,
