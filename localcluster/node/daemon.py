@@ -45,6 +45,7 @@ HOST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 LOG_TAIL_BYTES = 2048
 NODE_RESTART_MESSAGE = "the process node restarted; the container could not be located"
 SHUTDOWN_MESSAGE = "Pod was terminated in response to imminent node shutdown."
+PREVIOUS_LOG_SUFFIX = ".previous"  # <container>.log.previous: not matched by *.log
 
 
 @dataclass
@@ -474,12 +475,17 @@ class NodeDaemon:
              "readOnly": False},
         ]
         self.layout.note_mountpoints([str(m["dst"]) for m in mounts])
+        log_path = rt.log_dir / f"{cr.name}.log"
+        if cr.last_terminated is not None and log_path.exists():
+            # As kubelet keeps them: `kubectl logs` shows this instance (or, while it backs
+            # off, the one that just ended), `--previous` the one before.
+            log_path.replace(log_path.with_name(log_path.name + PREVIOUS_LOG_SUFFIX))
         spec = LaunchSpec(netns=rt.net.netns_path,
                           hostname=rt.pod["spec"].get("hostname") or rt.run.name,
                           mounts=mounts, cwd=container.get("workingDir") or "/", argv=argv, env=env)
         uid, name = rt.uid, cr.name
         proc = ContainerProcess(
-            spec, rt.dir / f"launch-{name}.json", rt.log_dir / f"{name}.log",
+            spec, rt.dir / f"launch-{name}.json", log_path,
             self.layout.process_record(uid, name),
             on_started=lambda: self.events.put(("started", uid, name, None)),
             on_start_failed=lambda msg: self.events.put(("start-failed", uid, name, msg)),
@@ -828,12 +834,16 @@ class NodeDaemon:
 
     # -- logs -----------------------------------------------------------------------------
 
-    def locate_log(self, namespace: str, pod: str, container: str) -> Any:
+    def locate_log(self, namespace: str, pod: str, container: str, previous: bool = False
+                   ) -> Any:
         """Called from the kubelet API thread: read-only look-ups only."""
         for uid, obj in list(self.pods.items()):
             meta = obj["metadata"]
             if meta["namespace"] == namespace and meta["name"] == pod:
                 path = self.layout.log_dir(namespace, pod, uid) / f"{container}.log"
+                if previous:
+                    path = path.with_name(path.name + PREVIOUS_LOG_SUFFIX)
+                    return (path, lambda: False) if path.exists() else None
                 if not path.exists():
                     return None
                 rt = self.runs.get(uid)

@@ -94,8 +94,10 @@ def test_always_restarts_a_crashing_container_with_back_off_and_deletes_promptly
     assert seen_phases <= {"Pending", "Running"}, "an Always pod never ends on its own"
     reasons = [e["reason"] for e in events(local_cluster, ns, "crasher")]
     assert reasons.count("Started") >= 2 and "BackOff" in reasons
-    logs = local_cluster.kubectl("logs", "crasher", "-n", ns, check=True).stdout
-    assert logs.count("crashing") >= 2  # every instance wrote to the container's log
+    # Each instance has its own log: the latest one, and the one before with --previous.
+    for args in ([], ["--previous"]):
+        logs = local_cluster.kubectl("logs", "crasher", "-n", ns, *args, check=True).stdout
+        assert logs == "crashing\n", (args, logs)
 
     wait_for("the next back-off", in_back_off, timeout=30, every=0.2)
     started = time.monotonic()
@@ -288,3 +290,7 @@ def test_deployment_with_readiness_probe_becomes_available(local_cluster: Any,
     assert len({p["status"]["podIP"] for p in pods}) == 2  # two pods, one port each
     assert all(container_status(p)["restartCount"] == 0 for p in pods), story()
     assert all(conditions(p)["Ready"] == "True" for p in pods)
+    never_restarted = local_cluster.kubectl("logs", pods[0]["metadata"]["name"], "-n", ns,
+                                            "--previous")
+    assert never_restarted.returncode != 0
+    assert 'previous terminated container "web"' in never_restarted.stderr
