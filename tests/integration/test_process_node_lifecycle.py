@@ -203,8 +203,8 @@ def test_failing_exec_liveness_probe_restarts_the_container(local_cluster: Any,
                    lambda: (o := pod(local_cluster, ns, "sick")) and
                    container_status(o).get("restartCount", 0) >= 1 and o, timeout=45, every=0.3)
 
-    logs = local_cluster.kubectl("logs", "sick", "-n", ns, check=True).stdout.split()
-    assert logs[:2] == ["healthy", "removed"], logs
+    first = local_cluster.kubectl("logs", "sick", "-n", ns, "--previous", check=True).stdout
+    assert first.split() == ["healthy", "removed"], first
     last = container_status(obj)["lastState"]["terminated"]
     assert last["exitCode"] == 137  # SIGKILL: SIGTERM was ignored
     assert obj["status"]["phase"] == "Running"
