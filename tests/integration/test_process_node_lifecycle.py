@@ -12,6 +12,7 @@ import datetime
 import json
 import textwrap
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -48,14 +49,22 @@ def python_pod(name: str, script: str, restart_policy: str, **container: Any) ->
                                      **container}]}}
 
 
-# A tiny web server: /healthz answers 200 once `delay` seconds have passed since start.
+# A tiny web server on 8080: it listens once the file $LISTEN_WHEN exists (if set) and
+# answers /healthz with 503 to the first $FAIL_FIRST requests, 200 afterwards.
 WEB_SERVER = """
     import http.server, os, time
-    time.sleep(float(os.environ.get("LISTEN_AFTER", "0")))
+    gate = os.environ.get("LISTEN_WHEN")
+    while gate and not os.path.exists(gate):
+        time.sleep(0.1)
+    failures = [int(os.environ.get("FAIL_FIRST", "0"))]
     class H(http.server.BaseHTTPRequestHandler):
         def log_message(self, *a): pass
         def do_GET(self):
-            self.send_response(200 if self.path == "/healthz" else 404)
+            code = 404
+            if self.path == "/healthz":
+                code = 503 if failures[0] > 0 else 200
+                failures[0] -= 1
+            self.send_response(code)
             self.end_headers()
     print("listening", flush=True)
     http.server.HTTPServer(("0.0.0.0", 8080), H).serve_forever()
@@ -104,8 +113,8 @@ def test_always_restarts_a_crashing_container_with_back_off_and_deletes_promptly
     local_cluster.kubectl("delete", "pod", "crasher", "-n", ns, "--wait=false", check=True)
     wait_for("the pod to be deleted", lambda: pod(local_cluster, ns, "crasher") is None,
              timeout=30, every=0.2)
-    # Nothing runs during a back-off: the pod goes at once, not after a grace period.
-    assert time.monotonic() - started < 5, "deletion waited for the back-off or a grace period"
+    # Nothing runs during a back-off: the pod goes at once, well before its 10 s grace period.
+    assert time.monotonic() - started < 8, "deletion waited for a grace period"
 
 
 def test_on_failure_restarts_until_exit_zero_then_succeeds(local_cluster: Any,
@@ -138,31 +147,40 @@ def test_on_failure_restarts_until_exit_zero_then_succeeds(local_cluster: Any,
 
 
 def test_startup_and_http_readiness_probes_hold_ready_until_the_server_answers(
-        local_cluster: Any, new_namespace: str) -> None:
+        local_cluster: Any, new_namespace: str, tmp_path: Path) -> None:
     ns = new_namespace
+    gate = tmp_path / "gate"
+    gate.mkdir()
     manifest = python_pod(
         "web", WEB_SERVER, "Always",
-        env=[{"name": "LISTEN_AFTER", "value": "4"}],
+        env=[{"name": "LISTEN_WHEN", "value": "/lk-gate/open"},
+             {"name": "FAIL_FIRST", "value": "2"}],
         ports=[{"name": "http", "containerPort": 8080}],
-        startupProbe={"tcpSocket": {"port": "http"}, "periodSeconds": 1, "failureThreshold": 30},
+        volumeMounts=[{"name": "gate", "mountPath": "/lk-gate"}],
+        startupProbe={"tcpSocket": {"port": "http"}, "periodSeconds": 1, "failureThreshold": 60},
         readinessProbe={"httpGet": {"path": "/healthz", "port": "http",
                                     "httpHeaders": [{"name": "X-Probe", "value": "1"}]},
-                        "periodSeconds": 1})
+                        "periodSeconds": 1, "timeoutSeconds": 3})
+    manifest["spec"]["volumes"] = [{"name": "gate", "hostPath": {"path": str(gate)}}]
     local_cluster.apply(manifest, ns)
 
     def running() -> dict[str, Any] | None:
         obj = pod(local_cluster, ns, "web")
         return obj if container_status(obj).get("state", {}).get("running") else None
 
-    early = wait_for("the container to run", running, timeout=30, every=0.2)
+    wait_for("the container to run", running, timeout=30, every=0.2)
+    time.sleep(2)  # the startup probe fails meanwhile: nothing listens yet
+    early = pod(local_cluster, ns, "web")
     early_status = container_status(early)
     assert early["status"]["phase"] == "Running"
     assert (early_status["started"], early_status["ready"]) == (False, False)
     assert conditions(early)["Ready"] == "False"
 
+    (gate / "open").touch()
     ready = wait_for("the pod to become Ready",
                      lambda: (o := pod(local_cluster, ns, "web")) and
                      conditions(o).get("Ready") == "True" and o, timeout=30, every=0.2)
+
     assert "listening" in local_cluster.kubectl("logs", "web", "-n", ns, check=True).stdout
     cs = container_status(ready)
     assert cs["started"] is True and cs["ready"] is True and cs["restartCount"] == 0
@@ -170,6 +188,9 @@ def test_startup_and_http_readiness_probes_hold_ready_until_the_server_answers(
     unhealthy = [e["message"] for e in events(local_cluster, ns, "web")
                  if e["reason"] == "Unhealthy"]
     assert any(m.startswith("Startup probe failed: dial tcp") for m in unhealthy), unhealthy
+    # Ready only after the server's two 503s: readiness ran after startup and held it back.
+    assert unhealthy.count("Readiness probe failed: HTTP probe failed with statuscode: 503") \
+        == 2, unhealthy
 
 
 def test_failing_exec_liveness_probe_restarts_the_container(local_cluster: Any,
@@ -216,7 +237,7 @@ def test_failing_exec_liveness_probe_restarts_the_container(local_cluster: Any,
                e["message"].startswith("Liveness probe failed: cat:") for e in found), found
     killed_after = _seconds(last["finishedAt"]) - _seconds(killing[0]["firstTimestamp"])
     # The pod's grace (10 s) would make it at least 10 (the timestamps have whole seconds).
-    assert killed_after <= 4, f"SIGKILL came {killed_after}s after Killing (probe grace 1 s)"
+    assert killed_after <= 6, f"SIGKILL came {killed_after}s after Killing (probe grace 1 s)"
 
 
 def _seconds(stamp: str) -> float:
@@ -261,7 +282,6 @@ def test_deployment_with_readiness_probe_becomes_available(local_cluster: Any,
                 "containers": [{
                     "name": "web", "image": "python:3.11",
                     "command": ["python", "-u", "-c", textwrap.dedent(WEB_SERVER)],
-                    "env": [{"name": "LISTEN_AFTER", "value": "1"}],
                     "ports": [{"name": "http", "containerPort": 8080}],
                     "readinessProbe": {"httpGet": {"path": "/healthz", "port": "http"},
                                        "periodSeconds": 1},
