@@ -121,16 +121,20 @@ def test_on_failure_restarts_until_exit_zero_then_succeeds(local_cluster: Any,
                                                           new_namespace: str) -> None:
     ns = new_namespace
     # The emptyDir outlives the container (not the pod): the second instance finds the mark.
+    # The init container does the same (its own mark): a failed init container is retried.
     script = """
         import os, sys
-        mark = '/lk-onfailure/attempted'
+        mark = '/lk-onfailure/attempted-' + sys.argv[1]
         if not os.path.exists(mark):
             open(mark, 'w').close()
-            print('first attempt fails'); sys.exit(3)
+            print('first attempt fails'); sys.exit(int(sys.argv[2]))
         print('second attempt succeeds')
     """
-    manifest = python_pod("retry", script, "OnFailure",
-                          volumeMounts=[{"name": "work", "mountPath": "/lk-onfailure"}])
+    mounts = [{"name": "work", "mountPath": "/lk-onfailure"}]
+    manifest = python_pod("retry", script, "OnFailure", args=["main", "3"], volumeMounts=mounts)
+    manifest["spec"]["initContainers"] = [{
+        "name": "prepare", "image": "python:3.11", "volumeMounts": mounts,
+        "command": ["python", "-c", textwrap.dedent(script), "prepare", "5"]}]
     manifest["spec"]["volumes"] = [{"name": "work", "emptyDir": {}}]
     local_cluster.apply(manifest, ns)
 
@@ -142,6 +146,9 @@ def test_on_failure_restarts_until_exit_zero_then_succeeds(local_cluster: Any,
     assert cs["restartCount"] == 1
     assert cs["state"]["terminated"]["exitCode"] == 0
     assert cs["lastState"]["terminated"]["exitCode"] == 3
+    init = obj["status"]["initContainerStatuses"][0]
+    assert init["restartCount"] == 1 and init["state"]["terminated"]["exitCode"] == 0
+    assert init["lastState"]["terminated"]["exitCode"] == 5
     time.sleep(2)  # longer than the back-off: a finished OnFailure container stays finished
     assert container_status(pod(local_cluster, ns, "retry"))["restartCount"] == 1
 
