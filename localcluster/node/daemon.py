@@ -474,7 +474,6 @@ class NodeDaemon:
             {"src": str(self.layout.resolv_conf(rt.uid)), "dst": "/etc/resolv.conf",
              "readOnly": False},
         ]
-        self.layout.note_mountpoints([str(m["dst"]) for m in mounts])
         log_path = rt.log_dir / f"{cr.name}.log"
         if cr.last_terminated is not None and log_path.exists():
             # As kubelet keeps them: `kubectl logs` shows this instance (or, while it backs

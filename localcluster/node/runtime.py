@@ -21,6 +21,8 @@ from pathlib import Path
 
 from localcluster.processes import process_start_time, stat_fields
 
+from . import hostregistry
+
 log = logging.getLogger(__name__)
 
 LAUNCHER = Path(__file__).with_name("launch.py")
@@ -36,9 +38,13 @@ class LaunchSpec:
     env: dict[str, str]
 
     def to_json(self) -> str:
+        # Where the launcher notes the mount points it creates on the host (host-wide: any
+        # daemon's cleanup may remove them once no pod uses them; see cleanup.py).
+        registry = {"lock": str(hostregistry.MOUNTPOINTS_LOCK),
+                    "file": str(hostregistry.MOUNTPOINTS_FILE)}
         return json.dumps({"netns": str(self.netns), "hostname": self.hostname,
                            "mounts": self.mounts, "cwd": self.cwd, "argv": self.argv,
-                           "env": self.env})
+                           "env": self.env, "mountpoints": registry})
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from localcluster.node import NodeSpec, hostsfile, podspec
+from localcluster.node import NodeSpec, cleanup, hostsfile, launch, podspec
 from localcluster.node.runtime import exit_from_returncode
 from localcluster.node.status import ContainerRun, PodRun
 
@@ -174,3 +174,24 @@ def test_node_flag_parsing() -> None:
     assert NodeSpec.from_arg(NodeSpec("n2", gpus=1).to_arg()) == NodeSpec("n2", gpus=1)
     with pytest.raises(ValueError, match="gpus must be an integer"):
         NodeSpec.from_arg("n0:x")
+
+
+def test_mountinfo_mount_points_decode_escapes() -> None:
+    text = ("36 35 98:0 / / rw - ext4 /dev/root rw\n"
+            "37 36 98:0 /srv/my\\040data /data\\040set rw,relatime - ext4 /dev/root rw\n")
+    assert cleanup.mountinfo_mount_points(text) == {"/", "/data set"}
+
+
+def test_a_created_path_is_busy_with_a_mount_at_or_below_it_only() -> None:
+    mounted = {"/", "/proc", "/data/x"}
+    assert cleanup.is_busy("/data", mounted) and cleanup.is_busy("/data/x", mounted)
+    assert not cleanup.is_busy("/data/x2", mounted) and not cleanup.is_busy("/dat", mounted)
+
+
+def test_launcher_notes_only_what_it_creates_on_the_host(tmp_path: Path) -> None:
+    (tmp_path / "exists").mkdir()
+    targets = [str(tmp_path / "exists" / "a" / "b"), str(tmp_path / "vol"),
+               str(tmp_path / "vol" / "inside")]
+    assert launch._missing_on_host(targets) == sorted([
+        str(tmp_path / "exists" / "a"), str(tmp_path / "exists" / "a" / "b"),
+        str(tmp_path / "vol")])  # vol/inside is made inside the volume mounted at vol
