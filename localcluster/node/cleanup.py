@@ -63,7 +63,8 @@ def remove_unused_mountpoints(extra: Iterable[str] = ()) -> list[str]:
             target = Path(path)
             if not os.path.lexists(target):
                 continue  # already gone
-            if is_busy(path, mounted) or any(is_below(k, path) for k in kept):
+            # mountinfo names mount points with symlinks resolved (`/var/run` is `/run`).
+            if is_busy(os.path.realpath(path), mounted) or any(is_below(k, path) for k in kept):
                 kept.append(path)  # in use now: the next cleanup (of any daemon) retries
                 continue
             with contextlib.suppress(OSError):

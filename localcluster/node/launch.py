@@ -47,7 +47,8 @@ def _missing_on_host(dsts):
             continue
         path = dst
         while not os.path.lexists(path) and path != os.path.dirname(path):
-            missing.add(path)
+            # As the kernel names mount points (`/var/run/x` is `/run/x` in mountinfo).
+            missing.add(os.path.realpath(path))
             path = os.path.dirname(path)
     return sorted(missing)
 

@@ -15,6 +15,8 @@ import queue
 import sys
 from pathlib import Path
 
+import pytest
+
 from localcluster.node import cleanup, hostregistry
 from localcluster.node.runtime import ContainerProcess, Exit, LaunchSpec, run_in_pod
 from localcluster.pytest_plugin import wait_for
@@ -44,13 +46,18 @@ def _mounted_in(pid: int, path: Path) -> bool:
     return str(path) in cleanup.mountinfo_mount_points(text)
 
 
+@pytest.mark.parametrize("through_symlink", [False, True],
+                         ids=["plain", "symlinked-parent"])  # as /var/run is /run
 def test_cleanup_keeps_a_created_mount_point_while_another_pod_has_a_mount_there(
-        tmp_path: Path) -> None:
+        tmp_path: Path, through_symlink: bool) -> None:
     dataset = tmp_path / "hostpath"
     dataset.mkdir()
     (dataset / "metadata.csv").write_text("file_name,text\n")
-    parent = tmp_path / "host"
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    parent = tmp_path / ("link" if through_symlink else "real") / "host"
     mount_point = parent / "data"  # does not exist on the host: the launcher creates it
+    real_parent = (tmp_path / "real").resolve() / "host"  # how the kernel names it
     mounts: list[dict[str, object]] = [{"src": str(dataset), "dst": str(mount_point)}]
 
     # A pod of cluster A needed the mount point and ended.
@@ -64,22 +71,25 @@ def test_cleanup_keeps_a_created_mount_point_while_another_pod_has_a_mount_there
               f"while not os.path.exists({str(go)!r}): time.sleep(0.05)\n"
               f"sys.exit(0 if os.path.exists({str(mount_point / 'metadata.csv')!r}) else 3)\n")
     holder, exits = _start(tmp_path, "holder", _spec(mounts, [sys.executable, "-c", reader]))
-    wait_for("the holder pod's bind mount", lambda: _mounted_in(holder.pid, mount_point), 10, 0.05)
+    try:
+        wait_for("the holder pod's bind mount",
+                 lambda: _mounted_in(holder.pid, real_parent / "data"), 10, 0.05)
 
-    removed = cleanup.remove_unused_mountpoints()  # cluster A's node stops
+        removed = cleanup.remove_unused_mountpoints()  # cluster A's node stops
 
-    assert str(mount_point) not in removed and mount_point.is_dir()
-    go.touch()
-    result = exits.get(timeout=30)
+        assert str(real_parent / "data") not in removed and mount_point.is_dir()
+    finally:
+        go.touch()
+        result = exits.get(timeout=30)
     assert result == Exit(code=0, signal=None), (
         f"the pod lost its volume ({result}): {(tmp_path / 'holder.log').read_text()}")
 
     # Once no pod uses them, the next cleanup (of any daemon) removes both created paths.
     removed = cleanup.remove_unused_mountpoints()
-    assert {str(mount_point), str(parent)} <= set(removed)
-    assert not parent.exists()
+    assert {str(real_parent / "data"), str(real_parent)} <= set(removed)
+    assert not real_parent.exists()
     with hostregistry.mountpoints_lock():
-        assert str(parent) not in hostregistry.created_mountpoints()
+        assert str(real_parent) not in hostregistry.created_mountpoints()
 
 
 def test_a_mount_point_below_another_mount_is_created_in_that_volume_not_on_the_host(
