@@ -22,7 +22,7 @@ from localcluster.node import NodeSpec, start_node_daemon, stop_node_daemon
 from localcluster.node import hostregistry
 from localcluster.node.layout import StateLayout
 from localcluster.node.network import BRIDGE, bridge_ports, pod_net_for
-from localcluster.pytest_plugin import wait_for
+from localcluster.pytest_plugin import NODE_RESTART_BACKOFF, wait_for
 
 pytestmark = pytest.mark.cluster
 
@@ -404,7 +404,8 @@ def _node_specs(cluster: Any) -> list[NodeSpec]:
 
 
 def _restart_node(cluster: Any, nodes: list[NodeSpec]) -> None:
-    start_node_daemon(cluster.kubeconfig, cluster.state_dir, nodes)
+    start_node_daemon(cluster.kubeconfig, cluster.state_dir, nodes,
+                      restart_backoff=NODE_RESTART_BACKOFF)
     for node in nodes:
         cluster.kubectl("wait", "--for=condition=Ready", f"node/{node.name}", "--timeout=60s",
                         check=True)
