@@ -224,9 +224,7 @@ class Kube:
         except ApiException as exc:
             log.info("no log tail for pod %s/%s: %s", namespace, name, _api_message(exc))
             return None
-        # An empty log (a pod that failed before its container wrote anything, or one that was
-        # never scheduled) comes back as None, not "".
-        return (text or "").rstrip("\n") or None
+        return text.rstrip("\n") or None
 
 
 # --- observe and act ------------------------------------------------------------------------
