@@ -1,5 +1,6 @@
-"""docs/metrics.md lists exactly the metrics the code defines, each with its type (the e2e test
-tests/e2e/test_metrics_e2e.py then checks that every listed one is really served)."""
+"""docs/metrics.md lists exactly the metrics the code defines, each with its type (the quickstart
+e2e test, through tests/e2e/metrics_watch.py, then checks that every listed one is really served
+during and after a real job)."""
 
 from __future__ import annotations
 
