@@ -31,4 +31,5 @@ ENV PATH=/opt/venv/bin:$PATH \
 USER 10002
 EXPOSE 8080
 ENTRYPOINT ["lorakube", "operator"]
-CMD ["--all-namespaces", "--liveness", "http://0.0.0.0:8080/healthz"]
+# /metrics, /healthz and /readyz on 0.0.0.0:8080 (--http-address, the default).
+CMD ["--all-namespaces"]

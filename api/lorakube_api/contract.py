@@ -80,6 +80,15 @@ KUBERNETES_DEFAULT_GRACE_SECONDS = 30
 
 DEFAULT_MASTER_PORT = 29500
 
+# Rank 0 serves its live training metrics (step, loss, samples/s, GPU memory) in the Prometheus
+# text format at http://<pod>:TRAINER_METRICS_PORT/metrics; the operator declares the port on rank
+# 0's container under TRAINER_METRICS_PORT_NAME so a PodMonitor can find it. ENV_METRICS_PORT
+# (not injected by the operator; a job may set it in spec.resources.env): "0" or "off" serves
+# nothing, another number moves the server (the declared port then stays 9400).
+TRAINER_METRICS_PORT = 9400
+TRAINER_METRICS_PORT_NAME = "metrics"
+ENV_METRICS_PORT = "LORAKUBE_METRICS_PORT"
+
 # Env a job's spec.resources.env may not set: what the operator injects above, and what the
 # launchers (Lightning, torchrun/torch.distributed.elastic) derive per process from it. A user
 # RANK or LOCAL_RANK in the pod env would make every process of a pod claim the same rank.

@@ -56,7 +56,7 @@ def run(state_dir: str | Path | None = None, keep: bool = False, timeout: float 
             state / "operator.kubeconfig", cluster.server, cluster.ca_file, sandbox.OPERATOR_SERVICE_ACCOUNT, token)
         operator = sandbox.OperatorProcess(operator_kubeconfig, state / "operator.log").start()
         _say(f"operator running as {sandbox.OPERATOR_NAMESPACE}/{sandbox.OPERATOR_SERVICE_ACCOUNT} "
-             f"(log: {state / 'operator.log'})")
+             f"(log: {state / 'operator.log'}; metrics: {operator.http_url}/metrics)")
         # A fresh run each time: an earlier demo's job and checkpoints would make this one resume.
         kubectl("delete", contract.SHORT_NAME, JOB_NAME, "-n", JOB_NAMESPACE, "--ignore-not-found", "--wait=true")
         shutil.rmtree(data_dir / "output" / JOB_NAME, ignore_errors=True)

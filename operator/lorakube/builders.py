@@ -223,6 +223,11 @@ def build_pod(spec: JobSpec, job: JobRef, attempt: int, rank: int, config: Opera
         # what status.lastFailure shows and spec.runPolicy.failureRules' onMessagePattern searches.
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
+    if rank == 0:
+        # Only rank 0 serves training metrics; a port declared on the other ranks would make a
+        # PodMonitor scrape pods where nothing listens.
+        container["ports"].append({"name": contract.TRAINER_METRICS_PORT_NAME,
+                                   "containerPort": contract.TRAINER_METRICS_PORT, "protocol": "TCP"})
     secrets = _secret_names(spec)
     if secrets:
         # Credentials for model/dataset/output URIs: each Secret's keys become env vars.

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from metrics_watch import MetricsWatch
 from safetensors import safe_open
 
 from lorakube import builders, rbac
@@ -62,18 +63,21 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.2):
 
 def test_quickstart_runs_two_pods_to_succeeded_with_progress(local_cluster, job_namespace, data_dir,
                                                               start_operator):
-    start_operator()
+    operator = start_operator()
     name = "quickstart"
+    # The operator's and rank 0's /metrics are scraped while this job runs (metrics_watch.py).
+    metrics = MetricsWatch(local_cluster, operator, job_namespace, name)
     sandbox.apply_job(local_cluster.cluster.kubectl, job_namespace, quickstart(data_dir, name))
 
     seen: list[dict] = []
     final = sandbox.follow(local_cluster.cluster.kubectl, job_namespace, name, JOB_TIMEOUT,
-                           on_change=lambda status: seen.append(status), interval=0.3)
+                           on_change=lambda status: (seen.append(status), metrics.on_status(status)), interval=0.3)
     status = final["status"]
     assert status["phase"] == "Succeeded", json.dumps(status, indent=1)
     assert status["readyNodes"] == "2/2" and status["attempt"] == 1 and status["restarts"] == 0
     assert [n["exitCode"] for n in status["nodes"]] == [0, 0]
     assert status["startTime"] <= status["completionTime"]
+    metrics.check(total_steps=8)
 
     # progress moved while the job ran: an intermediate step was visible in status
     running_steps = {s["progress"]["step"] for s in seen if s.get("phase") == "Running" and s.get("progress")}
@@ -189,6 +193,8 @@ def test_a_user_error_fails_the_job_with_the_pod_exit_code_and_log_tail(local_cl
     assert failure["pod"].startswith(f"{name}-node-")
     assert 1 <= failure["exitCode"] <= 127 and failure["exitCode"] != contract.EXIT_RETRYABLE
     assert "no-such-dataset" in failure["logTail"]
+    # The log's text, line by line, as `kubectl logs` shows it (not a repr of the bytes).
+    assert not failure["logTail"].startswith(("b'", 'b"')) and "\\n" not in failure["logTail"]
     assert status["restarts"] == 0
     assert "UserError" in event_reasons(local_cluster, job_namespace, name)
 

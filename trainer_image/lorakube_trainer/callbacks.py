@@ -32,6 +32,7 @@ from . import shutdown
 from .artifacts import MetricsWriter
 from .config import ConfigError, TrainConfig
 from .data import DataPosition
+from .metrics_server import TrainingMetrics
 from .module import LoRAModule
 from .progress import ProgressReporter
 from .strategies import deepspeed_stage
@@ -127,8 +128,9 @@ class ResumeCallback(pl.Callback):
 class StepCallback(pl.Callback):
     """After each optimizer step: metrics line, progress report, checkpoint, periodic validation."""
 
-    def __init__(self, cfg: TrainConfig, reporter: ProgressReporter | None, metrics: MetricsWriter | None) -> None:
-        self.cfg, self.reporter, self.metrics = cfg, reporter, metrics
+    def __init__(self, cfg: TrainConfig, reporter: ProgressReporter | None, metrics: MetricsWriter | None,
+                 live: TrainingMetrics | None = None) -> None:
+        self.cfg, self.reporter, self.metrics, self.live = cfg, reporter, metrics, live
         self._losses: list[torch.Tensor] = []
         self._last_global_step = 0
         self._start = time.monotonic()
@@ -178,6 +180,8 @@ class StepCallback(pl.Callback):
             if torch.cuda.is_available():
                 record["gpu_max_memory_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
             self.metrics.write(record)
+        if self.live is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+            self.live.set_gpu_memory(torch.cuda.memory_allocated(), torch.cuda.max_memory_allocated())
         if self.reporter is not None:
             self.reporter.report(step, epoch, self.last_loss, samples_per_step)
 

@@ -19,7 +19,7 @@ from typing import Sequence
 
 from lorakube_api import contract
 
-from . import shutdown
+from . import metrics_server, shutdown
 from .config import ConfigError, TrainConfig, check_output_folders, parse_config
 
 log = logging.getLogger("lorakube_trainer")
@@ -61,6 +61,7 @@ def run_cli(argv: Sequence[str] | None = None) -> int:
         # Before the heavy imports and before launching local ranks: an unwritable output fails in
         # a second, not after the model loads.
         check_output_folders(cfg)
+        metrics_server.port_from_env(os.environ)
     except ConfigError as exc:
         return _fail(contract.EXIT_INVALID_ARGS, str(exc))
     shutdown.install()

@@ -46,6 +46,17 @@ def test_pods_have_stable_names_hostnames_and_labels(job):
     }
 
 
+def test_only_rank_0_declares_the_trainer_metrics_port(job):
+    def ports(rank):
+        return {p["name"]: p["containerPort"]
+                for p in builders.build_pod(job, JOB, 1, rank, CONFIG)["spec"]["containers"][0]["ports"]}
+
+    assert ports(0) == {"rendezvous": contract.DEFAULT_MASTER_PORT, "metrics": contract.TRAINER_METRICS_PORT}
+    assert ports(1) == {"rendezvous": contract.DEFAULT_MASTER_PORT}
+    assert contract.ENV_METRICS_PORT not in env_of(builders.build_pod(job, JOB, 1, 0, CONFIG)), \
+        "the trainer's default port is the declared one: nothing to inject"
+
+
 def test_owner_reference_makes_the_job_the_controller(job):
     (owner,) = builders.build_pod(job, JOB, 1, 0, CONFIG)["metadata"]["ownerReferences"]
     assert owner == {"apiVersion": "lorakube.io/v1alpha1", "kind": "LoRATrainingJob", "name": "cats",
