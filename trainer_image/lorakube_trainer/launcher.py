@@ -10,12 +10,12 @@ WORLD_SIZE and one MASTER_ADDR/MASTER_PORT; a failing child writes its exit code
 file in a per-pod scratch folder; after the first non-zero exit the launcher gives the others a few
 seconds to end by themselves (a rank failing at the same moment is still reporting), then stops
 them (SIGTERM, a second SIGTERM, which a trainer takes as "now", then SIGKILL after a grace period)
-and exits with the root cause's code. The code of a
-rank the launcher stopped does not count unless that rank had reported a failure of its own; among
-the others a user error (1-127 but EXIT_RETRYABLE) beats a death by signal, which beats a
-retryable failure (often just a peer noticing the first failure), then the first to end wins. The last log line names the rank and the reason, so the pod's log
-tail (status.lastFailure.logTail) says it, and /dev/termination-log gets it where Kubernetes
-mounted one.
+and exits with the root cause's code. The code of a rank the launcher stopped does not count unless
+that rank had reported a failure of its own; among the others a user error (1-127 but
+EXIT_RETRYABLE) beats a death by signal, which beats a retryable failure (often just a peer noticing
+the first failure), then the first to end wins. The last log line names the rank and the reason,
+so the pod's log tail (status.lastFailure.logTail) says it, and /dev/termination-log gets it where
+Kubernetes mounted one.
 
 A SIGTERM to the pod (the launcher) is forwarded to every local rank, which then stop at the step
 the whole gang agrees on and checkpoint it (shutdown.py); the launcher waits for them until the grace

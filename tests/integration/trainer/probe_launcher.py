@@ -7,8 +7,9 @@ records the rank trained on and a hash of its final LoRA (written to $PROBE_DIR/
 `--test-strategy` swaps in CPUDeepSpeedStrategyForTests, since Lightning's stock DeepSpeed
 strategy refuses CPUs; `--crash-after-step` makes every rank fail right after that optimizer step
 (and its checkpoint), like a gang losing a node; `--fake-cuda-oom-on-rank` makes global rank R
-raise torch.OutOfMemoryError (what CUDA raises; there is no GPU here) in its first training batch; `--sleep-per-step` makes every step last S seconds longer (inside the
-step, so a signal sent by a test usually lands in the middle of one).
+raise torch.OutOfMemoryError (what CUDA raises; there is no GPU here) in its first training batch;
+`--sleep-per-step` makes every step last S seconds longer (inside the step, so a signal sent by a
+test usually lands in the middle of one).
 Each rank also touches $PROBE_DIR/rank-<r>.training when its first batch starts. Everything else
 is the real CLI, exit codes included; with several processes per pod the trainer's own launcher
 starts this script again for each local rank, with the same arguments.

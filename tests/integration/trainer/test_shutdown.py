@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
-from test_multiprocess import base_env, finish, flags, free_port, start, tiny_flux  # noqa: F401 - tiny_flux is a fixture
+from test_multiprocess import (base_env, finish, flags, free_port, start,  # noqa: F401 - tiny_flux is a fixture
+                               tiny_flux)
 
 from lorakube_api import contract
 from lorakube_trainer import checkpoint as ckpt
