@@ -8,7 +8,7 @@
 #   devtools/images.sh trainer    # base + lorakube-trainer:<version>
 #   devtools/images.sh all        # base + both (what `make images` runs)
 #
-# Environment: BUILD_CACHE (debootstrap's .deb cache; default $LORAKUBE_CACHE/images),
+# Environment: FORCE=1 (rebuild even when no input changed), BUILD_CACHE (debootstrap's .deb cache; default $LORAKUBE_CACHE/images),
 # DEBIAN_MIRROR (debootstrap's mirror; default: debootstrap's own), IMAGES_TIMINGS (a file that
 # gets one "<image> <seconds>" line per build, for the docs' figures).
 set -euo pipefail
@@ -118,11 +118,31 @@ ensure_base() {
 
 # One image from one Dockerfile. --layers=false: with vfs every layer is a full copy of the root
 # file system, so each stage is committed once; warm builds are fast through the pip cache mount.
+# What a build reads: the Dockerfile, what its COPY lines take from the context, .dockerignore,
+# and the base. An image whose label holds the same hash is current and is not rebuilt.
+build_inputs_key() {
+    local dockerfile=$1 base=$2 sources
+    sources=$(awk 'toupper($1) == "COPY" && $2 !~ /^--from/ {for (i = 2; i < NF; i++) print $i}' "$dockerfile")
+    {
+        echo "$base"
+        # shellcheck disable=SC2086  # the COPY sources are words
+        find "$dockerfile" .dockerignore $sources -type f ! -path '*/__pycache__/*' ! -name '*.pyc' -print0 |
+            sort -z | xargs -0 sha256sum
+    } | sha256sum | cut -c1-16
+}
+
 build_image() {
-    local name=$1 dockerfile=$2 base=$3 start
+    local name=$1 dockerfile=$2 base=$3 start key
+    key=$(build_inputs_key "$dockerfile" "$base")
+    if [[ -z ${FORCE:-} ]] && [[ $("${BUILDAH[@]}" inspect --type image \
+        --format '{{index .OCIv1.Config.Labels "org.lorakube.build-inputs"}}' "$name:$VERSION" 2>/dev/null) == "$key" ]]; then
+        echo "images.sh: $name:$VERSION is up to date (inputs $key; FORCE=1 rebuilds)" >&2
+        return 0
+    fi
     start=$(date +%s)
     echo "images.sh: building $name:$VERSION from $dockerfile on $base" >&2
     "${BUILDAH[@]}" bud --isolation chroot --layers=false --pull-never "${TRUST[@]}" \
+        --label org.lorakube.build-inputs="$key" \
         --build-arg PYTHON_IMAGE="$base" -f "$dockerfile" -t "$name:$VERSION" .
     # Drop the untagged build-stage images the multi-stage build leaves behind (whole copies on vfs).
     "${BUILDAH[@]}" rmi --prune >/dev/null 2>&1 || true
