@@ -89,6 +89,10 @@ Suites: $SUITE-security
 Components: main
 Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
 EOF
+    # Debian's own pip (python3-pip) trusts the system CA store; python.org's pip in python:3.11-slim
+    # and the pip a venv bootstraps use certifi's list instead. Naming the system bundle here keeps
+    # pip on Debian's list, and lets a build behind a TLS-intercepting proxy work (see host_trust).
+    printf '[global]\ncert = /etc/ssl/certs/ca-certificates.crt\n' >"$mnt/etc/pip.conf"
     "${BUILDAH[@]}" umount "$ctr" >/dev/null
     "${BUILDAH[@]}" run --isolation chroot "$ctr" -- sh -c \
         'apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get upgrade -y -qq >/dev/null \
@@ -151,15 +155,14 @@ build_image() {
 }
 
 # Networks that intercept TLS (corporate proxies) add their CA to the host's bundle; pip in the
-# build does not know it. The host bundle and a pip.conf naming it are mounted into every RUN step
-# (-v: bind mounts, never part of a layer), so the images themselves trust only Debian's CAs.
+# build does not know it. The host's bundle is bind-mounted over the base's during RUN steps only
+# (-v over an existing file: nothing of it lands in a layer), and the base's /etc/pip.conf points
+# pip at that path, so the images themselves keep Debian's CA list.
 TRUST=()
 host_trust() {
-    local bundle=${HOST_CA_BUNDLE:-/etc/ssl/certs/ca-certificates.crt} conf
-    [[ -r $bundle ]] || return 0
-    conf=$(mktemp -d)/pip.conf
-    printf '[global]\ncert = /etc/ssl/certs/ca-certificates.crt\n' >"$conf"
-    TRUST=(-v "$bundle:/etc/ssl/certs/ca-certificates.crt:ro" -v "$conf:/etc/pip.conf:ro")
+    local bundle=${HOST_CA_BUNDLE:-/etc/ssl/certs/ca-certificates.crt}
+    [[ -r $bundle ]] && TRUST=(-v "$bundle:/etc/ssl/certs/ca-certificates.crt:ro")
+    return 0
 }
 
 main() {
