@@ -120,8 +120,6 @@ ensure_base() {
     echo "$tag"
 }
 
-# One image from one Dockerfile. --layers=false: with vfs every layer is a full copy of the root
-# file system, so each stage is committed once; warm builds are fast through the pip cache mount.
 # What a build reads: the Dockerfile, what its COPY lines take from the context, .dockerignore,
 # and the base. An image whose label holds the same hash is current and is not rebuilt.
 build_inputs_key() {
@@ -135,6 +133,8 @@ build_inputs_key() {
     } | sha256sum | cut -c1-16
 }
 
+# One image from one Dockerfile. --layers=false: with vfs every layer is a full copy of the root
+# file system, so each stage is committed once; the pip cache mount keeps downloads out of layers.
 build_image() {
     local name=$1 dockerfile=$2 base=$3 start key
     key=$(build_inputs_key "$dockerfile" "$base")
@@ -143,6 +143,8 @@ build_image() {
         echo "images.sh: $name:$VERSION is up to date (inputs $key; FORCE=1 rebuilds)" >&2
         return 0
     fi
+    # An image replaced by an earlier build is untagged now; on vfs it holds whole copies of its tree.
+    "${BUILDAH[@]}" rmi --prune >/dev/null 2>&1 || true
     start=$(date +%s)
     echo "images.sh: building $name:$VERSION from $dockerfile on $base" >&2
     "${BUILDAH[@]}" bud --isolation chroot --layers=false --pull-never "${TRUST[@]}" \
@@ -184,4 +186,5 @@ main() {
     "${BUILDAH[@]}" images
 }
 
-main "$@"
+# On one line: bash reads a script as it runs it, so an edit during a long build cannot run half.
+main "$@"; exit
