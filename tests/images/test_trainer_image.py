@@ -35,6 +35,10 @@ def test_trainer_image_trains_tiny_flux_as_its_user(trainer_image: ImageContaine
     model = tmp_path / "tiny-flux"
     subprocess.run([sys.executable, "-m", "lorakube_dev.tiny", "--family", "flux", "--out", str(model)],
                    check=True, capture_output=True, timeout=300)
+    # Some files are saved through temp files (mode 0600, owned by root); a model volume is readable
+    # by the pod's user, so open it up the way a read-only model mount would be.
+    for path in [model, *model.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
     out = tmp_path / "out"
     out.mkdir()
     # Like an emptyDir: writable by whichever uid the pod runs as; the image decides which.
