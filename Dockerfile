@@ -1,3 +1,4 @@
+# syntax=docker/dockerfile:1
 # The operator image: `lorakube operator` on Kopf and the Kubernetes client, no torch.
 #
 #   docker build -t lorakube-operator:dev .        # from the repository root
@@ -8,13 +9,16 @@
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
 FROM ${PYTHON_IMAGE} AS build
-ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
 COPY pyproject.toml ./
 COPY api/lorakube_api/ api/lorakube_api/
 COPY operator/lorakube/ operator/lorakube/
 # pyproject names a readme; the operator needs none. The other package folders are absent on purpose.
-RUN touch README.md \
+# The cache mount keeps downloaded wheels between builds (torch alone is GBs) without putting them
+# in any layer; BuildKit, buildah and podman all support it.
+RUN --mount=type=cache,target=/root/.cache/pip \
+    touch README.md \
  && python -m venv /opt/venv \
  && /opt/venv/bin/pip install --upgrade pip setuptools wheel \
  && /opt/venv/bin/pip install ".[operator]" \

@@ -16,7 +16,7 @@ export LORAKUBE_CACHE
 export HF_HUB_OFFLINE := 1
 export GOTOOLCHAIN := local
 
-.PHONY: env binaries test test-slow test-unit soak demo clean-cluster
+.PHONY: env binaries test test-slow test-unit test-images images soak demo clean-cluster
 
 $(DEPS_STAMP): pyproject.toml
 	@mkdir -p $(LORAKUBE_CACHE)
@@ -35,13 +35,24 @@ binaries: env
 	$(PYTHON) -m localcluster build
 
 test: binaries
-	$(PYTHON) -m pytest -m "not gpu and not slow" -p no:cacheprovider $(PYTEST_ARGS)
+	$(PYTHON) -m pytest -m "not gpu and not slow and not images" -p no:cacheprovider $(PYTEST_ARGS)
 
 # The slow tier (~2 min): costlier variants next to what `make test` keeps (DeepSpeed resume,
 # ZeRO-2 against DDP, CUDA OOM through the launcher, a second missing-peer case). Run it before
 # resolving an issue that touches the trainer's distributed code or its exit codes.
 test-slow: binaries
 	$(PYTHON) -m pytest -m "slow and not gpu" -p no:cacheprovider $(PYTEST_ARGS)
+
+# The two images, built here without a Docker engine: buildah (vfs, chroot; as root) on a
+# debootstrap bookworm standing in for python:3.11-slim (docs/images.md). Installs buildah and
+# debootstrap with apt-get when missing; skips an image whose inputs did not change (FORCE=1 rebuilds).
+images:
+	devtools/images.sh all
+
+# The image tier: each image run as its own user (operator --help, no torch; the trainer trains the
+# tiny FLUX model for 2 steps on CPU and writes its LoRA). Root, like `make images`.
+test-images: images env
+	$(PYTHON) -m pytest -m images tests/images -p no:cacheprovider $(PYTEST_ARGS)
 
 test-unit: env
 	$(PYTHON) -m pytest tests/unit -p no:cacheprovider $(PYTEST_ARGS)
