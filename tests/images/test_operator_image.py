@@ -14,8 +14,9 @@ OPERATOR_UID = "10002"
 def test_operator_image_config_runs_the_operator_as_non_root(operator_image: ImageContainer) -> None:
     assert operator_image.user == OPERATOR_UID
     assert operator_image.entrypoint == ["lorakube", "operator"]
-    # The default arguments serve the liveness endpoint the chart's probe reads.
-    assert operator_image.config["Cmd"] == ["--all-namespaces", "--liveness", "http://0.0.0.0:8080/healthz"]
+    # The default arguments watch every namespace; /healthz, /readyz and /metrics are served on
+    # 0.0.0.0:8080 by default (--http-address), where the chart's probes and Service look.
+    assert operator_image.config["Cmd"] == ["--all-namespaces"]
     assert "8080/tcp" in operator_image.config.get("ExposedPorts", {})
 
 
@@ -27,7 +28,7 @@ def test_operator_image_answers_help_through_its_entrypoint(operator_image: Imag
     result = operator_image.run([*operator_image.entrypoint, "--help"])
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("usage: lorakube operator")
-    for flag in ("--all-namespaces", "--leader-elect", "--liveness"):
+    for flag in ("--all-namespaces", "--leader-elect", "--http-address"):
         assert flag in result.stdout
 
 
