@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -155,9 +156,17 @@ def follow(kubectl: Kubectl, namespace: str, name: str, timeout: float,
         time.sleep(interval)
 
 
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
+
+
 class OperatorProcess:
     """`lorakube operator --all-namespaces` (or other `args`) as a child process with its own
-    kubeconfig."""
+    kubeconfig. Its HTTP endpoints (/metrics, /healthz, /readyz) listen on a free loopback port,
+    `http_url`, unless `args` name an --http-address: several operators on one machine must not
+    share the in-pod default 0.0.0.0:8080."""
 
     def __init__(self, kubeconfig: Path, log_path: Path, env: Mapping[str, str] | None = None,
                  args: Sequence[str] = ("--all-namespaces",)) -> None:
@@ -165,6 +174,11 @@ class OperatorProcess:
         self.log_path = log_path
         self.env = dict(env or {})
         self.args = list(args)
+        self.http_url: str | None = None
+        if not any(arg.startswith("--http-address") for arg in self.args):
+            address = f"127.0.0.1:{free_port()}"
+            self.args += ["--http-address", address]
+            self.http_url = f"http://{address}"
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> OperatorProcess:

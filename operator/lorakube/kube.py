@@ -99,6 +99,21 @@ def load_api_client(timeout: tuple[float, float] | None = None, fence: Callable[
     return api
 
 
+def api_problem(api: client.ApiClient) -> str | None:
+    """None when the API server answers this client and serves the LoRATrainingJob API (the CRD
+    is installed); else what is wrong, for the replica's /readyz."""
+    version = f"{contract.API_GROUP}/{contract.API_VERSION}"
+    try:
+        client.CustomObjectsApi(api).get_api_resources(contract.API_GROUP, contract.API_VERSION)
+    except ApiException as exc:
+        if exc.status == 404:
+            return f"the API server does not serve {version}: install the CRD {contract.PLURAL}.{contract.API_GROUP}"
+        return f"the API server answered {exc.status} to GET /apis/{version}: {_api_message(exc)}"
+    except Exception as exc:  # noqa: BLE001 - a refused connection, a timeout, a TLS error: say which
+        return f"cannot reach the API server: {exc}"
+    return None
+
+
 @dataclasses.dataclass
 class Kube:
     api: client.ApiClient
