@@ -217,6 +217,10 @@ def build_pod(spec: JobSpec, job: JobRef, attempt: int, rank: int, config: Opera
         "ports": [{"name": MASTER_PORT_NAME, "containerPort": contract.DEFAULT_MASTER_PORT, "protocol": "TCP"}],
         "resources": container_resources(spec),
         "securityContext": container_security_context(),
+        # The trainer writes its last words to /dev/termination-log; when it dies before it can
+        # (a signal, a crash in native code) the kubelet takes the log's tail instead, which is
+        # what status.lastFailure shows and spec.runPolicy.failureRules' onMessagePattern searches.
+        "terminationMessagePolicy": "FallbackToLogsOnError",
     }
     secrets = _secret_names(spec)
     if secrets:

@@ -207,8 +207,11 @@ class Kube:
 
     def log_tail(self, namespace: str, name: str, lines: int) -> str | None:
         try:
-            text = self.core.read_namespaced_pod_log(
-                name, namespace, container=contract.TRAINER_CONTAINER, tail_lines=lines)
+            # The raw body, decoded here: kubernetes-client 36.0.x hands back the repr of the bytes
+            # (b'...\\n') as the "text" of a log (kubernetes-client/python#2596).
+            response = self.core.read_namespaced_pod_log(
+                name, namespace, container=contract.TRAINER_CONTAINER, tail_lines=lines, _preload_content=False)
+            text = response.data.decode("utf-8", errors="replace")
         except ApiException as exc:
             log.info("no log tail for pod %s/%s: %s", namespace, name, _api_message(exc))
             return None

@@ -261,7 +261,7 @@ def _decide_valid(plan: _Plan, spec: JobSpec, mine: list[PodView], all_pods: Seq
         plan.requeue(WAIT_FOR_DELETION_SECONDS)
         return
 
-    failure = _first_failure(plan, current, num_nodes)
+    failure = _first_failure(plan, current, num_nodes, failures.rules_for(spec.run_policy.failure_rules))
     if failure is not None:
         _handle_failure(plan, spec, failure, current)
         return
@@ -331,13 +331,14 @@ def _wait_for_old_pods(plan: _Plan, old: Sequence[PodView]) -> None:
         plan.events.append(Event("Warning", "WaitingForPods", message))
 
 
-def _first_failure(plan: _Plan, current: Mapping[int, PodView], num_nodes: int) -> failures.Failure | None:
+def _first_failure(plan: _Plan, current: Mapping[int, PodView], num_nodes: int,
+                   rules: Sequence[failures.Rule]) -> failures.Failure | None:
     """The failure that decides this pass: a user error anywhere beats a retryable one, then the
     lowest rank, so the record names the same pod however the events arrive."""
     found: list[failures.Failure] = []
     for pod in sorted(current.values(), key=lambda p: p.rank):
         if pod.phase == POD_FAILED:
-            found.append(failures.classify(pod))
+            found.append(failures.classify(pod, rules))
         elif pod.deleting and pod.phase != POD_SUCCEEDED:
             found.append(failures.deleted_by_someone_else(pod))
     if plan.phase == st.RUNNING_PHASE:

@@ -188,6 +188,8 @@ def test_a_user_error_fails_the_job_with_the_pod_exit_code_and_log_tail(local_cl
     assert failure["pod"].startswith(f"{name}-node-")
     assert 1 <= failure["exitCode"] <= 127 and failure["exitCode"] != contract.EXIT_RETRYABLE
     assert "no-such-dataset" in failure["logTail"]
+    # The log's text, line by line, as `kubectl logs` shows it (not a repr of the bytes).
+    assert not failure["logTail"].startswith(("b'", 'b"')) and "\\n" not in failure["logTail"]
     assert status["restarts"] == 0
     assert "UserError" in event_reasons(local_cluster, job_namespace, name)
 
