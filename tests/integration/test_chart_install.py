@@ -79,9 +79,12 @@ def release(local_cluster, data_root):
     values = {**VALUES, "tests": {"job": {**VALUES["tests"]["job"], "modelUri": str(data_root / "model"),
                                           "datasetUri": str(data_root / "dataset")}}}
     started = time.monotonic()
-    helm(local_cluster, "install", RELEASE, str(CHART), "-n", namespace, *set_args(values), "--wait",
-         "--timeout", "180s")
+    installed = helm(local_cluster, "install", RELEASE, str(CHART), "-n", namespace, *set_args(values), "--wait",
+                     "--timeout", "180s")
     print(f"helm install --wait: {time.monotonic() - started:.1f} s")
+    # NOTES.txt: what to do next.
+    for hint in ("kubectl get ltj", f"helm test {RELEASE} -n {namespace}", "charts/lorakube/README.md"):
+        assert hint in installed.stdout, installed.stdout
     yield namespace
     if helm(local_cluster, "status", RELEASE, "-n", namespace, check=False).returncode == 0:
         helm(local_cluster, "uninstall", RELEASE, "-n", namespace, "--wait", check=False)
@@ -103,7 +106,9 @@ def jobs_namespace(local_cluster):
 def operator_pods(local_cluster, namespace: str) -> list[dict]:
     items = local_cluster.get_json("pods", "-l", f"app.kubernetes.io/instance={RELEASE},app.kubernetes.io/component=operator",
                                    namespace=namespace)["items"]
-    return [pod for pod in items if not pod["metadata"].get("deletionTimestamp")]
+    # A replaced pod (its process killed while the node treated restartPolicy as Never) is not one.
+    return [pod for pod in items if not pod["metadata"].get("deletionTimestamp")
+            and pod["status"].get("phase") not in ("Failed", "Succeeded")]
 
 
 def lease_holder(local_cluster, namespace: str) -> str | None:
@@ -375,8 +380,8 @@ def test_killing_the_leader_hands_over_within_the_lease_and_the_job_still_succee
         took = time.monotonic() - killed
         print(f"takeover {took:.1f} s after the leader was killed")
         # The follower waits one lease duration from the last renewal it saw (at most one retry
-        # period before the kill); one second of slack for polling and a loaded machine.
-        assert took <= LEASE_SECONDS + RETRY_SECONDS + 1.0, f"took {took:.1f} s"
+        # period before the kill); two seconds of slack for polling and a loaded machine.
+        assert took <= LEASE_SECONDS + RETRY_SECONDS + 2.0, f"took {took:.1f} s"
         finish(local_cluster, jobs_namespace, "failover")
     finally:
         seen = creations.stop()
