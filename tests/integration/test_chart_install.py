@@ -443,7 +443,9 @@ def test_uninstall_leaves_only_the_kept_crd_and_the_users_jobs(local_cluster, re
     wait_for("the operator to take the job on", lambda: (local_cluster.get_json(
         contract.SHORT_NAME, "survivor", namespace=jobs_namespace).get("status") or {}).get("phase"))
     helm(local_cluster, "uninstall", RELEASE, "-n", release, "--wait", "--timeout", "120s")
-    wait_for("the operator pods to be gone", lambda: not operator_pods(local_cluster, release), timeout=60)
+    # helm waits for what it deleted; the pods go after their graceful shutdown.
+    wait_for("the operator pods to be gone", lambda: not local_cluster.get_json(
+        "pods", "-l", f"app.kubernetes.io/instance={RELEASE}", namespace=release)["items"], timeout=90)
     remaining = release_objects(local_cluster, [release, jobs_namespace])
     print("left after helm uninstall:", remaining)
     assert remaining == [f"CustomResourceDefinition/{CRD_NAME}"]
