@@ -186,6 +186,14 @@ def assert_each_pod_created_once(creations: dict, job: str) -> None:
 def run_job(local_cluster, data_dir: Path, namespace: str, name: str) -> None:
     body = sandbox.quickstart_job(data_dir, name=name, resources={"numNodes": 1},
                                   training={"stepsPerEpoch": 4, "checkpointEverySteps": 2})
+    # The process node's pods see the host's files: the paths are used as they are, without the
+    # quickstart's hostPath volume (a host mount point other clusters on this machine may race on).
+    spec = body["spec"]
+    spec["resources"].pop("volumes")
+    spec["resources"].pop("volumeMounts")
+    spec["model"]["uri"] = str(data_dir / "model")
+    spec["dataset"]["uri"] = str(data_dir / "dataset")
+    spec["output"]["uri"] = str(data_dir / "output" / name)
     sandbox.apply_job(local_cluster.cluster.kubectl, namespace, body)
 
 

@@ -84,6 +84,10 @@ def test_default_render(local_cluster):
     assert set(aggregated) == {"lorakube-edit", "lorakube-view"}
     assert set(aggregated["lorakube-view"]["rules"][0]["verbs"]) == {"get", "list", "watch"}
     assert {"create", "update", "delete", "get", "list", "watch"} <= set(aggregated["lorakube-edit"]["rules"][0]["verbs"])
+    # Without a model and a dataset, `helm test` fails and says which values to set (no job).
+    assert not by_kind(docs, "LoRATrainingJob")
+    (hook,) = [pod for pod in by_kind(docs, "Pod") if pod["metadata"]["annotations"]["helm.sh/hook"] == "test"]
+    assert "tests.job.modelUri and tests.job.datasetUri" in " ".join(hook["spec"]["containers"][0]["command"])
 
 
 def test_non_default_render(local_cluster):
@@ -111,6 +115,9 @@ def test_non_default_render(local_cluster):
     assert monitor["metadata"]["labels"]["release"] == "prometheus"
     assert monitor["spec"]["endpoints"][0]["port"] == "http-metrics"
     # The test job lands in a watched namespace, with the given volumes.
+    (hook,) = by_kind(docs, "Pod")
+    assert hook["spec"]["containers"][0]["command"] == [
+        "lorakube", "wait-job", "lorakube-test", "--namespace", "chart-team-a", "--timeout", "600"]
     test_job = one(docs, "LoRATrainingJob")
     assert test_job["metadata"]["namespace"] == "chart-team-a"
     assert test_job["spec"]["model"]["uri"] == "/models/tiny-flux"
