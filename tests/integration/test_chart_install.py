@@ -37,7 +37,7 @@ SERVICE_ACCOUNT = f"{FULLNAME}-operator"
 DEPLOYMENT = f"{FULLNAME}-operator"
 LEASE_SECONDS, RENEW_SECONDS, RETRY_SECONDS = 4, 3, 0.5
 VALUES = {
-    "image": {"repository": "lorakube/operator", "tag": "test"},   # images are ignored by the process node
+    "image": {"repository": "lorakube-operator", "tag": "test"},   # images are ignored by the process node
     "leaderElection": {"leaseDurationSeconds": LEASE_SECONDS, "renewDeadlineSeconds": RENEW_SECONDS,
                        "retryPeriodSeconds": RETRY_SECONDS},
     "operator": {"reconcileIntervalSeconds": 1},
@@ -183,9 +183,9 @@ def assert_each_pod_created_once(creations: dict, job: str) -> None:
     assert not twice, f"(job, attempt, rank) created more than once: {twice}"
 
 
-def run_job(local_cluster, data_dir: Path, namespace: str, name: str) -> None:
+def run_job(local_cluster, data_dir: Path, namespace: str, name: str, steps: int = 4) -> None:
     body = sandbox.quickstart_job(data_dir, name=name, resources={"numNodes": 1},
-                                  training={"stepsPerEpoch": 4, "checkpointEverySteps": 2})
+                                  training={"stepsPerEpoch": steps, "checkpointEverySteps": 2})
     # The process node's pods see the host's files: the paths are used as they are, without the
     # quickstart's hostPath volume (a host mount point other clusters on this machine may race on).
     spec = body["spec"]
@@ -405,7 +405,7 @@ def test_upgrade_during_a_job_rolls_the_operator_and_the_job_succeeds(local_clus
     before, _ = wait_available_with_a_leader(local_cluster, release)
     creations = PodCreations(api, jobs_namespace)
     try:
-        run_job(local_cluster, data_dir, jobs_namespace, "upgrade")
+        run_job(local_cluster, data_dir, jobs_namespace, "upgrade", steps=12)  # outlasts the rollout
         wait_for("the job's pod to run", lambda: job_pods_running(local_cluster, jobs_namespace, "upgrade"),
                  timeout=120)
         started = time.monotonic()
@@ -419,6 +419,8 @@ def test_upgrade_during_a_job_rolls_the_operator_and_the_job_succeeds(local_clus
         env = {e["name"]: e.get("value") for e in after[0]["spec"]["containers"][0]["env"]}
         assert env["LORAKUBE_RECONCILE_INTERVAL_SECONDS"] == "2"
         assert "--verbose" in after[0]["spec"]["containers"][0]["args"]
+        phase = (local_cluster.get_json(contract.SHORT_NAME, "upgrade", namespace=jobs_namespace).get("status") or {})
+        print(f"job phase once the new replicas were available: {phase.get('phase')}")
         finish(local_cluster, jobs_namespace, "upgrade")
     finally:
         seen = creations.stop()
