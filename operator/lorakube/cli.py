@@ -52,6 +52,16 @@ def build_parser() -> argparse.ArgumentParser:
     op.add_argument("--liveness", default=None, help=argparse.SUPPRESS)
     op.add_argument("--verbose", "-v", action="store_true")
 
+    wait = commands.add_parser(
+        "wait-job", help="wait for a LoRATrainingJob to finish: exit 0 when it Succeeded, 1 with its failure "
+                         "reason when it Failed, 3 when it did not finish in time (what `helm test` runs)")
+    wait.add_argument("name", help="the LoRATrainingJob's name")
+    wait.add_argument("--namespace", "-n", default=None,
+                      help="its namespace (default: the pod's own, else `default`)")
+    wait.add_argument("--timeout", type=float, default=600.0, metavar="SECONDS",
+                      help="give up after this long (default %(default)s)")
+    wait.add_argument("--interval", type=float, default=2.0, metavar="SECONDS", help=argparse.SUPPRESS)
+
     return parser
 
 
@@ -193,6 +203,12 @@ def _http_address(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "wait-job":
+        from lorakube import waitjob
+
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+        namespace = args.namespace or _own_namespace() or "default"
+        return waitjob.wait(waitjob.reader(), namespace, args.name, args.timeout, args.interval)
     return run_operator(args.namespace, args.leader_elect, args.verbose, _lease_times(parser, args),
                         _http_address(parser, args))
 

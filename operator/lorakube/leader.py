@@ -113,12 +113,17 @@ class Observed:
         return now - self.since
 
 
-def may_take(lease: Mapping[str, Any] | None, me: str, unchanged_for: float) -> bool:
+def may_take(lease: Mapping[str, Any] | None, me: str, unchanged_for: float, holding: bool = True) -> bool:
     """True when `me` holds the Lease already, or nobody holds it, or its record has not changed
-    for a whole lease duration (as the holder wrote it) on this replica's clock."""
+    for a whole lease duration (as the holder wrote it) on this replica's clock.
+
+    `holding`: this process has claimed the Lease before. A Lease held under our identity that this
+    process never claimed belongs to a previous instance of the same pod (its container was
+    restarted after a crash): it is waited out like anyone else's, so the replica that was
+    following takes over rather than the restarted one, and a restart is no shortcut."""
     spec = (lease or {}).get("spec") or {}
     holder = spec.get("holderIdentity")
-    if not holder or holder == me:
+    if not holder or (holder == me and holding):
         return True
     return unchanged_for >= float(spec.get("leaseDurationSeconds") or 0)
 
@@ -148,6 +153,7 @@ class LeaderElector:
         self.clock = clock
         self.leadership = Leadership(clock=clock)
         self.observed = Observed()
+        self.holding = False  # whether this process has claimed the Lease (see may_take)
 
     def _timeout(self) -> float:
         # As client-go: one Lease call may take up to the renew deadline. A renewal that hangs
@@ -174,10 +180,11 @@ class LeaderElector:
                     return False
                 raise
             self.leadership.extend(started + self.times.renew_deadline_seconds)
+            self.holding = True
             return True
         current = self.coordination.api_client.sanitize_for_serialization(lease)
         unchanged_for = self.observed.see(current, self.clock())
-        if not may_take(current, self.identity, unchanged_for):
+        if not may_take(current, self.identity, unchanged_for, self.holding):
             return False
         body = {"metadata": {"name": LEASE_NAME, "namespace": self.namespace,
                              "resourceVersion": lease.metadata.resource_version},
@@ -189,6 +196,7 @@ class LeaderElector:
                 return False
             raise
         self.leadership.extend(started + self.times.renew_deadline_seconds)
+        self.holding = True
         return True
 
     def release(self) -> None:

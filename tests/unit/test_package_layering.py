@@ -144,3 +144,16 @@ def test_the_packaged_crd_is_the_source_in_crds() -> None:
     from lorakube_dev import sync_crd
 
     assert sync_crd.stale(sync_crd.SOURCE.read_text()) == [], "run python -m lorakube_dev.sync_crd"
+
+
+def test_the_charts_crd_is_the_source_once_the_template_lines_are_stripped() -> None:
+    from lorakube_dev import sync_crd
+
+    template = sync_crd.CHART_CRD.read_text()
+    assert sync_crd.strip_chart_template(template) == sync_crd.SOURCE.read_text(), "run python -m lorakube_dev.sync_crd"
+    # What the stripped lines are: the crds.install switch and the keep annotation, nothing else.
+    added = [line for line in template.splitlines() if line not in sync_crd.SOURCE.read_text().splitlines()]
+    assert added == [
+        sync_crd.CHART_HEADER.splitlines()[0], "{{- if .Values.crds.install }}",
+        "  annotations:", "    helm.sh/resource-policy: keep", "{{- end }}",
+    ]

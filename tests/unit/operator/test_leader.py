@@ -85,3 +85,13 @@ def test_taking_over_counts_a_transition_and_renewing_keeps_the_acquire_time():
     assert renewed["leaseTransitions"] == 3 and renewed["acquireTime"] == taken["acquireTime"]
     assert renewed["renewTime"] == "2026-05-01T12:00:05.000000Z"
     assert leader.claimed_spec(None, "me", NOW, TIMES)["leaseTransitions"] == 0
+
+
+def test_a_restarted_instance_waits_out_the_lease_its_previous_instance_held():
+    # Same pod name, new process (the container restarted after a crash): not a renewal.
+    held = lease("me")
+    observed = leader.Observed()
+    assert not leader.may_take(held, "me", observed.see(held, now=100.0), holding=False)
+    assert not leader.may_take(held, "me", observed.see(held, now=114.9), holding=False)
+    assert leader.may_take(held, "me", observed.see(held, now=115.0), holding=False)
+    assert leader.may_take(held, "me", 0.0, holding=True)
