@@ -10,9 +10,10 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
+from collections.abc import Sequence
 from typing import Any
 
-from lorakube import rbac
+from lorakube import nodes, rbac
 from lorakube_api import contract
 from lorakube.spec import OPERATOR_VOLUME_PREFIX, JobRef, JobSpec
 
@@ -203,9 +204,11 @@ def _secret_names(spec: JobSpec) -> list[str]:
     return list(dict.fromkeys(name for name in names if name))
 
 
-def build_pod(spec: JobSpec, job: JobRef, attempt: int, rank: int, config: OperatorConfig) -> dict[str, Any]:
+def build_pod(spec: JobSpec, job: JobRef, attempt: int, rank: int, config: OperatorConfig,
+              excluded_nodes: Sequence[str] = ()) -> dict[str, Any]:
     """Pod <job>-node-<rank> of `attempt`: a fixed hostname under the job's Service so that rank
-    0 has a stable DNS name, restartPolicy Never because the operator restarts the whole gang."""
+    0 has a stable DNS name, restartPolicy Never because the operator restarts the whole gang.
+    `excluded_nodes` (status.excludedNodes) are kept out through a required node affinity."""
     res = spec.resources
     name = contract.pod_name(job.name, rank)
     container: dict[str, Any] = {
@@ -251,7 +254,7 @@ def build_pod(spec: JobSpec, job: JobRef, attempt: int, rank: int, config: Opera
     optional = {
         "nodeSelector": dict(res.node_selector) or None,
         "tolerations": copy.deepcopy(list(res.tolerations)) or None,
-        "affinity": copy.deepcopy(dict(res.affinity)) if res.affinity else None,
+        "affinity": nodes.with_exclusion(res.affinity, excluded_nodes),
         "priorityClassName": res.priority_class_name,
         "imagePullSecrets": [{"name": n} for n in res.image_pull_secrets] or None,
         "volumes": copy.deepcopy(list(res.volumes)) + shm_volumes or None,

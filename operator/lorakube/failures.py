@@ -16,6 +16,7 @@ import enum
 import re
 from collections.abc import Callable, Sequence
 
+from lorakube import nodes
 from lorakube_api import contract
 from lorakube.pods import PodView
 from lorakube.spec import FailureRuleSpec
@@ -51,6 +52,11 @@ RULES: tuple[Rule, ...] = (
          "ran out of GPU memory (CUDA out of memory; the same settings would run out again: lower "
          "spec.training.batchSize, set spec.training.gradientCheckpointing: true, or pick a higher DeepSpeed "
          "ZeRO stage in spec.training.strategy, deepspeed_stage_2 or deepspeed_stage_3)"),
+    # Before KilledBySignal and UserError: whatever the exit code, a GPU that reported a hardware
+    # fault (an Xid, an uncorrectable ECC error) failed the job, not its arguments; the restart
+    # keeps off that node (nodes.attribute) unless spec.runPolicy.nodeAvoidance is false.
+    Rule("GpuHardwareError", lambda p: nodes.gpu_error_line(p.message) is not None, Action.RESTART,
+         "hit a GPU hardware error (an NVIDIA Xid or uncorrectable ECC error in its log)"),
     Rule("KilledBySignal", lambda p: p.exit_code is not None and p.exit_code >= 128, Action.RESTART,
          "was killed by a signal (out of memory, node shutdown)"),
     Rule("UserError", lambda p: p.exit_code is not None and p.exit_code > 0, Action.FAIL,

@@ -27,6 +27,7 @@ class PodView:
     reason: str | None = None
     message: str | None = None
     node_name: str | None = None
+    pod_ip: str | None = None   # a peer's timeout message may name it by IP (nodes.attribute)
     created_at: dt.datetime | None = None
     deleting: bool = False
     disrupted: bool = False   # the DisruptionTarget condition: evicted, preempted, node going away
@@ -91,6 +92,7 @@ def from_body(body: Mapping[str, Any]) -> PodView | None:
         reason=terminated.get("reason") or waiting.get("reason") or status.get("reason"),
         message=terminated.get("message") or waiting.get("message") or status.get("message"),
         node_name=(body.get("spec") or {}).get("nodeName"),
+        pod_ip=status.get("podIP"),
         created_at=parse_time(meta.get("creationTimestamp")),
         deleting=bool(meta.get("deletionTimestamp")),
         disrupted=any(c.get("type") == "DisruptionTarget" and c.get("status") == "True" for c in conditions),

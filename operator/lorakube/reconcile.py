@@ -18,7 +18,7 @@ import datetime as dt
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from lorakube import builders, failures, rbac
+from lorakube import builders, failures, nodes, rbac
 from lorakube_api import contract
 from lorakube import status as st
 from lorakube.pods import FAILED as POD_FAILED
@@ -115,7 +115,14 @@ def nodes_to_check(status: Mapping[str, Any], pods: Sequence[PodView], uid: str,
     only for pods stuck past their grace period, so a normal pass reads no node."""
     if status.get("phase") in st.TERMINAL_PHASES:
         return []
-    return sorted({p.node_name for p in pods if p.owner_uid == uid and p.node_name and overdue(p, now)})
+    stuck = {p.node_name for p in pods if p.owner_uid == uid and p.node_name and overdue(p, now)}
+    # And the nodes of the current attempt's failed or deleted pods: a failure that restarts the
+    # gang may be the node's (nodes.attribute); read only on the passes that see a failure.
+    attempt = current_attempt(status)
+    failing = set() if status.get("phase") == st.RESTARTING else {
+        p.node_name for p in pods if p.owner_uid == uid and p.node_name and p.attempt == attempt
+        and (p.phase == POD_FAILED or (p.deleting and p.phase != POD_SUCCEEDED))}
+    return sorted(stuck | failing)
 
 
 def backoff_seconds(base: int, restarts: int) -> float:
@@ -162,12 +169,32 @@ class _Plan:
         self.status["phase"] = phase
         if phase in st.TERMINAL_PHASES:
             self.status.setdefault("completionTime", format_time(self.obs.now))
+            # Exclusions serve the job's next attempts; a finished job has none (the Events stay).
+            self.clear_exclusions()
         if event:
             self.events.append(Event("Warning" if warning else "Normal", reason, message))
 
     def _condition_reason(self, phase: str) -> str | None:
         found = st.condition(self.status["conditions"], phase)
         return found.get("reason") if found and found.get("status") == "True" else None
+
+    def clear_exclusions(self) -> None:
+        if self.status.get("excludedNodes"):
+            self.status["excludedNodes"] = None   # the merge patch removes the field
+
+    def exclude_nodes(self, current: Sequence[PodView]) -> None:
+        """Keep the next attempts off the nodes the current attempt's failure is blamed on; each
+        entry records the attempt that failed there."""
+        blames = nodes.attribute(current, self.obs.log_tails, self.obs.node_states)
+        entries, new = nodes.add_exclusions(self.status.get("excludedNodes") or [], blames,
+                                            format_time(self.obs.now), self.status["attempt"])
+        if not new:
+            return
+        self.status["excludedNodes"] = entries
+        for blame in new:
+            self.events.append(Event("Warning", "NodeExcluded", (
+                f"attempts after {self.status['attempt']} avoid node {blame.node} ({blame.reason}): "
+                f"{blame.detail}")))
 
     def record_failure(self, failure: failures.Failure) -> None:
         pod = failure.pod
@@ -238,6 +265,8 @@ def _decide_valid(plan: _Plan, spec: JobSpec, mine: list[PodView], all_pods: Seq
         _expire(plan, spec)
         return
 
+    if not spec.run_policy.node_avoidance:
+        plan.clear_exclusions()
     if spec.run_policy.suspend:
         if plan.phase != st.SUSPENDED:
             plan.transition(st.SUSPENDED, "Suspended", "spec.runPolicy.suspend is true; pods deleted")
@@ -391,6 +420,8 @@ def _handle_failure(plan: _Plan, spec: JobSpec, failure: failures.Failure,
                         f"{failure.message}; the job already restarted {count} time(s) ({bound})", warning=True)
         plan.delete([p for p in live if p.active])
         return
+    if spec.run_policy.node_avoidance:
+        plan.exclude_nodes(list(current.values()))
     plan.status["attempt"] += 1
     plan.status[counter] = count + 1
     plan.gang_restart = failure.rule.reason
@@ -422,7 +453,8 @@ def _create_missing(plan: _Plan, spec: JobSpec, missing: Sequence[int], all_pods
     # and an object someone deleted comes back before the pods that need it.
     plan.create_access = rbac.build_trainer_access(spec, obs.job)
     attempt = plan.status["attempt"]
-    plan.create_pods = [builders.build_pod(spec, obs.job, attempt, rank, config) for rank in missing]
+    avoid = nodes.excluded(plan.status.get("excludedNodes") or []) if spec.run_policy.node_avoidance else []
+    plan.create_pods = [builders.build_pod(spec, obs.job, attempt, rank, config, avoid) for rank in missing]
     if not plan.status.get("startTime"):
         plan.status["startTime"] = format_time(obs.now)
     if plan.phase in (st.PENDING, st.RESTARTING):

@@ -148,6 +148,8 @@ class RunPolicy:
     termination_grace_period_seconds: int = contract.DEFAULT_TERMINATION_GRACE_SECONDS
     gang_scheduling: str = "none"
     failure_rules: tuple[FailureRuleSpec, ...] = ()
+    # A failure blamed on a node keeps the next attempts off it (nodes.py, status.excludedNodes).
+    node_avoidance: bool = True
 
 
 FAILURE_ACTIONS = ("Restart", "RestartWithoutCounting", "Fail")
@@ -453,6 +455,7 @@ def _parse_run_policy(section: Mapping[str, Any]) -> RunPolicy:
                                               d.termination_grace_period_seconds, 0, 3600),
         gang_scheduling=gang,
         failure_rules=_parse_failure_rules(section, f),
+        node_avoidance=_bool(section, "nodeAvoidance", f, d.node_avoidance),
     )
 
 

@@ -25,7 +25,7 @@ TERMINAL_PHASES = frozenset({SUCCEEDED_PHASE, FAILED})
 # Status keys the operator writes; `progress` and `artifacts` belong to the trainer.
 OPERATOR_KEYS = (
     "phase", "conditions", "observedGeneration", "attempt", "restarts", "disruptions", "startTime",
-    "completionTime", "nodes", "readyNodes", "lastFailure",
+    "completionTime", "nodes", "readyNodes", "lastFailure", "excludedNodes",
 )
 
 # Messages quote other components (the API server's validation errors, pod messages, log lines)

@@ -184,7 +184,8 @@ def test_shm_size_default_is_the_operators(spec):
 # Fields a user may change on a stored job; everything else in spec is immutable (crds/README.md).
 MUTABLE_RUN_POLICY = {"suspend", "activeDeadlineSeconds", "startupDeadlineSeconds",
                       "ttlSecondsAfterFinished", "maxRestarts", "backoffSeconds",
-                      "rendezvousTimeoutSeconds", "terminationGracePeriodSeconds", "failureRules"}
+                      "rendezvousTimeoutSeconds", "terminationGracePeriodSeconds", "failureRules",
+                      "nodeAvoidance"}
 SCHEDULING_DIRECTIVES = {"nodeSelector", "tolerations", "affinity"}
 
 
