@@ -37,8 +37,9 @@ binaries: env
 test: binaries
 	$(PYTHON) -m pytest -m "not gpu and not slow and not images" -p no:cacheprovider $(PYTEST_ARGS)
 
-# The slow tier (~2 min): costlier variants next to what `make test` keeps (DeepSpeed resume,
-# ZeRO-2 against DDP, CUDA OOM through the launcher, a second missing-peer case). Run it before
+# The slow tier (~5 min): costlier variants next to what `make test` keeps (DeepSpeed resume,
+# ZeRO-2 against DDP, CUDA OOM through the launcher, a second missing-peer case) and the ~3 min
+# operator chaos test (SIGKILLed 10 times under 5 jobs). Run it before
 # resolving an issue that touches the trainer's distributed code or its exit codes.
 test-slow: binaries
 	$(PYTHON) -m pytest -m "slow and not gpu" -p no:cacheprovider $(PYTEST_ARGS)

@@ -32,7 +32,6 @@ from kubernetes import client, config, watch
 
 from lorakube_api import contract
 from lorakube_dev import sandbox
-from localcluster.pytest_plugin import wait_for
 
 pytestmark = [pytest.mark.cluster, pytest.mark.e2e, pytest.mark.slow]
 
@@ -115,13 +114,21 @@ class PodRecorder:
                 version = None
 
 
-def pod_phase(api: client.CoreV1Api, namespace: str, name: str) -> str | None:
-    try:
-        return api.read_namespaced_pod(name, namespace).status.phase
-    except client.ApiException as exc:
-        if exc.status == 404:
-            return None
-        raise
+def delete_when_training(kubectl, namespace: str, victims: list[str]) -> None:
+    pending = list(victims)
+    deadline = time.monotonic() + JOB_TIMEOUT
+    while pending and time.monotonic() < deadline:
+        for victim in list(pending):
+            if training(kubectl, namespace, victim):
+                kubectl("delete", "pod", contract.pod_name(victim, 1), "-n", namespace, "--wait=false")
+                pending.remove(victim)
+        time.sleep(0.5)
+
+
+def training(kubectl, namespace: str, name: str) -> bool:
+    status = (sandbox.get_job(kubectl, namespace, name) or {}).get("status") or {}
+    progress = status.get("progress") or {}
+    return status.get("phase") == "Running" and 1 <= (progress.get("step") or 0) < (progress.get("totalSteps") or 0)
 
 
 def test_operator_killed_ten_times_while_five_jobs_run(local_cluster, job_namespace, data_dir, start_operator):
@@ -133,36 +140,42 @@ def test_operator_killed_ten_times_while_five_jobs_run(local_cluster, job_namesp
     recorder = PodRecorder(api, job_namespace)
     watcher = threading.Thread(target=recorder.run, daemon=True)
     watcher.start()
+    # Every kill lands while the jobs are live: they start with the first operator and, on 2 cores,
+    # run for about two and a half minutes; the kills come every 2-20 s (about 2 minutes in all).
 
     names = [f"chaos-{index}" for index in range(JOBS)]
-    for name in names:
-        job = sandbox.quickstart_job(data_dir, name, training={"stepsPerEpoch": 8, "checkpointEverySteps": 2},
+    for index, name in enumerate(names):
+        # The two victims (below) run longer, so their deletion lands mid-training.
+        steps = 24 if index < 2 else 8
+        job = sandbox.quickstart_job(data_dir, name, training={"stepsPerEpoch": steps, "checkpointEverySteps": 2},
                                      runPolicy={"backoffSeconds": 1})
         job["spec"]["resources"]["resources"] = {"requests": {"cpu": "100m", "memory": "256Mi"}}
         sandbox.apply_job(kubectl, job_namespace, job)
 
     operator = start_operator()
     started = time.monotonic()
-    # The two jobs whose running rank 1 someone deletes once, right after these kills.
-    victims = dict(zip(rng.sample(range(1, KILLS - 2), 2), names[:2]))
+    # Meanwhile someone deletes rank 1 of two jobs once each is training (a pod deleted before the
+    # operator saw the gang Running is recreated alone in the same attempt, by design, so the
+    # deletion waits for training to be under way); the kills go on regardless.
+    victims = names[:2]
+    deleter = threading.Thread(target=delete_when_training, args=(kubectl, job_namespace, victims), daemon=True)
+    deleter.start()
     kill_times = []
     for kill in range(KILLS):
-        time.sleep(rng.uniform(1.0, 12.0))
+        time.sleep(rng.uniform(2.0, 20.0))
         operator.kill()
         kill_times.append(round(time.monotonic() - started, 1))
-        if kill in victims:
-            victim = contract.pod_name(victims[kill], 1)
-            wait_for(f"{victim} running", lambda: pod_phase(api, job_namespace, victim) == "Running", 300)
-            kubectl("delete", "pod", victim, "-n", job_namespace, "--wait=false")
         time.sleep(rng.uniform(0.0, 2.0))   # down for a moment: pods go on without it
         operator = start_operator()
 
     phases = {}
-    for name in names:
-        final = sandbox.follow(kubectl, job_namespace, name, JOB_TIMEOUT - (time.monotonic() - started))
-        phases[name] = final["status"]
-    recorder.stop.set()
-    watcher.join(timeout=10)
+    try:
+        for name in names:
+            final = sandbox.follow(kubectl, job_namespace, name, JOB_TIMEOUT - (time.monotonic() - started))
+            phases[name] = final["status"]
+    finally:
+        recorder.stop.set()
+        watcher.join(timeout=10)
     assert recorder.error is None, repr(recorder.error)
     elapsed = time.monotonic() - started
 
@@ -171,9 +184,10 @@ def test_operator_killed_ten_times_while_five_jobs_run(local_cluster, job_namesp
           f"{len(recorder.pods)} pods ({recorder.max_alive} alive at most); attempts per job {attempts}; "
           f"{len(recorder.violations)} violations; all {JOBS} jobs done in {elapsed:.0f} s")
     assert recorder.violations == []
-    assert {name: s["phase"] for name, s in phases.items()} == {name: "Succeeded" for name in names}, phases
+    failed = {name: s.get("lastFailure") for name, s in phases.items() if s["phase"] != "Succeeded"}
+    assert failed == {}
     for name, status in phases.items():
-        assert status["progress"]["step"] == status["progress"]["totalSteps"] == 8, (name, status["progress"])
+        assert status["progress"]["step"] == status["progress"]["totalSteps"] > 0, (name, status["progress"])
     # The deleted pods restarted their gangs; the checks above held across those restarts.
-    assert all(len(attempts[victim]) >= 2 for victim in set(victims.values())), attempts
+    assert all(len(attempts[victim]) >= 2 for victim in victims), attempts
     assert recorder.events >= 4 * JOBS * 2
