@@ -77,10 +77,12 @@ def _text(pod: PodView, log_tails: Mapping[str, str]) -> str:
 
 def _peer_nodes(text: str, pod: PodView, peers: Sequence[PodView]) -> list[PodView]:
     """Other pods of the job that `text` names by pod name (the pods' hostnames, also in their
-    DNS names) or IP address."""
+    DNS names) or IP address. A peer that exited on its own (an exit code: a user error, the
+    kernel's OOM kill) closed the connection by dying, which is its own failure's story, not its
+    node's; only a peer still running (hung) or gone without a word is blamed."""
     named = []
     for peer in peers:
-        if peer.name == pod.name or not peer.node_name:
+        if peer.name == pod.name or not peer.node_name or peer.exit_code is not None:
             continue
         if re.search(rf"(?<![\w-]){re.escape(peer.name)}(?![\w-])", text) or (
                 peer.pod_ip and re.search(rf"(?<![\d.]){re.escape(peer.pod_ip)}(?![\d])", text)):

@@ -65,6 +65,12 @@ def test_a_timeout_naming_a_peer_by_ip_or_dns_name_blames_the_peers_node():
     assert [b.node for b in nodes.attribute(pods, {}, {})] == ["c"]
 
 
+def test_a_peer_that_died_on_its_own_is_not_blamed_for_the_connection_it_closed():
+    pods = [on("a", 0, "Failed", exit_code=75, message=GLOO_TIMEOUT),
+            on("b", 1, "Failed", exit_code=137, pod_ip="10.0.1.7")]
+    assert nodes.attribute(pods, {}, {"a": "Ready", "b": "Ready"}) == []
+
+
 def test_a_peer_named_without_a_timeout_blames_nobody():
     pods = [on("a", 0, "Failed", exit_code=1, message="rank 0 saw cats-node-1 say hello"), on("b", 1)]
     assert nodes.attribute(pods, {}, {}) == []
