@@ -131,8 +131,7 @@ def trainer_args(spec: JobSpec) -> list[str]:
         contract.FLAG_OUTPUT_FORMATS, ",".join(spec.output.formats),
         contract.FLAG_RESUME, "auto",
     ]
-    if spec.resources.gpus_per_node == 0:
-        args += [contract.FLAG_ACCELERATOR, "cpu"]
+    args += [contract.FLAG_ACCELERATOR, "cpu" if spec.resources.gpus_per_node == 0 else "gpu"]
     values = spec.training.by_key()
     # The API's loraAlpha defaults to the rank (scale 1.0); the trainer's own default differs.
     if values["loraAlpha"] is None:
