@@ -43,6 +43,7 @@ class Rule:
 DISRUPTED = Rule("PodDisrupted", lambda p: p.disrupted, Action.RESTART,
                  "evicted, preempted or its node went away", spends_budget=False)
 
+
 def _preflight_explain(retried: bool) -> str:
     checks = ", ".join(f"{code} {name}" for code, name in sorted(contract.PREFLIGHT_EXIT_CODES.items()))
     then = "retrying, a new pod's DNS record may lag" if retried else "fix the named input, retrying cannot help"

@@ -93,11 +93,12 @@ def check_dataset(cfg: TrainConfig) -> None:
     checked by data.load_records before the model loads (exit code EXIT_DATASET_ERROR)."""
     try:
         metadata = find_metadata(cfg.dataset_path)
-        with metadata.open("rb") as fh:
-            fh.read(1)
     except DatasetError as exc:
         raise PreflightFailed(contract.EXIT_PREFLIGHT_DATASET, "dataset not readable",
                               f"{cfg.dataset_path} ({exc})") from exc
+    try:
+        with metadata.open("rb") as fh:
+            fh.read(1)
     except OSError as exc:
         raise PreflightFailed(contract.EXIT_PREFLIGHT_DATASET, "dataset not readable",
                               f"{metadata} ({_reason(exc)})") from exc
