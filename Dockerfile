@@ -11,14 +11,15 @@ FROM ${PYTHON_IMAGE} AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
 COPY pyproject.toml ./
+COPY api/lorakube_api/ api/lorakube_api/
 COPY operator/lorakube/ operator/lorakube/
-# pyproject names a readme and a trainer package folder; the operator needs neither.
+# pyproject names a readme; the operator needs none. The other package folders are absent on purpose.
 RUN touch README.md \
- && mkdir -p trainer_image \
  && python -m venv /opt/venv \
  && /opt/venv/bin/pip install --upgrade pip setuptools wheel \
  && /opt/venv/bin/pip install ".[operator]" \
- && /opt/venv/bin/python -c "import lorakube.handlers, lorakube.cli" \
+ && /opt/venv/bin/python -c "import lorakube.handlers, lorakube.cli, lorakube_api.contract" \
+ && if /opt/venv/bin/python -c "import lorakube_trainer" 2>/dev/null; then echo "the trainer leaked into the operator image" >&2; exit 1; fi \
  && if /opt/venv/bin/python -c "import torch" 2>/dev/null; then echo "torch leaked into the operator image" >&2; exit 1; fi
 
 FROM ${PYTHON_IMAGE}
@@ -30,4 +31,5 @@ ENV PATH=/opt/venv/bin:$PATH \
 USER 10002
 EXPOSE 8080
 ENTRYPOINT ["lorakube", "operator"]
-CMD ["--all-namespaces", "--liveness", "http://0.0.0.0:8080/healthz"]
+# /metrics, /healthz and /readyz on 0.0.0.0:8080 (--http-address, the default).
+CMD ["--all-namespaces"]

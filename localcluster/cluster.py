@@ -101,16 +101,20 @@ class LocalCluster:
     def __init__(self, state_dir: Path | None = None, nodes: Sequence[NodeSpec] | None = None,
                  log: Callable[[str], None] = print, *,
                  node_path: Sequence[Path] | None = None,
-                 node_env: Mapping[str, str] | None = None) -> None:
+                 node_env: Mapping[str, str] | None = None,
+                 node_restart_backoff: tuple[float, float] | None = None) -> None:
         """``node_path`` and ``node_env`` play the container image: directories put in front of
         PATH and variables set for every container. Left out, the node's defaults apply (see
         ``start_node_daemon``): this Python environment's bin directory, so pods find
         ``lorakube-train`` the way an image would provide it, and the image-like variables
-        (offline hub, caches) taken from this process's environment."""
+        (offline hub, caches) taken from this process's environment. ``node_restart_backoff``
+        is the node's crash-loop back-off (base, cap) in seconds, kubelet's (10, 300) if left
+        out."""
         self.state_dir = Path(state_dir or default_state_dir()).resolve()
         self._nodes = nodes
         self._node_path = list(node_path) if node_path is not None else None
         self._node_env = dict(node_env) if node_env is not None else None
+        self._node_restart_backoff = node_restart_backoff
         self._log = log
         self._binaries: Binaries | None = None
 
@@ -218,7 +222,7 @@ class LocalCluster:
             pid = start_node_daemon(
                 self.kubeconfig, self.state_dir, nodes, self._node_path, env=self._node_env,
                 # The kubelet endpoint accepts only the apiserver's client cert from our CA.
-                kubelet_client_ca=self.ca_file,
+                kubelet_client_ca=self.ca_file, restart_backoff=self._node_restart_backoff,
             )
         except Exception as error:  # the node reports its own failures with its log tail
             raise ClusterError(f"the process node did not start: {error}") from error

@@ -23,6 +23,10 @@ from localcluster import kubeconfig as kubeconfig_mod
 from localcluster.cluster import LocalCluster, default_nodes
 
 NODES_ENV = "LOCALCLUSTER_NODES"
+# Crash loops restart after 1, 2, 4, 4 ... s instead of kubelet's 10 s doubling to 5 min, so
+# restart tests (and Deployments that crash at start) take seconds. Reuse it when a test
+# restarts the node daemon.
+NODE_RESTART_BACKOFF = (1.0, 4.0)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -148,6 +152,7 @@ def local_cluster(request: pytest.FixtureRequest,
         state_dir, nodes=default_nodes(node_count) if node_count else [],
         # Pods run this environment's console scripts, offline like the rest of the suite.
         node_env={"HF_HUB_OFFLINE": "1"},
+        node_restart_backoff=NODE_RESTART_BACKOFF,
     )
     with pytest.MonkeyPatch.context() as env:
         try:

@@ -43,6 +43,7 @@ def start_node_daemon(
     env: Mapping[str, str] | None = None,
     kubelet_port: int = 10250,
     kubelet_client_ca: Path | None = None,
+    restart_backoff: tuple[float, float] | None = None,
     timeout: float = START_TIMEOUT_SECONDS,
 ) -> int:
     """Start the daemon detached and return its pid once its nodes are registered.
@@ -51,6 +52,8 @@ def start_node_daemon(
     running interpreter, i.e. the project's venv, so `python` and `lorakube-train` resolve).
     `env` plays the part of the image's ENV: every container gets it before the pod's own
     env (default: IMAGE_ENV_PASSTHROUGH taken from this process's environment).
+    `restart_backoff` is (base, cap) in seconds of the crash-loop back-off (default
+    kubelet's 10 s doubling to 300 s); tests shrink it instead of sleeping through it.
     Raises NodeStartError with the daemon's log tail if it exits or does not come up
     within `timeout` seconds.
     """
@@ -77,6 +80,9 @@ def start_node_daemon(
         cmd += ["--env", f"{key}={value}"]
     if kubelet_client_ca is not None:
         cmd += ["--kubelet-client-ca", str(kubelet_client_ca)]
+    if restart_backoff is not None:
+        cmd += ["--restart-backoff-base", str(restart_backoff[0]),
+                "--restart-backoff-max", str(restart_backoff[1])]
     log_path = layout.daemon_log
     with open(log_path, "ab") as logfile:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logfile,

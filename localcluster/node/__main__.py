@@ -39,6 +39,11 @@ def parser() -> argparse.ArgumentParser:
                      help="environment every container gets, like an image's ENV (repeatable)")
     run.add_argument("--kubelet-port", type=int, default=10250,
                      help="port of the kubelet API (logs); 0 picks a free one")
+    run.add_argument("--restart-backoff-base", type=float, default=10.0, metavar="SECONDS",
+                     help="first wait before restarting a crashing container (kubelet: 10)")
+    run.add_argument("--restart-backoff-max", type=float, default=300.0, metavar="SECONDS",
+                     help="cap of the doubling restart back-off (kubelet: 300); a container "
+                          "that ran twice this long starts over at the base")
     run.add_argument("--kubelet-client-ca", type=Path,
                      help="CA that kubelet API clients' certificates must chain to "
                           "(default: the kubeconfig's CA)")
@@ -74,11 +79,19 @@ def main(argv: list[str] | None = None) -> int:
     from . import hostregistry
     from .cleanup import sweep
     from .daemon import DaemonConfig, NodeDaemon
+    from .restarts import BackOff
+
+    try:
+        backoff = BackOff(args.restart_backoff_base, args.restart_backoff_max)
+    except ValueError as exc:
+        print(f"error: --restart-backoff-base/--restart-backoff-max: {exc}", file=sys.stderr)
+        return 2
 
     state_dir = args.state_dir.resolve()
     config = DaemonConfig(kubeconfig=args.kubeconfig, state_dir=state_dir, nodes=args.node,
                           path_prefix=args.path_prefix, image_env=dict(args.env),
-                          kubelet_port=args.kubelet_port, kubelet_client_ca=args.kubelet_client_ca)
+                          kubelet_port=args.kubelet_port, kubelet_client_ca=args.kubelet_client_ca,
+                          restart_backoff=backoff)
     daemon = NodeDaemon(config)
     try:
         registration = hostregistry.register_daemon(

@@ -27,6 +27,9 @@ from .layout import StateLayout
 from .nodes import NodeRegistry
 from .nodespec import GPU_RESOURCE, NodeSpec
 from .podspec import NotReadyYet, PodSpecError
+from .prober import ProbeWorker
+from .probes import Probe, ProbeTracker, initial_result, parse_probes
+from .restarts import RESTART_POLICIES, BackOff, BackOffEntry, backoff_message, should_restart
 from .runtime import ContainerProcess, Exit, LaunchSpec
 from .status import ContainerRun, PodRun, now_rfc3339, reason_for_exit
 from .volumes import PodVolumes, VolumeBuilder, container_mounts
@@ -42,6 +45,7 @@ HOST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 LOG_TAIL_BYTES = 2048
 NODE_RESTART_MESSAGE = "the process node restarted; the container could not be located"
 SHUTDOWN_MESSAGE = "Pod was terminated in response to imminent node shutdown."
+PREVIOUS_LOG_SUFFIX = ".previous"  # <container>.log.previous: not matched by *.log
 
 
 @dataclass
@@ -61,6 +65,19 @@ class PodRuntime:
     kill_deadline: float | None = None
     torn_down: bool = False
     dirty: bool = True
+    restart_policy: str = "Never"
+    config_error: str | None = None  # a spec the node cannot run, on a pod that restarts
+    # Per container name: restart back-off, when a waiting restart is due, the deadline of
+    # a liveness kill's SIGKILL, its probes (parsed, counted, running) and its launch spec
+    # (exec probes run through the same launcher, with the same mounts and env).
+    backoffs: dict[str, BackOffEntry] = field(default_factory=dict)
+    restart_at: dict[str, float] = field(default_factory=dict)
+    kill_deadlines: dict[str, float] = field(default_factory=dict)
+    probes: dict[str, dict[str, Probe]] = field(default_factory=dict)
+    trackers: dict[str, dict[str, ProbeTracker]] = field(default_factory=dict)
+    workers: dict[str, list[ProbeWorker]] = field(default_factory=dict)
+    launch_specs: dict[str, LaunchSpec] = field(default_factory=dict)
+    container_started: dict[str, float] = field(default_factory=dict)
 
     @property
     def uid(self) -> str:
@@ -79,6 +96,8 @@ class DaemonConfig:
     image_env: dict[str, str]
     kubelet_port: int = 10250
     kubelet_client_ca: Path | None = None
+    # Kubelet's 10 s doubling to 5 min; tests shrink it rather than sleep through it.
+    restart_backoff: BackOff = field(default_factory=BackOff)
 
 
 class NodeDaemon:
@@ -219,6 +238,10 @@ class NodeDaemon:
             rt = self.runs.get(event[1])
             if rt is not None:
                 self._on_container(rt, kind, event[2], event[3])
+        elif kind == "probe":
+            rt = self.runs.get(event[1])
+            if rt is not None and not rt.deleting and not rt.torn_down:
+                self._on_probe(rt, *event[2:])
 
     def _on_service(self, kind: str, obj: Any) -> None:
         if kind == "SYNC":
@@ -283,8 +306,19 @@ class NodeDaemon:
             run.containers.append(ContainerRun(c["name"], c.get("image", ""), init=False,
                                                waiting_reason=reason))
         rt = PodRuntime(pod=pod, run=run, node=node, dir=self.layout.pod_dir(meta["uid"]),
-                        log_dir=self.layout.log_dir(meta["namespace"], meta["name"], meta["uid"]))
+                        log_dir=self.layout.log_dir(meta["namespace"], meta["name"], meta["uid"]),
+                        restart_policy=spec.get("restartPolicy") or "Always")
         self.runs[rt.uid] = rt
+        try:
+            if rt.restart_policy not in RESTART_POLICIES:
+                raise PodSpecError(f"spec.restartPolicy: {rt.restart_policy!r} is not one of "
+                                   f"{', '.join(RESTART_POLICIES)}")
+            for cr in run.main_containers:
+                rt.probes[cr.name] = parse_probes(pod, cr.name)
+        except PodSpecError as exc:
+            self._fail_config(rt, str(exc))
+            self._maybe_finish(rt)
+            return
         self._advance(rt)
 
     def _fail_lost(self, pod: dict[str, Any]) -> None:
@@ -306,7 +340,7 @@ class NodeDaemon:
     # -- pod progress ---------------------------------------------------------------------
 
     def _advance(self, rt: PodRuntime) -> None:
-        if rt.deleting or rt.torn_down or self.stopping:
+        if rt.deleting or rt.torn_down or self.stopping or rt.config_error:
             return
         try:
             if rt.net is None:
@@ -369,14 +403,20 @@ class NodeDaemon:
 
     def _start_next(self, rt: PodRuntime) -> None:
         containers = {c["name"]: c for c in podspec.all_containers(rt.pod)}
+        now = time.monotonic()
+
+        def due(cr: ContainerRun) -> bool:  # waiting, not launched, not backing off
+            return (cr.state == "waiting" and cr.name not in rt.processes
+                    and rt.restart_at.get(cr.name, 0.0) <= now)
+
         for cr in rt.run.init_containers:
             if cr.state == "terminated" and cr.exit_code == 0:
                 continue
-            if cr.state == "waiting" and cr.name not in rt.processes:
+            if due(cr):
                 self._start_container(rt, cr, containers[cr.name])
             return  # one init container at a time, in order
         for cr in rt.run.main_containers:
-            if cr.state == "waiting" and cr.name not in rt.processes:
+            if due(cr):
                 self._start_container(rt, cr, containers[cr.name])
 
     def _base_env(self, rt: PodRuntime) -> dict[str, str]:
@@ -419,8 +459,12 @@ class NodeDaemon:
         try:
             argv = podspec.container_argv(container, env)
         except PodSpecError as exc:
-            cr.terminate(128, "CreateContainerConfigError", str(exc))
             self._event(rt, "Failed", f"Error: {exc}", warning=True, container=cr.name)
+            if rt.restart_policy == "Never":
+                cr.terminate(128, "CreateContainerConfigError", str(exc))
+            else:  # kubelet keeps it waiting; the pod spec cannot change, so no retry
+                cr.waiting_reason, cr.waiting_message = "CreateContainerConfigError", str(exc)
+                rt.restart_at[cr.name] = float("inf")
             rt.dirty = True
             return
         mounts = container_mounts(container, rt.volumes,
@@ -430,20 +474,26 @@ class NodeDaemon:
             {"src": str(self.layout.resolv_conf(rt.uid)), "dst": "/etc/resolv.conf",
              "readOnly": False},
         ]
-        self.layout.note_mountpoints([str(m["dst"]) for m in mounts])
+        log_path = rt.log_dir / f"{cr.name}.log"
+        if cr.last_terminated is not None and log_path.exists():
+            # As kubelet keeps them: `kubectl logs` shows this instance (or, while it backs
+            # off, the one that just ended), `--previous` the one before.
+            log_path.replace(log_path.with_name(log_path.name + PREVIOUS_LOG_SUFFIX))
         spec = LaunchSpec(netns=rt.net.netns_path,
                           hostname=rt.pod["spec"].get("hostname") or rt.run.name,
                           mounts=mounts, cwd=container.get("workingDir") or "/", argv=argv, env=env)
         uid, name = rt.uid, cr.name
         proc = ContainerProcess(
-            spec, rt.dir / f"launch-{name}.json", rt.log_dir / f"{name}.log",
+            spec, rt.dir / f"launch-{name}.json", log_path,
             self.layout.process_record(uid, name),
             on_started=lambda: self.events.put(("started", uid, name, None)),
             on_start_failed=lambda msg: self.events.put(("start-failed", uid, name, msg)),
             on_exit=lambda result: self.events.put(("exited", uid, name, result)),
         )
         rt.processes[name] = proc
-        cr.pid = proc.pid
+        rt.restart_at.pop(name, None)
+        rt.launch_specs[name] = spec
+        cr.begin_instance(proc.pid)
 
     def _on_container(self, rt: PodRuntime, kind: str, name: str, detail: Any) -> None:
         cr = next(c for c in rt.run.containers if c.name == name)
@@ -454,19 +504,134 @@ class NodeDaemon:
                 cr.state = "running"
                 cr.started_at = now_rfc3339()
                 self._event(rt, "Started", f"Started container {name}", container=name)
-        elif kind == "start-failed":
-            cr.terminate(128, "StartError", str(detail))
-            self._event(rt, "Failed", f"Error: {detail}", warning=True, container=name)
+                if not rt.deleting:
+                    self._start_probes(rt, cr)
         else:
-            result: Exit = detail
-            cr.terminate(result.code, reason_for_exit(result.code),
-                         self._termination_message(rt, name, result))
+            if kind == "start-failed":
+                cr.terminate(128, "StartError", str(detail))
+                self._event(rt, "Failed", f"Error: {detail}", warning=True, container=name)
+            else:
+                result: Exit = detail
+                cr.terminate(result.code, reason_for_exit(result.code),
+                             self._termination_message(rt, name, result))
+            self._stop_probes(rt, name)
+            rt.kill_deadlines.pop(name, None)
         rt.dirty = True
         if rt.deleting:
             if not rt.running():
                 self._finish_delete(rt)
             return
+        if kind != "started":
+            self._maybe_restart(rt, cr)
         self._advance(rt)
+
+    # -- restarts -------------------------------------------------------------------------
+
+    def _maybe_restart(self, rt: PodRuntime, cr: ContainerRun) -> None:
+        """Per restartPolicy, an ended container waits (CrashLoopBackOff) and runs again in
+        the same pod; `Never` keeps it terminated."""
+        if self.stopping or rt.run.phase_override or cr.exit_code is None:
+            return
+        if not should_restart(rt.restart_policy, cr.exit_code, cr.init):
+            return
+        now = time.monotonic()
+        delay, rt.backoffs[cr.name] = self.config.restart_backoff.plan(rt.backoffs.get(cr.name),
+                                                                       now)
+        rt.processes.pop(cr.name, None)
+        rt.launch_specs.pop(cr.name, None)
+        if delay <= 0:
+            cr.await_restart("ContainerCreating")
+            return
+        run = rt.run
+        cr.await_restart("CrashLoopBackOff",
+                         backoff_message(delay, cr.name, run.name, run.namespace, run.uid))
+        rt.restart_at[cr.name] = now + delay
+        self._event(rt, "BackOff", f"Back-off restarting failed container {cr.name} in pod "
+                    f"{run.name}_{run.namespace}({run.uid})", warning=True, container=cr.name)
+
+    # -- probes ---------------------------------------------------------------------------
+
+    def _start_probes(self, rt: PodRuntime, cr: ContainerRun) -> None:
+        probes = rt.probes.get(cr.name, {})
+        cr.readiness = False if "readiness" in probes else None
+        cr.startup = False if "startup" in probes else None
+        rt.container_started[cr.name] = time.monotonic()
+        # A startup probe holds the others back until it succeeds.
+        kinds = ["startup"] if "startup" in probes else ["liveness", "readiness"]
+        for kind in kinds:
+            if kind in probes:
+                self._start_worker(rt, cr, probes[kind])
+
+    def _start_worker(self, rt: PodRuntime, cr: ContainerRun, probe: Probe) -> None:
+        assert rt.run.pod_ip is not None
+        rt.trackers.setdefault(cr.name, {})[probe.kind] = ProbeTracker(
+            probe, initial_result(probe.kind))
+        uid, name, instance, kind = rt.uid, cr.name, cr.restart_count, probe.kind
+
+        def report(ok: bool, message: str) -> None:
+            self.events.put(("probe", uid, name, instance, kind, ok, message))
+
+        rt.workers.setdefault(name, []).append(ProbeWorker(
+            probe, rt.run.pod_ip, rt.launch_specs.get(name), rt.container_started[name], report,
+            name=f"probe-{kind}-{rt.run.name}-{name}"))
+
+    def _stop_probes(self, rt: PodRuntime, name: str, kind: str | None = None) -> None:
+        keep = []
+        for worker in rt.workers.pop(name, []):
+            if kind is None or worker.probe.kind == kind:
+                worker.stop()
+                rt.trackers.get(name, {}).pop(worker.probe.kind, None)
+            else:
+                keep.append(worker)
+        if keep:
+            rt.workers[name] = keep
+
+    def _on_probe(self, rt: PodRuntime, name: str, instance: int, kind: str, ok: bool,
+                  message: str) -> None:
+        cr = next((c for c in rt.run.containers if c.name == name), None)
+        tracker = rt.trackers.get(name, {}).get(kind)
+        if cr is None or cr.state != "running" or cr.restart_count != instance or tracker is None:
+            return  # a result for an instance that has ended or a probe that was stopped
+        changed = tracker.observe(ok, message)
+        probe = tracker.probe
+        # Kubelet records every failure; here a run of failures is reported up to the
+        # threshold, so a pod that stays unready does not write an event every period.
+        if not ok and tracker.failures <= probe.failure_threshold:
+            self._event(rt, "Unhealthy", f"{probe.label} probe failed: {message}", warning=True,
+                        container=name)
+        if not changed:
+            return
+        if kind == "readiness":
+            cr.readiness = tracker.result
+            rt.dirty = True
+        elif tracker.result is False:  # liveness or startup gave up on the container
+            self._kill_unhealthy(rt, cr, probe)
+        elif kind == "startup":
+            cr.startup = True
+            rt.dirty = True
+            self._stop_probes(rt, name, "startup")
+            for other in ("liveness", "readiness"):
+                if other in rt.probes.get(name, {}):
+                    self._start_worker(rt, cr, rt.probes[name][other])
+
+    def _kill_unhealthy(self, rt: PodRuntime, cr: ContainerRun, probe: Probe) -> None:
+        proc = rt.processes.get(cr.name)
+        if proc is None or proc.exited.is_set():
+            return
+        message = f"Container {cr.name} failed {probe.kind} probe"
+        if rt.restart_policy != "Never":
+            message += ", will be restarted"
+        self._event(rt, "Killing", message, container=cr.name)
+        self._stop_probes(rt, cr.name)
+        if cr.readiness is not None:
+            cr.readiness = False
+            rt.dirty = True
+        grace = probe.termination_grace
+        if grace is None:
+            grace = rt.pod["spec"].get("terminationGracePeriodSeconds")
+        grace = DEFAULT_GRACE_SECONDS if grace is None else int(grace)
+        proc.signal_group(signal.SIGTERM)
+        rt.kill_deadlines[cr.name] = time.monotonic() + grace
 
     def _termination_message(self, rt: PodRuntime, name: str, result: Exit) -> str | None:
         container = next((c for c in podspec.all_containers(rt.pod) if c["name"] == name), {})
@@ -496,6 +661,15 @@ class NodeDaemon:
     def _fail_config(self, rt: PodRuntime, message: str) -> None:
         log.warning("pod %s/%s cannot run: %s", rt.run.namespace, rt.run.name, message)
         self._event(rt, "Failed", f"Error: {message}", warning=True)
+        if rt.restart_policy != "Never":
+            # Kubelet leaves such a pod Pending with waiting containers. Failing it would make
+            # a ReplicaSet replace it with an identical pod, over and over.
+            rt.config_error = message
+            for cr in rt.run.containers:
+                if cr.state == "waiting":
+                    cr.waiting_reason, cr.waiting_message = "CreateContainerConfigError", message
+            rt.dirty = True
+            return
         for cr in rt.run.containers:
             if cr.state == "waiting":
                 cr.terminate(128, "CreateContainerConfigError", message)
@@ -512,6 +686,9 @@ class NodeDaemon:
         pod object is deleted, so `kubectl logs` works on completed pods."""
         if rt.torn_down:
             return
+        for name in list(rt.workers):
+            self._stop_probes(rt, name)
+        rt.launch_specs.clear()
         for proc in rt.running():
             proc.signal_group(signal.SIGKILL)
         if rt.net is not None:
@@ -525,6 +702,8 @@ class NodeDaemon:
 
     def _begin_delete(self, rt: PodRuntime) -> None:
         rt.deleting = True
+        for name in list(rt.workers):
+            self._stop_probes(rt, name)
         grace = rt.pod["metadata"].get("deletionGracePeriodSeconds")
         grace = DEFAULT_GRACE_SECONDS if grace is None else int(grace)
         running = rt.running()
@@ -591,6 +770,15 @@ class NodeDaemon:
             elif not rt.deleting and not rt.torn_down and rt.next_retry and now >= rt.next_retry:
                 rt.next_retry = 0.0
                 self._advance(rt)
+            elif (not rt.deleting and not rt.torn_down and rt.restart_at
+                  and min(rt.restart_at.values()) <= now):
+                self._advance(rt)  # a back-off is over
+            for name, deadline in list(rt.kill_deadlines.items()):
+                if now >= deadline:  # a container killed for a failed probe ignored SIGTERM
+                    del rt.kill_deadlines[name]
+                    proc = rt.processes.get(name)
+                    if proc is not None:
+                        proc.signal_group(signal.SIGKILL)
             if rt.volumes and not rt.torn_down:
                 for token in rt.volumes.tokens:
                     if time.time() >= token.refresh_at:
@@ -645,12 +833,16 @@ class NodeDaemon:
 
     # -- logs -----------------------------------------------------------------------------
 
-    def locate_log(self, namespace: str, pod: str, container: str) -> Any:
+    def locate_log(self, namespace: str, pod: str, container: str, previous: bool = False
+                   ) -> Any:
         """Called from the kubelet API thread: read-only look-ups only."""
         for uid, obj in list(self.pods.items()):
             meta = obj["metadata"]
             if meta["namespace"] == namespace and meta["name"] == pod:
                 path = self.layout.log_dir(namespace, pod, uid) / f"{container}.log"
+                if previous:
+                    path = path.with_name(path.name + PREVIOUS_LOG_SUFFIX)
+                    return (path, lambda: False) if path.exists() else None
                 if not path.exists():
                     return None
                 rt = self.runs.get(uid)

@@ -6,6 +6,10 @@ they agree on who owns which pod IP. Each daemon holds a lock on its own registr
 file for as long as it lives (the kernel drops it if the daemon dies), and pod IPs are
 allocated in one shared table under another lock. The apiserver forwarder uses both to
 send a pod's connection to *its* cluster's apiserver.
+
+Mount points that pods needed on the host are host-wide too: which daemon created `/data`
+says nothing about whose pods mount it now, so they are listed in one file (see
+`launch.py` and `cleanup.remove_unused_mountpoints`).
 """
 
 from __future__ import annotations
@@ -26,6 +30,10 @@ DAEMONS_DIR = RUN_DIR / "node-daemons"
 IPAM_FILE = RUN_DIR / "pod-ips.json"
 IPAM_LOCK = RUN_DIR / "pod-ips.lock"
 NETWORK_LOCK = RUN_DIR / "network.lock"
+# One path per line, appended by the launcher (under a shared lock) before it creates a
+# missing mount point on the host; pruned by cleanup under the exclusive lock.
+MOUNTPOINTS_FILE = RUN_DIR / "created-mountpoints"
+MOUNTPOINTS_LOCK = RUN_DIR / "mountpoints.lock"
 
 NETWORK = ipaddress.IPv4Network("10.250.0.0/16")
 GATEWAY = ipaddress.IPv4Address("10.250.0.1")
@@ -153,11 +161,17 @@ def release_ip(state_dir: Path, uid: str) -> None:
             del table[ip]
 
 
-def release_owner(state_dir: Path) -> list[str]:
-    """Drop every IP of this daemon's pods; returns them so their devices can be removed."""
+def release_owner(state_dir: Path, remove_devices: Callable[[list[str]], None]) -> list[str]:
+    """Remove the devices of every IP of this daemon's pods, then free the IPs; returns them.
+
+    `remove_devices` runs under the table's lock: device names derive from the IP, so once
+    an IP is free another daemon may create a pod under the same names at once, and a
+    removal after that would take *its* pod down."""
     owner = owner_id(state_dir)
     with _ipam() as table:
         mine = [ip for ip, e in table.items() if e.get("owner") == owner]
+        if mine:
+            remove_devices(mine)
         for ip in mine:
             del table[ip]
     return mine
@@ -179,13 +193,50 @@ def apiserver_for_pod_ip(ip: str) -> tuple[str, int] | None:
     return None
 
 
-def release_abandoned() -> list[str]:
-    """Free the IPs of daemons that are dead *and* whose state dir is gone (so no restart
-    will ever clean up after them); returns the IPs whose devices should be removed."""
+def release_abandoned(remove_devices: Callable[[list[str]], None]) -> list[str]:
+    """Remove the devices of daemons that are dead *and* whose state dir is gone (so no
+    restart will ever clean up after them), then free their IPs; returns those IPs.
+    `remove_devices` runs under the table's lock, as in `release_owner`."""
     alive = {d.state_dir for d in live_daemons()}
     with _ipam() as table:
         abandoned = [ip for ip, e in table.items()
                      if e.get("owner") not in alive and not Path(e.get("owner", "")).exists()]
+        if abandoned:
+            remove_devices(abandoned)
         for ip in abandoned:
             del table[ip]
     return abandoned
+
+
+# -- mount points created on the host ----------------------------------------------------------
+
+@contextmanager
+def mountpoints_lock() -> Iterator[None]:
+    """Exclusive: held by cleanup while it decides which created mount points to remove.
+    The launcher holds the same lock shared from noting a mount point until its bind mount
+    exists, so cleanup never sees a mount point that is about to be used but not yet
+    mounted."""
+    RUN_DIR.mkdir(parents=True, exist_ok=True)
+    with open(MOUNTPOINTS_LOCK, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def created_mountpoints() -> list[str]:
+    """Every mount point some launcher created on the host and no cleanup removed yet
+    (call under `mountpoints_lock`)."""
+    try:
+        lines = MOUNTPOINTS_FILE.read_text().splitlines()
+    except FileNotFoundError:
+        return []
+    return sorted({line for line in lines if line.startswith("/")})
+
+
+def keep_created_mountpoints(paths: list[str]) -> None:
+    """Replace the list (call under `mountpoints_lock`, so no launcher appends meanwhile)."""
+    if not paths:
+        MOUNTPOINTS_FILE.unlink(missing_ok=True)
+        return
+    tmp = MOUNTPOINTS_FILE.with_suffix(".tmp")
+    tmp.write_text("".join(f"{p}\n" for p in sorted(paths)))
+    os.replace(tmp, MOUNTPOINTS_FILE)

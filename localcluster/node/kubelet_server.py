@@ -31,8 +31,9 @@ from localcluster import certs
 
 log = logging.getLogger(__name__)
 
-LogLocator = Callable[[str, str, str], "tuple[Path, Callable[[], bool]] | None"]
-"""(namespace, pod, container) -> (log file, is-still-running) or None if unknown."""
+LogLocator = Callable[[str, str, str, bool], "tuple[Path, Callable[[], bool]] | None"]
+"""(namespace, pod, container, previous) -> (log file, is-still-running) or None if unknown;
+`previous` asks for the instance before the current one of a restarted container."""
 
 
 def ensure_serving_cert(cert_dir: Path, ip: str) -> tuple[Path, Path]:
@@ -81,12 +82,17 @@ def _handler(locate: LogLocator) -> type[BaseHTTPRequestHandler]:
             if len(parts) != 4 or parts[0] != "containerLogs":
                 self._plain(404, b"only /containerLogs/{namespace}/{pod}/{container} is served\n")
                 return
-            found = locate(parts[1], parts[2], parts[3])
+            query = urllib.parse.parse_qs(url.query)
+            previous = query.get("previous", ["false"])[0] in ("true", "1")
+            found = locate(parts[1], parts[2], parts[3], previous)
+            if found is None and previous:  # worded as kubelet words it
+                self._plain(400, f'previous terminated container "{parts[3]}" in pod '
+                                 f'"{parts[2]}" not found\n'.encode())
+                return
             if found is None:
                 self._plain(404, f"container {parts[3]!r} of pod {parts[1]}/{parts[2]} "
                                  "is not known on this node\n".encode())
                 return
-            query = urllib.parse.parse_qs(url.query)
             tail = int(query.get("tailLines", ["-1"])[0])
             limit = int(query.get("limitBytes", ["0"])[0])
             follow = query.get("follow", ["false"])[0] in ("true", "1")

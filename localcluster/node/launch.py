@@ -9,6 +9,7 @@ StartError); a successful exec closes ERRFD (close-on-exec), which the daemon re
 """
 
 import ctypes
+import fcntl
 import json
 import os
 import sys
@@ -36,6 +37,35 @@ def _mount(src, dst, flags):
            f"mount {src} on {dst}")
 
 
+def _missing_on_host(dsts):
+    """The directories and files the mounts at `dsts` would create on the host filesystem.
+    A path below another mount's target is created inside that volume, not on the host."""
+    targets = {os.path.normpath(d) for d in dsts}
+    missing = set()
+    for dst in targets:
+        if any(_is_below(dst, other) for other in targets):
+            continue
+        path = dst
+        while not os.path.lexists(path) and path != os.path.dirname(path):
+            # As the kernel names mount points (`/var/run/x` is `/run/x` in mountinfo).
+            missing.add(os.path.realpath(path))
+            path = os.path.dirname(path)
+    return sorted(missing)
+
+
+def _is_below(path, ancestor):
+    return path != ancestor and path.startswith(ancestor.rstrip("/") + "/")
+
+
+def _note_created(registry, paths):
+    # One write with O_APPEND: concurrent launchers (the lock is shared) never interleave.
+    fd = os.open(registry["file"], os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        os.write(fd, "".join(p + "\n" for p in paths).encode())
+    finally:
+        os.close(fd)
+
+
 def _prepare_target(src, dst):
     if os.path.isdir(src):
         os.makedirs(dst, exist_ok=True)
@@ -52,11 +82,28 @@ def enter(spec):
     _mount(None, "/", MS_REC | MS_PRIVATE)
     name = spec["hostname"].encode()
     _check(_libc.sethostname(name, len(name)), "sethostname")
-    for m in sorted(spec["mounts"], key=lambda m: m["dst"].count("/")):
-        _prepare_target(m["src"], m["dst"])
-        _mount(m["src"], m["dst"], MS_BIND | MS_REC)
-        if m.get("readOnly"):
-            _mount(None, m["dst"], MS_BIND | MS_REMOUNT | MS_RDONLY)
+    registry = spec.get("mountpoints")
+    lock = None
+    if registry:
+        # Shared: launchers do not wait for each other, only for a cleanup deciding what to
+        # remove. Held until every bind mount exists, so that cleanup, which removes a
+        # created mount point only if no mount namespace on the host has a mount there,
+        # cannot remove one between our mkdir and our mount.
+        os.makedirs(os.path.dirname(registry["lock"]), exist_ok=True)
+        lock = os.open(registry["lock"], os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fcntl.flock(lock, fcntl.LOCK_SH)
+    try:
+        created = _missing_on_host(m["dst"] for m in spec["mounts"])
+        if registry and created:
+            _note_created(registry, created)  # before creating: a crash leaks nothing
+        for m in sorted(spec["mounts"], key=lambda m: m["dst"].count("/")):
+            _prepare_target(m["src"], m["dst"])
+            _mount(m["src"], m["dst"], MS_BIND | MS_REC)
+            if m.get("readOnly"):
+                _mount(None, m["dst"], MS_BIND | MS_REMOUNT | MS_RDONLY)
+    finally:
+        if lock is not None:
+            os.close(lock)
     os.makedirs(spec["cwd"], exist_ok=True)
     os.chdir(spec["cwd"])
 

@@ -36,7 +36,7 @@ class StateLayout:
         return self.root / "certs"
 
     @property
-    def mountpoints(self) -> Path:
+    def mountpoints(self) -> Path:  # written by older daemons only
         return self.root / "created-mountpoints.json"
 
     def pod_dir(self, uid: str) -> Path:
@@ -58,23 +58,9 @@ class StateLayout:
     def process_records(self) -> list[Path]:
         return sorted((self.root / "procs").glob("*.json"))
 
-    def note_mountpoints(self, targets: list[str]) -> None:
-        """Remember mount points that do not exist on the host yet: the launcher creates
-        them (a bind mount needs a target), and cleanup removes them again if empty."""
-        missing: set[str] = set()
-        for target in targets:
-            path = Path(target)
-            while not path.exists() and path != path.parent:
-                missing.add(str(path))
-                path = path.parent
-        if not missing:
-            return
-        known = set(self.created_mountpoints())
-        if missing <= known:
-            return
-        self.mountpoints.write_text(json.dumps(sorted(known | missing), indent=1))
-
     def created_mountpoints(self) -> list[str]:
+        """Mount points an older daemon recorded here; the list is host-wide now (see
+        hostregistry.MOUNTPOINTS_FILE) and cleanup folds this one into it."""
         if not self.mountpoints.exists():
             return []
         return list(json.loads(self.mountpoints.read_text()))

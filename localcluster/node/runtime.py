@@ -16,10 +16,12 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from localcluster.processes import process_start_time, stat_fields
+
+from . import hostregistry
 
 log = logging.getLogger(__name__)
 
@@ -36,9 +38,13 @@ class LaunchSpec:
     env: dict[str, str]
 
     def to_json(self) -> str:
+        # Where the launcher notes the mount points it creates on the host (host-wide: any
+        # daemon's cleanup may remove them once no pod uses them; see cleanup.py).
+        registry = {"lock": str(hostregistry.MOUNTPOINTS_LOCK),
+                    "file": str(hostregistry.MOUNTPOINTS_FILE)}
         return json.dumps({"netns": str(self.netns), "hostname": self.hostname,
                            "mounts": self.mounts, "cwd": self.cwd, "argv": self.argv,
-                           "env": self.env})
+                           "env": self.env, "mountpoints": registry})
 
 
 @dataclass(frozen=True)
@@ -112,6 +118,43 @@ class ContainerProcess:
             return
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.pid, sig)
+
+
+def run_in_pod(spec: LaunchSpec, argv: list[str], timeout: float) -> tuple[int | None, bytes]:
+    """Run `argv` the way a container runs (same launcher: the pod's network namespace, the
+    container's mounts, env and working directory) and wait at most `timeout` seconds.
+
+    Returns (exit code, stdout+stderr); the code is None on timeout, when the command's
+    whole session is killed. The spec (with the env's secrets) goes through stdin, never
+    to disk. A launcher failure comes back as exit 128 with its message as the output.
+    """
+    read_fd, write_fd = os.pipe()
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-I", str(LAUNCHER), "/dev/stdin", str(write_fd)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            pass_fds=(write_fd,), start_new_session=True, close_fds=True, env={},
+        )
+    finally:
+        os.close(write_fd)
+    with os.fdopen(read_fd, "rb") as errors:
+        try:
+            output, _ = proc.communicate(replace(spec, argv=argv).to_json().encode(),
+                                         timeout=timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            return None, b""
+        report = errors.read()
+    if report:
+        try:
+            return 128, str(json.loads(report)["error"]).encode()
+        except (ValueError, KeyError):
+            return 128, report
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)  # what the command left running in its session
+    return exit_from_returncode(proc.returncode).code, output
 
 
 def _session_members(sid: int, not_before: int) -> list[int]:

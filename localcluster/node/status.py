@@ -25,6 +25,22 @@ class ContainerRun:
     exit_code: int | None = None
     reason: str | None = None
     message: str | None = None
+    restart_count: int = 0
+    last_terminated: dict[str, Any] | None = None  # `lastState.terminated` after a restart
+    # Probe verdicts: None when the container has no such probe (then running is enough).
+    readiness: bool | None = None
+    startup: bool | None = None
+
+    @property
+    def started(self) -> bool:
+        return self.state == "running" and self.startup is not False
+
+    @property
+    def ready(self) -> bool:
+        return self.started and self.readiness is not False
+
+    def has_run(self) -> bool:
+        return self.state in ("running", "terminated") or self.last_terminated is not None
 
     def terminate(self, exit_code: int, reason: str, message: str | None = None) -> None:
         self.state = "terminated"
@@ -33,11 +49,35 @@ class ContainerRun:
         self.message = message
         self.finished_at = now_rfc3339()
 
+    def await_restart(self, reason: str, message: str = "") -> None:
+        """The ended instance becomes `lastState`; the container waits for its next one."""
+        self.last_terminated = self._terminated()
+        self.state = "waiting"
+        self.waiting_reason, self.waiting_message = reason, message
+        self.started_at = self.finished_at = None
+        self.exit_code = self.reason = self.message = None
+
+    def begin_instance(self, pid: int) -> None:
+        """A process for this container was launched: after an ended one, that is a restart."""
+        if self.last_terminated is not None:
+            self.restart_count += 1
+        self.pid = pid
+
+    def _terminated(self) -> dict[str, Any]:
+        terminated: dict[str, Any] = {
+            "exitCode": self.exit_code, "reason": self.reason,
+            "startedAt": self.started_at or self.finished_at, "finishedAt": self.finished_at,
+        }
+        if self.message:
+            terminated["message"] = self.message
+        if self.pid is not None:
+            terminated["containerID"] = f"process://{self.pid}"
+        return terminated
+
     def to_status(self) -> dict[str, Any]:
         status: dict[str, Any] = {
             "name": self.name, "image": self.image, "imageID": "",
-            "restartCount": 0, "ready": self.state == "running",
-            "started": self.state == "running",
+            "restartCount": self.restart_count, "ready": self.ready, "started": self.started,
         }
         if self.pid is not None:
             status["containerID"] = f"process://{self.pid}"
@@ -49,15 +89,9 @@ class ContainerRun:
         elif self.state == "running":
             status["state"] = {"running": {"startedAt": self.started_at}}
         else:
-            terminated: dict[str, Any] = {
-                "exitCode": self.exit_code, "reason": self.reason,
-                "startedAt": self.started_at or self.finished_at, "finishedAt": self.finished_at,
-            }
-            if self.message:
-                terminated["message"] = self.message
-            if self.pid is not None:
-                terminated["containerID"] = f"process://{self.pid}"
-            status["state"] = {"terminated": terminated}
+            status["state"] = {"terminated": self._terminated()}
+        status["lastState"] = ({"terminated": self.last_terminated} if self.last_terminated
+                               else {})
         return status
 
 
@@ -107,7 +141,8 @@ class PodRun:
         mains = self.main_containers
         if mains and all(c.state == "terminated" for c in mains):
             return "Succeeded" if all(c.exit_code == 0 for c in mains) else "Failed"
-        if any(c.state in ("running", "terminated") for c in mains):
+        # A container waiting to be restarted has run: the pod stays Running meanwhile.
+        if any(c.has_run() for c in mains):
             return "Running"
         return "Pending"
 
@@ -127,14 +162,18 @@ class PodRun:
         stamp = now_rfc3339()
         phase = self.phase()
         mains = self.main_containers
-        all_running = bool(mains) and all(c.state == "running" for c in mains)
+        all_ready = bool(mains) and all(c.ready for c in mains)
         if phase in ("Succeeded", "Failed"):
             not_ready = "PodCompleted"
         else:
             not_ready = "ContainersNotReady"
-        ready = "True" if all_running and phase == "Running" else "False"
+        ready = "True" if all_ready and phase == "Running" else "False"
+        unready = [c.name for c in mains if not c.ready]
+        not_ready_message = (f"containers with unready status: [{' '.join(unready)}]"
+                             if unready and phase not in ("Succeeded", "Failed") else None)
 
-        def cond(kind: str, value: bool | str, reason: str | None = None) -> dict[str, Any]:
+        def cond(kind: str, value: bool | str, reason: str | None = None,
+                 message: str | None = None) -> dict[str, Any]:
             status = value if isinstance(value, str) else ("True" if value else "False")
             previous = self.transitions.get(kind)
             since = previous[1] if previous and previous[0] == status else stamp
@@ -143,6 +182,8 @@ class PodRun:
                                      "lastProbeTime": None}
             if reason and status != "True":
                 entry["reason"] = reason
+                if message:
+                    entry["message"] = message
             return entry
 
         conditions = [
@@ -150,8 +191,8 @@ class PodRun:
                  ("Succeeded", "Failed")),
             cond("Initialized", self.initialized() or phase in ("Succeeded",),
                  "ContainersNotInitialized"),
-            cond("ContainersReady", ready, not_ready),
-            cond("Ready", ready, not_ready),
+            cond("ContainersReady", ready, not_ready, not_ready_message),
+            cond("Ready", ready, not_ready, not_ready_message),
         ]
         if self.disruption:
             conditions.append({**self.disruption, "lastTransitionTime": stamp,

@@ -1,6 +1,6 @@
 """lorakube: a Kubernetes operator for multi-node LoRA training of diffusion models.
 
-Import nothing heavy here: the trainer image imports `lorakube.contract` without kopf installed.
+Import nothing heavy here: `lorakube operator --help` must answer without Kopf's start-up cost.
 """
 
 __version__ = "0.1.0"

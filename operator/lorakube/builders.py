@@ -2,7 +2,7 @@
 
 Nothing here talks to the API or reads the clock, so the desired state is a function of its
 inputs and every field is unit-tested. Names, labels, env names and flags come from
-`lorakube.contract`, the module the trainer imports too.
+`lorakube_api.contract`, the module the trainer imports too.
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ import dataclasses
 import os
 from typing import Any
 
-from lorakube import contract, rbac
+from lorakube import rbac
+from lorakube_api import contract
 from lorakube.spec import OPERATOR_VOLUME_PREFIX, JobRef, JobSpec
 
 GPU_RESOURCE = "nvidia.com/gpu"
@@ -103,6 +104,7 @@ def rendezvous_env(spec: JobSpec, job: JobRef, attempt: int, rank: int) -> list[
             contract.ENV_ATTEMPT: str(attempt),
             contract.ENV_POD_NAME: contract.pod_name(job.name, rank),
             contract.ENV_RENDEZVOUS_TIMEOUT: str(spec.run_policy.rendezvous_timeout_seconds),
+            contract.ENV_TERMINATION_GRACE: str(spec.run_policy.termination_grace_period_seconds),
             # Logs reach `kubectl logs` (and lastFailure.logTail) as they are written.
             "PYTHONUNBUFFERED": "1",
         }
@@ -216,7 +218,16 @@ def build_pod(spec: JobSpec, job: JobRef, attempt: int, rank: int, config: Opera
         "ports": [{"name": MASTER_PORT_NAME, "containerPort": contract.DEFAULT_MASTER_PORT, "protocol": "TCP"}],
         "resources": container_resources(spec),
         "securityContext": container_security_context(),
+        # The trainer writes its last words to /dev/termination-log; when it dies before it can
+        # (a signal, a crash in native code) the kubelet takes the log's tail instead, which is
+        # what status.lastFailure shows and spec.runPolicy.failureRules' onMessagePattern searches.
+        "terminationMessagePolicy": "FallbackToLogsOnError",
     }
+    if rank == 0:
+        # Only rank 0 serves training metrics; a port declared on the other ranks would make a
+        # PodMonitor scrape pods where nothing listens.
+        container["ports"].append({"name": contract.TRAINER_METRICS_PORT_NAME,
+                                   "containerPort": contract.TRAINER_METRICS_PORT, "protocol": "TCP"})
     secrets = _secret_names(spec)
     if secrets:
         # Credentials for model/dataset/output URIs: each Secret's keys become env vars.
@@ -233,6 +244,8 @@ def build_pod(spec: JobSpec, job: JobRef, attempt: int, rank: int, config: Opera
         # The job's Service is headless; service-link env vars would only add noise.
         "enableServiceLinks": False,
         "securityContext": pod_security_context(),
+        # SIGTERM -> the trainer checkpoints the step the ranks agree on before this runs out.
+        "terminationGracePeriodSeconds": spec.run_policy.termination_grace_period_seconds,
         "containers": [container],
     }
     optional = {

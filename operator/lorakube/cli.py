@@ -1,16 +1,24 @@
-"""`lorakube`: run the operator (what the image runs) or the one-machine demo."""
+"""`lorakube`: run the LoRATrainingJob operator (what the operator image runs).
+
+The one-machine demo is a development tool: `lorakube-dev demo` (package `lorakube_dev`)."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
 import socket
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
+from typing import Any
 
 from lorakube.leader import LeaseTimes
+
+DEFAULT_HTTP_ADDRESS = "0.0.0.0:8080"
+# How often a replica that has not reached the API server yet tries again (its /readyz).
+API_CHECK_SECONDS = 2.0
 
 log = logging.getLogger("lorakube")
 
@@ -36,15 +44,14 @@ def build_parser() -> argparse.ArgumentParser:
                          "must be shorter than --lease-duration (default %(default)s)")
     op.add_argument("--retry-period", type=float, default=defaults.retry_seconds, metavar="SECONDS",
                     help="how often the leader renews and a follower tries (default %(default)s)")
-    op.add_argument("--liveness", metavar="URL", default=None,
-                    help="serve Kopf's liveness probe, e.g. http://0.0.0.0:8080/healthz")
+    op.add_argument("--http-address", metavar="HOST:PORT", default=DEFAULT_HTTP_ADDRESS,
+                    help="serve /metrics (Prometheus), /healthz (liveness) and /readyz (readiness) here, on "
+                         "every replica, leader or not; 'off' (or '') serves nothing (default %(default)s)")
+    # Kopf's own liveness endpoint ran only on the acting replica (a follower never starts Kopf,
+    # so its probe would fail and it would be restarted forever); /healthz replaced it.
+    op.add_argument("--liveness", default=None, help=argparse.SUPPRESS)
     op.add_argument("--verbose", "-v", action="store_true")
 
-    demo = commands.add_parser("demo", help="train a tiny 2-node LoRA on a local cluster, end to end")
-    demo.add_argument("--keep", action="store_true", help="leave the cluster (and the job) up afterwards")
-    demo.add_argument("--state-dir", default=None,
-                      help="where the demo keeps its cluster and files (default ~/.cache/lorakube/demo)")
-    demo.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for the job")
     return parser
 
 
@@ -57,45 +64,102 @@ def _own_namespace() -> str | None:
         return None
 
 
-def run_operator(namespaces: Sequence[str] = (), leader_elect: bool = False, liveness: str | None = None,
-                 verbose: bool = False, lease_times: LeaseTimes | None = None) -> int:
+def run_operator(namespaces: Sequence[str] = (), leader_elect: bool = False, verbose: bool = False,
+                 lease_times: LeaseTimes | None = None, http_address: tuple[str, int] | None = None) -> int:
     """Run the operator until SIGTERM/SIGINT (or, with leader election, until the lease is lost).
     Returns the exit code."""
     import kopf
 
     import lorakube
     from lorakube import handlers  # noqa: F401 - registers the handlers
-    from lorakube import kube, leader
+    from lorakube import health as hl
+    from lorakube import httpserver, kube, leader, metrics
 
     kopf.configure(verbose=verbose)
     if not verbose:
         # Kopf logs every handler call at INFO; the operator's own transitions are what matter.
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)
+    times = lease_times or LeaseTimes()
     identity = os.environ.get("POD_NAME") or f"{socket.gethostname()}-{os.getpid()}"
     # The replica's name in the apiserver's logs; the field manager stays `lorakube-operator`.
     user_agent = f"lorakube-operator/{lorakube.__version__} ({identity})"
+    health = hl.Health(hl.stale_limit(times.renew_deadline_seconds, times.retry_seconds))
+    # Before leader election: followers answer probes and scrapes too.
+    server = None
+    if http_address is not None:
+        try:
+            server = httpserver.HttpServer(*http_address, health, metrics.OPERATOR.registry).start()
+        except OSError as exc:
+            log.error("--http-address %s:%d: cannot listen there (%s); give a free HOST:PORT, or 'off'",
+                      *http_address, exc.strerror or exc)
+            return 2
+        log.info("serving /metrics, /healthz and /readyz on %s:%d", *server.address)
     leadership = leader.Leadership.always()
     stop, lost = threading.Event(), threading.Event()
-    if leader_elect:
-        namespace = os.environ.get("LORAKUBE_OPERATOR_NAMESPACE") or _own_namespace()
-        if not namespace:
-            log.error("--leader-elect needs $LORAKUBE_OPERATOR_NAMESPACE (the Lease's namespace)")
-            return 2
-        elector = leader.LeaderElector(kube.load_api_client(user_agent=user_agent), namespace, identity,
-                                       lease_times or LeaseTimes())
-        leadership = elector.leadership
-        if not elector.wait_until_leader(stop):
-            return 0
-        threading.Thread(target=elector.keep_renewing, args=(stop, lost), daemon=True).start()
-        threading.Thread(target=elector.watch_deadline, args=(stop, lost), daemon=True).start()
-        threading.Thread(target=_exit_when_lost, args=(lost,), daemon=True).start()
-    memo = kopf.Memo(leadership=leadership, user_agent=user_agent)
-    kopf.run(standalone=True, clusterwide=not namespaces, namespaces=list(namespaces), liveness_endpoint=liveness,
-             memo=memo)
-    stop.set()  # ends the lease renewal
-    if leader_elect and not lost.is_set():
-        elector.release()
-    return 0
+    threading.Thread(target=_check_api, args=(health, stop, user_agent), daemon=True).start()
+    try:
+        if leader_elect:
+            namespace = os.environ.get("LORAKUBE_OPERATOR_NAMESPACE") or _own_namespace()
+            if not namespace:
+                log.error("--leader-elect needs $LORAKUBE_OPERATOR_NAMESPACE (the Lease's namespace)")
+                return 2
+            elector = leader.LeaderElector(kube.load_api_client(user_agent=user_agent), namespace, identity, times)
+            leadership = elector.leadership
+            metrics.OPERATOR.track_leadership(leadership.valid)
+            health.following()
+            if not elector.wait_until_leader(stop, on_round=health.progress):
+                return 0
+            threading.Thread(target=elector.keep_renewing, args=(stop, lost), daemon=True).start()
+            threading.Thread(target=elector.watch_deadline, args=(stop, lost), daemon=True).start()
+            threading.Thread(target=_exit_when_lost, args=(lost,), daemon=True).start()
+        metrics.OPERATOR.track_leadership(leadership.valid)
+        health.leading()
+        memo = kopf.Memo(leadership=leadership, user_agent=user_agent, metrics=metrics.OPERATOR)
+        _run_kopf(kopf.operator(standalone=True, clusterwide=not namespaces, namespaces=list(namespaces),
+                                memo=memo), health)
+        stop.set()  # ends the lease renewal
+        if leader_elect and not lost.is_set():
+            elector.release()
+        return 0
+    finally:
+        health.stopped()
+        stop.set()
+        if server is not None:
+            server.stop()
+
+
+def _run_kopf(operator: Coroutine[Any, Any, None], health: Any) -> None:
+    """As kopf.run, on a loop that also runs the liveness tick (health.tick_forever): the tick
+    shows Kopf's loop still runs tasks. The Runner cancels the tick when Kopf returns."""
+    from lorakube import health as hl
+
+    with asyncio.Runner() as runner:
+        runner.get_loop().create_task(hl.tick_forever(health))
+        try:
+            runner.run(operator)
+        except asyncio.CancelledError:
+            pass
+
+
+def _check_api(health: Any, stop: threading.Event, user_agent: str) -> None:
+    """Until it succeeds: can this replica reach the API server, and is the CRD there? (/readyz)"""
+    from lorakube import kube
+
+    last = None
+    while not stop.is_set():
+        try:
+            problem = kube.api_problem(kube.load_api_client(user_agent=user_agent))
+        except Exception as exc:  # noqa: BLE001 - no kubeconfig, no in-cluster credentials
+            problem = f"cannot load the API server's address and credentials: {exc}"
+        if problem is None:
+            health.api_reached()
+            log.info("reached the API server; ready")
+            return
+        health.api_failed(problem)
+        if problem != last:
+            log.warning("not ready: %s", problem)
+            last = problem
+        stop.wait(API_CHECK_SECONDS)
 
 
 def _exit_when_lost(lost: threading.Event) -> None:
@@ -114,15 +178,23 @@ def _lease_times(parser: argparse.ArgumentParser, args: argparse.Namespace) -> L
         parser.error(f"--retry-period, --renew-deadline, --lease-duration: {exc}")
 
 
+def _http_address(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[str, int] | None:
+    from lorakube import httpserver
+
+    if args.liveness is not None:
+        parser.error("--liveness was removed: /healthz on --http-address (default "
+                     f"{DEFAULT_HTTP_ADDRESS}) is the liveness probe now, on every replica")
+    try:
+        return httpserver.parse_address(args.http_address)
+    except httpserver.AddressError as exc:
+        parser.error(f"--http-address: {exc}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command == "operator":
-        return run_operator(args.namespace, args.leader_elect, args.liveness, args.verbose,
-                            _lease_times(parser, args))
-    from lorakube import demo
-
-    return demo.run(state_dir=args.state_dir, keep=args.keep, timeout=args.timeout)
+    return run_operator(args.namespace, args.leader_elect, args.verbose, _lease_times(parser, args),
+                        _http_address(parser, args))
 
 
 if __name__ == "__main__":

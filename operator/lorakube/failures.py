@@ -1,5 +1,9 @@
 """Failure classification as data: ordered rules, the first that matches a failed pod wins.
 
+The built-in rules below are the default table; a job's spec.runPolicy.failureRules go in front of
+them (first match wins), so a user can say "this exit code or this log line is retryable / fatal /
+not my fault" without a new operator release, the way JobSet's failure policy rules do.
+
 Retryable failures restart the whole gang (all pods of the attempt go, attempt + 1, the trainer
 resumes from its newest complete checkpoint); a user error fails the job at once, because running
 the same arguments on the same data again would fail the same way.
@@ -9,10 +13,12 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Sequence
 
-from lorakube import contract
+from lorakube_api import contract
 from lorakube.pods import PodView
+from lorakube.spec import FailureRuleSpec
 
 
 class Action(enum.Enum):
@@ -66,8 +72,30 @@ class Failure:
         return f"pod {self.pod.name} (rank {self.pod.rank}) {self.rule.explain}{code}{detail}"
 
 
-def classify(pod: PodView) -> Failure:
-    return Failure(pod, next(rule for rule in RULES if rule.matches(pod)))
+def rule_from_spec(spec: FailureRuleSpec) -> Rule:
+    """A user's rule as a table row. Conditions that are given must all hold; the message pattern
+    is searched in the pod's termination message (the tail of its log on failure)."""
+    pattern = re.compile(spec.on_message_pattern) if spec.on_message_pattern is not None else None
+
+    def matches(pod: PodView) -> bool:
+        if spec.on_exit_codes is not None and pod.exit_code not in spec.on_exit_codes:
+            return False
+        if spec.on_pod_reasons is not None and pod.reason not in spec.on_pod_reasons:
+            return False
+        return pattern is None or bool(pattern.search(pod.message or ""))
+
+    action = Action.FAIL if spec.action == "Fail" else Action.RESTART
+    return Rule(spec.name, matches, action, f"matched spec.runPolicy.failureRules {spec.name} ({spec.action})",
+                spends_budget=spec.action == "Restart")
+
+
+def rules_for(user_rules: Sequence[FailureRuleSpec] = ()) -> tuple[Rule, ...]:
+    """The table one job is classified with: its own rules first, then the built-in ones."""
+    return tuple(rule_from_spec(rule) for rule in user_rules) + RULES
+
+
+def classify(pod: PodView, rules: Sequence[Rule] = RULES) -> Failure:
+    return Failure(pod, next(rule for rule in rules if rule.matches(pod)))
 
 
 def deleted_by_someone_else(pod: PodView) -> Failure:

@@ -15,12 +15,14 @@ import asyncio
 import datetime as dt
 import logging
 import os
+import time
 from collections.abc import Mapping
 from typing import Any
 
 import kopf
 
-from lorakube import builders, contract, kube, leader, pods
+from lorakube import builders, kube, leader, metrics, pods
+from lorakube_api import contract
 from lorakube import status as st
 
 log = logging.getLogger(__name__)
@@ -46,6 +48,7 @@ class Reconciler:
     def __init__(self, client: kube.Kube, config: builders.OperatorConfig,
                  leadership: leader.Leadership | None = None) -> None:
         self.kube = client
+        self.metrics = client.metrics
         self.config = config
         # With leader election: a pass acts only while this replica's lease is valid (the API
         # client also checks before every write, for a pass that was under way when it lapsed).
@@ -75,15 +78,21 @@ class Reconciler:
             return
         views = list(index.get(key, []))
         now = dt.datetime.now(dt.timezone.utc)
+        started = time.monotonic()
         try:
             outcome = await asyncio.to_thread(kube.reconcile_job, self.kube, namespace, name, views, self.config, now)
         except leader.NotLeader as exc:
+            self.metrics.reconcile_failed(exc)
             log.warning("stopped reconciling %s/%s before writing: %s", namespace, name, exc)
             return
         except Exception as exc:  # noqa: BLE001 - any API failure or timeout: log and look again shortly
+            self.metrics.reconcile_failed(exc)
             log.warning("reconciling %s/%s failed, retrying in %ss: %s", namespace, name, ERROR_RETRY_SECONDS, exc)
             self._requeue(key, index, ERROR_RETRY_SECONDS)
             return
+        finally:
+            self.metrics.reconcile_seconds.observe(time.monotonic() - started)
+        self.metrics.jobs.set(namespace, name, outcome.phase)
         if not self.leadership.valid():
             log.warning("not posting the Events of %s/%s: this replica's leader lease lapsed", namespace, name)
             return
@@ -133,7 +142,8 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     settings.watching.label_selectors[PODS] = POD_LABEL_SELECTOR
     leadership = memo.get("leadership") or leader.Leadership.always()
     api = kube.load_api_client(fence=leadership.check, user_agent=memo.get("user_agent"))
-    memo.reconciler = Reconciler(kube.Kube(api), builders.OperatorConfig.from_env(), leadership)
+    memo.reconciler = Reconciler(kube.Kube(api, memo.get("metrics") or metrics.OPERATOR),
+                                 builders.OperatorConfig.from_env(), leadership)
 
 
 @kopf.index(*PODS)
@@ -164,6 +174,8 @@ async def job_event(type: str | None, namespace: str, name: str, pods_by_job: ko
                     **_: Any) -> None:
     if type != "DELETED":
         await memo.reconciler.trigger((namespace, name), pods_by_job)
+    else:
+        memo.reconciler.metrics.jobs.set(namespace, name, None)
 
 
 @kopf.on.event(*PODS, labels=OUR_PODS)

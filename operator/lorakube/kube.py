@@ -18,9 +18,11 @@ from typing import Any, Callable
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
-from lorakube import builders, contract, reconcile, spec
+from lorakube import builders, reconcile, spec
+from lorakube_api import contract
 from lorakube import status as st
-from lorakube.pods import PodView
+from lorakube.metrics import OPERATOR, OperatorMetrics
+from lorakube.pods import PodView, parse_time
 
 log = logging.getLogger(__name__)
 
@@ -98,9 +100,26 @@ def load_api_client(timeout: tuple[float, float] | None = None, fence: Callable[
     return api
 
 
+def api_problem(api: client.ApiClient) -> str | None:
+    """None when the API server answers this client and serves the LoRATrainingJob API (the CRD
+    is installed); else what is wrong, for the replica's /readyz."""
+    version = f"{contract.API_GROUP}/{contract.API_VERSION}"
+    try:
+        client.CustomObjectsApi(api).get_api_resources(contract.API_GROUP, contract.API_VERSION)
+    except ApiException as exc:
+        if exc.status == 404:
+            return f"the API server does not serve {version}: install the CRD {contract.PLURAL}.{contract.API_GROUP}"
+        return f"the API server answered {exc.status} to GET /apis/{version}: {_api_message(exc)}"
+    except Exception as exc:  # noqa: BLE001 - a refused connection, a timeout, a TLS error: say which
+        return f"cannot reach the API server: {exc}"
+    return None
+
+
 @dataclasses.dataclass
 class Kube:
     api: client.ApiClient
+    # Counts the pods really created/deleted and what each written decision reported.
+    metrics: OperatorMetrics = dataclasses.field(default_factory=lambda: OPERATOR)
 
     @property
     def core(self) -> client.CoreV1Api:
@@ -159,6 +178,8 @@ class Kube:
         }[manifest["kind"]]
         try:
             create(namespace, dict(manifest))
+            if manifest["kind"] == "Pod":
+                self.metrics.pods_created.labels(namespace).inc()
             return True
         except ApiException as exc:
             if exc.status != 409:
@@ -167,13 +188,17 @@ class Kube:
             _check_owner(manifest, read(manifest["metadata"]["name"], namespace))
         return False
 
-    def delete_pod(self, namespace: str, name: str, force: bool = False) -> None:
-        """Delete a pod; `force` (grace 0) removes the object without waiting for its kubelet."""
+    def delete_pod(self, namespace: str, name: str, force: bool = False) -> bool:
+        """Delete a pod; `force` (grace 0) removes the object without waiting for its kubelet.
+        False when it was already gone."""
         try:
             self.core.delete_namespaced_pod(name, namespace, grace_period_seconds=0 if force else None)
         except ApiException as exc:
             if exc.status != 404:
                 raise
+            return False
+        self.metrics.pods_deleted.labels(namespace).inc()
+        return True
 
     def node_state(self, name: str) -> str:
         """Ready, NotReady (its Ready condition is False or Unknown) or Missing (the Node object is
@@ -191,8 +216,11 @@ class Kube:
 
     def log_tail(self, namespace: str, name: str, lines: int) -> str | None:
         try:
-            text = self.core.read_namespaced_pod_log(
-                name, namespace, container=contract.TRAINER_CONTAINER, tail_lines=lines)
+            # The raw body, decoded here: kubernetes-client 36.0.x hands back the repr of the bytes
+            # (b'...\\n') as the "text" of a log (kubernetes-client/python#2596).
+            response = self.core.read_namespaced_pod_log(
+                name, namespace, container=contract.TRAINER_CONTAINER, tail_lines=lines, _preload_content=False)
+            text = response.data.decode("utf-8", errors="replace")
         except ApiException as exc:
             log.info("no log tail for pod %s/%s: %s", namespace, name, _api_message(exc))
             return None
@@ -240,17 +268,20 @@ def observe(kube: Kube, body: Mapping[str, Any], pods: Iterable[PodView], now: d
         service_account_exists=sa_exists,
         log_tails={k: v for k, v in tails.items() if v},
         node_states=nodes,
+        created_at=parse_time(meta.get("creationTimestamp")),
     )
 
 
 @dataclasses.dataclass(frozen=True)
 class Outcome:
     """What a pass leaves for the handler: the job body (Events attach to it), the Events to
-    post, and when to look again (None: the timer and the watch triggers suffice)."""
+    post, when to look again (None: the timer and the watch triggers suffice) and the job's
+    phase after the pass (None: the job is gone), which the jobs-by-phase metric shows."""
 
     body: Mapping[str, Any] | None = None
     events: tuple[reconcile.Event, ...] = ()
     requeue_after: float | None = None
+    phase: str | None = None
 
 
 # A refusal that may pass (quota, our own RBAC): look again after this long.
@@ -269,6 +300,8 @@ def act(kube: Kube, obs: reconcile.Observation, decision: reconcile.Decision) ->
             if exc.status not in (400, 422):
                 raise
             return _status_refused(kube, obs, exc)
+    kube.metrics.status_written(decision.gang_restart, decision.pods_running)
+    phase = _phase(obs, decision.status_patch)
     created: list[str] = []
     try:
         for manifest in _children(decision):
@@ -279,12 +312,13 @@ def act(kube: Kube, obs: reconcile.Observation, decision: reconcile.Decision) ->
         kube.patch_job_status(job.namespace, job.name, failed.status_patch)
         for name in created:
             kube.delete_pod(job.namespace, name)
-        return _outcome(obs, events + _created(decision, created) + list(failed.events))
+        return _outcome(obs, events + _created(decision, created) + list(failed.events),
+                        phase=_phase(obs, failed.status_patch))
     except Transient as exc:
         events += _created(decision, created)
         events.append(reconcile.Event("Warning", "CreateFailed",
                                       f"creating {_describe(decision)} failed, retrying: {exc}"))
-        return _outcome(obs, events, TRANSIENT_RETRY_SECONDS)
+        return _outcome(obs, events, TRANSIENT_RETRY_SECONDS, phase)
     events += _created(decision, created)
     for name in decision.delete_pods:
         kube.delete_pod(job.namespace, name)
@@ -292,7 +326,13 @@ def act(kube: Kube, obs: reconcile.Observation, decision: reconcile.Decision) ->
         kube.delete_pod(job.namespace, name, force=True)
     if decision.delete_job:
         kube.delete_job(job.namespace, job.name)
-    return _outcome(obs, events, decision.requeue_after)
+        phase = None
+    return _outcome(obs, events, decision.requeue_after, phase)
+
+
+def _phase(obs: reconcile.Observation, patch: Mapping[str, Any]) -> str:
+    """The job's phase once `patch` is written (a patch holds only what changed)."""
+    return patch.get("phase") or obs.status.get("phase") or st.PENDING
 
 
 def _status_refused(kube: Kube, obs: reconcile.Observation, exc: ApiException) -> Outcome:
@@ -305,14 +345,14 @@ def _status_refused(kube: Kube, obs: reconcile.Observation, exc: ApiException) -
               st.bounded(message))
     fallback = reconcile.status_refused(obs, message)
     kube.patch_job_status(job.namespace, job.name, fallback.status_patch)
-    return _outcome(obs, list(fallback.events))
+    return _outcome(obs, list(fallback.events), phase=_phase(obs, fallback.status_patch))
 
 
 def _outcome(obs: reconcile.Observation, events: Sequence[reconcile.Event],
-             requeue_after: float | None = None) -> Outcome:
+             requeue_after: float | None = None, phase: str | None = None) -> Outcome:
     """The Outcome of a pass, with every Event message bounded (some quote the API server)."""
     bounded = tuple(reconcile.Event(e.type, e.reason, st.bounded(e.message, st.EVENT_MESSAGE_LIMIT)) for e in events)
-    return Outcome(obs_body(obs), bounded, requeue_after)
+    return Outcome(obs_body(obs), bounded, requeue_after, phase)
 
 
 def _created(decision: reconcile.Decision, created: list[str]) -> list[reconcile.Event]:

@@ -209,7 +209,9 @@ class LeaderElector:
         except Exception as exc:  # noqa: BLE001 - best effort: the lease expires by itself
             log.warning("releasing the lease failed (it expires by itself): %s", exc)
 
-    def wait_until_leader(self, stop: threading.Event) -> bool:
+    def wait_until_leader(self, stop: threading.Event, on_round: Callable[[], None] = lambda: None) -> bool:
+        """Try every retry period until this replica holds the Lease (True) or `stop` (False).
+        `on_round` is called after every attempt, failed or not: the replica's liveness."""
         log.info("waiting for the lease %s/%s as %s", self.namespace, LEASE_NAME, self.identity)
         while not stop.is_set():
             try:
@@ -218,6 +220,7 @@ class LeaderElector:
                     return True
             except Exception as exc:  # noqa: BLE001 - an API error or a timeout: try again
                 log.warning("leader election: %s", exc)
+            on_round()
             stop.wait(self.times.retry_seconds)
         return False
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from lorakube import contract
+from lorakube_api import contract
 from lorakube.spec import JobRef, JobSpec
 
 TRAINER_ACCOUNT_SUFFIX = "-trainer"

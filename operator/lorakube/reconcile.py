@@ -18,7 +18,8 @@ import datetime as dt
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from lorakube import builders, contract, failures, rbac
+from lorakube import builders, failures, rbac
+from lorakube_api import contract
 from lorakube import status as st
 from lorakube.pods import FAILED as POD_FAILED
 from lorakube.pods import PENDING as POD_PENDING
@@ -68,6 +69,7 @@ class Observation:
     log_tails: Mapping[str, str] = dataclasses.field(default_factory=dict)
     # The state of each node that holds a stuck pod (see nodes_to_check); empty otherwise.
     node_states: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    created_at: dt.datetime | None = None    # the job's metadata.creationTimestamp
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,6 +85,9 @@ class Decision:
     events: tuple[Event, ...] = ()
     requeue_after: float | None = None
     delete_job: bool = False     # ttlSecondsAfterFinished ran out
+    # Facts for the operator's metrics, counted once the status patch is written:
+    gang_restart: str | None = None                    # this pass restarts the gang, for this reason
+    pods_running: tuple[str, float] | None = None      # ("first" | "later", seconds): see time_to_running
 
 
 def current_attempt(status: Mapping[str, Any]) -> int:
@@ -141,6 +146,8 @@ class _Plan:
         self.events: list[Event] = []
         self.requeue_after: float | None = None
         self.delete_job = False
+        self.gang_restart: str | None = None
+        self.pods_running: tuple[str, float] | None = None
 
     @property
     def phase(self) -> str:
@@ -193,6 +200,8 @@ class _Plan:
                          for e in self.events),
             requeue_after=self.requeue_after,
             delete_job=self.delete_job,
+            gang_restart=self.gang_restart,
+            pods_running=self.pods_running,
         )
 
 
@@ -260,7 +269,7 @@ def _decide_valid(plan: _Plan, spec: JobSpec, mine: list[PodView], all_pods: Seq
         plan.requeue(WAIT_FOR_DELETION_SECONDS)
         return
 
-    failure = _first_failure(plan, current, num_nodes)
+    failure = _first_failure(plan, current, num_nodes, failures.rules_for(spec.run_policy.failure_rules))
     if failure is not None:
         _handle_failure(plan, spec, failure, current)
         return
@@ -288,7 +297,22 @@ def _decide_valid(plan: _Plan, spec: JobSpec, mine: list[PodView], all_pods: Seq
     if all(phase == POD_SUCCEEDED for phase in phases):
         plan.transition(st.SUCCEEDED_PHASE, "AllPodsSucceeded", f"all {num_nodes} pods exited 0")
     elif all(phase in (POD_RUNNING, POD_SUCCEEDED) for phase in phases):
+        if plan.phase != st.RUNNING_PHASE:
+            plan.pods_running = time_to_running(obs, attempt, current.values())
         plan.transition(st.RUNNING_PHASE, "AllPodsRunning", f"all {num_nodes} pods of attempt {attempt} are running")
+
+
+def time_to_running(obs: Observation, attempt: int, pods: Sequence[PodView]) -> tuple[str, float] | None:
+    """How long the attempt took until all its pods ran: the first attempt from the job's creation
+    (what a user waits for), a later one from its first pod's creation (the job itself may be
+    hours old by then). Seen when the phase turns Running, so once per attempt; an attempt whose
+    pods all finished before any pass saw them all running is not measured."""
+    if attempt == 1 and obs.created_at is not None:
+        return "first", (obs.now - obs.created_at).total_seconds()
+    created = [p.created_at for p in pods if p.created_at is not None]
+    if not created:
+        return None
+    return ("first" if attempt == 1 else "later"), (obs.now - min(created)).total_seconds()
 
 
 def _wait_for_old_pods(plan: _Plan, old: Sequence[PodView]) -> None:
@@ -330,13 +354,14 @@ def _wait_for_old_pods(plan: _Plan, old: Sequence[PodView]) -> None:
         plan.events.append(Event("Warning", "WaitingForPods", message))
 
 
-def _first_failure(plan: _Plan, current: Mapping[int, PodView], num_nodes: int) -> failures.Failure | None:
+def _first_failure(plan: _Plan, current: Mapping[int, PodView], num_nodes: int,
+                   rules: Sequence[failures.Rule]) -> failures.Failure | None:
     """The failure that decides this pass: a user error anywhere beats a retryable one, then the
     lowest rank, so the record names the same pod however the events arrive."""
     found: list[failures.Failure] = []
     for pod in sorted(current.values(), key=lambda p: p.rank):
         if pod.phase == POD_FAILED:
-            found.append(failures.classify(pod))
+            found.append(failures.classify(pod, rules))
         elif pod.deleting and pod.phase != POD_SUCCEEDED:
             found.append(failures.deleted_by_someone_else(pod))
     if plan.phase == st.RUNNING_PHASE:
@@ -368,6 +393,7 @@ def _handle_failure(plan: _Plan, spec: JobSpec, failure: failures.Failure,
         return
     plan.status["attempt"] += 1
     plan.status[counter] = count + 1
+    plan.gang_restart = failure.rule.reason
     plan.transition(st.RESTARTING, failure.rule.reason,
                     f"{failure.message}; restarting all pods as attempt {plan.status['attempt']}", warning=True)
     # The whole gang goes, finished pods too: the next attempt reuses their names.

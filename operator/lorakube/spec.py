@@ -15,7 +15,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from lorakube import contract
+from lorakube_api import contract
 
 # URI schemes each field accepts today. The trainer reads models and datasets from local paths
 # only (a mounted volume); hf:// and s3:// are part of the API but not implemented yet.
@@ -144,7 +144,27 @@ class RunPolicy:
     ttl_seconds_after_finished: int | None = None
     suspend: bool = False
     rendezvous_timeout_seconds: int = contract.DEFAULT_RENDEZVOUS_TIMEOUT_SECONDS
+    # Room after a SIGTERM for one step + the checkpoint the trainer writes then (shutdown.py).
+    termination_grace_period_seconds: int = contract.DEFAULT_TERMINATION_GRACE_SECONDS
     gang_scheduling: str = "none"
+    failure_rules: tuple[FailureRuleSpec, ...] = ()
+
+
+FAILURE_ACTIONS = ("Restart", "RestartWithoutCounting", "Fail")
+MAX_FAILURE_RULES = 16
+_RULE_NAME = re.compile(r"^[A-Z][A-Za-z0-9]{0,63}$")
+
+
+@dataclasses.dataclass(frozen=True)
+class FailureRuleSpec:
+    """One entry of spec.runPolicy.failureRules: every condition given must hold (an AND); the
+    first rule that matches a failed pod decides, before the built-in rules."""
+
+    name: str                                   # becomes the condition reason
+    action: str                                 # one of FAILURE_ACTIONS
+    on_exit_codes: tuple[int, ...] | None = None
+    on_pod_reasons: tuple[str, ...] | None = None
+    on_message_pattern: str | None = None       # a Python regular expression, searched
 
 
 @dataclasses.dataclass(frozen=True)
@@ -429,8 +449,46 @@ def _parse_run_policy(section: Mapping[str, Any]) -> RunPolicy:
         ttl_seconds_after_finished=_int(section, "ttlSecondsAfterFinished", f, None, 0),
         suspend=_bool(section, "suspend", f, d.suspend),
         rendezvous_timeout_seconds=_int(section, "rendezvousTimeoutSeconds", f, d.rendezvous_timeout_seconds, 10, 3600),
+        termination_grace_period_seconds=_int(section, "terminationGracePeriodSeconds", f,
+                                              d.termination_grace_period_seconds, 0, 3600),
         gang_scheduling=gang,
+        failure_rules=_parse_failure_rules(section, f),
     )
+
+
+def _parse_failure_rules(section: Mapping[str, Any], parent: str) -> tuple[FailureRuleSpec, ...]:
+    rules = _objects(section, "failureRules", parent)
+    if len(rules) > MAX_FAILURE_RULES:
+        raise InvalidSpec(f"{parent}.failureRules", f"at most {MAX_FAILURE_RULES} rules, got {len(rules)}")
+    parsed = []
+    for index, rule in enumerate(rules):
+        f = f"{parent}.failureRules[{index}]"
+        name = _required_str(rule, "name", f)
+        if not _RULE_NAME.match(name):
+            raise InvalidSpec(f"{f}.name", f"{name!r} must be CamelCase letters and digits (it becomes the "
+                              "condition reason), e.g. NcclTimeout")
+        codes = rule.get("onExitCodes")
+        if codes is not None and (not isinstance(codes, list) or not codes
+                                  or not all(isinstance(c, int) and not isinstance(c, bool) and 0 < c < 256
+                                             for c in codes)):
+            raise InvalidSpec(f"{f}.onExitCodes", "must be a non-empty list of exit codes between 1 and 255")
+        pattern = _optional_str(rule, "onMessagePattern", f)
+        if pattern is not None:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise InvalidSpec(f"{f}.onMessagePattern", f"is not a valid regular expression: {exc}") from None
+        reasons = _str_list(rule, "onPodReasons", f)
+        if codes is None and reasons is None and pattern is None:
+            raise InvalidSpec(f, "needs at least one of onExitCodes, onPodReasons, onMessagePattern")
+        parsed.append(FailureRuleSpec(
+            name=name,
+            action=_enum(rule, "action", f, "", FAILURE_ACTIONS),
+            on_exit_codes=tuple(codes) if codes is not None else None,
+            on_pod_reasons=reasons,
+            on_message_pattern=pattern,
+        ))
+    return tuple(parsed)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -3,12 +3,21 @@ operator as its own process under the operator ServiceAccount's token (so its RB
 
 from __future__ import annotations
 
+import os
+import re
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from lorakube import sandbox
+from localcluster.recorder import WatchRecorder
+from lorakube_api import contract
+from lorakube_dev import sandbox
+
+# Opt-in: set to a folder, and every version of every LoRATrainingJob the e2e tests create is
+# written there as JSON (tests/fixtures/job-statuses/ holds a few, for the Argo CD health check).
+RECORD_ENV = "LORAKUBE_RECORD_STATUSES"
 
 
 @pytest.fixture(scope="session")
@@ -26,10 +35,25 @@ def data_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
-def job_namespace(new_namespace) -> str:
+def job_namespace(new_namespace, local_cluster, request, tmp_path_factory) -> Iterator[str]:
     """A fresh namespace, as a user has it: nothing applied by hand (the operator makes each job's
-    trainer account and Role)."""
-    return new_namespace
+    trainer account and Role). With $LORAKUBE_RECORD_STATUSES set, its jobs are recorded."""
+    target = os.environ.get(RECORD_ENV)
+    if not target:
+        yield new_namespace
+        return
+    scrub = {str(request.getfixturevalue("data_dir")): "/srv/lorakube-data",
+             str(Path(__file__).resolve().parents[2]): "/src/lorakube",
+             str(tmp_path_factory.getbasetemp()): "/tmp/lorakube-e2e",
+             **{entry: "/usr/lib/python3/site-packages" for entry in sys.path if entry.endswith("-packages")},
+             sys.prefix: "/usr", sys.base_prefix: "/usr", str(Path.home()): "/home/user"}
+    folder = Path(target) / re.sub(r"[^A-Za-z0-9_.-]+", "_", request.node.name)
+    recorder = WatchRecorder(local_cluster.kubectl_path, local_cluster.kubeconfig,
+                             f"{contract.PLURAL}.{contract.API_GROUP}", new_namespace, folder, scrub)
+    try:
+        yield new_namespace
+    finally:
+        recorder.stop()
 
 
 @pytest.fixture

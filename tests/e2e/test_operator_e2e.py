@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import time
 from pathlib import Path
 
 import pytest
+from metrics_watch import MetricsWatch
 from safetensors import safe_open
 
-from lorakube import builders, contract, rbac, sandbox
+from lorakube import builders, rbac
+from lorakube_api import contract
+from lorakube_dev import sandbox
 from lorakube.spec import JobRef, parse_job
 
 pytestmark = [pytest.mark.cluster, pytest.mark.e2e]
@@ -59,18 +63,21 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.2):
 
 def test_quickstart_runs_two_pods_to_succeeded_with_progress(local_cluster, job_namespace, data_dir,
                                                               start_operator):
-    start_operator()
+    operator = start_operator()
     name = "quickstart"
+    # The operator's and rank 0's /metrics are scraped while this job runs (metrics_watch.py).
+    metrics = MetricsWatch(local_cluster, operator, job_namespace, name)
     sandbox.apply_job(local_cluster.cluster.kubectl, job_namespace, quickstart(data_dir, name))
 
     seen: list[dict] = []
     final = sandbox.follow(local_cluster.cluster.kubectl, job_namespace, name, JOB_TIMEOUT,
-                           on_change=lambda status: seen.append(status), interval=0.3)
+                           on_change=lambda status: (seen.append(status), metrics.on_status(status)), interval=0.3)
     status = final["status"]
     assert status["phase"] == "Succeeded", json.dumps(status, indent=1)
     assert status["readyNodes"] == "2/2" and status["attempt"] == 1 and status["restarts"] == 0
     assert [n["exitCode"] for n in status["nodes"]] == [0, 0]
     assert status["startTime"] <= status["completionTime"]
+    metrics.check(total_steps=8)
 
     # progress moved while the job ran: an intermediate step was visible in status
     running_steps = {s["progress"]["step"] for s in seen if s.get("phase") == "Running" and s.get("progress")}
@@ -186,6 +193,8 @@ def test_a_user_error_fails_the_job_with_the_pod_exit_code_and_log_tail(local_cl
     assert failure["pod"].startswith(f"{name}-node-")
     assert 1 <= failure["exitCode"] <= 127 and failure["exitCode"] != contract.EXIT_RETRYABLE
     assert "no-such-dataset" in failure["logTail"]
+    # The log's text, line by line, as `kubectl logs` shows it (not a repr of the bytes).
+    assert not failure["logTail"].startswith(("b'", 'b"')) and "\\n" not in failure["logTail"]
     assert status["restarts"] == 0
     assert "UserError" in event_reasons(local_cluster, job_namespace, name)
 
@@ -195,12 +204,17 @@ def test_a_pod_deleted_mid_run_restarts_the_gang_which_resumes(local_cluster, jo
     start_operator()
     name = "resumer"
     kubectl = local_cluster.cluster.kubectl
-    sandbox.apply_job(kubectl, job_namespace, quickstart(data_dir, name, steps=40))
+    job = quickstart(data_dir, name, steps=40)
+    # No periodic checkpoint before the last step: the one attempt 2 resumes from can only be the
+    # one the gang wrote on SIGTERM (the node's delete of pod 1), at the step they agreed on.
+    job["spec"]["training"]["checkpointEverySteps"] = 1000
+    sandbox.apply_job(kubectl, job_namespace, job)
 
-    def checkpointed():
+    def stepping():
         status = (sandbox.get_job(kubectl, job_namespace, name) or {}).get("status", {})
-        return status.get("phase") == "Running" and (status.get("progress") or {}).get("step", 0) >= 4
-    wait_for(checkpointed, 300, "a few steps (and a checkpoint) of attempt 1")
+        step = (status.get("progress") or {}).get("step", 0)
+        return status.get("phase") == "Running" and step >= 4 and step
+    seen = wait_for(stepping, 300, "a few steps of attempt 1")
     local_cluster.kubectl("delete", "pod", f"{name}-node-1", "-n", job_namespace, "--wait=false", check=True)
 
     final = sandbox.follow(kubectl, job_namespace, name, JOB_TIMEOUT)
@@ -214,4 +228,13 @@ def test_a_pod_deleted_mid_run_restarts_the_gang_which_resumes(local_cluster, jo
     pods, _ = job_children(local_cluster, job_namespace, name)
     assert {p["metadata"]["labels"][contract.LABEL_ATTEMPT] for p in pods} == {"2"}
     log = local_cluster.kubectl("logs", f"{name}-node-0", "-n", job_namespace, check=True).stdout
-    assert "resuming from" in log
+    resumed = re.search(r"resuming from \S+ \(step (\d+) of 40\)", log)
+    assert resumed, log[-3000:]
+    # Zero lost steps: attempt 2 starts right after a step attempt 1 reached after the deletion.
+    stopped = int(resumed.group(1))
+    assert seen <= stopped < 40
+    metrics = data_dir / "output" / name / contract.ARTIFACT_METRICS
+    assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == list(range(1, 41))
+    tail = status.get("lastFailure", {}).get("logTail") or ""
+    if "stopped after SIGTERM" in tail:         # the failed pod's last words, when the operator kept them
+        assert f"the next attempt resumes at step {stopped + 1}" in tail, tail

@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from lorakube import contract, sandbox
+from lorakube_api import contract
+from lorakube_dev import sandbox
 
 pytestmark = [pytest.mark.cluster, pytest.mark.e2e]
 

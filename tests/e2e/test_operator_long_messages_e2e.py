@@ -9,7 +9,8 @@ import re
 
 import pytest
 
-from lorakube import builders, kube, reconcile, sandbox
+from lorakube import builders, kube, reconcile
+from lorakube_dev import sandbox
 from lorakube import status as st
 
 pytestmark = [pytest.mark.cluster, pytest.mark.e2e]

@@ -19,7 +19,9 @@ from typing import Any
 
 import pytest
 
-from lorakube import contract, reconcile, sandbox
+from lorakube import reconcile
+from lorakube_api import contract
+from lorakube_dev import sandbox
 from localcluster.pytest_plugin import wait_for
 
 pytestmark = [pytest.mark.cluster, pytest.mark.e2e]

@@ -19,9 +19,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lorakube import contract
+from lorakube_api import contract
 from lorakube_trainer import checkpoint as ckpt
-from lorakube_trainer.tiny import build_tiny_pipeline
+from lorakube_dev.tiny import build_tiny_pipeline
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]

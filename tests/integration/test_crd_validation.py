@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import yaml
 
-from lorakube import contract
+from lorakube_api import contract
 
 pytestmark = pytest.mark.cluster
 
@@ -27,7 +27,7 @@ DELETE = object()
 
 @pytest.fixture(scope="module")
 def crd(local_cluster) -> str:
-    # Server-side, like lorakube.sandbox installs it: modules sharing the session cluster then
+    # Server-side, like lorakube_dev.sandbox installs it: modules sharing the session cluster then
     # apply the CRD as the same field manager.
     local_cluster.kubectl("apply", "--server-side", "-f", str(CRD_FILE), check=True)
     # Ready when discovery serves the new kind and the OpenAPI document that `kubectl explain`
@@ -117,6 +117,7 @@ def test_minimal_job_is_stored_with_every_default_filled_in(local_cluster, ns):
     assert run_policy["maxRestarts"] == 3
     assert run_policy["suspend"] is False
     assert run_policy["rendezvousTimeoutSeconds"] == contract.DEFAULT_RENDEZVOUS_TIMEOUT_SECONDS
+    assert run_policy["terminationGracePeriodSeconds"] == contract.DEFAULT_TERMINATION_GRACE_SECONDS
     assert run_policy["gangScheduling"] == "none"
     assert "activeDeadlineSeconds" not in run_policy
     assert set(training) == set(contract.TRAINING_FLAGS) - {"loraTargetModules", "loraAlpha",
@@ -262,6 +263,12 @@ BAD_JOBS = [
      {"spec.runPolicy.gangScheduling": "slurm"}, "spec.runPolicy.gangScheduling", '"kueue"'),
     ("a negative maxRestarts is refused",
      {"spec.runPolicy.maxRestarts": -1}, "spec.runPolicy.maxRestarts", "greater than or equal to 0"),
+    ("a failure rule without any condition is refused",
+     {"spec.runPolicy.failureRules": [{"name": "Anything", "action": "Fail"}]},
+     "spec.runPolicy.failureRules", "at least one of onExitCodes, onPodReasons, onMessagePattern"),
+    ("a failure rule with an unknown action is refused",
+     {"spec.runPolicy.failureRules": [{"name": "Nccl", "action": "Retry", "onExitCodes": [1]}]},
+     "spec.runPolicy.failureRules[0].action", '"RestartWithoutCounting"'),
     ("a rendezvous timeout under 10 seconds is refused",
      {"spec.runPolicy.rendezvousTimeoutSeconds": 5}, "spec.runPolicy.rendezvousTimeoutSeconds",
      "greater than or equal to 10"),
@@ -272,7 +279,8 @@ BAD_JOBS = [
     *[(f"an env entry overriding {name} is refused",
        {"spec.resources.env": [{"name": name, "value": "0"}]}, "spec.resources.env[0].name",
        f"spec.resources.env {name} is set by the operator")
-      for name in ("RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "TORCHELASTIC_RESTART_COUNT")],
+      for name in ("RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "TORCHELASTIC_RESTART_COUNT",
+                   contract.ENV_TERMINATION_GRACE)],
     ("a volume named like the operator's own is refused",
      {"spec.resources.volumes": [{"name": "lorakube-shm", "emptyDir": {}}]},
      "spec.resources.volumes[0].name", "rename the volume"),
@@ -475,6 +483,7 @@ MUTABLE_CHANGES = [
     ("maxRestarts", {"runPolicy": {"maxRestarts": 10}}),
     ("backoffSeconds", {"runPolicy": {"backoffSeconds": 60}}),
     ("rendezvousTimeoutSeconds", {"runPolicy": {"rendezvousTimeoutSeconds": 900}}),
+    ("terminationGracePeriodSeconds", {"runPolicy": {"terminationGracePeriodSeconds": 300}}),
 ]
 
 

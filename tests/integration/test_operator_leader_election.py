@@ -15,7 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from lorakube import contract, kube, leader, sandbox
+from lorakube import kube, leader
+from lorakube_api import contract
+from lorakube_dev import sandbox
 from localcluster.pytest_plugin import wait_for
 
 pytestmark = pytest.mark.cluster

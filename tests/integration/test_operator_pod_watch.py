@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lorakube import contract, sandbox
+from lorakube_api import contract
+from lorakube_dev import sandbox
 
 pytestmark = pytest.mark.cluster
 

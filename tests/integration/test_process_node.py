@@ -6,6 +6,7 @@ Every assertion is what a user would check with kubectl: phase, exit code, logs,
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -22,7 +23,7 @@ from localcluster.node import NodeSpec, start_node_daemon, stop_node_daemon
 from localcluster.node import hostregistry
 from localcluster.node.layout import StateLayout
 from localcluster.node.network import BRIDGE, bridge_ports, pod_net_for
-from localcluster.pytest_plugin import wait_for
+from localcluster.pytest_plugin import NODE_RESTART_BACKOFF, wait_for
 
 pytestmark = pytest.mark.cluster
 
@@ -336,12 +337,14 @@ IN_CLUSTER = """
     except client.ApiException as exc:
         secrets = exc.status
     # The kubelet API shares the gateway address but wants a cluster client certificate.
-    import socket, ssl, urllib.request
-    socket.create_connection(('10.250.0.1', 10250), timeout=5).close()
+    # Its port is the one our Node advertises (another cluster's node may hold 10250).
+    import os, socket, ssl, urllib.request
+    port = int(os.environ['KUBELET_PORT'])
+    socket.create_connection(('10.250.0.1', port), timeout=5).close()
     insecure = ssl.create_default_context()
     insecure.check_hostname, insecure.verify_mode = False, ssl.CERT_NONE
     try:
-        urllib.request.urlopen(f'https://10.250.0.1:10250/containerLogs/{ns}/incluster/main',
+        urllib.request.urlopen(f'https://10.250.0.1:{port}/containerLogs/{ns}/incluster/main',
                                context=insecure, timeout=5)
         kubelet = 'open'
     except Exception as exc:
@@ -365,8 +368,12 @@ def test_in_cluster_service_account_token_through_the_forwarder(local_cluster: A
          "subjects": [{"kind": "ServiceAccount", "name": "reader", "namespace": ns}]},
         {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "visible"}},
     ], ns)
-    local_cluster.apply(python_pod("incluster", IN_CLUSTER,
-                                   spec={"serviceAccountName": "reader"}), ns)
+    node = local_cluster.get_json("nodes")["items"][0]
+    kubelet_port = node["status"]["daemonEndpoints"]["kubeletEndpoint"]["Port"]
+    local_cluster.apply(python_pod(
+        "incluster", IN_CLUSTER,
+        container={"env": [{"name": "KUBELET_PORT", "value": str(kubelet_port)}]},
+        spec={"serviceAccountName": "reader", "nodeName": node["metadata"]["name"]}), ns)
 
     status = wait_phase(local_cluster, ns, "incluster", ("Succeeded", "Failed"),
                         timeout=90)["status"]
@@ -404,25 +411,48 @@ def _node_specs(cluster: Any) -> list[NodeSpec]:
 
 
 def _restart_node(cluster: Any, nodes: list[NodeSpec]) -> None:
-    start_node_daemon(cluster.kubeconfig, cluster.state_dir, nodes)
+    start_node_daemon(cluster.kubeconfig, cluster.state_dir, nodes,
+                      restart_backoff=NODE_RESTART_BACKOFF)
     for node in nodes:
         cluster.kubectl("wait", "--for=condition=Ready", f"node/{node.name}", "--timeout=60s",
                         check=True)
 
 
-def _host_leftovers(state_dir: Path, pod_ips: list[str]) -> list[str]:
-    """This node's devices, mounts and IP table entries that survived its stop. The bridge
-    counts only when no other node daemon (another cluster on this host) is alive."""
-    owned = [pod_net_for(ip) for ip in pod_ips]
-    found = [f"netns {net.netns}" for net in owned if net.netns_path.exists()]
+def _pod_devices(ip: str) -> dict[str, int]:
+    """What identifies a pod's network devices beyond their names: the names derive from
+    the IP, and IPs are handed out lowest-free host-wide, so another cluster on this host
+    may reuse the names right after this node freed them. The host end's ifindex is never
+    reused soon (allocated cyclically), the netns is its nsfs inode."""
+    net = pod_net_for(ip)
+    return {"netns": net.netns_path.stat().st_ino,
+            "veth": int(Path(f"/sys/class/net/{net.veth}/ifindex").read_text())}
+
+
+def _host_leftovers(state_dir: Path, pods: dict[str, dict[str, int]]) -> list[str]:
+    """This node's devices, mounts and IP table entries that survived its stop (`pods`:
+    pod IP -> `_pod_devices` recorded while the pod ran). The bridge counts only when no
+    other node daemon (another cluster on this host) is alive."""
+    owner = hostregistry.owner_id(state_dir)
+    found, namespaces = [], []
+    for ip, recorded in pods.items():
+        net = pod_net_for(ip)
+        with contextlib.suppress(OSError):
+            if int(Path(f"/sys/class/net/{net.veth}/ifindex").read_text()) == recorded["veth"]:
+                found.append(f"link {net.veth}")
+        with contextlib.suppress(OSError):
+            if net.netns_path.stat().st_ino == recorded["netns"]:
+                namespaces.append((ip, net.netns))
+    # A netns inode may be reused, but no daemon is given an IP whose netns still exists:
+    # a namespace of that name whose IP another daemon holds (read after the namespace was
+    # seen) is that daemon's, not a leftover of ours.
+    table = hostregistry.ip_table()
+    found += [f"netns {netns}" for ip, netns in namespaces
+              if table.get(ip, {}).get("owner", owner) == owner]
     links = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True).stdout
     names = {line.split(":")[1].strip().split("@")[0] for line in links.splitlines()}
-    found += [f"link {net.veth}" for net in owned if net.veth in names]
     if BRIDGE in names and not hostregistry.live_daemons() and not bridge_ports():
         found.append(f"bridge {BRIDGE}")
-    owner = hostregistry.owner_id(state_dir)
-    found += [f"pod IP {ip}" for ip, entry in hostregistry.ip_table().items()
-              if entry["owner"] == owner]
+    found += [f"pod IP {ip}" for ip, entry in table.items() if entry["owner"] == owner]
     for mountinfo in Path("/proc").glob("[0-9]*/mountinfo"):
         try:
             text = mountinfo.read_text()
@@ -440,12 +470,12 @@ def test_stop_node_daemon_terminates_pods_and_cleans_the_host(local_cluster: Any
     local_cluster.apply(python_pod("sleeper", "import time\nwhile True: time.sleep(0.2)"), ns)
     running = wait_phase(local_cluster, ns, "sleeper", ("Running",))
     pid = pid_of(running)
-    assert pod_net_for(running["status"]["podIP"]).netns_path.exists()
+    devices = {running["status"]["podIP"]: _pod_devices(running["status"]["podIP"])}
 
     stop_node_daemon(local_cluster.state_dir)
     try:
         assert not pid_alive(pid)
-        assert _host_leftovers(local_cluster.state_dir, [running["status"]["podIP"]]) == []
+        assert _host_leftovers(local_cluster.state_dir, devices) == []
         status = pod(local_cluster, ns, "sleeper")["status"]
         assert status["phase"] == "Failed"
         assert any(c["type"] == "DisruptionTarget" and c["status"] == "True"

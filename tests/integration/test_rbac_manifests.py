@@ -22,7 +22,8 @@ import pytest
 import yaml
 from kubernetes import client
 
-from lorakube import builders, contract, kube, rbac
+from lorakube import builders, kube, rbac
+from lorakube_api import contract
 from lorakube.spec import JobRef, parse_job
 from lorakube_trainer.progress import StatusPatcher, api_target_from_env
 
@@ -115,7 +116,7 @@ class Caller:
 @pytest.fixture(scope="module")
 def installed(local_cluster) -> dict[str, str]:
     """CRD, operator RBAC and the trainer-status policy; two job namespaces with nothing in them."""
-    # Server-side, like lorakube.sandbox installs it: modules sharing the session cluster then
+    # Server-side, like lorakube_dev.sandbox installs it: modules sharing the session cluster then
     # apply the CRD as the same field manager.
     local_cluster.kubectl("apply", "--server-side", "-f", str(CRD_FILE), check=True)
     local_cluster.kubectl("apply", "-f", str(OPERATOR_RBAC), check=True)

@@ -14,7 +14,7 @@ from typing import Any, Iterator
 import pytest
 import yaml
 
-from lorakube import contract
+from lorakube_api import contract
 
 ROOT = Path(__file__).resolve().parents[2]
 CRD_PATH = ROOT / "crds" / "loratrainingjobs.lorakube.io.yaml"
@@ -184,7 +184,7 @@ def test_shm_size_default_is_the_operators(spec):
 # Fields a user may change on a stored job; everything else in spec is immutable (crds/README.md).
 MUTABLE_RUN_POLICY = {"suspend", "activeDeadlineSeconds", "startupDeadlineSeconds",
                       "ttlSecondsAfterFinished", "maxRestarts", "backoffSeconds",
-                      "rendezvousTimeoutSeconds"}
+                      "rendezvousTimeoutSeconds", "terminationGracePeriodSeconds", "failureRules"}
 SCHEDULING_DIRECTIVES = {"nodeSelector", "tolerations", "affinity"}
 
 
@@ -210,6 +210,14 @@ def test_every_spec_field_is_immutable_but_the_ones_meant_to_change(spec):
 def test_rendezvous_timeout_default_matches_the_trainer_default(spec):
     run_policy = spec["properties"]["runPolicy"]["properties"]
     assert run_policy["rendezvousTimeoutSeconds"]["default"] == contract.DEFAULT_RENDEZVOUS_TIMEOUT_SECONDS
+
+
+def test_termination_grace_default_is_the_contracts(spec):
+    from lorakube.spec import RunPolicy
+
+    grace = spec["properties"]["runPolicy"]["properties"]["terminationGracePeriodSeconds"]
+    assert grace["default"] == contract.DEFAULT_TERMINATION_GRACE_SECONDS == \
+        RunPolicy().termination_grace_period_seconds
 
 
 def test_the_disruption_limit_the_crd_states_is_the_operators(root, spec):

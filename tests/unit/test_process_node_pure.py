@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from decimal import Decimal
 from pathlib import Path
 
 import pytest
 
-from localcluster.node import NodeSpec, hostsfile, podspec
+from localcluster.node import NodeSpec, cleanup, hostregistry, hostsfile, launch, podspec
 from localcluster.node.runtime import exit_from_returncode
 from localcluster.node.status import ContainerRun, PodRun
 
@@ -174,3 +176,48 @@ def test_node_flag_parsing() -> None:
     assert NodeSpec.from_arg(NodeSpec("n2", gpus=1).to_arg()) == NodeSpec("n2", gpus=1)
     with pytest.raises(ValueError, match="gpus must be an integer"):
         NodeSpec.from_arg("n0:x")
+
+
+def test_mountinfo_mount_points_decode_escapes() -> None:
+    text = ("36 35 98:0 / / rw - ext4 /dev/root rw\n"
+            "37 36 98:0 /srv/my\\040data /data\\040set rw,relatime - ext4 /dev/root rw\n")
+    assert cleanup.mountinfo_mount_points(text) == {"/", "/data set"}
+
+
+def test_a_created_path_is_busy_with_a_mount_at_or_below_it_only() -> None:
+    mounted = {"/", "/proc", "/data/x"}
+    assert cleanup.is_busy("/data", mounted) and cleanup.is_busy("/data/x", mounted)
+    assert not cleanup.is_busy("/data/x2", mounted) and not cleanup.is_busy("/dat", mounted)
+
+
+def test_launcher_notes_only_what_it_creates_on_the_host(tmp_path: Path) -> None:
+    (tmp_path / "exists").mkdir()
+    targets = [str(tmp_path / "exists" / "a" / "b"), str(tmp_path / "vol"),
+               str(tmp_path / "vol" / "inside")]
+    assert launch._missing_on_host(targets) == sorted([
+        str(tmp_path / "exists" / "a"), str(tmp_path / "exists" / "a" / "b"),
+        str(tmp_path / "vol")])  # vol/inside is made inside the volume mounted at vol
+
+
+def test_a_freed_pod_ip_cannot_be_taken_while_its_devices_are_being_removed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Device names derive from the IP: if another daemon got the IP before the old pod's
+    # devices were gone, removing "the old ones" would take the new pod's down.
+    run = tmp_path / "run"
+    monkeypatch.setattr(hostregistry, "RUN_DIR", run)
+    monkeypatch.setattr(hostregistry, "DAEMONS_DIR", run / "node-daemons")
+    monkeypatch.setattr(hostregistry, "IPAM_FILE", run / "pod-ips.json")
+    monkeypatch.setattr(hostregistry, "IPAM_LOCK", run / "pod-ips.lock")
+    stopping, starting = tmp_path / "a", tmp_path / "b"
+    ip = hostregistry.allocate_ip(stopping, "uid-1")
+    taken: list[str] = []
+    other = threading.Thread(target=lambda: taken.append(hostregistry.allocate_ip(starting, "u2")))
+
+    def remove_devices(ips: list[str]) -> None:
+        other.start()
+        time.sleep(0.3)
+        assert ips == [ip] and taken == [], "the IP was handed out before its devices were gone"
+
+    assert hostregistry.release_owner(stopping, remove_devices) == [ip]
+    other.join(timeout=5)
+    assert taken == [ip]  # lowest free: the same address, now safely

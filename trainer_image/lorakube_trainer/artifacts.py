@@ -1,4 +1,4 @@
-"""What rank 0 leaves under --output_path, with names from lorakube.contract.
+"""What rank 0 leaves under --output_path, with names from lorakube_api.contract.
 
 Order matters: the LoRA files (each checked by loading it into a fresh pipeline), the training
 config, metrics, the validation grid and the model card first; manifest.json (sha256 + bytes of
@@ -15,7 +15,7 @@ from typing import Any, Iterable
 import torch
 from safetensors.torch import load_file
 
-from lorakube import contract
+from lorakube_api import contract
 
 from .checkpoint import sha256_file
 from .families.base import Family

@@ -18,20 +18,21 @@ import random
 import signal
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
 from lightning.pytorch.strategies import DeepSpeedStrategy
 
-from lorakube import contract
+from lorakube_api import contract
 
 from . import checkpoint as ckpt
 from . import shutdown
 from .artifacts import MetricsWriter
 from .config import ConfigError, TrainConfig
 from .data import DataPosition
+from .metrics_server import TrainingMetrics
 from .module import LoRAModule
 from .progress import ProgressReporter
 from .strategies import deepspeed_stage
@@ -127,8 +128,9 @@ class ResumeCallback(pl.Callback):
 class StepCallback(pl.Callback):
     """After each optimizer step: metrics line, progress report, checkpoint, periodic validation."""
 
-    def __init__(self, cfg: TrainConfig, reporter: ProgressReporter | None, metrics: MetricsWriter | None) -> None:
-        self.cfg, self.reporter, self.metrics = cfg, reporter, metrics
+    def __init__(self, cfg: TrainConfig, reporter: ProgressReporter | None, metrics: MetricsWriter | None,
+                 live: TrainingMetrics | None = None) -> None:
+        self.cfg, self.reporter, self.metrics, self.live = cfg, reporter, metrics, live
         self._losses: list[torch.Tensor] = []
         self._last_global_step = 0
         self._start = time.monotonic()
@@ -154,10 +156,18 @@ class StepCallback(pl.Callback):
         if trainer.is_global_zero:
             self._record(step, epoch, trainer)
         cfg = self.cfg
+        # Every rank takes part after every step (the same condition on every rank): after a
+        # SIGTERM on any rank, all of them stop at this step (shutdown.py).
+        stop = bool(cfg.checkpoint_every_n_steps) and shutdown.agree_to_stop(shutdown.stop_requested(),
+                                                                             pl_module.device)
         # The last step is always checkpointed: a crash while writing the artifacts then resumes
         # straight to writing them instead of training again.
-        if cfg.checkpoint_every_n_steps and (step % cfg.checkpoint_every_n_steps == 0 or step == cfg.total_steps):
+        if cfg.checkpoint_every_n_steps and (step % cfg.checkpoint_every_n_steps == 0 or step == cfg.total_steps
+                                             or stop):
             save_checkpoint(trainer, pl_module, cfg, step, epoch)
+        if stop:
+            log.info("SIGTERM: every rank stops at step %d (checkpoint written)", step)
+            raise shutdown.GracefulStop(step)
         if cfg.validation_every_n_steps and step % cfg.validation_every_n_steps == 0 and step < cfg.total_steps:
             self._validate(trainer, pl_module, step)
 
@@ -170,6 +180,8 @@ class StepCallback(pl.Callback):
             if torch.cuda.is_available():
                 record["gpu_max_memory_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
             self.metrics.write(record)
+        if self.live is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+            self.live.set_gpu_memory(torch.cuda.memory_allocated(), torch.cuda.max_memory_allocated())
         if self.reporter is not None:
             self.reporter.report(step, epoch, self.last_loss, samples_per_step)
 
@@ -242,12 +254,30 @@ class FinalStateCallback(pl.Callback):
             self.state = state
 
 
-class ExitOnSigterm(pl.Callback):
-    """Backstop for shutdown.keep_lightning_off_sigterm: if Lightning installed its SIGTERM handler
-    anyway (a release that renamed its connector), put the collective-free one back before the
-    first step."""
+class SigtermCallback(pl.Callback):
+    """While the training loop runs (and checkpoints are on), a SIGTERM asks for a stop at the next
+    step boundary instead of ending the process (shutdown.py); before and after, it ends it at once.
+
+    Also the backstop for shutdown.keep_lightning_off_sigterm: if Lightning installed its SIGTERM
+    handler anyway (a release that renamed its connector), put lorakube's back before the first step.
+    """
+
+    def __init__(self, cfg: TrainConfig, env: Mapping[str, str]) -> None:
+        self.cfg, self.env = cfg, env
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if signal.getsignal(signal.SIGTERM) is not shutdown.exit_now:
-            log.warning("Lightning replaced the SIGTERM handler; restoring lorakube's (exit 143 at once)")
+            log.warning("Lightning replaced the SIGTERM handler; restoring lorakube's")
             shutdown.install()
+        shutdown.reset()
+        if self.cfg.checkpoint_every_n_steps:
+            shutdown.begin_graceful(self.env)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if shutdown.end_graceful():
+            # The signal came after the last step's agreement; that step has its checkpoint, so the
+            # next attempt goes straight to the artifacts.
+            shutdown.exit_now(signal.SIGTERM, None)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        shutdown.end_graceful()

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from lorakube import contract
+from lorakube_api import contract
 
 from .config import RESUME_AUTO, RESUME_NEVER
 from .files import atomic_write_bytes, save_safetensors

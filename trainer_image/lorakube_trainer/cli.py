@@ -2,9 +2,11 @@
 
 0 success; EXIT_INVALID_ARGS bad flags/config; EXIT_OUT_OF_MEMORY CUDA out of memory (with a hint);
 EXIT_DATASET_ERROR malformed dataset; EXIT_RETRYABLE rendezvous/collective timeouts and vanished
-peers (the operator restarts the gang); EXIT_USER_ERROR anything else (with the traceback in the
-log); 143 on SIGTERM, at once (shutdown.py). With several processes per pod this process is the
-launcher of the local ranks and exits with the root cause's code (launcher.py).
+peers (the operator restarts the gang), and after a SIGTERM during training once every rank
+checkpointed the step they agreed to stop at; EXIT_USER_ERROR anything else (with the traceback in
+the log); 143 on a SIGTERM outside training or past the grace period's deadline (shutdown.py).
+With several processes per pod this process is the launcher of the local ranks and exits with the
+root cause's code (launcher.py).
 """
 
 from __future__ import annotations
@@ -15,9 +17,9 @@ import signal
 import sys
 from typing import Sequence
 
-from lorakube import contract
+from lorakube_api import contract
 
-from . import shutdown
+from . import metrics_server, shutdown
 from .config import ConfigError, TrainConfig, check_output_folders, parse_config
 
 log = logging.getLogger("lorakube_trainer")
@@ -59,6 +61,7 @@ def run_cli(argv: Sequence[str] | None = None) -> int:
         # Before the heavy imports and before launching local ranks: an unwritable output fails in
         # a second, not after the model loads.
         check_output_folders(cfg)
+        metrics_server.port_from_env(os.environ)
     except ConfigError as exc:
         return _fail(contract.EXIT_INVALID_ARGS, str(exc))
     shutdown.install()
@@ -87,6 +90,10 @@ def _train(cfg: TrainConfig) -> int:
 
     try:
         run(cfg)
+    except shutdown.GracefulStop as exc:
+        # Everything worth keeping is in the checkpoint; skip the interpreter's teardown (the
+        # process group's destructors took seconds there, out of the pod's grace period).
+        shutdown.leave(_fail(contract.EXIT_RETRYABLE, str(exc)))
     except SIGTERMException:
         # Only if Lightning's own handler ran after all (shutdown.py keeps it off): report the signal
         # as the shell would, so the operator classifies it as a retryable kill.

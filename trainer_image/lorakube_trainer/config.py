@@ -1,7 +1,7 @@
 """The trainer's configuration: every CLI flag parsed once into a typed, frozen dataclass.
 
 Flag names are the original framework's (plus lorakube's additions); the operator derives them from
-lorakube.contract, so those spellings come from there. A YAML file given with --config uses the same
+lorakube_api.contract, so those spellings come from there. A YAML file given with --config uses the same
 names as keys (without the dashes); flags on the command line override it.
 """
 
@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 import yaml
 
-from lorakube import contract
+from lorakube_api import contract
 
 # Original flag names that are not in contract.TRAINING_FLAGS but the operator never passes.
 FLAG_MODELSCOPE_MODEL_ID = "--modelscope_model_id"

@@ -13,7 +13,7 @@ import socket
 import time
 from typing import Callable, Mapping
 
-from lorakube import contract
+from lorakube_api import contract
 
 from .config import ConfigError, TrainConfig
 

@@ -9,12 +9,18 @@ LightningEnvironment treats the processes as externally launched and starts noth
 WORLD_SIZE and one MASTER_ADDR/MASTER_PORT; a failing child writes its exit code and message to a
 file in a per-pod scratch folder; after the first non-zero exit the launcher gives the others a few
 seconds to end by themselves (a rank failing at the same moment is still reporting), then stops
-them (SIGTERM, SIGKILL after a grace period) and exits with the root cause's code. The code of a
-rank the launcher stopped does not count unless that rank had reported a failure of its own; among
-the others a user error (1-127 but EXIT_RETRYABLE) beats a death by signal, which beats a
-retryable failure (often just a peer noticing the first failure), then the first to end wins. The last log line names the rank and the reason, so the pod's log
-tail (status.lastFailure.logTail) says it, and /dev/termination-log gets it where Kubernetes
-mounted one.
+them (SIGTERM, a second SIGTERM, which a trainer takes as "now", then SIGKILL after a grace period)
+and exits with the root cause's code. The code of a rank the launcher stopped does not count unless
+that rank had reported a failure of its own; among the others a user error (1-127 but
+EXIT_RETRYABLE) beats a death by signal, which beats a retryable failure (often just a peer noticing
+the first failure), then the first to end wins. The last log line names the rank and the reason,
+so the pod's log tail (status.lastFailure.logTail) says it, and /dev/termination-log gets it where
+Kubernetes mounted one.
+
+A SIGTERM to the pod (the launcher) is forwarded to every local rank, which then stop at the step
+the whole gang agrees on and checkpoint it (shutdown.py); the launcher waits for them until the grace
+period's deadline and exits EXIT_RETRYABLE when every rank stopped that way (0 if they had all
+finished anyway), 143 otherwise.
 """
 
 from __future__ import annotations
@@ -34,8 +40,9 @@ from pathlib import Path
 from types import FrameType
 from typing import Mapping, Sequence
 
-from lorakube import contract
+from lorakube_api import contract
 
+from . import shutdown
 from .distributed import Topology
 from .files import atomic_write_text
 
@@ -47,6 +54,8 @@ TERMINATION_LOG = Path("/dev/termination-log")
 # then how long a stopped rank has between SIGTERM and SIGKILL.
 SETTLE_SECONDS = 3.0
 STOP_GRACE_SECONDS = 10.0
+# A stopped rank's peer has failed, so it cannot checkpoint: the second SIGTERM ends it at once.
+HURRY_AFTER_SECONDS = shutdown.REPEAT_AFTER_SECONDS + 0.5
 POLL_SECONDS = 0.05
 MAX_MESSAGE_CHARS = 2000
 
@@ -82,6 +91,16 @@ def root_cause(exits: Sequence[RankExit]) -> RankExit | None:
     every child that ended by itself succeeded."""
     own = [e for e in exits if e.code != 0 and not e.stopped_by_launcher]
     return min(own, key=lambda e: _severity(e.code)) if own else None   # min keeps the first of equals
+
+
+def terminated_code(codes: Sequence[int]) -> int:
+    """The pod's code after a SIGTERM: retryable if every rank stopped at the agreed, checkpointed
+    step (or had finished), success if all had finished, 143 if any was cut short."""
+    if codes and all(code == contract.EXIT_OK for code in codes):
+        return contract.EXIT_OK
+    if codes and all(code in (contract.EXIT_OK, contract.EXIT_RETRYABLE) for code in codes):
+        return contract.EXIT_RETRYABLE
+    return shutdown.EXIT_SIGTERM
 
 
 def child_command(argv: Sequence[str] | None = None) -> list[str]:
@@ -153,16 +172,36 @@ def describe(exit_: RankExit) -> str:
 
 
 class _Supervisor:
-    def __init__(self, procs: dict[int, subprocess.Popen]) -> None:
+    def __init__(self, procs: dict[int, subprocess.Popen], stop_budget_s: float = 0.0) -> None:
         self.procs = procs
         self.codes: dict[int, int] = {}         # local rank -> shell code, in the order they ended
         self.stopped: set[int] = set()          # ranks this launcher sent SIGTERM while they ran
         self.stop_at: float | None = None
+        self.hurry_at: float | None = None
         self.kill_at: float | None = None
-        self.terminated = False                 # this process got SIGTERM (the pod is going away)
+        self.stop_budget_s = stop_budget_s      # after a SIGTERM: how long the ranks may take to checkpoint
+        self.sigterms = 0                       # SIGTERMs this process got (the pod is going away)
+        self.forwarded = 0
+
+    @property
+    def terminated(self) -> bool:
+        return self.sigterms > 0
 
     def on_sigterm(self, signum: int, frame: FrameType | None) -> None:
-        self.terminated = True
+        self.sigterms += 1
+
+    def _signal_running(self) -> None:
+        for rank, proc in self.procs.items():
+            if rank not in self.codes and proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+
+    def _forward_sigterm(self) -> None:
+        """Every SIGTERM this process gets goes to each running rank (a repeat means "now" there too)."""
+        while self.forwarded < self.sigterms:
+            self.forwarded += 1
+            self._signal_running()
+        if self.kill_at is None:
+            self.kill_at = time.monotonic() + max(self.stop_budget_s, 0.0) + 1.0
 
     def _reap(self) -> None:
         for rank, proc in self.procs.items():
@@ -172,7 +211,8 @@ class _Supervisor:
                     self.stop_at = time.monotonic() + SETTLE_SECONDS
 
     def _stop_the_rest(self) -> None:
-        self.kill_at = time.monotonic() + STOP_GRACE_SECONDS
+        now = time.monotonic()
+        self.kill_at, self.hurry_at = now + STOP_GRACE_SECONDS, now + HURRY_AFTER_SECONDS
         for rank, proc in self.procs.items():
             if rank not in self.codes and proc.poll() is None:     # an exit not reaped yet is its own
                 self.stopped.add(rank)
@@ -183,8 +223,13 @@ class _Supervisor:
             self._reap()
             now = time.monotonic()
             settled = self.stop_at is not None and now >= self.stop_at
-            if self.kill_at is None and (self.terminated or settled):
+            if self.terminated:
+                self._forward_sigterm()
+            elif self.kill_at is None and settled:
                 self._stop_the_rest()
+            if self.hurry_at is not None and now >= self.hurry_at:
+                self.hurry_at = None
+                self._signal_running()
             if self.kill_at is not None and now > self.kill_at:
                 for rank, proc in self.procs.items():
                     if rank not in self.codes:
@@ -209,7 +254,7 @@ def launch(topology: Topology, env: Mapping[str, str], command: Sequence[str] | 
     master_port = topology.master_port or _free_port()
     scratch = Path(tempfile.mkdtemp(prefix="lorakube-ranks-"))
     files = {rank: scratch / f"local-rank-{rank}.json" for rank in range(topology.devices)}
-    supervisor = _Supervisor({})
+    supervisor = _Supervisor({}, shutdown.stop_budget_seconds(env))
     previous = signal.signal(signal.SIGTERM, supervisor.on_sigterm)
     try:
         for rank in range(topology.devices):
@@ -227,9 +272,10 @@ def launch(topology: Topology, env: Mapping[str, str], command: Sequence[str] | 
         shutil.rmtree(scratch, ignore_errors=True)
 
     if supervisor.terminated:
-        print(f"{contract.TRAINER_COMMAND}: terminated by SIGTERM; stopped {len(exits)} local processes",
-              file=sys.stderr, flush=True)
-        return 128 + signal.SIGTERM
+        code = terminated_code([e.code for e in exits])
+        print(f"{contract.TRAINER_COMMAND}: terminated by SIGTERM; local processes exited with "
+              f"{[e.code for e in exits]}: exiting with {code}", file=sys.stderr, flush=True)
+        return code
     cause = root_cause(exits)
     if cause is None:
         return contract.EXIT_OK

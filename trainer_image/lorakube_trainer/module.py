@@ -15,7 +15,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from lorakube import contract
+from lorakube_api import contract
 
 from .caching import build_cache
 from .config import ConfigError, TrainConfig

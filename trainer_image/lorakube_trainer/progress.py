@@ -25,7 +25,9 @@ import urllib.request
 from pathlib import Path
 from typing import Callable, Mapping, TextIO
 
-from lorakube import contract
+from lorakube_api import contract
+
+from .metrics_server import TrainingMetrics
 
 log = logging.getLogger(__name__)
 
@@ -133,8 +135,11 @@ class ProgressReporter:
     """Rate-limited: at most one stdout line and one patch per interval, plus the first and the last."""
 
     def __init__(self, total_steps: int, *, interval_s: float, out: TextIO | None = None,
-                 patcher: StatusPatcher | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+                 patcher: StatusPatcher | None = None, clock: Callable[[], float] = time.monotonic,
+                 live: TrainingMetrics | None = None) -> None:
         self.total_steps = total_steps
+        # Rank 0's /metrics: every step is recorded there, whatever the rate limit lets through.
+        self.live = live
         self.interval_s = interval_s
         self.out = out if out is not None else sys.stdout
         self.patcher = patcher
@@ -157,6 +162,9 @@ class ProgressReporter:
 
     def report(self, step: int, epoch: int, loss: float | None, samples_per_step: int, *, force: bool = False) -> bool:
         samples_per_second, eta = self._rates(step, samples_per_step)
+        if self.live is not None:
+            self.live.update(step=step, total_steps=self.total_steps, epoch=epoch, loss=loss,
+                             samples_per_second=samples_per_second)
         now = self.clock()
         final = step >= self.total_steps
         if not (force or final or self._last_sent is None or now - self._last_sent >= self.interval_s):
@@ -185,7 +193,8 @@ def publish_artifacts(output_uri: str, files: dict[str, dict[str, object]],
                                               FINAL_WRITE_ATTEMPTS)
 
 
-def reporter_from_env(total_steps: int, env: Mapping[str, str] | None = None) -> ProgressReporter:
+def reporter_from_env(total_steps: int, env: Mapping[str, str] | None = None,
+                      live: TrainingMetrics | None = None) -> ProgressReporter:
     env = os.environ if env is None else env
     raw = env.get(contract.ENV_PROGRESS_INTERVAL)
     try:
@@ -195,4 +204,5 @@ def reporter_from_env(total_steps: int, env: Mapping[str, str] | None = None) ->
                     contract.DEFAULT_PROGRESS_INTERVAL_SECONDS)
         interval = contract.DEFAULT_PROGRESS_INTERVAL_SECONDS
     target = api_target_from_env(env)
-    return ProgressReporter(total_steps, interval_s=interval, patcher=None if target is None else StatusPatcher(target))
+    return ProgressReporter(total_steps, interval_s=interval, patcher=None if target is None else StatusPatcher(target),
+                            live=live)

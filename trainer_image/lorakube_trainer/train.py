@@ -13,20 +13,21 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.strategies import Strategy
 
-from lorakube import contract
+from lorakube_api import contract
 
 from . import checkpoint as ckpt
 from . import shutdown
 from .artifacts import (MetricsWriter, check_comfyui, check_loaded, save_comfyui, upload_to_modelscope,
                         write_json, write_manifest, write_model_card)
 from .caching import cache_folder
-from .callbacks import ExitOnSigterm, FinalStateCallback, ResumeCallback, StepCallback
+from .callbacks import FinalStateCallback, ResumeCallback, SigtermCallback, StepCallback
 from .config import ConfigError, TrainConfig
 from .data import DataPosition, load_records
 from .datamodule import CaptionDataModule
 from .distributed import Topology, needs_rendezvous_check, plan_topology, wait_for_master
 from .families import get_family
 from .families.base import Family
+from .metrics_server import TrainingMetrics, serve_from_env
 from .module import LoRAModule
 from .progress import ProgressReporter, publish_artifacts, reporter_from_env
 from .strategies import StrategyPlan, build_strategy, lightning_precision, resolve_precision, weight_dtype
@@ -60,8 +61,20 @@ def _planned_global_rank(topology: Topology, env: Mapping[str, str]) -> int:
 def run(cfg: TrainConfig, env: Mapping[str, str] | None = None, *,
         strategy_factory: StrategyFactory = build_strategy, family: Family | None = None,
         extra_callbacks: Sequence[pl.Callback] = ()) -> RunResult:
-    """Train per `cfg`. Tests inject a family, a strategy factory or callbacks; the CLI never does."""
+    """Train per `cfg`. Tests inject a family, a strategy factory or callbacks; the CLI never does.
+    Rank 0 serves its live metrics (metrics_server.py) from before the model loads until the end."""
     env = os.environ if env is None else env
+    live = TrainingMetrics()
+    server = serve_from_env(live, env) if _planned_global_rank(plan_topology(cfg, env), env) == 0 else None
+    try:
+        return _run(cfg, env, live, strategy_factory, family, extra_callbacks)
+    finally:
+        if server is not None:
+            server.stop()
+
+
+def _run(cfg: TrainConfig, env: Mapping[str, str], live: TrainingMetrics, strategy_factory: StrategyFactory,
+         family: Family | None, extra_callbacks: Sequence[pl.Callback]) -> RunResult:
     family = family or get_family(cfg.model_family)
     # The original framework's module names become the family's diffusers names (logged).
     targets = family.resolve_lora_targets(cfg.lora_target_modules or family.default_lora_targets)
@@ -79,7 +92,7 @@ def run(cfg: TrainConfig, env: Mapping[str, str] | None = None, *,
 
     remaining = cfg.total_steps - start_step
     if remaining <= 0:
-        return _artifacts_only(cfg, family, targets, loaded, topology, env, on_gpu)
+        return _artifacts_only(cfg, family, targets, loaded, topology, env, on_gpu, live)
 
     dtype = weight_dtype(cfg.precision)
     module = _build_module(cfg, family, targets, dtype, loaded)
@@ -89,14 +102,14 @@ def run(cfg: TrainConfig, env: Mapping[str, str] | None = None, *,
     start = DataPosition.after_optimizer_steps(start_step, cfg.accumulate_grad_batches, cfg.steps_per_epoch)
     datamodule = CaptionDataModule(cfg, records, start, topology.world_size, cache)
     planned_rank = _planned_global_rank(topology, env)
-    reporter: ProgressReporter | None = reporter_from_env(cfg.total_steps, env) if planned_rank == 0 else None
+    reporter: ProgressReporter | None = reporter_from_env(cfg.total_steps, env, live) if planned_rank == 0 else None
     metrics = (MetricsWriter(Path(cfg.output_path) / contract.ARTIFACT_METRICS, start_step)
                if planned_rank == 0 else None)
-    step_cb, final_cb = StepCallback(cfg, reporter, metrics), FinalStateCallback()
+    step_cb, final_cb = StepCallback(cfg, reporter, metrics, live if planned_rank == 0 else None), FinalStateCallback()
     trainer = pl.Trainer(**trainer_kwargs(cfg, topology, on_gpu, remaining, strategy_factory),
-                         callbacks=[ResumeCallback(cfg, loaded), step_cb, final_cb, ExitOnSigterm(),
+                         callbacks=[ResumeCallback(cfg, loaded), step_cb, final_cb, SigtermCallback(cfg, env),
                                     *extra_callbacks])
-    # SIGTERM must end this process at once, never through a collective (see shutdown.py).
+    # A SIGTERM must never run a collective inside the handler, as Lightning's does (see shutdown.py).
     shutdown.keep_lightning_off_sigterm(trainer)
     if needs_rendezvous_check(topology):
         waited = wait_for_master(topology.master_addr, topology.master_port, cfg.rendezvous_timeout)
@@ -119,14 +132,14 @@ def run(cfg: TrainConfig, env: Mapping[str, str] | None = None, *,
 
 
 def _artifacts_only(cfg: TrainConfig, family: Family, targets: list[str], loaded: ckpt.LoadedCheckpoint,
-                    topology: Topology, env: Mapping[str, str], on_gpu: bool) -> RunResult:
+                    topology: Topology, env: Mapping[str, str], on_gpu: bool, live: TrainingMetrics) -> RunResult:
     """The newest checkpoint already holds the last step (a crash while writing the artifacts)."""
     rank = _planned_global_rank(topology, env)
     log.info("checkpoint step %d already reaches the %d planned steps: writing artifacts only",
              loaded.step, cfg.total_steps)
     if rank != 0:
         return RunResult(rank, loaded.step, None, None)
-    reporter_from_env(cfg.total_steps, env).report(loaded.step, cfg.epoch_of_step(loaded.step), None, 0, force=True)
+    reporter_from_env(cfg.total_steps, env, live).report(loaded.step, cfg.epoch_of_step(loaded.step), None, 0, force=True)
     state = dict(loaded.trainable)
     return RunResult(0, loaded.step, state,
                      write_artifacts(cfg, family, targets, state, loaded.step, on_gpu, topology))

@@ -2,12 +2,14 @@
 records the rank trained on and a hash of its final LoRA (written to $PROBE_DIR/rank-<r>.json).
 
     python probe_launcher.py [--test-strategy cpu-deepspeed-N] [--crash-after-step N]
-                             [--fake-cuda-oom-on-rank R] <lorakube-train flags>
+                             [--fake-cuda-oom-on-rank R] [--sleep-per-step S] <lorakube-train flags>
 
 `--test-strategy` swaps in CPUDeepSpeedStrategyForTests, since Lightning's stock DeepSpeed
 strategy refuses CPUs; `--crash-after-step` makes every rank fail right after that optimizer step
 (and its checkpoint), like a gang losing a node; `--fake-cuda-oom-on-rank` makes global rank R
-raise torch.OutOfMemoryError (what CUDA raises; there is no GPU here) in its first training batch.
+raise torch.OutOfMemoryError (what CUDA raises; there is no GPU here) in its first training batch;
+`--sleep-per-step` makes every step last S seconds longer (inside the step, so a signal sent by a
+test usually lands in the middle of one).
 Each rank also touches $PROBE_DIR/rank-<r>.training when its first batch starts. Everything else
 is the real CLI, exit codes included; with several processes per pod the trainer's own launcher
 starts this script again for each local rank, with the same arguments.
@@ -20,6 +22,7 @@ import hashlib
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +73,14 @@ class FakeCudaOutOfMemory(pl.Callback):
                                          "capacity of 79.19 GiB of which 3.12 GiB is free. (faked by the test)")
 
 
+class SlowSteps(pl.Callback):
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def on_train_batch_start(self, *args: Any) -> None:
+        time.sleep(self.seconds)
+
+
 def main() -> None:
     argv = sys.argv[1:]
     factory = train.build_strategy
@@ -87,6 +98,9 @@ def main() -> None:
         argv = argv[2:]
     if argv[:1] == ["--fake-cuda-oom-on-rank"]:
         callbacks.append(FakeCudaOutOfMemory(int(argv[1])))
+        argv = argv[2:]
+    if argv[:1] == ["--sleep-per-step"]:
+        callbacks.append(SlowSteps(float(argv[1])))
         argv = argv[2:]
     out = Path(os.environ["PROBE_DIR"])
     out.mkdir(parents=True, exist_ok=True)

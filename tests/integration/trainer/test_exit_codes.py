@@ -14,7 +14,7 @@ from PIL import Image
 from test_multiprocess import (EXAMPLE_DATASET, PROCESS_TIMEOUT, base_env, finish, flags, free_port,  # noqa: F401
                                start, tiny_flux)
 
-from lorakube import contract
+from lorakube_api import contract
 from lorakube_trainer.data import epoch_order, load_records
 
 SEED = 11

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from lorakube import contract
+from lorakube_api import contract
 from lorakube_trainer import checkpoint as ckpt
-from lorakube_trainer.tiny import build_tiny_pipeline
+from lorakube_dev.tiny import build_tiny_pipeline
 
 HERE = Path(__file__).parent
 EXAMPLE_DATASET = HERE.parents[2] / "examples" / "dataset"

@@ -23,7 +23,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lorakube import contract
+from lorakube_api import contract
 from lorakube_trainer import checkpoint as ckpt
 from test_multiprocess import base_env, finish, flags, free_port, tiny_flux  # noqa: F401 (tiny_flux: fixture)
 

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from lorakube_trainer.families import FAMILY_NAMES
-from lorakube_trainer.tiny import build_tiny_pipeline
+from lorakube_dev.tiny import build_tiny_pipeline
 
 EXAMPLE_DATASET = Path(__file__).resolve().parents[3] / "examples" / "dataset"
 

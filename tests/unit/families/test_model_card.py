@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from lorakube import contract
+from lorakube_api import contract
 from lorakube_trainer.artifacts import write_model_card
 from lorakube_trainer.families import FAMILY_NAMES, get_family
 

@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from lorakube.contract import FAMILIES
-from lorakube_trainer import tiny
+from lorakube_api.contract import FAMILIES
+from lorakube_dev import tiny
 from lorakube_trainer.families import FAMILY_NAMES, get_family
 
 DENOISER_DIR = {"flux": "transformer", "sd3": "transformer", "kolors": "unet", "hunyuan-dit": "transformer"}
@@ -107,7 +107,7 @@ def test_load_pipeline_names_a_family_mismatch(tiny_models):
 
 
 def test_size_multiples_come_from_the_contract():
-    from lorakube.contract import SIZE_MULTIPLE
+    from lorakube_api.contract import SIZE_MULTIPLE
 
     for name in FAMILY_NAMES:
         assert type(get_family(name)).size_multiple == SIZE_MULTIPLE[name]

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from lorakube import builders, contract
+from lorakube import builders
+from lorakube_api import contract
 from lorakube.spec import JobRef, parse_job
 
 from ltj_fixtures import UID
@@ -45,6 +46,17 @@ def test_pods_have_stable_names_hostnames_and_labels(job):
     }
 
 
+def test_only_rank_0_declares_the_trainer_metrics_port(job):
+    def ports(rank):
+        return {p["name"]: p["containerPort"]
+                for p in builders.build_pod(job, JOB, 1, rank, CONFIG)["spec"]["containers"][0]["ports"]}
+
+    assert ports(0) == {"rendezvous": contract.DEFAULT_MASTER_PORT, "metrics": contract.TRAINER_METRICS_PORT}
+    assert ports(1) == {"rendezvous": contract.DEFAULT_MASTER_PORT}
+    assert contract.ENV_METRICS_PORT not in env_of(builders.build_pod(job, JOB, 1, 0, CONFIG)), \
+        "the trainer's default port is the declared one: nothing to inject"
+
+
 def test_owner_reference_makes_the_job_the_controller(job):
     (owner,) = builders.build_pod(job, JOB, 1, 0, CONFIG)["metadata"]["ownerReferences"]
     assert owner == {"apiVersion": "lorakube.io/v1alpha1", "kind": "LoRATrainingJob", "name": "cats",
@@ -69,6 +81,16 @@ def test_rendezvous_env_for_rank_0_and_rank_1_of_three(job):
     assert rank0[contract.ENV_POD_NAME] == "cats-node-0" and rank1[contract.ENV_POD_NAME] == "cats-node-1"
     assert rank0[contract.ENV_REPORT_PROGRESS] == "1"
     assert contract.ENV_REPORT_PROGRESS not in rank1
+
+
+def test_the_grace_period_reaches_the_pod_and_the_trainer(job, job_spec):
+    pod = builders.build_pod(job, JOB, 1, 1, CONFIG)
+    assert pod["spec"]["terminationGracePeriodSeconds"] == contract.DEFAULT_TERMINATION_GRACE_SECONDS == 120
+    assert env_of(pod)[contract.ENV_TERMINATION_GRACE] == "120"
+    job_spec["runPolicy"]["terminationGracePeriodSeconds"] = 45
+    pod = builders.build_pod(parse_job("cats", job_spec), JOB, 1, 0, CONFIG)
+    assert pod["spec"]["terminationGracePeriodSeconds"] == 45
+    assert env_of(pod)[contract.ENV_TERMINATION_GRACE] == "45"
 
 
 def test_world_size_counts_processes_not_pods(job_spec):

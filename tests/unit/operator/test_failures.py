@@ -7,7 +7,8 @@ import pytest
 from ltj_fixtures import pod_view
 from test_reconcile import CONFIG, condition, observe, running_status
 
-from lorakube import contract, failures
+from lorakube import failures
+from lorakube_api import contract
 from lorakube.reconcile import decide
 
 # The last lines the trainer's launcher prints when local rank 1 of a 2-process pod hit a corrupt

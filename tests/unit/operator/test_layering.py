@@ -10,7 +10,7 @@ import pytest
 import lorakube
 
 PACKAGE = Path(lorakube.__file__).parent
-PURE = ("spec", "builders", "rbac", "pods", "failures", "status", "reconcile", "contract")
+PURE = ("spec", "builders", "rbac", "pods", "failures", "status", "reconcile")
 API_CLIENTS = {"kopf", "kubernetes", "aiohttp", "urllib3", "requests"}
 
 

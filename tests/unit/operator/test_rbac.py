@@ -8,7 +8,8 @@ import pytest
 import yaml
 from ltj_fixtures import UID
 
-from lorakube import builders, contract, rbac
+from lorakube import builders, rbac
+from lorakube_api import contract
 from lorakube.spec import JobRef, parse_job
 
 JOB = JobRef(name="cats", namespace="team-a", uid=UID)

@@ -8,7 +8,8 @@ from typing import Any
 import pytest
 from ltj_fixtures import NOW, UID, pod_view
 
-from lorakube import builders, contract, reconcile
+from lorakube import builders, reconcile
+from lorakube_api import contract
 from lorakube import status as st
 from lorakube.reconcile import MAX_DISRUPTIONS, Observation, backoff_seconds, decide, pods_needing_log_tail
 from lorakube.spec import InvalidSpec, JobRef, parse_job

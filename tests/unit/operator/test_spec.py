@@ -27,6 +27,7 @@ def test_defaults_are_assumed_when_the_api_server_did_not_fill_them():
     assert job.training.gradient_checkpointing is True
     assert job.resources.num_nodes == 1 and job.resources.gpus_per_node == 1
     assert job.run_policy.max_restarts == 3 and job.run_policy.rendezvous_timeout_seconds == 300
+    assert job.run_policy.termination_grace_period_seconds == 120
 
 
 def test_gpus_set_processes_per_node_and_world_size(job_spec):
@@ -58,6 +59,8 @@ def test_gpus_set_processes_per_node_and_world_size(job_spec):
         (lambda s: s["resources"].update(shmSize="0"), "spec.resources.shmSize", "positive quantity"),
         (lambda s: s["runPolicy"].update(gangScheduling="volcano"), "spec.runPolicy.gangScheduling",
          "not supported yet"),
+        (lambda s: s["runPolicy"].update(terminationGracePeriodSeconds=-1),
+         "spec.runPolicy.terminationGracePeriodSeconds", "between 0 and 3600"),
         (lambda s: s["output"].update(modelscopeModelId="me/lora"), "spec.output.modelscopeModelId",
          "not supported by the operator yet"),
         (lambda s: s["output"].update(formats=["diffusers", "diffusers"]), "spec.output.formats", "repeat"),

@@ -7,7 +7,8 @@ import re
 
 from ltj_fixtures import NOW, UID, pod_view
 
-from lorakube import contract, pods, status
+from lorakube import pods, status
+from lorakube_api import contract
 
 
 def test_the_progress_column_text_comes_with_the_trainers_progress():

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from lorakube import contract
+from lorakube_api import contract
 from lorakube_trainer import checkpoint as ckpt
 
 

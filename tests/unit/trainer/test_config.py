@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from lorakube import contract
+from lorakube_api import contract
 from lorakube_trainer.cli import run_cli
 from lorakube_trainer.config import DEFAULT_VALIDATION_PROMPT, ConfigError, parse_config
 

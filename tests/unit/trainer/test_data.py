@@ -11,7 +11,7 @@ import torch
 from trainer_testlib import EXAMPLE_DATASET, write_dataset
 from PIL import Image
 
-from lorakube import contract
+from lorakube_api import contract
 from lorakube_trainer.cli import run_cli
 from lorakube_trainer.data import (CaptionedImages, DataPosition, DatasetError, SampleKey, ShardSampler,
                                    load_records, resize_and_crop)

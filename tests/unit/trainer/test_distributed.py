@@ -10,7 +10,7 @@ import pytest
 import torch
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 
-from lorakube import contract
+from lorakube_api import contract
 from lorakube_trainer.config import ConfigError
 from lorakube_trainer.distributed import (RendezvousTimeout, Topology, is_retryable, needs_rendezvous_check,
                                           resolve_topology, wait_for_master)

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from lorakube import contract
+from lorakube_api import contract
 from lorakube_trainer.distributed import Topology
 from lorakube_trainer.launcher import (ENV_FAILURE_FILE, RankExit, _rank_exit, child_env, describe, report_failure,
-                                       root_cause, shell_code, should_launch)
+                                       root_cause, shell_code, should_launch, terminated_code)
 
 TWO_PER_NODE = Topology(num_nodes=2, devices=2, node_rank=1, master_addr="job-node-0.job.ns.svc", master_port=29500,
                         torchrun=False)
@@ -72,3 +72,13 @@ def test_a_stopped_rank_that_had_reported_its_own_failure_still_counts() -> None
     assert silent.stopped_by_launcher and silent.global_rank == 2
     assert not reported.stopped_by_launcher and reported.code == 65 and reported.global_rank == 3
     assert root_cause([silent, reported]) is reported
+
+
+def test_after_a_sigterm_the_pod_is_retryable_only_if_every_rank_checkpointed_its_stop() -> None:
+    retry = contract.EXIT_RETRYABLE
+    assert terminated_code([retry, retry]) == retry            # both stopped at the agreed step
+    assert terminated_code([0, retry]) == retry                # one had just finished
+    assert terminated_code([0, 0]) == contract.EXIT_OK
+    assert terminated_code([retry, 143]) == 143                # one was cut short (deadline, second SIGTERM)
+    assert terminated_code([retry, 137]) == 143
+    assert terminated_code([]) == 143

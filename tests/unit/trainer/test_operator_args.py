@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lorakube import builders, contract
+from lorakube import builders
+from lorakube_api import contract
 from lorakube.spec import parse_job
 from lorakube_trainer.config import parse_config
 

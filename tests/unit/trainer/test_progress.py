@@ -13,7 +13,7 @@ from typing import Iterator
 
 import pytest
 
-from lorakube import contract
+from lorakube_api import contract
 from lorakube_trainer.progress import ApiTarget, ProgressReporter, StatusPatcher, api_target_from_env
 
 

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from trainer_testlib import sha256
 
-from lorakube import contract
+from lorakube_api import contract
 from lorakube_trainer.config import parse_config
-from lorakube_trainer.tiny import build_tiny_pipeline
+from lorakube_dev.tiny import build_tiny_pipeline
 from lorakube_trainer.train import run
 
 UMASK = 0o027             # not the usual 022, so the expected 0640 cannot come from a hard-coded 0644

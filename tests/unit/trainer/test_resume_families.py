@@ -12,12 +12,12 @@ import pytest
 import torch
 from trainer_testlib import CrashAt, SimulatedNodeLoss, sha256
 
-from lorakube import contract
+from lorakube_api import contract
 from lorakube_trainer.caching import CachedCaptions
 from lorakube_trainer.config import parse_config
 from lorakube_trainer.data import CaptionedImages, SampleKey, load_records
 from lorakube_trainer.families import get_family
-from lorakube_trainer.tiny import build_tiny_pipeline
+from lorakube_dev.tiny import build_tiny_pipeline
 from lorakube_trainer.train import run
 
 SIZES = {"flux": 32, "kolors": 64, "hunyuan-dit": 32}

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from lorakube import contract
+from lorakube_api import contract
 from lorakube_trainer.config import parse_config
 from lorakube_trainer.data import DataPosition, micro_batches_per_epoch
 

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from toy_family import ToyFamily
 from trainer_testlib import CrashAt, SimulatedNodeLoss, sha256
 
-from lorakube import contract
+from lorakube_api import contract
 from lorakube_trainer import validation
 from lorakube_trainer import checkpoint as ckpt
 from lorakube_trainer.config import ConfigError

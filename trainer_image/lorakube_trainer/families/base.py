@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 
 
 class Family(abc.ABC):
-    name: ClassVar[str]                          # one of lorakube.contract.FAMILIES
+    name: ClassVar[str]                          # one of lorakube_api.contract.FAMILIES
     denoiser_attr: ClassVar[str]                 # "transformer" or "unet": the pipeline attribute LoRA goes into
     default_lora_targets: ClassVar[tuple[str, ...]]
     # The original framework's (DiffSynth-Studio's) module names for this family -> the diffusers

@@ -10,7 +10,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from lorakube.contract import SIZE_MULTIPLE
+from lorakube_api.contract import SIZE_MULTIPLE
 
 from ..files import save_safetensors
 from . import lora_keys

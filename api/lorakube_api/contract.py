@@ -71,8 +71,23 @@ ENV_REPORT_PROGRESS = "LORAKUBE_REPORT_PROGRESS"
 # Minimum seconds between two status.progress patches.
 ENV_PROGRESS_INTERVAL = "LORAKUBE_PROGRESS_INTERVAL_SECONDS"
 DEFAULT_PROGRESS_INTERVAL_SECONDS = 5.0
+# The pod's terminationGracePeriodSeconds (spec.runPolicy.terminationGracePeriodSeconds): after a
+# SIGTERM the trainer finishes its step and checkpoints only while this much time is left, and
+# exits at once (143) otherwise. Unset: Kubernetes' own default grace period.
+ENV_TERMINATION_GRACE = "LORAKUBE_TERMINATION_GRACE_SECONDS"
+DEFAULT_TERMINATION_GRACE_SECONDS = 120     # one LoRA step + one checkpoint write + margin
+KUBERNETES_DEFAULT_GRACE_SECONDS = 30
 
 DEFAULT_MASTER_PORT = 29500
+
+# Rank 0 serves its live training metrics (step, loss, samples/s, GPU memory) in the Prometheus
+# text format at http://<pod>:TRAINER_METRICS_PORT/metrics; the operator declares the port on rank
+# 0's container under TRAINER_METRICS_PORT_NAME so a PodMonitor can find it. ENV_METRICS_PORT
+# (not injected by the operator; a job may set it in spec.resources.env): "0" or "off" serves
+# nothing, another number moves the server (the declared port then stays 9400).
+TRAINER_METRICS_PORT = 9400
+TRAINER_METRICS_PORT_NAME = "metrics"
+ENV_METRICS_PORT = "LORAKUBE_METRICS_PORT"
 
 # Env a job's spec.resources.env may not set: what the operator injects above, and what the
 # launchers (Lightning, torchrun/torch.distributed.elastic) derive per process from it. A user
@@ -82,7 +97,7 @@ RESERVED_ENV_NAMES = frozenset(
         ENV_MASTER_ADDR, ENV_MASTER_PORT, ENV_WORLD_SIZE, ENV_NODE_RANK, ENV_NNODES, ENV_NPROC_PER_NODE,
         *ENV_PET,
         ENV_JOB_NAME, ENV_JOB_NAMESPACE, ENV_JOB_UID, ENV_ATTEMPT, ENV_POD_NAME,
-        ENV_RENDEZVOUS_TIMEOUT, ENV_REPORT_PROGRESS,
+        ENV_RENDEZVOUS_TIMEOUT, ENV_REPORT_PROGRESS, ENV_TERMINATION_GRACE,
         "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK",
     }
 )

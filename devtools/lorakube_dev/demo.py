@@ -1,4 +1,4 @@
-"""`lorakube demo`: the whole product on one machine, in one command.
+"""`lorakube-dev demo`: the whole product on one machine, in one command.
 
 Brings up a local cluster (real kube-apiserver, controllers, a process node), builds the tiny FLUX
 model, installs the CRD and RBAC, starts the operator under its ServiceAccount's token, applies
@@ -12,8 +12,9 @@ import shutil
 import time
 from pathlib import Path
 
-from lorakube import contract, sandbox
 from lorakube import status as st
+from lorakube_api import contract
+from lorakube_dev import sandbox
 
 JOB_NAMESPACE = "lorakube-demo"
 JOB_NAME = "quickstart"
@@ -26,7 +27,7 @@ def default_state_dir() -> Path:
 
 
 def _say(text: str) -> None:
-    print(f"[lorakube demo] {text}", flush=True)
+    print(f"[lorakube-dev demo] {text}", flush=True)
 
 
 def _show(status: dict) -> None:
@@ -55,7 +56,7 @@ def run(state_dir: str | Path | None = None, keep: bool = False, timeout: float 
             state / "operator.kubeconfig", cluster.server, cluster.ca_file, sandbox.OPERATOR_SERVICE_ACCOUNT, token)
         operator = sandbox.OperatorProcess(operator_kubeconfig, state / "operator.log").start()
         _say(f"operator running as {sandbox.OPERATOR_NAMESPACE}/{sandbox.OPERATOR_SERVICE_ACCOUNT} "
-             f"(log: {state / 'operator.log'})")
+             f"(log: {state / 'operator.log'}; metrics: {operator.http_url}/metrics)")
         # A fresh run each time: an earlier demo's job and checkpoints would make this one resume.
         kubectl("delete", contract.SHORT_NAME, JOB_NAME, "-n", JOB_NAMESPACE, "--ignore-not-found", "--wait=true")
         shutil.rmtree(data_dir / "output" / JOB_NAME, ignore_errors=True)

@@ -10,7 +10,7 @@ a character-level byte BPE for CLIP, a unigram vocabulary for T5/mT5, a WordPiec
 BERT and a sentencepiece model trained on the spot for ChatGLM. They tokenize real text into real
 ids (not all-UNK), so prompts produce prompt-dependent embeddings.
 
-    python -m lorakube_trainer.tiny --family all --out ./tiny-models
+    python -m lorakube_dev.tiny --family all --out ./tiny-models
 """
 
 from __future__ import annotations
@@ -296,7 +296,7 @@ def _builders(workdir: Path) -> dict[str, Callable[[], Any]]:
 def build_tiny_pipeline(family: str, out_dir: Path, seed: int = 0) -> Path:
     """Build the family's tiny pipeline with fixed random weights and `save_pretrained` it into
     `out_dir` (created). Returns `out_dir`, ready for `<Pipeline>.from_pretrained(out_dir)`."""
-    from lorakube.contract import FAMILIES
+    from lorakube_api.contract import FAMILIES
 
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; valid families: {', '.join(FAMILIES)}")
@@ -321,9 +321,9 @@ def _write_marker(out_dir: Path, family: str, seed: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from lorakube.contract import FAMILIES
+    from lorakube_api.contract import FAMILIES
 
-    parser = argparse.ArgumentParser(prog="python -m lorakube_trainer.tiny", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m lorakube_dev.tiny", description=__doc__.split("\n")[0])
     parser.add_argument("--family", required=True, choices=[*FAMILIES, "all"])
     parser.add_argument("--out", required=True, type=Path,
                         help="output folder; with --family all, one subfolder per family")

@@ -1,4 +1,4 @@
-"""The pieces `lorakube demo` and the end-to-end tests share: install the API and RBAC on a
+"""The pieces `lorakube-dev demo` and the end-to-end tests share: install the API and RBAC on a
 cluster, run the operator under its own ServiceAccount token, prepare the quickstart data, and
 follow a job until it ends.
 
@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -21,14 +22,18 @@ from typing import Any
 
 import yaml
 
-from lorakube import contract
+import lorakube
+import lorakube_api
 from lorakube import status as st
+from lorakube_api import contract
 
-PACKAGE_DIR = Path(__file__).resolve().parent
-REPO_ROOT = PACKAGE_DIR.parents[1]
-CRD_FILE = REPO_ROOT / "crds" / f"{contract.PLURAL}.{contract.API_GROUP}.yaml"
-RBAC_OPERATOR = PACKAGE_DIR / "manifests" / "rbac-operator.yaml"
-TRAINER_STATUS_POLICY = PACKAGE_DIR / "manifests" / "trainer-status-policy.yaml"
+# The shipped manifests come from the installed packages; the quickstart and its dataset are the
+# repository's examples (the dev tools run from a source checkout and are never shipped).
+CRD_FILE = lorakube_api.crd_path()
+OPERATOR_MANIFESTS = Path(lorakube.__file__).resolve().parent / "manifests"
+RBAC_OPERATOR = OPERATOR_MANIFESTS / "rbac-operator.yaml"
+TRAINER_STATUS_POLICY = OPERATOR_MANIFESTS / "trainer-status-policy.yaml"
+REPO_ROOT = Path(__file__).resolve().parents[2]
 QUICKSTART = REPO_ROOT / "examples" / "quickstart.yaml"
 EXAMPLE_DATASET = REPO_ROOT / "examples" / "dataset"
 OPERATOR_NAMESPACE = "lorakube-system"
@@ -90,7 +95,7 @@ def prepare_data(data_dir: Path, log: Callable[[str], None] = print) -> Path:
     if not (model / "model_index.json").is_file():
         log(f"building the tiny FLUX pipeline in {model}")
         built = subprocess.run(
-            [sys.executable, "-m", "lorakube_trainer.tiny", "--family", "flux", "--out", str(model)],
+            [sys.executable, "-m", "lorakube_dev.tiny", "--family", "flux", "--out", str(model)],
             capture_output=True, text=True)
         if built.returncode != 0:
             raise SandboxError(f"building the tiny model failed:\n{built.stderr[-2000:]}")
@@ -151,9 +156,17 @@ def follow(kubectl: Kubectl, namespace: str, name: str, timeout: float,
         time.sleep(interval)
 
 
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
+
+
 class OperatorProcess:
     """`lorakube operator --all-namespaces` (or other `args`) as a child process with its own
-    kubeconfig."""
+    kubeconfig. Its HTTP endpoints (/metrics, /healthz, /readyz) listen on a free loopback port,
+    `http_url`, unless `args` name an --http-address: several operators on one machine must not
+    share the in-pod default 0.0.0.0:8080."""
 
     def __init__(self, kubeconfig: Path, log_path: Path, env: Mapping[str, str] | None = None,
                  args: Sequence[str] = ("--all-namespaces",)) -> None:
@@ -161,6 +174,11 @@ class OperatorProcess:
         self.log_path = log_path
         self.env = dict(env or {})
         self.args = list(args)
+        self.http_url: str | None = None
+        if not any(arg.startswith("--http-address") for arg in self.args):
+            address = f"127.0.0.1:{free_port()}"
+            self.args += ["--http-address", address]
+            self.http_url = f"http://{address}"
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> OperatorProcess:
