@@ -225,7 +225,7 @@ def install(kubectl: Callable[..., subprocess.CompletedProcess], kubeconfig: Pat
               record, timeout)
         hooks = webhook_configurations(module, webhook_port, ca_pem)
         kubectl("apply", "-f", "-", input=_yaml(hooks), check=True)
-    except Exception:
+    except BaseException:   # pytest.fail from the caller's kubectl is not an Exception
         processes.stop_daemon(record)
         raise
     return Kueue(record, state_dir, tuple((h["kind"], h["metadata"]["name"]) for h in hooks))
