@@ -14,6 +14,7 @@ any other namespace never wait on Kueue.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -28,8 +29,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from cryptography.x509.oid import NameOID
 from cryptography import x509
+from cryptography.x509.oid import NameOID
 
 from localcluster import certs, processes
 from localcluster.build import GO_DIR, build_kueue, go_env
@@ -76,8 +77,6 @@ def crd_documents(module: Path) -> list[dict[str, Any]]:
 
 def webhook_configurations(module: Path, port: int, ca_pem: bytes) -> list[dict[str, Any]]:
     """Kueue's Mutating/ValidatingWebhookConfigurations pointed at the host process."""
-    import base64
-
     manifest = module / "config" / "components" / "webhook" / "manifests.yaml"
     bundle = base64.b64encode(ca_pem).decode()
     result = []
