@@ -230,11 +230,12 @@ class _Plan:
 
 
 def decide(obs: Observation, config: builders.OperatorConfig) -> Decision:
-    if obs.deleting:
-        # Garbage collection removes the pods and the Service through their owner references.
-        return Decision()
-    plan = _Plan(obs)
     mine = [p for p in obs.pods if p.owner_uid == obs.job.uid]
+    if obs.deleting:
+        # Garbage collection removes the pods and the Service through their owner references
+        # (gated pods only once their Kueue group is ended).
+        return Decision(delete_workloads=_abandoned_groups(obs.job, mine))
+    plan = _Plan(obs)
     if obs.spec_error is not None or obs.spec is None:
         _fail_invalid(plan, mine, str(obs.spec_error))
     else:

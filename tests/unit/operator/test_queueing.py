@@ -242,6 +242,9 @@ def test_gated_pods_being_deleted_end_their_group_by_deleting_its_workload(job_s
     assert decision.delete_workloads == ("cats-1",)
     ran = [pod_view(r, "Failed", deleting=True, finalizers=FINALIZER, attempt=2) for r in range(3)]
     assert decide(observe(job_spec, queued_status(attempt=2), ran), CONFIG).delete_workloads == ()
+    # The job itself deleted while queued: its garbage-collected pods need the same.
+    deleted = dataclass_replace(observe(job_spec, queued_status(), pods), deleting=True)
+    assert decide(deleted, CONFIG).delete_workloads == ("cats-1",)
 
 
 def test_the_workload_is_read_only_while_a_pod_of_the_current_attempt_waits(job_spec):
