@@ -98,8 +98,7 @@ def webhook_configurations(module: Path, port: int, ca_pem: bytes) -> list[dict[
     return result
 
 
-def manager_configuration(webhook_port: int, health_port: int, visibility_port: int,
-                          cert_dir: Path) -> dict[str, Any]:
+def manager_configuration(webhook_port: int, health_port: int, cert_dir: Path) -> dict[str, Any]:
     key, value = MANAGED_LABEL
     return {
         "apiVersion": "config.kueue.x-k8s.io/v1beta2",
@@ -109,12 +108,14 @@ def manager_configuration(webhook_port: int, health_port: int, visibility_port: 
         # Metrics off: nothing scrapes them here and a fixed port would collide between sessions.
         "metrics": {"bindAddress": "0"},
         "webhook": {"host": "127.0.0.1", "port": webhook_port, "certDir": str(cert_dir)},
-        "visibilityServer": {"bindAddress": "127.0.0.1", "bindPort": visibility_port},
         "leaderElection": {"leaderElect": False},
         "internalCertManagement": {"enable": False},
         "manageJobsWithoutQueueName": False,
         "managedJobsNamespaceSelector": {"matchLabels": {key: value}},
         "integrations": {"frameworks": ["pod"]},
+        # The on-demand visibility API server reads its certificate from the fixed path
+        # /visibility and is an aggregated API nobody registers here: off.
+        "featureGates": {"VisibilityOnDemand": False},
     }
 
 
@@ -200,7 +201,7 @@ def install(kubectl: Callable[..., subprocess.CompletedProcess], kubeconfig: Pat
     module = module_dir()
     state_dir.mkdir(parents=True, exist_ok=True)
     ca_pem = _serving_certificate(state_dir / "certs")
-    webhook_port, health_port, visibility_port = processes.free_loopback_ports(3)
+    webhook_port, health_port = processes.free_loopback_ports(2)
 
     documents = crd_documents(module)
     kubectl("apply", "--server-side", "-f", "-", input=_yaml(documents), check=True)
@@ -211,9 +212,8 @@ def install(kubectl: Callable[..., subprocess.CompletedProcess], kubeconfig: Pat
 
     config_path = state_dir / "config.yaml"
     config_path.write_text(json.dumps(
-        manager_configuration(webhook_port, health_port, visibility_port, state_dir / "certs"), indent=1))
-    argv = [str(binary), f"--config={config_path}", f"--visibility-server-port={visibility_port}",
-            "--zap-log-level=2"]
+        manager_configuration(webhook_port, health_port, state_dir / "certs"), indent=1))
+    argv = [str(binary), f"--config={config_path}", "--zap-log-level=2"]
     env = {**os.environ, "KUBECONFIG": str(kubeconfig)}
     record = processes.start_daemon("kueue", _overlay_argv(state_dir, argv), state_dir / "kueue.log",
                                     state_dir / "pids", env=env)

@@ -32,7 +32,7 @@ def test_kueue_is_a_set_of_its_own_whose_module_does_not_move_the_control_planes
 
 
 def test_the_manager_configuration_manages_only_labelled_namespaces_without_cert_rotation(tmp_path):
-    config = kueue.manager_configuration(9443, 8081, 8082, tmp_path)
+    config = kueue.manager_configuration(9443, 8081, tmp_path)
     key, value = kueue.MANAGED_LABEL
     assert config["integrations"] == {"frameworks": ["pod"]}
     assert config["managedJobsNamespaceSelector"] == {"matchLabels": {key: value}}
