@@ -141,7 +141,9 @@ def test_a_higher_priority_job_preempts_and_the_lower_one_resumes_without_spendi
 
     low = wait_for(requeued, 180, "the low-priority job preempted and queued again")
     assert low["disruptions"] == 1 and low["restarts"] == 0
-    assert condition(low, "Restarting")["reason"] == "PodDisrupted"
+    # Kueue's stop of the gang is recorded as a disruption, and the new attempt waits in the queue.
+    assert low["lastFailure"]["reason"] == "PodDisrupted", low["lastFailure"]
+    assert condition(low, "Queued")["status"] == "True"
     interrupted = low["progress"]["step"]
 
     high = sandbox.follow(kubectl, queue_namespace, "high", JOB_TIMEOUT)["status"]
@@ -156,4 +158,6 @@ def test_a_higher_priority_job_preempts_and_the_lower_one_resumes_without_spendi
     resumed = [line for line in log.splitlines() if "resuming from" in line]
     assert resumed, log[-3000:]
     step = int(resumed[0].split("(step ")[1].split(" ")[0])
-    assert 1 <= step <= interrupted, (resumed, interrupted)
+    # A checkpoint is written every step; the last progress report before the preemption may lag
+    # the trainer by a step or more, never lead it.
+    assert interrupted - 1 <= step < 40, (resumed, interrupted)
