@@ -55,15 +55,21 @@ class KueueError(RuntimeError):
 
 
 def module_dir() -> Path:
-    """Kueue's module in the Go module cache (downloaded by the build through the module proxy)."""
+    """Kueue's module in the Go module cache, at the version the tools module pins (the build
+    downloaded it; otherwise only its zip is fetched through the module proxy, and checked
+    against go.sum)."""
     result = subprocess.run(
-        ["go", "list", "-m", "-f", "{{.Dir}}", MODULE], cwd=GO_DIR / "kueue", env=go_env(),
+        ["go", "mod", "download", "-json", MODULE], cwd=GO_DIR / "kueue", env=go_env(),
         capture_output=True, text=True,
     )
-    directory = Path(result.stdout.strip()) if result.returncode == 0 else None
-    if directory is None or not (directory / "config").is_dir():
-        raise KueueError(f"{MODULE} {KUEUE_VERSION} is not in the Go module cache ({result.stderr.strip()}); "
-                         "run `python -m localcluster build kueue` first")
+    try:
+        directory = Path(json.loads(result.stdout)["Dir"])
+    except (ValueError, KeyError):
+        directory = None
+    if result.returncode != 0 or directory is None or not (directory / "config").is_dir():
+        raise KueueError(f"{MODULE} {KUEUE_VERSION} could not be fetched into the Go module cache "
+                         f"({(result.stderr or result.stdout).strip()}); check that the Go module proxy "
+                         "is reachable (GOPROXY)")
     return directory
 
 
