@@ -161,3 +161,11 @@ def test_a_higher_priority_job_preempts_and_the_lower_one_resumes_without_spendi
     # A checkpoint is written every step; the last progress report before the preemption may lag
     # the trainer by a step or more, never lead it.
     assert interrupted - 1 <= step < 40, (resumed, interrupted)
+
+
+def test_the_example_queue_is_accepted_by_kueue(local_cluster, kueue, new_namespace):
+    # examples/kueue/queue.yaml through Kueue's own validating and defaulting webhooks.
+    example = Path(__file__).resolve().parents[2] / "examples" / "kueue" / "queue.yaml"
+    result = local_cluster.kubectl("apply", "--dry-run=server", "-n", new_namespace, "-f", str(example))
+    assert result.returncode == 0, result.stderr
+    assert "clusterqueue.kueue.x-k8s.io/lora-training created (server dry run)" in result.stdout

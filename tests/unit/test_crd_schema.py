@@ -371,7 +371,7 @@ def test_examples_run_on_what_the_operator_supports_today(example):
 
     for doc in yaml.safe_load_all(example.read_text()):
         if doc and doc.get("kind") == contract.KIND:
-            parse_job(doc["metadata"]["name"], doc["spec"])
+            parse_job(doc["metadata"]["name"], doc["spec"], doc["metadata"].get("labels"))
 
 
 def test_examples_exist():
