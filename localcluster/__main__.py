@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from localcluster.build import BuildError, build
+from localcluster.versions import TARGET_SETS
 from localcluster.cluster import ClusterError, LocalCluster, default_nodes, default_state_dir
 from localcluster.controlplane import StartupError
 
@@ -18,7 +19,10 @@ def _parser() -> argparse.ArgumentParser:
         description="A real Kubernetes control plane and a process node on this machine.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("build", help="build etcd, kube-*, kubectl and helm (cached)")
+    build_command = sub.add_parser("build", help="build etcd, kube-*, kubectl and helm (cached)")
+    build_command.add_argument(
+        "set", nargs="?", choices=sorted(TARGET_SETS), default="core",
+        help="core: the control plane, kubectl and helm (default); kueue: Kueue's manager")
     for name, text in (
         ("up", "start the cluster in the background"),
         ("down", "stop everything and check nothing is left"),
@@ -81,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {"up": _up, "down": _down, "status": _status, "kubeconfig": _kubeconfig}
     try:
         if args.command == "build":
-            build()
+            build(build_targets=TARGET_SETS[args.set]())
             return 0
         return handlers[args.command](args)
     except (BuildError, ClusterError, StartupError) as error:

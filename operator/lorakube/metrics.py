@@ -25,7 +25,8 @@ from lorakube import status as st
 PREFIX = "lorakube_"
 PHASES = (st.PENDING, st.CREATED, st.RUNNING_PHASE, st.RESTARTING, st.SUSPENDED, st.SUCCEEDED_PHASE, st.FAILED)
 # The failure classes that restart a gang (failures.py): pre-set to 0 so rate() works from the start.
-RESTART_REASONS = ("PodDisrupted", "RetryableExit", "GpuHardwareError", "KilledBySignal", "PodLost", "PodDeleted")
+RESTART_REASONS = ("PodDisrupted", "PreflightFailed", "RetryableExit", "GpuHardwareError", "KilledBySignal", "PodLost",
+                   "PodDeleted")
 FIRST, LATER = "first", "later"     # the `attempt` label of the time-to-running histogram
 # A pass reads one job and writes a few objects: milliseconds, seconds when the API server is slow.
 RECONCILE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
