@@ -190,7 +190,10 @@ def test_rendered_manifests_pass_a_server_side_dry_run(local_cluster, dry_run_na
     docs = render(local_cluster, values, "--api-versions", MONITORING_API, namespace=dry_run_namespaces)
     # A pod is admitted only when its ServiceAccount exists: those are created for real first.
     local_cluster.apply(by_kind(docs, "ServiceAccount"))
-    result = local_cluster.kubectl("apply", "--server-side", "--dry-run=server", "-f", "-",
+    # --force-conflicts: cluster-scoped objects of the same name (the trainer-status policy) may
+    # already exist, applied client-side by the sandbox in this session; field ownership is not
+    # what this dry run checks, the API server's validation and admission are.
+    result = local_cluster.kubectl("apply", "--server-side", "--force-conflicts", "--dry-run=server", "-f", "-",
                                    input=yaml.safe_dump_all(docs))
     assert result.returncode == 0, result.stderr
     # Pod Security "restricted" is enforced in the release namespace: not even a warning.
