@@ -170,9 +170,11 @@ def check_version(binary: Path, expected: str) -> None:
         raise BuildError(f"{binary.name} reports {output.strip()!r}, expected version {expected}")
 
 
-def build(log: Callable[[str], None] = print) -> Binaries:
-    """Return the cached binaries, building them first on a cache miss."""
-    key = cache_key(go_version())
+def build(log: Callable[[str], None] = print, build_targets: tuple[GoTarget, ...] | None = None) -> Binaries:
+    """Return the cached binaries, building them first on a cache miss. `build_targets` picks
+    another set (versions.s3_targets()); its key differs, so each set has its own directory."""
+    build_targets = targets() if build_targets is None else build_targets
+    key = cache_key(go_version(), build_targets)
     final_dir = binaries_dir(key)
     with _exclusive(final_dir.with_name(f"{key}.lock")):
         if (final_dir / COMPLETE_MARKER).is_file():
@@ -182,7 +184,7 @@ def build(log: Callable[[str], None] = print) -> Binaries:
         staging.chmod(0o755)  # mkdtemp's 0700 would hide the binaries from other local users
         try:
             total = 0.0
-            for target in targets():
+            for target in build_targets:
                 log(f"building {target.name} {target.version} ...")
                 seconds = _build_one(target, staging)
                 check_version(staging / target.name, target.version)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 KUBERNETES_VERSION = "v1.36.3"
 ETCD_VERSION = "v3.6.16"
 HELM_VERSION = "v3.22.0"
+VERSITYGW_VERSION = "v1.8.0"
 
 # Fixed so that a rebuild of the same pins gives the same binary (and the same cache key).
 BUILD_DATE = "1970-01-01T00:00:00Z"
@@ -85,3 +86,15 @@ def targets() -> tuple[GoTarget, ...]:
         ),
         GoTarget("helm", "helm.sh/helm/v3/cmd/helm", None, HELM_VERSION, helm_ldflags()),
     )
+
+
+def versitygw_ldflags(version: str = VERSITYGW_VERSION) -> tuple[str, ...]:
+    # Its Makefile stamps these three; unstamped it reports "git"/"norev".
+    return (f"-X main.Version={version}", f"-X main.Build={version}", f"-X main.BuildTime={BUILD_DATE}")
+
+
+def s3_targets() -> tuple[GoTarget, ...]:
+    """`python -m localcluster build s3`: an S3 server for the object-storage tests (versitygw with
+    its POSIX backend), cached under its own key so the control plane's cache stays valid."""
+    return (GoTarget("versitygw", "github.com/versity/versitygw/cmd/versitygw", None, VERSITYGW_VERSION,
+                     versitygw_ldflags()),)

@@ -19,8 +19,9 @@ from typing import Sequence
 
 from lorakube_api import contract
 
-from . import metrics_server, shutdown
+from . import metrics_server, remote, shutdown
 from .config import ConfigError, TrainConfig, check_output_folders, parse_config
+from .storage import StorageError
 
 log = logging.getLogger("lorakube_trainer")
 
@@ -64,6 +65,12 @@ def run_cli(argv: Sequence[str] | None = None) -> int:
         metrics_server.port_from_env(os.environ)
     except ConfigError as exc:
         return _fail(contract.EXIT_INVALID_ARGS, str(exc))
+    try:
+        # s3:// inputs readable, outputs writable (a probe object): a bucket that refuses writes
+        # fails here, before any model is loaded, with the URI in the reason.
+        remote.check_locations(cfg)
+    except StorageError as exc:
+        return _fail(contract.EXIT_USER_ERROR, str(exc))
     shutdown.install()
 
     from . import launcher
@@ -104,6 +111,10 @@ def _train(cfg: TrainConfig) -> int:
         return _fail(contract.EXIT_DATASET_ERROR, f"dataset: {exc}")
     except CheckpointError as exc:
         return _fail(contract.EXIT_USER_ERROR, str(exc))
+    except StorageError as exc:
+        # Transient errors were already retried with backoff (storage.retrying): what is left is
+        # a refused permission, a missing bucket/object or an endpoint down for minutes.
+        return _fail(contract.EXIT_USER_ERROR, f"storage: {exc}")
     except RendezvousTimeout as exc:
         return _fail(contract.EXIT_RETRYABLE, f"rendezvous: {exc}")
     except Exception as exc:  # noqa: BLE001 - every failure must map to an exit code the operator understands

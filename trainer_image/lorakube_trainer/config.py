@@ -19,6 +19,8 @@ import yaml
 
 from lorakube_api import contract
 
+from . import storage
+
 # Original flag names that are not in contract.TRAINING_FLAGS but the operator never passes.
 FLAG_MODELSCOPE_MODEL_ID = "--modelscope_model_id"
 FLAG_MODELSCOPE_ACCESS_TOKEN = "--modelscope_access_token"
@@ -291,7 +293,7 @@ def _validate(ns: argparse.Namespace, env: dict[str, str]) -> TrainConfig:
                           "the upload needs the `modelscope` package, which is not installed here; install it into "
                           "the image (pip install modelscope) or drop the flag")
 
-    checkpoint_dir = ns.checkpoint_dir or str(Path(output_path) / contract.DEFAULT_CHECKPOINT_SUBDIR)
+    checkpoint_dir = ns.checkpoint_dir or storage.join(output_path, contract.DEFAULT_CHECKPOINT_SUBDIR)
     return TrainConfig(
         model_family=family,
         model_path=str(model_path),
@@ -337,7 +339,8 @@ def check_output_folders(cfg: TrainConfig) -> None:
     exists, or its nearest existing parent lets the trainer create it). A probe file is created and
     removed, which catches what permission bits do not show (read-only mounts, root-squashed NFS)."""
     for path, flag in ((cfg.output_path, contract.FLAG_OUTPUT_PATH), (cfg.checkpoint_dir, contract.FLAG_CHECKPOINT_DIR)):
-        _check_writable_folder(Path(path), flag)
+        if not storage.is_remote(path):       # s3:// locations: remote.check_locations
+            _check_writable_folder(Path(path), flag)
 
 
 def _check_writable_folder(path: Path, flag: str) -> None:
