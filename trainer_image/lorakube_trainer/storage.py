@@ -76,7 +76,7 @@ def _bucket_key(uri: str) -> str:
 
 
 def settings_from_env(env: Mapping[str, str]) -> dict[str, Any]:
-    """s3fs keyword arguments from the environment (credentials stay with botocore's own lookup)."""
+    """s3fs keyword arguments from the environment. Holds the credentials: never log the result."""
     style = (env.get(ENV_ADDRESSING_STYLE) or "auto").lower()
     if style not in ADDRESSING_STYLES:
         raise StorageError(f"{ENV_ADDRESSING_STYLE}={style!r} is not one of {', '.join(ADDRESSING_STYLES)}")
@@ -90,8 +90,15 @@ def settings_from_env(env: Mapping[str, str]) -> dict[str, Any]:
     # Our own backoff (retrying) wraps the calls; botocore's few quick retries stay on underneath.
     config = {"s3": {"addressing_style": style}, "retries": {"max_attempts": 2, "mode": "standard"},
               "connect_timeout": 10, "read_timeout": 120}
-    return {"client_kwargs": client, "config_kwargs": config, "skip_instance_cache": True,
-            "use_listings_cache": False}
+    settings = {"client_kwargs": client, "config_kwargs": config, "skip_instance_cache": True,
+                "use_listings_cache": False}
+    # The standard variables, read from the mapping given (a test or a preflight check may pass its
+    # own); without them botocore's chain applies (instance profile, web identity, ...).
+    for variable, keyword in (("AWS_ACCESS_KEY_ID", "key"), ("AWS_SECRET_ACCESS_KEY", "secret"),
+                              ("AWS_SESSION_TOKEN", "token")):
+        if env.get(variable):
+            settings[keyword] = env[variable]
+    return settings
 
 
 def filesystem(env: Mapping[str, str] | None = None) -> Any:
