@@ -45,6 +45,8 @@ STAGED_MARKER = ".lorakube-staged.json"
 # Transient failures (a restarting endpoint, a dropped connection) are retried with exponential
 # backoff; ~2 minutes in all before the upload is reported as failed.
 UPLOAD_ATTEMPTS = 8
+# The checks at start: a few retries for a blip, not minutes (a wrong endpoint should fail fast).
+CHECK_ATTEMPTS = 4
 BACKOFF_START_S = 0.5
 BACKOFF_MAX_S = 30.0
 
@@ -145,10 +147,10 @@ def check_readable(uri: str, env: Mapping[str, str] | None = None) -> None:
     """The URI holds at least one object this process may list."""
     fs = filesystem(env)
     try:
-        found = fs.find(_bucket_key(uri))
-    except Exception as exc:  # noqa: BLE001
-        raise StorageError(f"cannot read {uri}: {_describe(exc)}; check the bucket name, the endpoint "
-                           "(AWS_ENDPOINT_URL) and that the Secret's credentials may list and get it") from exc
+        found = retrying("listing of", uri, lambda: fs.find(_bucket_key(uri)), attempts=CHECK_ATTEMPTS)
+    except StorageError as exc:
+        raise StorageError(f"cannot read {uri}: {_describe(exc.__cause__ or exc)}; check the bucket name, the "
+                           "endpoint (AWS_ENDPOINT_URL) and that the Secret's credentials may list and get it") from exc
     if not found:
         raise StorageError(f"{uri} holds no objects; upload the files there or fix the URI")
 
@@ -159,10 +161,10 @@ def check_writable(uri: str, env: Mapping[str, str] | None = None) -> None:
     fs = filesystem(env)
     probe = posixpath.join(_bucket_key(uri), f".lorakube-write-check-{os.getpid()}-{time.time_ns()}")
     try:
-        fs.pipe_file(probe, b"lorakube write check\n")
-    except Exception as exc:  # noqa: BLE001
-        raise StorageError(f"cannot write to {uri}: {_describe(exc)}; the bucket must exist and the Secret's "
-                           "credentials need s3:PutObject (and s3:DeleteObject) on it") from exc
+        retrying("write check of", uri, lambda: fs.pipe_file(probe, b"lorakube write check\n"), attempts=CHECK_ATTEMPTS)
+    except StorageError as exc:
+        raise StorageError(f"cannot write to {uri}: {_describe(exc.__cause__ or exc)}; the bucket must exist and the "
+                           "Secret's credentials need s3:PutObject (and s3:DeleteObject) on it") from exc
     with contextlib.suppress(Exception):
         fs.rm_file(probe)
 
@@ -190,10 +192,7 @@ def _locked(path: Path) -> Iterator[None]:
 def _listing(fs: Any, uri: str) -> dict[str, dict[str, Any]]:
     """Relative key -> {size, etag} of every object under the URI."""
     base = _bucket_key(uri)
-    try:
-        found = fs.find(base, detail=True)
-    except Exception as exc:  # noqa: BLE001
-        raise StorageError(f"cannot list {uri}: {_describe(exc)}") from exc
+    found = retrying("listing of", uri, lambda: fs.find(base, detail=True))
     objects = {}
     for key, info in found.items():
         if info.get("type") == "directory":
