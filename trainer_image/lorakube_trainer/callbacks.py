@@ -251,6 +251,7 @@ def save_checkpoint(trainer: pl.Trainer, module: LoRAModule, cfg: TrainConfig, s
         ckpt.prune(root, cfg.keep_last_checkpoints)
         if storage.remote_of(root) is not None:
             remote.publish_checkpoint(root, final, cfg.keep_last_checkpoints)
+            remote.publish_metrics(Path(cfg.output_path))
         log.info("checkpoint %s written", final)
 
 

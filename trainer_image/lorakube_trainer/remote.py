@@ -55,7 +55,10 @@ def localize(cfg: TrainConfig, env: Mapping[str, str] | None = None) -> tuple[Tr
     if where.dataset:
         changes["dataset_path"] = str(storage.stage_input(where.dataset, env))
     if where.output:
-        changes["output_path"] = str(storage.work_folder("outputs", where.output, env))
+        local_output = storage.work_folder("outputs", where.output, env)
+        changes["output_path"] = str(local_output)
+        if cfg.resume == RESUME_AUTO:
+            fetch_metrics(where.output, local_output, env)
     if where.checkpoints:
         local = storage.work_folder("checkpoints", where.checkpoints, env)
         changes["checkpoint_dir"] = str(local)
@@ -133,6 +136,27 @@ def collect_rank_files(local_root: Path, tmp: Path, step: int, world_size: int) 
     wanted = [name for rank in range(world_size) for name in (ckpt.rng_file(rank), ckpt.optimizer_file(rank))
               if name in present and not (tmp / name).exists()]
     storage.download_files(prefix, tmp, wanted)
+
+
+METRICS_FILES = (contract.ARTIFACT_METRICS, contract.ARTIFACT_TIMINGS)
+
+
+def fetch_metrics(uri: str, local_output: Path, env: Mapping[str, str] | None = None) -> None:
+    """The metrics an earlier attempt uploaded with its checkpoints (another node's working folder):
+    MetricsWriter then keeps the lines up to the resumed step, as with a local output folder."""
+    present = set(storage.list_remote(uri, env))
+    wanted = [name for name in METRICS_FILES if name in present and not (local_output / name).exists()]
+    storage.download_files(uri, local_output, wanted, env)
+
+
+def publish_metrics(local_output: Path) -> None:
+    """Rank 0, with each checkpoint: metrics so far, so that a resume elsewhere keeps the earlier lines.
+    Not an artifact yet: only manifest.json says which files are final."""
+    uri = storage.remote_of(local_output)
+    if uri is None:
+        return
+    present = [name for name in METRICS_FILES if (local_output / name).is_file()]
+    storage.upload_rank_files(local_output, uri, present)
 
 
 def publish_checkpoint(local_root: Path, folder: Path, keep: int) -> None:

@@ -123,6 +123,11 @@ def test_s3_in_and_out_resume_from_the_bucket_and_a_second_run_downloads_nothing
     whole = json.loads(fs.cat_file(f"loras/whole/{contract.ARTIFACT_MANIFEST}"))
     lora = contract.ARTIFACT_LORA_DIFFUSERS
     assert whole["files"][lora]["sha256"] == manifest["files"][lora]["sha256"]
+    # metrics.jsonl kept the steps before the crash (uploaded with each checkpoint, fetched on resume)
+    metrics = contract.ARTIFACT_METRICS
+    assert [json.loads(line)["step"] for line in fs.cat_file(f"loras/cut/{metrics}").decode().splitlines()] == \
+        [1, 2, 3, 4, 5, 6]
+    assert whole["files"][metrics]["sha256"] == manifest["files"][metrics]["sha256"]
 
     # The config names the URIs the user gave, and no credential is written anywhere.
     config = json.loads(fs.cat_file(f"loras/cut/{contract.ARTIFACT_TRAINING_CONFIG}"))
