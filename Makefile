@@ -16,7 +16,7 @@ export LORAKUBE_CACHE
 export HF_HUB_OFFLINE := 1
 export GOTOOLCHAIN := local
 
-.PHONY: env binaries test test-slow test-unit test-images images soak demo clean-cluster
+.PHONY: env binaries test test-slow test-kueue test-unit test-images images soak demo clean-cluster
 
 $(DEPS_STAMP): pyproject.toml
 	@mkdir -p $(LORAKUBE_CACHE)
@@ -36,7 +36,7 @@ binaries: env
 	$(PYTHON) -m localcluster build s3
 
 test: binaries
-	$(PYTHON) -m pytest -m "not gpu and not slow and not images" -p no:cacheprovider $(PYTEST_ARGS)
+	$(PYTHON) -m pytest -m "not gpu and not slow and not images and not kueue" -p no:cacheprovider $(PYTEST_ARGS)
 
 # The slow tier (~2 min): costlier variants next to what `make test` keeps (DeepSpeed resume,
 # ZeRO-2 against DDP, CUDA OOM through the launcher, a second missing-peer case). Run it before
@@ -54,6 +54,12 @@ images:
 # tiny FLUX model for 2 steps on CPU and writes its LoRA). Root, like `make images`.
 test-images: images env
 	$(PYTHON) -m pytest -m images tests/images -p no:cacheprovider $(PYTEST_ARGS)
+
+# Jobs admitted and preempted by a real Kueue (tests/e2e/test_kueue_e2e.py, several minutes: four
+# training runs one after another). Builds Kueue's manager first (cached under its own key).
+test-kueue: binaries
+	$(PYTHON) -m localcluster build kueue
+	$(PYTHON) -m pytest -m "kueue and not gpu" -p no:cacheprovider $(PYTEST_ARGS)
 
 test-unit: env
 	$(PYTHON) -m pytest tests/unit -p no:cacheprovider $(PYTEST_ARGS)

@@ -8,9 +8,9 @@ import time
 from pathlib import Path
 
 from localcluster.build import BuildError, build
+from localcluster.versions import TARGET_SETS
 from localcluster.cluster import ClusterError, LocalCluster, default_nodes, default_state_dir
 from localcluster.controlplane import StartupError
-from localcluster.versions import s3_targets
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -19,9 +19,11 @@ def _parser() -> argparse.ArgumentParser:
         description="A real Kubernetes control plane and a process node on this machine.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    build_parser = sub.add_parser("build", help="build etcd, kube-*, kubectl and helm (cached)")
-    build_parser.add_argument("set", nargs="?", choices=("control-plane", "s3"), default="control-plane",
-                              help="s3: the S3 server (versitygw) the object-storage tests use")
+    build_command = sub.add_parser("build", help="build etcd, kube-*, kubectl and helm (cached)")
+    build_command.add_argument(
+        "set", nargs="?", choices=sorted(TARGET_SETS), default="core",
+        help="core: the control plane, kubectl and helm (default); kueue: Kueue's manager; "
+             "s3: the S3 server (versitygw) of the object-storage tests")
     for name, text in (
         ("up", "start the cluster in the background"),
         ("down", "stop everything and check nothing is left"),
@@ -84,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {"up": _up, "down": _down, "status": _status, "kubeconfig": _kubeconfig}
     try:
         if args.command == "build":
-            build(build_targets=s3_targets() if args.set == "s3" else None)
+            build(build_targets=TARGET_SETS[args.set]())
             return 0
         return handlers[args.command](args)
     except (BuildError, ClusterError, StartupError) as error:

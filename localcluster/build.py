@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from localcluster.versions import GoTarget, targets
+from localcluster.versions import GoTarget, kueue_targets, targets
 
 GO_DIR = Path(__file__).resolve().parent / "go"
 COMPLETE_MARKER = ".complete"
@@ -69,6 +69,10 @@ class Binaries:
     def helm(self) -> Path:
         return self.path("helm")
 
+    @property
+    def kueue(self) -> Path:
+        return self.path("kueue")
+
 
 # Static, reproducible builds with the local toolchain only (no toolchain downloads). No VCS
 # stamping: the tools modules sit inside this repository, and a checkout owned by another user
@@ -103,7 +107,12 @@ def cache_key(go_version_text: str, build_targets: tuple[GoTarget, ...] = target
     spec = [(t.name, t.package, t.module_dir, t.version, list(t.ldflags)) for t in build_targets]
     digest.update(json.dumps({"go": go_version_text, "env": FIXED_GO_ENV, "targets": spec},
                              sort_keys=True).encode())
-    for module_file in sorted(GO_DIR.glob("*/go.mod")) + sorted(GO_DIR.glob("*/go.sum")):
+    # Only the tools modules these targets build from: a new module for another set (kueue) must
+    # not change this set's key.
+    used = {t.module_dir for t in build_targets if t.module_dir is not None}
+    module_files = [f for f in sorted(GO_DIR.glob("*/go.mod")) + sorted(GO_DIR.glob("*/go.sum"))
+                    if f.parent.name in used]
+    for module_file in module_files:
         digest.update(module_file.relative_to(GO_DIR).as_posix().encode())
         digest.update(module_file.read_bytes())
     return digest.hexdigest()[:16]
@@ -162,17 +171,22 @@ def _version_probe(name: str) -> list[str]:
 
 def check_version(binary: Path, expected: str) -> None:
     """Fail loudly if stamping did not take: a wrong version breaks clients that parse it."""
-    result = subprocess.run(
-        [str(binary), *_version_probe(binary.name)], capture_output=True, text=True, timeout=60
-    )
+    if binary.name == "kueue":
+        # The manager has no --version flag (it logs its version once it runs against a
+        # cluster); the module versions Go embeds in every binary name the Kueue it was built from.
+        command = [_go_binary(), "version", "-m", str(binary)]
+    else:
+        command = [str(binary), *_version_probe(binary.name)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60)
     output = result.stdout + result.stderr
     if expected.lstrip("v") not in output:
         raise BuildError(f"{binary.name} reports {output.strip()!r}, expected version {expected}")
 
 
-def build(log: Callable[[str], None] = print, build_targets: tuple[GoTarget, ...] | None = None) -> Binaries:
-    """Return the cached binaries, building them first on a cache miss. `build_targets` picks
-    another set (versions.s3_targets()); its key differs, so each set has its own directory."""
+def build(log: Callable[[str], None] = print,
+          build_targets: tuple[GoTarget, ...] | None = None) -> Binaries:
+    """Return the cached binaries of `build_targets` (default: the control plane's), building them
+    first on a cache miss."""
     build_targets = targets() if build_targets is None else build_targets
     key = cache_key(go_version(), build_targets)
     final_dir = binaries_dir(key)
@@ -199,5 +213,10 @@ def build(log: Callable[[str], None] = print, build_targets: tuple[GoTarget, ...
         finally:
             if staging.exists():
                 shutil.rmtree(staging)
-        log(f"built all binaries in {total:.1f} s into {final_dir}")
+        log(f"built {', '.join(t.name for t in build_targets)} in {total:.1f} s into {final_dir}")
         return Binaries(final_dir)
+
+
+def build_kueue(log: Callable[[str], None] = print) -> Binaries:
+    """Kueue's manager, cached under its own key (the control plane never needs it)."""
+    return build(log, kueue_targets())

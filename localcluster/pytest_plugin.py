@@ -41,6 +41,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if "local_cluster" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.cluster)
+        if "kueue" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.kueue)
 
 
 class ClusterHandle:
@@ -173,6 +175,24 @@ def new_namespace(local_cluster: ClusterHandle) -> Iterator[str]:
     name = local_cluster.create_namespace()
     yield name
     local_cluster.delete_namespace(name)
+
+
+@pytest.fixture(scope="session")
+def kueue(local_cluster: ClusterHandle, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """Kueue's manager (built on first use, cached by version key) with its CRDs and webhooks,
+    for the whole session. Its pod integration manages only namespaces labelled
+    ``localcluster.kueue.MANAGED_LABEL`` (see ``kueue_namespace``). Fails, never skips."""
+    from localcluster import kueue as kueue_mod
+
+    try:
+        running = kueue_mod.install(local_cluster.kubectl, local_cluster.kubeconfig,
+                                    tmp_path_factory.mktemp("kueue"), log=lambda _: None)
+    except Exception as error:
+        pytest.fail(f"Kueue could not be installed: {error}", pytrace=False)
+    try:
+        yield running
+    finally:
+        kueue_mod.uninstall(running, local_cluster.kubectl)
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ KUBERNETES_VERSION = "v1.36.3"
 ETCD_VERSION = "v3.6.16"
 HELM_VERSION = "v3.22.0"
 VERSITYGW_VERSION = "v1.8.0"
+KUEUE_VERSION = "v0.17.0"
 
 # Fixed so that a rebuild of the same pins gives the same binary (and the same cache key).
 BUILD_DATE = "1970-01-01T00:00:00Z"
@@ -98,3 +99,22 @@ def s3_targets() -> tuple[GoTarget, ...]:
     its POSIX backend), cached under its own key so the control plane's cache stays valid."""
     return (GoTarget("versitygw", "github.com/versity/versitygw/cmd/versitygw", None, VERSITYGW_VERSION,
                      versitygw_ldflags()),)
+
+
+def kueue_ldflags(version: str = KUEUE_VERSION) -> tuple[str, ...]:
+    """What Kueue's Makefile stamps; the manager logs it at start ("Initializing", gitVersion)."""
+    return (
+        f"-X sigs.k8s.io/kueue/pkg/version.GitVersion={version}",
+        "-X sigs.k8s.io/kueue/pkg/version.GitCommit=",
+        f"-X sigs.k8s.io/kueue/pkg/version.BuildDate={BUILD_DATE}",
+    )
+
+
+def kueue_targets() -> tuple[GoTarget, ...]:
+    """Kueue's manager, an optional set cached under its own key: the control plane does not need
+    it, and adding it must not invalidate (and rebuild) the binaries above."""
+    return (GoTarget("kueue", "sigs.k8s.io/kueue/cmd/kueue", "kueue", KUEUE_VERSION, kueue_ldflags()),)
+
+
+# The sets `python -m localcluster build [SET]` knows; "core" is what the cluster itself runs.
+TARGET_SETS = {"core": targets, "kueue": kueue_targets, "s3": s3_targets}

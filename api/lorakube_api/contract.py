@@ -40,6 +40,23 @@ EXIT_OUT_OF_MEMORY = 3       # CUDA out of memory: fail at once, the same settin
 EXIT_DATASET_ERROR = 65      # EX_DATAERR: the dataset is malformed (names the file/row)
 EXIT_RETRYABLE = 75          # EX_TEMPFAIL: rendezvous/NCCL timeout, transient storage: retry the gang
 
+# Preflight, the trainer's first stage (before torch loads, before any training time): one code
+# per failed check, the job's condition reason PREFLIGHT_FAILED, its message the trainer's one line
+# "PreflightFailed: <check>: <what> (<why>)". Only the master's DNS name is retried (a headless
+# Service's records may lag behind the pod); the rest fail the job at once.
+PREFLIGHT_FAILED = "PreflightFailed"
+EXIT_PREFLIGHT_MODEL = 80        # model folder missing, unreadable, or not a pipeline of the family
+EXIT_PREFLIGHT_DATASET = 81      # no readable metadata.csv where the dataset should be
+EXIT_PREFLIGHT_OUTPUT = 82       # the output folder cannot take new files
+EXIT_PREFLIGHT_CHECKPOINT = 83   # the checkpoint folder cannot take new files
+EXIT_PREFLIGHT_GPUS = 84         # fewer GPUs visible than gpusPerNode
+EXIT_PREFLIGHT_MASTER = 85       # rank 0's DNS name does not resolve (retryable)
+PREFLIGHT_EXIT_CODES = {
+    EXIT_PREFLIGHT_MODEL: "model", EXIT_PREFLIGHT_DATASET: "dataset", EXIT_PREFLIGHT_OUTPUT: "output",
+    EXIT_PREFLIGHT_CHECKPOINT: "checkpoint", EXIT_PREFLIGHT_GPUS: "gpus", EXIT_PREFLIGHT_MASTER: "master",
+}
+PREFLIGHT_RETRYABLE_EXIT_CODES = frozenset({EXIT_PREFLIGHT_MASTER})
+
 # --- Environment the operator injects into every pod ------------------------------------------
 
 ENV_MASTER_ADDR = "MASTER_ADDR"
@@ -252,7 +269,9 @@ FLAG_OUTPUT_PATH = "--output_path"
 FLAG_CHECKPOINT_DIR = "--checkpoint_dir"
 FLAG_OUTPUT_FORMATS = "--output_formats"
 FLAG_RESUME = "--resume"
-# spec.resources.gpusPerNode 0 -> --accelerator cpu (one CPU process per node even where GPUs show).
+FLAG_PREFLIGHT = "--preflight"   # run the preflight checks only, exit 0 or the failed check's code
+# spec.resources.gpusPerNode 0 -> --accelerator cpu (one CPU process per node even where GPUs show);
+# more -> --accelerator gpu (never a silent fall back to CPU; preflight counts the GPUs it sees).
 FLAG_ACCELERATOR = "--accelerator"
 TRAINER_COMMAND = "lorakube-train"
 DEFAULT_CHECKPOINT_SUBDIR = "checkpoints"   # under --output_path when --checkpoint_dir is not given

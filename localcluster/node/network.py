@@ -25,6 +25,14 @@ from .hostregistry import GATEWAY, NETWORK
 log = logging.getLogger(__name__)
 
 BRIDGE = "lkbr0"
+# The gateway's MAC address, pinned. A Linux bridge whose address was never set explicitly takes
+# the lowest MAC among its ports and changes it whenever a pod (of any daemon on the host) starts
+# or ends. The other pods keep the old address in their ARP cache, so their packets to the gateway
+# (the apiserver forwarder) go nowhere until the entry goes stale, fails its probes and
+# re-resolves (~30 s measured), and their HTTP calls time out and back off meanwhile: a trainer's
+# final status write took 19-70 s whenever its peer's pod ended first. An address set by hand is
+# never recomputed. Locally administered, unicast ("lk" in the middle).
+BRIDGE_MAC = "02:6c:6b:00:00:01"
 NETNS_PREFIX = "lkpod-"
 VETH_PREFIX = "lkv"
 NETNS_DIR = Path("/run/netns")
@@ -59,7 +67,10 @@ def pod_net_for(ip: str) -> PodNet:
 
 def ensure_bridge() -> None:
     if not bridge_exists():
-        _ip("link", "add", BRIDGE, "type", "bridge")
+        _ip("link", "add", BRIDGE, "address", BRIDGE_MAC, "type", "bridge")
+    elif bridge_mac() != BRIDGE_MAC:
+        # Made by a daemon that did not pin it: pin it now (one last change for its pods).
+        _ip("link", "set", BRIDGE, "address", BRIDGE_MAC)
     addrs = _ip("-o", "-4", "addr", "show", "dev", BRIDGE).stdout
     if f"{GATEWAY}/{NETWORK.prefixlen}" not in addrs:
         _ip("addr", "add", f"{GATEWAY}/{NETWORK.prefixlen}", "dev", BRIDGE)
@@ -103,6 +114,12 @@ def delete_pod_net(net: PodNet) -> None:
 
 def bridge_exists() -> bool:
     return _ip("link", "show", BRIDGE, check=False).returncode == 0
+
+
+def bridge_mac() -> str | None:
+    # From `ip`, not /sys/class/net: sysfs shows the network namespace it was mounted in.
+    fields = _ip("-o", "link", "show", BRIDGE, check=False).stdout.split()
+    return fields[fields.index("link/ether") + 1] if "link/ether" in fields else None
 
 
 def remove_pod_nets(ips: list[str]) -> None:

@@ -12,7 +12,7 @@ import dataclasses
 import os
 from typing import Any
 
-from lorakube import rbac
+from lorakube import queueing, rbac
 from lorakube_api import contract
 from lorakube.spec import OPERATOR_VOLUME_PREFIX, JobRef, JobSpec
 
@@ -131,8 +131,7 @@ def trainer_args(spec: JobSpec) -> list[str]:
         contract.FLAG_OUTPUT_FORMATS, ",".join(spec.output.formats),
         contract.FLAG_RESUME, "auto",
     ]
-    if spec.resources.gpus_per_node == 0:
-        args += [contract.FLAG_ACCELERATOR, "cpu"]
+    args += [contract.FLAG_ACCELERATOR, "cpu" if spec.resources.gpus_per_node == 0 else "gpu"]
     values = spec.training.by_key()
     # The API's loraAlpha defaults to the rank (scale 1.0); the trainer's own default differs.
     if values["loraAlpha"] is None:
@@ -261,17 +260,17 @@ def build_pod(spec: JobSpec, job: JobRef, attempt: int, rank: int, config: Opera
     automount = rbac.automount_token(spec, rank)
     if automount is not None:
         pod_spec["automountServiceAccountToken"] = automount
-    return {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {
-            "name": name,
-            "namespace": job.namespace,
-            "labels": pod_labels(job, attempt, rank),
-            "ownerReferences": [job.owner_reference()],
-        },
-        "spec": pod_spec,
+    metadata: dict[str, Any] = {
+        "name": name,
+        "namespace": job.namespace,
+        "labels": pod_labels(job, attempt, rank),
+        "ownerReferences": [job.owner_reference()],
     }
+    if spec.queue is not None:
+        # One Kueue pod group per attempt: admitted whole or not at all (see queueing.py).
+        metadata["labels"].update(queueing.pod_labels(spec.queue, job.name, attempt))
+        metadata["annotations"] = queueing.pod_annotations(res.num_nodes)
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": pod_spec}
 
 
 def build_pods(spec: JobSpec, job: JobRef, attempt: int, config: OperatorConfig) -> list[dict[str, Any]]:

@@ -35,13 +35,29 @@ class Rule:
     # False: the cluster took the pod away (eviction, preemption, node loss); the restart is
     # counted in status.disruptions, bounded separately, instead of spending runPolicy.maxRestarts.
     spends_budget: bool = True
+    # The pod's termination message has a line starting with this marker that says more than the
+    # exit code (the trainer's preflight line): the condition message leads with that line.
+    quotes: str | None = None
 
 
 DISRUPTED = Rule("PodDisrupted", lambda p: p.disrupted, Action.RESTART,
                  "evicted, preempted or its node went away", spends_budget=False)
 
+
+def _preflight_explain(retried: bool) -> str:
+    checks = ", ".join(f"{code} {name}" for code, name in sorted(contract.PREFLIGHT_EXIT_CODES.items()))
+    then = "retrying, a new pod's DNS record may lag" if retried else "fix the named input, retrying cannot help"
+    return f"failed a preflight check before training ({then}; exit codes: {checks})"
+
+
 RULES: tuple[Rule, ...] = (
     DISRUPTED,
+    # Preflight (the trainer's first stage) names the input that is wrong; only rank 0's DNS name is
+    # worth another attempt, every other check would fail the same way again.
+    Rule(contract.PREFLIGHT_FAILED, lambda p: p.exit_code in contract.PREFLIGHT_RETRYABLE_EXIT_CODES, Action.RESTART,
+         _preflight_explain(retried=True), quotes=contract.PREFLIGHT_FAILED),
+    Rule(contract.PREFLIGHT_FAILED, lambda p: p.exit_code in contract.PREFLIGHT_EXIT_CODES, Action.FAIL,
+         _preflight_explain(retried=False), quotes=contract.PREFLIGHT_FAILED),
     Rule("RetryableExit", lambda p: p.exit_code == contract.EXIT_RETRYABLE, Action.RESTART,
          "reported a retryable infrastructure failure (rendezvous, NCCL, storage)"),
     # Before KilledBySignal and UserError: the trainer caught a CUDA out-of-memory error. The same
@@ -68,8 +84,20 @@ class Failure:
     @property
     def message(self) -> str:
         code = "" if self.pod.exit_code is None else f" with exit code {self.pod.exit_code}"
+        quoted = quoted_line(self.pod.message, self.rule.quotes) if self.rule.quotes else None
+        if quoted is not None:
+            return f"{quoted} (pod {self.pod.name}, rank {self.pod.rank}, exit code {self.pod.exit_code})"
         detail = f": {self.pod.reason}" if self.pod.reason else ""
         return f"pod {self.pod.name} (rank {self.pod.rank}) {self.rule.explain}{code}{detail}"
+
+
+def quoted_line(message: str | None, marker: str) -> str | None:
+    """The last line of a termination message (or log tail) that holds `marker`, from the marker on."""
+    for line in reversed((message or "").splitlines()):
+        at = line.find(f"{marker}:")
+        if at >= 0:
+            return line[at:].strip()
+    return None
 
 
 def rule_from_spec(spec: FailureRuleSpec) -> Rule:

@@ -18,7 +18,7 @@ from typing import Any, Callable
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
-from lorakube import builders, reconcile, spec
+from lorakube import builders, queueing, reconcile, spec
 from lorakube_api import contract
 from lorakube import status as st
 from lorakube.metrics import OPERATOR, OperatorMetrics
@@ -214,6 +214,26 @@ class Kube:
         ready = next((c for c in conditions if c.type == "Ready"), None)
         return reconcile.NODE_READY if ready is not None and ready.status == "True" else reconcile.NODE_NOT_READY
 
+    def get_workload(self, namespace: str, name: str) -> queueing.WorkloadView | None:
+        """The Kueue Workload of a pod group; None when it does not exist (yet) or cannot be read
+        (then the job still says Queued, without Kueue's reason, and the log says why)."""
+        try:
+            body = self.custom.get_namespaced_custom_object(
+                queueing.WORKLOAD_GROUP, queueing.WORKLOAD_VERSION, namespace, queueing.WORKLOAD_PLURAL, name)
+        except ApiException as exc:
+            if exc.status != 404:
+                log.warning("cannot read Kueue workload %s/%s: %s", namespace, name, _api_message(exc))
+            return None
+        return queueing.workload_from_body(body)
+
+    def delete_workload(self, namespace: str, name: str) -> None:
+        try:
+            self.custom.delete_namespaced_custom_object(
+                queueing.WORKLOAD_GROUP, queueing.WORKLOAD_VERSION, namespace, queueing.WORKLOAD_PLURAL, name)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+
     def log_tail(self, namespace: str, name: str, lines: int) -> str | None:
         try:
             # The raw body, decoded here: kubernetes-client 36.0.x hands back the repr of the bytes
@@ -242,7 +262,7 @@ def observe(kube: Kube, body: Mapping[str, Any], pods: Iterable[PodView], now: d
     status = body.get("status") or {}
     pods = tuple(pods)
     try:
-        parsed, error = spec.parse_job(job.name, body.get("spec")), None
+        parsed, error = spec.parse_job(job.name, body.get("spec"), meta.get("labels")), None
     except spec.InvalidSpec as exc:
         parsed, error = None, exc
     sa_exists = None
@@ -255,6 +275,8 @@ def observe(kube: Kube, body: Mapping[str, Any], pods: Iterable[PodView], now: d
     tails = {name: kube.log_tail(job.namespace, name, reconcile.LOG_TAIL_LINES)
              for name in reconcile.pods_needing_log_tail(status, pods, job.uid)}
     nodes = {name: kube.node_state(name) for name in reconcile.nodes_to_check(status, pods, job.uid, now)}
+    workload_name = reconcile.workload_to_read(status, parsed, pods, job)
+    workload = kube.get_workload(job.namespace, workload_name) if workload_name else None
     return reconcile.Observation(
         job=job,
         generation=meta.get("generation"),
@@ -269,6 +291,7 @@ def observe(kube: Kube, body: Mapping[str, Any], pods: Iterable[PodView], now: d
         log_tails={k: v for k, v in tails.items() if v},
         node_states=nodes,
         created_at=parse_time(meta.get("creationTimestamp")),
+        workload=workload,
     )
 
 
@@ -324,6 +347,8 @@ def act(kube: Kube, obs: reconcile.Observation, decision: reconcile.Decision) ->
         kube.delete_pod(job.namespace, name)
     for name in decision.force_delete_pods:
         kube.delete_pod(job.namespace, name, force=True)
+    for name in decision.delete_workloads:
+        kube.delete_workload(job.namespace, name)
     if decision.delete_job:
         kube.delete_job(job.namespace, job.name)
         phase = None

@@ -36,6 +36,8 @@ class PodView:
     deletion_due: dt.datetime | None = None
     deletion_grace_seconds: int | None = None
     finalizers: tuple[str, ...] = ()
+    # Held back from scheduling by a scheduling gate (Kueue's, until the pod's group is admitted).
+    gated: bool = False
 
     @property
     def finished(self) -> bool:
@@ -93,8 +95,12 @@ def from_body(body: Mapping[str, Any]) -> PodView | None:
         node_name=(body.get("spec") or {}).get("nodeName"),
         created_at=parse_time(meta.get("creationTimestamp")),
         deleting=bool(meta.get("deletionTimestamp")),
-        disrupted=any(c.get("type") == "DisruptionTarget" and c.get("status") == "True" for c in conditions),
+        # DisruptionTarget: evicted, preempted by the scheduler, node going away; TerminationTarget:
+        # Kueue stopped the pod's group (preempted or evicted from its queue). Neither is the job's fault.
+        disrupted=any(c.get("type") in ("DisruptionTarget", "TerminationTarget") and c.get("status") == "True"
+                      for c in conditions),
         deletion_due=parse_time(meta.get("deletionTimestamp")),
         deletion_grace_seconds=meta.get("deletionGracePeriodSeconds"),
         finalizers=tuple(meta.get("finalizers") or ()),
+        gated=bool((body.get("spec") or {}).get("schedulingGates")),
     )

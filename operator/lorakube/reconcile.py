@@ -18,7 +18,7 @@ import datetime as dt
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from lorakube import builders, failures, rbac
+from lorakube import builders, failures, queueing, rbac
 from lorakube_api import contract
 from lorakube import status as st
 from lorakube.pods import FAILED as POD_FAILED
@@ -41,6 +41,10 @@ LOG_TAIL_LINES = 20
 TERMINATION_MARGIN_SECONDS = 15.0
 # While waiting only on stuck pods, look again this often (pod events still wake the job at once).
 STUCK_RECHECK_SECONDS = 15.0
+
+# While Kueue holds the gang, look again this often to keep the Queued message current (the pods'
+# ungating is an event that wakes the job at once).
+QUEUED_RECHECK_SECONDS = 10.0
 
 # Node states kube.observe reports for the nodes of stuck pods.
 NODE_READY, NODE_NOT_READY, NODE_MISSING, NODE_UNKNOWN = "Ready", "NotReady", "Missing", "Unknown"
@@ -70,6 +74,9 @@ class Observation:
     # The state of each node that holds a stuck pod (see nodes_to_check); empty otherwise.
     node_states: Mapping[str, str] = dataclasses.field(default_factory=dict)
     created_at: dt.datetime | None = None    # the job's metadata.creationTimestamp
+    # The Kueue Workload of the current attempt's pod group (see workload_to_read); None when not
+    # read or not there (yet).
+    workload: queueing.WorkloadView | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,6 +95,8 @@ class Decision:
     # Facts for the operator's metrics, counted once the status patch is written:
     gang_restart: str | None = None                    # this pass restarts the gang, for this reason
     pods_running: tuple[str, float] | None = None      # ("first" | "later", seconds): see time_to_running
+    # Kueue Workloads of pod groups whose gated pods are being deleted (see _abandoned_groups).
+    delete_workloads: tuple[str, ...] = ()
 
 
 def current_attempt(status: Mapping[str, Any]) -> int:
@@ -116,6 +125,27 @@ def nodes_to_check(status: Mapping[str, Any], pods: Sequence[PodView], uid: str,
     if status.get("phase") in st.TERMINAL_PHASES:
         return []
     return sorted({p.node_name for p in pods if p.owner_uid == uid and p.node_name and overdue(p, now)})
+
+
+def workload_to_read(status: Mapping[str, Any], spec: JobSpec | None, pods: Sequence[PodView],
+                     job: JobRef) -> str | None:
+    """The Workload whose conditions this pass needs: the current attempt's group while one of
+    its pods has not started yet (gated: why it waits; ungated: when it was admitted)."""
+    if spec is None or spec.queue is None or status.get("phase") in st.TERMINAL_PHASES:
+        return None
+    attempt = current_attempt(status)
+    if any(p.owner_uid == job.uid and p.attempt == attempt and p.phase == POD_PENDING and not p.deleting
+           for p in pods):
+        return queueing.group_name(job.name, attempt)
+    return None
+
+
+def _abandoned_groups(job: JobRef, mine: Sequence[PodView]) -> tuple[str, ...]:
+    """Groups with a gated pod that is being deleted. Such a pod never ran, so it never reaches a
+    terminal phase, and Kueue keeps its finalizer (and the group's Workload) waiting for it;
+    deleting the Workload is Kueue's documented way to end the group and release the pods."""
+    return tuple(sorted({queueing.group_name(job.name, p.attempt) for p in mine
+                         if p.deleting and p.gated and queueing.POD_FINALIZER in p.finalizers}))
 
 
 def backoff_seconds(base: int, restarts: int) -> float:
@@ -148,6 +178,7 @@ class _Plan:
         self.delete_job = False
         self.gang_restart: str | None = None
         self.pods_running: tuple[str, float] | None = None
+        self.delete_workloads: tuple[str, ...] = ()
 
     @property
     def phase(self) -> str:
@@ -202,19 +233,22 @@ class _Plan:
             delete_job=self.delete_job,
             gang_restart=self.gang_restart,
             pods_running=self.pods_running,
+            delete_workloads=self.delete_workloads,
         )
 
 
 def decide(obs: Observation, config: builders.OperatorConfig) -> Decision:
-    if obs.deleting:
-        # Garbage collection removes the pods and the Service through their owner references.
-        return Decision()
-    plan = _Plan(obs)
     mine = [p for p in obs.pods if p.owner_uid == obs.job.uid]
+    if obs.deleting:
+        # Garbage collection removes the pods and the Service through their owner references
+        # (gated pods only once their Kueue group is ended).
+        return Decision(delete_workloads=_abandoned_groups(obs.job, mine))
+    plan = _Plan(obs)
     if obs.spec_error is not None or obs.spec is None:
         _fail_invalid(plan, mine, str(obs.spec_error))
-        return plan.decision()
-    _decide_valid(plan, obs.spec, mine, obs.pods, config)
+    else:
+        _decide_valid(plan, obs.spec, mine, obs.pods, config)
+    plan.delete_workloads = _abandoned_groups(obs.job, mine)
     return plan.decision()
 
 
@@ -291,6 +325,8 @@ def _decide_valid(plan: _Plan, spec: JobSpec, mine: list[PodView], all_pods: Seq
     if obs.service_exists is False:
         plan.create_service = builders.build_service(obs.job)
 
+    if spec.queue is not None and _queued(plan, spec, current):
+        return
     if _startup_deadline_exceeded(plan, spec, current):
         return
     phases = [p.phase for p in current.values()]
@@ -423,6 +459,15 @@ def _create_missing(plan: _Plan, spec: JobSpec, missing: Sequence[int], all_pods
     plan.create_access = rbac.build_trainer_access(spec, obs.job)
     attempt = plan.status["attempt"]
     plan.create_pods = [builders.build_pod(spec, obs.job, attempt, rank, config) for rank in missing]
+    if spec.queue is not None:
+        # The clocks (startTime, startupDeadlineSeconds) start at admission, not while queued.
+        if plan.phase in (st.PENDING, st.RESTARTING):
+            group = queueing.group_name(obs.job.name, attempt)
+            plan.transition(st.QUEUED, "Submitted", f"created the pods of attempt {attempt}; waiting for "
+                            f"Kueue to admit them as one gang (LocalQueue {spec.queue.queue_name!r}, "
+                            f"workload {group})", event=False)
+        plan.requeue(QUEUED_RECHECK_SECONDS)
+        return
     if not plan.status.get("startTime"):
         plan.status["startTime"] = format_time(obs.now)
     if plan.phase in (st.PENDING, st.RESTARTING):
@@ -477,15 +522,49 @@ def _deadline_exceeded(plan: _Plan, spec: JobSpec, mine: Sequence[PodView]) -> b
     return True
 
 
+def _queued(plan: _Plan, spec: JobSpec, current: Mapping[int, PodView]) -> bool:
+    """While Kueue gates any pod of the gang, the job is Queued with Kueue's reason (nothing runs,
+    no deadline counts); once every gate is lifted, the gang was admitted whole and the job moves
+    on to Created. True while queued."""
+    obs = plan.obs
+    attempt = plan.status["attempt"]
+    group = queueing.group_name(obs.job.name, attempt)
+    if any(p.gated for p in current.values()):
+        reason, message = queueing.waiting_reason(spec.queue, group, obs.workload)
+        if plan.phase == st.QUEUED and plan._condition_reason(st.QUEUED) == reason:
+            found = st.condition(plan.status["conditions"], "Queued")
+            if found is not None and found.get("message") != st.bounded(message):
+                plan.status["conditions"] = st.set_message(plan.status["conditions"], "Queued", message)
+        else:
+            plan.transition(st.QUEUED, reason, message)
+        plan.requeue(QUEUED_RECHECK_SECONDS)
+        return True
+    if plan.phase == st.QUEUED and not any(queueing.POD_FINALIZER in p.finalizers for p in current.values()):
+        # Kueue's webhook marks every pod it manages; none is marked, so nothing queued them.
+        plan.transition(st.CREATED, "NotManagedByKueue", (
+            f"the pods of attempt {attempt} run without Kueue: its webhook did not take them (is Kueue's "
+            f"pod integration on, and does its managedJobsNamespaceSelector select namespace "
+            f"{obs.job.namespace!r}?)"), warning=True)
+    elif plan.phase == st.QUEUED:
+        plan.transition(st.CREATED, "Admitted", f"Kueue admitted attempt {attempt} as one gang "
+                        f"(LocalQueue {spec.queue.queue_name!r}, workload {group})")
+    if not plan.status.get("startTime"):
+        plan.status["startTime"] = format_time(obs.now)
+    return False
+
+
 def _startup_deadline_exceeded(plan: _Plan, spec: JobSpec, current: Mapping[int, PodView]) -> bool:
     """A pod stuck Pending (unschedulable, image pull errors) past startupDeadlineSeconds fails
-    the job instead of stalling it silently."""
+    the job instead of stalling it silently. Under Kueue the clock starts at admission: time spent
+    in the queue is not a startup problem."""
     limit = spec.run_policy.startup_deadline_seconds
     now = plan.obs.now
+    admitted = plan.obs.workload.admitted_at if plan.obs.workload is not None else None
     for pod in sorted(current.values(), key=lambda p: p.rank):
-        if pod.phase != POD_PENDING or pod.created_at is None:
+        if pod.phase != POD_PENDING or pod.created_at is None or pod.gated:
             continue
-        left = (pod.created_at - now).total_seconds() + limit
+        since = max(pod.created_at, admitted) if admitted is not None else pod.created_at
+        left = (since - now).total_seconds() + limit
         if left > 0:
             plan.requeue(left)
             continue

@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from lorakube_api import contract
+from lorakube.queueing import QUEUE_NAME_LABEL, QueueSpec, queue_from_labels
 
 # URI schemes each field accepts today: local paths (a mounted volume) and s3:// (the trainer's
 # storage.py); hf://, gs:// and https:// are part of the API but not implemented yet.
@@ -28,8 +29,8 @@ SUPPORTED_SCHEMES = {
     "spec.output.checkpointUri": (_LOCAL, _S3),
 }
 
-# The API names four gang-scheduling modes; the operator implements plain pods so far.
-SUPPORTED_GANG_SCHEDULING = ("none",)
+# The API names four gang-scheduling modes; the operator implements plain pods and Kueue so far.
+SUPPORTED_GANG_SCHEDULING = ("none", "kueue")
 
 # Volumes the operator adds to every pod are named with this prefix, so a user volume cannot
 # collide with them (the CRD refuses such names too).
@@ -176,23 +177,33 @@ class JobSpec:
     resources: ResourcesSpec
     output: OutputSpec
     run_policy: RunPolicy
+    # Set when the job is labelled kueue.x-k8s.io/queue-name: its pods queue in Kueue.
+    queue: QueueSpec | None = None
 
 
 # --- parsing -----------------------------------------------------------------------------------
 
 
-def parse_job(name: str, spec: Mapping[str, Any] | None) -> JobSpec:
-    """Parse and check a whole job; raises InvalidSpec for the first problem found."""
+def parse_job(name: str, spec: Mapping[str, Any] | None, labels: Mapping[str, str] | None = None) -> JobSpec:
+    """Parse and check a whole job (its spec, and the Kueue labels among `labels`); raises
+    InvalidSpec for the first problem found."""
     check_job_name(name)
     spec = _section(spec, "spec")
     model = _parse_model(_section(spec.get("model"), "spec.model"))
+    run_policy = _parse_run_policy(_section(spec.get("runPolicy"), "spec.runPolicy"))
+    queue = queue_from_labels(labels)
+    if run_policy.gang_scheduling == "kueue" and queue is None:
+        raise InvalidSpec("metadata.labels", f"spec.runPolicy.gangScheduling is kueue but the job has no "
+                                             f"{QUEUE_NAME_LABEL} label; add it with the name of a LocalQueue "
+                                             f"in the job's namespace")
     return JobSpec(
         model=model,
         dataset=_parse_dataset(_section(spec.get("dataset"), "spec.dataset")),
         training=_parse_training(_section(spec.get("training"), "spec.training"), model.family),
         resources=_parse_resources(_section(spec.get("resources"), "spec.resources")),
         output=_parse_output(_section(spec.get("output"), "spec.output")),
-        run_policy=_parse_run_policy(_section(spec.get("runPolicy"), "spec.runPolicy")),
+        run_policy=run_policy,
+        queue=queue,
     )
 
 

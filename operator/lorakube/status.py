@@ -20,6 +20,8 @@ RESTARTING = "Restarting"
 SUCCEEDED_PHASE = "Succeeded"
 FAILED = "Failed"
 SUSPENDED = "Suspended"
+# The pods exist but Kueue holds them (scheduling-gated) until the whole gang is admitted.
+QUEUED = "Queued"
 TERMINAL_PHASES = frozenset({SUCCEEDED_PHASE, FAILED})
 
 # Status keys the operator writes; `progress` and `artifacts` belong to the trainer.
@@ -94,12 +96,13 @@ class Transition:
 
 # Which condition each phase sets True, and which it turns False when entered.
 _PHASE_CONDITION = {
-    CREATED: ("Created", ("Restarting", "Suspended")),
-    RUNNING_PHASE: ("Running", ("Restarting",)),
+    CREATED: ("Created", ("Restarting", "Suspended", "Queued")),
+    RUNNING_PHASE: ("Running", ("Restarting", "Queued")),
     RESTARTING: ("Restarting", ("Running",)),
     SUCCEEDED_PHASE: ("Succeeded", ("Running", "Restarting")),
-    FAILED: ("Failed", ("Running", "Restarting")),
-    SUSPENDED: ("Suspended", ("Running", "Restarting")),
+    FAILED: ("Failed", ("Running", "Restarting", "Queued")),
+    SUSPENDED: ("Suspended", ("Running", "Restarting", "Queued")),
+    QUEUED: ("Queued", ("Restarting", "Suspended")),
     PENDING: (None, ()),
 }
 

@@ -176,7 +176,7 @@ def test_deleting_a_job_removes_its_pods_and_service(local_cluster, job_namespac
              "garbage collection of the pods and the Service")
 
 
-def test_a_user_error_fails_the_job_with_the_pod_exit_code_and_log_tail(local_cluster, job_namespace, data_dir,
+def test_a_missing_dataset_fails_the_job_with_the_pod_exit_code_and_log_tail(local_cluster, job_namespace, data_dir,
                                                                         start_operator):
     start_operator()
     name = "bad-data"
@@ -188,15 +188,17 @@ def test_a_user_error_fails_the_job_with_the_pod_exit_code_and_log_tail(local_cl
     status = final["status"]
     assert status["phase"] == "Failed"
     failed = next(c for c in status["conditions"] if c["type"] == "Failed")
-    assert failed["status"] == "True" and failed["reason"] == "UserError"
+    # Preflight finds the missing dataset before any model loads, and names the check.
+    assert failed["status"] == "True" and failed["reason"] == contract.PREFLIGHT_FAILED
+    assert failed["message"].startswith("PreflightFailed: dataset not readable: /data/no-such-dataset")
     failure = status["lastFailure"]
     assert failure["pod"].startswith(f"{name}-node-")
-    assert 1 <= failure["exitCode"] <= 127 and failure["exitCode"] != contract.EXIT_RETRYABLE
+    assert failure["exitCode"] == contract.EXIT_PREFLIGHT_DATASET
     assert "no-such-dataset" in failure["logTail"]
     # The log's text, line by line, as `kubectl logs` shows it (not a repr of the bytes).
     assert not failure["logTail"].startswith(("b'", 'b"')) and "\\n" not in failure["logTail"]
     assert status["restarts"] == 0
-    assert "UserError" in event_reasons(local_cluster, job_namespace, name)
+    assert contract.PREFLIGHT_FAILED in event_reasons(local_cluster, job_namespace, name)
 
 
 def test_a_pod_deleted_mid_run_restarts_the_gang_which_resumes(local_cluster, job_namespace, data_dir,

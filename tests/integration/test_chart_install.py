@@ -257,6 +257,7 @@ PROBED = [
     ("", "secrets", ""), ("", "configmaps", ""), ("", "events", ""), ("", "persistentvolumeclaims", ""),
     ("rbac.authorization.k8s.io", "roles", ""), ("rbac.authorization.k8s.io", "rolebindings", ""),
     ("apps", "deployments", ""), ("batch", "jobs", ""), ("coordination.k8s.io", "leases", ""),
+    ("kueue.x-k8s.io", "workloads", ""),
 ]
 CLUSTER_PROBED = [
     ("", "nodes", ""), ("", "namespaces", ""), ("apiextensions.k8s.io", "customresourcedefinitions", ""),
@@ -275,6 +276,7 @@ EXPECTED_IN_JOB_NAMESPACE = {
     "roles": {"get", "create"},
     "rolebindings": {"get", "create"},
     "events": {"create"},
+    "workloads": {"get", "delete"},
 }
 EXPECTED_CLUSTER_SCOPED = {"nodes": {"get"}}
 

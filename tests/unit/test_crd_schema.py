@@ -267,7 +267,7 @@ def test_status_is_structural_not_preserve_unknown(root):
     assert "x-kubernetes-preserve-unknown-fields" not in status
     assert set(status["properties"]) >= {*st.OPERATOR_KEYS, "progress", "artifacts"}
     phases = {st.PENDING, st.CREATED, st.RUNNING_PHASE, st.RESTARTING, st.SUCCEEDED_PHASE, st.FAILED,
-              st.SUSPENDED}
+              st.SUSPENDED, st.QUEUED}
     assert set(status["properties"]["phase"]["enum"]) == phases
 
 
@@ -379,7 +379,7 @@ def test_examples_run_on_what_the_operator_supports_today(example):
 
     for doc in yaml.safe_load_all(example.read_text()):
         if doc and doc.get("kind") == contract.KIND:
-            parse_job(doc["metadata"]["name"], doc["spec"])
+            parse_job(doc["metadata"]["name"], doc["spec"], doc["metadata"].get("labels"))
 
 
 def test_examples_exist():

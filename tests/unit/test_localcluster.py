@@ -57,7 +57,7 @@ def test_binaries_cache_honours_lorakube_cache(monkeypatch, tmp_path):
 
 
 def test_tools_modules_are_committed_with_checksums():
-    for module in ("k8s", "etcd"):
+    for module in ("k8s", "etcd", "kueue"):
         assert (build.GO_DIR / module / "go.mod").is_file()
         assert (build.GO_DIR / module / "go.sum").stat().st_size > 0
 

@@ -1,7 +1,8 @@
 """`lorakube-train`: parse flags, run, and turn failures into the contract's exit codes.
 
 0 success; EXIT_INVALID_ARGS bad flags/config; EXIT_OUT_OF_MEMORY CUDA out of memory (with a hint);
-EXIT_DATASET_ERROR malformed dataset; EXIT_RETRYABLE rendezvous/collective timeouts and vanished
+EXIT_DATASET_ERROR malformed dataset; EXIT_PREFLIGHT_* a failed preflight check (preflight.py),
+before torch loads; EXIT_RETRYABLE rendezvous/collective timeouts and vanished
 peers (the operator restarts the gang), and after a SIGTERM during training once every rank
 checkpointed the step they agreed to stop at; EXIT_USER_ERROR anything else (with the traceback in
 the log); 143 on a SIGTERM outside training or past the grace period's deadline (shutdown.py).
@@ -15,13 +16,16 @@ import logging
 import os
 import signal
 import sys
-from typing import Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 from lorakube_api import contract
 
-from . import metrics_server, remote, shutdown
-from .config import ConfigError, TrainConfig, check_output_folders, parse_config
+from . import metrics_server, shutdown
+from .config import ConfigError, TrainConfig, parse_config, preflight_only
 from .storage import StorageError
+
+if TYPE_CHECKING:
+    from .distributed import Topology
 
 log = logging.getLogger("lorakube_trainer")
 
@@ -54,23 +58,29 @@ def _out_of_memory(exc: BaseException) -> BaseException | None:
     return None
 
 
+def _preflight(cfg: TrainConfig, topology: Topology, env: Mapping[str, str]) -> int | None:
+    """The pod's first stage (preflight.py): None when every check passed, else the exit code. The
+    one line goes to stdout and, as the last line of the log, to the termination message."""
+    from . import preflight
+
+    if preflight.skip_in(env):
+        return None
+    try:
+        preflight.run(cfg, topology)
+    except preflight.PreflightFailed as exc:
+        print(str(exc), flush=True)
+        return _fail(exc.code, str(exc))
+    return None
+
+
 def run_cli(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         cfg = parse_config(argv)
-        # Before the heavy imports and before launching local ranks: an unwritable output fails in
-        # a second, not after the model loads.
-        check_output_folders(cfg)
         metrics_server.port_from_env(os.environ)
     except ConfigError as exc:
         return _fail(contract.EXIT_INVALID_ARGS, str(exc))
-    try:
-        # s3:// inputs readable, outputs writable (a probe object): a bucket that refuses writes
-        # fails here, before any model is loaded, with the URI in the reason.
-        remote.check_locations(cfg)
-    except StorageError as exc:
-        return _fail(contract.EXIT_USER_ERROR, str(exc))
     shutdown.install()
 
     from . import launcher
@@ -80,6 +90,14 @@ def run_cli(argv: Sequence[str] | None = None) -> int:
         topology = plan_topology(cfg, os.environ)
     except ConfigError as exc:
         return _fail(contract.EXIT_INVALID_ARGS, str(exc))
+    # Before the heavy imports and before launching local ranks: an unwritable output or a missing
+    # model fails in a second, not after the model loads.
+    failed = _preflight(cfg, topology, os.environ)
+    if failed is not None:
+        return failed
+    if preflight_only(argv):
+        print("preflight: every check passed", flush=True)
+        return contract.EXIT_OK
     if launcher.should_launch(topology, os.environ):
         # Decided without torch: the launcher loads nothing heavy, its local ranks start at once.
         return launcher.launch(topology, os.environ)

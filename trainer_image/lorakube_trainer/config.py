@@ -11,7 +11,6 @@ import argparse
 import dataclasses
 import importlib.util
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -110,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     flags = contract.TRAINING_FLAGS
     p.add_argument("--config", help="YAML file whose keys are these flag names (flags given here override it)")
+    p.add_argument(contract.FLAG_PREFLIGHT, action="store_true",
+                   help="only run the preflight checks (output and checkpoint writable, model and dataset "
+                        "readable, GPUs visible, rank 0's name resolves), then exit 0 or the failed check's code")
     p.add_argument(contract.FLAG_MODEL_FAMILY, choices=contract.FAMILIES)
     p.add_argument(contract.FLAG_MODEL_PATH, help="local folder holding the diffusers pipeline")
     p.add_argument(contract.FLAG_DATASET_PATH, help="folder with train/ images and train/metadata.csv")
@@ -173,7 +175,7 @@ def _yaml_defaults(parser: argparse.ArgumentParser, path: str) -> dict[str, Any]
     defaults: dict[str, Any] = {}
     for key, value in loaded.items():
         action = known.get(str(key))
-        if action is None or key in ("config", "help"):
+        if action is None or key in ("config", "help", "preflight"):
             raise ConfigError("--config", f"unknown key {key!r} in {path}; keys are the flag names, "
                                           "e.g. learning_rate, lora_rank")
         if key == "validation_prompt" and isinstance(value, str):
@@ -210,6 +212,12 @@ def _env_float(env: dict[str, str], name: str, default: float) -> float:
         return float(raw)
     except ValueError as exc:
         raise ConfigError(name, f"environment value {raw!r} is not a number of seconds") from exc
+
+
+def preflight_only(argv: Sequence[str] | None = None) -> bool:
+    """Whether the command line asks for the preflight checks alone (not a training setting, so
+    not in TrainConfig)."""
+    return bool(build_parser().parse_known_args(argv)[0].preflight)
 
 
 def parse_config(argv: Sequence[str] | None = None, env: dict[str, str] | None = None) -> TrainConfig:
@@ -333,27 +341,3 @@ def _validate(ns: argparse.Namespace, env: dict[str, str]) -> TrainConfig:
         modelscope_access_token=ns.modelscope_access_token,
     )
 
-
-def check_output_folders(cfg: TrainConfig) -> None:
-    """At startup, before any model is loaded: each folder the run writes can take new files (it
-    exists, or its nearest existing parent lets the trainer create it). A probe file is created and
-    removed, which catches what permission bits do not show (read-only mounts, root-squashed NFS)."""
-    for path, flag in ((cfg.output_path, contract.FLAG_OUTPUT_PATH), (cfg.checkpoint_dir, contract.FLAG_CHECKPOINT_DIR)):
-        if not storage.is_remote(path):       # s3:// locations: remote.check_locations
-            _check_writable_folder(Path(path), flag)
-
-
-def _check_writable_folder(path: Path, flag: str) -> None:
-    existing = path.absolute()
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise ConfigError(flag, f"{path} cannot be a folder: {existing} is a file; give a folder path")
-    where = str(existing) if existing == path.absolute() else f"{existing} (to create {path} in it)"
-    try:
-        fd, probe = tempfile.mkstemp(prefix=".lorakube-write-check-", dir=existing)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as exc:
-        raise ConfigError(flag, f"cannot write to {where}: {exc.strerror}; mount a writable volume there or give a "
-                                f"path this process (uid {os.getuid()}) may write") from exc

@@ -22,33 +22,17 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-METADATA_FILE = "metadata.csv"
-TRAIN_SUBDIR = "train"
-REQUIRED_COLUMNS = ("file_name", "text")
+# Re-exported: the layout is shared with preflight, which must not import torch.
+from .dataset_layout import METADATA_FILE, REQUIRED_COLUMNS, TRAIN_SUBDIR, DatasetError, find_metadata  # noqa: F401
+
 # 8192 x 8192: well above any training resolution; anything larger is treated as a decompression bomb.
 DEFAULT_MAX_IMAGE_PIXELS = 8192 * 8192
-
-
-class DatasetError(ValueError):
-    """The dataset is malformed; the message names the file or row and how to fix it."""
 
 
 @dataclasses.dataclass(frozen=True)
 class Record:
     path: Path
     text: str
-
-
-def find_metadata(dataset_path: str | Path) -> Path:
-    root = Path(dataset_path)
-    candidates = [root / TRAIN_SUBDIR / METADATA_FILE, root / METADATA_FILE]
-    for candidate in candidates:
-        if candidate.is_file():
-            return candidate
-    raise DatasetError(
-        f"no {METADATA_FILE} in {root}: expected {candidates[0]} (or {candidates[1]}) "
-        f"with columns {','.join(REQUIRED_COLUMNS)}"
-    )
 
 
 def _check_image(path: Path, where: str, max_pixels: int) -> None:

@@ -29,16 +29,6 @@ from .config import RESUME_AUTO, TrainConfig
 log = logging.getLogger(__name__)
 
 
-def check_locations(cfg: TrainConfig, env: Mapping[str, str] | None = None) -> None:
-    """Before training: remote inputs can be listed, remote outputs written (a probe object)."""
-    for uri in (cfg.model_path, cfg.dataset_path):
-        if storage.is_remote(uri):
-            storage.check_readable(uri, env)
-    for uri in dict.fromkeys((cfg.output_path, cfg.checkpoint_dir)):
-        if storage.is_remote(uri):
-            storage.check_writable(uri, env)
-
-
 def localize(cfg: TrainConfig, env: Mapping[str, str] | None = None) -> tuple[TrainConfig, storage.Locations]:
     """The same config with every remote location replaced by a local folder, and the URIs given."""
     where = storage.Locations(

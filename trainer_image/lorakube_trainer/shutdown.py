@@ -79,6 +79,9 @@ class _State:
     owner_pid: int = 0              # the process that enabled it (not its forked DataLoader workers)
     requested_at: float | None = None
     budget_s: float = 0.0
+    # Set by reset(): the deadline of a request that was dealt with in-process (a test, or an
+    # embedding application that trains again) must not fire into the next run.
+    deadline_cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
 
 
 _state = _State()
@@ -129,15 +132,16 @@ def exit_now(signum: int, frame: FrameType | None) -> None:
     if _state.budget_s <= 0:
         _exit_143(f"received SIGTERM with a grace period too short to checkpoint "
                   f"({contract.ENV_TERMINATION_GRACE} minus {DEADLINE_MARGIN_SECONDS:g} s)")
-    threading.Thread(target=_enforce_deadline, args=(now + _state.budget_s,), name="lorakube-sigterm-deadline",
-                     daemon=True).start()
+    threading.Thread(target=_enforce_deadline, args=(now + _state.budget_s, _state.deadline_cancelled),
+                     name="lorakube-sigterm-deadline", daemon=True).start()
     _say(f"received SIGTERM: finishing the current step, then checkpointing at the step every rank agrees on "
          f"and exiting with {contract.EXIT_RETRYABLE}; exiting with {EXIT_SIGTERM} instead if that takes more "
          f"than {_state.budget_s:g} s")
 
 
-def _enforce_deadline(at: float) -> None:
-    time.sleep(max(0.0, at - time.monotonic()))
+def _enforce_deadline(at: float, cancelled: threading.Event) -> None:
+    if cancelled.wait(max(0.0, at - time.monotonic())):
+        return
     _exit_143("the grace period is almost over and the checkpoint after SIGTERM is not done")
 
 
@@ -169,6 +173,8 @@ def stop_requested() -> bool:
 def reset() -> None:
     """Forget any request (a process that runs training twice, e.g. a test)."""
     _state.graceful, _state.requested_at = False, None
+    _state.deadline_cancelled.set()
+    _state.deadline_cancelled = threading.Event()
 
 
 def agree_to_stop(requested: bool, device: Any = None) -> bool:

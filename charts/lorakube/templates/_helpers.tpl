@@ -84,6 +84,12 @@ Every rule names the code that needs it (see operator/lorakube/manifests/rbac-op
 - apiGroups: [""]
   resources: [events]
   verbs: [create]
+# Jobs labelled kueue.x-k8s.io/queue-name: the Workload of the gang's pod group says why the job is
+# Queued (get); a group whose gated pods are being deleted is ended by deleting its Workload
+# (docs/operator.md, "Kueue"). Harmless where Kueue is not installed.
+- apiGroups: [kueue.x-k8s.io]
+  resources: [workloads]
+  verbs: [get, delete]
 {{- end -}}
 
 {{/* Cluster-scoped reads: a gang restart stuck on a Terminating pod reads that pod's Node. */}}

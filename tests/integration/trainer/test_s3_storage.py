@@ -206,13 +206,15 @@ def test_a_bucket_that_refuses_writes_fails_before_training_naming_the_uri(s3_se
     finally:
         read_only.stop()
     last = log.strip().splitlines()[-1]
-    assert code == contract.EXIT_USER_ERROR, log[-3000:]
-    assert "cannot write to s3://loras/denied" in last and "PutObject" in last, last
+    assert code == contract.EXIT_PREFLIGHT_OUTPUT, log[-3000:]
+    assert f"{contract.PREFLIGHT_FAILED}: output not writable: s3://loras/denied" in last, last
+    assert "cannot write to s3://loras/denied: PermissionError" in last and "PutObject" in last, last
     assert "staging" not in log and not (tmp_path / "cache").exists()     # nothing downloaded, no model loaded
     assert s3_server.secret_key not in log
     assert seconds < 30
 
     code, log = _plain_cli(s3_server, tmp_path, "no-bucket", _flags(buckets, "s3://no-such-bucket/run"),
                        tmp_path / "cache2")
-    assert code == contract.EXIT_USER_ERROR
-    assert "cannot write to s3://no-such-bucket/run" in log.strip().splitlines()[-1]
+    assert code == contract.EXIT_PREFLIGHT_OUTPUT, log[-3000:]
+    assert "output not writable: s3://no-such-bucket/run (cannot write to s3://no-such-bucket/run" in \
+        log.strip().splitlines()[-1]

@@ -138,14 +138,15 @@ def test_cached_latents_become_the_trainer_switch(job_spec):
     assert "--cache_latents" in args and "--center_crop" in args
 
 
-def test_lora_targets_are_comma_joined_and_gpu_jobs_do_not_force_cpu(job_spec):
+def test_lora_targets_are_comma_joined_and_gpu_jobs_ask_for_gpus(job_spec):
     job_spec["training"]["loraTargetModules"] = ["to_q", "to_k"]
     job_spec["training"]["loraAlpha"] = 8
     job_spec["resources"]["gpusPerNode"] = 2
     args = builders.trainer_args(parse_job("cats", job_spec))
     assert args[args.index("--lora_target_modules") + 1] == "to_q,to_k"
     assert args[args.index("--lora_alpha") + 1] == "8.0"
-    assert "--accelerator" not in args
+    # Never a silent fall back to CPU: the trainer's preflight fails when the GPUs are not visible.
+    assert args[args.index("--accelerator") + 1] == "gpu"
 
 
 def test_every_trainer_flag_the_operator_passes_is_known_to_the_contract(job):

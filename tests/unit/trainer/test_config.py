@@ -170,17 +170,20 @@ def test_modelscope_upload_without_the_package_fails_before_training(capsys: pyt
     assert "--modelscope_model_id" in err and "pip install modelscope" in err
 
 
-@pytest.mark.parametrize(("flag", "where"), [
-    ("--output_path", "file"), ("--output_path", "file/child"), ("--checkpoint_dir", "file/ckpt"),
-    ("--output_path", "/proc/lorakube-out"),          # a folder nobody may create entries in, root included
+@pytest.mark.parametrize(("flag", "where", "code"), [
+    ("--output_path", "file", contract.EXIT_PREFLIGHT_OUTPUT),
+    ("--output_path", "file/child", contract.EXIT_PREFLIGHT_OUTPUT),
+    ("--checkpoint_dir", "file/ckpt", contract.EXIT_PREFLIGHT_CHECKPOINT),
+    ("--output_path", "/proc/lorakube-out", contract.EXIT_PREFLIGHT_OUTPUT),  # nobody may create entries, root included
 ])
-def test_an_output_folder_that_cannot_be_written_fails_at_startup(tmp_path: Path, flag: str, where: str,
+def test_an_output_folder_that_cannot_be_written_fails_at_startup(tmp_path: Path, flag: str, where: str, code: int,
                                                                   capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "file").write_text("in the way")
     argv = ["--model_family", "flux", "--model_path", str(tmp_path / "no-model"), "--dataset_path",
             str(tmp_path / "no-data"), "--output_path", str(tmp_path / "out"), flag, str(tmp_path / where)]
-    # Neither the model nor the dataset exists: the run stops at the output check, before loading either.
-    assert run_cli(argv) == contract.EXIT_INVALID_ARGS
-    err = capsys.readouterr().err
-    assert f"error: {flag}: " in err
-    assert ("is a file; give a folder path" in err) if where.startswith("file") else ("mount a writable volume" in err)
+    # Neither the model nor the dataset exists: preflight stops at the output check, before either.
+    assert run_cli(argv) == code
+    out = capsys.readouterr().out
+    check = "checkpoint" if flag == "--checkpoint_dir" else "output"
+    assert f"PreflightFailed: {check} not writable: {tmp_path / where}" in out
+    assert ("is a file, not a folder" in out) if where.startswith("file") else ("No such file" in out)

@@ -146,3 +146,13 @@ def test_a_worker_forked_during_training_outlives_a_group_sigterm_and_ends_with_
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
     assert out.split() == ["ready", "7", "True"]      # the worker ran on and exited by itself
+
+
+def test_reset_disarms_the_deadline_of_a_request_handled_in_process() -> None:
+    # A process that trains again after a graceful stop (a test run, an embedding application)
+    # must not be killed by the first request's deadline thread later on.
+    code = ("import os, signal, time; from lorakube_trainer import shutdown; shutdown.install(); "
+            "shutdown.begin_graceful({'%s': '6'}); os.kill(os.getpid(), signal.SIGTERM); time.sleep(0.1); "
+            "shutdown.reset(); time.sleep(2.5); print('alive', flush=True)" % contract.ENV_TERMINATION_GRACE)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "alive" in done.stdout, done.stderr

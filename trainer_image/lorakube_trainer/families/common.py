@@ -3,7 +3,6 @@ the diffusers-layout file, VAE encoding. Each family module adds only what diffe
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any, ClassVar
@@ -13,17 +12,10 @@ import torch
 from lorakube_api.contract import SIZE_MULTIPLE
 
 from ..files import save_safetensors
+# PIPELINE_FAMILIES is re-exported: it lives with the torch-free folder check preflight runs too.
+from ..pipeline_folder import PIPELINE_FAMILIES, ModelFolderMissing, check_pipeline_folder  # noqa: F401
 from . import lora_keys
 from .base import Family
-
-
-# diffusers pipeline class (model_index.json's _class_name) -> family, to name a mismatch.
-PIPELINE_FAMILIES = {
-    "FluxPipeline": "flux",
-    "StableDiffusion3Pipeline": "sd3",
-    "KolorsPipeline": "kolors",
-    "HunyuanDiTPipeline": "hunyuan-dit",
-}
 
 
 def freeze_pipeline(pipe: Any) -> None:
@@ -121,17 +113,10 @@ class PeftFamily(Family):
 
     def load_pipeline(self, model_path: str | Path, dtype: torch.dtype) -> Any:
         path = Path(model_path)
-        if not (path / "model_index.json").is_file():
-            raise FileNotFoundError(
-                f"--model_path {str(path)!r} has no model_index.json: point it at a diffusers pipeline "
-                f"folder of a {self.name} model (the layout save_pretrained writes)"
-            )
-        found = json.loads((path / "model_index.json").read_text()).get("_class_name")
-        if found != self.pipeline_class_name and found in PIPELINE_FAMILIES:
-            raise ValueError(
-                f"--model_path {str(path)!r} holds a {found} ({PIPELINE_FAMILIES[found]} model), but "
-                f"--model_family is {self.name}, which needs a {self.pipeline_class_name}"
-            )
+        try:
+            check_pipeline_folder(path, self.name)
+        except ModelFolderMissing as exc:
+            raise FileNotFoundError(str(exc)) from exc
         pipe = self.pipeline_class().from_pretrained(str(path), dtype=dtype)
         freeze_pipeline(pipe)
         pipe.set_progress_bar_config(disable=True)
