@@ -33,6 +33,7 @@ env: $(DEPS_STAMP)
 
 binaries: env
 	$(PYTHON) -m localcluster build
+	$(PYTHON) -m localcluster build s3
 
 test: binaries
 	$(PYTHON) -m pytest -m "not gpu and not slow and not images and not kueue" -p no:cacheprovider $(PYTEST_ARGS)

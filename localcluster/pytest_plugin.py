@@ -193,3 +193,16 @@ def kueue(local_cluster: ClusterHandle, tmp_path_factory: pytest.TempPathFactory
         yield running
     finally:
         kueue_mod.uninstall(running, local_cluster.kubectl)
+
+
+@pytest.fixture(scope="module")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A real S3 server (versitygw, POSIX backend) on 127.0.0.1 for one test module; see s3server.py.
+    Its binary comes from `python -m localcluster build s3` (built on first use, then cached)."""
+    from localcluster.s3server import S3Server
+
+    server = S3Server.start(tmp_path_factory.mktemp("s3"))
+    try:
+        yield server
+    finally:
+        server.stop()

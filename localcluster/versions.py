@@ -13,6 +13,7 @@ from dataclasses import dataclass
 KUBERNETES_VERSION = "v1.36.3"
 ETCD_VERSION = "v3.6.16"
 HELM_VERSION = "v3.22.0"
+VERSITYGW_VERSION = "v1.8.0"
 KUEUE_VERSION = "v0.17.0"
 
 # Fixed so that a rebuild of the same pins gives the same binary (and the same cache key).
@@ -88,6 +89,18 @@ def targets() -> tuple[GoTarget, ...]:
     )
 
 
+def versitygw_ldflags(version: str = VERSITYGW_VERSION) -> tuple[str, ...]:
+    # Its Makefile stamps these three; unstamped it reports "git"/"norev".
+    return (f"-X main.Version={version}", f"-X main.Build={version}", f"-X main.BuildTime={BUILD_DATE}")
+
+
+def s3_targets() -> tuple[GoTarget, ...]:
+    """`python -m localcluster build s3`: an S3 server for the object-storage tests (versitygw with
+    its POSIX backend), cached under its own key so the control plane's cache stays valid."""
+    return (GoTarget("versitygw", "github.com/versity/versitygw/cmd/versitygw", None, VERSITYGW_VERSION,
+                     versitygw_ldflags()),)
+
+
 def kueue_ldflags(version: str = KUEUE_VERSION) -> tuple[str, ...]:
     """What Kueue's Makefile stamps; the manager logs it at start ("Initializing", gitVersion)."""
     return (
@@ -104,4 +117,4 @@ def kueue_targets() -> tuple[GoTarget, ...]:
 
 
 # The sets `python -m localcluster build [SET]` knows; "core" is what the cluster itself runs.
-TARGET_SETS = {"core": targets, "kueue": kueue_targets}
+TARGET_SETS = {"core": targets, "kueue": kueue_targets, "s3": s3_targets}

@@ -18,14 +18,15 @@ from typing import Any
 from lorakube_api import contract
 from lorakube.queueing import QUEUE_NAME_LABEL, QueueSpec, queue_from_labels
 
-# URI schemes each field accepts today. The trainer reads models and datasets from local paths
-# only (a mounted volume); hf:// and s3:// are part of the API but not implemented yet.
+# URI schemes each field accepts today: local paths (a mounted volume) and s3:// (the trainer's
+# storage.py); hf://, gs:// and https:// are part of the API but not implemented yet.
 _LOCAL = "local path"
+_S3 = "s3://"
 SUPPORTED_SCHEMES = {
-    "spec.model.uri": (_LOCAL,),
-    "spec.dataset.uri": (_LOCAL,),
-    "spec.output.uri": (_LOCAL,),
-    "spec.output.checkpointUri": (_LOCAL,),
+    "spec.model.uri": (_LOCAL, _S3),
+    "spec.dataset.uri": (_LOCAL, _S3),
+    "spec.output.uri": (_LOCAL, _S3),
+    "spec.output.checkpointUri": (_LOCAL, _S3),
 }
 
 # The API names four gang-scheduling modes; the operator implements plain pods and Kueue so far.
@@ -300,8 +301,8 @@ def _check_uri(uri: str, field: str) -> None:
         if f"{scheme}://" not in supported:
             raise InvalidSpec(
                 field,
-                f"{scheme}:// is not supported yet; supported: {', '.join(supported)}. Put the data on "
-                "a volume (spec.resources.volumes/volumeMounts) and give its absolute path",
+                f"{scheme}:// is not supported yet; supported: {', '.join(supported)}. Put the data in "
+                "an S3 bucket or on a volume (spec.resources.volumes/volumeMounts) and give its absolute path",
             )
     elif not uri.startswith("/"):
         raise InvalidSpec(field, f"{uri!r} must be an absolute path inside the trainer container (or a URI)")

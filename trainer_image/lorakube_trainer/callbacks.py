@@ -28,7 +28,7 @@ from lightning.pytorch.strategies import DeepSpeedStrategy
 from lorakube_api import contract
 
 from . import checkpoint as ckpt
-from . import shutdown
+from . import remote, shutdown, storage
 from .artifacts import MetricsWriter
 from .config import ConfigError, TrainConfig
 from .data import DataPosition
@@ -211,10 +211,19 @@ def save_checkpoint(trainer: pl.Trainer, module: LoRAModule, cfg: TrainConfig, s
         ckpt.prepare_tmp(root, step)
     trainer.strategy.barrier("lorakube-ckpt-prepared")
     tmp = ckpt.tmp_dir(root, step)
+    # Checkpoints in a bucket: a node that does not see rank 0's folder writes its ranks' files into
+    # its own and uploads them; rank 0 collects them before the marker (remote.py).
+    via_bucket = storage.remote_of(root) is not None and not tmp.is_dir()
+    if via_bucket:
+        tmp.mkdir(parents=True, exist_ok=True)
     if tmp.is_dir():
         ckpt.write_rng(tmp, rank)
+        own = [ckpt.rng_file(rank)]
         if _is_deepspeed(trainer):
             ckpt.write_rank_optimizer(tmp, rank, trainer.strategy.deepspeed_engine.optimizer.state_dict())
+            own.append(ckpt.optimizer_file(rank))
+        if via_bucket:
+            remote.publish_rank_files(root, tmp, step, own)
     else:
         # This rank does not see rank 0's folder: the checkpoint dir is not shared storage. The
         # checkpoint still completes, but a resume of this rank cannot be exact (and the ranks'
@@ -236,8 +245,13 @@ def save_checkpoint(trainer: pl.Trainer, module: LoRAModule, cfg: TrainConfig, s
         })
     trainer.strategy.barrier("lorakube-ckpt-written")
     if trainer.is_global_zero:
+        if storage.remote_of(root) is not None:
+            remote.collect_rank_files(root, tmp, step, trainer.world_size)
         final = ckpt.finalize(root, step)
         ckpt.prune(root, cfg.keep_last_checkpoints)
+        if storage.remote_of(root) is not None:
+            remote.publish_checkpoint(root, final, cfg.keep_last_checkpoints)
+            remote.publish_metrics(Path(cfg.output_path))
         log.info("checkpoint %s written", final)
 
 

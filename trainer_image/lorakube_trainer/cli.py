@@ -22,6 +22,7 @@ from lorakube_api import contract
 
 from . import metrics_server, shutdown
 from .config import ConfigError, TrainConfig, parse_config, preflight_only
+from .storage import StorageError
 
 if TYPE_CHECKING:
     from .distributed import Topology
@@ -128,6 +129,10 @@ def _train(cfg: TrainConfig) -> int:
         return _fail(contract.EXIT_DATASET_ERROR, f"dataset: {exc}")
     except CheckpointError as exc:
         return _fail(contract.EXIT_USER_ERROR, str(exc))
+    except StorageError as exc:
+        # Transient errors were already retried with backoff (storage.retrying): what is left is
+        # a refused permission, a missing bucket/object or an endpoint down for minutes.
+        return _fail(contract.EXIT_USER_ERROR, f"storage: {exc}")
     except RendezvousTimeout as exc:
         return _fail(contract.EXIT_RETRYABLE, f"rendezvous: {exc}")
     except Exception as exc:  # noqa: BLE001 - every failure must map to an exit code the operator understands

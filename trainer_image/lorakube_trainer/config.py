@@ -18,6 +18,8 @@ import yaml
 
 from lorakube_api import contract
 
+from . import storage
+
 # Original flag names that are not in contract.TRAINING_FLAGS but the operator never passes.
 FLAG_MODELSCOPE_MODEL_ID = "--modelscope_model_id"
 FLAG_MODELSCOPE_ACCESS_TOKEN = "--modelscope_access_token"
@@ -299,7 +301,7 @@ def _validate(ns: argparse.Namespace, env: dict[str, str]) -> TrainConfig:
                           "the upload needs the `modelscope` package, which is not installed here; install it into "
                           "the image (pip install modelscope) or drop the flag")
 
-    checkpoint_dir = ns.checkpoint_dir or str(Path(output_path) / contract.DEFAULT_CHECKPOINT_SUBDIR)
+    checkpoint_dir = ns.checkpoint_dir or storage.join(output_path, contract.DEFAULT_CHECKPOINT_SUBDIR)
     return TrainConfig(
         model_family=family,
         model_path=str(model_path),

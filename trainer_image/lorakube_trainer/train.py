@@ -16,7 +16,7 @@ from lightning.pytorch.strategies import Strategy
 from lorakube_api import contract
 
 from . import checkpoint as ckpt
-from . import shutdown
+from . import remote, shutdown, storage
 from .artifacts import (MetricsWriter, check_comfyui, check_loaded, save_comfyui, upload_to_modelscope,
                         write_json, write_manifest, write_model_card)
 from .caching import cache_folder
@@ -81,6 +81,9 @@ def _run(cfg: TrainConfig, env: Mapping[str, str], live: TrainingMetrics, strate
     on_gpu = _use_gpu(cfg)
     cfg = dataclasses.replace(cfg, precision=resolve_precision(cfg.precision, on_gpu))
     topology = plan_topology(cfg, env)
+    # s3:// model/dataset staged into this node's cache, output and checkpoints in local working
+    # folders that are uploaded (remote.py); a local run passes through unchanged.
+    cfg, where = remote.localize(cfg, env)
     records = load_records(cfg.dataset_path)
     loaded = ckpt.resolve_resume(cfg.resume, Path(cfg.checkpoint_dir))
     start_step = 0 if loaded is None else loaded.step
@@ -92,7 +95,7 @@ def _run(cfg: TrainConfig, env: Mapping[str, str], live: TrainingMetrics, strate
 
     remaining = cfg.total_steps - start_step
     if remaining <= 0:
-        return _artifacts_only(cfg, family, targets, loaded, topology, env, on_gpu, live)
+        return _artifacts_only(cfg, family, targets, loaded, topology, env, on_gpu, live, where)
 
     dtype = weight_dtype(cfg.precision)
     module = _build_module(cfg, family, targets, dtype, loaded)
@@ -128,11 +131,12 @@ def _run(cfg: TrainConfig, env: Mapping[str, str], live: TrainingMetrics, strate
     if on_gpu:
         torch.cuda.empty_cache()
     return RunResult(0, steps_done, state,
-                     write_artifacts(cfg, family, targets, state, steps_done, on_gpu, topology))
+                     write_artifacts(cfg, family, targets, state, steps_done, on_gpu, topology, where))
 
 
 def _artifacts_only(cfg: TrainConfig, family: Family, targets: list[str], loaded: ckpt.LoadedCheckpoint,
-                    topology: Topology, env: Mapping[str, str], on_gpu: bool, live: TrainingMetrics) -> RunResult:
+                    topology: Topology, env: Mapping[str, str], on_gpu: bool, live: TrainingMetrics,
+                    where: storage.Locations) -> RunResult:
     """The newest checkpoint already holds the last step (a crash while writing the artifacts)."""
     rank = _planned_global_rank(topology, env)
     log.info("checkpoint step %d already reaches the %d planned steps: writing artifacts only",
@@ -142,7 +146,7 @@ def _artifacts_only(cfg: TrainConfig, family: Family, targets: list[str], loaded
     reporter_from_env(cfg.total_steps, env, live).report(loaded.step, cfg.epoch_of_step(loaded.step), None, 0, force=True)
     state = dict(loaded.trainable)
     return RunResult(0, loaded.step, state,
-                     write_artifacts(cfg, family, targets, state, loaded.step, on_gpu, topology))
+                     write_artifacts(cfg, family, targets, state, loaded.step, on_gpu, topology, where))
 
 
 def _build_module(cfg: TrainConfig, family: Family, targets: list[str], dtype: torch.dtype,
@@ -186,7 +190,8 @@ def trainer_kwargs(cfg: TrainConfig, topology: Topology, on_gpu: bool, remaining
 
 
 def write_artifacts(cfg: TrainConfig, family: Family, targets: list[str], state: dict[str, torch.Tensor],
-                    steps: int, on_gpu: bool, topology: Topology) -> dict[str, Any]:
+                    steps: int, on_gpu: bool, topology: Topology,
+                    where: storage.Locations = storage.Locations()) -> dict[str, Any]:
     out = Path(cfg.output_path)
     out.mkdir(parents=True, exist_ok=True)
     names: list[str] = []
@@ -227,7 +232,7 @@ def write_artifacts(cfg: TrainConfig, family: Family, targets: list[str], state:
     del pipe
 
     write_json(out / contract.ARTIFACT_TRAINING_CONFIG,
-               {**cfg.to_json(), "resolved_lora_target_modules": targets, "steps_done": steps,
+               {**remote.public_config(cfg.to_json(), where), "resolved_lora_target_modules": targets, "steps_done": steps,
                 "topology": {"num_nodes": topology.num_nodes, "processes_per_node": topology.devices,
                              "world_size": topology.world_size, "accelerator": "gpu" if on_gpu else "cpu"},
                 "versions": _versions()})
@@ -235,14 +240,18 @@ def write_artifacts(cfg: TrainConfig, family: Family, targets: list[str], state:
     metrics = out / contract.ARTIFACT_METRICS
     if metrics.is_file():
         names.append(metrics.name)
-    write_model_card(out / contract.ARTIFACT_MODEL_CARD, family=family, model_path=cfg.model_path, rank=cfg.lora_rank,
+    write_model_card(out / contract.ARTIFACT_MODEL_CARD, family=family, model_path=where.model or cfg.model_path, rank=cfg.lora_rank,
                      alpha=cfg.lora_alpha, steps=steps, targets=targets, prompts=cfg.validation_prompts,
                      formats=cfg.output_formats)
     names.append(contract.ARTIFACT_MODEL_CARD)
     manifest = write_manifest(out, names)
     manifest_file = out / contract.ARTIFACT_MANIFEST
-    publish_artifacts(cfg.output_path, {**manifest["files"], manifest_file.name: {
-        "sha256": ckpt.sha256_file(manifest_file), "bytes": manifest_file.stat().st_size}})
+    if where.output:
+        # Listed in status only once uploaded and read back, the manifest last (remote.py).
+        publish_artifacts(where.output, remote.publish_artifacts(out, where.output, manifest))
+    else:
+        publish_artifacts(cfg.output_path, {**manifest["files"], manifest_file.name: {
+            "sha256": ckpt.sha256_file(manifest_file), "bytes": manifest_file.stat().st_size}})
     if cfg.modelscope_model_id and cfg.modelscope_access_token:
         upload_to_modelscope(out, cfg.modelscope_model_id, cfg.modelscope_access_token,
                              names + [contract.ARTIFACT_MANIFEST])

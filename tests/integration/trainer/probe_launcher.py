@@ -50,7 +50,7 @@ class Probe(pl.Callback):
         record = {"rank": trainer.global_rank, "world_size": trainer.world_size, "indices": self.indices,
                   "lora_sha256": digest.hexdigest(), "lora_tensors": len(state),
                   "strategy": type(trainer.strategy).__name__,
-                  "cluster_env": type(trainer.strategy.cluster_environment).__name__}
+                  "cluster_env": type(getattr(trainer.strategy, "cluster_environment", None)).__name__}
         (self.out / f"rank-{trainer.global_rank}.json").write_text(json.dumps(record))
 
 

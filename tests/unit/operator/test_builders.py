@@ -252,3 +252,18 @@ def test_builders_do_not_share_mutable_state_with_the_spec(job):
     second = builders.build_pod(job, JOB, 1, 0, CONFIG)
     assert second["spec"]["volumes"][0]["name"] == "data"
     assert second["spec"]["containers"][0]["env"][-1]["value"] == "1"
+
+
+def test_an_s3_job_passes_its_uris_and_takes_credentials_only_through_env_from(job_spec):
+    job_spec["model"].update(uri="s3://models/flux", secretRef={"name": "s3-read"})
+    job_spec["dataset"].update(uri="s3://datasets/cats", secretRef={"name": "s3-read"})
+    job_spec["output"].update(uri="s3://loras/cats", checkpointUri="s3://ckpt/cats", secretRef={"name": "s3-write"})
+    pod = builders.build_pod(parse_job("cats", job_spec), JOB, 1, 0, CONFIG)
+    container = pod["spec"]["containers"][0]
+    args = container["args"]
+    for flag, uri in ((contract.FLAG_MODEL_PATH, "s3://models/flux"), (contract.FLAG_DATASET_PATH, "s3://datasets/cats"),
+                      (contract.FLAG_OUTPUT_PATH, "s3://loras/cats"), (contract.FLAG_CHECKPOINT_DIR, "s3://ckpt/cats")):
+        assert args[args.index(flag) + 1] == uri
+    # Each Secret once, by reference: no credential value is ever written into the pod spec.
+    assert container["envFrom"] == [{"secretRef": {"name": "s3-read"}}, {"secretRef": {"name": "s3-write"}}]
+    assert not [e for e in container["env"] if e["name"].startswith("AWS_")]

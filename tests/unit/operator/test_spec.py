@@ -41,7 +41,8 @@ def test_gpus_set_processes_per_node_and_world_size(job_spec):
     [
         (lambda s: s["model"].update(uri="hf://black-forest-labs/FLUX.1-dev"), "spec.model.uri",
          "hf:// is not supported yet"),
-        (lambda s: s["dataset"].update(uri="s3://bucket/cats"), "spec.dataset.uri", "s3:// is not supported yet"),
+        (lambda s: s["dataset"].update(uri="gs://bucket/cats"), "spec.dataset.uri",
+         "gs:// is not supported yet; supported: local path, s3://"),
         (lambda s: s["output"].update(uri="relative/out"), "spec.output.uri", "must be an absolute path"),
         (lambda s: s["model"].pop("uri"), "spec.model.uri", "is required"),
         (lambda s: s["model"].update(family="sdxl"), "spec.model.family", "one of flux, sd3, kolors, hunyuan-dit"),

@@ -1,0 +1,188 @@
+"""A run whose model, dataset, output or checkpoints live in object storage (storage.py).
+
+`localize` turns such a config into one with local folders only, which the rest of the trainer
+works on unchanged: inputs staged into the node's cache, the output and the checkpoint folder as
+local working folders. The checkpoint callback and the artifact writer then call back here to
+publish what they wrote:
+
+    <checkpoint URI>/step-000000120/<files>          uploaded by the rank that wrote them
+    <checkpoint URI>/step-000000120/COMPLETE.json    uploaded last, by rank 0
+
+A prefix without COMPLETE.json is never resumed from (an upload cut short), exactly like a local
+folder without its marker. Resume fetches the newest complete step into the local folder, where
+checkpoint.resolve_resume verifies every file's sha256 against the marker as for a local run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from lorakube_api import contract
+
+from . import storage
+from .config import RESUME_AUTO, TrainConfig
+
+log = logging.getLogger(__name__)
+
+
+def localize(cfg: TrainConfig, env: Mapping[str, str] | None = None) -> tuple[TrainConfig, storage.Locations]:
+    """The same config with every remote location replaced by a local folder, and the URIs given."""
+    where = storage.Locations(
+        model=cfg.model_path if storage.is_remote(cfg.model_path) else "",
+        dataset=cfg.dataset_path if storage.is_remote(cfg.dataset_path) else "",
+        output=cfg.output_path if storage.is_remote(cfg.output_path) else "",
+        checkpoints=cfg.checkpoint_dir if storage.is_remote(cfg.checkpoint_dir) else "",
+    )
+    if not where.any:
+        return cfg, where
+    changes: dict[str, str] = {}
+    if where.model:
+        changes["model_path"] = str(storage.stage_input(where.model, env))
+    if where.dataset:
+        changes["dataset_path"] = str(storage.stage_input(where.dataset, env))
+    if where.output:
+        local_output = storage.work_folder("outputs", where.output, env)
+        changes["output_path"] = str(local_output)
+        if cfg.resume == RESUME_AUTO:
+            fetch_metrics(where.output, local_output, env)
+    if where.checkpoints:
+        local = storage.work_folder("checkpoints", where.checkpoints, env)
+        changes["checkpoint_dir"] = str(local)
+        if cfg.resume == RESUME_AUTO:
+            fetch_latest_checkpoint(where.checkpoints, local, env)
+    return dataclasses.replace(cfg, **changes), where
+
+
+def _remote_steps(uri: str, env: Mapping[str, str] | None) -> list[int]:
+    steps = []
+    for name in storage.list_remote(uri, env):
+        suffix = name[len(contract.CHECKPOINT_DIR_PREFIX):]
+        if name.startswith(contract.CHECKPOINT_DIR_PREFIX) and suffix.isdigit():
+            steps.append(int(suffix))
+    return sorted(steps, reverse=True)
+
+
+def _complete_steps(uri: str, env: Mapping[str, str] | None) -> list[int]:
+    return [step for step in _remote_steps(uri, env)
+            if storage.exists(storage.join(uri, contract.checkpoint_dir_name(step), contract.CHECKPOINT_COMPLETE_MARKER),
+                              env)]
+
+
+def fetch_latest_checkpoint(uri: str, local_root: Path, env: Mapping[str, str] | None = None) -> int | None:
+    """Copy the newest complete checkpoint under `uri` into `local_root` (if not there already)."""
+    from . import checkpoint as ckpt
+
+    steps = _complete_steps(uri, env)
+    if not steps:
+        log.info("no complete checkpoint under %s: starting from step 0", uri)
+        return None
+    step = steps[0]
+    name = contract.checkpoint_dir_name(step)
+    folder = local_root / name
+    with storage._locked(local_root / f".{name}.lock"):
+        if ckpt.read_marker(folder) is None:
+            prefix = storage.join(uri, name)
+            marker = json.loads(storage.read_text(storage.join(prefix, contract.CHECKPOINT_COMPLETE_MARKER), env))
+            partial = ckpt.prepare_tmp(local_root, step)
+            storage.download_files(prefix, partial, sorted(marker["files"]), env)
+            (partial / contract.CHECKPOINT_COMPLETE_MARKER).write_text(json.dumps(marker, indent=2))
+            if ckpt.read_marker(partial) is None:
+                raise ckpt.CheckpointError(f"{prefix} does not match its {contract.CHECKPOINT_COMPLETE_MARKER} "
+                                           "(a file's sha256 differs); delete that prefix to resume from an older one")
+            if folder.exists():
+                import shutil
+
+                shutil.rmtree(folder)
+            partial.rename(folder)
+    log.info("fetched checkpoint %s from %s", name, uri)
+    # Older local copies would be picked by nobody (the newest wins) but take disk space.
+    for old_step, old in ckpt.list_checkpoints(local_root):
+        if old_step != step:
+            import shutil
+
+            shutil.rmtree(old, ignore_errors=True)
+    return step
+
+
+def publish_rank_files(local_root: Path, tmp: Path, step: int, names: Iterable[str]) -> None:
+    """A rank whose node does not see rank 0's folder uploads its own per-rank files."""
+    uri = storage.remote_of(local_root)
+    assert uri is not None
+    storage.upload_rank_files(tmp, storage.join(uri, contract.checkpoint_dir_name(step)), names)
+
+
+def collect_rank_files(local_root: Path, tmp: Path, step: int, world_size: int) -> None:
+    """Rank 0, before finalizing: fetch the per-rank files the other nodes uploaded."""
+    from . import checkpoint as ckpt
+
+    uri = storage.remote_of(local_root)
+    assert uri is not None
+    prefix = storage.join(uri, contract.checkpoint_dir_name(step))
+    present = set(storage.list_remote(prefix))
+    wanted = [name for rank in range(world_size) for name in (ckpt.rng_file(rank), ckpt.optimizer_file(rank))
+              if name in present and not (tmp / name).exists()]
+    storage.download_files(prefix, tmp, wanted)
+
+
+METRICS_FILES = (contract.ARTIFACT_METRICS, contract.ARTIFACT_TIMINGS)
+
+
+def fetch_metrics(uri: str, local_output: Path, env: Mapping[str, str] | None = None) -> None:
+    """The metrics an earlier attempt uploaded with its checkpoints (another node's working folder):
+    MetricsWriter then keeps the lines up to the resumed step, as with a local output folder."""
+    present = set(storage.list_remote(uri, env))
+    wanted = [name for name in METRICS_FILES if name in present and not (local_output / name).exists()]
+    storage.download_files(uri, local_output, wanted, env)
+
+
+def publish_metrics(local_output: Path) -> None:
+    """Rank 0, with each checkpoint: metrics so far, so that a resume elsewhere keeps the earlier lines.
+    Not an artifact yet: only manifest.json says which files are final."""
+    uri = storage.remote_of(local_output)
+    if uri is None:
+        return
+    present = [name for name in METRICS_FILES if (local_output / name).is_file()]
+    storage.upload_rank_files(local_output, uri, present)
+
+
+def publish_checkpoint(local_root: Path, folder: Path, keep: int) -> None:
+    """Rank 0, after checkpoint.finalize: upload, then prune the bucket as the local folder is pruned."""
+    uri = storage.remote_of(local_root)
+    assert uri is not None
+    storage.upload_checkpoint(folder, storage.join(uri, folder.name))
+    log.info("checkpoint %s uploaded to %s", folder.name, uri)
+    for step in _complete_steps(uri, None)[keep:]:
+        storage.remove_prefix(storage.join(uri, contract.checkpoint_dir_name(step)),
+                              first=contract.CHECKPOINT_COMPLETE_MARKER)
+
+
+def publish_artifacts(local: Path, uri: str, manifest: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Upload every file the manifest lists, each verified (HEAD size + sha256 read back), then the
+    manifest. Returns what may be reported as artifacts: only objects that were verified."""
+    fs = storage.filesystem()
+    verified: dict[str, dict[str, Any]] = {}
+    for name, entry in sorted(manifest["files"].items()):
+        storage.upload_verified(fs, local / name, storage.join(uri, name), entry["sha256"])
+        verified[name] = dict(entry)
+    from .checkpoint import sha256_file
+
+    manifest_file = local / contract.ARTIFACT_MANIFEST
+    digest = sha256_file(manifest_file)
+    storage.upload_verified(fs, manifest_file, storage.join(uri, manifest_file.name), digest)
+    verified[manifest_file.name] = {"sha256": digest, "bytes": manifest_file.stat().st_size}
+    log.info("uploaded %d artifacts to %s", len(verified), uri)
+    return verified
+
+
+def public_config(cfg_json: Mapping[str, Any], where: storage.Locations) -> dict[str, Any]:
+    """training_config.json shows the URIs the user gave, not this node's working folders."""
+    body = dict(cfg_json)
+    for key, uri in (("model_path", where.model), ("dataset_path", where.dataset), ("output_path", where.output),
+                     ("checkpoint_dir", where.checkpoints)):
+        if uri:
+            body[key] = uri
+    return body

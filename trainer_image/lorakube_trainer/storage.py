@@ -1,0 +1,365 @@
+"""Every access the trainer makes to a location that is not a local (or volume) path.
+
+Today that is `s3://bucket/prefix` on any S3-compatible endpoint, through fsspec's s3fs. The rest
+of the trainer works on local folders only; this module maps each remote URI to one:
+
+- inputs (model, dataset) are staged once per node into the cache folder (`LORAKUBE_CACHE_DIR`,
+  default /tmp/lorakube-cache): the folder is keyed by the URI and the objects' ETags, filled in a
+  temporary folder and renamed when complete (a partial download is never used), under a file lock
+  (local ranks and a second job on the node wait for the first download instead of repeating it);
+- the output and the checkpoint folder are local working folders whose contents are uploaded:
+  checkpoints objects first and COMPLETE.json last, artifacts each verified by a HEAD (size) and a
+  sha256 read-back, manifest.json last.
+
+Settings come from the environment only, so that nothing secret passes through flags, the config
+or the logs: the standard AWS variables for credentials (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
+AWS_SESSION_TOKEN), AWS_ENDPOINT_URL (or AWS_ENDPOINT_URL_S3) for a non-AWS endpoint,
+AWS_REGION/AWS_DEFAULT_REGION, and LORAKUBE_S3_ADDRESSING_STYLE=path|virtual|auto.
+Error messages name the URI and the failed operation, never a credential.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import posixpath
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Mapping, TypeVar
+
+log = logging.getLogger(__name__)
+
+REMOTE_SCHEMES = ("s3",)
+ENV_CACHE_DIR = "LORAKUBE_CACHE_DIR"
+DEFAULT_CACHE_DIR = "/tmp/lorakube-cache"
+ENV_ADDRESSING_STYLE = "LORAKUBE_S3_ADDRESSING_STYLE"
+ADDRESSING_STYLES = ("auto", "path", "virtual")
+STAGED_MARKER = ".lorakube-staged.json"
+# Transient failures (a restarting endpoint, a dropped connection) are retried with exponential
+# backoff; ~2 minutes in all before the upload is reported as failed.
+UPLOAD_ATTEMPTS = 8
+# The checks at start: a few retries for a blip, not minutes (a wrong endpoint should fail fast).
+CHECK_ATTEMPTS = 4
+BACKOFF_START_S = 0.5
+BACKOFF_MAX_S = 30.0
+
+T = TypeVar("T")
+
+
+class StorageError(RuntimeError):
+    """A remote location could not be read or written; the message names the URI."""
+
+
+def scheme(uri: str) -> str:
+    head, sep, _ = str(uri).partition("://")
+    return head.lower() if sep else ""
+
+
+def is_remote(uri: str) -> bool:
+    return scheme(uri) in REMOTE_SCHEMES
+
+
+def join(uri: str, *parts: str) -> str:
+    """A child location of a local path or a URI (pathlib would fold `s3://` into `s3:/`)."""
+    if is_remote(uri):
+        return posixpath.join(str(uri).rstrip("/"), *parts)
+    return str(Path(uri).joinpath(*parts))
+
+
+def _bucket_key(uri: str) -> str:
+    return str(uri).split("://", 1)[1].strip("/")
+
+
+def settings_from_env(env: Mapping[str, str]) -> dict[str, Any]:
+    """s3fs keyword arguments from the environment. Holds the credentials: never log the result."""
+    style = (env.get(ENV_ADDRESSING_STYLE) or "auto").lower()
+    if style not in ADDRESSING_STYLES:
+        raise StorageError(f"{ENV_ADDRESSING_STYLE}={style!r} is not one of {', '.join(ADDRESSING_STYLES)}")
+    client: dict[str, Any] = {}
+    endpoint = env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        client["endpoint_url"] = endpoint
+    region = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION")
+    if region:
+        client["region_name"] = region
+    # Our own backoff (retrying) wraps the calls; botocore's few quick retries stay on underneath.
+    config = {"s3": {"addressing_style": style}, "retries": {"max_attempts": 2, "mode": "standard"},
+              "connect_timeout": 10, "read_timeout": 120}
+    settings = {"client_kwargs": client, "config_kwargs": config, "skip_instance_cache": True,
+                "use_listings_cache": False}
+    # The standard variables, read from the mapping given (a test or a preflight check may pass its
+    # own); without them botocore's chain applies (instance profile, web identity, ...).
+    for variable, keyword in (("AWS_ACCESS_KEY_ID", "key"), ("AWS_SECRET_ACCESS_KEY", "secret"),
+                              ("AWS_SESSION_TOKEN", "token")):
+        if env.get(variable):
+            settings[keyword] = env[variable]
+    return settings
+
+
+def filesystem(env: Mapping[str, str] | None = None) -> Any:
+    import s3fs
+
+    return s3fs.S3FileSystem(**settings_from_env(os.environ if env is None else env))
+
+
+def _describe(exc: BaseException) -> str:
+    """The error's class and first line: botocore messages carry no credentials, only key ids at most."""
+    text = (str(exc).strip().splitlines() or [""])[0]
+    secret = os.environ.get("AWS_SECRET_ACCESS_KEY")
+    if secret and secret in text:
+        text = text.replace(secret, "***")
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _permanent(exc: BaseException) -> bool:
+    """Errors a retry cannot fix: missing objects/buckets and refused permissions."""
+    return isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError))
+
+
+def retrying(what: str, uri: str, call: Callable[[], T], attempts: int = UPLOAD_ATTEMPTS,
+             sleep: Callable[[float], None] = time.sleep) -> T:
+    delay = BACKOFF_START_S
+    for attempt in range(1, attempts + 1):
+        try:
+            return call()
+        except Exception as exc:  # noqa: BLE001 - classified right below
+            if _permanent(exc) or attempt == attempts:
+                raise StorageError(f"{what} {uri} failed after {attempt} attempt(s): {_describe(exc)}") from exc
+            log.warning("%s %s failed (%s); retry %d of %d in %.1f s", what, uri, _describe(exc), attempt,
+                        attempts - 1, delay)
+            sleep(delay)
+            delay = min(delay * 2, BACKOFF_MAX_S)
+    raise AssertionError("unreachable")
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks before training (preflight may call these too)
+
+
+def check_readable(uri: str, env: Mapping[str, str] | None = None) -> None:
+    """The URI holds at least one object this process may list."""
+    fs = filesystem(env)
+    try:
+        found = retrying("listing of", uri, lambda: fs.find(_bucket_key(uri)), attempts=CHECK_ATTEMPTS)
+    except StorageError as exc:
+        raise StorageError(f"cannot read {uri}: {_describe(exc.__cause__ or exc)}; check the bucket name, the "
+                           "endpoint (AWS_ENDPOINT_URL) and that the Secret's credentials may list and get it") from exc
+    if not found:
+        raise StorageError(f"{uri} holds no objects; upload the files there or fix the URI")
+
+
+def check_writable(uri: str, env: Mapping[str, str] | None = None) -> None:
+    """A probe object can be put under the URI and deleted again (catches read-only credentials,
+    missing buckets and bucket policies before any training time is spent)."""
+    fs = filesystem(env)
+    probe = posixpath.join(_bucket_key(uri), f".lorakube-write-check-{os.getpid()}-{time.time_ns()}")
+    try:
+        retrying("write check of", uri, lambda: fs.pipe_file(probe, b"lorakube write check\n"), attempts=CHECK_ATTEMPTS)
+    except StorageError as exc:
+        raise StorageError(f"cannot write to {uri}: {_describe(exc.__cause__ or exc)}; the bucket must exist and the "
+                           "Secret's credentials need s3:PutObject (and s3:DeleteObject) on it") from exc
+    with contextlib.suppress(Exception):
+        fs.rm_file(probe)
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs: staged once per node
+
+
+def cache_root(env: Mapping[str, str] | None = None) -> Path:
+    env = os.environ if env is None else env
+    return Path(env.get(ENV_CACHE_DIR) or DEFAULT_CACHE_DIR)
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _listing(fs: Any, uri: str) -> dict[str, dict[str, Any]]:
+    """Relative key -> {size, etag} of every object under the URI."""
+    base = _bucket_key(uri)
+    found = retrying("listing of", uri, lambda: fs.find(base, detail=True))
+    objects = {}
+    for key, info in found.items():
+        if info.get("type") == "directory":
+            continue
+        rel = posixpath.relpath(key, base) if key != base else posixpath.basename(key)
+        if rel.startswith("../") or rel in (".", ".."):
+            raise StorageError(f"{uri}: object {key} is outside the prefix")
+        objects[rel] = {"size": int(info.get("size") or 0), "etag": str(info.get("ETag") or "").strip('"')}
+    if not objects:
+        raise StorageError(f"{uri} holds no objects; upload the files there or fix the URI")
+    return objects
+
+
+def stage_key(uri: str, objects: Mapping[str, Mapping[str, Any]]) -> str:
+    """The cache folder's name: the same URI with the same object versions maps to the same folder."""
+    body = json.dumps({"uri": uri.rstrip("/"), "objects": objects}, sort_keys=True).encode()
+    return hashlib.sha256(body).hexdigest()[:32]
+
+
+def stage_input(uri: str, env: Mapping[str, str] | None = None) -> Path:
+    """A local folder holding the objects under `uri`, downloaded at most once per node and version."""
+    fs = filesystem(env)
+    objects = _listing(fs, uri)
+    key = stage_key(uri, objects)
+    root = cache_root(env) / "inputs"
+    final = root / key
+    with _locked(root / f"{key}.lock"):
+        if (final / STAGED_MARKER).is_file():
+            log.info("using %s staged before in %s", uri, final)
+            return final
+        root.mkdir(parents=True, exist_ok=True)
+        partial = Path(tempfile.mkdtemp(prefix=f".{key}.partial-", dir=root))
+        try:
+            total = sum(o["size"] for o in objects.values())
+            log.info("staging %s: %d objects, %d bytes", uri, len(objects), total)
+            base = _bucket_key(uri)
+            for rel, info in sorted(objects.items()):
+                target = partial / rel
+                if not target.resolve().is_relative_to(partial.resolve()):
+                    raise StorageError(f"{uri}: object name {rel!r} escapes the staging folder")
+                target.parent.mkdir(parents=True, exist_ok=True)
+                retrying("download of", f"{uri.rstrip('/')}/{rel}",
+                         lambda: fs.get_file(posixpath.join(base, rel), str(target)))
+                if target.stat().st_size != info["size"]:
+                    raise StorageError(f"{uri}/{rel}: got {target.stat().st_size} bytes, listed {info['size']}")
+            (partial / STAGED_MARKER).write_text(json.dumps({"uri": uri, "objects": objects}, sort_keys=True))
+            if final.exists():
+                shutil.rmtree(final)        # a leftover without the marker
+            os.replace(partial, final)
+        finally:
+            if partial.exists():
+                shutil.rmtree(partial, ignore_errors=True)
+        log.info("staged %s in %s", uri, final)
+        return final
+
+
+# ---------------------------------------------------------------------------------------------
+# Uploads
+
+
+def sha256_bytes_of(fs: Any, path: str) -> str:
+    digest = hashlib.sha256()
+    with fs.open(path, "rb", block_size=1 << 22) as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def upload_verified(fs: Any, local: Path, uri: str, sha256: str | None = None) -> None:
+    """Put one file, then HEAD it (size) and, if a sha256 is given, read it back and hash it."""
+    target = _bucket_key(uri)
+    size = local.stat().st_size
+
+    def attempt() -> None:
+        fs.put_file(str(local), target)
+        info = fs.info(target)
+        if int(info.get("size") or 0) != size:
+            raise OSError(f"HEAD says {info.get('size')} bytes, uploaded {size}")
+        if sha256 is not None and sha256_bytes_of(fs, target) != sha256:
+            raise OSError("the object read back has a different sha256")
+
+    retrying("upload to", uri, attempt)
+
+
+def upload_checkpoint(folder: Path, uri: str, env: Mapping[str, str] | None = None) -> None:
+    """A finalized local checkpoint folder to `uri` (its step-NNN prefix): objects first, marker last."""
+    from lorakube_api import contract
+
+    fs = filesystem(env)
+    marker = folder / contract.CHECKPOINT_COMPLETE_MARKER
+    files = json.loads(marker.read_text())["files"]
+    for name in sorted(files):
+        upload_verified(fs, folder / name, join(uri, name))
+    upload_verified(fs, marker, join(uri, marker.name))
+
+
+def upload_rank_files(folder: Path, uri: str, names: Iterable[str], env: Mapping[str, str] | None = None) -> None:
+    fs = filesystem(env)
+    for name in names:
+        upload_verified(fs, folder / name, join(uri, name))
+
+
+def download_files(uri: str, folder: Path, names: Iterable[str], env: Mapping[str, str] | None = None) -> None:
+    fs = filesystem(env)
+    for name in names:
+        retrying("download of", join(uri, name), lambda: fs.get_file(_bucket_key(join(uri, name)), str(folder / name)))
+
+
+def list_remote(uri: str, env: Mapping[str, str] | None = None) -> list[str]:
+    """Names directly under a prefix (files and sub-prefixes); [] when there is nothing."""
+    fs = filesystem(env)
+    try:
+        return sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(_bucket_key(uri), detail=False))
+    except FileNotFoundError:
+        return []
+    except Exception as exc:  # noqa: BLE001
+        raise StorageError(f"cannot list {uri}: {_describe(exc)}") from exc
+
+
+def exists(uri: str, env: Mapping[str, str] | None = None) -> bool:
+    return bool(filesystem(env).exists(_bucket_key(uri)))
+
+
+def remove_prefix(uri: str, first: str | None = None, env: Mapping[str, str] | None = None) -> None:
+    """Delete everything under `uri`; `first` (the COMPLETE marker) goes before the rest, so that a
+    deletion cut short never leaves something that looks complete."""
+    fs = filesystem(env)
+    if first is not None:
+        with contextlib.suppress(FileNotFoundError):
+            fs.rm_file(_bucket_key(join(uri, first)))
+    with contextlib.suppress(FileNotFoundError):
+        fs.rm(_bucket_key(uri), recursive=True)
+
+
+def read_text(uri: str, env: Mapping[str, str] | None = None) -> str:
+    return filesystem(env).cat_file(_bucket_key(uri)).decode()
+
+
+# ---------------------------------------------------------------------------------------------
+# Mapping remote locations of a run to local working folders
+
+
+@dataclasses.dataclass(frozen=True)
+class Locations:
+    """The URIs the user gave, for the flags that were remote (empty string: a local path)."""
+
+    model: str = ""
+    dataset: str = ""
+    output: str = ""
+    checkpoints: str = ""
+
+    @property
+    def any(self) -> bool:
+        return any((self.model, self.dataset, self.output, self.checkpoints))
+
+
+# local working folder -> the URI it stands for (the checkpoint callback looks it up)
+_REMOTE_OF: dict[str, str] = {}
+
+
+def remote_of(local: str | Path) -> str | None:
+    return _REMOTE_OF.get(str(Path(local)))
+
+
+def work_folder(kind: str, uri: str, env: Mapping[str, str] | None = None) -> Path:
+    name = hashlib.sha256(uri.rstrip("/").encode()).hexdigest()[:32]
+    folder = cache_root(env) / kind / name
+    folder.mkdir(parents=True, exist_ok=True)
+    _REMOTE_OF[str(folder)] = uri.rstrip("/")
+    return folder
