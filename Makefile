@@ -66,7 +66,7 @@ test-unit: env
 	$(PYTHON) -m pytest tests/unit -p no:cacheprovider $(PYTEST_ARGS)
 
 # Slow soak (~5 min on 2 cores): SIGTERM both ranks of a 2-node CPU run 20 times; every process
-# must checkpoint the step both ranks agreed on and exit 75 within 15 s (`make test` runs it twice).
+# must checkpoint the step both ranks agreed on and exit 75 within 15 s (`make test` runs it once).
 soak: env
 	LORAKUBE_SIGTERM_REPEATS=20 $(PYTHON) -m pytest tests/integration/trainer/test_shutdown.py -p no:cacheprovider -s $(PYTEST_ARGS)
 

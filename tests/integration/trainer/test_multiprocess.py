@@ -119,6 +119,7 @@ def _two_pods(tiny_flux: Path, tmp_path: Path, name: str, *extra: str) -> list[i
     return [finish(p) for p in procs]
 
 
+@pytest.mark.slow  # make test keeps exact resume in the unit tier and across a gang restart in tests/e2e
 def test_a_restarted_gang_resumes_bit_identically(tiny_flux: Path, tmp_path: Path) -> None:
     assert _two_pods(tiny_flux, tmp_path, "whole") == [0, 0]
     codes = _two_pods(tiny_flux, tmp_path, "cut", "--crash-after-step", "3")   # last checkpoint: step 2
@@ -131,6 +132,7 @@ def test_a_restarted_gang_resumes_bit_identically(tiny_flux: Path, tmp_path: Pat
         assert resumed[rank]["indices"] == whole[rank]["indices"][2:]
 
 
+@pytest.mark.slow  # costlier variant; the two-pod gloo run stays in make test
 def test_two_pods_sd3_with_gradient_checkpointing(tmp_path: Path) -> None:
     """SD3's last block computes add_q_proj but discards its output (context_pre_only): its LoRA
     gets an exactly-zero gradient, which DDP must still all-reduce without complaint."""
@@ -150,6 +152,7 @@ def test_two_pods_sd3_with_gradient_checkpointing(tmp_path: Path) -> None:
     assert probes[0]["lora_sha256"] == probes[1]["lora_sha256"]
 
 
+@pytest.mark.slow  # costlier variant; the two-pod gloo run stays in make test
 def test_torchrun_launch_needs_no_other_settings(tiny_flux: Path, tmp_path: Path) -> None:
     port, procs, logs = free_port(), [], []
     for node in (0, 1):

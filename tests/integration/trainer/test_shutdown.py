@@ -3,7 +3,7 @@ and exit EXIT_RETRYABLE within seconds, however the signal meets the ranks' coll
 at once: a gang restart, a suspend, a job deletion; or one rank only: an eviction, a spot notice);
 the next attempt resumes at that step + 1 and ends with the LoRA of an uninterrupted run.
 
-The number of every-rank-at-once repetitions is LORAKUBE_SIGTERM_REPEATS (default 2); `make soak`
+The number of every-rank-at-once repetitions is LORAKUBE_SIGTERM_REPEATS (default 1); `make soak`
 runs 20.
 """
 
@@ -25,7 +25,7 @@ from test_multiprocess import (base_env, finish, flags, free_port, start,  # noq
 from lorakube_api import contract
 from lorakube_trainer import checkpoint as ckpt
 
-REPEATS = int(os.environ.get("LORAKUBE_SIGTERM_REPEATS", "2"))
+REPEATS = int(os.environ.get("LORAKUBE_SIGTERM_REPEATS", "1"))
 # Every pod exits within this: the rest of one tiny step + one tiny checkpoint + exit. About 1.3 s
 # measured; the margin is for 2 cores shared with other test runs (a first step once took 10 s).
 EXIT_BUDGET_S = 15.0
