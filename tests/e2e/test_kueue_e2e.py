@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from localcluster import kueue as kueue_mod
+from localcluster.pytest_plugin import wait_for as cluster_wait_for
 from lorakube import queueing
 from lorakube_api import contract
 from lorakube_dev import sandbox
@@ -60,14 +61,8 @@ def condition(status: dict, type_: str) -> dict:
     return next((c for c in status.get("conditions") or [] if c["type"] == type_), {})
 
 
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.5):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
+def wait_for(predicate, timeout: float, what: str):
+    return cluster_wait_for(what, predicate, timeout, every=0.5)
 
 
 def test_the_second_job_stays_queued_until_the_first_finishes(local_cluster, queue_namespace, data_dir,
