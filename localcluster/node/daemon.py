@@ -31,7 +31,7 @@ from .prober import ProbeWorker
 from .probes import Probe, ProbeTracker, initial_result, parse_probes
 from .restarts import RESTART_POLICIES, BackOff, BackOffEntry, backoff_message, should_restart
 from .runtime import ContainerProcess, Exit, LaunchSpec
-from .status import ContainerRun, PodRun, now_rfc3339, reason_for_exit
+from .status import ContainerRun, PodRun, now_rfc3339, reason_for_exit, status_patch
 from .volumes import PodVolumes, VolumeBuilder, container_mounts
 
 log = logging.getLogger(__name__)
@@ -806,8 +806,8 @@ class NodeDaemon:
     def _patch_status(self, meta: Mapping[str, Any], status: dict[str, Any]) -> None:
         path = f"/api/v1/namespaces/{meta['namespace']}/pods/{meta['name']}/status"
         try:
-            self.api.patch(path, {"metadata": {"uid": meta["uid"]}, "status": status},
-                           strategic=True)
+            self.api.patch(path, {"metadata": {"uid": meta["uid"]},
+                                  "status": status_patch(status)}, strategic=True)
         except ApiError as exc:
             if exc.status == 422:  # a status the apiserver refuses will not improve by retrying
                 log.error("status of pod %s/%s rejected: %s", meta["namespace"], meta["name"], exc)

@@ -218,3 +218,32 @@ class PodRun:
         if self.reason:
             status["reason"] = self.reason
         return status
+
+
+# Keys a status may drop between two reports. The node sends its status as a strategic merge
+# patch, which merges maps (and list entries by their key) instead of replacing them: a key left
+# out keeps its old value. Without explicit nulls a condition that turned True kept the
+# ContainersNotReady reason and message of its False days, and a container state kept `waiting`
+# next to `running` (kubelet avoids this by diffing old and new status into its patch).
+_CONDITION_OPTIONAL = ("reason", "message")
+_STATES = ("waiting", "running", "terminated")
+
+
+def status_patch(status: dict[str, Any]) -> dict[str, Any]:
+    """`status` (from PodRun.to_status) as a strategic-merge patch body that also removes what
+    the new status no longer has (pure)."""
+    patch = dict(status)
+    patch["conditions"] = [{**{k: None for k in _CONDITION_OPTIONAL}, **c}
+                           for c in status.get("conditions", [])]
+    for key in ("containerStatuses", "initContainerStatuses"):
+        if key in status:
+            patch[key] = [_container_patch(c) for c in status[key]]
+    return patch
+
+
+def _container_patch(container: dict[str, Any]) -> dict[str, Any]:
+    state = {k: None for k in _STATES}
+    for kind, detail in container.get("state", {}).items():
+        # Optional fields inside the current state (a waiting message, a terminated message).
+        state[kind] = {**{"message": None}, **detail}
+    return {**container, "state": state}

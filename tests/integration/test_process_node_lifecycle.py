@@ -295,7 +295,7 @@ def test_deployment_with_readiness_probe_becomes_available(local_cluster: Any,
                     "readinessProbe": {"httpGet": {"path": "/healthz", "port": "http"},
                                        "periodSeconds": 1},
                     # Generous: on a loaded machine a slow start must not look like death.
-                    "livenessProbe": {"tcpSocket": {"port": 8080}, "initialDelaySeconds": 3,
+                    "livenessProbe": {"tcpSocket": {"port": 8080}, "initialDelaySeconds": 15,
                                       "periodSeconds": 1, "failureThreshold": 10,
                                       "timeoutSeconds": 3},
                 }]}},
@@ -319,6 +319,11 @@ def test_deployment_with_readiness_probe_becomes_available(local_cluster: Any,
     assert len({p["status"]["podIP"] for p in pods}) == 2  # two pods, one port each
     assert all(container_status(p)["restartCount"] == 0 for p in pods), story()
     assert all(conditions(p)["Ready"] == "True" for p in pods)
+    # Ready after a NotReady spell: the old reason/message must be gone, not merged into it.
+    for pod in pods:
+        for cond in pod["status"]["conditions"]:
+            if cond["type"] in ("Ready", "ContainersReady"):
+                assert "reason" not in cond and "message" not in cond, story()
     never_restarted = local_cluster.kubectl("logs", pods[0]["metadata"]["name"], "-n", ns,
                                             "--previous")
     assert never_restarted.returncode != 0

@@ -21,7 +21,7 @@ from localcluster.node.probes import (
     Exec, HttpGet, Probe, ProbeTracker, TcpSocket, initial_result, parse_probes,
 )
 from localcluster.node.restarts import BackOff, backoff_message, should_restart
-from localcluster.node.status import ContainerRun, PodRun
+from localcluster.node.status import ContainerRun, PodRun, status_patch
 
 
 # -- restart policy and back-off ---------------------------------------------------------------
@@ -136,6 +136,33 @@ def test_readiness_and_startup_verdicts_drive_ready_and_started() -> None:
     assert _conditions(run.to_status())["ContainersReady"] == "False"
     web.readiness = True
     assert _conditions(run.to_status()).items() >= {"Ready": "True", "ContainersReady": "True"}.items()
+
+
+def test_the_status_patch_clears_what_a_restart_and_readiness_left_behind() -> None:
+    """The node reports with a strategic merge patch, which keeps any key the patch leaves out:
+    once a restarted container turns ready, the patch must remove the old ContainersNotReady
+    reason/message and the `waiting` state, or the pod reads Ready True 'with unready status'."""
+    run, (web,) = _running_pod("web")
+    web.readiness = False
+    web.terminate(143, "Error")
+    web.await_restart("CrashLoopBackOff", "back-off 10s restarting failed container=web")
+    before = status_patch(run.to_status())
+    ready = next(c for c in before["conditions"] if c["type"] == "Ready")
+    assert ready["reason"] == "ContainersNotReady" and ready["status"] == "False"
+
+    web.begin_instance(200)
+    web.state, web.started_at = "running", "2026-01-01T00:00:05Z"
+    web.readiness = True
+    patch = status_patch(run.to_status())
+    for kind in ("Ready", "ContainersReady"):
+        cond = next(c for c in patch["conditions"] if c["type"] == kind)
+        assert cond["status"] == "True"
+        assert cond["reason"] is None and cond["message"] is None  # null: delete on merge
+    (cs,) = patch["containerStatuses"]
+    assert cs["restartCount"] == 1 and cs["ready"] is True
+    assert cs["state"]["waiting"] is None and cs["state"]["terminated"] is None
+    assert cs["state"]["running"]["startedAt"] == "2026-01-01T00:00:05Z"
+    assert cs["lastState"]["terminated"]["exitCode"] == 143
 
 
 # -- probe parsing -----------------------------------------------------------------------------
