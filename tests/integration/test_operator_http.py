@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -18,23 +16,6 @@ from localcluster.pytest_plugin import wait_for
 pytestmark = pytest.mark.cluster
 
 LEASE = ["--lease-duration", "4", "--renew-deadline", "3", "--retry-period", "0.5"]
-
-
-@pytest.fixture
-def operator_kubeconfig(local_cluster) -> Path:
-    sandbox.install(local_cluster.cluster.kubectl, "lorakube-e2e-setup")
-    token = sandbox.operator_token(local_cluster.cluster.kubectl)
-    return local_cluster.kubeconfig_for_token(token, user="lorakube-operator")
-
-
-@pytest.fixture
-def lease_reset(local_cluster) -> Iterator[None]:
-    def delete() -> None:
-        local_cluster.kubectl("delete", "lease", leader.LEASE_NAME, "-n", sandbox.OPERATOR_NAMESPACE,
-                              "--ignore-not-found")
-    delete()
-    yield
-    delete()
 
 
 def get(url: str) -> tuple[int, str]:

@@ -11,7 +11,6 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import pytest
 
@@ -63,23 +62,6 @@ def test_only_one_replica_leads_and_a_follower_takes_over_an_expired_lease(local
 
 
 # --- two real `lorakube operator --leader-elect` processes ---------------------------------------
-
-
-@pytest.fixture
-def operator_kubeconfig(local_cluster) -> Path:
-    sandbox.install(local_cluster.cluster.kubectl, "lorakube-e2e-setup")
-    token = sandbox.operator_token(local_cluster.cluster.kubectl)
-    return local_cluster.kubeconfig_for_token(token, user="lorakube-operator")
-
-
-@pytest.fixture
-def lease_reset(local_cluster) -> Iterator[None]:
-    def delete() -> None:
-        local_cluster.kubectl("delete", "lease", leader.LEASE_NAME, "-n", sandbox.OPERATOR_NAMESPACE,
-                              "--ignore-not-found")
-    delete()
-    yield
-    delete()
 
 
 @pytest.fixture
