@@ -115,7 +115,7 @@ class S3Server:
                     if response.status == 200:
                         return
             except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
+                pass  # not listening yet: poll again until the deadline below
             time.sleep(0.1)
         raise RuntimeError(f"versitygw did not answer on {self.endpoint}{HEALTH_PATH} within {timeout:.0f} s")
 

@@ -148,7 +148,7 @@ def _run_kopf(operator: Coroutine[Any, Any, None], health: Any) -> None:
         try:
             runner.run(operator)
         except asyncio.CancelledError:
-            pass
+            pass  # Kopf's own shutdown (SIGTERM) cancels the main task: a normal stop, not an error
 
 
 def _check_api(health: Any, stop: threading.Event, user_agent: str) -> None:

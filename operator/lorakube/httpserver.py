@@ -25,7 +25,7 @@ DISABLED = ("", "off")
 
 
 class AddressError(ValueError):
-    pass
+    """--http-address is not HOST:PORT (or off); the message names the flag and the fix."""
 
 
 def parse_address(value: str) -> tuple[str, int] | None:
