@@ -150,9 +150,12 @@ class Kube:
             {"status": dict(patch)}, _content_type=MERGE_PATCH)
 
     def delete_job(self, namespace: str, name: str) -> None:
+        self._delete_custom(contract.API_GROUP, contract.API_VERSION, namespace, contract.PLURAL, name)
+
+    def _delete_custom(self, group: str, version: str, namespace: str, plural: str, name: str) -> None:
+        """Delete a custom object; one that is already gone is what the caller wanted."""
         try:
-            self.custom.delete_namespaced_custom_object(
-                contract.API_GROUP, contract.API_VERSION, namespace, contract.PLURAL, name)
+            self.custom.delete_namespaced_custom_object(group, version, namespace, plural, name)
         except ApiException as exc:
             if exc.status != 404:
                 raise
@@ -227,12 +230,8 @@ class Kube:
         return queueing.workload_from_body(body)
 
     def delete_workload(self, namespace: str, name: str) -> None:
-        try:
-            self.custom.delete_namespaced_custom_object(
-                queueing.WORKLOAD_GROUP, queueing.WORKLOAD_VERSION, namespace, queueing.WORKLOAD_PLURAL, name)
-        except ApiException as exc:
-            if exc.status != 404:
-                raise
+        self._delete_custom(queueing.WORKLOAD_GROUP, queueing.WORKLOAD_VERSION, namespace, queueing.WORKLOAD_PLURAL,
+                            name)
 
     def log_tail(self, namespace: str, name: str, lines: int) -> str | None:
         try:

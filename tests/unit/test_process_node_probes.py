@@ -241,7 +241,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     seen: list[dict[str, str]] = []
 
     def log_message(self, *args: Any) -> None:
-        pass
+        """Keep the test output quiet: the requests are recorded in `seen`, not logged."""
 
     def do_GET(self) -> None:  # noqa: N802 - stdlib name
         _Handler.seen.append(dict(self.headers))
