@@ -29,6 +29,7 @@ from .families import get_family
 from .families.base import Family
 from .metrics_server import TrainingMetrics, serve_from_env
 from .module import LoRAModule
+from .pretrained import start_from_lora
 from .progress import ProgressReporter, publish_artifacts, reporter_from_env
 from .strategies import StrategyPlan, build_strategy, lightning_precision, resolve_precision, weight_dtype
 from .validation import generate_images, save_grid
@@ -144,7 +145,8 @@ def _artifacts_only(cfg: TrainConfig, family: Family, targets: list[str], loaded
     if rank != 0:
         return RunResult(rank, loaded.step, None, None)
     reporter_from_env(cfg.total_steps, env, live).report(loaded.step, cfg.epoch_of_step(loaded.step), None, 0, force=True)
-    state = dict(loaded.trainable)
+    # The run exports its moving average when it kept one (--ema_decay), as a finished run does.
+    state = dict(loaded.ema() or loaded.trainable) if cfg.ema_decay else dict(loaded.trainable)
     return RunResult(0, loaded.step, state,
                      write_artifacts(cfg, family, targets, state, loaded.step, on_gpu, topology, where))
 
@@ -161,6 +163,9 @@ def _build_module(cfg: TrainConfig, family: Family, targets: list[str], dtype: t
     if loaded is not None:
         family.set_lora_state_dict(module.denoiser, loaded.trainable)
         module.step_offset = loaded.step
+        module.resumed_ema = loaded.ema()
+    elif cfg.pretrained_lora_path:
+        start_from_lora(family, module.denoiser, cfg)
     return module
 
 
@@ -179,6 +184,9 @@ def trainer_kwargs(cfg: TrainConfig, topology: Topology, on_gpu: bool, remaining
         max_epochs=1,
         max_steps=remaining_steps,
         accumulate_grad_batches=cfg.accumulate_grad_batches,
+        # Clips the LoRA gradients' global norm (DeepSpeed takes it into its own config).
+        gradient_clip_val=cfg.max_grad_norm or None,
+        gradient_clip_algorithm="norm",
         logger=False,
         enable_checkpointing=False,     # checkpoints are ours: LoRA + optimizer only (callbacks.save_checkpoint)
         enable_progress_bar=False,
