@@ -175,3 +175,17 @@ def test_an_interrupted_run_with_every_knob_resumes_bit_identically(make_cfg, tm
     name = contract.ARTIFACT_LORA_DIFFUSERS
     assert sha256(tmp_path / "whole" / name) == sha256(tmp_path / "cut" / name)
     assert [m["lr"] for m in _metrics(cut)] == [m["lr"] for m in _metrics(make_cfg(*args, output=tmp_path / "whole"))]
+
+
+def test_a_rerun_after_the_last_checkpoint_exports_the_same_ema(make_cfg) -> None:
+    """A crash while writing the artifacts: the next attempt finds the last step's checkpoint and
+    writes the artifacts only; the LoRA it exports must still be the EMA, not the raw weights."""
+    cfg = make_cfg("--ema_decay", "0.5", "--checkpoint_every_n_steps", "4", "--learning_rate", "0.01",
+                   "--output_formats", "diffusers")
+    first = _run(cfg)
+    lora = Path(cfg.output_path) / contract.ARTIFACT_LORA_DIFFUSERS
+    exported = sha256(lora)
+    lora.unlink()
+    again = _run(cfg)
+    assert sha256(lora) == exported
+    assert all(torch.equal(first.final_lora[k], again.final_lora[k]) for k in first.final_lora)
