@@ -177,13 +177,15 @@ TRAINING_FLAGS: dict[str, str] = {
     "maxGradNorm": "--max_grad_norm",
     "loraDropout": "--lora_dropout",
     "emaDecay": "--ema_decay",
+    "aspectRatioBuckets": "--aspect_ratio_buckets",
 }
 # How the learning rate moves over the run (--lr_scheduler): constant is the original trainer's.
 # Each first ramps up linearly over --lr_warmup_steps (0: no warm-up).
 LR_SCHEDULERS = ("constant", "linear", "cosine")
 
 # Boolean flags are store_true switches: present when true, absent when false.
-BOOLEAN_TRAINING_FLAGS = frozenset({"centerCrop", "randomFlip", "gradientCheckpointing", "cacheLatents"})
+BOOLEAN_TRAINING_FLAGS = frozenset({"centerCrop", "randomFlip", "gradientCheckpointing", "cacheLatents",
+                                    "aspectRatioBuckets"})
 
 # What stepsPerEpoch / --steps_per_epoch counts, word for word in the CRD's description (kubectl
 # explain) and in `lorakube-train --help`; a unit test holds both to this text. Optimizer steps,

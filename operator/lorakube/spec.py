@@ -96,6 +96,7 @@ class TrainingSpec:
     validation_prompts: tuple[str, ...] = _flag("validationPrompts", ())
     validation_every_steps: int = _flag("validationEverySteps", 0)
     cache_latents: bool = _flag("cacheLatents", False)
+    aspect_ratio_buckets: bool = _flag("aspectRatioBuckets", False)
     lr_scheduler: str = _flag("lrScheduler", "constant")
     lr_warmup_steps: int = _flag("lrWarmupSteps", 0)
     max_grad_norm: float = _flag("maxGradNorm", 0.0)
@@ -384,6 +385,7 @@ def _parse_training(section: Mapping[str, Any], family: str) -> TrainingSpec:
         validation_prompts=prompts,
         validation_every_steps=_int(section, "validationEverySteps", f, defaults.validation_every_steps, 0),
         cache_latents=_bool(section, "cacheLatents", f, defaults.cache_latents),
+        aspect_ratio_buckets=_bool(section, "aspectRatioBuckets", f, defaults.aspect_ratio_buckets),
         lr_scheduler=_enum(section, "lrScheduler", f, defaults.lr_scheduler, contract.LR_SCHEDULERS),
         lr_warmup_steps=_int(section, "lrWarmupSteps", f, defaults.lr_warmup_steps, 0),
         max_grad_norm=_number(section, "maxGradNorm", f, defaults.max_grad_norm, 0.0, None),

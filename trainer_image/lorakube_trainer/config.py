@@ -57,6 +57,7 @@ class TrainConfig:
     width: int
     center_crop: bool
     random_flip: bool
+    aspect_ratio_buckets: bool                      # each image at the nearest bucket of ~height x width pixels
     batch_size: int
     dataloader_num_workers: int
     precision: str | None                           # one of contract.PRECISIONS; None: by accelerator
@@ -135,6 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(flags["width"], type=int, default=1024)
     p.add_argument(flags["centerCrop"], action="store_true")
     p.add_argument(flags["randomFlip"], action="store_true")
+    p.add_argument(flags["aspectRatioBuckets"], action="store_true",
+                   help="train each image at the aspect-ratio bucket nearest its own shape, of about "
+                        "height x width pixels, instead of cropping every image to height x width; "
+                        "each batch holds one bucket")
     p.add_argument(flags["batchSize"], type=int, default=1)
     p.add_argument(flags["dataloaderNumWorkers"], type=int, default=0)
     p.add_argument(flags["precision"], default=None, choices=contract.PRECISIONS + tuple(PRECISION_ALIASES),
@@ -356,6 +361,7 @@ def _validate(ns: argparse.Namespace, env: dict[str, str]) -> TrainConfig:
         width=ns.width,
         center_crop=ns.center_crop,
         random_flip=ns.random_flip,
+        aspect_ratio_buckets=ns.aspect_ratio_buckets,
         batch_size=ns.batch_size,
         dataloader_num_workers=ns.dataloader_num_workers,
         precision=None if ns.precision is None else PRECISION_ALIASES.get(ns.precision, ns.precision),

@@ -57,7 +57,7 @@ class LoRAModule(pl.LightningModule):
             family.enable_gradient_checkpointing(self.denoiser)
         self.denoiser.train()
         self.last_micro_batch_loss = torch.zeros(())
-        self._cache: tuple[list[Record], Path] | None = None
+        self._cache: tuple[list[Record], Path, list[tuple[int, int]] | None] | None = None
         self.step_offset = 0                    # optimizer steps done before this process started (resume)
         self.ema: LoraEma | None = None         # --ema_decay; made once the weights sit on their device
         self.resumed_ema: dict[str, torch.Tensor] | None = None
@@ -90,15 +90,16 @@ class LoRAModule(pl.LightningModule):
             if isinstance(component, torch.nn.Module) and component is not self.denoiser:
                 component.to(device)
 
-    def enable_latent_cache(self, records: list[Record], folder: Path) -> None:
-        self._cache = (records, folder)
+    def enable_latent_cache(self, records: list[Record], folder: Path,
+                            sizes: list[tuple[int, int]] | None = None) -> None:
+        self._cache = (records, folder, sizes)
 
     def on_fit_start(self) -> None:
         self.encoders_to(self.device)
         if self._cache is None:
             return
-        records, folder = self._cache
-        done = build_cache(self.family, self.pipe, records, self.cfg, folder, device=self.device,
+        records, folder, sizes = self._cache
+        done = build_cache(self.family, self.pipe, records, self.cfg, folder, device=self.device, sizes=sizes,
                            dtype=self.weight_dtype, rank=self.global_rank, world_size=self.trainer.world_size,
                            barrier=lambda: self.trainer.strategy.barrier("lorakube-latent-cache"))
         log.info("latent cache %s: this rank encoded %d of %d records", folder, done, len(records))

@@ -153,7 +153,7 @@ def test_lora_targets_are_comma_joined_and_gpu_jobs_ask_for_gpus(job_spec):
 
 def test_the_training_knobs_and_a_pretrained_lora_reach_the_trainer(job_spec):
     job_spec["training"].update(lrScheduler="cosine", lrWarmupSteps=50, maxGradNorm=1, loraDropout=0.1,
-                                emaDecay=0.999)
+                                emaDecay=0.999, aspectRatioBuckets=True)
     job_spec["model"]["pretrainedLoraUri"] = "s3://loras/cats-v1"
     args = builders.trainer_args(parse_job("cats", job_spec))
     pairs = dict(zip(args[::2], args[1::2]))
@@ -161,6 +161,7 @@ def test_the_training_knobs_and_a_pretrained_lora_reach_the_trainer(job_spec):
                                   "--ema_decay", "--pretrained_lora_path")} == {
         "--lr_scheduler": "cosine", "--lr_warmup_steps": "50", "--max_grad_norm": "1.0", "--lora_dropout": "0.1",
         "--ema_decay": "0.999", "--pretrained_lora_path": "s3://loras/cats-v1"}
+    assert "--aspect_ratio_buckets" in args
 
 
 @pytest.mark.parametrize(("field", "value", "says"), [
