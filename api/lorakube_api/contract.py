@@ -269,6 +269,15 @@ FLAG_OUTPUT_PATH = "--output_path"
 FLAG_CHECKPOINT_DIR = "--checkpoint_dir"
 FLAG_OUTPUT_FORMATS = "--output_formats"
 FLAG_RESUME = "--resume"
+# spec.dataset.format -> --dataset_format, .captionDropout -> --caption_dropout, .defaultCaption ->
+# --default_caption (an empty string too), .maxImagePixels -> --max_image_pixels (README "Data formats").
+FLAG_DATASET_FORMAT = "--dataset_format"
+FLAG_CAPTION_DROPOUT = "--caption_dropout"
+FLAG_DEFAULT_CAPTION = "--default_caption"
+FLAG_MAX_IMAGE_PIXELS = "--max_image_pixels"
+DATASET_FORMATS = ("auto", "csv", "jsonl", "txt", "kohya")
+# Pillow's own decompression-bomb error threshold (2 x Image.MAX_IMAGE_PIXELS): larger images are refused.
+DEFAULT_MAX_IMAGE_PIXELS = 178_956_970
 FLAG_PREFLIGHT = "--preflight"   # run the preflight checks only, exit 0 or the failed check's code
 # spec.resources.gpusPerNode 0 -> --accelerator cpu (one CPU process per node even where GPUs show);
 # more -> --accelerator gpu (never a silent fall back to CPU; preflight counts the GPUs it sees).
