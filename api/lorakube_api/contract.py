@@ -38,6 +38,9 @@ EXIT_USER_ERROR = 1          # generic user/config error: fail the job at once
 EXIT_INVALID_ARGS = 2        # bad CLI/config values (argparse's own code)
 EXIT_OUT_OF_MEMORY = 3       # CUDA out of memory: fail at once, the same settings run out again
 EXIT_DATASET_ERROR = 65      # EX_DATAERR: the dataset is malformed (names the file/row)
+# The trainer's line for EXIT_DATASET_ERROR reads "<prefix>: <file or row>: <problem>", which the
+# operator quotes into the job's condition (reason InvalidDataset).
+DATASET_ERROR_PREFIX = "dataset"
 EXIT_RETRYABLE = 75          # EX_TEMPFAIL: rendezvous/NCCL timeout, transient storage: retry the gang
 
 # Preflight, the trainer's first stage (before torch loads, before any training time): one code

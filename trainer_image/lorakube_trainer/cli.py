@@ -129,7 +129,7 @@ def _train(cfg: TrainConfig, env: Mapping[str, str] | None = None) -> int:
     except ConfigError as exc:
         return _fail(contract.EXIT_INVALID_ARGS, str(exc))
     except DatasetError as exc:
-        return _fail(contract.EXIT_DATASET_ERROR, f"dataset: {exc}")
+        return _fail(contract.EXIT_DATASET_ERROR, f"{contract.DATASET_ERROR_PREFIX}: {exc}")
     except CheckpointError as exc:
         return _fail(contract.EXIT_USER_ERROR, str(exc))
     except StorageError as exc:

@@ -351,29 +351,31 @@ def check_image(record: Record, max_pixels: int) -> None:
 
 
 def allow_pixels(max_pixels: int) -> None:
-    """Pillow's own bomb guard warns above MAX_IMAGE_PIXELS and refuses above twice that. Every image
-    this process trains on was checked against `max_pixels` here, so the guard follows the same
-    limit: a limit raised by the user is not undone by Pillow's default when a sample is decoded."""
+    """Pillow's own bomb guard warns above Image.MAX_IMAGE_PIXELS and refuses above twice that.
+    Every image this process trains on was checked against `max_pixels`, so the guard is raised to
+    it where it is lower (a limit the user raised is not undone when a sample is decoded); it is
+    never lowered, which would only turn our refusals into Pillow's warnings elsewhere."""
     from PIL import Image
 
-    Image.MAX_IMAGE_PIXELS = max_pixels
+    if Image.MAX_IMAGE_PIXELS is not None and max_pixels > Image.MAX_IMAGE_PIXELS:
+        Image.MAX_IMAGE_PIXELS = max_pixels
 
 
 def check_images(records: list[Record], max_pixels: int, threads: int = CHECK_THREADS) -> None:
     """Step 2: every distinct image, reads overlapped; the first bad one in dataset order is named.
     Pillow's guard is off meanwhile: check_image compares every header with `max_pixels` itself,
-    before anything is decoded, and names the file (Pillow would warn or raise without it)."""
+    before anything is decoded, and names the file (Pillow would warn, or raise without the size)."""
     from PIL import Image
 
-    Image.MAX_IMAGE_PIXELS = None
     unique = list({r.path: r for r in reversed(records)}.values())[::-1]
+    guard, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="dataset-check")
     try:
         for _ in pool.map(lambda r: check_image(r, max_pixels), unique):
             pass
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
-        allow_pixels(max_pixels)
+        Image.MAX_IMAGE_PIXELS = guard
 
 
 def load_records(dataset_path: str | Path, max_pixels: int = contract.DEFAULT_MAX_IMAGE_PIXELS, *,

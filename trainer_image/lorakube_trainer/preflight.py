@@ -132,7 +132,7 @@ def check_dataset(cfg: TrainConfig) -> None:
         load_records(cfg.dataset_path, cfg.max_image_pixels, dataset_format=cfg.dataset_format,
                      default_caption=cfg.default_caption)
     except DatasetError as exc:
-        raise PreflightFailed(contract.EXIT_DATASET_ERROR, "dataset", str(exc)) from exc
+        raise PreflightFailed(contract.EXIT_DATASET_ERROR, contract.DATASET_ERROR_PREFIX, str(exc)) from exc
 
 
 def dataset_checked_env(cfg: TrainConfig) -> dict[str, str]:
