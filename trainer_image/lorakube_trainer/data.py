@@ -6,8 +6,9 @@ holds a record `repeats` times. --caption_dropout replaces a sample's caption wi
 probability.
 
 Determinism: which record a sample shows, how it is cropped/flipped and whether its caption is
-dropped are pure functions of (seed, epoch, position in the epoch's global order). Nothing here touches the global RNGs, so a
-resumed run sees exactly the samples the interrupted one would have seen next.
+dropped are pure functions of (seed, epoch, position in the epoch's global order). Nothing here
+touches the global RNGs, so a resumed run sees exactly the samples the interrupted one would have
+seen next.
 """
 
 from __future__ import annotations

@@ -136,8 +136,8 @@ def find_dataset(dataset_path: str | Path, dataset_format: str = FORMAT_AUTO) ->
     raise DatasetError(f"no dataset in {root}: {_expected(root)}")
 
 
-# Backwards-compatible name: preflight and older callers looked for the metadata file only.
 def find_metadata(dataset_path: str | Path) -> Path:
+    """The original layout's metadata.csv (DatasetError without one), for callers that need only it."""
     return find_dataset(dataset_path, FORMAT_CSV).source
 
 
@@ -217,7 +217,8 @@ def _read_jsonl(source: Path, base: Path, default: str | None) -> list[Record]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise DatasetError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno}); one object per line") from exc
+            raise DatasetError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno}); "
+                               "one object per line") from exc
         if not isinstance(row, dict):
             raise DatasetError(f"{where}: a JSON {type(row).__name__}, not an object like "
                                f'{{"{FILE_COLUMN}": "a.png", "text": "..."}}')
@@ -296,7 +297,8 @@ def read_records(dataset_path: str | Path, dataset_format: str = FORMAT_AUTO,
         raise DatasetError(f"{found.source.name} links outside the dataset folder ({source}); copy it in instead")
     base = source.parent if found.format in (FORMAT_CSV, FORMAT_JSONL) else source
     if found.format in (FORMAT_CSV, FORMAT_JSONL):
-        reader: Callable[[Path, Path, str | None], list[Record]] = _read_csv if found.format == FORMAT_CSV else _read_jsonl
+        reader: Callable[[Path, Path, str | None], list[Record]] = (
+            _read_csv if found.format == FORMAT_CSV else _read_jsonl)
         records = reader(source, base, default_caption)
     elif found.format == FORMAT_KOHYA:
         records = _read_kohya(source, base, default_caption)
@@ -304,7 +306,8 @@ def read_records(dataset_path: str | Path, dataset_format: str = FORMAT_AUTO,
         records = _read_folder(source, base, default_caption)
     if not records:
         what = {FORMAT_CSV: "add one line per image as file_name,text",
-                FORMAT_JSONL: 'add one line per image as {"file_name": ..., "text": ...}'}.get(found.format, "add images")
+                FORMAT_JSONL: 'add one line per image as {"file_name": ..., "text": ...}'}.get(found.format,
+                                                                                              "add images")
         raise DatasetError(f"{found.source}: no rows; {what}")
     return found, records
 

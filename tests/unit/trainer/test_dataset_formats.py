@@ -49,7 +49,8 @@ def png_claiming(width: int, height: int) -> bytes:
             + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b""))
 
 
-def csv_dataset(root: Path, rows: list[str], images: tuple[str, ...] = ("a.png",), header: str = "file_name,text") -> Path:
+def csv_dataset(root: Path, rows: list[str], images: tuple[str, ...] = ("a.png",),
+                header: str = "file_name,text") -> Path:
     for name in images:
         png(root / "train" / name)
     (root / "train" / "metadata.csv").write_text("\n".join([header, *rows]) + "\n")
@@ -172,7 +173,8 @@ def test_caption_dropout_is_a_pure_function_of_seed_and_sample_and_leaves_crops_
 def test_caption_flags_and_their_errors(make_cfg) -> None:
     cfg = make_cfg("--dataset_format", "kohya", "--caption_dropout", "0.1", "--default_caption", "",
                    "--max_image_pixels", "1000000")
-    assert (cfg.dataset_format, cfg.caption_dropout, cfg.default_caption, cfg.max_image_pixels) == ("kohya", 0.1, "", 10**6)
+    assert (cfg.dataset_format, cfg.caption_dropout, cfg.default_caption, cfg.max_image_pixels) == (
+        "kohya", 0.1, "", 10**6)
     plain = make_cfg()
     assert (plain.dataset_format, plain.caption_dropout, plain.default_caption, plain.max_image_pixels) == (
         "auto", 0.0, None, contract.DEFAULT_MAX_IMAGE_PIXELS)
@@ -279,7 +281,8 @@ def _truncated_jpeg(tmp_path: Path) -> Path:
 
 
 def _bomb(tmp_path: Path) -> Path:
-    root = jsonl_dataset(tmp_path / "ds", [{"file_name": "a.png", "text": "ok"}, {"file_name": "bomb.png", "text": "x"}])
+    root = jsonl_dataset(tmp_path / "ds", [{"file_name": "a.png", "text": "ok"},
+                                           {"file_name": "bomb.png", "text": "x"}])
     (root / "bomb.png").write_bytes(png_claiming(30_000, 30_000))
     return root
 
@@ -465,8 +468,8 @@ def test_kohya_dataset_with_caption_dropout_resumes_bit_identically(tmp_path: Pa
         return parse_config(["--model_family", "flux", "--model_path", str(toy_model), "--dataset_path", str(root),
                              "--output_path", str(tmp_path / out), "--height", "16", "--width", "16", "--precision",
                              "32", "--steps_per_epoch", "3", "--max_epochs", "2", "--batch_size", "2",
-                             "--checkpoint_every_n_steps", "2", "--output_formats", "diffusers", "--validation_inference_steps",
-                             "1", "--caption_dropout", "0.5", "--random_flip",
+                             "--checkpoint_every_n_steps", "2", "--output_formats", "diffusers",
+                             "--validation_inference_steps", "1", "--caption_dropout", "0.5", "--random_flip",
                              *(("--cache_latents", "--center_crop") if cached else ()), *extra], env={})
 
     whole_family = ToyFamily()

@@ -125,8 +125,9 @@ def test_a_dataset_without_metadata_fails_the_dataset_check(good, tmp_path):
     (tmp_path / "empty").mkdir()
     exc = raised(lambda: preflight.check_dataset(cfg_for({**good, "dataset": tmp_path / "empty"})))
     assert exc.code == contract.EXIT_PREFLIGHT_DATASET
-    assert str(exc).startswith(f"PreflightFailed: dataset not readable: {tmp_path / 'empty'} (no dataset in "
-                               f"{tmp_path / 'empty'}: expected one of: {tmp_path / 'empty' / 'train' / 'metadata.csv'}")
+    empty = tmp_path / "empty"
+    assert str(exc).startswith(f"PreflightFailed: dataset not readable: {empty} (no dataset in {empty}: "
+                               f"expected one of: {empty / 'train' / 'metadata.csv'}")
 
 
 def test_a_metadata_file_that_cannot_be_read_fails_the_dataset_check(good):
