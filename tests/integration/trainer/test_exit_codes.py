@@ -61,6 +61,8 @@ def test_a_dataset_error_on_local_rank_1_is_the_pods_exit_code(tiny_flux: Path, 
     last = log.strip().splitlines()[-1]
     assert "local rank 1 (global rank 1) exited with code 65" in last and bad_image in last, log[-4000:]
     assert "cannot decode image" in last
+    # The pod's preflight read every image header once; the two ranks only listed the records.
+    assert log.count("images (headers checked by preflight)") == 2, log[-4000:]
     # Local rank 0 did not wait for the (30 minute) collective timeout: it either noticed the lost
     # peer itself (75, outranked by the dataset error) or the launcher stopped it.
     rank0 = [line for line in log.splitlines() if line.startswith("lorakube-train: local rank 0 (global rank 0)")]
