@@ -115,8 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     flags = contract.TRAINING_FLAGS
     p.add_argument("--config", help="YAML file whose keys are these flag names (flags given here override it)")
     p.add_argument(contract.FLAG_PREFLIGHT, action="store_true",
-                   help="only run the preflight checks (output and checkpoint writable, model and dataset "
-                        "readable, GPUs visible, rank 0's name resolves), then exit 0 or the failed check's code")
+                   help="only run the preflight checks (output and checkpoint writable, model readable, every "
+                        "dataset record and image header sound, GPUs visible, rank 0's name resolves), then exit 0 "
+                        "or the failed check's code")
     p.add_argument(contract.FLAG_MODEL_FAMILY, choices=contract.FAMILIES)
     p.add_argument(contract.FLAG_MODEL_PATH, help="local folder holding the diffusers pipeline")
     p.add_argument(contract.FLAG_DATASET_PATH, help="folder with train/ images and train/metadata.csv, or another "
