@@ -64,6 +64,10 @@ class ModelSpec:
 class DatasetSpec:
     uri: str
     secret_name: str | None = None
+    format: str = "auto"                    # one of contract.DATASET_FORMATS
+    caption_dropout: float = 0.0
+    default_caption: str | None = None      # "" is a caption too: train without one
+    max_image_pixels: int = contract.DEFAULT_MAX_IMAGE_PIXELS
 
 
 def _flag(key: str, default: Any = None) -> Any:
@@ -329,9 +333,23 @@ def _parse_model(section: Mapping[str, Any]) -> ModelSpec:
 
 
 def _parse_dataset(section: Mapping[str, Any]) -> DatasetSpec:
-    uri = _required_str(section, "uri", "spec.dataset")
+    f = "spec.dataset"
+    uri = _required_str(section, "uri", f)
     _check_uri(uri, "spec.dataset.uri")
-    return DatasetSpec(uri=uri, secret_name=_secret_name(section, "spec.dataset"))
+    dropout = section.get("captionDropout", 0.0)
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        raise InvalidSpec(f"{f}.captionDropout", f"must be a probability in [0, 1), got {dropout!r}")
+    default_caption = section.get("defaultCaption")
+    if default_caption is not None and not isinstance(default_caption, str):
+        raise InvalidSpec(f"{f}.defaultCaption", f"must be a string, got {type(default_caption).__name__}")
+    return DatasetSpec(
+        uri=uri,
+        secret_name=_secret_name(section, f),
+        format=_enum(section, "format", f, "auto", contract.DATASET_FORMATS),
+        caption_dropout=float(dropout),
+        default_caption=default_caption,
+        max_image_pixels=_int(section, "maxImagePixels", f, contract.DEFAULT_MAX_IMAGE_PIXELS, 1),
+    )
 
 
 def _secret_name(section: Mapping[str, Any], field: str) -> str | None:

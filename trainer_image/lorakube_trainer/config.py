@@ -84,6 +84,11 @@ class TrainConfig:
     rendezvous_timeout: float
     modelscope_model_id: str | None
     modelscope_access_token: str | None
+    # The dataset (README "Data formats"); defaults keep the original behaviour.
+    dataset_format: str = "auto"                    # one of contract.DATASET_FORMATS
+    caption_dropout: float = 0.0
+    default_caption: str | None = None              # None: an image without a caption is an error
+    max_image_pixels: int = contract.DEFAULT_MAX_IMAGE_PIXELS
 
     @property
     def total_steps(self) -> int:
@@ -117,11 +122,24 @@ def build_parser() -> argparse.ArgumentParser:
     flags = contract.TRAINING_FLAGS
     p.add_argument("--config", help="YAML file whose keys are these flag names (flags given here override it)")
     p.add_argument(contract.FLAG_PREFLIGHT, action="store_true",
-                   help="only run the preflight checks (output and checkpoint writable, model and dataset "
-                        "readable, GPUs visible, rank 0's name resolves), then exit 0 or the failed check's code")
+                   help="only run the preflight checks (output and checkpoint writable, model readable, every "
+                        "dataset record and image header sound, GPUs visible, rank 0's name resolves), then exit 0 "
+                        "or the failed check's code")
     p.add_argument(contract.FLAG_MODEL_FAMILY, choices=contract.FAMILIES)
     p.add_argument(contract.FLAG_MODEL_PATH, help="local folder holding the diffusers pipeline")
-    p.add_argument(contract.FLAG_DATASET_PATH, help="folder with train/ images and train/metadata.csv")
+    p.add_argument(contract.FLAG_DATASET_PATH, help="folder with train/ images and train/metadata.csv, or another "
+                                                   f"layout of {contract.FLAG_DATASET_FORMAT}")
+    p.add_argument(contract.FLAG_DATASET_FORMAT, default="auto", choices=contract.DATASET_FORMATS,
+                   help="csv: metadata.csv (file_name,text); jsonl: metadata.jsonl (Hugging Face imagefolder); "
+                        "txt: images with same-name .txt captions; kohya: <repeats>_<name> folders of those; "
+                        "auto (default): whichever the folder holds")
+    p.add_argument(contract.FLAG_CAPTION_DROPOUT, type=float, default=0.0,
+                   help="probability in [0, 1) of training a sample on the empty caption (fixed per seed and step)")
+    p.add_argument(contract.FLAG_DEFAULT_CAPTION, default=None,
+                   help="caption of images that have none (an empty string allowed); default: such an image "
+                        "is a dataset error")
+    p.add_argument(contract.FLAG_MAX_IMAGE_PIXELS, type=int, default=contract.DEFAULT_MAX_IMAGE_PIXELS,
+                   help="larger images (width x height) are refused before training, as decompression bombs")
     p.add_argument(contract.FLAG_OUTPUT_PATH, help="where the LoRA and its artifacts go")
     p.add_argument(contract.FLAG_CHECKPOINT_DIR, help=f"default: <output_path>/{contract.DEFAULT_CHECKPOINT_SUBDIR}")
     p.add_argument(contract.FLAG_RESUME, default=RESUME_AUTO,
@@ -290,6 +308,9 @@ def _validate(ns: argparse.Namespace, env: dict[str, str]) -> TrainConfig:
         raise ConfigError(flags["cacheLatents"], f"needs {flags['centerCrop']}: a random crop differs every time "
                                                  f"and cannot be cached; add {flags['centerCrop']} or drop "
                                                  f"{flags['cacheLatents']}")
+    if not 0 <= ns.caption_dropout < 1:
+        raise ConfigError(contract.FLAG_CAPTION_DROPOUT, f"must be a probability in [0, 1), got {ns.caption_dropout}")
+    _positive(ns.max_image_pixels, contract.FLAG_MAX_IMAGE_PIXELS)
     if not ns.learning_rate > 0:
         raise ConfigError(flags["learningRate"], f"must be > 0, got {ns.learning_rate}")
     if not ns.lora_alpha > 0:
@@ -388,5 +409,9 @@ def _validate(ns: argparse.Namespace, env: dict[str, str]) -> TrainConfig:
         rendezvous_timeout=timeout,
         modelscope_model_id=ns.modelscope_model_id,
         modelscope_access_token=ns.modelscope_access_token,
+        dataset_format=ns.dataset_format,
+        caption_dropout=ns.caption_dropout,
+        default_caption=ns.default_caption,
+        max_image_pixels=ns.max_image_pixels,
     )
 

@@ -24,6 +24,7 @@ from .caching import cache_folder
 from .callbacks import FinalStateCallback, ResumeCallback, SigtermCallback, StepCallback
 from .config import ConfigError, TrainConfig
 from .data import DataPosition, Record, load_records
+from .dataset_layout import ENV_DATASET_CHECKED
 from .datamodule import CaptionDataModule
 from .distributed import Topology, needs_rendezvous_check, plan_topology, wait_for_master
 from .families import get_family
@@ -86,7 +87,10 @@ def _run(cfg: TrainConfig, env: Mapping[str, str], live: TrainingMetrics, strate
     # s3:// model/dataset staged into this node's cache, output and checkpoints in local working
     # folders that are uploaded (remote.py); a local run passes through unchanged.
     cfg, where = remote.localize(cfg, env)
-    records = load_records(cfg.dataset_path)
+    # Every image was read by this pod's preflight already, unless the dataset was staged just now.
+    records = load_records(cfg.dataset_path, cfg.max_image_pixels, dataset_format=cfg.dataset_format,
+                           default_caption=cfg.default_caption,
+                           verify_images=env.get(ENV_DATASET_CHECKED) != cfg.dataset_path)
     loaded = ckpt.resolve_resume(cfg.resume, Path(cfg.checkpoint_dir))
     start_step = 0 if loaded is None else loaded.step
     if loaded is not None:
