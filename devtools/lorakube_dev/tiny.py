@@ -41,7 +41,7 @@ _SENTENCES = tuple(
     for b in ("dark", "light", "grey", "white", "blue")
 )
 _CHARS = "abcdefghijklmnopqrstuvwxyz0123456789.,;:!?'-()/ "
-TOKENIZER_MAX_LENGTH = {"clip": 77, "t5": 512, "bert": 77, "chatglm": 256}
+TOKENIZER_MAX_LENGTH = {"clip": 77, "t5": 512, "bert": 77, "chatglm": 256, "qwen": 512}
 
 # The VAEs keep the real spatial factor (8: four blocks, three downsamplings) so 64 px -> 8x8 latents.
 _VAE_BLOCKS = dict(
@@ -124,6 +124,29 @@ def build_chatglm_tokenizer_model(out_file: Path) -> None:
         minloglevel=2,
     )
     out_file.write_bytes(buf.getvalue())
+
+
+# A chat template in the shape of Qwen3's for one user turn: ZImagePipeline renders the prompt
+# through it (add_generation_prompt, enable_thinking) before tokenizing.
+_QWEN_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and not enable_thinking %}<think>\n\n</think>\n\n{% endif %}{% endif %}"
+)
+
+
+def build_qwen_tokenizer() -> Any:
+    """Qwen2Tokenizer (Qwen3's class): byte-level BPE over the 256 byte units with the chat
+    special tokens, no merges (every byte is a token), and a Qwen3-shaped chat template."""
+    from transformers import Qwen2Tokenizer
+
+    units = _bytes_to_unicode()
+    vocab = {c: i for i, c in enumerate(units)}
+    tok = Qwen2Tokenizer(vocab=vocab, merges=[], model_max_length=TOKENIZER_MAX_LENGTH["qwen"])
+    tok.add_special_tokens({"additional_special_tokens": ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]})
+    tok.pad_token = "<|endoftext|>"
+    tok.chat_template = _QWEN_CHAT_TEMPLATE
+    return tok
 
 
 def _chatglm_tokenizer(folder: Path) -> Any:
@@ -289,8 +312,34 @@ def _hunyuan_dit() -> Any:
     )
 
 
+def _z_image() -> Any:
+    from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+    from transformers import Qwen3Config, Qwen3Model
+
+    tokenizer = build_qwen_tokenizer()
+    hidden = 32
+    text_encoder = Qwen3Model(Qwen3Config(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=TOKENIZER_MAX_LENGTH["qwen"],
+        pad_token_id=tokenizer.pad_token_id,
+    ))
+    return ZImagePipeline(
+        # Z-Image-Turbo's scheduler config: static shift 3 (the pipeline passes a resolution mu,
+        # which the scheduler applies only with use_dynamic_shifting).
+        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False),
+        vae=_vae(16, 0.3611, 0.1159, quant=False),     # the FLUX.1 VAE, as Z-Image ships it
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        transformer=ZImageTransformer2DModel(
+            all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=64, n_layers=2, n_refiner_layers=1,
+            n_heads=2, n_kv_heads=2, cap_feat_dim=hidden, axes_dims=[8, 12, 12], axes_lens=[256, 64, 64],
+        ),
+    )
+
+
 def _builders(workdir: Path) -> dict[str, Callable[[], Any]]:
-    return {"flux": _flux, "sd3": _sd3, "kolors": lambda: _kolors(workdir), "hunyuan-dit": _hunyuan_dit}
+    return {"flux": _flux, "sd3": _sd3, "kolors": lambda: _kolors(workdir), "hunyuan-dit": _hunyuan_dit,
+            "z-image": _z_image}
 
 
 def build_tiny_pipeline(family: str, out_dir: Path, seed: int = 0) -> Path:

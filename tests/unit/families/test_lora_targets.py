@@ -41,6 +41,9 @@ def layers(denoiser: torch.nn.Module, targets: list[str]) -> set[str]:
 @pytest.mark.parametrize("name", FAMILY_NAMES)
 def test_every_original_name_maps_to_layers_of_the_model(denoisers, name):
     family = get_family(name)
+    if name not in ORIGINAL_DEFAULTS:     # a family the original framework never trained has no old names
+        assert family.original_target_names == {}
+        return
     assert set(ORIGINAL_DEFAULTS[name].split(",")) <= set(family.original_target_names) | {"to_q", "to_k", "to_v"}
     for original, targets in family.original_target_names.items():
         assert family.resolve_lora_targets([original]) == list(targets)
@@ -103,3 +106,13 @@ def test_the_mapping_is_logged_and_diffusers_names_pass_unchanged(caplog):
     assert resolved == ["to_q", "add_q_proj", "add_k_proj", "add_v_proj", "norm.linear"]   # no duplicates
     assert [r.getMessage() for r in caplog.records] == [
         "--lora_target_modules: b_to_qkv (the original framework's name) -> add_q_proj,add_k_proj,add_v_proj"]
+
+
+def test_z_image_default_trains_attention_and_feed_forward_of_the_main_layers_only(denoisers):
+    d = denoisers["z-image"]
+    default = layers(d, list(get_family("z-image").default_lora_targets))
+    assert default == {f"layers.*.attention.{m}" for m in ("to_q", "to_k", "to_v", "to_out.0")} | {
+        f"layers.*.feed_forward.w{i}" for i in (1, 2, 3)}
+    # The refiners have the same layer names; the default leaves them (and the adaLN layers) frozen.
+    assert layers(d, ["to_q"]) == {"layers.*.attention.to_q", "noise_refiner.*.attention.to_q",
+                                   "context_refiner.*.attention.to_q"}

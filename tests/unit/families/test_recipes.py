@@ -162,3 +162,75 @@ def test_flux_pack_unpack_round_trip_and_agree_with_the_pipeline():
     assert torch.equal(flux.unpack_latents(packed, 8, 12), FluxPipeline._unpack_latents(packed, 64, 96, 8))
     ids = flux.latent_image_ids(8, 12, torch.device("cpu"), torch.float32)
     assert torch.equal(ids, FluxPipeline._prepare_latent_image_ids(2, 4, 6, torch.device("cpu"), torch.float32))
+
+
+# --- Z-Image: its pipeline's own conventions ----------------------------------------------------
+
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static-shift", "dynamic-shift"])
+@pytest.mark.parametrize("latent_hw", [(8, 8), (64, 96)])
+def test_z_image_sigma_grid_is_the_pipelines_schedule(dynamic, latent_hw):
+    """The pipeline sets linspace(1, 1/n, n) sigmas with mu = calculate_shift(tokens, <scheduler config>);
+    the scheduler applies mu only with use_dynamic_shifting, else its static shift."""
+    from types import SimpleNamespace
+
+    from diffusers.pipelines.z_image.pipeline_z_image import calculate_shift, get_default_z_image_sigmas
+
+    sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=dynamic)
+    family = get_family("z-image")
+    latents = torch.zeros(1, 16, *latent_hw)
+    seq_len = family.image_seq_len(latents)
+    assert seq_len == (latent_hw[0] // 2) * (latent_hw[1] // 2)
+    mu = calculate_shift(seq_len, sched.config.get("base_image_seq_len", 256), sched.config.get("max_image_seq_len", 4096),
+                         sched.config.get("base_shift", 0.5), sched.config.get("max_shift", 1.15))
+    sched.set_timesteps(sigmas=get_default_z_image_sigmas(1000), mu=mu)
+    grid = family.sigma_grid(SimpleNamespace(scheduler=sched), seq_len)
+    assert torch.allclose(grid.float(), sched.sigmas[:1000].float(), atol=1e-5)
+
+
+class _Oracle(torch.nn.Module):
+    """A Z-Image transformer stand-in that outputs exactly what the training loss asks for, x0 - ε,
+    recovering ε from its input the way the pipeline builds it: x = t·x0 + (1 - t)·ε with t = 1 - σ."""
+
+    in_channels = 16
+
+    def __init__(self, x0: torch.Tensor):
+        super().__init__()
+        self.x0 = x0
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.float32
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")
+
+    def forward(self, x, t, cap_feats, return_dict=True, **_):
+        out = []
+        for i, xi in enumerate(x):
+            x0 = self.x0[i].unsqueeze(1)                         # (C, 1, H, W)
+            eps = (xi - t[i] * x0) / (1 - t[i])
+            out.append(x0 - eps)
+        return (out,)
+
+
+def test_z_image_loss_target_and_timestep_agree_with_the_pipelines_sampler(tiny_models):
+    """The model that gets zero training loss is the one whose outputs the pipeline's own sampling
+    loop turns into the clean latents: same sign of the prediction, same t = 1 - σ, same layout."""
+    family = get_family("z-image")
+    pipe = family.load_pipeline(tiny_models["z-image"], torch.float32)
+    torch.manual_seed(0)
+    x0, start = torch.randn(1, 16, 8, 8), torch.randn(1, 16, 8, 8)
+    oracle = _Oracle(x0)
+    cond = family.encode_prompts(pipe, ["a red circle"], torch.device("cpu"))
+    losses = [family.training_loss(pipe, oracle, x0, cond).item() for _ in range(8)]
+    assert max(losses) < 1e-8, losses
+    pipe.transformer = oracle
+    out = pipe(prompt="a red circle", height=64, width=64, num_inference_steps=4, guidance_scale=0.0,
+               latents=start, output_type="latent").images
+    assert torch.allclose(out, x0, atol=1e-4)
+    # The opposite sign (the FLUX/SD3 convention) trains a model that samples away from the data.
+    negated = family.flow_loss(pipe, x0, lambda noisy, s: -recipes.flow_target(x0, (noisy - (1 - s.view(-1, 1, 1, 1)) * x0)
+                                                                               / s.view(-1, 1, 1, 1)))
+    assert negated.item() > 1.0

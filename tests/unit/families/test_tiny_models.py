@@ -11,7 +11,8 @@ from lorakube_api.contract import FAMILIES
 from lorakube_dev import tiny
 from lorakube_trainer.families import FAMILY_NAMES, get_family
 
-DENOISER_DIR = {"flux": "transformer", "sd3": "transformer", "kolors": "unet", "hunyuan-dit": "transformer"}
+DENOISER_DIR = {"flux": "transformer", "sd3": "transformer", "kolors": "unet", "hunyuan-dit": "transformer",
+                "z-image": "transformer"}
 
 
 def test_registry_covers_the_contract_families():

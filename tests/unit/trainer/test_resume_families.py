@@ -1,6 +1,7 @@
-"""Exact resume on the real (tiny, random) diffusers pipelines: FLUX (rectified flow) and a DDPM
-family. An interrupted run plus `--resume auto` must write a LoRA file bit-identical to an
-uninterrupted run with the same seed, and that file must load into a fresh pipeline."""
+"""Exact resume on the real (tiny, random) diffusers pipelines: FLUX (rectified flow), the DDPM
+families and Z-Image (list-form, variable-length caption embeddings). An interrupted run plus
+`--resume auto` must write a LoRA file bit-identical to an uninterrupted run with the same seed,
+and that file must load into a fresh pipeline."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from lorakube_trainer.families import get_family
 from lorakube_dev.tiny import build_tiny_pipeline
 from lorakube_trainer.train import run
 
-SIZES = {"flux": 32, "kolors": 64, "hunyuan-dit": 32}
+SIZES = {"flux": 32, "kolors": 64, "hunyuan-dit": 32, "z-image": 32}
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +37,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory):
     return get
 
 
-@pytest.mark.parametrize("family", ["flux", "kolors", "hunyuan-dit"])
+@pytest.mark.parametrize("family", ["flux", "kolors", "hunyuan-dit", "z-image"])
 def test_resume_is_bit_identical(family: str, tiny, dataset: Path, tmp_path: Path) -> None:
     size = str(SIZES[family])
 

@@ -7,8 +7,9 @@ from .flux import Flux
 from .hunyuan_dit import HunyuanDiT
 from .kolors import Kolors
 from .sd3 import SD3
+from .z_image import ZImage
 
-_FAMILIES: dict[str, type[Family]] = {cls.name: cls for cls in (Flux, SD3, Kolors, HunyuanDiT)}
+_FAMILIES: dict[str, type[Family]] = {cls.name: cls for cls in (Flux, SD3, Kolors, HunyuanDiT, ZImage)}
 FAMILY_NAMES: tuple[str, ...] = tuple(_FAMILIES)
 
 

@@ -21,6 +21,9 @@ scalar `<name>.alpha`; ComfyUI scales by alpha / rank(lora_down). Names per fami
     Hunyuan-DiT  base_model.model.<original HunyuanDiT module path>
                  (ComfyUI's HunyuanDiT key map only knows the official Tencent module names, where
                  q/k/v are fused into attn1.Wqkv and k/v into attn2.kv_proj; see `fuse_lora`)
+    Z-Image      lycoris_<diffusers module path, dots -> underscores>
+                 (ComfyUI's Lumina2/Z-Image key map lists this SimpleTuner name, and `transformer.<path>`,
+                 for every diffusers module and slices to_q/to_k/to_v into its fused qkv itself)
 Every `.alpha` in an export equals the trained alpha.
 """
 
