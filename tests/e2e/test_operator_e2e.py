@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -240,3 +242,27 @@ def test_a_pod_deleted_mid_run_restarts_the_gang_which_resumes(local_cluster, jo
     tail = status.get("lastFailure", {}).get("logTail") or ""
     if "stopped after SIGTERM" in tail:         # the failed pod's last words, when the operator kept them
         assert f"the next attempt resumes at step {stopped + 1}" in tail, tail
+
+
+@pytest.mark.slow     # about a minute on 2 cores; `make test-slow` runs it
+def test_a_z_image_job_runs_through_the_operator(local_cluster, job_namespace, data_dir, start_operator):
+    """A family beyond the original four, end to end: the tiny Z-Image pipeline (Qwen3 text encoder,
+    list-form transformer) trains in two pods on a non-square size and publishes both LoRA files."""
+    model = data_dir / "model-z-image"
+    if not (model / "model_index.json").is_file():
+        subprocess.run([sys.executable, "-m", "lorakube_dev.tiny", "--family", "z-image", "--out", str(model)],
+                       check=True, capture_output=True)
+    start_operator()
+    name = "z-image"
+    job = sandbox.quickstart_job(data_dir, name, model={"family": "z-image", "uri": "/data/model-z-image"},
+                                 training={"stepsPerEpoch": 3, "height": 64, "width": 96})
+    sandbox.apply_job(local_cluster.cluster.kubectl, job_namespace, job)
+    final = sandbox.follow(local_cluster.cluster.kubectl, job_namespace, name, JOB_TIMEOUT, interval=0.5)
+    status = final["status"]
+    assert status["phase"] == "Succeeded", json.dumps(status, indent=1)
+    assert status["progress"]["step"] == 3
+    published = {Path(a["uri"]).name: a for a in status["artifacts"]}
+    assert {contract.ARTIFACT_LORA_DIFFUSERS, contract.ARTIFACT_LORA_COMFYUI} <= set(published)
+    with safe_open(str(data_dir / "output" / name / contract.ARTIFACT_LORA_DIFFUSERS), "pt") as weights:
+        keys = list(weights.keys())
+    assert keys and all(k.startswith("transformer.layers.") for k in keys), keys[:5]
