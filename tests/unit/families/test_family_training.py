@@ -103,11 +103,14 @@ def test_a_few_steps_lower_the_loss_on_the_fixed_batch(trained):
                        for seed in range(4)) / 4
 
     after = mean_loss()
+    # trained.after shares storage with the LoRA parameters: restore from a copy.
+    trained_state = {k: v.clone() for k, v in trained.after.items()}
     family.set_lora_state_dict(denoiser, trained.before)
     try:
         before = mean_loss()
     finally:
-        family.set_lora_state_dict(denoiser, trained.after)
+        family.set_lora_state_dict(denoiser, trained_state)
+    assert all(torch.equal(v, trained_state[k]) for k, v in family.lora_state_dict(denoiser).items())
     assert after < before, (before, after)
 
 
