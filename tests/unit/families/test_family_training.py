@@ -4,6 +4,7 @@ then the saved LoRA files checked the way a user would check them."""
 from __future__ import annotations
 
 import dataclasses
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -338,6 +339,9 @@ def test_saved_lora_loads_in_a_fresh_process_with_no_key_warnings_and_changes_th
         capture_output=True, text=True, timeout=300, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    key_warnings = [m for m in result["messages"] if "key" in m.lower()]
+    # diffusers notes, for pipelines with a text-encoder LoRA loader, that the file trains no text
+    # encoder: true and harmless. Any other message about keys (unexpected, missing) fails.
+    key_warnings = [m for m in result["messages"] if "key" in m.lower()
+                    and not re.match(r"No LoRA keys associated to \w+ found with the prefix='text_encoder", m)]
     assert key_warnings == [], key_warnings
     assert result["changed"]
