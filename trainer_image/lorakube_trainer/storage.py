@@ -329,27 +329,35 @@ def download_files(uri: str, folder: Path, names: Iterable[str], env: Mapping[st
 def list_remote(uri: str, env: Mapping[str, str] | None = None) -> list[str]:
     """Names directly under a prefix (files and sub-prefixes); [] when there is nothing."""
     fs = filesystem(env)
-    try:
-        return sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(_bucket_key(uri), detail=False))
-    except FileNotFoundError:
-        return []
-    except Exception as exc:  # noqa: BLE001
-        raise StorageError(f"cannot list {uri}: {_describe(exc)}") from exc
+
+    def names() -> list[str]:
+        try:
+            return sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(_bucket_key(uri), detail=False))
+        except FileNotFoundError:
+            return []
+
+    # Retried like the uploads: pruning and resume list the bucket between two checkpoint uploads,
+    # and an endpoint restarting then must not end the run.
+    return retrying("listing of", uri, names)
 
 
 def exists(uri: str, env: Mapping[str, str] | None = None) -> bool:
-    return bool(filesystem(env).exists(_bucket_key(uri)))
+    fs = filesystem(env)
+    return retrying("existence check of", uri, lambda: bool(fs.exists(_bucket_key(uri))))
 
 
 def remove_prefix(uri: str, first: str | None = None, env: Mapping[str, str] | None = None) -> None:
     """Delete everything under `uri`; `first` (the COMPLETE marker) goes before the rest, so that a
     deletion cut short never leaves something that looks complete."""
     fs = filesystem(env)
-    if first is not None:
+
+    def gone(remove: Callable[[], Any]) -> None:
         with contextlib.suppress(FileNotFoundError):
-            fs.rm_file(_bucket_key(join(uri, first)))
-    with contextlib.suppress(FileNotFoundError):
-        fs.rm(_bucket_key(uri), recursive=True)
+            remove()
+
+    if first is not None:
+        retrying("deletion of", join(uri, first), lambda: gone(lambda: fs.rm_file(_bucket_key(join(uri, first)))))
+    retrying("deletion of", uri, lambda: gone(lambda: fs.rm(_bucket_key(uri), recursive=True)))
 
 
 def read_text(uri: str, env: Mapping[str, str] | None = None) -> str:
