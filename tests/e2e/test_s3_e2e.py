@@ -276,7 +276,7 @@ def test_a_node_killed_mid_run_the_new_gang_resumes_from_the_bucket_to_the_same_
     total = 10
     jobs = {}
     for name in ("whole", "killed"):
-        jobs[name] = _s3_job(data_dir, name, stepsPerEpoch=total, checkpointEverySteps=2, height=32, width=32)
+        jobs[name] = _s3_job(data_dir, name, stepsPerEpoch=total, checkpointEverySteps=2)
         jobs[name]["spec"]["runPolicy"]["backoffSeconds"] = 1
         sandbox.apply_job(kubectl, job_namespace, jobs[name])
     start_operator()
