@@ -65,3 +65,18 @@ def test_an_error_message_never_shows_a_prefixed_secret(monkeypatch):
     monkeypatch.setenv("LORAKUBE_OUTPUT_AWS_SECRET_ACCESS_KEY", "s3cr3t-value-of-the-output")
     message = storage._describe(PermissionError("denied for s3cr3t-value-of-the-output"))
     assert "s3cr3t" not in message and "***" in message
+
+
+def test_a_node_other_than_zero_never_touches_a_remote_output(tmp_path):
+    # Its pod may lack the output's Secret (checkpoints on a volume): the endpoint below refuses every
+    # connection, so any listing of the output (the metrics a resume fetches) would fail the run.
+    from lorakube_trainer import remote
+    from lorakube_trainer.config import parse_config
+
+    cfg = parse_config(["--model_family", "flux", "--model_path", str(tmp_path), "--dataset_path", str(tmp_path),
+                        "--output_path", "s3://loras/cats", "--checkpoint_dir", str(tmp_path / "ckpt"),
+                        "--resume", "auto", "--height", "64", "--width", "64"], env={})
+    env = {"AWS_ENDPOINT_URL": "http://127.0.0.1:9", storage.ENV_CACHE_DIR: str(tmp_path / "cache")}
+    local, where = remote.localize(cfg, env, node_rank=1)
+    assert where.output == "s3://loras/cats" and local.output_path.startswith(str(tmp_path / "cache"))
+    assert local.checkpoint_dir == str(tmp_path / "ckpt")
