@@ -100,6 +100,14 @@ KUBERNETES_DEFAULT_GRACE_SECONDS = 30
 
 DEFAULT_MASTER_PORT = 29500
 
+# Credentials per URI: the Secret of spec.model/dataset/output.secretRef reaches the trainer as
+# envFrom with its section's prefix (AWS_ACCESS_KEY_ID of the output's Secret becomes
+# LORAKUBE_OUTPUT_AWS_ACCESS_KEY_ID), so two Secrets with the same keys never collide. The trainer
+# reads a section's URIs with that section's variables (storage.role_env); the checkpoint location
+# is the output's. Unprefixed variables (spec.resources.env, an instance role) remain the fallback.
+STORAGE_ROLES = ("model", "dataset", "output")
+SECRET_ENV_PREFIXES = {role: f"LORAKUBE_{role.upper()}_" for role in STORAGE_ROLES}
+
 # Rank 0 serves its live training metrics (step, loss, samples/s, GPU memory) in the Prometheus
 # text format at http://<pod>:TRAINER_METRICS_PORT/metrics; the operator declares the port on rank
 # 0's container under TRAINER_METRICS_PORT_NAME so a PodMonitor can find it. ENV_METRICS_PORT

@@ -57,12 +57,12 @@ def _reason(exc: OSError) -> str:
     return exc.strerror or type(exc).__name__
 
 
-def check_writable_folder(path: str | Path, code: int, check: str) -> None:
+def check_writable_folder(path: str | Path, code: int, check: str, role: str = "output") -> None:
     """The folder can take new files: it exists, or its nearest existing parent lets this process
     create it. A probe file is created and removed, which catches what permission bits do not show
     (read-only mounts, root-squashed NFS); the folder itself is not created."""
     if storage.is_remote(str(path)):
-        check_remote(str(path), code, check, write=True)
+        check_remote(str(path), code, check, write=True, role=role)
         return
     target = Path(path).absolute()
     existing = target
@@ -79,14 +79,16 @@ def check_writable_folder(path: str | Path, code: int, check: str) -> None:
         raise PreflightFailed(code, check, f"{target} ({_reason(exc)}{where}; uid {os.getuid()})") from exc
 
 
-def check_remote(uri: str, code: int, check: str, write: bool) -> None:
+def check_remote(uri: str, code: int, check: str, write: bool, role: str) -> None:
     """s3:// locations (storage.py): inputs list at least one object, outputs take a probe object
-    (put, then deleted), so a bucket that refuses writes fails here with the URI named."""
+    (put, then deleted), so a bucket that refuses writes fails here with the URI named. Each with
+    its role's credentials (storage.role_env), as training will use them."""
+    env = storage.role_env(None, role)
     try:
         if write:
-            storage.check_writable(uri)
+            storage.check_writable(uri, env)
         else:
-            storage.check_readable(uri)
+            storage.check_readable(uri, env)
     except storage.StorageError as exc:
         raise PreflightFailed(code, check, f"{uri} ({exc})") from exc
 
@@ -94,7 +96,7 @@ def check_remote(uri: str, code: int, check: str, write: bool) -> None:
 def check_model(cfg: TrainConfig) -> None:
     """A diffusers pipeline folder of the declared family, its model_index.json readable."""
     if storage.is_remote(cfg.model_path):
-        check_remote(cfg.model_path, contract.EXIT_PREFLIGHT_MODEL, "model not readable", write=False)
+        check_remote(cfg.model_path, contract.EXIT_PREFLIGHT_MODEL, "model not readable", write=False, role="model")
         return
     try:
         check_pipeline_folder(cfg.model_path, cfg.model_family)
@@ -114,7 +116,8 @@ def check_dataset(cfg: TrainConfig) -> None:
     names the file or row (EXIT_DATASET_ERROR, as when the loader meets a bad image later).
     s3:// datasets are checked the same way after staging (train.py)."""
     if storage.is_remote(cfg.dataset_path):
-        check_remote(cfg.dataset_path, contract.EXIT_PREFLIGHT_DATASET, "dataset not readable", write=False)
+        check_remote(cfg.dataset_path, contract.EXIT_PREFLIGHT_DATASET, "dataset not readable", write=False,
+                     role="dataset")
         return
     try:
         found = find_dataset(cfg.dataset_path, cfg.dataset_format)
@@ -219,10 +222,13 @@ class Check:
 
 
 def checks(cfg: TrainConfig, topology: Topology, dns_wait_seconds: float = DNS_WAIT_SECONDS) -> list[Check]:
-    """In order: local and instant first, the one that may wait last."""
+    """In order: local and instant first, the one that may wait last. A remote output is checked on
+    node 0 only: only rank 0 writes it, and the other pods may lack its Secret (builders.py)."""
+    remote_output_elsewhere = storage.is_remote(cfg.output_path) and topology.node_rank != 0
     return [
-        Check("output", lambda: check_writable_folder(cfg.output_path, contract.EXIT_PREFLIGHT_OUTPUT,
-                                                      "output not writable")),
+        *([] if remote_output_elsewhere else [
+            Check("output", lambda: check_writable_folder(cfg.output_path, contract.EXIT_PREFLIGHT_OUTPUT,
+                                                          "output not writable"))]),
         Check("checkpoint", lambda: check_writable_folder(cfg.checkpoint_dir, contract.EXIT_PREFLIGHT_CHECKPOINT,
                                                           "checkpoint not writable")),
         Check("model", lambda: check_model(cfg)),

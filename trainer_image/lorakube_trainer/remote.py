@@ -9,7 +9,8 @@ publish what they wrote:
     <checkpoint URI>/step-000000120/COMPLETE.json    uploaded last, by rank 0
 
 A prefix without COMPLETE.json is never resumed from (an upload cut short), exactly like a local
-folder without its marker. Resume fetches the newest complete step into the local folder, where
+folder without its marker. Each location is accessed with its role's credentials (storage.role_env):
+the model's and the dataset's for the inputs, the output's for the output and the checkpoints. Resume fetches the newest complete step into the local folder, where
 checkpoint.resolve_resume verifies every file's sha256 against the marker as for a local run.
 """
 
@@ -29,8 +30,15 @@ from .config import RESUME_AUTO, TrainConfig
 log = logging.getLogger(__name__)
 
 
-def localize(cfg: TrainConfig, env: Mapping[str, str] | None = None) -> tuple[TrainConfig, storage.Locations]:
-    """The same config with every remote location replaced by a local folder, and the URIs given."""
+def _output_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
+    return storage.role_env(env, "output")
+
+
+def localize(cfg: TrainConfig, env: Mapping[str, str] | None = None,
+             node_rank: int = 0) -> tuple[TrainConfig, storage.Locations]:
+    """The same config with every remote location replaced by a local folder, and the URIs given.
+    Only node 0 writes the output (artifacts, metrics): the other nodes never read it, and their pods
+    get the output's Secret only when the checkpoints are remote too."""
     where = storage.Locations(
         model=cfg.model_path if storage.is_remote(cfg.model_path) else "",
         dataset=cfg.dataset_path if storage.is_remote(cfg.dataset_path) else "",
@@ -39,24 +47,25 @@ def localize(cfg: TrainConfig, env: Mapping[str, str] | None = None) -> tuple[Tr
     )
     changes: dict[str, str] = {}
     if cfg.pretrained_lora_path and storage.is_remote(cfg.pretrained_lora_path):
-        # A folder in a bucket (an earlier run's output), staged like the model.
-        changes["pretrained_lora_path"] = str(storage.stage_input(cfg.pretrained_lora_path, env))
+        # A folder in a bucket (an earlier run's output), staged like the model with its Secret.
+        changes["pretrained_lora_path"] = str(storage.stage_input(cfg.pretrained_lora_path,
+                                                                  storage.role_env(env, "model")))
     if not where.any:
         return dataclasses.replace(cfg, **changes), where
     if where.model:
-        changes["model_path"] = str(storage.stage_input(where.model, env))
+        changes["model_path"] = str(storage.stage_input(where.model, storage.role_env(env, "model")))
     if where.dataset:
-        changes["dataset_path"] = str(storage.stage_input(where.dataset, env))
+        changes["dataset_path"] = str(storage.stage_input(where.dataset, storage.role_env(env, "dataset")))
     if where.output:
         local_output = storage.work_folder("outputs", where.output, env)
         changes["output_path"] = str(local_output)
-        if cfg.resume == RESUME_AUTO:
-            fetch_metrics(where.output, local_output, env)
+        if cfg.resume == RESUME_AUTO and node_rank == 0:
+            fetch_metrics(where.output, local_output, _output_env(env))
     if where.checkpoints:
         local = storage.work_folder("checkpoints", where.checkpoints, env)
         changes["checkpoint_dir"] = str(local)
         if cfg.resume == RESUME_AUTO:
-            fetch_latest_checkpoint(where.checkpoints, local, env)
+            fetch_latest_checkpoint(where.checkpoints, local, _output_env(env))
     return dataclasses.replace(cfg, **changes), where
 
 
@@ -115,7 +124,7 @@ def publish_rank_files(local_root: Path, tmp: Path, step: int, names: Iterable[s
     """A rank whose node does not see rank 0's folder uploads its own per-rank files."""
     uri = storage.remote_of(local_root)
     assert uri is not None
-    storage.upload_rank_files(tmp, storage.join(uri, contract.checkpoint_dir_name(step)), names)
+    storage.upload_rank_files(tmp, storage.join(uri, contract.checkpoint_dir_name(step)), names, _output_env())
 
 
 def collect_rank_files(local_root: Path, tmp: Path, step: int, world_size: int) -> None:
@@ -125,10 +134,11 @@ def collect_rank_files(local_root: Path, tmp: Path, step: int, world_size: int) 
     uri = storage.remote_of(local_root)
     assert uri is not None
     prefix = storage.join(uri, contract.checkpoint_dir_name(step))
-    present = set(storage.list_remote(prefix))
+    env = _output_env()
+    present = set(storage.list_remote(prefix, env))
     wanted = [name for rank in range(world_size) for name in (ckpt.rng_file(rank), ckpt.optimizer_file(rank))
               if name in present and not (tmp / name).exists()]
-    storage.download_files(prefix, tmp, wanted)
+    storage.download_files(prefix, tmp, wanted, env)
 
 
 METRICS_FILES = (contract.ARTIFACT_METRICS, contract.ARTIFACT_TIMINGS)
@@ -149,24 +159,25 @@ def publish_metrics(local_output: Path) -> None:
     if uri is None:
         return
     present = [name for name in METRICS_FILES if (local_output / name).is_file()]
-    storage.upload_rank_files(local_output, uri, present)
+    storage.upload_rank_files(local_output, uri, present, _output_env())
 
 
 def publish_checkpoint(local_root: Path, folder: Path, keep: int) -> None:
     """Rank 0, after checkpoint.finalize: upload, then prune the bucket as the local folder is pruned."""
     uri = storage.remote_of(local_root)
     assert uri is not None
-    storage.upload_checkpoint(folder, storage.join(uri, folder.name))
+    env = _output_env()
+    storage.upload_checkpoint(folder, storage.join(uri, folder.name), env)
     log.info("checkpoint %s uploaded to %s", folder.name, uri)
-    for step in _complete_steps(uri, None)[keep:]:
+    for step in _complete_steps(uri, env)[keep:]:
         storage.remove_prefix(storage.join(uri, contract.checkpoint_dir_name(step)),
-                              first=contract.CHECKPOINT_COMPLETE_MARKER)
+                              first=contract.CHECKPOINT_COMPLETE_MARKER, env=env)
 
 
 def publish_artifacts(local: Path, uri: str, manifest: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     """Upload every file the manifest lists, each verified (HEAD size + sha256 read back), then the
     manifest. Returns what may be reported as artifacts: only objects that were verified."""
-    fs = storage.filesystem()
+    fs = storage.filesystem(_output_env())
     verified: dict[str, dict[str, Any]] = {}
     for name, entry in sorted(manifest["files"].items()):
         storage.upload_verified(fs, local / name, storage.join(uri, name), entry["sha256"])

@@ -14,7 +14,9 @@ of the trainer works on local folders only; this module maps each remote URI to 
 Settings come from the environment only, so that nothing secret passes through flags, the config
 or the logs: the standard AWS variables for credentials (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
 AWS_SESSION_TOKEN), AWS_ENDPOINT_URL (or AWS_ENDPOINT_URL_S3) for a non-AWS endpoint,
-AWS_REGION/AWS_DEFAULT_REGION, and LORAKUBE_S3_ADDRESSING_STYLE=path|virtual|auto.
+AWS_REGION/AWS_DEFAULT_REGION, and LORAKUBE_S3_ADDRESSING_STYLE=path|virtual|auto. Each URI is
+accessed with its role's environment (role_env): the model's, the dataset's or the output's Secret,
+which the operator adds under its own prefix, over the unprefixed variables.
 Error messages name the URI and the failed operation, never a credential.
 """
 
@@ -33,6 +35,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, TypeVar
+
+from lorakube_api import contract
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +81,29 @@ def _bucket_key(uri: str) -> str:
     return str(uri).split("://", 1)[1].strip("/")
 
 
+# Taken as a group from one source, never mixed: a role's own key id with an unprefixed session
+# token would sign with a pair that does not belong together.
+CREDENTIAL_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+
+
+def role_env(env: Mapping[str, str] | None, role: str) -> dict[str, str]:
+    """The environment the URIs of one role (model, dataset, output; checkpoints are the output's)
+    are accessed with: the role's Secret (its keys under contract.SECRET_ENV_PREFIXES[role]) over the
+    unprefixed variables. Credentials come whole from the Secret when it holds any, else from the
+    unprefixed ones (an older pod spec, spec.resources.env, the AWS chain); the other roles' prefixed
+    variables are left out, so one role's client never holds another's secret."""
+    env = os.environ if env is None else env
+    prefix = contract.SECRET_ENV_PREFIXES[role]
+    prefixes = tuple(contract.SECRET_ENV_PREFIXES.values())
+    own = {name[len(prefix):]: value for name, value in env.items() if name.startswith(prefix) and name != prefix}
+    merged = {name: value for name, value in env.items() if not name.startswith(prefixes)}
+    if any(name in own for name in CREDENTIAL_VARIABLES):
+        for name in CREDENTIAL_VARIABLES:
+            merged.pop(name, None)
+    merged.update(own)
+    return merged
+
+
 def settings_from_env(env: Mapping[str, str]) -> dict[str, Any]:
     """s3fs keyword arguments from the environment. Holds the credentials: never log the result."""
     style = (env.get(ENV_ADDRESSING_STYLE) or "auto").lower()
@@ -112,9 +139,9 @@ def filesystem(env: Mapping[str, str] | None = None) -> Any:
 def _describe(exc: BaseException) -> str:
     """The error's class and first line: botocore messages carry no credentials, only key ids at most."""
     text = (str(exc).strip().splitlines() or [""])[0]
-    secret = os.environ.get("AWS_SECRET_ACCESS_KEY")
-    if secret and secret in text:
-        text = text.replace(secret, "***")
+    for name, secret in os.environ.items():     # every role's secret, prefixed or not
+        if name.endswith(("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")) and secret and secret in text:
+            text = text.replace(secret, "***")
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
@@ -279,8 +306,6 @@ def upload_verified(fs: Any, local: Path, uri: str, sha256: str | None = None) -
 
 def upload_checkpoint(folder: Path, uri: str, env: Mapping[str, str] | None = None) -> None:
     """A finalized local checkpoint folder to `uri` (its step-NNN prefix): objects first, marker last."""
-    from lorakube_api import contract
-
     fs = filesystem(env)
     marker = folder / contract.CHECKPOINT_COMPLETE_MARKER
     files = json.loads(marker.read_text())["files"]
@@ -304,27 +329,35 @@ def download_files(uri: str, folder: Path, names: Iterable[str], env: Mapping[st
 def list_remote(uri: str, env: Mapping[str, str] | None = None) -> list[str]:
     """Names directly under a prefix (files and sub-prefixes); [] when there is nothing."""
     fs = filesystem(env)
-    try:
-        return sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(_bucket_key(uri), detail=False))
-    except FileNotFoundError:
-        return []
-    except Exception as exc:  # noqa: BLE001
-        raise StorageError(f"cannot list {uri}: {_describe(exc)}") from exc
+
+    def names() -> list[str]:
+        try:
+            return sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(_bucket_key(uri), detail=False))
+        except FileNotFoundError:
+            return []
+
+    # Retried like the uploads: pruning and resume list the bucket between two checkpoint uploads,
+    # and an endpoint restarting then must not end the run.
+    return retrying("listing of", uri, names)
 
 
 def exists(uri: str, env: Mapping[str, str] | None = None) -> bool:
-    return bool(filesystem(env).exists(_bucket_key(uri)))
+    fs = filesystem(env)
+    return retrying("existence check of", uri, lambda: bool(fs.exists(_bucket_key(uri))))
 
 
 def remove_prefix(uri: str, first: str | None = None, env: Mapping[str, str] | None = None) -> None:
     """Delete everything under `uri`; `first` (the COMPLETE marker) goes before the rest, so that a
     deletion cut short never leaves something that looks complete."""
     fs = filesystem(env)
-    if first is not None:
+
+    def gone(remove: Callable[[], Any]) -> None:
         with contextlib.suppress(FileNotFoundError):
-            fs.rm_file(_bucket_key(join(uri, first)))
-    with contextlib.suppress(FileNotFoundError):
-        fs.rm(_bucket_key(uri), recursive=True)
+            remove()
+
+    if first is not None:
+        retrying("deletion of", join(uri, first), lambda: gone(lambda: fs.rm_file(_bucket_key(join(uri, first)))))
+    retrying("deletion of", uri, lambda: gone(lambda: fs.rm(_bucket_key(uri), recursive=True)))
 
 
 def read_text(uri: str, env: Mapping[str, str] | None = None) -> str:

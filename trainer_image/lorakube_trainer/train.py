@@ -86,7 +86,7 @@ def _run(cfg: TrainConfig, env: Mapping[str, str], live: TrainingMetrics, strate
     topology = plan_topology(cfg, env)
     # s3:// model/dataset staged into this node's cache, output and checkpoints in local working
     # folders that are uploaded (remote.py); a local run passes through unchanged.
-    cfg, where = remote.localize(cfg, env)
+    cfg, where = remote.localize(cfg, env, topology.node_rank)
     # Every image was read by this pod's preflight already, unless the dataset was staged just now.
     records = load_records(cfg.dataset_path, cfg.max_image_pixels, dataset_format=cfg.dataset_format,
                            default_caption=cfg.default_caption,
