@@ -14,6 +14,7 @@ import torch
 
 from lorakube_trainer.families import FAMILY_NAMES, Family, get_family, lora_keys
 from lorakube_trainer.families.common import unmatched_targets
+from lorakube_trainer.files import save_safetensors
 
 RANK, ALPHA = 4, 8.0          # alpha != rank, so a loader that ignores alpha gets a different scale
 STEPS, LR = 4, 5e-3
@@ -32,6 +33,12 @@ COMFYUI_EXAMPLE = {
         ALPHA,
     ),
     "hunyuan-dit": ("blocks.1.attn1.to_k", "base_model.model.blocks.1.attn1.Wqkv", ALPHA),
+    "flux2-klein": ("transformer_blocks.0.attn.to_k", "lora_unet_double_blocks_0_img_attn_qkv", ALPHA),
+}
+# Families whose ComfyUI layout fuses q/k/v into one layer: the example module's fused parts, in order.
+COMFYUI_FUSED = {
+    "hunyuan-dit": [f"blocks.1.attn1.{m}" for m in ("to_q", "to_k", "to_v")],
+    "flux2-klein": [f"transformer_blocks.0.attn.{m}" for m in ("to_q", "to_k", "to_v")],
 }
 
 
@@ -140,15 +147,33 @@ def test_comfyui_export_names_alpha_and_weights(trained):
     assert {v.item() for k, v in out.items() if k.endswith(".alpha")} == {ALPHA}
     suffixes = {k.rsplit(".", 2)[-2] + "." + k.rsplit(".", 1)[-1] if k.endswith(".weight") else "alpha" for k in out}
     assert suffixes == {"lora_down.weight", "lora_up.weight", "alpha"}
-    if family.name != "hunyuan-dit":
+    if family.name not in COMFYUI_FUSED:
         assert len(out) == 3 * len(lora_keys.peft_modules(trained.after))
         a, b = trained.after[f"{module}.lora_A.weight"], trained.after[f"{module}.lora_B.weight"]
         assert torch.allclose(lora_keys.kohya_delta(out, name), (ALPHA / RANK) * b @ a, atol=1e-6)
     else:
-        parts = [f"blocks.1.attn1.{m}" for m in ("to_q", "to_k", "to_v")]
+        parts = COMFYUI_FUSED[family.name]
+        assert module in parts
         expected = torch.cat([(ALPHA / RANK) * trained.after[f"{p}.lora_B.weight"] @ trained.after[f"{p}.lora_A.weight"]
                               for p in parts])
         assert torch.allclose(lora_keys.kohya_delta(out, name), expected, atol=1e-6)
+
+
+def test_flux2_comfyui_file_loads_through_diffusers_kohya_reader_like_the_diffusers_file(trained, tiny_models,
+                                                                                      tmp_path):
+    """The BFL/kohya names of the FLUX.2 export are the ones diffusers' own kohya FLUX.2 converter reads:
+    loading that file gives the same denoiser as loading the diffusers-layout file."""
+    family = trained.family
+    if family.name != "flux2-klein":
+        pytest.skip("diffusers reads kohya-named files of this layout for FLUX.2 only")
+    path = tmp_path / "comfyui.safetensors"
+    save_safetensors(family.to_comfyui(trained.after, RANK, ALPHA), path, {})
+    fresh = family.load_pipeline(tiny_models[family.name], torch.float32)
+    family.load_lora_into_pipeline(fresh, path)
+    with torch.no_grad():
+        loaded = seeded_loss(family, fresh, trained.latents, trained.cond)
+        reference = seeded_loss(family, trained.pipe, trained.latents, trained.cond)
+    assert loaded.item() == pytest.approx(reference.item(), rel=1e-5, abs=1e-7)
 
 
 def test_lora_state_round_trips_into_a_fresh_denoiser(trained, tiny_models):

@@ -1,5 +1,5 @@
-"""Exact resume on the real (tiny, random) diffusers pipelines: FLUX (rectified flow) and a DDPM
-family. An interrupted run plus `--resume auto` must write a LoRA file bit-identical to an
+"""Exact resume on the real (tiny, random) diffusers pipelines: FLUX and FLUX.2 klein (rectified flow)
+and the DDPM families. An interrupted run plus `--resume auto` must write a LoRA file bit-identical to an
 uninterrupted run with the same seed, and that file must load into a fresh pipeline."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from lorakube_trainer.families import get_family
 from lorakube_dev.tiny import build_tiny_pipeline
 from lorakube_trainer.train import run
 
-SIZES = {"flux": 32, "kolors": 64, "hunyuan-dit": 32}
+SIZES = {"flux": 32, "kolors": 64, "hunyuan-dit": 32, "flux2-klein": 32}
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +36,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory):
     return get
 
 
-@pytest.mark.parametrize("family", ["flux", "kolors", "hunyuan-dit"])
+@pytest.mark.parametrize("family", ["flux", "kolors", "hunyuan-dit", "flux2-klein"])
 def test_resume_is_bit_identical(family: str, tiny, dataset: Path, tmp_path: Path) -> None:
     size = str(SIZES[family])
 
