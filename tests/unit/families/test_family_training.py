@@ -14,6 +14,7 @@ import torch
 
 from lorakube_trainer.families import FAMILY_NAMES, Family, get_family, lora_keys
 from lorakube_trainer.families.common import unmatched_targets
+from lorakube_trainer.files import save_safetensors
 
 RANK, ALPHA = 4, 8.0          # alpha != rank, so a loader that ignores alpha gets a different scale
 STEPS, LR = 4, 5e-3
@@ -32,6 +33,12 @@ COMFYUI_EXAMPLE = {
         ALPHA,
     ),
     "hunyuan-dit": ("blocks.1.attn1.to_k", "base_model.model.blocks.1.attn1.Wqkv", ALPHA),
+    "flux2-klein": ("transformer_blocks.0.attn.to_k", "lora_unet_double_blocks_0_img_attn_qkv", ALPHA),
+}
+# Families whose ComfyUI layout fuses q/k/v into one layer: the example module's fused parts, in order.
+COMFYUI_FUSED = {
+    "hunyuan-dit": [f"blocks.1.attn1.{m}" for m in ("to_q", "to_k", "to_v")],
+    "flux2-klein": [f"transformer_blocks.0.attn.{m}" for m in ("to_q", "to_k", "to_v")],
 }
 
 
@@ -44,6 +51,9 @@ class Trained:
     before: dict[str, torch.Tensor]
     after: dict[str, torch.Tensor]
     losses: list[float]
+    # The loss on the fixed batch with fixed noise and timesteps (seeded_loss), before and after training.
+    fixed_before: float
+    fixed_after: float
     lora_file: Path
     seconds: float
 
@@ -65,6 +75,8 @@ def trained(request, tiny_models, example_batch, tmp_path_factory) -> Trained:
     denoiser = family.denoiser(pipe)
     family.add_lora(denoiser, RANK, ALPHA, list(family.default_lora_targets))
     before = {k: v.clone() for k, v in family.lora_state_dict(denoiser).items()}
+    with torch.no_grad():
+        fixed_before = seeded_loss(family, pipe, latents, cond).item()
     optimizer = torch.optim.AdamW([p for p in denoiser.parameters() if p.requires_grad], lr=LR)
     denoiser.train()
     torch.manual_seed(0)
@@ -76,10 +88,13 @@ def trained(request, tiny_models, example_batch, tmp_path_factory) -> Trained:
         optimizer.zero_grad()
         losses.append(loss.item())
     denoiser.eval()
+    with torch.no_grad():
+        fixed_after = seeded_loss(family, pipe, latents, cond).item()
     after = family.lora_state_dict(denoiser)
     lora_file = tmp_path_factory.mktemp(name) / "pytorch_lora_weights.safetensors"
     family.save_diffusers_lora(after, lora_file, RANK, ALPHA)
-    return Trained(family, pipe, latents, cond, before, after, losses, lora_file, time.perf_counter() - start)
+    return Trained(family, pipe, latents, cond, before, after, losses, fixed_before, fixed_after, lora_file,
+                   time.perf_counter() - start)
 
 
 def test_training_gives_finite_fp32_losses_and_moves_lora_b(trained):
@@ -89,6 +104,12 @@ def test_training_gives_finite_fp32_losses_and_moves_lora_b(trained):
     unchanged = {k for k in b_keys if torch.equal(trained.before[k], trained.after[k])}
     assert unchanged == FROZEN_BY_ARCHITECTURE.get(trained.family.name, set())
     print(f"{trained.family.name}: {STEPS} steps + load/encode in {trained.seconds:.2f}s, losses {trained.losses}")
+
+
+def test_a_few_steps_lower_the_loss_on_the_fixed_batch(trained):
+    """Overfitting the two example images: with the same noise and timesteps, the trained LoRA denoises
+    them better than the base model (the per-step losses draw fresh noise, so they are not compared)."""
+    assert trained.fixed_after < trained.fixed_before, (trained.fixed_before, trained.fixed_after)
 
 
 def test_only_lora_parameters_train_and_they_are_fp32(trained):
@@ -140,15 +161,33 @@ def test_comfyui_export_names_alpha_and_weights(trained):
     assert {v.item() for k, v in out.items() if k.endswith(".alpha")} == {ALPHA}
     suffixes = {k.rsplit(".", 2)[-2] + "." + k.rsplit(".", 1)[-1] if k.endswith(".weight") else "alpha" for k in out}
     assert suffixes == {"lora_down.weight", "lora_up.weight", "alpha"}
-    if family.name != "hunyuan-dit":
+    if family.name not in COMFYUI_FUSED:
         assert len(out) == 3 * len(lora_keys.peft_modules(trained.after))
         a, b = trained.after[f"{module}.lora_A.weight"], trained.after[f"{module}.lora_B.weight"]
         assert torch.allclose(lora_keys.kohya_delta(out, name), (ALPHA / RANK) * b @ a, atol=1e-6)
     else:
-        parts = [f"blocks.1.attn1.{m}" for m in ("to_q", "to_k", "to_v")]
+        parts = COMFYUI_FUSED[family.name]
+        assert module in parts
         expected = torch.cat([(ALPHA / RANK) * trained.after[f"{p}.lora_B.weight"] @ trained.after[f"{p}.lora_A.weight"]
                               for p in parts])
         assert torch.allclose(lora_keys.kohya_delta(out, name), expected, atol=1e-6)
+
+
+def test_flux2_comfyui_file_loads_through_diffusers_kohya_reader_like_the_diffusers_file(trained, tiny_models,
+                                                                                      tmp_path):
+    """The BFL/kohya names of the FLUX.2 export are the ones diffusers' own kohya FLUX.2 converter reads:
+    loading that file gives the same denoiser as loading the diffusers-layout file."""
+    family = trained.family
+    if family.name != "flux2-klein":
+        pytest.skip("diffusers reads kohya-named files of this layout for FLUX.2 only")
+    path = tmp_path / "comfyui.safetensors"
+    save_safetensors(family.to_comfyui(trained.after, RANK, ALPHA), path, {})
+    fresh = family.load_pipeline(tiny_models[family.name], torch.float32)
+    family.load_lora_into_pipeline(fresh, path)
+    with torch.no_grad():
+        loaded = seeded_loss(family, fresh, trained.latents, trained.cond)
+        reference = seeded_loss(family, trained.pipe, trained.latents, trained.cond)
+    assert loaded.item() == pytest.approx(reference.item(), rel=1e-5, abs=1e-7)
 
 
 def test_lora_state_round_trips_into_a_fresh_denoiser(trained, tiny_models):
