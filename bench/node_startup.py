@@ -12,10 +12,12 @@ started and sleeps), and prints, over all pods, p50 / p99 / max in seconds of
   started -> Running      the node again: until the apiserver shows phase Running
   created -> Running      end to end
 
-then deletes the pods and measures how long until every pod object is gone. Times are
-wall-clock on this host (the pods share its clock). The figure is the node's, not the
-operator's: no controller is involved. Root is needed (the process node makes network
-namespaces).
+then deletes the pods and measures how long until every pod object is gone, and prints the
+CPU seconds the node daemon used for all that, itself and its reaped children (`ip`
+commands, launchers and the containers they became); these move least with other load on
+the host. Times are wall-clock on this host
+(the pods share its clock). The figure is the node's, not the operator's: no controller is
+involved. Root is needed (the process node makes network namespaces).
 """
 
 from __future__ import annotations
@@ -35,7 +37,9 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from localcluster.cluster import LocalCluster, default_nodes  # noqa: E402
+import os  # noqa: E402
+
+from localcluster.cluster import NODE_RECORD, ClusterState, LocalCluster, default_nodes  # noqa: E402
 from localcluster.node.kubeapi import ApiError, KubeApi  # noqa: E402
 
 
@@ -94,7 +98,16 @@ def percentiles(values: list[float]) -> str:
     return f"p50 {statistics.median(ordered):6.2f}  p99 {p99:6.2f}  max {ordered[-1]:6.2f}"
 
 
-def run_once(api: KubeApi, pods: int, timeout: float) -> dict[str, Any]:
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """(own, reaped children's) user + system CPU seconds of a process."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    utime, stime, cutime, cstime = (int(v) for v in fields[11:15])  # after state, ppid, ...
+    tick = os.sysconf("SC_CLK_TCK")
+    return (utime + stime) / tick, (cutime + cstime) / tick
+
+
+def run_once(api: KubeApi, pods: int, timeout: float, node_pid: int) -> dict[str, Any]:
+    cpu_before = cpu_seconds(node_pid)
     namespace = f"bench-{uuid.uuid4().hex[:8]}"
     api.create("/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace",
                                       "metadata": {"name": namespace}})
@@ -149,6 +162,9 @@ def run_once(api: KubeApi, pods: int, timeout: float) -> dict[str, Any]:
             break
         time.sleep(0.2)
     result["delete_all_s"] = round(time.monotonic() - began, 2)
+    cpu_after = cpu_seconds(node_pid)
+    result["node_cpu_s"] = round(cpu_after[0] - cpu_before[0], 2)
+    result["children_cpu_s"] = round(cpu_after[1] - cpu_before[1], 2)
     api.delete(f"/api/v1/namespaces/{namespace}")
     for mark in marks.iterdir():
         mark.unlink()
@@ -175,11 +191,15 @@ def main(argv: list[str] | None = None) -> int:
     cluster.up()
     try:
         api = KubeApi(cluster.kubeconfig)
+        state = ClusterState.load(cluster.state_dir)
+        node_pid = next(r.pid for r in state.records() if r.name == NODE_RECORD)
         for attempt in range(args.repeat):
-            result = run_once(api, args.pods, args.timeout)
+            result = run_once(api, args.pods, args.timeout, node_pid)
             print(f"run {attempt + 1}: {args.pods} pods on {args.nodes} node(s); "
                   f"{result['running']} Running after {result['all_running_s']} s; "
-                  f"all deleted in {result['delete_all_s']} s")
+                  f"all deleted in {result['delete_all_s']} s; "
+                  f"CPU: node daemon {result['node_cpu_s']} s, its children (ip, launchers, "
+                  f"containers) {result['children_cpu_s']} s")
             for key in ("created->scheduled", "scheduled->started", "started->Running",
                         "created->Running"):
                 print(f"  {key:20s} {percentiles(result[key])}")
