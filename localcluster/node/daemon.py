@@ -50,8 +50,10 @@ FLUSH_SECONDS = 0.2
 # Pods whose sandbox and volumes are set up at once: each mostly waits on `ip` and the
 # apiserver, so a few in parallel overlap that waiting without swamping a small host.
 SETUP_WORKERS = 8
-# Threads sending statuses, events and deletions (each pod's in order).
-WRITER_THREADS = 4
+# Threads sending statuses and deletions (each pod's in order), and events (each pod's in order;
+# apart, so that a pod's events never delay its status).
+WRITER_THREADS = 6
+EVENT_THREADS = 2
 WRITER_DRAIN_SECONDS = 30.0
 DELETE_ATTEMPTS = 3
 SHUTDOWN_GRACE_SECONDS = 10.0
@@ -139,6 +141,7 @@ class NodeDaemon:
         self.setup_pool = concurrent.futures.ThreadPoolExecutor(config.setup_workers,
                                                                 thread_name_prefix="setup")
         self.writer = KeyedWriter(WRITER_THREADS)
+        self.event_writer = KeyedWriter(EVENT_THREADS, name="events")
         self.cluster_records: list[hostsfile.Record] = []
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -238,9 +241,10 @@ class NodeDaemon:
             rt.preparing = False  # cancelled before it ran: nothing was allocated
             self._teardown(rt)
         self._guard(self._flush)
-        if not self.writer.close(WRITER_DRAIN_SECONDS):
-            log.warning("pod statuses still unsent after %.0f s; stopping anyway",
-                        WRITER_DRAIN_SECONDS)
+        for writer in (self.writer, self.event_writer):
+            if not writer.close(WRITER_DRAIN_SECONDS):
+                log.warning("pod statuses or events still unsent after %.0f s; stopping anyway",
+                            WRITER_DRAIN_SECONDS)
         self.kubelet.stop()
         self.forwarder.stop()
         with hostregistry.network_lock():
@@ -750,9 +754,9 @@ class NodeDaemon:
     def _event(self, rt: PodRuntime, reason: str, message: str, warning: bool = False,
                container: str | None = None) -> None:
         meta, node = dict(rt.pod["metadata"]), rt.node.name
-        # On the writer, after the pod's earlier writes (best effort, as before).
-        self.writer.submit(rt.uid, lambda: events.emit(self.api, meta, node, reason, message,
-                                                       warning, container))
+        # After the pod's earlier events, beside its statuses (best effort, as before).
+        self.event_writer.submit(rt.uid, lambda: events.emit(self.api, meta, node, reason,
+                                                             message, warning, container))
 
     def _fail_config(self, rt: PodRuntime, message: str) -> None:
         log.warning("pod %s/%s cannot run: %s", rt.run.namespace, rt.run.name, message)
