@@ -216,7 +216,8 @@ class NodeDaemon:
         self.stopping = True  # no container may start from here on
         # Sandboxes being made now must be known before teardown, or their devices and IPs
         # would outlive the daemon.
-        self.setup_pool.shutdown(wait=True, cancel_futures=True)
+        # (Queued setups return at once now; queued releases still run.)
+        self.setup_pool.shutdown(wait=True)
         self._drain_prepared()
         deadline = time.monotonic() + SHUTDOWN_GRACE_SECONDS
         interrupted = [rt for rt in self.runs.values() if not rt.run.terminal() and not rt.gone]
@@ -419,9 +420,10 @@ class NodeDaemon:
         pod state; the result goes back to the loop as a `prepared` event."""
         net = volumes = error = None
         try:
-            if make_sandbox:
-                net = self._make_sandbox(uid, pod_dir)
-            volumes = self.builders[node].build(pod, pod_dir, self.api.endpoint.ca_pem)
+            if not self.stopping:  # else nothing new: the loop tears the pod down
+                if make_sandbox:
+                    net = self._make_sandbox(uid, pod_dir)
+                volumes = self.builders[node].build(pod, pod_dir, self.api.endpoint.ca_pem)
         except Exception as exc:  # judged on the loop, as if raised there
             error = exc
         self.events.put(("prepared", uid, net, volumes, error))
@@ -440,9 +442,7 @@ class NodeDaemon:
         if rt is None or rt.torn_down:
             # Deleted (or the node stopped) while a worker made its sandbox: undo it, devices
             # before the IP (another daemon may take a free IP, and with it these names, at once).
-            if net is not None:
-                network.delete_pod_net(net)
-            hostregistry.release_ip(self.config.state_dir, uid)
+            self._release_sandbox(uid, net)
             if rt is None:
                 shutil.rmtree(self.layout.pod_dir(uid), ignore_errors=True)
             else:
@@ -466,6 +466,24 @@ class NodeDaemon:
             log.warning("pod %s/%s: setting up its sandbox or volumes failed: %s (retrying)",
                         rt.run.namespace, rt.run.name, error)
             rt.next_retry = time.monotonic() + RETRY_SECONDS
+
+    def _release_sandbox(self, uid: str, net: network.PodNet | None) -> None:
+        """Remove the pod's devices, then free its IP (never the other way round: another
+        daemon may take a free IP, and with it these device names, at once). On a setup worker
+        (a few `ip` calls per pod held the loop up when hundreds were deleted together), except
+        once the node is stopping, when it must be done before the daemon exits."""
+        def release() -> None:
+            try:
+                if net is not None:
+                    network.delete_pod_net(net)
+                hostregistry.release_ip(self.config.state_dir, uid)
+            except Exception:  # the next start's cleanup sweeps what is left
+                log.exception("releasing the sandbox of pod %s failed", uid)
+
+        if self.stopping:
+            release()
+        else:
+            self.setup_pool.submit(release)
 
     def _install_sandbox(self, rt: PodRuntime, net: network.PodNet) -> None:
         rt.net = net
@@ -791,10 +809,9 @@ class NodeDaemon:
         rt.launch_specs.clear()
         for proc in rt.running():
             proc.signal_group(signal.SIGKILL)
-        if rt.net is not None:
-            network.delete_pod_net(rt.net)
-        if not rt.preparing:  # else the worker's result frees it, after removing its devices
-            hostregistry.release_ip(self.config.state_dir, rt.uid)
+        # Unless a worker is still making its sandbox: that one's result frees it all.
+        if not rt.preparing:
+            self._release_sandbox(rt.uid, rt.net)
         self.gpu_in_use[rt.node.name].difference_update(rt.gpus)
         rt.torn_down = True
         self.dns_dirty = True
@@ -859,8 +876,17 @@ class NodeDaemon:
 
     def _forget(self, rt: PodRuntime) -> None:
         self.runs.pop(rt.uid, None)
-        shutil.rmtree(rt.dir, ignore_errors=True)
-        shutil.rmtree(rt.log_dir, ignore_errors=True)
+        directories = (rt.dir, rt.log_dir)  # per uid: nothing else ever uses them again
+
+        def remove() -> None:
+            for directory in directories:
+                shutil.rmtree(directory, ignore_errors=True)
+
+        # Off the loop while it runs (removing hundreds of pods' files held it up).
+        if self.stopping:
+            remove()
+        else:
+            self.setup_pool.submit(remove)
 
     def _forget_logs(self, pod: Mapping[str, Any]) -> None:
         meta = pod["metadata"]
