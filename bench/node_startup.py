@@ -135,6 +135,7 @@ def run_once(api: KubeApi, pods: int, timeout: float, node_pid: int) -> dict[str
     began = time.time()
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         list(pool.map(create, names))
+    creating = time.time() - began
     deadline = time.monotonic() + timeout
     while len(watcher.running) < pods and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -147,6 +148,7 @@ def run_once(api: KubeApi, pods: int, timeout: float, node_pid: int) -> dict[str
             started[name] = float(mark.read_text())
     result = {
         "pods": pods, "running": len(watcher.running), "all_running_s": round(all_running, 2),
+        "create_all_s": round(creating, 2),
         "created->scheduled": [watcher.scheduled[n] - created[n] for n in names if n in watcher.scheduled],
         "scheduled->started": [started[n] - watcher.scheduled[n] for n in names
                                if n in started and n in watcher.scheduled],
@@ -195,8 +197,9 @@ def main(argv: list[str] | None = None) -> int:
         node_pid = next(r.pid for r in state.records() if r.name == NODE_RECORD)
         for attempt in range(args.repeat):
             result = run_once(api, args.pods, args.timeout, node_pid)
-            print(f"run {attempt + 1}: {args.pods} pods on {args.nodes} node(s); "
-                  f"{result['running']} Running after {result['all_running_s']} s; "
+            print(f"run {attempt + 1}: {args.pods} pods on {args.nodes} node(s), created in "
+                  f"{result['create_all_s']} s; {result['running']} Running after "
+                  f"{result['all_running_s']} s; "
                   f"all deleted in {result['delete_all_s']} s; "
                   f"CPU: node daemon {result['node_cpu_s']} s, its children (ip, launchers, "
                   f"containers) {result['children_cpu_s']} s")
