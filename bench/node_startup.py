@@ -1,6 +1,6 @@
 """How fast the process node turns scheduled pods into running processes and reports them.
 
-    python bench/node_startup.py [--pods 100] [--nodes 1] [--repeat 1] [--state-dir DIR]
+    python bench/node_startup.py [--pods 100] [--nodes 1] [--pods-per-node 110] [--repeat 1] [--state-dir DIR]
 
 Brings up a local cluster (control plane + one process-node daemon registering `--nodes`
 nodes), creates `--pods` plain pods at once (a trivial container: the shell notes the time it
@@ -39,7 +39,8 @@ sys.path.insert(0, str(REPO))
 
 import os  # noqa: E402
 
-from localcluster.cluster import NODE_RECORD, ClusterState, LocalCluster, default_nodes  # noqa: E402
+from localcluster.cluster import NODE_RECORD, ClusterState, LocalCluster  # noqa: E402
+from localcluster.node import NodeSpec  # noqa: E402
 from localcluster.node.kubeapi import ApiError, KubeApi  # noqa: E402
 
 
@@ -178,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pods", type=int, default=100)
     parser.add_argument("--nodes", type=int, default=1, help="nodes the one node daemon registers")
+    parser.add_argument("--pods-per-node", type=int, default=110,
+                        help="each node's pod capacity (kubelet's --max-pods; default 110)")
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--timeout", type=float, default=300.0,
                         help="seconds to wait for all pods to run (and to go)")
@@ -185,11 +188,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="cluster state (default: a fresh temporary directory)")
     parser.add_argument("--json", action="store_true", help="print the raw samples as JSON too")
     args = parser.parse_args(argv)
-    if args.pods > 110 * args.nodes:
-        parser.error(f"--pods {args.pods}: a node takes at most 110 pods; use --nodes "
-                     f"{-(-args.pods // 110)} or more")
+    if args.pods > args.pods_per_node * args.nodes:
+        parser.error(f"--pods {args.pods}: {args.nodes} node(s) take {args.pods_per_node} pods "
+                     "each; raise --nodes or --pods-per-node")
     state_dir = args.state_dir or Path(tempfile.mkdtemp(prefix="node-startup-cluster-"))
-    cluster = LocalCluster(state_dir, nodes=default_nodes(args.nodes), log=lambda _: None)
+    nodes = [NodeSpec(f"localnode-{index}", pods=args.pods_per_node) for index in range(args.nodes)]
+    cluster = LocalCluster(state_dir, nodes=nodes, log=lambda _: None)
     cluster.up()
     try:
         api = KubeApi(cluster.kubeconfig)
