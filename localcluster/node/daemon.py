@@ -215,8 +215,7 @@ class NodeDaemon:
         self.stop_event.set()
         self.stopping = True  # no container may start from here on
         # Sandboxes being made now must be known before teardown, or their devices and IPs
-        # would outlive the daemon.
-        # (Queued setups return at once now; queued releases still run.)
+        # would outlive the daemon. (Queued setups return at once now; queued releases run.)
         self.setup_pool.shutdown(wait=True)
         self._drain_prepared()
         deadline = time.monotonic() + SHUTDOWN_GRACE_SECONDS
@@ -239,7 +238,7 @@ class NodeDaemon:
                                  "reason": "TerminationByKubelet", "message": SHUTDOWN_MESSAGE}
             rt.dirty = True
         for rt in self.runs.values():
-            rt.preparing = False  # cancelled before it ran: nothing was allocated
+            rt.preparing = False  # every setup has reported back (drained above)
             self._teardown(rt)
         self._guard(self._flush)
         for writer in (self.writer, self.event_writer):
