@@ -25,6 +25,8 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import json
+import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -36,8 +38,6 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-
-import os  # noqa: E402
 
 from localcluster.cluster import NODE_RECORD, ClusterState, LocalCluster  # noqa: E402
 from localcluster.node import NodeSpec  # noqa: E402
@@ -216,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
         problems = cluster.down()
         if problems:
             print("cluster down left: " + "; ".join(problems), file=sys.stderr)
+        elif args.state_dir is None:
+            shutil.rmtree(state_dir, ignore_errors=True)
     return 0
 
 
