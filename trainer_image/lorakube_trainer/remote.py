@@ -23,14 +23,16 @@ from typing import Any, Iterable, Mapping
 
 from lorakube_api import contract
 
-from . import storage
+from . import input_cache, staging, storage
 from .config import RESUME_AUTO, TrainConfig
 
 log = logging.getLogger(__name__)
 
 
-def localize(cfg: TrainConfig, env: Mapping[str, str] | None = None) -> tuple[TrainConfig, storage.Locations]:
-    """The same config with every remote location replaced by a local folder, and the URIs given."""
+def localize(cfg: TrainConfig, env: Mapping[str, str] | None = None,
+             report_staging: bool = False) -> tuple[TrainConfig, storage.Locations]:
+    """The same config with every remote location replaced by a local folder, and the URIs given.
+    With `report_staging` (rank 0) the staging of the inputs is reported (staging.py)."""
     where = storage.Locations(
         model=cfg.model_path if storage.is_remote(cfg.model_path) else "",
         dataset=cfg.dataset_path if storage.is_remote(cfg.dataset_path) else "",
@@ -40,10 +42,15 @@ def localize(cfg: TrainConfig, env: Mapping[str, str] | None = None) -> tuple[Tr
     if not where.any:
         return cfg, where
     changes: dict[str, str] = {}
-    if where.model:
-        changes["model_path"] = str(storage.stage_input(where.model, env))
-    if where.dataset:
-        changes["dataset_path"] = str(storage.stage_input(where.dataset, env))
+    inputs = [(name, uri) for name, uri in (("model", where.model), ("dataset", where.dataset)) if uri]
+    reporter = staging.reporter_from_env(env) if report_staging and inputs else None
+    for index, (name, uri) in enumerate(inputs):
+        if reporter is not None:
+            reporter.begin(name, uri)
+        folder = storage.stage_input(uri, env, on_bytes=None if reporter is None else reporter.on_bytes)
+        if reporter is not None:
+            reporter.end(input_cache.entry_bytes(folder), complete=index == len(inputs) - 1)
+        changes[f"{name}_path"] = str(folder)
     if where.output:
         local_output = storage.work_folder("outputs", where.output, env)
         changes["output_path"] = str(local_output)

@@ -83,7 +83,8 @@ def _run(cfg: TrainConfig, env: Mapping[str, str], live: TrainingMetrics, strate
     topology = plan_topology(cfg, env)
     # s3:// model/dataset staged into this node's cache, output and checkpoints in local working
     # folders that are uploaded (remote.py); a local run passes through unchanged.
-    cfg, where = remote.localize(cfg, env)
+    # Rank 0 reports the staging of the inputs (the job's Staging phase, staging.py).
+    cfg, where = remote.localize(cfg, env, report_staging=_planned_global_rank(topology, env) == 0)
     records = load_records(cfg.dataset_path)
     loaded = ckpt.resolve_resume(cfg.resume, Path(cfg.checkpoint_dir))
     start_step = 0 if loaded is None else loaded.step
