@@ -371,6 +371,8 @@ def _running_or_staging(plan: _Plan, spec: JobSpec, num_nodes: int, attempt: int
     staged = [uri for uri in (spec.model.uri, spec.dataset.uri) if contract.is_staged_uri(uri)]
     running = f"all {num_nodes} pods of attempt {attempt} are running"
     phase = st.active_phase(plan.phase, bool(staged), plan.obs.status.get("progress"), attempt)
+    if plan.phase == st.RUNNING_PHASE:
+        return      # whatever brought it there (AllPodsRunning or InputsStaged) stays the reason
     if phase == st.STAGING:
         shown = " and ".join(contract.uri_for_display(uri) for uri in staged)
         plan.transition(st.STAGING, "StagingInputs", f"{running}; rank 0 stages {shown} into its node's cache "

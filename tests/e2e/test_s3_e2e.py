@@ -10,6 +10,7 @@ import json
 
 import pytest
 
+from localcluster.recorder import WatchRecorder
 from localcluster.s3server import S3Server
 from lorakube_api import contract
 from lorakube_dev import sandbox
@@ -35,8 +36,28 @@ def bridge_s3(local_cluster, tmp_path):
         server.stop()
 
 
+def _tree_bytes(folder) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def _assert_staging_then_running(versions: list[dict], data_dir) -> None:
+    """What a user watching the job sees: Staging (with the bytes of rank 0's inputs) before Running."""
+    phases = [v["status"]["phase"] for v in versions if (v.get("status") or {}).get("phase")]
+    seen = [p for i, p in enumerate(phases) if i == 0 or phases[i - 1] != p]
+    assert "Staging" in seen and seen.index("Staging") < seen.index("Running"), seen
+    statuses = [v.get("status") or {} for v in versions]
+    staging = [s["progress"]["staging"] for s in statuses
+               if s.get("phase") == "Staging" and (s.get("progress") or {}).get("staging")]
+    model = [r for r in staging if r["input"] == "model"]
+    assert model and model[-1]["bytesTotal"] == _tree_bytes(data_dir / "model"), staging
+    reports = [(s.get("progress") or {}).get("staging") for s in statuses]
+    final = [r for r in reports if r][-1]
+    assert (final["input"], final["complete"], final["attempt"]) == ("dataset", True, 1)
+    assert final["bytesDone"] == final["bytesTotal"] == _tree_bytes(data_dir / "dataset")
+
+
 def test_a_two_node_job_reads_from_and_writes_to_s3_with_credentials_from_a_secret(
-        local_cluster, job_namespace, data_dir, start_operator, bridge_s3):
+        local_cluster, job_namespace, data_dir, start_operator, bridge_s3, tmp_path):
     fs = bridge_s3.filesystem()
     for bucket in ("models", "datasets", "loras"):
         bridge_s3.create_bucket(bucket)
@@ -60,13 +81,19 @@ def test_a_two_node_job_reads_from_and_writes_to_s3_with_credentials_from_a_secr
     spec["resources"]["env"].append({"name": "LORAKUBE_CACHE_DIR", "value": "/cache"})
 
     start_operator()
+    watch = WatchRecorder(local_cluster.kubectl_path, local_cluster.kubeconfig,
+                          f"{contract.PLURAL}.{contract.API_GROUP}", job_namespace, tmp_path / "watch", {})
     sandbox.apply_job(local_cluster.cluster.kubectl, job_namespace, job)
-    final = sandbox.follow(local_cluster.cluster.kubectl, job_namespace, name, JOB_TIMEOUT, interval=0.5)
+    try:
+        final = sandbox.follow(local_cluster.cluster.kubectl, job_namespace, name, JOB_TIMEOUT, interval=0.5)
+    finally:
+        watch.stop()
     status = final["status"]
     pods = json.loads(local_cluster.kubectl("get", "pods", "-n", job_namespace, "-o", "json", check=True).stdout)
     logs = {p["metadata"]["name"]: local_cluster.kubectl("logs", p["metadata"]["name"], "-n", job_namespace).stdout
             for p in pods["items"]}
     assert status["phase"] == "Succeeded", json.dumps(status, indent=1) + "\n".join(v[-3000:] for v in logs.values())
+    _assert_staging_then_running([json.loads(p.read_text()) for p in watch.written], data_dir)
 
     # status.artifacts: the objects in the bucket, their sha256 and sizes the objects' own
     published = {a["uri"].rsplit("/", 1)[-1]: a for a in status["artifacts"]}

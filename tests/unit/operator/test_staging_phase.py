@@ -92,6 +92,10 @@ def test_all_pods_running_with_a_remote_model_moves_the_job_to_staging_then_runn
     assert condition(patch, "Staging")["status"] == "False"
     assert done.pods_running is None          # not a second time-to-running observation
     assert "progress" not in patch
+    # and the next pass keeps it that way: no second Running transition, no write
+    running = {**status, **patch, "progress": staging(1, complete=True)}
+    later = decide(observe(spec, running, RUNNING_PODS), CONFIG)
+    assert later.status_patch == {} and later.events == ()
 
 
 def test_a_job_with_local_inputs_goes_straight_to_running(job_spec):
