@@ -11,7 +11,6 @@ last training step, since nothing after it would end the Staging phase.
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 import time
@@ -22,7 +21,6 @@ from lorakube_api import contract
 from .input_cache import Throttle
 from .progress import FINAL_WRITE_ATTEMPTS, StatusPatcher, api_target_from_env
 
-log = logging.getLogger(__name__)
 
 # A staging report must not hold the download up for long when the API server is slow.
 PATCH_TIMEOUT_S = 5.0
