@@ -52,7 +52,8 @@ def _assert_staging_then_running(versions: list[dict], data_dir) -> None:
     assert model and model[-1]["bytesTotal"] == _tree_bytes(data_dir / "model"), staging
     reports = [(s.get("progress") or {}).get("staging") for s in statuses]
     final = [r for r in reports if r][-1]
-    assert (final["input"], final["complete"], final["attempt"]) == ("dataset", True, 1)
+    # one report per moment: training found the inputs its pod's first process staged and said nothing more
+    assert (final["input"], final["complete"], final["attempt"], final["cached"]) == ("dataset", True, 1, False)
     assert final["bytesDone"] == final["bytesTotal"] == _tree_bytes(data_dir / "dataset")
 
 

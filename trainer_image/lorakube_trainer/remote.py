@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -27,6 +28,33 @@ from . import input_cache, staging, storage
 from .config import RESUME_AUTO, TrainConfig
 
 log = logging.getLogger(__name__)
+
+
+# Set by the pod's first process once it staged the inputs (cli.py), to its own process id: that
+# process (training itself) and the local ranks it starts do not report the staging again. A pid
+# and not "1", so that a value from the job's env (another process's) never counts.
+ENV_INPUTS_STAGED = "LORAKUBE_INPUTS_STAGED_BY"
+
+
+def inputs_staged_by_this_pod(env: Mapping[str, str]) -> bool:
+    return env.get(ENV_INPUTS_STAGED) in (str(os.getpid()), str(os.getppid()))
+
+
+def stage_inputs(cfg: TrainConfig, env: Mapping[str, str] | None = None, report: bool = False) -> dict[str, str]:
+    """Stage the remote model and dataset into the node's cache: {"model_path": folder, ...}. With
+    `report` (rank 0's pod) each input's bytes are reported (staging.py, the job's Staging phase)."""
+    inputs = [(name, uri) for name, uri in (("model", cfg.model_path), ("dataset", cfg.dataset_path))
+              if storage.is_remote(uri)]
+    reporter = staging.reporter_from_env(env) if report and inputs else None
+    folders = {}
+    for index, (name, uri) in enumerate(inputs):
+        if reporter is not None:
+            reporter.begin(name, uri)
+        folder = storage.stage_input(uri, env, on_bytes=None if reporter is None else reporter.on_bytes)
+        if reporter is not None:
+            reporter.end(input_cache.entry_bytes(folder), complete=index == len(inputs) - 1)
+        folders[f"{name}_path"] = str(folder)
+    return folders
 
 
 def localize(cfg: TrainConfig, env: Mapping[str, str] | None = None,
@@ -41,16 +69,7 @@ def localize(cfg: TrainConfig, env: Mapping[str, str] | None = None,
     )
     if not where.any:
         return cfg, where
-    changes: dict[str, str] = {}
-    inputs = [(name, uri) for name, uri in (("model", where.model), ("dataset", where.dataset)) if uri]
-    reporter = staging.reporter_from_env(env) if report_staging and inputs else None
-    for index, (name, uri) in enumerate(inputs):
-        if reporter is not None:
-            reporter.begin(name, uri)
-        folder = storage.stage_input(uri, env, on_bytes=None if reporter is None else reporter.on_bytes)
-        if reporter is not None:
-            reporter.end(input_cache.entry_bytes(folder), complete=index == len(inputs) - 1)
-        changes[f"{name}_path"] = str(folder)
+    changes: dict[str, str] = stage_inputs(cfg, env, report_staging)
     if where.output:
         local_output = storage.work_folder("outputs", where.output, env)
         changes["output_path"] = str(local_output)

@@ -83,8 +83,10 @@ def _run(cfg: TrainConfig, env: Mapping[str, str], live: TrainingMetrics, strate
     topology = plan_topology(cfg, env)
     # s3:// model/dataset staged into this node's cache, output and checkpoints in local working
     # folders that are uploaded (remote.py); a local run passes through unchanged.
-    # Rank 0 reports the staging of the inputs (the job's Staging phase, staging.py).
-    cfg, where = remote.localize(cfg, env, report_staging=_planned_global_rank(topology, env) == 0)
+    # Rank 0 reports the staging of the inputs (the job's Staging phase, staging.py), unless its
+    # pod's first process staged them before torch loaded (cli.py): then they are in the cache.
+    report = _planned_global_rank(topology, env) == 0 and not remote.inputs_staged_by_this_pod(env)
+    cfg, where = remote.localize(cfg, env, report_staging=report)
     records = load_records(cfg.dataset_path)
     loaded = ckpt.resolve_resume(cfg.resume, Path(cfg.checkpoint_dir))
     start_step = 0 if loaded is None else loaded.step

@@ -16,6 +16,7 @@ import pytest
 
 from lorakube_api import contract
 from lorakube_trainer import input_cache as ic
+from lorakube_trainer import remote
 from lorakube_trainer.staging import StagingReporter
 
 
@@ -206,3 +207,10 @@ def test_staging_reports_are_throttled_with_the_first_and_last_of_each_input_sen
     lines = [json.loads(line) for line in out.getvalue().splitlines()]
     assert all(line["event"] == contract.STAGING_EVENT and line["attempt"] == 3 for line in lines)
     assert lines[-1]["complete"] is True and lines[-1]["cached"] is True
+
+
+def test_only_this_pods_first_process_counts_as_having_staged_the_inputs():
+    assert remote.inputs_staged_by_this_pod({remote.ENV_INPUTS_STAGED: str(os.getpid())})      # the same process
+    assert remote.inputs_staged_by_this_pod({remote.ENV_INPUTS_STAGED: str(os.getppid())})     # a launched local rank
+    assert not remote.inputs_staged_by_this_pod({remote.ENV_INPUTS_STAGED: "1"})               # set in the job's env
+    assert not remote.inputs_staged_by_this_pod({})
