@@ -172,9 +172,20 @@ TRAINING_FLAGS: dict[str, str] = {
     "validationPrompts": "--validation_prompt",       # repeated once per prompt
     "validationEverySteps": "--validation_every_n_steps",
     "cacheLatents": "--cache_latents",
+    "lrScheduler": "--lr_scheduler",
+    "lrWarmupSteps": "--lr_warmup_steps",
+    "maxGradNorm": "--max_grad_norm",
+    "loraDropout": "--lora_dropout",
+    "emaDecay": "--ema_decay",
+    "aspectRatioBuckets": "--aspect_ratio_buckets",
 }
+# How the learning rate moves over the run (--lr_scheduler): constant is the original trainer's.
+# Each first ramps up linearly over --lr_warmup_steps (0: no warm-up).
+LR_SCHEDULERS = ("constant", "linear", "cosine")
+
 # Boolean flags are store_true switches: present when true, absent when false.
-BOOLEAN_TRAINING_FLAGS = frozenset({"centerCrop", "randomFlip", "gradientCheckpointing", "cacheLatents"})
+BOOLEAN_TRAINING_FLAGS = frozenset({"centerCrop", "randomFlip", "gradientCheckpointing", "cacheLatents",
+                                    "aspectRatioBuckets"})
 
 # What stepsPerEpoch / --steps_per_epoch counts, word for word in the CRD's description (kubectl
 # explain) and in `lorakube-train --help`; a unit test holds both to this text. Optimizer steps,
@@ -330,6 +341,8 @@ FLAG_OUTPUT_PATH = "--output_path"
 FLAG_CHECKPOINT_DIR = "--checkpoint_dir"
 FLAG_OUTPUT_FORMATS = "--output_formats"
 FLAG_RESUME = "--resume"
+# A LoRA to start from instead of a fresh one (the original's flag); spec.model.pretrainedLoraUri.
+FLAG_PRETRAINED_LORA_PATH = "--pretrained_lora_path"
 FLAG_PREFLIGHT = "--preflight"   # run the preflight checks only, exit 0 or the failed check's code
 # spec.resources.gpusPerNode 0 -> --accelerator cpu (one CPU process per node even where GPUs show);
 # more -> --accelerator gpu (never a silent fall back to CPU; preflight counts the GPUs it sees).

@@ -24,6 +24,7 @@ _LOCAL = "local path"
 _S3 = "s3://"
 SUPPORTED_SCHEMES = {
     "spec.model.uri": (_LOCAL, _S3),
+    "spec.model.pretrainedLoraUri": (_LOCAL, _S3),
     "spec.dataset.uri": (_LOCAL, _S3),
     "spec.output.uri": (_LOCAL, _S3),
     "spec.output.checkpointUri": (_LOCAL, _S3),
@@ -56,6 +57,7 @@ class ModelSpec:
     family: str
     uri: str
     secret_name: str | None = None
+    pretrained_lora_uri: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,6 +96,12 @@ class TrainingSpec:
     validation_prompts: tuple[str, ...] = _flag("validationPrompts", ())
     validation_every_steps: int = _flag("validationEverySteps", 0)
     cache_latents: bool = _flag("cacheLatents", False)
+    aspect_ratio_buckets: bool = _flag("aspectRatioBuckets", False)
+    lr_scheduler: str = _flag("lrScheduler", "constant")
+    lr_warmup_steps: int = _flag("lrWarmupSteps", 0)
+    max_grad_norm: float = _flag("maxGradNorm", 0.0)
+    lora_dropout: float = _flag("loraDropout", 0.0)
+    ema_decay: float = _flag("emaDecay", 0.0)
 
     def by_key(self) -> dict[str, Any]:
         """camelCase key -> value, the form contract.TRAINING_FLAGS is keyed by."""
@@ -312,7 +320,12 @@ def _parse_model(section: Mapping[str, Any]) -> ModelSpec:
     family = _enum(section, "family", "spec.model", "", contract.FAMILIES)
     uri = _required_str(section, "uri", "spec.model")
     _check_uri(uri, "spec.model.uri")
-    return ModelSpec(family=family, uri=uri, secret_name=_secret_name(section, "spec.model"))
+    lora = section.get("pretrainedLoraUri")
+    if lora is not None:
+        lora = _required_str(section, "pretrainedLoraUri", "spec.model")
+        _check_uri(lora, "spec.model.pretrainedLoraUri")
+    return ModelSpec(family=family, uri=uri, secret_name=_secret_name(section, "spec.model"),
+                     pretrained_lora_uri=lora)
 
 
 def _parse_dataset(section: Mapping[str, Any]) -> DatasetSpec:
@@ -372,7 +385,24 @@ def _parse_training(section: Mapping[str, Any], family: str) -> TrainingSpec:
         validation_prompts=prompts,
         validation_every_steps=_int(section, "validationEverySteps", f, defaults.validation_every_steps, 0),
         cache_latents=_bool(section, "cacheLatents", f, defaults.cache_latents),
+        aspect_ratio_buckets=_bool(section, "aspectRatioBuckets", f, defaults.aspect_ratio_buckets),
+        lr_scheduler=_enum(section, "lrScheduler", f, defaults.lr_scheduler, contract.LR_SCHEDULERS),
+        lr_warmup_steps=_int(section, "lrWarmupSteps", f, defaults.lr_warmup_steps, 0),
+        max_grad_norm=_number(section, "maxGradNorm", f, defaults.max_grad_norm, 0.0, None),
+        lora_dropout=_number(section, "loraDropout", f, defaults.lora_dropout, 0.0, 1.0),
+        ema_decay=_number(section, "emaDecay", f, defaults.ema_decay, 0.0, 1.0),
     )
+
+
+def _number(section: Mapping[str, Any], key: str, field: str, default: float, minimum: float,
+            below: float | None) -> float:
+    """A number >= minimum and, when `below` is given, < below (the CRD's exclusiveMaximum)."""
+    value = section.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < minimum \
+            or (below is not None and value >= below):
+        bound = f"in [{minimum:g}, {below:g})" if below is not None else f">= {minimum:g}"
+        raise InvalidSpec(f"{field}.{key}", f"must be a number {bound}, got {value!r}")
+    return float(value)
 
 
 def _parse_resources(section: Mapping[str, Any]) -> ResourcesSpec:

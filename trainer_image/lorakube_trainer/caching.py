@@ -43,6 +43,8 @@ def cache_folder(cfg: TrainConfig, records: list[Record], dtype: torch.dtype) ->
         "width": cfg.width, "dtype": str(dtype), "flip": cfg.random_flip,
         "records": [_record_identity(r) for r in records],
     }
+    if cfg.aspect_ratio_buckets:
+        identity["buckets"] = True          # each record at its bucket's size
     key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
     return Path(cfg.output_path) / "latent-cache" / key
 
@@ -53,9 +55,12 @@ def record_file(folder: Path, index: int) -> Path:
 
 @torch.no_grad()
 def encode_record(family: Family, pipe: Any, record: Record, cfg: TrainConfig, device: torch.device,
-                  dtype: torch.dtype) -> dict[str, torch.Tensor]:
+                  dtype: torch.dtype, size: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
+    """The record's latents (plain and, with --random_flip, mirrored) and text conditioning, at
+    `size` (its aspect-ratio bucket) or the fixed --height/--width."""
+    height, width = size or (cfg.height, cfg.width)
     with Image.open(record.path) as img:
-        plain = resize_and_crop(img, cfg.height, cfg.width, center_crop=True, random_flip=False,
+        plain = resize_and_crop(img, height, width, center_crop=True, random_flip=False,
                                 rng=np.random.default_rng(0))
     variants = [plain, plain.flip(-1)] if cfg.random_flip else [plain]
     latents = family.encode_images(pipe, torch.stack(variants).to(device, dtype))
@@ -67,8 +72,8 @@ def encode_record(family: Family, pipe: Any, record: Record, cfg: TrainConfig, d
 
 def build_cache(family: Family, pipe: Any, records: list[Record], cfg: TrainConfig, folder: Path, *,
                 device: torch.device, dtype: torch.dtype, rank: int, world_size: int,
-                barrier: Callable[[], None]) -> int:
-    """Fill the cache; returns how many records this rank encoded."""
+                barrier: Callable[[], None], sizes: list[tuple[int, int]] | None = None) -> int:
+    """Fill the cache; returns how many records this rank encoded. `sizes`: each record's bucket."""
     folder.mkdir(parents=True, exist_ok=True)
 
     def encode(indices: range | list[int]) -> int:
@@ -76,7 +81,8 @@ def build_cache(family: Family, pipe: Any, records: list[Record], cfg: TrainConf
         for i in indices:
             path = record_file(folder, i)
             if not path.is_file():
-                save_safetensors(encode_record(family, pipe, records[i], cfg, device, dtype), path)
+                size = None if sizes is None else sizes[i]
+                save_safetensors(encode_record(family, pipe, records[i], cfg, device, dtype, size), path)
                 done += 1
         return done
 

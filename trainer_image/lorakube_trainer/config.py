@@ -57,6 +57,7 @@ class TrainConfig:
     width: int
     center_crop: bool
     random_flip: bool
+    aspect_ratio_buckets: bool                      # each image at the nearest bucket of ~height x width pixels
     batch_size: int
     dataloader_num_workers: int
     precision: str | None                           # one of contract.PRECISIONS; None: by accelerator
@@ -65,6 +66,12 @@ class TrainConfig:
     lora_alpha: float
     use_gradient_checkpointing: bool
     cache_latents: bool
+    lr_scheduler: str                               # one of contract.LR_SCHEDULERS
+    lr_warmup_steps: int
+    max_grad_norm: float                            # 0: no clipping (the original trainer's behaviour)
+    lora_dropout: float
+    ema_decay: float                                # 0: no EMA; else the exported LoRA is the EMA
+    pretrained_lora_path: str | None                # a LoRA file or a lorakube output folder to start from
     accumulate_grad_batches: int
     training_strategy: str                          # one of contract.STRATEGIES
     output_formats: tuple[str, ...]
@@ -129,6 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(flags["width"], type=int, default=1024)
     p.add_argument(flags["centerCrop"], action="store_true")
     p.add_argument(flags["randomFlip"], action="store_true")
+    p.add_argument(flags["aspectRatioBuckets"], action="store_true",
+                   help="train each image at the aspect-ratio bucket nearest its own shape, of about "
+                        "height x width pixels, instead of cropping every image to height x width; "
+                        "each batch holds one bucket")
     p.add_argument(flags["batchSize"], type=int, default=1)
     p.add_argument(flags["dataloaderNumWorkers"], type=int, default=0)
     p.add_argument(flags["precision"], default=None, choices=contract.PRECISIONS + tuple(PRECISION_ALIASES),
@@ -140,6 +151,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(flags["cacheLatents"], action="store_true",
                    help=f"encode images and captions once, then train without the encoders "
                         f"(needs {flags['centerCrop']})")
+    p.add_argument(flags["lrScheduler"], default="constant", choices=contract.LR_SCHEDULERS,
+                   help="how the learning rate moves over the run after the warm-up (constant: the original's)")
+    p.add_argument(flags["lrWarmupSteps"], type=int, default=0,
+                   help="optimizer steps over which the learning rate ramps up linearly from lr/steps to lr")
+    p.add_argument(flags["maxGradNorm"], type=float, default=0.0,
+                   help="clip the LoRA gradients' global L2 norm to this; 0 disables clipping")
+    p.add_argument(flags["loraDropout"], type=float, default=0.0,
+                   help="dropout probability on the LoRA branch's input during training (0 to <1)")
+    p.add_argument(flags["emaDecay"], type=float, default=0.0,
+                   help="keep an exponential moving average of the LoRA weights with this decay per step "
+                        "(e.g. 0.999) and export it as the LoRA; 0 disables it")
+    p.add_argument(contract.FLAG_PRETRAINED_LORA_PATH, default=None,
+                   help=f"start from this LoRA instead of a fresh one: a diffusers-format .safetensors file or a "
+                        f"folder holding {contract.ARTIFACT_LORA_DIFFUSERS} (an earlier run's output); a checkpoint "
+                        f"to resume from takes precedence")
     p.add_argument(flags["accumulateGradBatches"], type=int, default=1)
     p.add_argument(flags["strategy"], default="auto", choices=contract.STRATEGIES)
     p.add_argument(contract.FLAG_OUTPUT_FORMATS, default=",".join(contract.OUTPUT_FORMATS),
@@ -268,6 +294,17 @@ def _validate(ns: argparse.Namespace, env: dict[str, str]) -> TrainConfig:
         raise ConfigError(flags["learningRate"], f"must be > 0, got {ns.learning_rate}")
     if not ns.lora_alpha > 0:
         raise ConfigError(flags["loraAlpha"], f"must be > 0, got {ns.lora_alpha}")
+    _positive(ns.lr_warmup_steps, flags["lrWarmupSteps"], 0)
+    if not ns.max_grad_norm >= 0:
+        raise ConfigError(flags["maxGradNorm"], f"must be >= 0 (0 disables clipping), got {ns.max_grad_norm}")
+    if not 0 <= ns.lora_dropout < 1:
+        raise ConfigError(flags["loraDropout"], f"must be in [0, 1), got {ns.lora_dropout}")
+    if not 0 <= ns.ema_decay < 1:
+        raise ConfigError(flags["emaDecay"], f"must be in [0, 1) (0 disables the EMA; 0.999 is typical), "
+                                             f"got {ns.ema_decay}")
+    if ns.ema_decay and ns.training_strategy == "deepspeed_stage_3":
+        raise ConfigError(flags["emaDecay"], "cannot be used with deepspeed_stage_3, which splits the LoRA weights "
+                                             "across processes; use deepspeed_stage_2 or drop the EMA")
 
     targets = None
     if ns.lora_target_modules is not None:
@@ -301,6 +338,11 @@ def _validate(ns: argparse.Namespace, env: dict[str, str]) -> TrainConfig:
                           "the upload needs the `modelscope` package, which is not installed here; install it into "
                           "the image (pip install modelscope) or drop the flag")
 
+    lora = ns.pretrained_lora_path
+    if lora and not storage.is_remote(lora) and not Path(lora).exists():
+        raise ConfigError(contract.FLAG_PRETRAINED_LORA_PATH,
+                          f"{lora} does not exist; give a diffusers-format LoRA file or a lorakube output folder")
+
     checkpoint_dir = ns.checkpoint_dir or storage.join(output_path, contract.DEFAULT_CHECKPOINT_SUBDIR)
     return TrainConfig(
         model_family=family,
@@ -319,6 +361,7 @@ def _validate(ns: argparse.Namespace, env: dict[str, str]) -> TrainConfig:
         width=ns.width,
         center_crop=ns.center_crop,
         random_flip=ns.random_flip,
+        aspect_ratio_buckets=ns.aspect_ratio_buckets,
         batch_size=ns.batch_size,
         dataloader_num_workers=ns.dataloader_num_workers,
         precision=None if ns.precision is None else PRECISION_ALIASES.get(ns.precision, ns.precision),
@@ -327,6 +370,12 @@ def _validate(ns: argparse.Namespace, env: dict[str, str]) -> TrainConfig:
         lora_alpha=ns.lora_alpha,
         use_gradient_checkpointing=ns.use_gradient_checkpointing,
         cache_latents=ns.cache_latents,
+        lr_scheduler=ns.lr_scheduler,
+        lr_warmup_steps=ns.lr_warmup_steps,
+        max_grad_norm=ns.max_grad_norm,
+        lora_dropout=ns.lora_dropout,
+        ema_decay=ns.ema_decay,
+        pretrained_lora_path=ns.pretrained_lora_path,
         accumulate_grad_batches=ns.accumulate_grad_batches,
         training_strategy=ns.training_strategy,
         output_formats=formats,

@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from .buckets import bucketed_epoch_order
+
 # Re-exported: the layout is shared with preflight, which must not import torch.
 from .dataset_layout import METADATA_FILE, REQUIRED_COLUMNS, TRAIN_SUBDIR, DatasetError, find_metadata  # noqa: F401
 
@@ -133,19 +135,31 @@ class CaptionedImages(torch.utils.data.Dataset):
     """Map-style dataset indexed by SampleKey (what ShardSampler yields)."""
 
     def __init__(self, records: list[Record], *, seed: int, height: int, width: int, center_crop: bool,
-                 random_flip: bool, samples_per_epoch: int) -> None:
+                 random_flip: bool, samples_per_epoch: int, sizes: list[tuple[int, int]] | None = None,
+                 batch_size: int = 1, world_size: int = 1) -> None:
         self.records = records
         self.seed, self.height, self.width = seed, height, width
         self.center_crop, self.random_flip = center_crop, random_flip
         self.samples_per_epoch = samples_per_epoch      # global: all ranks together
+        # Aspect-ratio buckets (buckets.py): each record's own (height, width), and the batch layout
+        # the bucketed order needs so that every micro-batch holds one size.
+        self.sizes, self.batch_size, self.world_size = sizes, batch_size, world_size
         self._orders: dict[int, np.ndarray] = {}
 
     def record_index(self, key: SampleKey) -> int:
         order = self._orders.get(key.epoch)
         if order is None:
-            order = epoch_order(self.seed, key.epoch, len(self.records), self.samples_per_epoch)
+            if self.sizes is None:
+                order = epoch_order(self.seed, key.epoch, len(self.records), self.samples_per_epoch)
+            else:
+                order = bucketed_epoch_order(self.seed, key.epoch, self.sizes, self.samples_per_epoch,
+                                             self.batch_size, self.world_size)
             self._orders = {key.epoch: order}           # one epoch at a time is all a sampler needs
         return int(order[key.position])
+
+    def size_of(self, index: int) -> tuple[int, int]:
+        """(height, width) the record trains at: its bucket's, or the fixed --height/--width."""
+        return (self.height, self.width) if self.sizes is None else self.sizes[index]
 
     def __len__(self) -> int:
         return self.samples_per_epoch
@@ -160,7 +174,7 @@ class CaptionedImages(torch.utils.data.Dataset):
         rng = self.sample_rng(key)
         try:
             with Image.open(record.path) as img:
-                pixels = resize_and_crop(img, self.height, self.width, self.center_crop, self.random_flip, rng)
+                pixels = resize_and_crop(img, *self.size_of(index), self.center_crop, self.random_flip, rng)
         except (OSError, ValueError) as exc:
             raise DatasetError(f"{record.path.name}: cannot decode image ({exc}); replace or remove it") from exc
         return {"pixels": pixels, "text": record.text, "index": index}

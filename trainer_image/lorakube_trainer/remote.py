@@ -67,9 +67,14 @@ def localize(cfg: TrainConfig, env: Mapping[str, str] | None = None,
         output=cfg.output_path if storage.is_remote(cfg.output_path) else "",
         checkpoints=cfg.checkpoint_dir if storage.is_remote(cfg.checkpoint_dir) else "",
     )
+    changes: dict[str, str] = {}
+    if cfg.pretrained_lora_path and storage.is_remote(cfg.pretrained_lora_path):
+        # A folder in a bucket (an earlier run's output), staged like the model (not reported:
+        # the job's Staging phase is about the model and the dataset).
+        changes["pretrained_lora_path"] = str(storage.stage_input(cfg.pretrained_lora_path, env))
     if not where.any:
-        return cfg, where
-    changes: dict[str, str] = stage_inputs(cfg, env, report_staging)
+        return dataclasses.replace(cfg, **changes), where
+    changes.update(stage_inputs(cfg, env, report_staging))
     if where.output:
         local_output = storage.work_folder("outputs", where.output, env)
         changes["output_path"] = str(local_output)
