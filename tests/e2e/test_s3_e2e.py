@@ -25,6 +25,7 @@ import pytest
 from test_operator_chaos_e2e import training
 
 from localcluster.pytest_plugin import wait_for
+from localcluster.recorder import WatchRecorder
 from localcluster.s3server import S3Server
 from lorakube_api import contract
 from lorakube_dev import sandbox
@@ -125,18 +126,45 @@ def _assert_secrets_nowhere(local_cluster, namespace: str, secrets: list[str], t
             assert secret.encode() not in fs.cat_file(path), path
 
 
+def _tree_bytes(folder) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def _assert_staging_then_running(versions: list[dict], data_dir) -> None:
+    """What a user watching the job sees: Staging (with the bytes of rank 0's inputs) before Running."""
+    phases = [v["status"]["phase"] for v in versions if (v.get("status") or {}).get("phase")]
+    seen = [p for i, p in enumerate(phases) if i == 0 or phases[i - 1] != p]
+    assert "Staging" in seen and seen.index("Staging") < seen.index("Running"), seen
+    statuses = [v.get("status") or {} for v in versions]
+    staging = [s["progress"]["staging"] for s in statuses
+               if s.get("phase") == "Staging" and (s.get("progress") or {}).get("staging")]
+    model = [r for r in staging if r["input"] == "model"]
+    assert model and model[-1]["bytesTotal"] == _tree_bytes(data_dir / "model"), staging
+    reports = [(s.get("progress") or {}).get("staging") for s in statuses]
+    final = [r for r in reports if r][-1]
+    # one report per moment: training found the inputs its pod's first process staged and said nothing more
+    assert (final["input"], final["complete"], final["attempt"], final["cached"]) == ("dataset", True, 1, False)
+    assert final["bytesDone"] == final["bytesTotal"] == _tree_bytes(data_dir / "dataset")
+
+
 def test_a_two_node_job_reads_from_one_s3_server_and_writes_to_another_each_uri_with_its_own_secret(
-        local_cluster, job_namespace, data_dir, start_operator, start_bridge_s3):
+        local_cluster, job_namespace, data_dir, start_operator, start_bridge_s3, tmp_path):
     inputs, outputs = _servers(local_cluster, job_namespace, start_bridge_s3, data_dir)
     name = "s3job"
     job = _s3_job(data_dir, name, stepsPerEpoch=4, checkpointEverySteps=2)
     operator = start_operator()
+    watch = WatchRecorder(local_cluster.kubectl_path, local_cluster.kubeconfig,
+                          f"{contract.PLURAL}.{contract.API_GROUP}", job_namespace, tmp_path / "watch", {})
     sandbox.apply_job(local_cluster.cluster.kubectl, job_namespace, job)
-    final = sandbox.follow(local_cluster.cluster.kubectl, job_namespace, name, JOB_TIMEOUT, interval=0.5)
+    try:
+        final = sandbox.follow(local_cluster.cluster.kubectl, job_namespace, name, JOB_TIMEOUT, interval=0.5)
+    finally:
+        watch.stop()
     status = final["status"]
     pods = _pods(local_cluster, job_namespace)
     logs = _logs(local_cluster, job_namespace, pods)
     assert status["phase"] == "Succeeded", json.dumps(status, indent=1) + "\n".join(v[-3000:] for v in logs.values())
+    _assert_staging_then_running([json.loads(p.read_text()) for p in watch.written], data_dir)
 
     # Each URI was read or written with its own section's credentials: the inputs' keys are not
     # valid on the outputs' server and the other way round, and each Secret names its own endpoint.

@@ -578,6 +578,19 @@ def test_status_written_like_the_operator_and_trainer_shows_in_kubectl_get(local
     assert "FAMILY" in wide.stdout and "flux" in wide.stdout
 
 
+def test_a_staging_job_shows_its_download_in_kubectl_get_and_keeps_every_staging_field(local_cluster, ns):
+    apply(local_cluster, ns, [minimal_job("staging")]).check_returncode()
+    report = contract.Staging(attempt=1, input="model", uri="s3://models/flux", bytesDone=13_107_200,
+                              bytesTotal=356_725_146, cached=False, complete=False, updatedAt=contract.utc_now_iso())
+    status = {"phase": "Staging", "attempt": 1, "readyNodes": "2/2", "progress": report.to_status()}
+    local_cluster.kubectl("patch", contract.SHORT_NAME, "staging", "-n", ns, "--subresource=status",
+                          "--type=merge", "-p", json.dumps({"status": status}), check=True)
+    stored = local_cluster.get_json(contract.SHORT_NAME, "staging", namespace=ns)["status"]
+    assert stored == status, "the structural status schema dropped or changed a staging field"
+    row = local_cluster.kubectl("get", contract.SHORT_NAME, "staging", "-n", ns, check=True).stdout.splitlines()[1]
+    assert row.split()[:5] == ["staging", "Staging", "2/2", "model", "12.5/340.2"], row
+
+
 def test_status_with_an_unknown_phase_is_refused(local_cluster, ns):
     apply(local_cluster, ns, [minimal_job("phased")]).check_returncode()
     result = local_cluster.kubectl("patch", contract.SHORT_NAME, "phased", "-n", ns, "--subresource=status",

@@ -19,12 +19,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from lorakube_api import contract
 
-from . import storage
+from . import input_cache, staging, storage
 from .config import RESUME_AUTO, TrainConfig
 
 log = logging.getLogger(__name__)
@@ -34,11 +35,40 @@ def _output_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
     return storage.role_env(env, "output")
 
 
-def localize(cfg: TrainConfig, env: Mapping[str, str] | None = None,
-             node_rank: int = 0) -> tuple[TrainConfig, storage.Locations]:
+# Set by the pod's first process once it staged the inputs (cli.py), to its own process id: that
+# process (training itself) and the local ranks it starts do not report the staging again. A pid
+# and not "1", so that a value from the job's env (another process's) never counts.
+ENV_INPUTS_STAGED = "LORAKUBE_INPUTS_STAGED_BY"
+
+
+def inputs_staged_by_this_pod(env: Mapping[str, str]) -> bool:
+    return env.get(ENV_INPUTS_STAGED) in (str(os.getpid()), str(os.getppid()))
+
+
+def stage_inputs(cfg: TrainConfig, env: Mapping[str, str] | None = None, report: bool = False) -> dict[str, str]:
+    """Stage the remote model and dataset into the node's cache: {"model_path": folder, ...}. With
+    `report` (rank 0's pod) each input's bytes are reported (staging.py, the job's Staging phase)."""
+    inputs = [(name, uri) for name, uri in (("model", cfg.model_path), ("dataset", cfg.dataset_path))
+              if storage.is_remote(uri)]
+    reporter = staging.reporter_from_env(env) if report and inputs else None
+    folders = {}
+    for index, (name, uri) in enumerate(inputs):
+        if reporter is not None:
+            reporter.begin(name, uri)
+        folder = storage.stage_input(uri, storage.role_env(env, name),
+                                     on_bytes=None if reporter is None else reporter.on_bytes)
+        if reporter is not None:
+            reporter.end(input_cache.entry_bytes(folder), complete=index == len(inputs) - 1)
+        folders[f"{name}_path"] = str(folder)
+    return folders
+
+
+def localize(cfg: TrainConfig, env: Mapping[str, str] | None = None, node_rank: int = 0,
+             report_staging: bool = False) -> tuple[TrainConfig, storage.Locations]:
     """The same config with every remote location replaced by a local folder, and the URIs given.
     Only node 0 writes the output (artifacts, metrics): the other nodes never read it, and their pods
-    get the output's Secret only when the checkpoints are remote too."""
+    get the output's Secret only when the checkpoints are remote too. With `report_staging` (rank 0)
+    the staging of the inputs is reported (staging.py)."""
     where = storage.Locations(
         model=cfg.model_path if storage.is_remote(cfg.model_path) else "",
         dataset=cfg.dataset_path if storage.is_remote(cfg.dataset_path) else "",
@@ -47,15 +77,13 @@ def localize(cfg: TrainConfig, env: Mapping[str, str] | None = None,
     )
     changes: dict[str, str] = {}
     if cfg.pretrained_lora_path and storage.is_remote(cfg.pretrained_lora_path):
-        # A folder in a bucket (an earlier run's output), staged like the model with its Secret.
+        # A folder in a bucket (an earlier run's output), staged like the model with its Secret (not
+        # reported: the job's Staging phase is about the model and the dataset).
         changes["pretrained_lora_path"] = str(storage.stage_input(cfg.pretrained_lora_path,
                                                                   storage.role_env(env, "model")))
     if not where.any:
         return dataclasses.replace(cfg, **changes), where
-    if where.model:
-        changes["model_path"] = str(storage.stage_input(where.model, storage.role_env(env, "model")))
-    if where.dataset:
-        changes["dataset_path"] = str(storage.stage_input(where.dataset, storage.role_env(env, "dataset")))
+    changes.update(stage_inputs(cfg, env, report_staging))
     if where.output:
         local_output = storage.work_folder("outputs", where.output, env)
         changes["output_path"] = str(local_output)

@@ -7,6 +7,7 @@ of the trainer works on local folders only; this module maps each remote URI to 
   default /tmp/lorakube-cache): the folder is keyed by the URI and the objects' ETags, filled in a
   temporary folder and renamed when complete (a partial download is never used), under a file lock
   (local ranks and a second job on the node wait for the first download instead of repeating it);
+  input_cache.py keeps that cache under LORAKUBE_CACHE_MAX_BYTES and reports bytes to `on_bytes`;
 - the output and the checkpoint folder are local working folders whose contents are uploaded:
   checkpoints objects first and COMPLETE.json last, artifacts each verified by a HEAD (size) and a
   sha256 read-back, manifest.json last.
@@ -30,13 +31,13 @@ import json
 import logging
 import os
 import posixpath
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, TypeVar
 
 from lorakube_api import contract
+
+from . import input_cache
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ ENV_CACHE_DIR = "LORAKUBE_CACHE_DIR"
 DEFAULT_CACHE_DIR = "/tmp/lorakube-cache"
 ENV_ADDRESSING_STYLE = "LORAKUBE_S3_ADDRESSING_STYLE"
 ADDRESSING_STYLES = ("auto", "path", "virtual")
-STAGED_MARKER = ".lorakube-staged.json"
+STAGED_MARKER = input_cache.STAGED_MARKER
 # Transient failures (a restarting endpoint, a dropped connection) are retried with exponential
 # backoff; ~2 minutes in all before the upload is reported as failed.
 UPLOAD_ATTEMPTS = 8
@@ -239,41 +240,51 @@ def stage_key(uri: str, objects: Mapping[str, Mapping[str, Any]]) -> str:
     return hashlib.sha256(body).hexdigest()[:32]
 
 
-def stage_input(uri: str, env: Mapping[str, str] | None = None) -> Path:
-    """A local folder holding the objects under `uri`, downloaded at most once per node and version."""
+def stage_input(uri: str, env: Mapping[str, str] | None = None,
+                on_bytes: input_cache.ByteProgress | None = None) -> Path:
+    """A local folder holding the objects under `uri`, downloaded at most once per node and version
+    (input_cache.stage: lock, cache hit, eviction, marker); `on_bytes(done, total)` sees the bytes."""
+    env = os.environ if env is None else env
     fs = filesystem(env)
     objects = _listing(fs, uri)
-    key = stage_key(uri, objects)
-    root = cache_root(env) / "inputs"
-    final = root / key
-    with _locked(root / f"{key}.lock"):
-        if (final / STAGED_MARKER).is_file():
-            log.info("using %s staged before in %s", uri, final)
-            return final
-        root.mkdir(parents=True, exist_ok=True)
-        partial = Path(tempfile.mkdtemp(prefix=f".{key}.partial-", dir=root))
-        try:
-            total = sum(o["size"] for o in objects.values())
-            log.info("staging %s: %d objects, %d bytes", uri, len(objects), total)
-            base = _bucket_key(uri)
-            for rel, info in sorted(objects.items()):
-                target = partial / rel
-                if not target.resolve().is_relative_to(partial.resolve()):
-                    raise StorageError(f"{uri}: object name {rel!r} escapes the staging folder")
-                target.parent.mkdir(parents=True, exist_ok=True)
-                retrying("download of", f"{uri.rstrip('/')}/{rel}",
-                         lambda: fs.get_file(posixpath.join(base, rel), str(target)))
-                if target.stat().st_size != info["size"]:
-                    raise StorageError(f"{uri}/{rel}: got {target.stat().st_size} bytes, listed {info['size']}")
-            (partial / STAGED_MARKER).write_text(json.dumps({"uri": uri, "objects": objects}, sort_keys=True))
-            if final.exists():
-                shutil.rmtree(final)        # a leftover without the marker
-            os.replace(partial, final)
-        finally:
-            if partial.exists():
-                shutil.rmtree(partial, ignore_errors=True)
-        log.info("staged %s in %s", uri, final)
-        return final
+    total = sum(o["size"] for o in objects.values())
+    base = _bucket_key(uri)
+
+    def fill(partial: Path, progress: input_cache.ByteProgress) -> None:
+        log.info("staging %s: %d objects, %d bytes", uri, len(objects), total)
+        done = 0
+        progress(done, total)
+        for rel, info in sorted(objects.items()):
+            target = partial / rel
+            if not target.resolve().is_relative_to(partial.resolve()):
+                raise StorageError(f"{uri}: object name {rel!r} escapes the staging folder")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            # A retry starts the object again: its bytes count from `done` each time.
+            retrying("download of", f"{uri.rstrip('/')}/{rel}",
+                     lambda: fs.get_file(posixpath.join(base, rel), str(target),
+                                         callback=_byte_callback(lambda n: progress(done + n, total))))
+            if target.stat().st_size != info["size"]:
+                raise StorageError(f"{uri}/{rel}: got {target.stat().st_size} bytes, listed {info['size']}")
+            done += info["size"]
+            progress(done, total)
+
+    try:
+        cap = input_cache.max_bytes_from_env(env)
+    except ValueError as exc:
+        raise StorageError(str(exc)) from None
+    return input_cache.stage(cache_root(env) / "inputs", stage_key(uri, objects), uri, total, fill,
+                             on_bytes=on_bytes, cap=cap, record={"objects": objects})
+
+
+def _byte_callback(on_value: Callable[[int], None]) -> Any:
+    """An fsspec callback that passes the bytes of the current file so far to `on_value`."""
+    from fsspec.callbacks import Callback
+
+    class ByteCallback(Callback):
+        def call(self, *args: Any, **kwargs: Any) -> None:
+            on_value(int(self.value))
+
+    return ByteCallback()
 
 
 # ---------------------------------------------------------------------------------------------

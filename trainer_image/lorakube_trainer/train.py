@@ -86,7 +86,10 @@ def _run(cfg: TrainConfig, env: Mapping[str, str], live: TrainingMetrics, strate
     topology = plan_topology(cfg, env)
     # s3:// model/dataset staged into this node's cache, output and checkpoints in local working
     # folders that are uploaded (remote.py); a local run passes through unchanged.
-    cfg, where = remote.localize(cfg, env, topology.node_rank)
+    # Rank 0 reports the staging of the inputs (the job's Staging phase, staging.py), unless its
+    # pod's first process staged them before torch loaded (cli.py): then they are in the cache.
+    report = _planned_global_rank(topology, env) == 0 and not remote.inputs_staged_by_this_pod(env)
+    cfg, where = remote.localize(cfg, env, topology.node_rank, report_staging=report)
     # Every image was read by this pod's preflight already, unless the dataset was staged just now.
     records = load_records(cfg.dataset_path, cfg.max_image_pixels, dataset_format=cfg.dataset_format,
                            default_caption=cfg.default_caption,
