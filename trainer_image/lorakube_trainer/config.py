@@ -301,6 +301,12 @@ def _validate(ns: argparse.Namespace, env: dict[str, str]) -> TrainConfig:
                           "the upload needs the `modelscope` package, which is not installed here; install it into "
                           "the image (pip install modelscope) or drop the flag")
 
+    if ns.checkpoint_dir is None and storage.scheme(output_path) == "hf":
+        raise ConfigError(contract.FLAG_CHECKPOINT_DIR, f"is required when {contract.FLAG_OUTPUT_PATH} is an hf:// repo "
+                          "(checkpoints are not written to a Hub repo); give a shared volume path or s3://bucket/prefix")
+    if storage.scheme(ns.checkpoint_dir or "") not in ("", "s3"):
+        raise ConfigError(contract.FLAG_CHECKPOINT_DIR, f"{ns.checkpoint_dir} is not supported; checkpoints go to a "
+                          "shared volume path or s3://bucket/prefix")
     checkpoint_dir = ns.checkpoint_dir or storage.join(output_path, contract.DEFAULT_CHECKPOINT_SUBDIR)
     return TrainConfig(
         model_family=family,

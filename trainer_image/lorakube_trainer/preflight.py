@@ -31,7 +31,7 @@ from typing import Callable, Mapping, Sequence
 
 from lorakube_api import contract
 
-from . import storage
+from . import locations, storage
 from .config import TrainConfig
 from .dataset_layout import DatasetError, find_metadata
 from .distributed import Topology
@@ -61,7 +61,7 @@ def check_writable_folder(path: str | Path, code: int, check: str) -> None:
     """The folder can take new files: it exists, or its nearest existing parent lets this process
     create it. A probe file is created and removed, which catches what permission bits do not show
     (read-only mounts, root-squashed NFS); the folder itself is not created."""
-    if storage.is_remote(str(path)):
+    if locations.is_remote_output(str(path)):
         check_remote(str(path), code, check, write=True)
         return
     target = Path(path).absolute()
@@ -80,20 +80,21 @@ def check_writable_folder(path: str | Path, code: int, check: str) -> None:
 
 
 def check_remote(uri: str, code: int, check: str, write: bool) -> None:
-    """s3:// locations (storage.py): inputs list at least one object, outputs take a probe object
-    (put, then deleted), so a bucket that refuses writes fails here with the URI named."""
+    """Remote locations (locations.py): s3:// inputs list at least one object, s3:// outputs take a
+    probe object (put, then deleted), so a bucket that refuses writes fails here with the URI named;
+    hf:// resolves the revision (and needs HF_TOKEN to write); https:// archives answer a HEAD."""
     try:
         if write:
-            storage.check_writable(uri)
+            locations.check_writable(uri)
         else:
-            storage.check_readable(uri)
+            locations.check_readable(uri)
     except storage.StorageError as exc:
         raise PreflightFailed(code, check, f"{uri} ({exc})") from exc
 
 
 def check_model(cfg: TrainConfig) -> None:
     """A diffusers pipeline folder of the declared family, its model_index.json readable."""
-    if storage.is_remote(cfg.model_path):
+    if locations.is_remote_input(cfg.model_path):
         check_remote(cfg.model_path, contract.EXIT_PREFLIGHT_MODEL, "model not readable", write=False)
         return
     try:
@@ -110,7 +111,7 @@ def check_model(cfg: TrainConfig) -> None:
 def check_dataset(cfg: TrainConfig) -> None:
     """metadata.csv where the documented layout puts it, and readable. Its rows and images are
     checked by data.load_records before the model loads (exit code EXIT_DATASET_ERROR)."""
-    if storage.is_remote(cfg.dataset_path):
+    if locations.is_remote_input(cfg.dataset_path):
         check_remote(cfg.dataset_path, contract.EXIT_PREFLIGHT_DATASET, "dataset not readable", write=False)
         return
     try:

@@ -23,7 +23,7 @@ from typing import Any, Iterable, Mapping
 
 from lorakube_api import contract
 
-from . import storage
+from . import hubs, locations, storage
 from .config import RESUME_AUTO, TrainConfig
 
 log = logging.getLogger(__name__)
@@ -32,19 +32,23 @@ log = logging.getLogger(__name__)
 def localize(cfg: TrainConfig, env: Mapping[str, str] | None = None) -> tuple[TrainConfig, storage.Locations]:
     """The same config with every remote location replaced by a local folder, and the URIs given."""
     where = storage.Locations(
-        model=cfg.model_path if storage.is_remote(cfg.model_path) else "",
-        dataset=cfg.dataset_path if storage.is_remote(cfg.dataset_path) else "",
-        output=cfg.output_path if storage.is_remote(cfg.output_path) else "",
+        model=cfg.model_path if locations.is_remote_input(cfg.model_path) else "",
+        dataset=cfg.dataset_path if locations.is_remote_input(cfg.dataset_path) else "",
+        output=cfg.output_path if locations.is_remote_output(cfg.output_path) else "",
         checkpoints=cfg.checkpoint_dir if storage.is_remote(cfg.checkpoint_dir) else "",
     )
     if not where.any:
         return cfg, where
     changes: dict[str, str] = {}
     if where.model:
-        changes["model_path"] = str(storage.stage_input(where.model, env))
+        changes["model_path"] = str(locations.stage_input(where.model, env))
     if where.dataset:
-        changes["dataset_path"] = str(storage.stage_input(where.dataset, env))
-    if where.output:
+        changes["dataset_path"] = str(locations.stage_input(where.dataset, env))
+    if where.output and locations.is_hub(where.output):
+        # A Hub repo takes the artifacts at the end only (hubs.py): a working folder that is not
+        # registered as a bucket prefix, so no metrics are published there with the checkpoints.
+        changes["output_path"] = str(hubs.work_folder(where.output, env))
+    elif where.output:
         local_output = storage.work_folder("outputs", where.output, env)
         changes["output_path"] = str(local_output)
         if cfg.resume == RESUME_AUTO:
@@ -163,6 +167,8 @@ def publish_checkpoint(local_root: Path, folder: Path, keep: int) -> None:
 def publish_artifacts(local: Path, uri: str, manifest: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     """Upload every file the manifest lists, each verified (HEAD size + sha256 read back), then the
     manifest. Returns what may be reported as artifacts: only objects that were verified."""
+    if locations.is_hub(uri):
+        return hubs.publish_artifacts(local, uri, [*manifest["files"], contract.ARTIFACT_MANIFEST])
     fs = storage.filesystem()
     verified: dict[str, dict[str, Any]] = {}
     for name, entry in sorted(manifest["files"].items()):
