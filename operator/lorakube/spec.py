@@ -18,16 +18,22 @@ from typing import Any
 from lorakube_api import contract
 from lorakube.queueing import QUEUE_NAME_LABEL, QueueSpec, queue_from_labels
 
-# URI schemes each field accepts today: local paths (a mounted volume) and s3:// (the trainer's
-# storage.py); hf://, gs:// and https:// are part of the API but not implemented yet.
+# URI schemes each field accepts today (the trainer's locations.py has the same table): local paths
+# (a mounted volume), s3:// (storage.py), hf:// Hub repos (hubs.py) and https:// archives
+# (archives.py). gs:// and az:// are part of the API but not implemented yet. Checkpoints are
+# rewritten and pruned every few steps, which a Hub repo (a commit per write) is not made for.
 _LOCAL = "local path"
 _S3 = "s3://"
+_HF = "hf://"
+_HTTPS = "https://"
 SUPPORTED_SCHEMES = {
-    "spec.model.uri": (_LOCAL, _S3),
-    "spec.dataset.uri": (_LOCAL, _S3),
-    "spec.output.uri": (_LOCAL, _S3),
+    "spec.model.uri": (_LOCAL, _S3, _HF, _HTTPS),
+    "spec.dataset.uri": (_LOCAL, _S3, _HF, _HTTPS),
+    "spec.output.uri": (_LOCAL, _S3, _HF),
     "spec.output.checkpointUri": (_LOCAL, _S3),
 }
+# hf://[datasets/]<org>/<name>[@<revision>][/<path>], the path syntax of huggingface_hub's HfFileSystem.
+_HF_URI = re.compile(r"^hf://(datasets/)?[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*(@[^/@]+)?(/[^@]*)?$")
 
 # The API names four gang-scheduling modes; the operator implements plain pods and Kueue so far.
 SUPPORTED_GANG_SCHEDULING = ("none", "kueue")
@@ -306,6 +312,13 @@ def _check_uri(uri: str, field: str) -> None:
             )
     elif not uri.startswith("/"):
         raise InvalidSpec(field, f"{uri!r} must be an absolute path inside the trainer container (or a URI)")
+    if match and match.group(1).lower() == "hf" and not _HF_URI.match(uri):
+        raise InvalidSpec(field, f"{uri!r} must look like hf://<org>/<name>[@<revision>][/<path>] "
+                                 "(hf://datasets/<org>/<name>... for a dataset repo)")
+    if match and match.group(1).lower() == "https" and \
+            not uri.partition("#")[0].partition("?")[0].lower().endswith(contract.ARCHIVE_SUFFIXES):
+        raise InvalidSpec(field, f"{uri!r} must name an archive of the folder ending in "
+                                 f"{', '.join(contract.ARCHIVE_SUFFIXES)} (optionally pinned with #sha256=<hex>)")
 
 
 def _parse_model(section: Mapping[str, Any]) -> ModelSpec:
@@ -428,6 +441,10 @@ def _parse_output(section: Mapping[str, Any]) -> OutputSpec:
     uri = _required_str(section, "uri", f)
     _check_uri(uri, f"{f}.uri")
     checkpoint_uri = _optional_str(section, "checkpointUri", f)
+    if checkpoint_uri is None and uri.lower().startswith(_HF):
+        raise InvalidSpec(f"{f}.checkpointUri", "is required when spec.output.uri is an hf:// repo (checkpoints "
+                                                "are not written to a Hub repo); give s3://bucket/prefix or a path "
+                                                "on a shared volume")
     if checkpoint_uri is None:
         checkpoint_uri = f"{uri.rstrip('/')}/{contract.DEFAULT_CHECKPOINT_SUBDIR}"
     else:

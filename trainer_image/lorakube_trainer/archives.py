@@ -31,12 +31,13 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Mapping
 from urllib.parse import urlsplit
 
+from lorakube_api import contract
+
 from . import storage
 
 log = logging.getLogger(__name__)
 
 SCHEME = "https"
-SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".zip")
 ENV_CA_FILE = "SSL_CERT_FILE"
 StorageError = storage.StorageError
 
@@ -46,8 +47,8 @@ def split(uri: str) -> tuple[str, str | None]:
     url, _, fragment = str(uri).partition("#")
     if storage.scheme(url) != SCHEME:
         raise StorageError(f"{uri}: only https:// archives are fetched (plain http:// cannot be trusted)")
-    if not urlsplit(url).path.lower().endswith(SUFFIXES):
-        raise StorageError(f"{uri} must name an archive ending in {', '.join(SUFFIXES)}")
+    if not urlsplit(url).path.lower().endswith(contract.ARCHIVE_SUFFIXES):
+        raise StorageError(f"{uri} must name an archive ending in {', '.join(contract.ARCHIVE_SUFFIXES)}")
     pinned = None
     if fragment:
         key, _, value = fragment.partition("=")

@@ -345,7 +345,7 @@ def test_hf_standin_model_and_dataset_in_lora_out_through_the_trainer(hub, https
         assert (hashlib.sha256(body).hexdigest(), len(body)) == (entry["sha256"], entry["bytes"]), name
     config = json.loads(repo[f"run1/{contract.ARTIFACT_TRAINING_CONFIG}"])
     assert config["model_path"] == "hf://org/tiny-flux" and config["output_path"] == "hf://org/cats-lora/run1"
-    assert "hf://org/tiny-flux" in repo[f"run1/{contract.ARTIFACT_MODEL_CARD}"].decode()
+    assert "`tiny-flux`" in repo[f"run1/{contract.ARTIFACT_MODEL_CARD}"].decode()
 
     # A second job on the node: the model from the Hub again (nothing downloaded), the dataset now
     # from an https archive.
