@@ -1,4 +1,4 @@
-"""Loopback STAND-INS for the Hugging Face Hub and for a plain HTTPS file server, for tests only.
+"""Loopback STAND-INS for the Hugging Face Hub, ModelScope and a plain HTTPS file server, for tests only.
 
 The real hubs cannot be reached here, so these small servers speak just the parts of the HTTP API
 that huggingface_hub's client calls for what the trainer does (hubs.py, archives.py):
@@ -104,7 +104,7 @@ class _StandIn:
                 except BrokenPipeError:
                     return
 
-            do_GET = do_HEAD = do_POST = _dispatch
+            do_GET = do_HEAD = do_POST = do_PUT = _dispatch
 
         self._server = _Server(("127.0.0.1", 0), Handler)
         self._wrap()
@@ -361,3 +361,145 @@ class HttpsFileStandIn(_StandIn):
                    "Last-Modified": "Tue, 01 Dec 2026 00:00:00 GMT"}
         body = self.on_get(path, data) if self.on_get is not None and request.command == "GET" else data
         self.reply(request, 200, body, headers)
+
+
+class ModelScopeStandIn(_StandIn):
+    """The parts of ModelScope's API (the legacy `/api/v1`) that the `modelscope` client calls to
+    download a model repo and to upload a folder to one:
+
+    repo info `GET /api/v1/models/<owner>/<name>`, the recursive listing `GET .../repo/files?
+    Revision=&Recursive=` (Path, Size, Sha256 of every file), a file `GET .../repo?Revision=
+    &FilePath=`, repo creation `POST /api/v1/models` (recorded in `created`; refused for a repo that
+    exists), the LFS batch `POST /api/v1/repos/models/<id>/info/lfs/objects/batch` with an upload
+    href on this server (`PUT /lfs-upload/<sha256>`, checked against the sha256), and the commit
+    `POST /api/v1/repos/models/<id>/commit/<revision>` (normal files base64, LFS files by sha256).
+    Point the client at it with MODELSCOPE_ENDPOINT. `token`, when set, is required as
+    `Authorization: Bearer <token>`; `corrupt` names repo paths served with one byte changed."""
+
+    def __init__(self, token: str | None = None) -> None:
+        self.repos: dict[str, Repo] = {}
+        self.blobs: dict[str, bytes] = {}
+        self.created: list[dict[str, Any]] = []
+        self.token = token
+        self.corrupt: set[str] = set()
+        super().__init__()
+
+    def create_repo(self, repo_id: str) -> Repo:
+        if repo_id not in self.repos:
+            self.repos[repo_id] = Repo(repo_id)
+            self.repos[repo_id].commit("master", {".gitattributes": b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n"})
+        return self.repos[repo_id]
+
+    def put_folder(self, repo_id: str, folder: Path, branch: str = "master") -> str:
+        files = {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+        return self.create_repo(repo_id).commit(branch, files)
+
+    def files(self, repo_id: str, revision: str = "master") -> dict[str, bytes]:
+        repo = self.repos[repo_id]
+        return dict(repo.commits[repo.resolve(revision) or ""])
+
+    def downloads(self, since: int = 0) -> list[str]:
+        return [path for method, path in self.requests[since:]
+                if method == "GET" and urlsplit(path).path.endswith("/repo")]
+
+    def env(self) -> dict[str, str]:
+        return {"MODELSCOPE_ENDPOINT": self.endpoint, **({"MODELSCOPE_API_TOKEN": self.token} if self.token else {})}
+
+    def _fail(self, request: BaseHTTPRequestHandler, status: int, message: str) -> None:
+        self.reply_json(request, status, {"Code": status, "Message": message, "Success": False})
+
+    def _ok(self, request: BaseHTTPRequestHandler, data: Any) -> None:
+        self.reply_json(request, 200, {"Code": 200, "Message": "success", "Success": True, "Data": data})
+
+    def _body(self, request: BaseHTTPRequestHandler) -> bytes:
+        return request.rfile.read(int(request.headers.get("Content-Length") or 0))
+
+    def handle(self, request: BaseHTTPRequestHandler) -> None:
+        url = urlsplit(request.path)
+        parts = [unquote(p) for p in url.path.strip("/").split("/")]
+        query = {k: v[0] for k, v in parse_qs(url.query).items()}
+        if self.token and request.headers.get("Authorization") != f"Bearer {self.token}":
+            self._fail(request, 401, "authentication failed")
+            return
+        if parts[:1] == ["lfs-upload"] and request.command == "PUT":
+            body = self._body(request)
+            if hashlib.sha256(body).hexdigest() != parts[1]:
+                self._fail(request, 400, "the blob does not match its sha256")
+                return
+            self.blobs[parts[1]] = body
+            self._ok(request, {})
+            return
+        if parts[:3] == ["api", "v1", "models"] and len(parts) == 3 and request.command == "POST":
+            spec = json.loads(self._body(request))
+            repo_id = f"{spec['Path']}/{spec['Name']}"
+            if repo_id in self.repos:
+                self._fail(request, 400, f"repo {repo_id} already exists")
+                return
+            self.created.append(spec)
+            self.create_repo(repo_id)
+            self._ok(request, {"Name": spec["Name"]})
+            return
+        if parts[:4] == ["api", "v1", "repos", "models"] and len(parts) >= 7:
+            repo = self.repos.get(f"{parts[4]}/{parts[5]}")
+            if repo is None:
+                self._fail(request, 404, "repo not found")
+            elif parts[6:9] == ["info", "lfs", "objects"]:
+                objects = json.loads(self._body(request))["objects"]
+                self._ok(request, {"objects": [
+                    {"oid": o["oid"], "size": o["size"],
+                     **({} if o["oid"] in self.blobs else
+                        {"actions": {"upload": {"href": f"{self.endpoint}/lfs-upload/{o['oid']}"}}})}
+                    for o in objects]})
+            elif parts[6] == "commit" and len(parts) == 8:
+                self._commit(request, repo, parts[7])
+            else:
+                self._fail(request, 404, f"the stand-in does not serve {url.path}")
+            return
+        if parts[:3] == ["api", "v1", "models"] and len(parts) >= 5:
+            repo = self.repos.get(f"{parts[3]}/{parts[4]}")
+            if repo is None:
+                self._fail(request, 404, "repo not found")
+                return
+            if len(parts) == 5:
+                self._ok(request, {"Path": parts[3], "Name": parts[4]})
+                return
+            sha = repo.resolve(query.get("Revision", "master"))
+            if sha is None:
+                self._fail(request, 404, f"revision {query.get('Revision')} not found")
+                return
+            tree = repo.commits[sha]
+            if parts[5:] == ["repo", "files"]:
+                root = (query.get("Root") or "").strip("/")
+                files = [{"Path": path, "Name": path.rsplit("/", 1)[-1], "Type": "blob", "Size": len(data),
+                          "Sha256": hashlib.sha256(data).hexdigest(), "Revision": sha}
+                         for path, data in sorted(tree.items()) if not root or path.startswith(root + "/")]
+                self._ok(request, {"Files": files})
+            elif parts[5:] == ["repo"]:
+                data = tree.get(query.get("FilePath", ""))
+                if data is None:
+                    self._fail(request, 404, "file not found")
+                    return
+                body = bytes([data[0] ^ 0xFF]) + data[1:] if query["FilePath"] in self.corrupt else data
+                self.reply(request, 200, body, {"Content-Type": "application/octet-stream",
+                                                "ETag": f'"{hashlib.sha256(data).hexdigest()}"'})
+            else:
+                self._fail(request, 404, f"the stand-in does not serve {url.path}")
+            return
+        self._fail(request, 404, f"the stand-in does not serve {url.path}")
+
+    def _commit(self, request: BaseHTTPRequestHandler, repo: Repo, revision: str) -> None:
+        payload = json.loads(self._body(request))
+        files, deleted = {}, []
+        for action in payload["actions"]:
+            if action["action"] == "delete":
+                deleted.append(action["path"])
+            elif action.get("type") == "lfs":
+                blob = self.blobs.get(action["sha256"])
+                if blob is None:
+                    self._fail(request, 400, f"LFS object {action['sha256']} was never uploaded")
+                    return
+                files[action["path"]] = blob
+            else:
+                files[action["path"]] = base64.b64decode(action["content"])
+        sha = repo.commit(revision, files, tuple(deleted))
+        self._ok(request, {"CommitId": sha, "Revision": revision})

@@ -132,6 +132,8 @@ def trainer_args(spec: JobSpec) -> list[str]:
         contract.FLAG_OUTPUT_FORMATS, ",".join(spec.output.formats),
         contract.FLAG_RESUME, "auto",
     ]
+    if spec.output.modelscope_model_id:
+        args += [contract.FLAG_MODELSCOPE_MODEL_ID, spec.output.modelscope_model_id]
     args += [contract.FLAG_ACCELERATOR, "cpu" if spec.resources.gpus_per_node == 0 else "gpu"]
     values = spec.training.by_key()
     # The API's loraAlpha defaults to the rank (scale 1.0); the trainer's own default differs.

@@ -23,6 +23,7 @@ from . import storage
 # Original flag names that are not in contract.TRAINING_FLAGS but the operator never passes.
 FLAG_MODELSCOPE_MODEL_ID = "--modelscope_model_id"
 FLAG_MODELSCOPE_ACCESS_TOKEN = "--modelscope_access_token"
+ENV_MODELSCOPE_TOKEN = "MODELSCOPE_API_TOKEN"
 
 RESUME_AUTO = "auto"
 RESUME_NEVER = "never"
@@ -292,9 +293,12 @@ def _validate(ns: argparse.Namespace, env: dict[str, str]) -> TrainConfig:
     if not timeout > 0:
         raise ConfigError("--rendezvous_timeout", f"must be > 0 seconds, got {timeout}")
 
-    if bool(ns.modelscope_model_id) != bool(ns.modelscope_access_token):
-        raise ConfigError(FLAG_MODELSCOPE_MODEL_ID,
-                          f"the upload needs both {FLAG_MODELSCOPE_MODEL_ID} and {FLAG_MODELSCOPE_ACCESS_TOKEN}")
+    # The token comes from the flag or, under the operator, from MODELSCOPE_API_TOKEN in the Secret.
+    if ns.modelscope_model_id and not (ns.modelscope_access_token or env.get(ENV_MODELSCOPE_TOKEN)):
+        raise ConfigError(FLAG_MODELSCOPE_MODEL_ID, f"the upload needs a token: {FLAG_MODELSCOPE_ACCESS_TOKEN} or "
+                          f"{ENV_MODELSCOPE_TOKEN} in the environment")
+    if ns.modelscope_access_token and not ns.modelscope_model_id:
+        raise ConfigError(FLAG_MODELSCOPE_ACCESS_TOKEN, f"is only used with {FLAG_MODELSCOPE_MODEL_ID}")
     # The upload runs after the whole training: find out now that it could not.
     if ns.modelscope_model_id and importlib.util.find_spec("modelscope") is None:
         raise ConfigError(FLAG_MODELSCOPE_MODEL_ID,

@@ -1,6 +1,7 @@
 """Which scheme each location of a run may use, and the module that handles it.
 
-    model, dataset   s3:// (storage.py), hf:// (hubs.py), https:// archives (archives.py)
+    model, dataset   s3:// (storage.py), hf:// (hubs.py), modelscope:// (modelscope_repos.py),
+                     https:// archives (archives.py)
     output           s3:// (storage.py), hf:// (hubs.py: one commit, read back)
     checkpoints      s3:// only: a checkpoint is rewritten every few steps and pruned, which a Hub
                      repo (one git commit per write, history kept forever) is not made for
@@ -13,9 +14,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Mapping
 
-from . import archives, hubs, storage
+from . import archives, hubs, modelscope_repos, storage
 
-INPUT_SCHEMES = ("s3", hubs.SCHEME, archives.SCHEME)
+INPUT_SCHEMES = ("s3", hubs.SCHEME, modelscope_repos.SCHEME, archives.SCHEME)
 OUTPUT_SCHEMES = ("s3", hubs.SCHEME)
 
 
@@ -35,6 +36,8 @@ def stage_input(uri: str, env: Mapping[str, str] | None = None) -> Path:
     kind = storage.scheme(uri)
     if kind == hubs.SCHEME:
         return hubs.stage_input(uri, env)
+    if kind == modelscope_repos.SCHEME:
+        return modelscope_repos.stage_input(uri, env)
     if kind == archives.SCHEME:
         return archives.stage_input(uri, env)
     return storage.stage_input(uri, env)
@@ -44,6 +47,8 @@ def check_readable(uri: str, env: Mapping[str, str] | None = None) -> None:
     kind = storage.scheme(uri)
     if kind == hubs.SCHEME:
         hubs.check_readable(uri, env)
+    elif kind == modelscope_repos.SCHEME:
+        modelscope_repos.check_readable(uri, env)
     elif kind == archives.SCHEME:
         archives.check_readable(uri, env)
     else:

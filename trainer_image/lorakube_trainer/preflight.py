@@ -92,6 +92,19 @@ def check_remote(uri: str, code: int, check: str, write: bool) -> None:
         raise PreflightFailed(code, check, f"{uri} ({exc})") from exc
 
 
+def check_modelscope(cfg: TrainConfig) -> None:
+    """--modelscope_model_id: the repo exists and a token is there, before any training time is spent."""
+    if not cfg.modelscope_model_id:
+        return
+    from . import modelscope_repos
+
+    try:
+        modelscope_repos.check_publishable(cfg.modelscope_model_id, cfg.modelscope_access_token)
+    except storage.StorageError as exc:
+        raise PreflightFailed(contract.EXIT_PREFLIGHT_OUTPUT, "ModelScope repo not writable",
+                              f"{modelscope_repos.model_uri(cfg.modelscope_model_id)} ({exc})") from exc
+
+
 def check_model(cfg: TrainConfig) -> None:
     """A diffusers pipeline folder of the declared family, its model_index.json readable."""
     if locations.is_remote_input(cfg.model_path):
@@ -211,6 +224,7 @@ def checks(cfg: TrainConfig, topology: Topology, dns_wait_seconds: float = DNS_W
                                                       "output not writable")),
         Check("checkpoint", lambda: check_writable_folder(cfg.checkpoint_dir, contract.EXIT_PREFLIGHT_CHECKPOINT,
                                                           "checkpoint not writable")),
+        Check("modelscope", lambda: check_modelscope(cfg)),
         Check("model", lambda: check_model(cfg)),
         Check("dataset", lambda: check_dataset(cfg)),
         Check("gpus", lambda: check_gpus(cfg, topology)),

@@ -40,7 +40,7 @@ def test_gpus_set_processes_per_node_and_world_size(job_spec):
     ("mutate", "field", "words"),
     [
         (lambda s: s["model"].update(uri="gs://bucket/flux"), "spec.model.uri",
-         "gs:// is not supported yet; supported: local path, s3://, hf://, https://"),
+         "gs:// is not supported yet; supported: local path, s3://, hf://, modelscope://, https://"),
         (lambda s: s["dataset"].update(uri="gs://bucket/cats"), "spec.dataset.uri",
          "gs:// is not supported yet; supported: local path, s3://"),
         (lambda s: s["model"].update(uri="hf://FLUX.1-dev"), "spec.model.uri", "must look like hf://<org>/<name>"),
@@ -71,8 +71,8 @@ def test_gpus_set_processes_per_node_and_world_size(job_spec):
          "not supported yet"),
         (lambda s: s["runPolicy"].update(terminationGracePeriodSeconds=-1),
          "spec.runPolicy.terminationGracePeriodSeconds", "between 0 and 3600"),
-        (lambda s: s["output"].update(modelscopeModelId="me/lora"), "spec.output.modelscopeModelId",
-         "not supported by the operator yet"),
+        (lambda s: s["output"].update(modelscopeModelId="lora"), "spec.output.modelscopeModelId",
+         "must look like owner/name"),
         (lambda s: s["output"].update(formats=["diffusers", "diffusers"]), "spec.output.formats", "repeat"),
     ],
 )
@@ -112,3 +112,17 @@ def test_hub_and_archive_uris_are_accepted(job_spec):
     assert job.output.uri == "hf://me/cats-lora@main/run-1" and job.output.checkpoint_uri == "s3://ckpt/cats"
     job_spec["dataset"]["uri"] = "hf://datasets/me/cats@v1/train"
     assert parse_job("cats", job_spec).dataset.uri == "hf://datasets/me/cats@v1/train"
+    job_spec["model"]["uri"] = "modelscope://MusePublic/FLUX.1-dev@master"
+    assert parse_job("cats", job_spec).model.uri == "modelscope://MusePublic/FLUX.1-dev@master"
+    job_spec["model"]["uri"] = "modelscope://FLUX.1-dev"
+    with pytest.raises(InvalidSpec, match="must look like modelscope://<owner>/<name>"):
+        parse_job("cats", job_spec)
+
+
+def test_modelscope_model_id_becomes_the_trainer_flag_and_never_a_token(job_spec):
+    from lorakube.builders import trainer_args
+
+    job_spec["output"]["modelscopeModelId"] = "me/cats-lora"
+    args = trainer_args(parse_job("cats", job_spec))
+    assert args[args.index("--modelscope_model_id") + 1] == "me/cats-lora"
+    assert "--modelscope_access_token" not in args
