@@ -11,6 +11,9 @@ that huggingface_hub's client calls for what the trainer does (hubs.py, archives
   `POST /api/.../commit/<rev>` (ndjson, base64 contents).
   Commits are content-addressed like git's: a file's oid is its git blob sha1, a commit's sha is
   derived from its parent and its tree.
+- `ModelScopeStandIn` (plain HTTP; MODELSCOPE_ENDPOINT): the legacy `/api/v1` calls the
+  `modelscope` client makes to list and download a model repo and to upload a folder to one (LFS
+  batch, blob PUT, commit); see its docstring.
 - `HttpsFileStandIn`: static files over TLS, with a CA of its own (SSL_CERT_FILE makes clients
   trust it), ETag and Last-Modified headers.
 

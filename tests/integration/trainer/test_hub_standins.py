@@ -17,11 +17,12 @@ from pathlib import Path
 import pytest
 from test_multiprocess import EXAMPLE_DATASET, PROCESS_TIMEOUT, base_env, tiny_flux  # noqa: F401
 
-from localcluster.hub_standins import HfHubStandIn, HttpsFileStandIn
+from localcluster.hub_standins import HfHubStandIn, HttpsFileStandIn, ModelScopeStandIn
 from lorakube_api import contract
-from lorakube_trainer import archives, hubs, storage
+from lorakube_trainer import archives, hubs, modelscope_repos, storage
 
 TOKEN = "hf_standin_secret_token_5d1c"
+MS_TOKEN = "ms-standin-secret-token-93af"
 
 
 @pytest.fixture
@@ -41,6 +42,16 @@ def hub() -> HfHubStandIn:
 
 
 @pytest.fixture
+def modelscope(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> ModelScopeStandIn:
+    # The client keeps a cache and credentials under these; not the test machine's.
+    monkeypatch.setenv("MODELSCOPE_CACHE", str(tmp_path / "modelscope-cache"))
+    monkeypatch.setenv("MODELSCOPE_HOME", str(tmp_path / "modelscope-home"))
+    server = ModelScopeStandIn(token=MS_TOKEN)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
 def https(tmp_path: Path) -> HttpsFileStandIn:
     folder = tmp_path / "https-standin"
     folder.mkdir()
@@ -52,7 +63,7 @@ def https(tmp_path: Path) -> HttpsFileStandIn:
 def _env(tmp_path: Path, *servers: object, cache: str = "cache") -> dict[str, str]:
     env = {storage.ENV_CACHE_DIR: str(tmp_path / cache)}
     for server in servers:
-        if isinstance(server, HfHubStandIn):
+        if isinstance(server, (HfHubStandIn, ModelScopeStandIn)):
             env.update(server.env())
         elif isinstance(server, HttpsFileStandIn):
             env[archives.ENV_CA_FILE] = str(server.ca_file)
@@ -213,6 +224,62 @@ def test_hf_standin_upload_that_reads_back_different_reports_nothing(hub, hub_on
                                _env(tmp_path, hub))
 
 
+# --- modelscope:// inputs and the ModelScope upload -------------------------------------------------
+
+
+def test_modelscope_standin_input_is_staged_once_and_a_second_job_downloads_nothing(modelscope, tmp_path):
+    modelscope.put_folder("org/tiny", _folder(tmp_path / "src", FILES))
+    env = _env(tmp_path, modelscope)
+    model = modelscope_repos.stage_input("modelscope://org/tiny", env)
+    assert _tree(model) == {**FILES, ".gitattributes": modelscope.files("org/tiny")[".gitattributes"]}
+    assert len(modelscope.downloads()) == len(FILES) + 1
+    before = len(modelscope.requests)
+    assert modelscope_repos.stage_input("modelscope://org/tiny", env) == model
+    assert modelscope.downloads(before) == []                 # only the listing was asked for
+    sub = modelscope_repos.stage_input("modelscope://org/tiny@master/transformer", env)
+    assert _tree(sub) == {"weights.bin": FILES["transformer/weights.bin"]}
+
+    # A changed file is a new version: downloaded again into its own folder.
+    modelscope.repos["org/tiny"].commit("master", {"model_index.json": b'{"v": 2}'})
+    assert (modelscope_repos.stage_input("modelscope://org/tiny", env) / "model_index.json").read_bytes() == b'{"v": 2}'
+
+
+def test_modelscope_standin_tampered_download_is_never_used(modelscope, tmp_path):
+    modelscope.put_folder("org/tiny", _folder(tmp_path / "src", FILES))
+    modelscope.corrupt.add("transformer/weights.bin")
+    with pytest.raises(storage.StorageError, match="download of modelscope://org/tiny failed"):
+        modelscope_repos.stage_input("modelscope://org/tiny", _env(tmp_path, modelscope))
+    assert not any(p.is_dir() for p in (tmp_path / "cache" / "inputs").iterdir())
+    with pytest.raises(storage.StorageError) as caught:
+        modelscope_repos.stage_input("modelscope://org/tiny", {**_env(tmp_path, modelscope),
+                                                               "MODELSCOPE_API_TOKEN": "ms-wrong-token"})
+    assert "modelscope://org/tiny" in str(caught.value) and "ms-wrong-token" not in str(caught.value)
+
+
+def test_modelscope_standin_upload_needs_the_repo_and_reads_back_every_file(modelscope, tmp_path):
+    files = _artifacts(tmp_path / "out")
+    names = [*files, contract.ARTIFACT_MANIFEST]
+    env = _env(tmp_path, modelscope)
+    # A missing repo is not created (the client would create it public): refused, nothing uploaded.
+    with pytest.raises(storage.StorageError, match="cannot publish to modelscope://org/lora: the model repo does "
+                                                   "not exist; create it on ModelScope first"):
+        modelscope_repos.publish_artifacts(tmp_path / "out", "org/lora", names, env=env)
+    assert modelscope.created == [] and "org/lora" not in modelscope.repos
+    with pytest.raises(storage.StorageError, match="MODELSCOPE_API_TOKEN is not set"):
+        modelscope_repos.check_publishable("org/lora", None, {})
+
+    modelscope.create_repo("org/lora")
+    verified = modelscope_repos.publish_artifacts(tmp_path / "out", "org/lora", names, env=env)
+    assert set(verified) == set(names) and modelscope.created == []
+    in_repo = modelscope.files("org/lora")
+    for name in names:
+        body = (tmp_path / "out" / name).read_bytes()
+        assert in_repo[name] == body
+        assert verified[name] == {"sha256": hashlib.sha256(body).hexdigest(), "bytes": len(body)}
+    assert any(method == "PUT" for method, _ in modelscope.requests)          # the LoRA went up as an LFS blob
+    assert all(MS_TOKEN.encode() not in body for body in in_repo.values())
+
+
 # --- https:// archives --------------------------------------------------------------------------
 
 
@@ -324,18 +391,22 @@ def test_hf_standin_output_without_a_token_fails_before_training(hub, tmp_path):
 # One tiny training (about a minute on 2 busy cores), so in the slow tier; the tests above cover
 # staging, verification and upload without training.
 @pytest.mark.slow
-def test_hf_standin_model_and_dataset_in_lora_out_through_the_trainer(hub, https, tiny_flux, tmp_path):
+def test_hub_standins_model_and_dataset_in_lora_out_through_the_trainer(hub, modelscope, https, tiny_flux, tmp_path):
     hub.put_folder("org/tiny-flux", tiny_flux)
     hub.put_folder("org/shapes", EXAMPLE_DATASET, kind="dataset")
     hub.create_repo("org/cats-lora")
+    modelscope.put_folder("org/shapes", EXAMPLE_DATASET)
+    modelscope.create_repo("org/cats-lora")
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:gz") as tf:
         tf.add(EXAMPLE_DATASET, arcname="shapes")
     dataset_url = https.put("datasets/shapes.tar.gz", buf.getvalue())
-    env = _env(tmp_path, hub, https)
+    env = _env(tmp_path, hub, modelscope, https)
+    env.update(MODELSCOPE_CACHE=str(tmp_path / "modelscope-cache"), MODELSCOPE_HOME=str(tmp_path / "modelscope-home"))
 
+    # Model and dataset from the Hub, the LoRA to a Hub repo and to ModelScope (the original flag).
     code, log = _cli(_flags("hf://org/tiny-flux", "hf://datasets/org/shapes", "hf://org/cats-lora/run1",
-                            tmp_path / "ckpt1"), env, tmp_path / "run1.log")
+                            tmp_path / "ckpt1", "--modelscope_model_id", "org/cats-lora"), env, tmp_path / "run1.log")
     assert code == 0, log[-4000:]
     repo = hub.files("org/cats-lora")
     manifest = json.loads(repo[f"run1/{contract.ARTIFACT_MANIFEST}"])
@@ -346,18 +417,27 @@ def test_hf_standin_model_and_dataset_in_lora_out_through_the_trainer(hub, https
     config = json.loads(repo[f"run1/{contract.ARTIFACT_TRAINING_CONFIG}"])
     assert config["model_path"] == "hf://org/tiny-flux" and config["output_path"] == "hf://org/cats-lora/run1"
     assert "`tiny-flux`" in repo[f"run1/{contract.ARTIFACT_MODEL_CARD}"].decode()
+    on_modelscope = modelscope.files("org/cats-lora")
+    for name in [*manifest["files"], contract.ARTIFACT_MANIFEST]:
+        assert on_modelscope[name] == repo[f"run1/{name}"], name
 
-    # A second job on the node: the model from the Hub again (nothing downloaded), the dataset now
-    # from an https archive.
+    # Two more jobs on the node: the model from the Hub again (nothing downloaded), the dataset from
+    # an https archive, then from ModelScope; the same data gives the same LoRA.
     before = len(hub.requests)
     code, log2 = _cli(_flags("hf://org/tiny-flux", dataset_url, "hf://org/cats-lora/run2", tmp_path / "ckpt2"),
                       env, tmp_path / "run2.log")
     assert code == 0, log2[-4000:]
-    assert hub.downloads(before) == [], "the second run on the same node downloaded the model again"
+    code, log3 = _cli(_flags("hf://org/tiny-flux", "modelscope://org/shapes", "hf://org/cats-lora/run3",
+                             tmp_path / "ckpt3"), env, tmp_path / "run3.log")
+    assert code == 0, log3[-4000:]
+    assert hub.downloads(before) == [], "a later run on the same node downloaded the model again"
     assert https.downloads() == ["/datasets/shapes.tar.gz"]
     repo = hub.files("org/cats-lora")
-    assert repo[f"run2/{contract.ARTIFACT_LORA_DIFFUSERS}"] == repo[f"run1/{contract.ARTIFACT_LORA_DIFFUSERS}"]
+    lora = contract.ARTIFACT_LORA_DIFFUSERS
+    assert repo[f"run1/{lora}"] == repo[f"run2/{lora}"] == repo[f"run3/{lora}"]
 
-    for body in repo.values():
-        assert TOKEN.encode() not in body
-    assert TOKEN not in log and TOKEN not in log2
+    # No token in the repos' files (training_config.json and the model card among them) or the logs.
+    for body in [*repo.values(), *modelscope.files("org/cats-lora").values()]:
+        assert TOKEN.encode() not in body and MS_TOKEN.encode() not in body
+    for text in (log, log2, log3):
+        assert TOKEN not in text and MS_TOKEN not in text
