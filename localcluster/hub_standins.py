@@ -84,11 +84,12 @@ class _Server(ThreadingHTTPServer):
 
 
 class _StandIn:
-    """A ThreadingHTTPServer on 127.0.0.1 in a thread, recording (method, path) of each request."""
+    """A ThreadingHTTPServer in a thread (on 127.0.0.1, or `host`: the node bridge's address for
+    pods of the process node), recording (method, path) of each request."""
 
     scheme = "http"
 
-    def __init__(self) -> None:
+    def __init__(self, host: str = "127.0.0.1") -> None:
         self.requests: list[tuple[str, str]] = []
         self._lock = threading.Lock()
         owner = self
@@ -109,7 +110,7 @@ class _StandIn:
 
             do_GET = do_HEAD = do_POST = do_PUT = _dispatch
 
-        self._server = _Server(("127.0.0.1", 0), Handler)
+        self._server = _Server((host, 0), Handler)
         self._wrap()
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
         self._thread.start()
@@ -119,7 +120,8 @@ class _StandIn:
 
     @property
     def endpoint(self) -> str:
-        return f"{self.scheme}://127.0.0.1:{self._server.server_address[1]}"
+        host, port = self._server.server_address[:2]
+        return f"{self.scheme}://{host}:{port}"
 
     def stop(self) -> None:
         self._server.shutdown()
@@ -152,13 +154,13 @@ class HfHubStandIn(_StandIn):
     private repo); `corrupt` names repo paths served with one byte changed, `short` maps a repo path
     to how many of its next downloads end at half the file (the HEAD still tells the whole size)."""
 
-    def __init__(self, token: str | None = None) -> None:
+    def __init__(self, token: str | None = None, host: str = "127.0.0.1") -> None:
         self.repos: dict[tuple[str, str], Repo] = {}
         self.token = token
         self.corrupt: set[str] = set()
         self.short: dict[str, int] = {}
         self.commit_payloads: list[list[dict[str, Any]]] = []
-        super().__init__()
+        super().__init__(host)
 
     # --- test helpers -------------------------------------------------------------------------
 
@@ -379,13 +381,13 @@ class ModelScopeStandIn(_StandIn):
     Point the client at it with MODELSCOPE_ENDPOINT. `token`, when set, is required as
     `Authorization: Bearer <token>`; `corrupt` names repo paths served with one byte changed."""
 
-    def __init__(self, token: str | None = None) -> None:
+    def __init__(self, token: str | None = None, host: str = "127.0.0.1") -> None:
         self.repos: dict[str, Repo] = {}
         self.blobs: dict[str, bytes] = {}
         self.created: list[dict[str, Any]] = []
         self.token = token
         self.corrupt: set[str] = set()
-        super().__init__()
+        super().__init__(host)
 
     def create_repo(self, repo_id: str) -> Repo:
         if repo_id not in self.repos:

@@ -92,6 +92,11 @@ def check_remote(uri: str, code: int, check: str, write: bool) -> None:
         raise PreflightFailed(code, check, f"{uri} ({exc})") from exc
 
 
+def check_output(cfg: TrainConfig) -> None:
+    check_writable_folder(cfg.output_path, contract.EXIT_PREFLIGHT_OUTPUT, "output not writable")
+    check_modelscope(cfg)
+
+
 def check_modelscope(cfg: TrainConfig) -> None:
     """--modelscope_model_id: the repo exists and a token is there, before any training time is spent."""
     if not cfg.modelscope_model_id:
@@ -220,11 +225,9 @@ class Check:
 def checks(cfg: TrainConfig, topology: Topology, dns_wait_seconds: float = DNS_WAIT_SECONDS) -> list[Check]:
     """In order: local and instant first, the one that may wait last."""
     return [
-        Check("output", lambda: check_writable_folder(cfg.output_path, contract.EXIT_PREFLIGHT_OUTPUT,
-                                                      "output not writable")),
+        Check("output", lambda: check_output(cfg)),
         Check("checkpoint", lambda: check_writable_folder(cfg.checkpoint_dir, contract.EXIT_PREFLIGHT_CHECKPOINT,
                                                           "checkpoint not writable")),
-        Check("modelscope", lambda: check_modelscope(cfg)),
         Check("model", lambda: check_model(cfg)),
         Check("dataset", lambda: check_dataset(cfg)),
         Check("gpus", lambda: check_gpus(cfg, topology)),
