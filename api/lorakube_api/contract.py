@@ -38,6 +38,9 @@ EXIT_USER_ERROR = 1          # generic user/config error: fail the job at once
 EXIT_INVALID_ARGS = 2        # bad CLI/config values (argparse's own code)
 EXIT_OUT_OF_MEMORY = 3       # CUDA out of memory: fail at once, the same settings run out again
 EXIT_DATASET_ERROR = 65      # EX_DATAERR: the dataset is malformed (names the file/row)
+# The trainer's line for EXIT_DATASET_ERROR reads "<prefix>: <file or row>: <problem>", which the
+# operator quotes into the job's condition (reason InvalidDataset).
+DATASET_ERROR_PREFIX = "dataset"
 EXIT_RETRYABLE = 75          # EX_TEMPFAIL: rendezvous/NCCL timeout, transient storage: retry the gang
 
 # Preflight, the trainer's first stage (before torch loads, before any training time): one code
@@ -172,9 +175,20 @@ TRAINING_FLAGS: dict[str, str] = {
     "validationPrompts": "--validation_prompt",       # repeated once per prompt
     "validationEverySteps": "--validation_every_n_steps",
     "cacheLatents": "--cache_latents",
+    "lrScheduler": "--lr_scheduler",
+    "lrWarmupSteps": "--lr_warmup_steps",
+    "maxGradNorm": "--max_grad_norm",
+    "loraDropout": "--lora_dropout",
+    "emaDecay": "--ema_decay",
+    "aspectRatioBuckets": "--aspect_ratio_buckets",
 }
+# How the learning rate moves over the run (--lr_scheduler): constant is the original trainer's.
+# Each first ramps up linearly over --lr_warmup_steps (0: no warm-up).
+LR_SCHEDULERS = ("constant", "linear", "cosine")
+
 # Boolean flags are store_true switches: present when true, absent when false.
-BOOLEAN_TRAINING_FLAGS = frozenset({"centerCrop", "randomFlip", "gradientCheckpointing", "cacheLatents"})
+BOOLEAN_TRAINING_FLAGS = frozenset({"centerCrop", "randomFlip", "gradientCheckpointing", "cacheLatents",
+                                    "aspectRatioBuckets"})
 
 # What stepsPerEpoch / --steps_per_epoch counts, word for word in the CRD's description (kubectl
 # explain) and in `lorakube-train --help`; a unit test holds both to this text. Optimizer steps,
@@ -269,6 +283,17 @@ FLAG_OUTPUT_PATH = "--output_path"
 FLAG_CHECKPOINT_DIR = "--checkpoint_dir"
 FLAG_OUTPUT_FORMATS = "--output_formats"
 FLAG_RESUME = "--resume"
+# A LoRA to start from instead of a fresh one (the original's flag); spec.model.pretrainedLoraUri.
+FLAG_PRETRAINED_LORA_PATH = "--pretrained_lora_path"
+# spec.dataset.format -> --dataset_format, .captionDropout -> --caption_dropout, .defaultCaption ->
+# --default_caption (an empty string too), .maxImagePixels -> --max_image_pixels (README "Data formats").
+FLAG_DATASET_FORMAT = "--dataset_format"
+FLAG_CAPTION_DROPOUT = "--caption_dropout"
+FLAG_DEFAULT_CAPTION = "--default_caption"
+FLAG_MAX_IMAGE_PIXELS = "--max_image_pixels"
+DATASET_FORMATS = ("auto", "csv", "jsonl", "txt", "kohya")
+# Pillow's own decompression-bomb error threshold (2 x Image.MAX_IMAGE_PIXELS): larger images are refused.
+DEFAULT_MAX_IMAGE_PIXELS = 178_956_970
 FLAG_PREFLIGHT = "--preflight"   # run the preflight checks only, exit 0 or the failed check's code
 # spec.resources.gpusPerNode 0 -> --accelerator cpu (one CPU process per node even where GPUs show);
 # more -> --accelerator gpu (never a silent fall back to CPU; preflight counts the GPUs it sees).

@@ -134,7 +134,10 @@ def trainer_args(spec: JobSpec) -> list[str]:
     ]
     if spec.output.modelscope_model_id:
         args += [contract.FLAG_MODELSCOPE_MODEL_ID, spec.output.modelscope_model_id]
+    if spec.model.pretrained_lora_uri:
+        args += [contract.FLAG_PRETRAINED_LORA_PATH, spec.model.pretrained_lora_uri]
     args += [contract.FLAG_ACCELERATOR, "cpu" if spec.resources.gpus_per_node == 0 else "gpu"]
+    args += dataset_args(spec)
     values = spec.training.by_key()
     # The API's loraAlpha defaults to the rank (scale 1.0); the trainer's own default differs.
     if values["loraAlpha"] is None:
@@ -152,6 +155,22 @@ def trainer_args(spec: JobSpec) -> list[str]:
                 args += [flag, ",".join(value)]
         elif value is not None:
             args += [flag, _format_flag_value(value)]
+    return args
+
+
+def dataset_args(spec: JobSpec) -> list[str]:
+    """spec.dataset's reading options, each only when it differs from the trainer's default (which
+    the CRD's default equals), so a job that sets none runs the original command line."""
+    dataset, args = spec.dataset, []
+    if dataset.format != "auto":
+        args += [contract.FLAG_DATASET_FORMAT, dataset.format]
+    if dataset.caption_dropout:
+        args += [contract.FLAG_CAPTION_DROPOUT, _format_flag_value(dataset.caption_dropout)]
+    if dataset.default_caption is not None:
+        # One argument with "=": a caption may start with "-" or be empty.
+        args.append(f"{contract.FLAG_DEFAULT_CAPTION}={dataset.default_caption}")
+    if dataset.max_image_pixels != contract.DEFAULT_MAX_IMAGE_PIXELS:
+        args += [contract.FLAG_MAX_IMAGE_PIXELS, str(dataset.max_image_pixels)]
     return args
 
 

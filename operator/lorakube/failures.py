@@ -68,6 +68,12 @@ RULES: tuple[Rule, ...] = (
          "ran out of GPU memory (CUDA out of memory; the same settings would run out again: lower "
          "spec.training.batchSize, set spec.training.gradientCheckpointing: true, or pick a higher DeepSpeed "
          "ZeRO stage in spec.training.strategy, deepspeed_stage_2 or deepspeed_stage_3)"),
+    # A malformed dataset (found by preflight, or by the loader meeting an image it cannot decode):
+    # the same data fails the same way; the condition leads with the trainer's "dataset: <file or
+    # row>: ..." line, from the preflight line or the launcher's, whichever the pod printed last.
+    Rule("InvalidDataset", lambda p: p.exit_code == contract.EXIT_DATASET_ERROR, Action.FAIL,
+         "found a malformed dataset (fix the named file or row; retrying cannot help)",
+         quotes=contract.DATASET_ERROR_PREFIX),
     # Before KilledBySignal and UserError: whatever the exit code, a GPU that reported a hardware
     # fault (an Xid, an uncorrectable ECC error) failed the job, not its arguments; the restart
     # keeps off that node (nodes.attribute) unless spec.runPolicy.nodeAvoidance is false.

@@ -29,6 +29,7 @@ _MODELSCOPE = "modelscope://"
 _HTTPS = "https://"
 SUPPORTED_SCHEMES = {
     "spec.model.uri": (_LOCAL, _S3, _HF, _MODELSCOPE, _HTTPS),
+    "spec.model.pretrainedLoraUri": (_LOCAL, _S3),
     "spec.dataset.uri": (_LOCAL, _S3, _HF, _MODELSCOPE, _HTTPS),
     "spec.output.uri": (_LOCAL, _S3, _HF),
     "spec.output.checkpointUri": (_LOCAL, _S3),
@@ -64,12 +65,17 @@ class ModelSpec:
     family: str
     uri: str
     secret_name: str | None = None
+    pretrained_lora_uri: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
 class DatasetSpec:
     uri: str
     secret_name: str | None = None
+    format: str = "auto"                    # one of contract.DATASET_FORMATS
+    caption_dropout: float = 0.0
+    default_caption: str | None = None      # "" is a caption too: train without one
+    max_image_pixels: int = contract.DEFAULT_MAX_IMAGE_PIXELS
 
 
 def _flag(key: str, default: Any = None) -> Any:
@@ -102,6 +108,12 @@ class TrainingSpec:
     validation_prompts: tuple[str, ...] = _flag("validationPrompts", ())
     validation_every_steps: int = _flag("validationEverySteps", 0)
     cache_latents: bool = _flag("cacheLatents", False)
+    aspect_ratio_buckets: bool = _flag("aspectRatioBuckets", False)
+    lr_scheduler: str = _flag("lrScheduler", "constant")
+    lr_warmup_steps: int = _flag("lrWarmupSteps", 0)
+    max_grad_norm: float = _flag("maxGradNorm", 0.0)
+    lora_dropout: float = _flag("loraDropout", 0.0)
+    ema_decay: float = _flag("emaDecay", 0.0)
 
     def by_key(self) -> dict[str, Any]:
         """camelCase key -> value, the form contract.TRAINING_FLAGS is keyed by."""
@@ -331,13 +343,32 @@ def _parse_model(section: Mapping[str, Any]) -> ModelSpec:
     family = _enum(section, "family", "spec.model", "", contract.FAMILIES)
     uri = _required_str(section, "uri", "spec.model")
     _check_uri(uri, "spec.model.uri")
-    return ModelSpec(family=family, uri=uri, secret_name=_secret_name(section, "spec.model"))
+    lora = section.get("pretrainedLoraUri")
+    if lora is not None:
+        lora = _required_str(section, "pretrainedLoraUri", "spec.model")
+        _check_uri(lora, "spec.model.pretrainedLoraUri")
+    return ModelSpec(family=family, uri=uri, secret_name=_secret_name(section, "spec.model"),
+                     pretrained_lora_uri=lora)
 
 
 def _parse_dataset(section: Mapping[str, Any]) -> DatasetSpec:
-    uri = _required_str(section, "uri", "spec.dataset")
+    f = "spec.dataset"
+    uri = _required_str(section, "uri", f)
     _check_uri(uri, "spec.dataset.uri")
-    return DatasetSpec(uri=uri, secret_name=_secret_name(section, "spec.dataset"))
+    dropout = section.get("captionDropout", 0.0)
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        raise InvalidSpec(f"{f}.captionDropout", f"must be a probability in [0, 1), got {dropout!r}")
+    default_caption = section.get("defaultCaption")
+    if default_caption is not None and not isinstance(default_caption, str):
+        raise InvalidSpec(f"{f}.defaultCaption", f"must be a string, got {type(default_caption).__name__}")
+    return DatasetSpec(
+        uri=uri,
+        secret_name=_secret_name(section, f),
+        format=_enum(section, "format", f, "auto", contract.DATASET_FORMATS),
+        caption_dropout=float(dropout),
+        default_caption=default_caption,
+        max_image_pixels=_int(section, "maxImagePixels", f, contract.DEFAULT_MAX_IMAGE_PIXELS, 1),
+    )
 
 
 def _secret_name(section: Mapping[str, Any], field: str) -> str | None:
@@ -391,7 +422,24 @@ def _parse_training(section: Mapping[str, Any], family: str) -> TrainingSpec:
         validation_prompts=prompts,
         validation_every_steps=_int(section, "validationEverySteps", f, defaults.validation_every_steps, 0),
         cache_latents=_bool(section, "cacheLatents", f, defaults.cache_latents),
+        aspect_ratio_buckets=_bool(section, "aspectRatioBuckets", f, defaults.aspect_ratio_buckets),
+        lr_scheduler=_enum(section, "lrScheduler", f, defaults.lr_scheduler, contract.LR_SCHEDULERS),
+        lr_warmup_steps=_int(section, "lrWarmupSteps", f, defaults.lr_warmup_steps, 0),
+        max_grad_norm=_number(section, "maxGradNorm", f, defaults.max_grad_norm, 0.0, None),
+        lora_dropout=_number(section, "loraDropout", f, defaults.lora_dropout, 0.0, 1.0),
+        ema_decay=_number(section, "emaDecay", f, defaults.ema_decay, 0.0, 1.0),
     )
+
+
+def _number(section: Mapping[str, Any], key: str, field: str, default: float, minimum: float,
+            below: float | None) -> float:
+    """A number >= minimum and, when `below` is given, < below (the CRD's exclusiveMaximum)."""
+    value = section.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < minimum \
+            or (below is not None and value >= below):
+        bound = f"in [{minimum:g}, {below:g})" if below is not None else f">= {minimum:g}"
+        raise InvalidSpec(f"{field}.{key}", f"must be a number {bound}, got {value!r}")
+    return float(value)
 
 
 def _parse_resources(section: Mapping[str, Any]) -> ResourcesSpec:

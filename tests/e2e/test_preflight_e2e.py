@@ -65,3 +65,33 @@ def test_a_model_path_that_is_not_a_pipeline_fails_the_job_naming_the_model(loca
     assert status["lastFailure"]["exitCode"] == contract.EXIT_PREFLIGHT_MODEL
     assert not (status.get("progress") or {}).get("step")
     assert not (data_dir / "output" / name).exists()
+
+
+def test_a_hostile_dataset_fails_the_job_as_invalid_dataset_naming_the_row(local_cluster, job_namespace, data_dir,
+                                                                            start_operator):
+    """A metadata.jsonl row reaching out of the dataset folder: refused by preflight in seconds, the
+    row named in the job's condition; spec.dataset.format and defaultCaption reach the trainer."""
+    start_operator()
+    name = "hostile-data"
+    folder = data_dir / name / "train"
+    folder.mkdir(parents=True)
+    for image in (data_dir / "dataset" / "train").glob("*.png"):
+        (folder / image.name).write_bytes(image.read_bytes())
+    first = sorted(folder.glob("*.png"))[0].name
+    (folder / "metadata.jsonl").write_text(f'{{"file_name": "{first}"}}\n{{"file_name": "../../output/x.png"}}\n')
+    job = sandbox.quickstart_job(data_dir, name, training={"stepsPerEpoch": 4})
+    job["spec"]["dataset"].update(uri=f"/data/{name}", format="jsonl", defaultCaption="a shape")
+    kubectl = local_cluster.cluster.kubectl
+    sandbox.apply_job(kubectl, job_namespace, job)
+
+    status = sandbox.follow(kubectl, job_namespace, name, FAIL_WITHIN_SECONDS, interval=0.5)["status"]
+    assert status["phase"] == "Failed"
+    failed = next(c for c in status["conditions"] if c["type"] == "Failed")
+    assert failed["reason"] == "InvalidDataset"
+    # Line 1 passed with the default caption; line 2 is the one named.
+    assert failed["message"].startswith("dataset: metadata.jsonl line 2: file_name '../../output/x.png' points "
+                                        "outside the dataset folder"), failed["message"]
+    assert status["lastFailure"]["exitCode"] == contract.EXIT_DATASET_ERROR
+    assert status.get("restarts", 0) == 0
+    assert not (status.get("progress") or {}).get("step")
+    assert not (data_dir / "output" / name).exists()

@@ -93,6 +93,9 @@ def test_enums_match_the_contract(spec):
     training = props["training"]["properties"]
     assert tuple(training["precision"]["enum"]) == contract.PRECISIONS
     assert tuple(training["strategy"]["enum"]) == contract.STRATEGIES
+    dataset = props["dataset"]["properties"]
+    assert tuple(dataset["format"]["enum"]) == contract.DATASET_FORMATS
+    assert dataset["maxImagePixels"]["default"] == contract.DEFAULT_MAX_IMAGE_PIXELS
     formats = props["output"]["properties"]["formats"]
     assert tuple(formats["items"]["enum"]) == contract.OUTPUT_FORMATS
     assert tuple(formats["default"]) == contract.OUTPUT_FORMATS

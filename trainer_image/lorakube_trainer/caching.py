@@ -7,6 +7,8 @@ atomically; after a barrier each rank encodes whatever it still cannot see (stor
 shared between pods), so the cache works on shared and on local volumes. The key covers everything
 the tensors depend on, so a changed dataset, model, size or precision never reuses stale files.
 
+With --caption_dropout the conditioning of the empty caption is stored once beside the records.
+
 Only centre crops can be cached (a random crop differs every time); with --random_flip both the
 plain and the mirrored latents are stored, and the per-sample flip decision is the same draw the
 uncached path makes, so cached and uncached runs see the same samples.
@@ -43,6 +45,8 @@ def cache_folder(cfg: TrainConfig, records: list[Record], dtype: torch.dtype) ->
         "width": cfg.width, "dtype": str(dtype), "flip": cfg.random_flip,
         "records": [_record_identity(r) for r in records],
     }
+    if cfg.aspect_ratio_buckets:
+        identity["buckets"] = True          # each record at its bucket's size
     key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
     return Path(cfg.output_path) / "latent-cache" / key
 
@@ -51,11 +55,19 @@ def record_file(folder: Path, index: int) -> Path:
     return folder / f"record-{index:06d}.safetensors"
 
 
+def empty_caption_file(folder: Path) -> Path:
+    """The conditioning of "" (what --caption_dropout trains on instead of a caption)."""
+    return folder / "empty-caption.safetensors"
+
+
 @torch.no_grad()
 def encode_record(family: Family, pipe: Any, record: Record, cfg: TrainConfig, device: torch.device,
-                  dtype: torch.dtype) -> dict[str, torch.Tensor]:
+                  dtype: torch.dtype, size: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
+    """The record's latents (plain and, with --random_flip, mirrored) and text conditioning, at
+    `size` (its aspect-ratio bucket) or the fixed --height/--width."""
+    height, width = size or (cfg.height, cfg.width)
     with Image.open(record.path) as img:
-        plain = resize_and_crop(img, cfg.height, cfg.width, center_crop=True, random_flip=False,
+        plain = resize_and_crop(img, height, width, center_crop=True, random_flip=False,
                                 rng=np.random.default_rng(0))
     variants = [plain, plain.flip(-1)] if cfg.random_flip else [plain]
     latents = family.encode_images(pipe, torch.stack(variants).to(device, dtype))
@@ -67,8 +79,8 @@ def encode_record(family: Family, pipe: Any, record: Record, cfg: TrainConfig, d
 
 def build_cache(family: Family, pipe: Any, records: list[Record], cfg: TrainConfig, folder: Path, *,
                 device: torch.device, dtype: torch.dtype, rank: int, world_size: int,
-                barrier: Callable[[], None]) -> int:
-    """Fill the cache; returns how many records this rank encoded."""
+                barrier: Callable[[], None], sizes: list[tuple[int, int]] | None = None) -> int:
+    """Fill the cache; returns how many records this rank encoded. `sizes`: each record's bucket."""
     folder.mkdir(parents=True, exist_ok=True)
 
     def encode(indices: range | list[int]) -> int:
@@ -76,12 +88,22 @@ def build_cache(family: Family, pipe: Any, records: list[Record], cfg: TrainConf
         for i in indices:
             path = record_file(folder, i)
             if not path.is_file():
-                save_safetensors(encode_record(family, pipe, records[i], cfg, device, dtype), path)
+                size = None if sizes is None else sizes[i]
+                save_safetensors(encode_record(family, pipe, records[i], cfg, device, dtype, size), path)
                 done += 1
         return done
 
+    def encode_empty_caption() -> None:
+        path = empty_caption_file(folder)
+        if cfg.caption_dropout > 0 and not path.is_file():
+            cond = family.encode_prompts(pipe, [""], device)
+            save_safetensors({k: v[0].detach().to("cpu").contiguous() for k, v in cond.items()}, path)
+
     done = encode(range(rank, len(records), world_size))
+    if rank == 0:
+        encode_empty_caption()
     barrier()
+    encode_empty_caption()
     return done + encode(range(len(records)))         # what another pod wrote to storage we cannot see
 
 
@@ -97,5 +119,7 @@ class CachedCaptions(CaptionedImages):
         tensors = load_file(str(record_file(self.folder, index)))
         flip = flip_decision(self.random_flip, self.sample_rng(key))
         cond = {k[len(COND_PREFIX):]: v for k, v in tensors.items() if k.startswith(COND_PREFIX)}
+        if self.caption_dropped(key):
+            cond = load_file(str(empty_caption_file(self.folder)))
         return {"latents": tensors["latents"][1 if flip else 0], "cond": cond,
-                "text": self.records[index].text, "index": index}
+                "text": self.caption(key, index), "index": index}

@@ -234,6 +234,8 @@ def save_checkpoint(trainer: pl.Trainer, module: LoRAModule, cfg: TrainConfig, s
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         position = DataPosition.after_optimizer_steps(step, cfg.accumulate_grad_batches, cfg.steps_per_epoch)
         ckpt.write_trainable(tmp, lora)
+        if module.ema is not None:
+            ckpt.write_ema(tmp, module.ema.state())
         ckpt.write_state(tmp, {
             "step": step,
             "epoch": epoch,
@@ -256,14 +258,14 @@ def save_checkpoint(trainer: pl.Trainer, module: LoRAModule, cfg: TrainConfig, s
 
 
 class FinalStateCallback(pl.Callback):
-    """Gathers the final LoRA on every rank (ZeRO-3 needs them all) and keeps rank 0's copy."""
+    """Gathers the final LoRA (or its EMA) on every rank (ZeRO-3 needs them all) and keeps rank 0's copy."""
 
     def __init__(self) -> None:
         self.state: dict[str, torch.Tensor] | None = None
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         assert isinstance(pl_module, LoRAModule)
-        state = pl_module.lora_state()
+        state = pl_module.final_lora_state()
         if trainer.is_global_zero:
             self.state = state
 

@@ -1,6 +1,7 @@
 """Atomic, resumable checkpoints in the contract's layout.
 
     <checkpoint_dir>/step-000000120/trainable.safetensors   LoRA tensors (written by rank 0)
+    <checkpoint_dir>/step-000000120/ema.safetensors         --ema_decay only: the LoRA's moving average (rank 0)
     <checkpoint_dir>/step-000000120/state.pt                optimizer, step, epoch, data position (rank 0)
     <checkpoint_dir>/step-000000120/rng-rank-00001.pt       each rank's RNG states (written by that rank)
     <checkpoint_dir>/step-000000120/optimizer-rank-00001.pt DeepSpeed only: that rank's ZeRO optimizer partition
@@ -32,6 +33,7 @@ from .config import RESUME_AUTO, RESUME_NEVER
 from .files import atomic_write_bytes, save_safetensors
 
 TRAINABLE_FILE = "trainable.safetensors"
+EMA_FILE = "ema.safetensors"
 STATE_FILE = "state.pt"
 TMP_PREFIX = ".tmp-"
 
@@ -74,6 +76,10 @@ def write_trainable(tmp: Path, tensors: dict[str, torch.Tensor]) -> None:
     # Cloned: under DeepSpeed the parameters are views of one flat buffer, and safetensors refuses
     # tensors that share memory.
     save_safetensors({k: v.detach().to("cpu").clone() for k, v in tensors.items()}, tmp / TRAINABLE_FILE)
+
+
+def write_ema(tmp: Path, tensors: dict[str, torch.Tensor]) -> None:
+    save_safetensors({k: v.detach().to("cpu").clone() for k, v in tensors.items()}, tmp / EMA_FILE)
 
 
 def write_state(tmp: Path, state: dict[str, Any]) -> None:
@@ -174,6 +180,11 @@ class LoadedCheckpoint:
     step: int
     trainable: dict[str, torch.Tensor]
     state: dict[str, Any]
+
+    def ema(self) -> dict[str, torch.Tensor] | None:
+        """The LoRA's moving average saved with this step, if the run kept one (--ema_decay)."""
+        path = self.folder / EMA_FILE
+        return load_file(str(path)) if path.is_file() else None
 
     def rng_for(self, rank: int) -> dict[str, Any] | None:
         return self._rank_file(rng_file(rank))

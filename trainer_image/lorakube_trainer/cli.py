@@ -83,7 +83,7 @@ def run_cli(argv: Sequence[str] | None = None) -> int:
         return _fail(contract.EXIT_INVALID_ARGS, str(exc))
     shutdown.install()
 
-    from . import launcher
+    from . import launcher, preflight
     from .distributed import plan_topology
 
     try:
@@ -98,13 +98,16 @@ def run_cli(argv: Sequence[str] | None = None) -> int:
     if preflight_only(argv):
         print("preflight: every check passed", flush=True)
         return contract.EXIT_OK
-    if launcher.should_launch(topology, os.environ):
+    env = dict(os.environ)
+    if not preflight.skip_in(env):
+        env.update(preflight.dataset_checked_env(cfg))     # every image was read once, above
+    if launcher.should_launch(topology, env):
         # Decided without torch: the launcher loads nothing heavy, its local ranks start at once.
-        return launcher.launch(topology, os.environ)
-    return _train(cfg)
+        return launcher.launch(topology, env)
+    return _train(cfg, env)
 
 
-def _train(cfg: TrainConfig) -> int:
+def _train(cfg: TrainConfig, env: Mapping[str, str] | None = None) -> int:
     # Heavy imports (torch, lightning, diffusers) only after the flags are known to be good.
     from .checkpoint import CheckpointError
     from .data import DatasetError
@@ -114,7 +117,7 @@ def _train(cfg: TrainConfig) -> int:
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     try:
-        run(cfg)
+        run(cfg, env)
     except shutdown.GracefulStop as exc:
         # Everything worth keeping is in the checkpoint; skip the interpreter's teardown (the
         # process group's destructors took seconds there, out of the pod's grace period).
@@ -126,7 +129,7 @@ def _train(cfg: TrainConfig) -> int:
     except ConfigError as exc:
         return _fail(contract.EXIT_INVALID_ARGS, str(exc))
     except DatasetError as exc:
-        return _fail(contract.EXIT_DATASET_ERROR, f"dataset: {exc}")
+        return _fail(contract.EXIT_DATASET_ERROR, f"{contract.DATASET_ERROR_PREFIX}: {exc}")
     except CheckpointError as exc:
         return _fail(contract.EXIT_USER_ERROR, str(exc))
     except StorageError as exc:

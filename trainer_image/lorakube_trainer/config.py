@@ -58,6 +58,7 @@ class TrainConfig:
     width: int
     center_crop: bool
     random_flip: bool
+    aspect_ratio_buckets: bool                      # each image at the nearest bucket of ~height x width pixels
     batch_size: int
     dataloader_num_workers: int
     precision: str | None                           # one of contract.PRECISIONS; None: by accelerator
@@ -66,6 +67,12 @@ class TrainConfig:
     lora_alpha: float
     use_gradient_checkpointing: bool
     cache_latents: bool
+    lr_scheduler: str                               # one of contract.LR_SCHEDULERS
+    lr_warmup_steps: int
+    max_grad_norm: float                            # 0: no clipping (the original trainer's behaviour)
+    lora_dropout: float
+    ema_decay: float                                # 0: no EMA; else the exported LoRA is the EMA
+    pretrained_lora_path: str | None                # a LoRA file or a lorakube output folder to start from
     accumulate_grad_batches: int
     training_strategy: str                          # one of contract.STRATEGIES
     output_formats: tuple[str, ...]
@@ -78,6 +85,11 @@ class TrainConfig:
     rendezvous_timeout: float
     modelscope_model_id: str | None
     modelscope_access_token: str | None
+    # The dataset (README "Data formats"); defaults keep the original behaviour.
+    dataset_format: str = "auto"                    # one of contract.DATASET_FORMATS
+    caption_dropout: float = 0.0
+    default_caption: str | None = None              # None: an image without a caption is an error
+    max_image_pixels: int = contract.DEFAULT_MAX_IMAGE_PIXELS
 
     @property
     def total_steps(self) -> int:
@@ -111,11 +123,24 @@ def build_parser() -> argparse.ArgumentParser:
     flags = contract.TRAINING_FLAGS
     p.add_argument("--config", help="YAML file whose keys are these flag names (flags given here override it)")
     p.add_argument(contract.FLAG_PREFLIGHT, action="store_true",
-                   help="only run the preflight checks (output and checkpoint writable, model and dataset "
-                        "readable, GPUs visible, rank 0's name resolves), then exit 0 or the failed check's code")
+                   help="only run the preflight checks (output and checkpoint writable, model readable, every "
+                        "dataset record and image header sound, GPUs visible, rank 0's name resolves), then exit 0 "
+                        "or the failed check's code")
     p.add_argument(contract.FLAG_MODEL_FAMILY, choices=contract.FAMILIES)
     p.add_argument(contract.FLAG_MODEL_PATH, help="local folder holding the diffusers pipeline")
-    p.add_argument(contract.FLAG_DATASET_PATH, help="folder with train/ images and train/metadata.csv")
+    p.add_argument(contract.FLAG_DATASET_PATH, help="folder with train/ images and train/metadata.csv, or another "
+                                                   f"layout of {contract.FLAG_DATASET_FORMAT}")
+    p.add_argument(contract.FLAG_DATASET_FORMAT, default="auto", choices=contract.DATASET_FORMATS,
+                   help="csv: metadata.csv (file_name,text); jsonl: metadata.jsonl (Hugging Face imagefolder); "
+                        "txt: images with same-name .txt captions; kohya: <repeats>_<name> folders of those; "
+                        "auto (default): whichever the folder holds")
+    p.add_argument(contract.FLAG_CAPTION_DROPOUT, type=float, default=0.0,
+                   help="probability in [0, 1) of training a sample on the empty caption (fixed per seed and step)")
+    p.add_argument(contract.FLAG_DEFAULT_CAPTION, default=None,
+                   help="caption of images that have none (an empty string allowed); default: such an image "
+                        "is a dataset error")
+    p.add_argument(contract.FLAG_MAX_IMAGE_PIXELS, type=int, default=contract.DEFAULT_MAX_IMAGE_PIXELS,
+                   help="larger images (width x height) are refused before training, as decompression bombs")
     p.add_argument(contract.FLAG_OUTPUT_PATH, help="where the LoRA and its artifacts go")
     p.add_argument(contract.FLAG_CHECKPOINT_DIR, help=f"default: <output_path>/{contract.DEFAULT_CHECKPOINT_SUBDIR}")
     p.add_argument(contract.FLAG_RESUME, default=RESUME_AUTO,
@@ -130,6 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(flags["width"], type=int, default=1024)
     p.add_argument(flags["centerCrop"], action="store_true")
     p.add_argument(flags["randomFlip"], action="store_true")
+    p.add_argument(flags["aspectRatioBuckets"], action="store_true",
+                   help="train each image at the aspect-ratio bucket nearest its own shape, of about "
+                        "height x width pixels, instead of cropping every image to height x width; "
+                        "each batch holds one bucket")
     p.add_argument(flags["batchSize"], type=int, default=1)
     p.add_argument(flags["dataloaderNumWorkers"], type=int, default=0)
     p.add_argument(flags["precision"], default=None, choices=contract.PRECISIONS + tuple(PRECISION_ALIASES),
@@ -141,6 +170,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(flags["cacheLatents"], action="store_true",
                    help=f"encode images and captions once, then train without the encoders "
                         f"(needs {flags['centerCrop']})")
+    p.add_argument(flags["lrScheduler"], default="constant", choices=contract.LR_SCHEDULERS,
+                   help="how the learning rate moves over the run after the warm-up (constant: the original's)")
+    p.add_argument(flags["lrWarmupSteps"], type=int, default=0,
+                   help="optimizer steps over which the learning rate ramps up linearly from lr/steps to lr")
+    p.add_argument(flags["maxGradNorm"], type=float, default=0.0,
+                   help="clip the LoRA gradients' global L2 norm to this; 0 disables clipping")
+    p.add_argument(flags["loraDropout"], type=float, default=0.0,
+                   help="dropout probability on the LoRA branch's input during training (0 to <1)")
+    p.add_argument(flags["emaDecay"], type=float, default=0.0,
+                   help="keep an exponential moving average of the LoRA weights with this decay per step "
+                        "(e.g. 0.999) and export it as the LoRA; 0 disables it")
+    p.add_argument(contract.FLAG_PRETRAINED_LORA_PATH, default=None,
+                   help=f"start from this LoRA instead of a fresh one: a diffusers-format .safetensors file or a "
+                        f"folder holding {contract.ARTIFACT_LORA_DIFFUSERS} (an earlier run's output); a checkpoint "
+                        f"to resume from takes precedence")
     p.add_argument(flags["accumulateGradBatches"], type=int, default=1)
     p.add_argument(flags["strategy"], default="auto", choices=contract.STRATEGIES)
     p.add_argument(contract.FLAG_OUTPUT_FORMATS, default=",".join(contract.OUTPUT_FORMATS),
@@ -265,10 +309,24 @@ def _validate(ns: argparse.Namespace, env: dict[str, str]) -> TrainConfig:
         raise ConfigError(flags["cacheLatents"], f"needs {flags['centerCrop']}: a random crop differs every time "
                                                  f"and cannot be cached; add {flags['centerCrop']} or drop "
                                                  f"{flags['cacheLatents']}")
+    if not 0 <= ns.caption_dropout < 1:
+        raise ConfigError(contract.FLAG_CAPTION_DROPOUT, f"must be a probability in [0, 1), got {ns.caption_dropout}")
+    _positive(ns.max_image_pixels, contract.FLAG_MAX_IMAGE_PIXELS)
     if not ns.learning_rate > 0:
         raise ConfigError(flags["learningRate"], f"must be > 0, got {ns.learning_rate}")
     if not ns.lora_alpha > 0:
         raise ConfigError(flags["loraAlpha"], f"must be > 0, got {ns.lora_alpha}")
+    _positive(ns.lr_warmup_steps, flags["lrWarmupSteps"], 0)
+    if not ns.max_grad_norm >= 0:
+        raise ConfigError(flags["maxGradNorm"], f"must be >= 0 (0 disables clipping), got {ns.max_grad_norm}")
+    if not 0 <= ns.lora_dropout < 1:
+        raise ConfigError(flags["loraDropout"], f"must be in [0, 1), got {ns.lora_dropout}")
+    if not 0 <= ns.ema_decay < 1:
+        raise ConfigError(flags["emaDecay"], f"must be in [0, 1) (0 disables the EMA; 0.999 is typical), "
+                                             f"got {ns.ema_decay}")
+    if ns.ema_decay and ns.training_strategy == "deepspeed_stage_3":
+        raise ConfigError(flags["emaDecay"], "cannot be used with deepspeed_stage_3, which splits the LoRA weights "
+                                             "across processes; use deepspeed_stage_2 or drop the EMA")
 
     targets = None
     if ns.lora_target_modules is not None:
@@ -311,6 +369,11 @@ def _validate(ns: argparse.Namespace, env: dict[str, str]) -> TrainConfig:
     if storage.scheme(ns.checkpoint_dir or "") not in ("", "s3"):
         raise ConfigError(contract.FLAG_CHECKPOINT_DIR, f"{ns.checkpoint_dir} is not supported; checkpoints go to a "
                           "shared volume path or s3://bucket/prefix")
+    lora = ns.pretrained_lora_path
+    if lora and not storage.is_remote(lora) and not Path(lora).exists():
+        raise ConfigError(contract.FLAG_PRETRAINED_LORA_PATH,
+                          f"{lora} does not exist; give a diffusers-format LoRA file or a lorakube output folder")
+
     checkpoint_dir = ns.checkpoint_dir or storage.join(output_path, contract.DEFAULT_CHECKPOINT_SUBDIR)
     return TrainConfig(
         model_family=family,
@@ -329,6 +392,7 @@ def _validate(ns: argparse.Namespace, env: dict[str, str]) -> TrainConfig:
         width=ns.width,
         center_crop=ns.center_crop,
         random_flip=ns.random_flip,
+        aspect_ratio_buckets=ns.aspect_ratio_buckets,
         batch_size=ns.batch_size,
         dataloader_num_workers=ns.dataloader_num_workers,
         precision=None if ns.precision is None else PRECISION_ALIASES.get(ns.precision, ns.precision),
@@ -337,6 +401,12 @@ def _validate(ns: argparse.Namespace, env: dict[str, str]) -> TrainConfig:
         lora_alpha=ns.lora_alpha,
         use_gradient_checkpointing=ns.use_gradient_checkpointing,
         cache_latents=ns.cache_latents,
+        lr_scheduler=ns.lr_scheduler,
+        lr_warmup_steps=ns.lr_warmup_steps,
+        max_grad_norm=ns.max_grad_norm,
+        lora_dropout=ns.lora_dropout,
+        ema_decay=ns.ema_decay,
+        pretrained_lora_path=ns.pretrained_lora_path,
         accumulate_grad_batches=ns.accumulate_grad_batches,
         training_strategy=ns.training_strategy,
         output_formats=formats,
@@ -349,5 +419,9 @@ def _validate(ns: argparse.Namespace, env: dict[str, str]) -> TrainConfig:
         rendezvous_timeout=timeout,
         modelscope_model_id=ns.modelscope_model_id,
         modelscope_access_token=ns.modelscope_access_token,
+        dataset_format=ns.dataset_format,
+        caption_dropout=ns.caption_dropout,
+        default_caption=ns.default_caption,
+        max_image_pixels=ns.max_image_pixels,
     )
 

@@ -1,18 +1,18 @@
-"""The image-caption dataset in the documented folder layout, and a resumable per-rank sampler.
+"""The image-caption dataset and a resumable per-rank sampler.
 
-Layout: `<dataset_path>/train/metadata.csv` with columns `file_name,text` and the images beside it
-(DiffSynth-Studio's layout); `<dataset_path>/metadata.csv` with file names relative to it is
-accepted too. Every record is checked before training starts, so a bad dataset fails at once with
-the file or row named instead of hours into a run.
+The records come from dataset_layout.load_records (every format, every check, before training);
+here they become samples. Kohya repeat counts weight records: each shuffled pass over the data
+holds a record `repeats` times. --caption_dropout replaces a sample's caption with "" with that
+probability.
 
-Determinism: which record a sample shows and how it is cropped/flipped are pure functions of
-(seed, epoch, position in the epoch's global order). Nothing here touches the global RNGs, so a
-resumed run sees exactly the samples the interrupted one would have seen next.
+Determinism: which record a sample shows, how it is cropped/flipped and whether its caption is
+dropped are pure functions of (seed, epoch, position in the epoch's global order). Nothing here
+touches the global RNGs, so a resumed run sees exactly the samples the interrupted one would have
+seen next.
 """
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import math
 from pathlib import Path
@@ -20,76 +20,17 @@ from typing import Iterator
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-# Re-exported: the layout is shared with preflight, which must not import torch.
-from .dataset_layout import METADATA_FILE, REQUIRED_COLUMNS, TRAIN_SUBDIR, DatasetError, find_metadata  # noqa: F401
+from lorakube_api import contract
 
-# 8192 x 8192: well above any training resolution; anything larger is treated as a decompression bomb.
-DEFAULT_MAX_IMAGE_PIXELS = 8192 * 8192
+from .buckets import bucketed_epoch_order
 
+# Re-exported: the formats and checks live in dataset_layout.py, which preflight uses without torch.
+from .dataset_layout import (METADATA_FILE, REQUIRED_COLUMNS, TRAIN_SUBDIR, DatasetError, Record,  # noqa: F401
+                             find_metadata, load_records)
 
-@dataclasses.dataclass(frozen=True)
-class Record:
-    path: Path
-    text: str
-
-
-def _check_image(path: Path, where: str, max_pixels: int) -> None:
-    try:
-        with Image.open(path) as img:
-            # Image.open reads only the header, so the size check happens before any decoding.
-            width, height = img.size
-            if width * height > max_pixels:
-                raise DatasetError(f"{where}: {path.name} is {width}x{height} pixels, more than the limit of "
-                                   f"{max_pixels}; downscale it")
-            img.verify()
-    except DatasetError:
-        raise
-    except Image.DecompressionBombError as exc:
-        raise DatasetError(f"{where}: {path.name} looks like a decompression bomb ({exc}); downscale it") from exc
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise DatasetError(f"{where}: {path.name} is not a readable image ({exc}); replace or remove it") from exc
-
-
-def load_records(dataset_path: str | Path, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> list[Record]:
-    """Read and check metadata.csv and every image it names."""
-    metadata = find_metadata(dataset_path)
-    base = metadata.parent.resolve()
-    try:
-        with metadata.open(newline="", encoding="utf-8-sig") as fh:
-            reader = csv.DictReader(fh)
-            columns = [c.strip() for c in (reader.fieldnames or [])]
-            missing = [c for c in REQUIRED_COLUMNS if c not in columns]
-            if missing:
-                raise DatasetError(f"{metadata}: missing column(s) {','.join(missing)}; the header must be "
-                                   f"{','.join(REQUIRED_COLUMNS)} (found {','.join(columns) or 'no header'})")
-            rows = [{(k or "").strip(): v for k, v in row.items()} for row in reader]
-    except UnicodeDecodeError as exc:
-        raise DatasetError(f"{metadata}: not UTF-8 text ({exc}); save it as UTF-8 CSV") from exc
-    except csv.Error as exc:
-        raise DatasetError(f"{metadata}: not a valid CSV file ({exc})") from exc
-
-    records = []
-    for line, row in enumerate(rows, start=2):      # line 1 is the header
-        where = f"{metadata.name} row {line}"
-        name = (row.get("file_name") or "").strip()
-        if not name:
-            raise DatasetError(f"{where}: empty file_name")
-        relative = Path(name)
-        if relative.is_absolute():
-            raise DatasetError(f"{where}: file_name {name!r} is an absolute path; give it relative to {base.name}/")
-        path = (base / relative).resolve()
-        if not path.is_relative_to(base):
-            raise DatasetError(f"{where}: file_name {name!r} points outside the dataset folder; "
-                               f"keep images inside {base.name}/")
-        if not path.is_file():
-            raise DatasetError(f"{where}: image {name!r} not found in {base}")
-        _check_image(path, where, max_pixels)
-        records.append(Record(path=path, text=(row.get("text") or "").strip()))
-    if not records:
-        raise DatasetError(f"{metadata}: no rows; add one line per image as file_name,text")
-    return records
+DEFAULT_MAX_IMAGE_PIXELS = contract.DEFAULT_MAX_IMAGE_PIXELS
 
 
 def flip_decision(random_flip: bool, rng: np.random.Generator) -> bool:
@@ -133,19 +74,45 @@ class CaptionedImages(torch.utils.data.Dataset):
     """Map-style dataset indexed by SampleKey (what ShardSampler yields)."""
 
     def __init__(self, records: list[Record], *, seed: int, height: int, width: int, center_crop: bool,
-                 random_flip: bool, samples_per_epoch: int) -> None:
+                 random_flip: bool, samples_per_epoch: int, caption_dropout: float = 0.0,
+                 sizes: list[tuple[int, int]] | None = None, batch_size: int = 1, world_size: int = 1) -> None:
         self.records = records
         self.seed, self.height, self.width = seed, height, width
         self.center_crop, self.random_flip = center_crop, random_flip
         self.samples_per_epoch = samples_per_epoch      # global: all ranks together
+        # Aspect-ratio buckets (buckets.py): each record's own (height, width), and the batch layout
+        # the bucketed order needs so that every micro-batch holds one size.
+        self.sizes, self.batch_size, self.world_size = sizes, batch_size, world_size
+        self.caption_dropout = caption_dropout
+        # One slot per showing in a pass; without repeat counts slot i is record i, so the order
+        # (and every existing run's samples) is unchanged.
+        self._slots = np.repeat(np.arange(len(records)), [r.repeats for r in records])
         self._orders: dict[int, np.ndarray] = {}
 
     def record_index(self, key: SampleKey) -> int:
         order = self._orders.get(key.epoch)
         if order is None:
-            order = epoch_order(self.seed, key.epoch, len(self.records), self.samples_per_epoch)
+            if self.sizes is None:
+                order = epoch_order(self.seed, key.epoch, len(self._slots), self.samples_per_epoch)
+            else:
+                # Slots, not records: a repeated record fills its bucket's batches that many times.
+                order = bucketed_epoch_order(self.seed, key.epoch, [self.sizes[i] for i in self._slots],
+                                             self.samples_per_epoch, self.batch_size, self.world_size)
             self._orders = {key.epoch: order}           # one epoch at a time is all a sampler needs
-        return int(order[key.position])
+        return int(self._slots[order[key.position]])
+
+    def caption_dropped(self, key: SampleKey) -> bool:
+        """Its own stream (not sample_rng's), so turning dropout on changes no crop or flip."""
+        if self.caption_dropout <= 0:
+            return False
+        return bool(np.random.default_rng([self.seed, key.epoch, key.position, 0xCAD0]).random() < self.caption_dropout)
+
+    def caption(self, key: SampleKey, index: int) -> str:
+        return "" if self.caption_dropped(key) else self.records[index].text
+
+    def size_of(self, index: int) -> tuple[int, int]:
+        """(height, width) the record trains at: its bucket's, or the fixed --height/--width."""
+        return (self.height, self.width) if self.sizes is None else self.sizes[index]
 
     def __len__(self) -> int:
         return self.samples_per_epoch
@@ -160,10 +127,10 @@ class CaptionedImages(torch.utils.data.Dataset):
         rng = self.sample_rng(key)
         try:
             with Image.open(record.path) as img:
-                pixels = resize_and_crop(img, self.height, self.width, self.center_crop, self.random_flip, rng)
+                pixels = resize_and_crop(img, *self.size_of(index), self.center_crop, self.random_flip, rng)
         except (OSError, ValueError) as exc:
             raise DatasetError(f"{record.path.name}: cannot decode image ({exc}); replace or remove it") from exc
-        return {"pixels": pixels, "text": record.text, "index": index}
+        return {"pixels": pixels, "text": self.caption(key, index), "index": index}
 
 
 def micro_batches_per_epoch(steps_per_epoch: int, accumulate: int) -> int:

@@ -14,10 +14,11 @@ from .data import CaptionedImages, DataPosition, Record, ShardSampler, micro_bat
 
 class CaptionDataModule(pl.LightningDataModule):
     def __init__(self, cfg: TrainConfig, records: list[Record], start: DataPosition, world_size: int,
-                 cache_folder: Path | None = None) -> None:
+                 cache_folder: Path | None = None, sizes: list[tuple[int, int]] | None = None) -> None:
         super().__init__()
         self.cfg, self.records, self.start, self.world_size = cfg, records, start, world_size
         self.cache_folder = cache_folder
+        self.sizes = sizes              # each record's aspect-ratio bucket, or None: --height x --width
 
     def train_dataloader(self) -> torch.utils.data.DataLoader:
         cfg = self.cfg
@@ -26,7 +27,9 @@ class CaptionDataModule(pl.LightningDataModule):
             raise RuntimeError(f"world size {self.trainer.world_size} differs from the planned {self.world_size}")
         batches = micro_batches_per_epoch(cfg.steps_per_epoch, cfg.accumulate_grad_batches)
         common = dict(seed=cfg.seed, height=cfg.height, width=cfg.width, center_crop=cfg.center_crop,
-                      random_flip=cfg.random_flip, samples_per_epoch=batches * cfg.batch_size * self.world_size)
+                      random_flip=cfg.random_flip, samples_per_epoch=batches * cfg.batch_size * self.world_size,
+                      caption_dropout=cfg.caption_dropout, sizes=self.sizes, batch_size=cfg.batch_size,
+                      world_size=self.world_size)
         # The cache is filled in LoRAModule.on_fit_start, which Lightning runs before asking for this loader.
         dataset = (CaptionedImages(self.records, **common) if self.cache_folder is None
                    else CachedCaptions(self.records, self.cache_folder, **common))

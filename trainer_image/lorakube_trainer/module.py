@@ -20,7 +20,9 @@ from lorakube_api import contract
 from .caching import build_cache
 from .config import ConfigError, TrainConfig
 from .data import Record
+from .ema import LoraEma
 from .families.base import Family
+from .schedule import lr_factor
 
 
 log = logging.getLogger(__name__)
@@ -40,7 +42,7 @@ class LoRAModule(pl.LightningModule):
         self._pipe = [pipe]                     # a list: not registered as a submodule
         self.denoiser = family.denoiser(pipe)
         try:
-            family.add_lora(self.denoiser, cfg.lora_rank, cfg.lora_alpha, targets)
+            family.add_lora(self.denoiser, cfg.lora_rank, cfg.lora_alpha, targets, dropout=cfg.lora_dropout)
         except ValueError as exc:
             raise ConfigError(contract.TRAINING_FLAGS["loraTargetModules"], str(exc)) from exc
         params = trainable_parameters(self.denoiser)
@@ -55,8 +57,10 @@ class LoRAModule(pl.LightningModule):
             family.enable_gradient_checkpointing(self.denoiser)
         self.denoiser.train()
         self.last_micro_batch_loss = torch.zeros(())
-        self._cache: tuple[list[Record], Path] | None = None
+        self._cache: tuple[list[Record], Path, list[tuple[int, int]] | None] | None = None
         self.step_offset = 0                    # optimizer steps done before this process started (resume)
+        self.ema: LoraEma | None = None         # --ema_decay; made once the weights sit on their device
+        self.resumed_ema: dict[str, torch.Tensor] | None = None
 
     @property
     def pipe(self) -> Any:
@@ -86,15 +90,16 @@ class LoRAModule(pl.LightningModule):
             if isinstance(component, torch.nn.Module) and component is not self.denoiser:
                 component.to(device)
 
-    def enable_latent_cache(self, records: list[Record], folder: Path) -> None:
-        self._cache = (records, folder)
+    def enable_latent_cache(self, records: list[Record], folder: Path,
+                            sizes: list[tuple[int, int]] | None = None) -> None:
+        self._cache = (records, folder, sizes)
 
     def on_fit_start(self) -> None:
         self.encoders_to(self.device)
         if self._cache is None:
             return
-        records, folder = self._cache
-        done = build_cache(self.family, self.pipe, records, self.cfg, folder, device=self.device,
+        records, folder, sizes = self._cache
+        done = build_cache(self.family, self.pipe, records, self.cfg, folder, device=self.device, sizes=sizes,
                            dtype=self.weight_dtype, rank=self.global_rank, world_size=self.trainer.world_size,
                            barrier=lambda: self.trainer.strategy.barrier("lorakube-latent-cache"))
         log.info("latent cache %s: this rank encoded %d of %d records", folder, done, len(records))
@@ -102,6 +107,31 @@ class LoRAModule(pl.LightningModule):
         self.encoders_to("cpu")
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+    def on_train_start(self) -> None:
+        if not self.cfg.ema_decay:
+            return
+        self.ema = LoraEma(self.cfg.ema_decay, lambda: self.family.lora_state_dict(self.denoiser))
+        if self.resumed_ema is not None:
+            self.ema.load(self.resumed_ema)
+        elif self.step_offset:
+            log.warning("the checkpoint holds no EMA (it was written without --ema_decay): the average starts "
+                        "from the step %d weights", self.step_offset)
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
+        # Called once per optimizer step (after gradient accumulation); global_step counts the steps
+        # done, so absolute_step is this step's 0-based index in the whole run.
+        factor = lr_factor(self.cfg.lr_scheduler, self.absolute_step, self.cfg.total_steps, self.cfg.lr_warmup_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = self.cfg.learning_rate * factor
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        if self.ema is not None:
+            self.ema.update()
+
+    def final_lora_state(self) -> dict[str, torch.Tensor]:
+        """What the run exports: the EMA when --ema_decay is on, else the weights (every rank calls it)."""
+        state = self.lora_state()
+        return state if self.ema is None else self.ema.state()
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         if "latents" in batch:
@@ -120,5 +150,6 @@ class LoRAModule(pl.LightningModule):
         return loss
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        # torch's AdamW defaults (weight decay 0.01) as in the original trainer; a constant LR.
+        # torch's AdamW defaults (weight decay 0.01) as in the original trainer; optimizer_step sets
+        # each step's learning rate (--lr_scheduler, --lr_warmup_steps).
         return torch.optim.AdamW(trainable_parameters(self.denoiser), lr=self.cfg.learning_rate)

@@ -33,7 +33,7 @@ from lorakube_api import contract
 
 from . import locations, storage
 from .config import TrainConfig
-from .dataset_layout import DatasetError, find_metadata
+from .dataset_layout import ENV_DATASET_CHECKED, DatasetError, find_dataset, load_records
 from .distributed import Topology
 from .pipeline_folder import ModelFolderError, check_pipeline_folder
 
@@ -127,22 +127,38 @@ def check_model(cfg: TrainConfig) -> None:
 
 
 def check_dataset(cfg: TrainConfig) -> None:
-    """metadata.csv where the documented layout puts it, and readable. Its rows and images are
-    checked by data.load_records before the model loads (exit code EXIT_DATASET_ERROR)."""
+    """A dataset in one of the formats (dataset_layout.py), then every record and image checked
+    there: the one stage that reads the whole dataset, once per pod, before torch loads. A folder
+    holding no dataset fails as "dataset not readable" (EXIT_PREFLIGHT_DATASET); a malformed one
+    names the file or row (EXIT_DATASET_ERROR, as when the loader meets a bad image later).
+    Remote datasets (s3://, hf://, modelscope://, https://) are checked the same way after staging
+    (train.py)."""
     if locations.is_remote_input(cfg.dataset_path):
         check_remote(cfg.dataset_path, contract.EXIT_PREFLIGHT_DATASET, "dataset not readable", write=False)
         return
     try:
-        metadata = find_metadata(cfg.dataset_path)
+        found = find_dataset(cfg.dataset_path, cfg.dataset_format)
     except DatasetError as exc:
         raise PreflightFailed(contract.EXIT_PREFLIGHT_DATASET, "dataset not readable",
                               f"{cfg.dataset_path} ({exc})") from exc
     try:
-        with metadata.open("rb") as fh:
-            fh.read(1)
+        if found.source.is_file():
+            with found.source.open("rb") as fh:
+                fh.read(1)
     except OSError as exc:
         raise PreflightFailed(contract.EXIT_PREFLIGHT_DATASET, "dataset not readable",
-                              f"{metadata} ({_reason(exc)})") from exc
+                              f"{found.source} ({_reason(exc)})") from exc
+    try:
+        load_records(cfg.dataset_path, cfg.max_image_pixels, dataset_format=cfg.dataset_format,
+                     default_caption=cfg.default_caption)
+    except DatasetError as exc:
+        raise PreflightFailed(contract.EXIT_DATASET_ERROR, contract.DATASET_ERROR_PREFIX, str(exc)) from exc
+
+
+def dataset_checked_env(cfg: TrainConfig) -> dict[str, str]:
+    """What tells the training processes of this pod that check_dataset read every image already,
+    so they list the records without opening each image again (once per pod, not once per rank)."""
+    return {} if locations.is_remote_input(cfg.dataset_path) else {ENV_DATASET_CHECKED: cfg.dataset_path}
 
 
 def expected_gpus(cfg: TrainConfig, topology: Topology) -> int:

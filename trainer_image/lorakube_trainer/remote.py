@@ -37,9 +37,12 @@ def localize(cfg: TrainConfig, env: Mapping[str, str] | None = None) -> tuple[Tr
         output=cfg.output_path if locations.is_remote_output(cfg.output_path) else "",
         checkpoints=cfg.checkpoint_dir if storage.is_remote(cfg.checkpoint_dir) else "",
     )
-    if not where.any:
-        return cfg, where
     changes: dict[str, str] = {}
+    if cfg.pretrained_lora_path and storage.is_remote(cfg.pretrained_lora_path):
+        # A folder in a bucket (an earlier run's output), staged like the model.
+        changes["pretrained_lora_path"] = str(storage.stage_input(cfg.pretrained_lora_path, env))
+    if not where.any:
+        return dataclasses.replace(cfg, **changes), where
     if where.model:
         changes["model_path"] = str(locations.stage_input(where.model, env))
     if where.dataset:

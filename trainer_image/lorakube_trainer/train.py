@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import gc
 import logging
@@ -16,19 +17,21 @@ from lightning.pytorch.strategies import Strategy
 from lorakube_api import contract
 
 from . import checkpoint as ckpt
-from . import modelscope_repos, remote, shutdown, storage
+from . import buckets, modelscope_repos, remote, shutdown, storage
 from .artifacts import (MetricsWriter, check_comfyui, check_loaded, save_comfyui,
                         write_json, write_manifest, write_model_card)
 from .caching import cache_folder
 from .callbacks import FinalStateCallback, ResumeCallback, SigtermCallback, StepCallback
 from .config import ConfigError, TrainConfig
-from .data import DataPosition, load_records
+from .data import DataPosition, Record, load_records
+from .dataset_layout import ENV_DATASET_CHECKED
 from .datamodule import CaptionDataModule
 from .distributed import Topology, needs_rendezvous_check, plan_topology, wait_for_master
 from .families import get_family
 from .families.base import Family
 from .metrics_server import TrainingMetrics, serve_from_env
 from .module import LoRAModule
+from .pretrained import start_from_lora
 from .progress import ProgressReporter, publish_artifacts, reporter_from_env
 from .strategies import StrategyPlan, build_strategy, lightning_precision, resolve_precision, weight_dtype
 from .validation import generate_images, save_grid
@@ -84,7 +87,10 @@ def _run(cfg: TrainConfig, env: Mapping[str, str], live: TrainingMetrics, strate
     # s3:// model/dataset staged into this node's cache, output and checkpoints in local working
     # folders that are uploaded (remote.py); a local run passes through unchanged.
     cfg, where = remote.localize(cfg, env)
-    records = load_records(cfg.dataset_path)
+    # Every image was read by this pod's preflight already, unless the dataset was staged just now.
+    records = load_records(cfg.dataset_path, cfg.max_image_pixels, dataset_format=cfg.dataset_format,
+                           default_caption=cfg.default_caption,
+                           verify_images=env.get(ENV_DATASET_CHECKED) != cfg.dataset_path)
     loaded = ckpt.resolve_resume(cfg.resume, Path(cfg.checkpoint_dir))
     start_step = 0 if loaded is None else loaded.step
     if loaded is not None:
@@ -98,12 +104,13 @@ def _run(cfg: TrainConfig, env: Mapping[str, str], live: TrainingMetrics, strate
         return _artifacts_only(cfg, family, targets, loaded, topology, env, on_gpu, live, where)
 
     dtype = weight_dtype(cfg.precision)
+    sizes = bucket_sizes(cfg, records) if cfg.aspect_ratio_buckets else None
     module = _build_module(cfg, family, targets, dtype, loaded)
     cache = cache_folder(cfg, records, dtype) if cfg.cache_latents else None
     if cache is not None:
-        module.enable_latent_cache(records, cache)
+        module.enable_latent_cache(records, cache, sizes)
     start = DataPosition.after_optimizer_steps(start_step, cfg.accumulate_grad_batches, cfg.steps_per_epoch)
-    datamodule = CaptionDataModule(cfg, records, start, topology.world_size, cache)
+    datamodule = CaptionDataModule(cfg, records, start, topology.world_size, cache, sizes)
     planned_rank = _planned_global_rank(topology, env)
     reporter: ProgressReporter | None = reporter_from_env(cfg.total_steps, env, live) if planned_rank == 0 else None
     metrics = (MetricsWriter(Path(cfg.output_path) / contract.ARTIFACT_METRICS, start_step)
@@ -134,6 +141,16 @@ def _run(cfg: TrainConfig, env: Mapping[str, str], live: TrainingMetrics, strate
                      write_artifacts(cfg, family, targets, state, steps_done, on_gpu, topology, where))
 
 
+def bucket_sizes(cfg: TrainConfig, records: list[Record]) -> list[tuple[int, int]]:
+    """Each record's aspect-ratio bucket (--aspect_ratio_buckets), logged as a histogram."""
+    shapes = buckets.bucket_shapes(cfg.height, cfg.width, contract.SIZE_MULTIPLE[cfg.model_family])
+    sizes = buckets.assign([r.path for r in records], shapes)
+    used = collections.Counter(sizes)
+    log.info("aspect-ratio buckets (height x width: images): %s",
+             ", ".join(f"{h}x{w}: {n}" for (h, w), n in sorted(used.items(), key=lambda kv: kv[0][1] / kv[0][0])))
+    return sizes
+
+
 def _artifacts_only(cfg: TrainConfig, family: Family, targets: list[str], loaded: ckpt.LoadedCheckpoint,
                     topology: Topology, env: Mapping[str, str], on_gpu: bool, live: TrainingMetrics,
                     where: storage.Locations) -> RunResult:
@@ -144,7 +161,8 @@ def _artifacts_only(cfg: TrainConfig, family: Family, targets: list[str], loaded
     if rank != 0:
         return RunResult(rank, loaded.step, None, None)
     reporter_from_env(cfg.total_steps, env, live).report(loaded.step, cfg.epoch_of_step(loaded.step), None, 0, force=True)
-    state = dict(loaded.trainable)
+    # The run exports its moving average when it kept one (--ema_decay), as a finished run does.
+    state = dict(loaded.ema() or loaded.trainable) if cfg.ema_decay else dict(loaded.trainable)
     return RunResult(0, loaded.step, state,
                      write_artifacts(cfg, family, targets, state, loaded.step, on_gpu, topology, where))
 
@@ -161,6 +179,9 @@ def _build_module(cfg: TrainConfig, family: Family, targets: list[str], dtype: t
     if loaded is not None:
         family.set_lora_state_dict(module.denoiser, loaded.trainable)
         module.step_offset = loaded.step
+        module.resumed_ema = loaded.ema()
+    elif cfg.pretrained_lora_path:
+        start_from_lora(family, module.denoiser, cfg)
     return module
 
 
@@ -179,6 +200,9 @@ def trainer_kwargs(cfg: TrainConfig, topology: Topology, on_gpu: bool, remaining
         max_epochs=1,
         max_steps=remaining_steps,
         accumulate_grad_batches=cfg.accumulate_grad_batches,
+        # Clips the LoRA gradients' global norm (DeepSpeed takes it into its own config).
+        gradient_clip_val=cfg.max_grad_norm or None,
+        gradient_clip_algorithm="norm",
         logger=False,
         enable_checkpointing=False,     # checkpoints are ours: LoRA + optimizer only (callbacks.save_checkpoint)
         enable_progress_bar=False,

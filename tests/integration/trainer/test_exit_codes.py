@@ -33,8 +33,9 @@ def one_pod_two_processes(model: Path, tmp: Path, name: str, *extra: str, datase
 
 
 def dataset_whose_corrupt_image_only_local_rank_1_reads(tmp: Path) -> tuple[Path, str]:
-    """A copy of the example dataset in which the record local rank 1 draws first is a truncated
-    JPEG: its header passes the upfront check (load_records), decoding it fails in the loader."""
+    """A copy of the example dataset in which the record local rank 1 draws first is a JPEG whose
+    Huffman table is garbage: its header and end marker pass the upfront check (load_records, in
+    preflight), decoding it fails in the loader."""
     dataset = tmp / "dataset"
     shutil.copytree(EXAMPLE_DATASET, dataset)
     records = load_records(dataset)
@@ -44,7 +45,10 @@ def dataset_whose_corrupt_image_only_local_rank_1_reads(tmp: Path) -> tuple[Path
     assert victim not in [int(i) for i in order[0::2]], "local rank 0 must never read the corrupt image"
     buf = io.BytesIO()
     Image.fromarray((np.random.default_rng(0).random((64, 64, 3)) * 255).astype("uint8")).save(buf, "JPEG")
-    records[victim].path.write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    data = bytearray(buf.getvalue())
+    table = data.find(b"\xff\xc4")            # DHT: PIL's header parser skips it, libjpeg decodes with it
+    data[table + 5:table + 21] = b"\xff" * 16
+    records[victim].path.write_bytes(bytes(data))
     load_records(dataset)       # still passes the upfront check
     return dataset, records[victim].path.name
 
@@ -57,6 +61,8 @@ def test_a_dataset_error_on_local_rank_1_is_the_pods_exit_code(tiny_flux: Path, 
     last = log.strip().splitlines()[-1]
     assert "local rank 1 (global rank 1) exited with code 65" in last and bad_image in last, log[-4000:]
     assert "cannot decode image" in last
+    # The pod's preflight read every image header once; the two ranks only listed the records.
+    assert log.count("images (headers checked by preflight)") == 2, log[-4000:]
     # Local rank 0 did not wait for the (30 minute) collective timeout: it either noticed the lost
     # peer itself (75, outranked by the dataset error) or the launcher stopped it.
     rank0 = [line for line in log.splitlines() if line.startswith("lorakube-train: local rank 0 (global rank 0)")]

@@ -237,3 +237,25 @@ def test_fp16_kolors_encodes_with_an_fp32_vae_and_restores_it(tiny_models, examp
     assert pipe.vae.dtype == torch.float16
     assert latents.dtype == torch.float16 and torch.isfinite(latents).all()
     assert torch.allclose(latents.float(), reference, atol=2e-3)
+
+
+@pytest.mark.parametrize("name", FAMILY_NAMES)
+def test_a_non_square_bucket_trains(tiny_models, example_batch, name):
+    """Aspect-ratio buckets hand the family landscape and portrait batches: the recipe (latent
+    packing, position ids, size conditioning) must follow the batch's shape, not assume a square."""
+    family = get_family(name)
+    pipe = family.load_pipeline(tiny_models[name], torch.float32)
+    pixels, captions = example_batch
+    cond = family.encode_prompts(pipe, captions, CPU)
+    denoiser = family.denoiser(pipe)
+    family.add_lora(denoiser, RANK, ALPHA, list(family.default_lora_targets))
+    denoiser.train()
+    wide = torch.nn.functional.interpolate(pixels, size=(64, 128), mode="bilinear")
+    for batch in (wide, wide.transpose(2, 3).contiguous()):
+        latents = family.encode_images(pipe, batch)
+        loss = seeded_loss(family, pipe, latents, cond)
+        loss.backward()
+        assert torch.isfinite(loss)
+        grads = [p.grad for p in denoiser.parameters() if p.requires_grad and p.grad is not None]
+        assert grads and all(torch.isfinite(g).all() for g in grads)
+        denoiser.zero_grad(set_to_none=True)

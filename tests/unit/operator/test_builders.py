@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from lorakube import builders
 from lorakube_api import contract
-from lorakube.spec import JobRef, parse_job
+from lorakube.spec import InvalidSpec, JobRef, parse_job
 
 from ltj_fixtures import UID
 
@@ -149,11 +151,35 @@ def test_lora_targets_are_comma_joined_and_gpu_jobs_ask_for_gpus(job_spec):
     assert args[args.index("--accelerator") + 1] == "gpu"
 
 
+def test_the_training_knobs_and_a_pretrained_lora_reach_the_trainer(job_spec):
+    job_spec["training"].update(lrScheduler="cosine", lrWarmupSteps=50, maxGradNorm=1, loraDropout=0.1,
+                                emaDecay=0.999, aspectRatioBuckets=True)
+    job_spec["model"]["pretrainedLoraUri"] = "s3://loras/cats-v1"
+    args = builders.trainer_args(parse_job("cats", job_spec))
+    pairs = dict(zip(args[::2], args[1::2]))
+    assert {k: pairs[k] for k in ("--lr_scheduler", "--lr_warmup_steps", "--max_grad_norm", "--lora_dropout",
+                                  "--ema_decay", "--pretrained_lora_path")} == {
+        "--lr_scheduler": "cosine", "--lr_warmup_steps": "50", "--max_grad_norm": "1.0", "--lora_dropout": "0.1",
+        "--ema_decay": "0.999", "--pretrained_lora_path": "s3://loras/cats-v1"}
+    assert "--aspect_ratio_buckets" in args
+
+
+@pytest.mark.parametrize(("field", "value", "says"), [
+    ("loraDropout", 1, "in [0, 1)"), ("emaDecay", -0.1, "in [0, 1)"), ("maxGradNorm", "big", ">= 0"),
+    ("lrScheduler", "step", "constant"),
+])
+def test_a_bad_training_knob_is_invalid_naming_the_field(job_spec, field, value, says):
+    job_spec["training"][field] = value
+    with pytest.raises(InvalidSpec, match=re.escape(says)) as err:
+        parse_job("cats", job_spec)
+    assert err.value.field == f"spec.training.{field}"
+
+
 def test_every_trainer_flag_the_operator_passes_is_known_to_the_contract(job):
     known = set(contract.TRAINING_FLAGS.values()) | {
         contract.FLAG_MODEL_FAMILY, contract.FLAG_MODEL_PATH, contract.FLAG_DATASET_PATH,
         contract.FLAG_OUTPUT_PATH, contract.FLAG_CHECKPOINT_DIR, contract.FLAG_OUTPUT_FORMATS,
-        contract.FLAG_RESUME, contract.FLAG_ACCELERATOR}
+        contract.FLAG_RESUME, contract.FLAG_ACCELERATOR, contract.FLAG_PRETRAINED_LORA_PATH}
     assert {a for a in builders.trainer_args(job) if a.startswith("--")} <= known
 
 

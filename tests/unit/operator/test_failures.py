@@ -19,17 +19,32 @@ RANK1_DATASET_TAIL = ("lorakube-train: error: dataset: cats-7.jpg: cannot decode
                       "cannot decode image (image file is truncated); replace or remove it\n")
 
 
-def test_a_dataset_error_on_another_local_rank_is_a_user_error_that_fails_at_once(job_spec):
+def test_a_dataset_error_on_another_local_rank_fails_at_once_naming_the_file(job_spec):
     pod = pod_view(0, "Failed", exit_code=contract.EXIT_DATASET_ERROR, reason="Error", message=RANK1_DATASET_TAIL)
     failure = failures.classify(pod)
-    assert failure.rule.reason == "UserError" and failure.rule.action is failures.Action.FAIL
+    assert failure.rule.reason == "InvalidDataset" and failure.rule.action is failures.Action.FAIL
 
     patch = decide(observe(job_spec, running_status(), [pod, pod_view(1, "Running"), pod_view(2, "Running")]),
                    CONFIG).status_patch
     assert patch["phase"] == "Failed" and "restarts" not in patch
-    assert condition(patch, "Failed")["reason"] == "UserError"
+    assert condition(patch, "Failed")["reason"] == "InvalidDataset"
+    assert condition(patch, "Failed")["message"].startswith(
+        "dataset: cats-7.jpg: cannot decode image (image file is truncated); replace or remove it (pod cats-node-0")
     assert "local rank 1" in patch["lastFailure"]["message"]
     assert patch["lastFailure"]["exitCode"] == contract.EXIT_DATASET_ERROR
+
+
+def test_a_dataset_refused_by_preflight_quotes_the_row_in_the_condition(job_spec):
+    tail = ("PreflightFailed: dataset: metadata.csv row 3: image 'b.png' not found in /data/cats/train\n"
+            "lorakube-train: error: PreflightFailed: dataset: metadata.csv row 3: image 'b.png' not found in "
+            "/data/cats/train\n")
+    pod = pod_view(0, "Failed", exit_code=contract.EXIT_DATASET_ERROR, reason="Error", message=tail)
+    patch = decide(observe(job_spec, running_status(), [pod, pod_view(1, "Running"), pod_view(2, "Running")]),
+                   CONFIG).status_patch
+    assert patch["phase"] == "Failed" and condition(patch, "Failed")["reason"] == "InvalidDataset"
+    assert condition(patch, "Failed")["message"] == (
+        "dataset: metadata.csv row 3: image 'b.png' not found in /data/cats/train (pod cats-node-0, rank 0, "
+        "exit code 65)")
 
 
 def test_cuda_out_of_memory_fails_at_once_with_its_own_reason_and_a_hint(job_spec):

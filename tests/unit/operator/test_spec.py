@@ -74,6 +74,11 @@ def test_gpus_set_processes_per_node_and_world_size(job_spec):
         (lambda s: s["output"].update(modelscopeModelId="lora"), "spec.output.modelscopeModelId",
          "must look like owner/name"),
         (lambda s: s["output"].update(formats=["diffusers", "diffusers"]), "spec.output.formats", "repeat"),
+        (lambda s: s["dataset"].update(format="webdataset"), "spec.dataset.format",
+         "one of auto, csv, jsonl, txt, kohya"),
+        (lambda s: s["dataset"].update(captionDropout=1), "spec.dataset.captionDropout", "probability in [0, 1)"),
+        (lambda s: s["dataset"].update(defaultCaption=7), "spec.dataset.defaultCaption", "must be a string"),
+        (lambda s: s["dataset"].update(maxImagePixels=0), "spec.dataset.maxImagePixels", "at least 1"),
     ],
 )
 def test_invalid_spec_names_the_field(job_spec, mutate, field, words):

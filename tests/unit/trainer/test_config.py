@@ -153,7 +153,8 @@ def test_the_operators_flag_table_is_accepted() -> None:
     """Every flag the operator may derive from spec.training parses (booleans as switches)."""
     argv = list(BASE)
     values = {"precision": "32", "strategy": "ddp", "validationPrompts": "p", "loraTargetModules": "to_q",
-              "learningRate": "0.1", "loraAlpha": "2"}
+              "learningRate": "0.1", "loraAlpha": "2", "lrScheduler": "cosine", "loraDropout": "0.1",
+              "emaDecay": "0.5", "maxGradNorm": "1"}
     for key, flag in contract.TRAINING_FLAGS.items():
         if key in contract.BOOLEAN_TRAINING_FLAGS:
             argv.append(flag)

@@ -116,7 +116,8 @@ def _write(root: Path, csv_text: str, images: dict[str, bytes | None] | None = N
 
 
 @pytest.mark.parametrize(("csv_text", "images", "expected"), [
-    ("file,caption\na.png,x\n", {"a.png": None}, r"missing column\(s\) file_name,text"),
+    ("file,caption\na.png,x\n", {"a.png": None}, r"missing column\(s\) file_name; expected file_name and text "
+                                                 r"or caption, found file,caption"),
     ("file_name,text\n", {}, "no rows"),
     ("file_name,text\na.png,x\nb.png,y\n", {"a.png": None}, r"row 3: image 'b.png' not found"),
     ("file_name,text\na.png,x\nbad.png,y\n", {"a.png": None, "bad.png": b"not an image"},
@@ -149,7 +150,7 @@ def test_truncated_image_is_rejected(tmp_path: Path) -> None:
 def test_oversized_images_are_refused_before_decoding(tmp_path: Path) -> None:
     root = _write(tmp_path / "ds", "file_name,text\nbig.png,x\n", {"big.png": None})
     Image.new("RGB", (300, 200)).save(root / "train" / "big.png")
-    with pytest.raises(DatasetError, match=r"big.png is 300x200 pixels, more than the limit of 50000"):
+    with pytest.raises(DatasetError, match=r"row 2: big.png is 300x200 = 60000 pixels, more than the limit of 50000"):
         load_records(root, max_pixels=50_000)
 
 

@@ -44,3 +44,23 @@ def test_operator_args_parse_into_the_jobs_settings(label: str, doc: dict) -> No
     if "validationPrompts" in training:
         assert cfg.validation_prompts == tuple(training["validationPrompts"])
     assert cfg.center_crop == bool(training.get("centerCrop")) and cfg.random_flip == bool(training.get("randomFlip"))
+
+
+def test_dataset_options_reach_the_trainer_only_when_set() -> None:
+    """spec.dataset's reading options become the trainer's flags (a caption may be empty or start
+    with a dash); a job that sets none runs the original command line."""
+    doc = {"model": {"family": "flux", "uri": "/m"}, "output": {"uri": "/o"},
+           "dataset": {"uri": "/d", "format": "kohya", "captionDropout": 0.05, "defaultCaption": "-",
+                       "maxImagePixels": 4096 * 4096}}
+    cfg = parse_config(builders.trainer_args(parse_job("cats", doc)), env={})
+    assert (cfg.dataset_format, cfg.caption_dropout, cfg.default_caption, cfg.max_image_pixels) == (
+        "kohya", 0.05, "-", 4096 * 4096)
+    doc["dataset"] = {"uri": "/d", "defaultCaption": ""}
+    args = builders.trainer_args(parse_job("cats", doc))
+    assert parse_config(args, env={}).default_caption == ""
+    doc["dataset"] = {"uri": "/d"}
+    args = builders.trainer_args(parse_job("cats", doc))
+    assert not {contract.FLAG_DATASET_FORMAT, contract.FLAG_CAPTION_DROPOUT, contract.FLAG_MAX_IMAGE_PIXELS} & set(args)
+    assert not any(a.startswith(contract.FLAG_DEFAULT_CAPTION) for a in args)
+    cfg = parse_config(args, env={})
+    assert (cfg.dataset_format, cfg.caption_dropout, cfg.default_caption) == ("auto", 0.0, None)

@@ -125,15 +125,22 @@ def test_a_dataset_without_metadata_fails_the_dataset_check(good, tmp_path):
     (tmp_path / "empty").mkdir()
     exc = raised(lambda: preflight.check_dataset(cfg_for({**good, "dataset": tmp_path / "empty"})))
     assert exc.code == contract.EXIT_PREFLIGHT_DATASET
-    assert str(exc).startswith(f"PreflightFailed: dataset not readable: {tmp_path / 'empty'} (no metadata.csv")
+    empty = tmp_path / "empty"
+    assert str(exc).startswith(f"PreflightFailed: dataset not readable: {empty} (no dataset in {empty}: "
+                               f"expected one of: {empty / 'train' / 'metadata.csv'}")
 
 
 def test_a_metadata_file_that_cannot_be_read_fails_the_dataset_check(good):
     metadata = good["dataset"] / "train" / "metadata.csv"
     metadata.unlink()
     metadata.mkdir()        # a folder where the file should be: is_file() says no, as for a missing file
-    exc = raised(lambda: preflight.check_dataset(cfg_for(good)))
+    exc = raised(lambda: preflight.check_dataset(cfg_for(good, "--dataset_format", "csv")))
     assert exc.code == contract.EXIT_PREFLIGHT_DATASET
+    # Auto-detection then reads the images beside it as image + .txt pairs, and names what is missing.
+    exc = raised(lambda: preflight.check_dataset(cfg_for(good)))
+    assert exc.code == contract.EXIT_DATASET_ERROR
+    assert str(exc).startswith("PreflightFailed: dataset: blue_square.png: no caption file blue_square.txt beside "
+                               "it (no metadata.csv or metadata.jsonl found")
 
 
 def test_gpus_are_not_counted_for_cpu_jobs_or_when_torch_may_choose(good):
@@ -254,7 +261,7 @@ def test_each_failing_check_exits_with_its_code_and_one_line(good, tmp_path, cas
         line = f"PreflightFailed: model not usable: {tmp_path / 'no-model'} (--model_path"
     elif case == "dataset":
         paths["dataset"] = tmp_path / "no-data"
-        line = f"PreflightFailed: dataset not readable: {tmp_path / 'no-data'} (no metadata.csv"
+        line = f"PreflightFailed: dataset not readable: {tmp_path / 'no-data'} (no folder {tmp_path / 'no-data'})"
     elif case == "gpus":
         # No GPU on this machine: a job that asks for 8 sees fewer (0 here, or fewer than 8 anywhere).
         extra, env = ["--accelerator", "gpu"], {"NPROC_PER_NODE": "8"}

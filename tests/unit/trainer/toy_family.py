@@ -119,12 +119,13 @@ class ToyFamily(Family):
         pred = denoiser(noisy.to(dtype), t.to(dtype), cond["text"].to(dtype))
         return torch.nn.functional.mse_loss(pred.float(), noise - x0)
 
-    def add_lora(self, denoiser: nn.Module, rank: int, alpha: float, targets: list[str]) -> None:
+    def add_lora(self, denoiser: nn.Module, rank: int, alpha: float, targets: list[str],
+                 dropout: float = 0.0) -> None:
         missing = [t for t in targets if not hasattr(denoiser, t)]
         if missing:
             raise ValueError(f"--lora_target_modules: {missing} match no layer")
         inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets),
-                                           init_lora_weights="gaussian"), denoiser)
+                                           init_lora_weights="gaussian", lora_dropout=dropout), denoiser)
         for name, p in denoiser.named_parameters():
             p.requires_grad_(".lora_" in name)
 
@@ -142,6 +143,15 @@ class ToyFamily(Family):
         # The trainer's writer, as the real families use it (mode, atomic rename, stable bytes).
         save_safetensors({f"denoiser.{k}": v for k, v in state.items()}, path,
                          {"lora_rank": str(rank), "lora_alpha": f"{alpha:g}"})
+
+    def read_diffusers_lora(self, path: Path) -> tuple[dict[str, torch.Tensor], int, float]:
+        with safe_open(str(path), "pt") as fh:
+            meta = fh.metadata() or {}
+        tensors = load_file(str(path))
+        if "lora_rank" not in meta or any(not k.startswith("denoiser.") for k in tensors):
+            raise ValueError(f"{path} is not a toy LoRA")
+        state = {k[len("denoiser."):]: v for k, v in tensors.items()}
+        return state, int(meta["lora_rank"]), float(meta["lora_alpha"])
 
     def to_comfyui(self, state: dict[str, torch.Tensor], rank: int, alpha: float) -> dict[str, torch.Tensor]:
         out = {}

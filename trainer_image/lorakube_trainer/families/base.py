@@ -73,8 +73,15 @@ class Family(abc.ABC):
         denoise one noise level under the time embedding of another."""
 
     @abc.abstractmethod
-    def add_lora(self, denoiser: torch.nn.Module, rank: int, alpha: float, targets: list[str]) -> None:
-        """Inject LoRA layers (peft) into the denoiser; only they require grad afterwards."""
+    def add_lora(self, denoiser: torch.nn.Module, rank: int, alpha: float, targets: list[str],
+                 dropout: float = 0.0) -> None:
+        """Inject LoRA layers (peft) into the denoiser; only they require grad afterwards. `dropout`
+        applies to the LoRA branch's input while training (--lora_dropout)."""
+
+    @abc.abstractmethod
+    def read_diffusers_lora(self, path: Path) -> tuple[dict[str, torch.Tensor], int, float]:
+        """A LoRA file this family wrote (save_diffusers_lora) -> (state as lora_state_dict keys it,
+        rank, alpha); ValueError naming what does not fit when the file is not such a LoRA."""
 
     @abc.abstractmethod
     def enable_gradient_checkpointing(self, denoiser: torch.nn.Module) -> None: ...

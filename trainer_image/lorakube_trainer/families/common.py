@@ -51,7 +51,7 @@ def linear_layer_patterns(denoiser: torch.nn.Module) -> list[str]:
     return sorted({re.sub(r"(?<=\.)\d+(?=\.)", "*", n) for n in _linear_names(denoiser)})
 
 
-def make_lora_config(rank: int, alpha: float, targets: list[str]) -> Any:
+def make_lora_config(rank: int, alpha: float, targets: list[str], dropout: float = 0.0) -> Any:
     from peft import LoraConfig
 
     if rank < 1:
@@ -60,7 +60,8 @@ def make_lora_config(rank: int, alpha: float, targets: list[str]) -> Any:
         raise ValueError(f"--lora_alpha must be > 0, got {alpha}")
     # init_lora_weights=True: peft's default (Kaiming-uniform A, zero B), so the adapter starts as
     # an exact no-op and step 0 reproduces the base model.
-    return LoraConfig(r=rank, lora_alpha=alpha, target_modules=target_regex(list(targets)), init_lora_weights=True)
+    return LoraConfig(r=rank, lora_alpha=alpha, target_modules=target_regex(list(targets)), init_lora_weights=True,
+                      lora_dropout=dropout)
 
 
 def avoid_cudnn_attention_backward() -> None:
@@ -142,7 +143,8 @@ class PeftFamily(Family):
 
     # --- LoRA -----------------------------------------------------------------------------------
 
-    def add_lora(self, denoiser: torch.nn.Module, rank: int, alpha: float, targets: list[str]) -> None:
+    def add_lora(self, denoiser: torch.nn.Module, rank: int, alpha: float, targets: list[str],
+                 dropout: float = 0.0) -> None:
         targets = list(targets) or list(self.default_lora_targets)
         missing = unmatched_targets(denoiser, targets)
         if missing:
@@ -154,7 +156,7 @@ class PeftFamily(Family):
                 f"block index: {','.join(linear_layer_patterns(denoiser))} "
                 f"(the default is {','.join(self.default_lora_targets)})"
             )
-        self._inject(denoiser, make_lora_config(rank, alpha, targets))
+        self._inject(denoiser, make_lora_config(rank, alpha, targets, dropout))
         mark_only_lora_trainable(denoiser)
         # Adding LoRA means this process is about to train.
         avoid_cudnn_attention_backward()
@@ -188,6 +190,11 @@ class PeftFamily(Family):
         tensors, metadata = lora_keys.to_diffusers_layout(state, self.denoiser_attr, rank, alpha, self.name)
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         save_safetensors(tensors, Path(path), metadata)
+
+    def read_diffusers_lora(self, path: Path) -> tuple[dict[str, torch.Tensor], int, float]:
+        tensors, metadata = lora_keys.load_safetensors(Path(path))
+        state, config = lora_keys.from_diffusers_layout(tensors, metadata, self.denoiser_attr)
+        return state, int(config["r"]), float(config["lora_alpha"])
 
     def to_comfyui(self, state: dict[str, torch.Tensor], rank: int, alpha: float) -> dict[str, torch.Tensor]:
         return lora_keys.to_kohya_flat(state, self.comfyui_prefix, alpha)
