@@ -369,6 +369,11 @@ FLAG_PREFLIGHT = "--preflight"   # run the preflight checks only, exit 0 or the 
 FLAG_ACCELERATOR = "--accelerator"
 TRAINER_COMMAND = "lorakube-train"
 DEFAULT_CHECKPOINT_SUBDIR = "checkpoints"   # under --output_path when --checkpoint_dir is not given
+# spec.output.modelscopeModelId: the trainer also publishes the LoRA to that ModelScope model repo
+# (the token comes from MODELSCOPE_API_TOKEN in the Secret, never from a flag the operator writes).
+FLAG_MODELSCOPE_MODEL_ID = "--modelscope_model_id"
+# An https:// model or dataset URI names an archive of the folder; these endings are extracted.
+ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".zip")
 
 # What each published file is, as status.artifacts[].format says it.
 ARTIFACT_FORMATS = {

@@ -132,6 +132,8 @@ def trainer_args(spec: JobSpec) -> list[str]:
         contract.FLAG_OUTPUT_FORMATS, ",".join(spec.output.formats),
         contract.FLAG_RESUME, "auto",
     ]
+    if spec.output.modelscope_model_id:
+        args += [contract.FLAG_MODELSCOPE_MODEL_ID, spec.output.modelscope_model_id]
     if spec.model.pretrained_lora_uri:
         args += [contract.FLAG_PRETRAINED_LORA_PATH, spec.model.pretrained_lora_uri]
     args += [contract.FLAG_ACCELERATOR, "cpu" if spec.resources.gpus_per_node == 0 else "gpu"]

@@ -162,6 +162,16 @@ def test_cpu_only_job_with_ddp_is_accepted(local_cluster, ns):
     assert result.returncode == 0, result.stderr
 
 
+def test_hub_modelscope_and_archive_uris_are_accepted(local_cluster, ns):
+    job = with_changes({"spec.model.uri": "modelscope://MusePublic/FLUX.1-dev@master",
+                        "spec.dataset.uri": "https://data.example.com/cats.tar.gz#sha256=" + "0" * 64,
+                        "spec.output.uri": "hf://me/cats-lora@main/run-1",
+                        "spec.output.checkpointUri": "s3://ckpt/cats",
+                        "spec.output.modelscopeModelId": "me/cats-lora"})
+    result = apply(local_cluster, ns, [job], "--dry-run=server")
+    assert result.returncode == 0, result.stderr
+
+
 # --- bad jobs ----------------------------------------------------------------------------------
 
 BAD_JOBS = [
@@ -258,6 +268,8 @@ BAD_JOBS = [
      {"spec.resources.env": [{"name": "HF_TOKEN", "value": "x",
                               "valueFrom": {"secretKeyRef": {"name": "hub", "key": "token"}}}]},
      "spec.resources.env[0]", "not both"),
+    ("a model on an unknown scheme is refused",
+     {"spec.model.uri": "ftp://models/flux"}, "spec.model.uri", "modelscope://owner/name"),
     ("checkpoints on the Hugging Face Hub are refused",
      {"spec.output.checkpointUri": "hf://org/ckpt"}, "spec.output.checkpointUri", "shared mounted volume"),
     ("a ModelScope id without an owner is refused",

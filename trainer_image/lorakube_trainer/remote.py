@@ -25,7 +25,7 @@ from typing import Any, Iterable, Mapping
 
 from lorakube_api import contract
 
-from . import input_cache, staging, storage
+from . import hubs, input_cache, locations, staging, storage
 from .config import RESUME_AUTO, TrainConfig
 
 log = logging.getLogger(__name__)
@@ -49,14 +49,14 @@ def stage_inputs(cfg: TrainConfig, env: Mapping[str, str] | None = None, report:
     """Stage the remote model and dataset into the node's cache: {"model_path": folder, ...}. With
     `report` (rank 0's pod) each input's bytes are reported (staging.py, the job's Staging phase)."""
     inputs = [(name, uri) for name, uri in (("model", cfg.model_path), ("dataset", cfg.dataset_path))
-              if storage.is_remote(uri)]
+              if locations.is_remote_input(uri)]
     reporter = staging.reporter_from_env(env) if report and inputs else None
     folders = {}
     for index, (name, uri) in enumerate(inputs):
         if reporter is not None:
             reporter.begin(name, uri)
-        folder = storage.stage_input(uri, storage.role_env(env, name),
-                                     on_bytes=None if reporter is None else reporter.on_bytes)
+        folder = locations.stage_input(uri, storage.role_env(env, name),
+                                       on_bytes=None if reporter is None else reporter.on_bytes)
         if reporter is not None:
             reporter.end(input_cache.entry_bytes(folder), complete=index == len(inputs) - 1)
         folders[f"{name}_path"] = str(folder)
@@ -70,9 +70,9 @@ def localize(cfg: TrainConfig, env: Mapping[str, str] | None = None, node_rank: 
     get the output's Secret only when the checkpoints are remote too. With `report_staging` (rank 0)
     the staging of the inputs is reported (staging.py)."""
     where = storage.Locations(
-        model=cfg.model_path if storage.is_remote(cfg.model_path) else "",
-        dataset=cfg.dataset_path if storage.is_remote(cfg.dataset_path) else "",
-        output=cfg.output_path if storage.is_remote(cfg.output_path) else "",
+        model=cfg.model_path if locations.is_remote_input(cfg.model_path) else "",
+        dataset=cfg.dataset_path if locations.is_remote_input(cfg.dataset_path) else "",
+        output=cfg.output_path if locations.is_remote_output(cfg.output_path) else "",
         checkpoints=cfg.checkpoint_dir if storage.is_remote(cfg.checkpoint_dir) else "",
     )
     changes: dict[str, str] = {}
@@ -84,7 +84,11 @@ def localize(cfg: TrainConfig, env: Mapping[str, str] | None = None, node_rank: 
     if not where.any:
         return dataclasses.replace(cfg, **changes), where
     changes.update(stage_inputs(cfg, env, report_staging))
-    if where.output:
+    if where.output and locations.is_hub(where.output):
+        # A Hub repo takes the artifacts at the end only (hubs.py): a working folder that is not
+        # registered as a bucket prefix, so no metrics are published there with the checkpoints.
+        changes["output_path"] = str(hubs.work_folder(where.output, env))
+    elif where.output:
         local_output = storage.work_folder("outputs", where.output, env)
         changes["output_path"] = str(local_output)
         if cfg.resume == RESUME_AUTO and node_rank == 0:
@@ -205,6 +209,8 @@ def publish_checkpoint(local_root: Path, folder: Path, keep: int) -> None:
 def publish_artifacts(local: Path, uri: str, manifest: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     """Upload every file the manifest lists, each verified (HEAD size + sha256 read back), then the
     manifest. Returns what may be reported as artifacts: only objects that were verified."""
+    if locations.is_hub(uri):
+        return hubs.publish_artifacts(local, uri, [*manifest["files"], contract.ARTIFACT_MANIFEST], _output_env())
     fs = storage.filesystem(_output_env())
     verified: dict[str, dict[str, Any]] = {}
     for name, entry in sorted(manifest["files"].items()):
