@@ -16,7 +16,7 @@ export LORAKUBE_CACHE
 export HF_HUB_OFFLINE := 1
 export GOTOOLCHAIN := local
 
-.PHONY: env binaries test test-slow test-kueue test-unit test-images images soak demo clean-cluster
+.PHONY: env binaries test test-slow test-kueue test-training-operator test-unit test-images images soak demo clean-cluster
 
 $(DEPS_STAMP): pyproject.toml
 	@mkdir -p $(LORAKUBE_CACHE)
@@ -41,7 +41,7 @@ binaries: env
 # up its own local cluster; several clusters on one host are supported (localcluster/node/README.md).
 TEST_WORKERS ?= 2
 test: binaries
-	$(PYTHON) -m pytest -m "not gpu and not slow and not images and not kueue" -n $(TEST_WORKERS) --dist loadfile -p no:cacheprovider $(PYTEST_ARGS)
+	$(PYTHON) -m pytest -m "not gpu and not slow and not images and not kueue and not training_operator" -n $(TEST_WORKERS) --dist loadfile -p no:cacheprovider $(PYTEST_ARGS)
 
 # The slow tier (~5 min): costlier variants next to what `make test` keeps (DeepSpeed resume,
 # ZeRO-2 against DDP, CUDA OOM through the launcher, a second missing-peer case) and the ~3 min
@@ -66,6 +66,13 @@ test-images: images env
 test-kueue: binaries
 	$(PYTHON) -m localcluster build kueue
 	$(PYTHON) -m pytest -m "kueue and not gpu" -p no:cacheprovider $(PYTEST_ARGS)
+
+# Kubeflow's training-operator v1.8.1, the operator benchmark's peer (tests/integration/
+# test_training_operator.py, ~1 min once built). Builds it first (cached under its own key; about
+# 5 min cold on 2 cores).
+test-training-operator: binaries
+	$(PYTHON) -m localcluster build training-operator
+	$(PYTHON) -m pytest -m "training_operator and not gpu" -p no:cacheprovider $(PYTEST_ARGS)
 
 test-unit: env
 	$(PYTHON) -m pytest tests/unit -p no:cacheprovider $(PYTEST_ARGS)

@@ -23,7 +23,8 @@ def _parser() -> argparse.ArgumentParser:
     build_command.add_argument(
         "set", nargs="?", choices=sorted(TARGET_SETS), default="core",
         help="core: the control plane, kubectl and helm (default); kueue: Kueue's manager; "
-             "s3: the S3 server (versitygw) of the object-storage tests")
+             "s3: the S3 server (versitygw) of the object-storage tests; training-operator: "
+             "Kubeflow's PyTorchJob controller, the operator benchmark's peer")
     for name, text in (
         ("up", "start the cluster in the background"),
         ("down", "stop everything and check nothing is left"),

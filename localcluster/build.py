@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from localcluster.versions import GoTarget, kueue_targets, targets
+from localcluster.versions import GoTarget, kueue_targets, targets, training_operator_targets
 
 GO_DIR = Path(__file__).resolve().parent / "go"
 COMPLETE_MARKER = ".complete"
@@ -72,6 +72,10 @@ class Binaries:
     @property
     def kueue(self) -> Path:
         return self.path("kueue")
+
+    @property
+    def training_operator(self) -> Path:
+        return self.path("training-operator")
 
 
 # Static, reproducible builds with the local toolchain only (no toolchain downloads). No VCS
@@ -171,9 +175,9 @@ def _version_probe(name: str) -> list[str]:
 
 def check_version(binary: Path, expected: str) -> None:
     """Fail loudly if stamping did not take: a wrong version breaks clients that parse it."""
-    if binary.name == "kueue":
-        # The manager has no --version flag (it logs its version once it runs against a
-        # cluster); the module versions Go embeds in every binary name the Kueue it was built from.
+    if binary.name in ("kueue", "training-operator"):
+        # Neither manager has a --version flag (Kueue logs its version once it runs against a
+        # cluster); the module versions Go embeds in every binary name the release it was built from.
         command = [_go_binary(), "version", "-m", str(binary)]
     else:
         command = [str(binary), *_version_probe(binary.name)]
@@ -220,3 +224,8 @@ def build(log: Callable[[str], None] = print,
 def build_kueue(log: Callable[[str], None] = print) -> Binaries:
     """Kueue's manager, cached under its own key (the control plane never needs it)."""
     return build(log, kueue_targets())
+
+
+def build_training_operator(log: Callable[[str], None] = print) -> Binaries:
+    """Kubeflow's training-operator, cached under its own key (only the benchmark's peer)."""
+    return build(log, training_operator_targets())

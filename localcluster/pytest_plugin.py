@@ -43,6 +43,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.cluster)
         if "kueue" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.kueue)
+        if "training_operator" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.training_operator)
 
 
 class ClusterHandle:
@@ -193,6 +195,25 @@ def kueue(local_cluster: ClusterHandle, tmp_path_factory: pytest.TempPathFactory
         yield running
     finally:
         kueue_mod.uninstall(running, local_cluster.kubectl)
+
+
+@pytest.fixture(scope="session")
+def training_operator(local_cluster: ClusterHandle,
+                      tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """Kubeflow's training-operator (built on first use, cached by version key) with its
+    PyTorchJob CRD, for the whole session: see ``localcluster.training_operator``. Fails, never
+    skips."""
+    from localcluster import training_operator as peer
+
+    try:
+        running = peer.install(local_cluster.kubectl, local_cluster.kubeconfig,
+                               tmp_path_factory.mktemp("training-operator"), log=lambda _: None)
+    except Exception as error:
+        pytest.fail(f"the training-operator could not be installed: {error}", pytrace=False)
+    try:
+        yield running
+    finally:
+        peer.uninstall(running, local_cluster.kubectl)
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ ETCD_VERSION = "v3.6.16"
 HELM_VERSION = "v3.22.0"
 VERSITYGW_VERSION = "v1.8.0"
 KUEUE_VERSION = "v0.17.0"
+TRAINING_OPERATOR_VERSION = "v1.8.1"
 
 # Fixed so that a rebuild of the same pins gives the same binary (and the same cache key).
 BUILD_DATE = "1970-01-01T00:00:00Z"
@@ -116,5 +117,14 @@ def kueue_targets() -> tuple[GoTarget, ...]:
     return (GoTarget("kueue", "sigs.k8s.io/kueue/cmd/kueue", "kueue", KUEUE_VERSION, kueue_ldflags()),)
 
 
+def training_operator_targets() -> tuple[GoTarget, ...]:
+    """Kubeflow's training-operator (the PyTorchJob controller), the peer of the operator benchmark;
+    optional and keyed on its own like Kueue. Its release stamps no version into the binary: the
+    module version Go embeds is what `check_version` reads."""
+    return (GoTarget("training-operator", "github.com/kubeflow/training-operator/cmd/training-operator.v1",
+                     "training-operator", TRAINING_OPERATOR_VERSION, ()),)
+
+
 # The sets `python -m localcluster build [SET]` knows; "core" is what the cluster itself runs.
-TARGET_SETS = {"core": targets, "kueue": kueue_targets, "s3": s3_targets}
+TARGET_SETS = {"core": targets, "kueue": kueue_targets, "s3": s3_targets,
+               "training-operator": training_operator_targets}

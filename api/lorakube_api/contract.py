@@ -20,12 +20,12 @@ SHORT_NAME = "ltj"
 
 # --- Model families ---------------------------------------------------------------------------
 
-FAMILIES = ("flux", "sd3", "kolors", "hunyuan-dit", "z-image")
+FAMILIES = ("flux", "sd3", "kolors", "hunyuan-dit", "flux2-klein", "z-image")
 
 # Pixel multiple each family needs for height/width: VAE downsampling (8) times the denoiser's
 # patch/packing factor (2 for the DiTs and FLUX's 2x2 latent packing; 8 for Kolors' UNet, whose
 # three down-blocks halve the latent three times).
-SIZE_MULTIPLE = {"flux": 16, "sd3": 16, "hunyuan-dit": 16, "kolors": 64, "z-image": 16}
+SIZE_MULTIPLE = {"flux": 16, "sd3": 16, "hunyuan-dit": 16, "kolors": 64, "flux2-klein": 16, "z-image": 16}
 
 PRECISIONS = ("32", "16", "16-mixed", "bf16-mixed")
 STRATEGIES = ("auto", "ddp", "deepspeed_stage_1", "deepspeed_stage_2", "deepspeed_stage_3")
@@ -99,6 +99,14 @@ DEFAULT_TERMINATION_GRACE_SECONDS = 120     # one LoRA step + one checkpoint wri
 KUBERNETES_DEFAULT_GRACE_SECONDS = 30
 
 DEFAULT_MASTER_PORT = 29500
+
+# Credentials per URI: the Secret of spec.model/dataset/output.secretRef reaches the trainer as
+# envFrom with its section's prefix (AWS_ACCESS_KEY_ID of the output's Secret becomes
+# LORAKUBE_OUTPUT_AWS_ACCESS_KEY_ID), so two Secrets with the same keys never collide. The trainer
+# reads a section's URIs with that section's variables (storage.role_env); the checkpoint location
+# is the output's. Unprefixed variables (spec.resources.env, an instance role) remain the fallback.
+STORAGE_ROLES = ("model", "dataset", "output")
+SECRET_ENV_PREFIXES = {role: f"LORAKUBE_{role.upper()}_" for role in STORAGE_ROLES}
 
 # Rank 0 serves its live training metrics (step, loss, samples/s, GPU memory) in the Prometheus
 # text format at http://<pod>:TRAINER_METRICS_PORT/metrics; the operator declares the port on rank
@@ -241,6 +249,67 @@ class Progress:
         return json.dumps({"event": PROGRESS_EVENT, **known}, sort_keys=True)
 
 
+# --- Staging (status.progress.staging) ------------------------------------------------------
+# A model or dataset URI that is not a local path is staged: rank 0 downloads it into its node's
+# cache before training and reports the bytes under status.progress.staging; the operator shows
+# the job as Staging (not Running) from the moment all pods run until rank 0 reports the current
+# attempt's inputs complete. Staging reports are throttled to one per STAGING_REPORT_INTERVAL_SECONDS
+# (plus the first and the last of each input).
+
+STAGING_EVENT = "staging"
+STAGING_REPORT_INTERVAL_SECONDS = 2.0
+STAGED_INPUTS = ("model", "dataset")
+
+
+def is_staged_uri(uri: str | None) -> bool:
+    """Any URI with a scheme (s3://, hf://, https:// ...): local paths and volumes are used in place."""
+    return bool(uri) and "://" in str(uri)
+
+
+def uri_for_display(uri: str) -> str:
+    """The URI without user info, query or fragment, so that no credential reaches status or logs."""
+    head, sep, rest = str(uri).partition("://")
+    if not sep:
+        return str(uri)
+    rest = rest.split("#", 1)[0].split("?", 1)[0]
+    authority, slash, path = rest.partition("/")
+    return f"{head}://{authority.rsplit('@', 1)[-1]}{slash}{path}"
+
+
+def _size_text(done: int, total: int | None) -> str:
+    """`12.5/340.2 MiB`: both in the unit of the total (the Progress column is 32 characters)."""
+    scale = total if total else done
+    unit, div = next(((u, float(d)) for u, d in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10))
+                      if scale >= d), ("B", 1.0))
+    fmt = (lambda n: str(int(n))) if div == 1.0 else (lambda n: f"{n / div:.1f}")
+    return f"{fmt(done)}/{fmt(total)} {unit}" if total is not None else f"{fmt(done)} {unit}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Staging:
+    """What rank 0 reports while it stages its inputs: the body of status.progress.staging (plus
+    progress.text for the Progress column) and of a JSON line on stdout."""
+
+    attempt: int
+    input: str                 # one of STAGED_INPUTS
+    uri: str                   # shown as uri_for_display gives it
+    bytesDone: int
+    bytesTotal: int | None     # None until the listing is known
+    cached: bool               # this input was in the node's cache: nothing was downloaded
+    complete: bool             # every input of this attempt is staged: training starts now
+    updatedAt: str
+
+    def to_status(self) -> dict[str, Any]:
+        """The merge patch of status.progress."""
+        body = dataclasses.asdict(self)
+        body["uri"] = uri_for_display(self.uri)
+        return {"staging": body, "text": f"{self.input} {_size_text(self.bytesDone, self.bytesTotal)}"[:32]}
+
+    def to_json_line(self) -> str:
+        body = {k: v for k, v in self.to_status()["staging"].items() if v is not None}
+        return json.dumps({"event": STAGING_EVENT, **body}, sort_keys=True)
+
+
 def utc_now_iso() -> str:
     return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -300,6 +369,11 @@ FLAG_PREFLIGHT = "--preflight"   # run the preflight checks only, exit 0 or the 
 FLAG_ACCELERATOR = "--accelerator"
 TRAINER_COMMAND = "lorakube-train"
 DEFAULT_CHECKPOINT_SUBDIR = "checkpoints"   # under --output_path when --checkpoint_dir is not given
+# spec.output.modelscopeModelId: the trainer also publishes the LoRA to that ModelScope model repo
+# (the token comes from MODELSCOPE_API_TOKEN in the Secret, never from a flag the operator writes).
+FLAG_MODELSCOPE_MODEL_ID = "--modelscope_model_id"
+# An https:// model or dataset URI names an archive of the folder; these endings are extracted.
+ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".zip")
 
 # What each published file is, as status.artifacts[].format says it.
 ARTIFACT_FORMATS = {

@@ -1,14 +1,15 @@
-"""Tiny, randomly initialised pipelines of the four families, saved in the real on-disk layout.
+"""Tiny, randomly initialised pipelines of every family, saved in the real on-disk layout.
 
 Tests, demos and the e2e run train on these instead of real weights: nothing is downloaded, yet
 the trainer loads them through exactly the code path real checkpoints take
 (`<Pipeline>.from_pretrained(folder)` reading `model_index.json` and one subfolder per component).
-Every component is a few hundred kB; all four pipelines build and save in a few seconds on CPU.
+Every component is a few hundred kB; all pipelines build and save in a few seconds on CPU.
 
 Tokenizers are built here from small in-memory vocabularies (no hub, no shipped vocab files):
 a character-level byte BPE for CLIP, a unigram vocabulary for T5/mT5, a WordPiece vocabulary for
-BERT and a sentencepiece model trained on the spot for ChatGLM. They tokenize real text into real
-ids (not all-UNK), so prompts produce prompt-dependent embeddings.
+BERT, a sentencepiece model trained on the spot for ChatGLM and a byte-level BPE with a chat
+template for Qwen3. They tokenize real text into real ids (not all-UNK), so prompts produce
+prompt-dependent embeddings.
 
     python -m lorakube_dev.tiny --family all --out ./tiny-models
 """
@@ -94,6 +95,27 @@ def build_t5_tokenizer() -> Any:
     return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=TOKENIZER_MAX_LENGTH["t5"])
 
 
+# A chat template with the two things Flux2KleinPipeline relies on: the im_start/im_end turns and
+# `enable_thinking=False` closing an empty think block after the assistant header.
+_QWEN_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and not enable_thinking %}<think>\n\n</think>\n\n{% endif %}{% endif %}"
+)
+
+
+def build_qwen_tokenizer() -> Any:
+    """Byte-level BPE without merges (every byte is a token, as in Qwen's byte fallback) with Qwen's
+    special tokens and a chat template."""
+    from transformers import Qwen2Tokenizer
+
+    vocab = {c: i for i, c in enumerate(_bytes_to_unicode())}
+    tok = Qwen2Tokenizer(vocab=vocab, merges=[], model_max_length=TOKENIZER_MAX_LENGTH["qwen"])
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.chat_template = _QWEN_CHAT_TEMPLATE
+    return tok
+
+
 def build_bert_tokenizer() -> Any:
     from transformers import BertTokenizer
 
@@ -126,29 +148,6 @@ def build_chatglm_tokenizer_model(out_file: Path) -> None:
     out_file.write_bytes(buf.getvalue())
 
 
-# A chat template in the shape of Qwen3's for one user turn: ZImagePipeline renders the prompt
-# through it (add_generation_prompt, enable_thinking) before tokenizing.
-_QWEN_CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n"
-    "{% if enable_thinking is defined and not enable_thinking %}<think>\n\n</think>\n\n{% endif %}{% endif %}"
-)
-
-
-def build_qwen_tokenizer() -> Any:
-    """Qwen2Tokenizer (Qwen3's class): byte-level BPE over the 256 byte units with the chat
-    special tokens, no merges (every byte is a token), and a Qwen3-shaped chat template."""
-    from transformers import Qwen2Tokenizer
-
-    units = _bytes_to_unicode()
-    vocab = {c: i for i, c in enumerate(units)}
-    tok = Qwen2Tokenizer(vocab=vocab, merges=[], model_max_length=TOKENIZER_MAX_LENGTH["qwen"])
-    tok.add_special_tokens({"additional_special_tokens": ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]})
-    tok.pad_token = "<|endoftext|>"
-    tok.chat_template = _QWEN_CHAT_TEMPLATE
-    return tok
-
-
 def _chatglm_tokenizer(folder: Path) -> Any:
     from diffusers.pipelines.kolors.tokenizer import ChatGLMTokenizer
 
@@ -177,6 +176,18 @@ def _t5_encoder(vocab_size: int, d_model: int = 32) -> Any:
         num_heads=2, relative_attention_num_buckets=8, decoder_start_token_id=0,
     )
     return T5EncoderModel(cfg)
+
+
+def _qwen3_encoder(vocab_size: int, hidden: int = 16, layers: int = 27) -> Any:
+    """Qwen3 causal LM deep enough for the hidden states FLUX.2 klein stacks (layers 9, 18, 27)."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    cfg = Qwen3Config(
+        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+        max_position_embeddings=TOKENIZER_MAX_LENGTH["qwen"], tie_word_embeddings=True,
+    )
+    return Qwen3ForCausalLM(cfg)
 
 
 def _chatglm_encoder(vocab_size: int, hidden: int = 32) -> Any:
@@ -245,10 +256,14 @@ def _sd3() -> Any:
         tokenizer_2=build_clip_tokenizer(),
         text_encoder_3=_t5_encoder(len(t5_tok), d_model=64),
         tokenizer_3=t5_tok,
+        # Shaped like SD3.5 medium (MMDiT-X): block 0 has the second, image-only attention (attn2) and
+        # q/k get RMS norms (SD3.5 large has the norms without attn2; SD3 medium neither), so the one
+        # tiny model runs every layer kind the `sd3` family trains.
         transformer=SD3Transformer2DModel(
             sample_size=8, patch_size=2, in_channels=16, out_channels=16, num_layers=2,
             attention_head_dim=8, num_attention_heads=4, joint_attention_dim=64,
             caption_projection_dim=32, pooled_projection_dim=64, pos_embed_max_size=16,
+            dual_attention_layers=(0,), qk_norm="rms_norm",
         ),
     )
 
@@ -312,6 +327,33 @@ def _hunyuan_dit() -> Any:
     )
 
 
+def _flux2_klein() -> Any:
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
+
+    tok = build_qwen_tokenizer()
+    latent_channels, hidden = 8, 16
+    vae = AutoencoderKLFlux2(latent_channels=latent_channels, **_VAE_BLOCKS)
+    with torch.no_grad():   # non-trivial batch-norm statistics, so the latent normalisation is exercised
+        vae.bn.running_mean.normal_(std=0.1)
+        vae.bn.running_var.uniform_(0.5, 1.5)
+    return Flux2KleinPipeline(
+        # FLUX.2 klein's scheduler config; the pipeline computes its own μ ("empirical").
+        scheduler=FlowMatchEulerDiscreteScheduler(
+            num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+            base_image_seq_len=256, max_image_seq_len=4096, time_shift_type="exponential",
+        ),
+        vae=vae,
+        text_encoder=_qwen3_encoder(len(tok), hidden),
+        tokenizer=tok,
+        transformer=Flux2Transformer2DModel(
+            patch_size=1, in_channels=4 * latent_channels, num_layers=1, num_single_layers=1,
+            attention_head_dim=16, num_attention_heads=2, joint_attention_dim=3 * hidden,
+            timestep_guidance_channels=32, axes_dims_rope=(4, 4, 4, 4), guidance_embeds=False,
+        ),
+        is_distilled=False,
+    )
+
+
 def _z_image() -> Any:
     from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
     from transformers import Qwen3Config, Qwen3Model
@@ -339,6 +381,7 @@ def _z_image() -> Any:
 
 def _builders(workdir: Path) -> dict[str, Callable[[], Any]]:
     return {"flux": _flux, "sd3": _sd3, "kolors": lambda: _kolors(workdir), "hunyuan-dit": _hunyuan_dit,
+            "flux2-klein": _flux2_klein,
             "z-image": _z_image}
 
 

@@ -3,7 +3,7 @@
 --
 -- Reads only what the lorakube operator and the trainer write into the job's status: phase,
 -- the condition of the phase (reason, message), observedGeneration, progress.text, readyNodes,
--- attempt, restarts and lastFailure. Argo CD runs custom health scripts without Lua's string and
+-- attempt, restarts, lastFailure and progress.staging. Argo CD runs custom health scripts without Lua's string and
 -- math libraries, so this script uses only the base and table libraries (`..`, tostring,
 -- table.concat); the tests run it in the same environment.
 
@@ -130,6 +130,16 @@ elseif phase == "Created" then
   hs.status = "Progressing"
   add(parts, explain(status, "Created", "pods created"))
   add(parts, "waiting for every pod to run (" .. tostring(status.readyNodes or "?") .. " running)")
+  add(parts, attempts(status))
+elseif phase == "Staging" then
+  hs.status = "Progressing"
+  add(parts, explain(status, "Staging", "rank 0 stages the inputs into its node's cache"))
+  -- progress.text is rank 0's "model 120.4/340.2 MiB" while its report is of this attempt
+  local p = status.progress
+  if type(p) == "table" and type(p.staging) == "table" and p.text ~= nil
+      and tostring(p.staging.attempt) == tostring(status.attempt) then
+    add(parts, tostring(p.text))
+  end
   add(parts, attempts(status))
 elseif phase == "Running" then
   hs.status = "Progressing"

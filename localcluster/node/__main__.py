@@ -32,7 +32,7 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--kubeconfig", type=Path, required=True)
     run.add_argument("--state-dir", type=Path, required=True)
     run.add_argument("--node", type=_node, action="append", required=True,
-                     metavar="NAME[:GPUS[:CPU[:MEMORY]]]")
+                     metavar="NAME[:GPUS[:CPU[:MEMORY[:PODS]]]]")
     run.add_argument("--path-prefix", type=Path, action="append", default=[],
                      help="directory put first on every container's PATH (repeatable)")
     run.add_argument("--env", type=_env_pair, action="append", default=[], metavar="KEY=VALUE",

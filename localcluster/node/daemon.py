@@ -2,11 +2,15 @@
 
 Informers, container supervisors and the heartbeat run on their own threads but only ever
 put events on the queue (or make API calls that need no shared state), so every decision
-about a pod is made on the main loop without locks.
+about a pod is made on the main loop without locks. The slow work that needs no shared state
+runs off the loop so that many pods start at once: a pool sets up sandboxes and volumes and
+hands the result back as an event, and a keyed writer sends statuses, events and deletions
+(in order per pod) while the loop goes on.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import queue
 import shutil
@@ -33,12 +37,25 @@ from .restarts import RESTART_POLICIES, BackOff, BackOffEntry, backoff_message, 
 from .runtime import ContainerProcess, Exit, LaunchSpec
 from .status import ContainerRun, PodRun, now_rfc3339, reason_for_exit, status_patch
 from .volumes import PodVolumes, VolumeBuilder, container_mounts
+from .writer import KeyedWriter
 
 log = logging.getLogger(__name__)
 
 APISERVER_PORT_IN_CLUSTER = 6443
 HEARTBEAT_SECONDS = 10.0
 RETRY_SECONDS = 2.0
+# Dirty pod statuses are sent at least this often, however busy the event queue is (waiting for
+# an empty queue starved them for tens of seconds while hundreds of pods started).
+FLUSH_SECONDS = 0.2
+# Pods whose sandbox and volumes are set up at once: each mostly waits on `ip` and the
+# apiserver, so a few in parallel overlap that waiting without swamping a small host.
+SETUP_WORKERS = 8
+# Threads sending statuses and deletions (each pod's in order), and events (each pod's in order;
+# apart, so that a pod's events never delay its status).
+WRITER_THREADS = 6
+EVENT_THREADS = 2
+WRITER_DRAIN_SECONDS = 30.0
+DELETE_ATTEMPTS = 3
 SHUTDOWN_GRACE_SECONDS = 10.0
 DEFAULT_GRACE_SECONDS = 30
 HOST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -57,6 +74,8 @@ class PodRuntime:
     log_dir: Path
     net: network.PodNet | None = None
     volumes: PodVolumes | None = None
+    preparing: bool = False  # a setup worker is making its sandbox/volumes right now
+    hosts: str | None = None  # the /etc/hosts content last written
     processes: dict[str, ContainerProcess] = field(default_factory=dict)
     gpus: list[int] = field(default_factory=list)
     next_retry: float = 0.0
@@ -98,6 +117,7 @@ class DaemonConfig:
     kubelet_client_ca: Path | None = None
     # Kubelet's 10 s doubling to 5 min; tests shrink it rather than sleep through it.
     restart_backoff: BackOff = field(default_factory=BackOff)
+    setup_workers: int = SETUP_WORKERS
 
 
 class NodeDaemon:
@@ -118,6 +138,11 @@ class NodeDaemon:
         self.builders = {
             n.name: VolumeBuilder(self.api, self.layout.pvcs, n.resources()) for n in config.nodes
         }
+        self.setup_pool = concurrent.futures.ThreadPoolExecutor(config.setup_workers,
+                                                                thread_name_prefix="setup")
+        self.writer = KeyedWriter(WRITER_THREADS)
+        self.event_writer = KeyedWriter(EVENT_THREADS, name="events")
+        self.cluster_records: list[hostsfile.Record] = []
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -151,7 +176,7 @@ class NodeDaemon:
             self._shutdown()
 
     def _loop(self) -> None:
-        next_tick = 0.0
+        next_tick = next_flush = 0.0
         while True:
             try:
                 event = self.events.get(timeout=0.5)
@@ -161,12 +186,14 @@ class NodeDaemon:
                 if event[0] == "stop":
                     return
                 self._guard(self._dispatch, event)
-            if time.monotonic() >= next_tick:
+            now = time.monotonic()
+            if now >= next_tick:
                 self._guard(self._tick)
                 self._guard(self.forwarder.try_listen)
                 next_tick = time.monotonic() + 1.0
-            if self.events.empty():
+            if self.events.empty() or now >= next_flush:
                 self._guard(self._flush)
+                next_flush = time.monotonic() + FLUSH_SECONDS
 
     def _guard(self, func: Any, *args: Any) -> None:
         try:
@@ -187,6 +214,10 @@ class NodeDaemon:
         log.info("shutting down: terminating pods")
         self.stop_event.set()
         self.stopping = True  # no container may start from here on
+        # Sandboxes being made now must be known before teardown, or their devices and IPs
+        # would outlive the daemon. (Queued setups return at once now; queued releases run.)
+        self.setup_pool.shutdown(wait=True)
+        self._drain_prepared()
         deadline = time.monotonic() + SHUTDOWN_GRACE_SECONDS
         interrupted = [rt for rt in self.runs.values() if not rt.run.terminal() and not rt.gone]
         for rt in self.runs.values():
@@ -207,8 +238,13 @@ class NodeDaemon:
                                  "reason": "TerminationByKubelet", "message": SHUTDOWN_MESSAGE}
             rt.dirty = True
         for rt in self.runs.values():
+            rt.preparing = False  # every setup has reported back (drained above)
             self._teardown(rt)
         self._guard(self._flush)
+        for writer in (self.writer, self.event_writer):
+            if not writer.close(WRITER_DRAIN_SECONDS):
+                log.warning("pod statuses or events still unsent after %.0f s; stopping anyway",
+                            WRITER_DRAIN_SECONDS)
         self.kubelet.stop()
         self.forwarder.stop()
         with hostregistry.network_lock():
@@ -223,8 +259,19 @@ class NodeDaemon:
             event = self.events.get(timeout=timeout)
         except queue.Empty:
             return
-        if event[0] in ("exited", "started", "start-failed"):
+        if event[0] in ("exited", "started", "start-failed", "prepared"):
             self._guard(self._dispatch, event)
+
+    def _drain_prepared(self) -> None:
+        """At shutdown, once no setup worker runs: take in every sandbox they made (the rest
+        of what is queued only matters to a daemon that goes on)."""
+        while True:
+            try:
+                event = self.events.get_nowait()
+            except queue.Empty:
+                return
+            if event[0] in ("exited", "started", "start-failed", "prepared"):
+                self._guard(self._dispatch, event)
 
     # -- events ---------------------------------------------------------------------------
 
@@ -242,6 +289,12 @@ class NodeDaemon:
             rt = self.runs.get(event[1])
             if rt is not None and not rt.deleting and not rt.torn_down:
                 self._on_probe(rt, *event[2:])
+        elif kind == "prepared":
+            self._on_prepared(*event[1:])
+        elif kind == "status-failed":
+            rt = self.runs.get(event[1])
+            if rt is not None and not rt.gone:
+                rt.dirty = True  # sent again with the next flush
 
     def _on_service(self, kind: str, obj: Any) -> None:
         if kind == "SYNC":
@@ -340,20 +393,14 @@ class NodeDaemon:
     # -- pod progress ---------------------------------------------------------------------
 
     def _advance(self, rt: PodRuntime) -> None:
-        if rt.deleting or rt.torn_down or self.stopping or rt.config_error:
+        if rt.deleting or rt.torn_down or self.stopping or rt.config_error or rt.preparing:
+            return  # (while preparing, the worker's result comes back and advances it)
+        if rt.net is None or rt.volumes is None:
+            rt.preparing = True
+            self.setup_pool.submit(self._prepare, rt.uid, rt.pod, rt.node.name, rt.dir,
+                                   rt.net is None)
             return
         try:
-            if rt.net is None:
-                self._setup_sandbox(rt)
-            if rt.volumes is None:
-                try:
-                    rt.volumes = self.builders[rt.node.name].build(rt.pod, rt.dir,
-                                                                   self.api.endpoint.ca_pem)
-                except NotReadyYet as exc:
-                    if self._set_waiting(rt, "ContainerCreating", str(exc)):
-                        self._event(rt, "FailedMount", str(exc), warning=True)
-                    rt.next_retry = time.monotonic() + RETRY_SECONDS
-                    return
             self._start_next(rt)
         except NotReadyYet as exc:  # env from a ConfigMap/Secret that is not there (yet)
             if self._set_waiting(rt, "CreateContainerConfigError", str(exc)):
@@ -366,22 +413,90 @@ class NodeDaemon:
             rt.next_retry = time.monotonic() + RETRY_SECONDS
         self._maybe_finish(rt)
 
-    def _setup_sandbox(self, rt: PodRuntime) -> None:
-        ip = hostregistry.allocate_ip(self.config.state_dir, rt.uid, network.netns_taken)
+    def _prepare(self, uid: str, pod: dict[str, Any], node: str, pod_dir: Path,
+                 make_sandbox: bool) -> None:
+        """On a setup worker: the pod's sandbox (unless it has one) and volumes. Touches no
+        pod state; the result goes back to the loop as a `prepared` event."""
+        net = volumes = error = None
+        try:
+            if not self.stopping:  # else nothing new: the loop tears the pod down
+                if make_sandbox:
+                    net = self._make_sandbox(uid, pod_dir)
+                volumes = self.builders[node].build(pod, pod_dir, self.api.endpoint.ca_pem)
+        except Exception as exc:  # judged on the loop, as if raised there
+            error = exc
+        self.events.put(("prepared", uid, net, volumes, error))
+
+    def _make_sandbox(self, uid: str, pod_dir: Path) -> network.PodNet:
+        ip = hostregistry.allocate_ip(self.config.state_dir, uid, network.netns_taken)
         net = network.pod_net_for(ip)
-        with hostregistry.network_lock():  # the bridge may have gone with another daemon
-            network.ensure_bridge()
-            network.create_pod_net(net)
+        network.create_pod_net(net)
+        (pod_dir / "etc").mkdir(parents=True, exist_ok=True)
+        hostsfile.write_in_place(self.layout.resolv_conf(uid), hostsfile.RESOLV_CONF)
+        return net
+
+    def _on_prepared(self, uid: str, net: network.PodNet | None, volumes: PodVolumes | None,
+                     error: Exception | None) -> None:
+        rt = self.runs.get(uid)
+        if rt is None or rt.torn_down:
+            # Deleted (or the node stopped) while a worker made its sandbox: undo it, devices
+            # before the IP (another daemon may take a free IP, and with it these names, at once).
+            self._release_sandbox(uid, net)
+            if rt is None:
+                shutil.rmtree(self.layout.pod_dir(uid), ignore_errors=True)
+            else:
+                rt.preparing = False
+            return
+        rt.preparing = False
+        if net is not None:
+            self._install_sandbox(rt, net)
+        if volumes is not None:
+            rt.volumes = volumes
+        if error is None:
+            self._advance(rt)
+        elif isinstance(error, NotReadyYet):  # a volume's ConfigMap/Secret/claim is missing
+            if self._set_waiting(rt, "ContainerCreating", str(error)):
+                self._event(rt, "FailedMount", str(error), warning=True)
+            rt.next_retry = time.monotonic() + RETRY_SECONDS
+        elif isinstance(error, PodSpecError):
+            self._fail_config(rt, str(error))
+            self._maybe_finish(rt)
+        else:
+            log.warning("pod %s/%s: setting up its sandbox or volumes failed: %s (retrying)",
+                        rt.run.namespace, rt.run.name, error)
+            rt.next_retry = time.monotonic() + RETRY_SECONDS
+
+    def _release_sandbox(self, uid: str, net: network.PodNet | None) -> None:
+        """Remove the pod's devices, then free its IP (never the other way round: another
+        daemon may take a free IP, and with it these device names, at once). On a setup worker
+        (a few `ip` calls per pod held the loop up when hundreds were deleted together), except
+        once the node is stopping, when it must be done before the daemon exits."""
+        def release() -> None:
+            try:
+                if net is not None:
+                    network.delete_pod_net(net)
+                hostregistry.release_ip(self.config.state_dir, uid)
+            except Exception:  # the next start's cleanup sweeps what is left
+                log.exception("releasing the sandbox of pod %s failed", uid)
+
+        if self.stopping:
+            release()
+        else:
+            self.setup_pool.submit(release)
+
+    def _install_sandbox(self, rt: PodRuntime, net: network.PodNet) -> None:
         rt.net = net
-        (rt.dir / "etc").mkdir(parents=True, exist_ok=True)
-        hostsfile.write_in_place(self.layout.resolv_conf(rt.uid), hostsfile.RESOLV_CONF)
-        rt.run.pod_ip = ip
+        rt.run.pod_ip = net.ip
         rt.run.host_ip = self.host_ip
         rt.run.start_time = now_rfc3339()
         rt.run.sandbox_ready = True
         rt.gpus = self._allocate_gpus(rt)
-        rt.pod = dict(rt.pod, status=dict(rt.pod.get("status", {}), podIP=ip, hostIP=self.host_ip))
-        self._write_hosts(rt, hostsfile.records(self._dns_pods(), self.services.values()))
+        rt.pod = dict(rt.pod, status=dict(rt.pod.get("status", {}), podIP=net.ip,
+                                          hostIP=self.host_ip))
+        # The records of the last flush: the next one (at most FLUSH_SECONDS away) includes
+        # this pod. Recomputing them for every new pod cost O(pods) each, O(pods²) in all.
+        self._write_hosts(rt, self.cluster_records)
+        self.dns_dirty = True
         rt.dirty = True
 
     def _allocate_gpus(self, rt: PodRuntime) -> list[int]:
@@ -655,8 +770,10 @@ class NodeDaemon:
 
     def _event(self, rt: PodRuntime, reason: str, message: str, warning: bool = False,
                container: str | None = None) -> None:
-        events.emit(self.api, rt.pod["metadata"], rt.node.name, reason, message, warning,
-                    container)
+        meta, node = dict(rt.pod["metadata"]), rt.node.name
+        # After the pod's earlier events, beside its statuses (best effort, as before).
+        self.event_writer.submit(rt.uid, lambda: events.emit(self.api, meta, node, reason,
+                                                             message, warning, container))
 
     def _fail_config(self, rt: PodRuntime, message: str) -> None:
         log.warning("pod %s/%s cannot run: %s", rt.run.namespace, rt.run.name, message)
@@ -691,9 +808,9 @@ class NodeDaemon:
         rt.launch_specs.clear()
         for proc in rt.running():
             proc.signal_group(signal.SIGKILL)
-        if rt.net is not None:
-            network.delete_pod_net(rt.net)
-        hostregistry.release_ip(self.config.state_dir, rt.uid)
+        # Unless a worker is still making its sandbox: that one's result frees it all.
+        if not rt.preparing:
+            self._release_sandbox(rt.uid, rt.net)
         self.gpu_in_use[rt.node.name].difference_update(rt.gpus)
         rt.torn_down = True
         self.dns_dirty = True
@@ -722,18 +839,27 @@ class NodeDaemon:
         if rt.gone:
             self._forget(rt)
             return
-        self._flush_one(rt)
+        self._flush_one(rt)  # the final status, then (in order, on the writer) the deletion
         self._delete_object(rt.pod)
 
     def _delete_object(self, pod: Mapping[str, Any]) -> None:
-        meta = pod["metadata"]
+        meta = dict(pod["metadata"])
+        self.writer.submit(meta["uid"], lambda: self._send_delete(meta))
+
+    def _send_delete(self, meta: Mapping[str, Any]) -> None:
         body = {"apiVersion": "v1", "kind": "DeleteOptions", "gracePeriodSeconds": 0,
                 "preconditions": {"uid": meta["uid"]}}
-        try:
-            self.api.delete(f"/api/v1/namespaces/{meta['namespace']}/pods/{meta['name']}", body)
-        except ApiError as exc:
-            if exc.status not in (404, 409):
-                raise
+        path = f"/api/v1/namespaces/{meta['namespace']}/pods/{meta['name']}"
+        for attempt in range(1, DELETE_ATTEMPTS + 1):
+            try:
+                self.api.delete(path, body)
+                return
+            except ApiError as exc:
+                if exc.status in (404, 409):
+                    return
+                log.warning("deleting pod %s/%s: %s (attempt %d of %d)", meta["namespace"],
+                            meta["name"], exc, attempt, DELETE_ATTEMPTS)
+            time.sleep(RETRY_SECONDS)
 
     def _on_pod_gone(self, rt: PodRuntime) -> None:
         rt.gone = True
@@ -749,8 +875,17 @@ class NodeDaemon:
 
     def _forget(self, rt: PodRuntime) -> None:
         self.runs.pop(rt.uid, None)
-        shutil.rmtree(rt.dir, ignore_errors=True)
-        shutil.rmtree(rt.log_dir, ignore_errors=True)
+        directories = (rt.dir, rt.log_dir)  # per uid: nothing else ever uses them again
+
+        def remove() -> None:
+            for directory in directories:
+                shutil.rmtree(directory, ignore_errors=True)
+
+        # Off the loop while it runs (removing hundreds of pods' files held it up).
+        if self.stopping:
+            remove()
+        else:
+            self.setup_pool.submit(remove)
 
     def _forget_logs(self, pod: Mapping[str, Any]) -> None:
         meta = pod["metadata"]
@@ -787,21 +922,30 @@ class NodeDaemon:
     def _flush(self) -> None:
         if self.dns_dirty:
             self.dns_dirty = False
-            cluster = hostsfile.records(self._dns_pods(), self.services.values())
+            self.cluster_records = self._cluster_records()
             for rt in self.runs.values():
                 if rt.net is not None and not rt.torn_down:
-                    self._write_hosts(rt, cluster)
+                    self._write_hosts(rt, self.cluster_records)
         for rt in list(self.runs.values()):
             if rt.dirty and not rt.gone:
                 self._flush_one(rt)
 
     def _flush_one(self, rt: PodRuntime) -> None:
+        """Hand the pod's current status to the writer (replacing one still waiting there);
+        a failed write marks the pod dirty again, so the next flush retries it."""
         rt.dirty = False
-        try:
-            self._patch_status(rt.pod["metadata"], rt.run.to_status())
-        except ApiError:
-            rt.dirty = True
-            raise
+        meta, status = dict(rt.pod["metadata"]), rt.run.to_status()
+        uid = meta["uid"]
+
+        def send() -> None:
+            try:
+                self._patch_status(meta, status)
+            except Exception as exc:
+                log.warning("status of pod %s/%s not written (will retry): %s",
+                            meta["namespace"], meta["name"], exc)
+                self.events.put(("status-failed", uid))
+
+        self.writer.submit(uid, send, replaces="status")
 
     def _patch_status(self, meta: Mapping[str, Any], status: dict[str, Any]) -> None:
         path = f"/api/v1/namespaces/{meta['namespace']}/pods/{meta['name']}/status"
@@ -813,6 +957,11 @@ class NodeDaemon:
                 log.error("status of pod %s/%s rejected: %s", meta["namespace"], meta["name"], exc)
             elif exc.status not in (404, 409):  # 404/409: gone or replaced by a namesake
                 raise
+
+    def _cluster_records(self) -> list[hostsfile.Record]:
+        if not any(s.get("spec", {}).get("clusterIP") == "None" for s in self.services.values()):
+            return []  # only headless Services have records: skip building every pod's view
+        return hostsfile.records(self._dns_pods(), self.services.values())
 
     def _dns_pods(self) -> list[dict[str, Any]]:
         # Our own pods' IPs are known before the status patch lands; prefer that view.
@@ -828,8 +977,10 @@ class NodeDaemon:
 
     def _write_hosts(self, rt: PodRuntime, cluster: list[hostsfile.Record]) -> None:
         assert rt.run.pod_ip is not None
-        hostsfile.write_in_place(self.layout.hosts(rt.uid),
-                                 hostsfile.render(rt.pod, rt.run.pod_ip, cluster))
+        content = hostsfile.render(rt.pod, rt.run.pod_ip, cluster)
+        if content != rt.hosts:  # each flush would otherwise read back every pod's file
+            hostsfile.write_in_place(self.layout.hosts(rt.uid), content)
+            rt.hosts = content
 
     # -- logs -----------------------------------------------------------------------------
 

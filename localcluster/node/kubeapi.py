@@ -58,7 +58,7 @@ class KubeApi:
             self._headers["Authorization"] = token
         self._pool = urllib3.PoolManager(
             num_pools=4,
-            maxsize=8,
+            maxsize=20,  # informers, setup workers and the writers share it
             cert_reqs=ssl.CERT_REQUIRED if cfg.verify_ssl else ssl.CERT_NONE,
             ca_certs=cfg.ssl_ca_cert,
             cert_file=cfg.cert_file,

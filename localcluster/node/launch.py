@@ -1,7 +1,7 @@
 """Container launcher: enter the pod's network namespace, make a private mount namespace,
 bind the pod's volumes and files, then exec the container command (same pid).
 
-Run as a script (`python -I launch.py SPEC.json ERRFD`), never imported by the daemon: it
+Run as a script (`python -I -S launch.py SPEC.json ERRFD`), never imported by the daemon: it
 must start fast and must not pull in the daemon's threads. If anything fails before exec,
 one line of JSON goes to ERRFD and the exit code is 128 (what runtimes report for
 StartError); a successful exec closes ERRFD (close-on-exec), which the daemon reads as

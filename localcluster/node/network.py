@@ -20,6 +20,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import hostregistry
 from .hostregistry import GATEWAY, NETWORK
 
 log = logging.getLogger(__name__)
@@ -77,15 +78,30 @@ def ensure_bridge() -> None:
     _ip("link", "set", BRIDGE, "up")
 
 
+def _ip_batch(lines: list[str], netns: str | None = None) -> None:
+    """Several `ip` commands in one process (stops at the first that fails): a pod's sandbox
+    took a dozen process starts, which is most of its cost when hundreds start at once."""
+    argv = ["ip", *(["-n", netns] if netns else []), "-batch", "-"]
+    result = subprocess.run(argv, input="\n".join(lines) + "\n", capture_output=True, text=True)
+    if result.returncode != 0:
+        raise NetworkError(f"{' '.join(argv)} failed: {result.stderr.strip()} (commands: "
+                           f"{'; '.join(lines)})")
+
+
 def create_pod_net(net: PodNet) -> None:
+    """The pod's namespace and veth, plugged into the bridge. Safe to run for several pods at
+    once (and beside other daemons): only the plugging in takes the host-wide network lock,
+    since the bridge may have gone with another daemon and must not go while a port is added."""
     delete_pod_net(net)  # a leftover with the same name would make `netns add` fail
-    _ip("netns", "add", net.netns)
     try:
-        _ip("link", "add", net.veth, "type", "veth", "peer", "name", "eth0", "netns", net.netns)
-        _ip("link", "set", net.veth, "master", BRIDGE, "up")
-        _ip("-n", net.netns, "addr", "add", f"{net.ip}/{NETWORK.prefixlen}", "dev", "eth0")
-        _ip("-n", net.netns, "link", "set", "eth0", "up")
-        _ip("-n", net.netns, "link", "set", "lo", "up")
+        _ip_batch([f"netns add {net.netns}",
+                   f"link add {net.veth} type veth peer name eth0 netns {net.netns}"])
+        _ip_batch([f"addr add {net.ip}/{NETWORK.prefixlen} dev eth0", "link set eth0 up",
+                   "link set lo up"], netns=net.netns)
+        with hostregistry.network_lock():
+            if not bridge_exists():
+                ensure_bridge()
+            _ip("link", "set", net.veth, "master", BRIDGE, "up")
     except NetworkError:
         delete_pod_net(net)
         raise
@@ -108,8 +124,7 @@ def delete_pod_net(net: PodNet) -> None:
     # Deleting the namespace destroys eth0 and with it the host end of the pair.
     if net.netns_path.exists():
         _ip("netns", "delete", net.netns, check=False)
-    if _ip("link", "show", net.veth, check=False).returncode == 0:
-        _ip("link", "delete", net.veth, check=False)
+    _ip("link", "delete", net.veth, check=False)  # usually gone with the namespace already
 
 
 def bridge_exists() -> bool:

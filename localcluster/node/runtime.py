@@ -26,6 +26,9 @@ from . import hostregistry
 log = logging.getLogger(__name__)
 
 LAUNCHER = Path(__file__).with_name("launch.py")
+# The launcher needs only the standard library: -S skips `site` (and so every .pth file of the
+# environment), which made up most of its start-up (~100 ms of CPU each, vs ~25 ms).
+LAUNCHER_FLAGS = ("-I", "-S")
 
 
 @dataclass(frozen=True)
@@ -72,7 +75,7 @@ class ContainerProcess:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(log_path, "ab") as logfile:
             self._proc = subprocess.Popen(
-                [sys.executable, "-I", str(LAUNCHER), str(spec_path), str(write_fd)],
+                [sys.executable, *LAUNCHER_FLAGS, str(LAUNCHER), str(spec_path), str(write_fd)],
                 stdin=subprocess.DEVNULL, stdout=logfile, stderr=subprocess.STDOUT,
                 pass_fds=(write_fd,), start_new_session=True, close_fds=True, env={},
             )
@@ -131,7 +134,7 @@ def run_in_pod(spec: LaunchSpec, argv: list[str], timeout: float) -> tuple[int |
     read_fd, write_fd = os.pipe()
     try:
         proc = subprocess.Popen(
-            [sys.executable, "-I", str(LAUNCHER), "/dev/stdin", str(write_fd)],
+            [sys.executable, *LAUNCHER_FLAGS, str(LAUNCHER), "/dev/stdin", str(write_fd)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             pass_fds=(write_fd,), start_new_session=True, close_fds=True, env={},
         )

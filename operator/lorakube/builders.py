@@ -132,6 +132,8 @@ def trainer_args(spec: JobSpec) -> list[str]:
         contract.FLAG_OUTPUT_FORMATS, ",".join(spec.output.formats),
         contract.FLAG_RESUME, "auto",
     ]
+    if spec.output.modelscope_model_id:
+        args += [contract.FLAG_MODELSCOPE_MODEL_ID, spec.output.modelscope_model_id]
     if spec.model.pretrained_lora_uri:
         args += [contract.FLAG_PRETRAINED_LORA_PATH, spec.model.pretrained_lora_uri]
     args += [contract.FLAG_ACCELERATOR, "cpu" if spec.resources.gpus_per_node == 0 else "gpu"]
@@ -217,9 +219,19 @@ def shm_volume_and_mount(spec: JobSpec) -> tuple[list[dict[str, Any]], list[dict
     return [volume], [{"name": SHM_VOLUME, "mountPath": SHM_PATH}]
 
 
-def _secret_names(spec: JobSpec) -> list[str]:
-    names = (spec.model.secret_name, spec.dataset.secret_name, spec.output.secret_name)
-    return list(dict.fromkeys(name for name in names if name))
+def secret_env_sources(spec: JobSpec, rank: int) -> list[dict[str, Any]]:
+    """The envFrom of rank `rank`: each section's Secret under its own prefix, so that two Secrets
+    with the same keys never collide and the trainer reads each URI with its own section's
+    credentials (contract.SECRET_ENV_PREFIXES). Every rank stages the inputs; the output's Secret goes
+    to rank 0, which writes the artifacts, and to every rank only when checkpoints are remote (each
+    rank uploads its own files and fetches them on resume)."""
+    checkpoints_remote = not spec.output.checkpoint_uri.startswith("/")
+    sources = []
+    for role, name in (("model", spec.model.secret_name), ("dataset", spec.dataset.secret_name),
+                       ("output", spec.output.secret_name)):
+        if name and (role != "output" or rank == 0 or checkpoints_remote):
+            sources.append({"prefix": contract.SECRET_ENV_PREFIXES[role], "secretRef": {"name": name}})
+    return sources
 
 
 def build_pod(spec: JobSpec, job: JobRef, attempt: int, rank: int, config: OperatorConfig,
@@ -249,10 +261,10 @@ def build_pod(spec: JobSpec, job: JobRef, attempt: int, rank: int, config: Opera
         # PodMonitor scrape pods where nothing listens.
         container["ports"].append({"name": contract.TRAINER_METRICS_PORT_NAME,
                                    "containerPort": contract.TRAINER_METRICS_PORT, "protocol": "TCP"})
-    secrets = _secret_names(spec)
+    secrets = secret_env_sources(spec, rank)
     if secrets:
-        # Credentials for model/dataset/output URIs: each Secret's keys become env vars.
-        container["envFrom"] = [{"secretRef": {"name": name}} for name in secrets]
+        # Credentials for model/dataset/output URIs, by reference: no value in the pod spec.
+        container["envFrom"] = secrets
     shm_volumes, shm_mounts = shm_volume_and_mount(spec)
     mounts = copy.deepcopy(list(res.volume_mounts)) + shm_mounts
     if mounts:

@@ -23,7 +23,8 @@ from prometheus_client.registry import Collector
 from lorakube import status as st
 
 PREFIX = "lorakube_"
-PHASES = (st.PENDING, st.CREATED, st.RUNNING_PHASE, st.RESTARTING, st.SUSPENDED, st.SUCCEEDED_PHASE, st.FAILED)
+PHASES = (st.PENDING, st.QUEUED, st.CREATED, st.STAGING, st.RUNNING_PHASE, st.RESTARTING, st.SUSPENDED, st.SUCCEEDED_PHASE,
+          st.FAILED)
 # The failure classes that restart a gang (failures.py): pre-set to 0 so rate() works from the start.
 RESTART_REASONS = ("PodDisrupted", "PreflightFailed", "RetryableExit", "GpuHardwareError", "KilledBySignal", "PodLost",
                    "PodDeleted")

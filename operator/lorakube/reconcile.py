@@ -362,9 +362,25 @@ def _decide_valid(plan: _Plan, spec: JobSpec, mine: list[PodView], all_pods: Seq
     if all(phase == POD_SUCCEEDED for phase in phases):
         plan.transition(st.SUCCEEDED_PHASE, "AllPodsSucceeded", f"all {num_nodes} pods exited 0")
     elif all(phase in (POD_RUNNING, POD_SUCCEEDED) for phase in phases):
-        if plan.phase != st.RUNNING_PHASE:
+        if plan.phase not in st.ACTIVE_PHASES:
             plan.pods_running = time_to_running(obs, attempt, current.values())
-        plan.transition(st.RUNNING_PHASE, "AllPodsRunning", f"all {num_nodes} pods of attempt {attempt} are running")
+        _running_or_staging(plan, spec, num_nodes, attempt)
+
+
+def _running_or_staging(plan: _Plan, spec: JobSpec, num_nodes: int, attempt: int) -> None:
+    staged = [uri for uri in (spec.model.uri, spec.dataset.uri) if contract.is_staged_uri(uri)]
+    running = f"all {num_nodes} pods of attempt {attempt} are running"
+    phase = st.active_phase(plan.phase, bool(staged), plan.obs.status.get("progress"), attempt)
+    if plan.phase == st.RUNNING_PHASE:
+        return      # whatever brought it there (AllPodsRunning or InputsStaged) stays the reason
+    if phase == st.STAGING:
+        shown = " and ".join(contract.uri_for_display(uri) for uri in staged)
+        plan.transition(st.STAGING, "StagingInputs", f"{running}; rank 0 stages {shown} into its node's cache "
+                        "(bytes in status.progress.staging)")
+    elif plan.phase == st.STAGING:
+        plan.transition(st.RUNNING_PHASE, "InputsStaged", f"{running}; rank 0 staged its inputs and trains")
+    else:
+        plan.transition(st.RUNNING_PHASE, "AllPodsRunning", running)
 
 
 def time_to_running(obs: Observation, attempt: int, pods: Sequence[PodView]) -> tuple[str, float] | None:
@@ -429,7 +445,7 @@ def _first_failure(plan: _Plan, current: Mapping[int, PodView], num_nodes: int,
             found.append(failures.classify(pod, rules))
         elif pod.deleting and pod.phase != POD_SUCCEEDED:
             found.append(failures.deleted_by_someone_else(pod))
-    if plan.phase == st.RUNNING_PHASE:
+    if plan.phase in st.ACTIVE_PHASES:
         # Every rank was running once; one that vanished cannot be recreated alone.
         found += [failures.missing(contract.pod_name(plan.obs.job.name, rank), rank, plan.status["attempt"])
                   for rank in range(num_nodes) if rank not in current]

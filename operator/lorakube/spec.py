@@ -18,17 +18,25 @@ from typing import Any
 from lorakube_api import contract
 from lorakube.queueing import QUEUE_NAME_LABEL, QueueSpec, queue_from_labels
 
-# URI schemes each field accepts today: local paths (a mounted volume) and s3:// (the trainer's
-# storage.py); hf://, gs:// and https:// are part of the API but not implemented yet.
+# URI schemes each field accepts today (the trainer's locations.py has the same table): local paths
+# (a mounted volume), s3:// (storage.py), hf:// Hub repos (hubs.py), modelscope:// model repos
+# (modelscope_repos.py) and https:// archives (archives.py). gs:// and az:// are part of the API but not implemented yet. Checkpoints are
+# rewritten and pruned every few steps, which a Hub repo (a commit per write) is not made for.
 _LOCAL = "local path"
 _S3 = "s3://"
+_HF = "hf://"
+_MODELSCOPE = "modelscope://"
+_HTTPS = "https://"
 SUPPORTED_SCHEMES = {
-    "spec.model.uri": (_LOCAL, _S3),
+    "spec.model.uri": (_LOCAL, _S3, _HF, _MODELSCOPE, _HTTPS),
     "spec.model.pretrainedLoraUri": (_LOCAL, _S3),
-    "spec.dataset.uri": (_LOCAL, _S3),
-    "spec.output.uri": (_LOCAL, _S3),
+    "spec.dataset.uri": (_LOCAL, _S3, _HF, _MODELSCOPE, _HTTPS),
+    "spec.output.uri": (_LOCAL, _S3, _HF),
     "spec.output.checkpointUri": (_LOCAL, _S3),
 }
+# hf://[datasets/]<org>/<name>[@<revision>][/<path>], the path syntax of huggingface_hub's HfFileSystem.
+_MODELSCOPE_URI = re.compile(r"^modelscope://[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*(@[^/@]+)?(/[^@]*)?$")
+_HF_URI = re.compile(r"^hf://(datasets/)?[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*(@[^/@]+)?(/[^@]*)?$")
 
 # The API names four gang-scheduling modes; the operator implements plain pods and Kueue so far.
 SUPPORTED_GANG_SCHEDULING = ("none", "kueue")
@@ -147,6 +155,7 @@ class OutputSpec:
     checkpoint_uri: str
     formats: tuple[str, ...] = contract.OUTPUT_FORMATS
     secret_name: str | None = None
+    modelscope_model_id: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -318,6 +327,16 @@ def _check_uri(uri: str, field: str) -> None:
             )
     elif not uri.startswith("/"):
         raise InvalidSpec(field, f"{uri!r} must be an absolute path inside the trainer container (or a URI)")
+    if match and match.group(1).lower() == "hf" and not _HF_URI.match(uri):
+        raise InvalidSpec(field, f"{uri!r} must look like hf://<org>/<name>[@<revision>][/<path>] "
+                                 "(hf://datasets/<org>/<name>... for a dataset repo)")
+    if match and match.group(1).lower() == "modelscope" and not _MODELSCOPE_URI.match(uri):
+        raise InvalidSpec(field, f"{uri!r} must look like modelscope://<owner>/<name>[@<revision>][/<path>] "
+                                 "(a ModelScope model repo)")
+    if match and match.group(1).lower() == "https" and \
+            not uri.partition("#")[0].partition("?")[0].lower().endswith(contract.ARCHIVE_SUFFIXES):
+        raise InvalidSpec(field, f"{uri!r} must name an archive of the folder ending in "
+                                 f"{', '.join(contract.ARCHIVE_SUFFIXES)} (optionally pinned with #sha256=<hex>)")
 
 
 def _parse_model(section: Mapping[str, Any]) -> ModelSpec:
@@ -476,6 +495,10 @@ def _parse_output(section: Mapping[str, Any]) -> OutputSpec:
     uri = _required_str(section, "uri", f)
     _check_uri(uri, f"{f}.uri")
     checkpoint_uri = _optional_str(section, "checkpointUri", f)
+    if checkpoint_uri is None and uri.lower().startswith(_HF):
+        raise InvalidSpec(f"{f}.checkpointUri", "is required when spec.output.uri is an hf:// repo (checkpoints "
+                                                "are not written to a Hub repo); give s3://bucket/prefix or a path "
+                                                "on a shared volume")
     if checkpoint_uri is None:
         checkpoint_uri = f"{uri.rstrip('/')}/{contract.DEFAULT_CHECKPOINT_SUBDIR}"
     else:
@@ -485,15 +508,17 @@ def _parse_output(section: Mapping[str, Any]) -> OutputSpec:
         raise InvalidSpec(f"{f}.formats", f"must be a list drawn from {', '.join(contract.OUTPUT_FORMATS)}")
     if len(set(formats)) != len(formats):
         raise InvalidSpec(f"{f}.formats", "must not repeat a format")
-    if _optional_str(section, "modelscopeModelId", f):
-        # The trainer's upload needs an access token, which must come from a Secret as env, not argv.
-        raise InvalidSpec(f"{f}.modelscopeModelId", "uploading to ModelScope is not supported by the operator "
-                                                   "yet; remove the field and copy the LoRA from spec.output.uri")
+    # The upload's token reaches the trainer as MODELSCOPE_API_TOKEN from the Secret, never as argv.
+    modelscope_model_id = _optional_str(section, "modelscopeModelId", f)
+    if modelscope_model_id is not None and not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$",
+                                                        modelscope_model_id):
+        raise InvalidSpec(f"{f}.modelscopeModelId", f"{modelscope_model_id!r} must look like owner/name")
     return OutputSpec(
         uri=uri,
         checkpoint_uri=checkpoint_uri,
         formats=tuple(formats),
         secret_name=_secret_name(section, f),
+        modelscope_model_id=modelscope_model_id,
     )
 
 

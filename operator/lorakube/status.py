@@ -16,6 +16,9 @@ from lorakube.pods import RUNNING, SUCCEEDED, PodView, format_time
 PENDING = "Pending"
 CREATED = "Created"
 RUNNING_PHASE = "Running"
+# All pods run and rank 0 stages the model/dataset into its node's cache (status.progress.staging);
+# for everything but the phase name (deadlines, gang health, failures) it counts as Running.
+STAGING = "Staging"
 RESTARTING = "Restarting"
 SUCCEEDED_PHASE = "Succeeded"
 FAILED = "Failed"
@@ -23,6 +26,8 @@ SUSPENDED = "Suspended"
 # The pods exist but Kueue holds them (scheduling-gated) until the whole gang is admitted.
 QUEUED = "Queued"
 TERMINAL_PHASES = frozenset({SUCCEEDED_PHASE, FAILED})
+# Every pod of the attempt is running.
+ACTIVE_PHASES = frozenset({RUNNING_PHASE, STAGING})
 
 # Status keys the operator writes; `progress` and `artifacts` belong to the trainer.
 OPERATOR_KEYS = (
@@ -97,14 +102,28 @@ class Transition:
 # Which condition each phase sets True, and which it turns False when entered.
 _PHASE_CONDITION = {
     CREATED: ("Created", ("Restarting", "Suspended", "Queued")),
-    RUNNING_PHASE: ("Running", ("Restarting", "Queued")),
-    RESTARTING: ("Restarting", ("Running",)),
-    SUCCEEDED_PHASE: ("Succeeded", ("Running", "Restarting")),
-    FAILED: ("Failed", ("Running", "Restarting", "Queued")),
-    SUSPENDED: ("Suspended", ("Running", "Restarting", "Queued")),
+    STAGING: ("Staging", ("Restarting", "Queued")),
+    RUNNING_PHASE: ("Running", ("Restarting", "Queued", "Staging")),
+    RESTARTING: ("Restarting", ("Running", "Staging")),
+    SUCCEEDED_PHASE: ("Succeeded", ("Running", "Restarting", "Staging")),
+    FAILED: ("Failed", ("Running", "Restarting", "Queued", "Staging")),
+    SUSPENDED: ("Suspended", ("Running", "Restarting", "Queued", "Staging")),
     QUEUED: ("Queued", ("Restarting", "Suspended")),
     PENDING: (None, ()),
 }
+
+
+def active_phase(current: str, stages_inputs: bool, progress: Mapping[str, Any] | None, attempt: int) -> str:
+    """Staging or Running, once every pod of `attempt` runs. A job whose model or dataset is a URI
+    (the trainer stages it) is Staging until rank 0 reports this attempt's inputs complete in
+    status.progress.staging (a report of an earlier attempt does not count); a job that turned
+    Running stays Running for the rest of the attempt."""
+    if current == RUNNING_PHASE or not stages_inputs:
+        return RUNNING_PHASE
+    staging = (progress or {}).get("staging") or {}
+    if staging.get("attempt") == attempt and staging.get("complete") is True:
+        return RUNNING_PHASE
+    return STAGING
 
 
 def set_condition(

@@ -51,6 +51,8 @@ def verdict(job: Mapping[str, Any] | None) -> tuple[int | None, str]:
     if phase == st.FAILED:
         return EXIT_FAILED, f"Failed: {failure_text(status)}"
     progress = (status.get("progress") or {}).get("text")
+    if phase == st.STAGING:     # the text is rank 0's download then ("model 12.5/340.2 MiB")
+        return None, f"{phase}" + (f", {progress}" if progress else "")
     return None, f"{phase or 'no phase yet'}" + (f", step {progress}" if progress else "")
 
 

@@ -6,18 +6,20 @@ from __future__ import annotations
 import os
 import re
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from localcluster.recorder import WatchRecorder
+from localcluster.s3server import S3Server
 from lorakube_api import contract
 from lorakube_dev import sandbox
 
 # Opt-in: set to a folder, and every version of every LoRATrainingJob the e2e tests create is
 # written there as JSON (tests/fixtures/job-statuses/ holds a few, for the Argo CD health check).
 RECORD_ENV = "LORAKUBE_RECORD_STATUSES"
+BRIDGE_ADDRESS = "10.250.0.1"       # the host as pods of the process node see it (node/README.md)
 
 
 @pytest.fixture(scope="session")
@@ -72,3 +74,23 @@ def start_operator(operator_kubeconfig, tmp_path) -> Iterator:
         process.stop()
     for process in started:
         print(f"--- {process.log_path.name} ---\n{process.log_text()[-6000:]}")
+
+
+@pytest.fixture
+def start_bridge_s3(local_cluster, tmp_path) -> Iterator[Callable[..., S3Server]]:
+    """Start real S3 servers (versitygw) on the node bridge's address, which only the host and its
+    pods reach; each has its own data and root keys. `start_bridge_s3("b", like=a, read_only=True)`
+    is a second gateway over a's data and keys that refuses writes. All are stopped afterwards.
+    (The bridge exists while the node runs, hence the local_cluster fixture first.)"""
+    started: list[S3Server] = []
+
+    def start(name: str, like: S3Server | None = None, read_only: bool = False) -> S3Server:
+        state = tmp_path / f"s3-{name}"
+        server = (like.sibling(state, read_only) if like is not None
+                  else S3Server.start(state, host=BRIDGE_ADDRESS, read_only=read_only))
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()

@@ -37,6 +37,7 @@ CM_KEY = "resource.customizations.health.lorakube.io_LoRATrainingJob"
 HEALTH_BY_PHASE = {
     "Pending": "Progressing",
     "Created": "Progressing",
+    "Staging": "Progressing",
     "Running": "Progressing",
     "Restarting": "Progressing",
     "Succeeded": "Healthy",
@@ -129,7 +130,7 @@ def phase_of(job: dict[str, Any]) -> str | None:
 def test_the_recorded_statuses_cover_what_a_job_goes_through():
     jobs = [load(path) for path in captured()]
     phases = {phase_of(job) for job in jobs}
-    assert {None, "Created", "Running", "Restarting", "Succeeded", "Failed", "Suspended"} <= phases, phases
+    assert {None, "Created", "Staging", "Running", "Restarting", "Succeeded", "Failed", "Suspended"} <= phases, phases
     # one was recorded between a spec change (resume) and the operator's next pass
     assert any(phase_of(job) and job["status"]["observedGeneration"] < job["metadata"]["generation"]
                for job in jobs)
@@ -157,7 +158,9 @@ def test_health_of_a_recorded_job(healthcheck, path):
         return
     assert health["status"] == HEALTH_BY_PHASE[phase], health
     assert message.startswith(f"{phase}: "), message
-    if phase in ("Succeeded", "Failed", "Suspended", "Restarting", "Created"):
+    if phase == "Staging":
+        assert f"{status['progress']['text']}" in message and "s3://models/tiny-flux" in message
+    if phase in ("Succeeded", "Failed", "Suspended", "Restarting", "Created", "Staging"):
         condition = true_condition(status, phase)
         reason = "" if condition["reason"] == phase else f"{condition['reason']}: "
         assert f"{phase}: {reason}{condition['message']}" in message

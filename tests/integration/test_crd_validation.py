@@ -163,6 +163,16 @@ def test_cpu_only_job_with_ddp_is_accepted(local_cluster, ns):
     assert result.returncode == 0, result.stderr
 
 
+def test_hub_modelscope_and_archive_uris_are_accepted(local_cluster, ns):
+    job = with_changes({"spec.model.uri": "modelscope://MusePublic/FLUX.1-dev@master",
+                        "spec.dataset.uri": "https://data.example.com/cats.tar.gz#sha256=" + "0" * 64,
+                        "spec.output.uri": "hf://me/cats-lora@main/run-1",
+                        "spec.output.checkpointUri": "s3://ckpt/cats",
+                        "spec.output.modelscopeModelId": "me/cats-lora"})
+    result = apply(local_cluster, ns, [job], "--dry-run=server")
+    assert result.returncode == 0, result.stderr
+
+
 # --- bad jobs ----------------------------------------------------------------------------------
 
 BAD_JOBS = [
@@ -261,6 +271,8 @@ BAD_JOBS = [
      {"spec.resources.env": [{"name": "HF_TOKEN", "value": "x",
                               "valueFrom": {"secretKeyRef": {"name": "hub", "key": "token"}}}]},
      "spec.resources.env[0]", "not both"),
+    ("a model on an unknown scheme is refused",
+     {"spec.model.uri": "ftp://models/flux"}, "spec.model.uri", "modelscope://owner/name"),
     ("checkpoints on the Hugging Face Hub are refused",
      {"spec.output.checkpointUri": "hf://org/ckpt"}, "spec.output.checkpointUri", "shared mounted volume"),
     ("a ModelScope id without an owner is refused",
@@ -579,6 +591,19 @@ def test_status_written_like_the_operator_and_trainer_shows_in_kubectl_get(local
     assert row.split()[:6] == ["printed", "Running", "2/2", "120/500", "0.0923", "1"]
     wide = local_cluster.kubectl("get", contract.SHORT_NAME, "printed", "-n", ns, "-o", "wide", check=True)
     assert "FAMILY" in wide.stdout and "flux" in wide.stdout
+
+
+def test_a_staging_job_shows_its_download_in_kubectl_get_and_keeps_every_staging_field(local_cluster, ns):
+    apply(local_cluster, ns, [minimal_job("staging")]).check_returncode()
+    report = contract.Staging(attempt=1, input="model", uri="s3://models/flux", bytesDone=13_107_200,
+                              bytesTotal=356_725_146, cached=False, complete=False, updatedAt=contract.utc_now_iso())
+    status = {"phase": "Staging", "attempt": 1, "readyNodes": "2/2", "progress": report.to_status()}
+    local_cluster.kubectl("patch", contract.SHORT_NAME, "staging", "-n", ns, "--subresource=status",
+                          "--type=merge", "-p", json.dumps({"status": status}), check=True)
+    stored = local_cluster.get_json(contract.SHORT_NAME, "staging", namespace=ns)["status"]
+    assert stored == status, "the structural status schema dropped or changed a staging field"
+    row = local_cluster.kubectl("get", contract.SHORT_NAME, "staging", "-n", ns, check=True).stdout.splitlines()[1]
+    assert row.split()[:5] == ["staging", "Staging", "2/2", "model", "12.5/340.2"], row
 
 
 def test_status_with_an_unknown_phase_is_refused(local_cluster, ns):

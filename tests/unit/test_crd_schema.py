@@ -270,7 +270,7 @@ def test_status_is_structural_not_preserve_unknown(root):
     status = root["properties"]["status"]
     assert "x-kubernetes-preserve-unknown-fields" not in status
     assert set(status["properties"]) >= {*st.OPERATOR_KEYS, "progress", "artifacts"}
-    phases = {st.PENDING, st.CREATED, st.RUNNING_PHASE, st.RESTARTING, st.SUCCEEDED_PHASE, st.FAILED,
+    phases = {st.PENDING, st.CREATED, st.STAGING, st.RUNNING_PHASE, st.RESTARTING, st.SUCCEEDED_PHASE, st.FAILED,
               st.SUSPENDED, st.QUEUED}
     assert set(status["properties"]["phase"]["enum"]) == phases
 

@@ -37,9 +37,9 @@ IMAGES = {
     "lorakube_trainer": {"packages": {"lorakube_trainer", "lorakube_api"}, "extras": ("trainer", "deepspeed")},
 }
 OWN_PACKAGES = set(PACKAGE_DIRS)
-# Imported lazily inside a branch that the code guards, with a clear error when absent: the
-# ModelScope upload of the original framework's --modelscope_model_id (an optional install).
-OPTIONAL_IMPORTS = {"lorakube_trainer": {"modelscope"}}
+# Imported lazily inside a branch that the code guards, with a clear error when absent (none today:
+# modelscope, once optional, is in the trainer extra).
+OPTIONAL_IMPORTS: dict[str, set[str]] = {}
 
 
 def _requirement_names(extras: tuple[str, ...]) -> set[str]:

@@ -176,6 +176,12 @@ def test_node_flag_parsing() -> None:
     assert NodeSpec.from_arg(NodeSpec("n2", gpus=1).to_arg()) == NodeSpec("n2", gpus=1)
     with pytest.raises(ValueError, match="gpus must be an integer"):
         NodeSpec.from_arg("n0:x")
+    assert NodeSpec.from_arg("n3::::600") == NodeSpec("n3", pods=600)
+    assert NodeSpec.from_arg("n3::::600").resources()["pods"] == "600"
+    assert NodeSpec("n4").resources()["pods"] == "110"  # kubelet's default
+    assert NodeSpec.from_arg(NodeSpec("n5", pods=900).to_arg()) == NodeSpec("n5", pods=900)
+    with pytest.raises(ValueError, match="pods must be a positive integer"):
+        NodeSpec.from_arg("n0:0:8:32Gi:0")
 
 
 def test_mountinfo_mount_points_decode_escapes() -> None:

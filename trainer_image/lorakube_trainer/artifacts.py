@@ -176,21 +176,3 @@ def write_manifest(output: Path, names: Iterable[str]) -> dict[str, Any]:
     body = {"files": files}
     write_json(output / contract.ARTIFACT_MANIFEST, body)
     return body
-
-
-def upload_to_modelscope(output: Path, model_id: str, token: str, names: Iterable[str]) -> None:
-    """Push the final files (not the checkpoints) to a ModelScope model repo (config.py checked at
-    parse time that the package is installed)."""
-    from modelscope.hub.api import HubApi
-    import shutil
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp)
-        for name in names:
-            shutil.copy2(output / name, folder / name)
-        (folder / "configuration.json").write_text(
-            json.dumps({"framework": "Pytorch", "task": "text-to-image-synthesis"}))
-        api = HubApi()
-        api.login(token)
-        api.push_model(model_id=model_id, model_dir=str(folder))

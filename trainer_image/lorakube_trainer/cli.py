@@ -16,7 +16,7 @@ import logging
 import os
 import signal
 import sys
-from typing import TYPE_CHECKING, Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping, MutableMapping, Sequence
 
 from lorakube_api import contract
 
@@ -73,6 +73,23 @@ def _preflight(cfg: TrainConfig, topology: Topology, env: Mapping[str, str]) -> 
     return None
 
 
+def _stage_inputs(cfg: TrainConfig, topology: Topology, env: MutableMapping[str, str]) -> int | None:
+    """The pod's second stage, still before torch loads: remote inputs into the node's cache, with
+    node 0 reporting the bytes, so the job's Staging phase is the download and not the imports, and
+    the local ranks started next find the inputs there. A process some other launcher started
+    (torchrun's workers) stages and reports in train.run instead."""
+    from . import remote
+
+    if "LOCAL_RANK" in env:
+        return None
+    try:
+        remote.stage_inputs(cfg, env, report=topology.node_rank == 0)
+    except StorageError as exc:
+        return _fail(contract.EXIT_USER_ERROR, f"storage: {exc}")
+    env[remote.ENV_INPUTS_STAGED] = str(os.getpid())
+    return None
+
+
 def run_cli(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -101,6 +118,9 @@ def run_cli(argv: Sequence[str] | None = None) -> int:
     env = dict(os.environ)
     if not preflight.skip_in(env):
         env.update(preflight.dataset_checked_env(cfg))     # every image was read once, above
+    failed = _stage_inputs(cfg, topology, env)
+    if failed is not None:
+        return failed
     if launcher.should_launch(topology, env):
         # Decided without torch: the launcher loads nothing heavy, its local ranks start at once.
         return launcher.launch(topology, env)

@@ -23,6 +23,7 @@ from . import storage
 # Original flag names that are not in contract.TRAINING_FLAGS but the operator never passes.
 FLAG_MODELSCOPE_MODEL_ID = "--modelscope_model_id"
 FLAG_MODELSCOPE_ACCESS_TOKEN = "--modelscope_access_token"
+ENV_MODELSCOPE_TOKEN = "MODELSCOPE_API_TOKEN"
 
 RESUME_AUTO = "auto"
 RESUME_NEVER = "never"
@@ -350,15 +351,26 @@ def _validate(ns: argparse.Namespace, env: dict[str, str]) -> TrainConfig:
     if not timeout > 0:
         raise ConfigError("--rendezvous_timeout", f"must be > 0 seconds, got {timeout}")
 
-    if bool(ns.modelscope_model_id) != bool(ns.modelscope_access_token):
-        raise ConfigError(FLAG_MODELSCOPE_MODEL_ID,
-                          f"the upload needs both {FLAG_MODELSCOPE_MODEL_ID} and {FLAG_MODELSCOPE_ACCESS_TOKEN}")
+    # The token comes from the flag or, under the operator, from MODELSCOPE_API_TOKEN in the Secret.
+    # (The output's Secret arrives with its role prefix, storage.role_env.)
+    if ns.modelscope_model_id and not (ns.modelscope_access_token
+                                       or storage.role_env(env, "output").get(ENV_MODELSCOPE_TOKEN)):
+        raise ConfigError(FLAG_MODELSCOPE_MODEL_ID, f"the upload needs a token: {FLAG_MODELSCOPE_ACCESS_TOKEN} or "
+                          f"{ENV_MODELSCOPE_TOKEN} in the environment")
+    if ns.modelscope_access_token and not ns.modelscope_model_id:
+        raise ConfigError(FLAG_MODELSCOPE_ACCESS_TOKEN, f"is only used with {FLAG_MODELSCOPE_MODEL_ID}")
     # The upload runs after the whole training: find out now that it could not.
     if ns.modelscope_model_id and importlib.util.find_spec("modelscope") is None:
         raise ConfigError(FLAG_MODELSCOPE_MODEL_ID,
                           "the upload needs the `modelscope` package, which is not installed here; install it into "
                           "the image (pip install modelscope) or drop the flag")
 
+    if ns.checkpoint_dir is None and storage.scheme(output_path) == "hf":
+        raise ConfigError(contract.FLAG_CHECKPOINT_DIR, f"is required when {contract.FLAG_OUTPUT_PATH} is an hf:// repo "
+                          "(checkpoints are not written to a Hub repo); give a shared volume path or s3://bucket/prefix")
+    if storage.scheme(ns.checkpoint_dir or "") not in ("", "s3"):
+        raise ConfigError(contract.FLAG_CHECKPOINT_DIR, f"{ns.checkpoint_dir} is not supported; checkpoints go to a "
+                          "shared volume path or s3://bucket/prefix")
     lora = ns.pretrained_lora_path
     if lora and not storage.is_remote(lora) and not Path(lora).exists():
         raise ConfigError(contract.FLAG_PRETRAINED_LORA_PATH,

@@ -15,6 +15,7 @@ PIPELINE_FAMILIES = {
     "StableDiffusion3Pipeline": "sd3",
     "KolorsPipeline": "kolors",
     "HunyuanDiTPipeline": "hunyuan-dit",
+    "Flux2KleinPipeline": "flux2-klein",
     "ZImagePipeline": "z-image",
 }
 FAMILY_PIPELINES = {family: cls for cls, family in PIPELINE_FAMILIES.items()}

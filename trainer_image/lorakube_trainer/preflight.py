@@ -31,7 +31,7 @@ from typing import Callable, Mapping, Sequence
 
 from lorakube_api import contract
 
-from . import storage
+from . import locations, storage
 from .config import TrainConfig
 from .dataset_layout import ENV_DATASET_CHECKED, DatasetError, find_dataset, load_records
 from .distributed import Topology
@@ -57,12 +57,12 @@ def _reason(exc: OSError) -> str:
     return exc.strerror or type(exc).__name__
 
 
-def check_writable_folder(path: str | Path, code: int, check: str) -> None:
+def check_writable_folder(path: str | Path, code: int, check: str, role: str = "output") -> None:
     """The folder can take new files: it exists, or its nearest existing parent lets this process
     create it. A probe file is created and removed, which catches what permission bits do not show
     (read-only mounts, root-squashed NFS); the folder itself is not created."""
-    if storage.is_remote(str(path)):
-        check_remote(str(path), code, check, write=True)
+    if locations.is_remote_output(str(path)):
+        check_remote(str(path), code, check, write=True, role=role)
         return
     target = Path(path).absolute()
     existing = target
@@ -79,22 +79,44 @@ def check_writable_folder(path: str | Path, code: int, check: str) -> None:
         raise PreflightFailed(code, check, f"{target} ({_reason(exc)}{where}; uid {os.getuid()})") from exc
 
 
-def check_remote(uri: str, code: int, check: str, write: bool) -> None:
-    """s3:// locations (storage.py): inputs list at least one object, outputs take a probe object
-    (put, then deleted), so a bucket that refuses writes fails here with the URI named."""
+def check_remote(uri: str, code: int, check: str, write: bool, role: str) -> None:
+    """Remote locations (locations.py): s3:// inputs list at least one object, s3:// outputs take a
+    probe object (put, then deleted), so a bucket that refuses writes fails here with the URI named;
+    hf:// resolves the revision (and needs HF_TOKEN to write); https:// archives answer a HEAD. Each
+    with its role's credentials (storage.role_env), as training will use them."""
+    env = storage.role_env(None, role)
     try:
         if write:
-            storage.check_writable(uri)
+            locations.check_writable(uri, env)
         else:
-            storage.check_readable(uri)
+            locations.check_readable(uri, env)
     except storage.StorageError as exc:
         raise PreflightFailed(code, check, f"{uri} ({exc})") from exc
 
 
+def check_output(cfg: TrainConfig) -> None:
+    check_writable_folder(cfg.output_path, contract.EXIT_PREFLIGHT_OUTPUT, "output not writable")
+    check_modelscope(cfg)
+
+
+def check_modelscope(cfg: TrainConfig) -> None:
+    """--modelscope_model_id: the repo exists and a token is there, before any training time is spent."""
+    if not cfg.modelscope_model_id:
+        return
+    from . import modelscope_repos
+
+    try:
+        modelscope_repos.check_publishable(cfg.modelscope_model_id, cfg.modelscope_access_token,
+                                           storage.role_env(None, "output"))
+    except storage.StorageError as exc:
+        raise PreflightFailed(contract.EXIT_PREFLIGHT_OUTPUT, "ModelScope repo not writable",
+                              f"{modelscope_repos.model_uri(cfg.modelscope_model_id)} ({exc})") from exc
+
+
 def check_model(cfg: TrainConfig) -> None:
     """A diffusers pipeline folder of the declared family, its model_index.json readable."""
-    if storage.is_remote(cfg.model_path):
-        check_remote(cfg.model_path, contract.EXIT_PREFLIGHT_MODEL, "model not readable", write=False)
+    if locations.is_remote_input(cfg.model_path):
+        check_remote(cfg.model_path, contract.EXIT_PREFLIGHT_MODEL, "model not readable", write=False, role="model")
         return
     try:
         check_pipeline_folder(cfg.model_path, cfg.model_family)
@@ -112,9 +134,11 @@ def check_dataset(cfg: TrainConfig) -> None:
     there: the one stage that reads the whole dataset, once per pod, before torch loads. A folder
     holding no dataset fails as "dataset not readable" (EXIT_PREFLIGHT_DATASET); a malformed one
     names the file or row (EXIT_DATASET_ERROR, as when the loader meets a bad image later).
-    s3:// datasets are checked the same way after staging (train.py)."""
-    if storage.is_remote(cfg.dataset_path):
-        check_remote(cfg.dataset_path, contract.EXIT_PREFLIGHT_DATASET, "dataset not readable", write=False)
+    Remote datasets (s3://, hf://, modelscope://, https://) are checked the same way after staging
+    (train.py)."""
+    if locations.is_remote_input(cfg.dataset_path):
+        check_remote(cfg.dataset_path, contract.EXIT_PREFLIGHT_DATASET, "dataset not readable", write=False,
+                     role="dataset")
         return
     try:
         found = find_dataset(cfg.dataset_path, cfg.dataset_format)
@@ -138,7 +162,7 @@ def check_dataset(cfg: TrainConfig) -> None:
 def dataset_checked_env(cfg: TrainConfig) -> dict[str, str]:
     """What tells the training processes of this pod that check_dataset read every image already,
     so they list the records without opening each image again (once per pod, not once per rank)."""
-    return {} if storage.is_remote(cfg.dataset_path) else {ENV_DATASET_CHECKED: cfg.dataset_path}
+    return {} if locations.is_remote_input(cfg.dataset_path) else {ENV_DATASET_CHECKED: cfg.dataset_path}
 
 
 def expected_gpus(cfg: TrainConfig, topology: Topology) -> int:
@@ -219,10 +243,11 @@ class Check:
 
 
 def checks(cfg: TrainConfig, topology: Topology, dns_wait_seconds: float = DNS_WAIT_SECONDS) -> list[Check]:
-    """In order: local and instant first, the one that may wait last."""
+    """In order: local and instant first, the one that may wait last. A remote output is checked on
+    node 0 only: only rank 0 writes it, and the other pods may lack its Secret (builders.py)."""
+    remote_output_elsewhere = locations.is_remote_output(cfg.output_path) and topology.node_rank != 0
     return [
-        Check("output", lambda: check_writable_folder(cfg.output_path, contract.EXIT_PREFLIGHT_OUTPUT,
-                                                      "output not writable")),
+        *([] if remote_output_elsewhere else [Check("output", lambda: check_output(cfg))]),
         Check("checkpoint", lambda: check_writable_folder(cfg.checkpoint_dir, contract.EXIT_PREFLIGHT_CHECKPOINT,
                                                           "checkpoint not writable")),
         Check("model", lambda: check_model(cfg)),

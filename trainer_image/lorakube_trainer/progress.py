@@ -182,15 +182,19 @@ class ProgressReporter:
 
 
 def publish_artifacts(output_uri: str, files: dict[str, dict[str, object]],
-                      env: Mapping[str, str] | None = None) -> bool:
+                      env: Mapping[str, str] | None = None,
+                      also: Mapping[str, dict[str, dict[str, object]]] | None = None) -> bool:
     """Rank 0, after the manifest is written: list every published file with its sha256 and size in
-    status.artifacts, so `kubectl get ltj -o yaml` says where the LoRA is and how to verify it."""
+    status.artifacts, so `kubectl get ltj -o yaml` says where the LoRA is and how to verify it.
+    `also`: other destinations (a ModelScope repo) -> the files verified there."""
     target = api_target_from_env(os.environ if env is None else env)
     if target is None:
         return False
+    entries = contract.artifacts_status(output_uri, files)
+    for uri, more in (also or {}).items():
+        entries += contract.artifacts_status(uri, more)
     # Written once, after the run: a lost write would leave a Succeeded job without its artifact list.
-    return StatusPatcher(target).patch_status({"artifacts": contract.artifacts_status(output_uri, files)},
-                                              FINAL_WRITE_ATTEMPTS)
+    return StatusPatcher(target).patch_status({"artifacts": entries}, FINAL_WRITE_ATTEMPTS)
 
 
 def reporter_from_env(total_steps: int, env: Mapping[str, str] | None = None,

@@ -9,7 +9,8 @@ publish what they wrote:
     <checkpoint URI>/step-000000120/COMPLETE.json    uploaded last, by rank 0
 
 A prefix without COMPLETE.json is never resumed from (an upload cut short), exactly like a local
-folder without its marker. Resume fetches the newest complete step into the local folder, where
+folder without its marker. Each location is accessed with its role's credentials (storage.role_env):
+the model's and the dataset's for the inputs, the output's for the output and the checkpoints. Resume fetches the newest complete step into the local folder, where
 checkpoint.resolve_resume verifies every file's sha256 against the marker as for a local run.
 """
 
@@ -18,45 +19,85 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from lorakube_api import contract
 
-from . import storage
+from . import hubs, input_cache, locations, staging, storage
 from .config import RESUME_AUTO, TrainConfig
 
 log = logging.getLogger(__name__)
 
 
-def localize(cfg: TrainConfig, env: Mapping[str, str] | None = None) -> tuple[TrainConfig, storage.Locations]:
-    """The same config with every remote location replaced by a local folder, and the URIs given."""
+def _output_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
+    return storage.role_env(env, "output")
+
+
+# Set by the pod's first process once it staged the inputs (cli.py), to its own process id: that
+# process (training itself) and the local ranks it starts do not report the staging again. A pid
+# and not "1", so that a value from the job's env (another process's) never counts.
+ENV_INPUTS_STAGED = "LORAKUBE_INPUTS_STAGED_BY"
+
+
+def inputs_staged_by_this_pod(env: Mapping[str, str]) -> bool:
+    return env.get(ENV_INPUTS_STAGED) in (str(os.getpid()), str(os.getppid()))
+
+
+def stage_inputs(cfg: TrainConfig, env: Mapping[str, str] | None = None, report: bool = False) -> dict[str, str]:
+    """Stage the remote model and dataset into the node's cache: {"model_path": folder, ...}. With
+    `report` (rank 0's pod) each input's bytes are reported (staging.py, the job's Staging phase)."""
+    inputs = [(name, uri) for name, uri in (("model", cfg.model_path), ("dataset", cfg.dataset_path))
+              if locations.is_remote_input(uri)]
+    reporter = staging.reporter_from_env(env) if report and inputs else None
+    folders = {}
+    for index, (name, uri) in enumerate(inputs):
+        if reporter is not None:
+            reporter.begin(name, uri)
+        folder = locations.stage_input(uri, storage.role_env(env, name),
+                                       on_bytes=None if reporter is None else reporter.on_bytes)
+        if reporter is not None:
+            reporter.end(input_cache.entry_bytes(folder), complete=index == len(inputs) - 1)
+        folders[f"{name}_path"] = str(folder)
+    return folders
+
+
+def localize(cfg: TrainConfig, env: Mapping[str, str] | None = None, node_rank: int = 0,
+             report_staging: bool = False) -> tuple[TrainConfig, storage.Locations]:
+    """The same config with every remote location replaced by a local folder, and the URIs given.
+    Only node 0 writes the output (artifacts, metrics): the other nodes never read it, and their pods
+    get the output's Secret only when the checkpoints are remote too. With `report_staging` (rank 0)
+    the staging of the inputs is reported (staging.py)."""
     where = storage.Locations(
-        model=cfg.model_path if storage.is_remote(cfg.model_path) else "",
-        dataset=cfg.dataset_path if storage.is_remote(cfg.dataset_path) else "",
-        output=cfg.output_path if storage.is_remote(cfg.output_path) else "",
+        model=cfg.model_path if locations.is_remote_input(cfg.model_path) else "",
+        dataset=cfg.dataset_path if locations.is_remote_input(cfg.dataset_path) else "",
+        output=cfg.output_path if locations.is_remote_output(cfg.output_path) else "",
         checkpoints=cfg.checkpoint_dir if storage.is_remote(cfg.checkpoint_dir) else "",
     )
     changes: dict[str, str] = {}
     if cfg.pretrained_lora_path and storage.is_remote(cfg.pretrained_lora_path):
-        # A folder in a bucket (an earlier run's output), staged like the model.
-        changes["pretrained_lora_path"] = str(storage.stage_input(cfg.pretrained_lora_path, env))
+        # A folder in a bucket (an earlier run's output), staged like the model with its Secret (not
+        # reported: the job's Staging phase is about the model and the dataset).
+        changes["pretrained_lora_path"] = str(storage.stage_input(cfg.pretrained_lora_path,
+                                                                  storage.role_env(env, "model")))
     if not where.any:
         return dataclasses.replace(cfg, **changes), where
-    if where.model:
-        changes["model_path"] = str(storage.stage_input(where.model, env))
-    if where.dataset:
-        changes["dataset_path"] = str(storage.stage_input(where.dataset, env))
-    if where.output:
+    changes.update(stage_inputs(cfg, env, report_staging))
+    if where.output and locations.is_hub(where.output):
+        # A Hub repo takes the artifacts at the end only (hubs.py): a working folder that is not
+        # registered as a bucket prefix, so no metrics are published there with the checkpoints.
+        changes["output_path"] = str(hubs.work_folder(where.output, env))
+    elif where.output:
         local_output = storage.work_folder("outputs", where.output, env)
         changes["output_path"] = str(local_output)
-        if cfg.resume == RESUME_AUTO:
-            fetch_metrics(where.output, local_output, env)
+        if cfg.resume == RESUME_AUTO and node_rank == 0:
+            fetch_metrics(where.output, local_output, _output_env(env))
     if where.checkpoints:
         local = storage.work_folder("checkpoints", where.checkpoints, env)
         changes["checkpoint_dir"] = str(local)
         if cfg.resume == RESUME_AUTO:
-            fetch_latest_checkpoint(where.checkpoints, local, env)
+            fetch_latest_checkpoint(where.checkpoints, local, _output_env(env))
     return dataclasses.replace(cfg, **changes), where
 
 
@@ -115,7 +156,7 @@ def publish_rank_files(local_root: Path, tmp: Path, step: int, names: Iterable[s
     """A rank whose node does not see rank 0's folder uploads its own per-rank files."""
     uri = storage.remote_of(local_root)
     assert uri is not None
-    storage.upload_rank_files(tmp, storage.join(uri, contract.checkpoint_dir_name(step)), names)
+    storage.upload_rank_files(tmp, storage.join(uri, contract.checkpoint_dir_name(step)), names, _output_env())
 
 
 def collect_rank_files(local_root: Path, tmp: Path, step: int, world_size: int) -> None:
@@ -125,10 +166,11 @@ def collect_rank_files(local_root: Path, tmp: Path, step: int, world_size: int) 
     uri = storage.remote_of(local_root)
     assert uri is not None
     prefix = storage.join(uri, contract.checkpoint_dir_name(step))
-    present = set(storage.list_remote(prefix))
+    env = _output_env()
+    present = set(storage.list_remote(prefix, env))
     wanted = [name for rank in range(world_size) for name in (ckpt.rng_file(rank), ckpt.optimizer_file(rank))
               if name in present and not (tmp / name).exists()]
-    storage.download_files(prefix, tmp, wanted)
+    storage.download_files(prefix, tmp, wanted, env)
 
 
 METRICS_FILES = (contract.ARTIFACT_METRICS, contract.ARTIFACT_TIMINGS)
@@ -149,24 +191,27 @@ def publish_metrics(local_output: Path) -> None:
     if uri is None:
         return
     present = [name for name in METRICS_FILES if (local_output / name).is_file()]
-    storage.upload_rank_files(local_output, uri, present)
+    storage.upload_rank_files(local_output, uri, present, _output_env())
 
 
 def publish_checkpoint(local_root: Path, folder: Path, keep: int) -> None:
     """Rank 0, after checkpoint.finalize: upload, then prune the bucket as the local folder is pruned."""
     uri = storage.remote_of(local_root)
     assert uri is not None
-    storage.upload_checkpoint(folder, storage.join(uri, folder.name))
+    env = _output_env()
+    storage.upload_checkpoint(folder, storage.join(uri, folder.name), env)
     log.info("checkpoint %s uploaded to %s", folder.name, uri)
-    for step in _complete_steps(uri, None)[keep:]:
+    for step in _complete_steps(uri, env)[keep:]:
         storage.remove_prefix(storage.join(uri, contract.checkpoint_dir_name(step)),
-                              first=contract.CHECKPOINT_COMPLETE_MARKER)
+                              first=contract.CHECKPOINT_COMPLETE_MARKER, env=env)
 
 
 def publish_artifacts(local: Path, uri: str, manifest: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     """Upload every file the manifest lists, each verified (HEAD size + sha256 read back), then the
     manifest. Returns what may be reported as artifacts: only objects that were verified."""
-    fs = storage.filesystem()
+    if locations.is_hub(uri):
+        return hubs.publish_artifacts(local, uri, [*manifest["files"], contract.ARTIFACT_MANIFEST], _output_env())
+    fs = storage.filesystem(_output_env())
     verified: dict[str, dict[str, Any]] = {}
     for name, entry in sorted(manifest["files"].items()):
         storage.upload_verified(fs, local / name, storage.join(uri, name), entry["sha256"])

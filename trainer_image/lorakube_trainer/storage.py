@@ -7,6 +7,7 @@ of the trainer works on local folders only; this module maps each remote URI to 
   default /tmp/lorakube-cache): the folder is keyed by the URI and the objects' ETags, filled in a
   temporary folder and renamed when complete (a partial download is never used), under a file lock
   (local ranks and a second job on the node wait for the first download instead of repeating it);
+  input_cache.py keeps that cache under LORAKUBE_CACHE_MAX_BYTES and reports bytes to `on_bytes`;
 - the output and the checkpoint folder are local working folders whose contents are uploaded:
   checkpoints objects first and COMPLETE.json last, artifacts each verified by a HEAD (size) and a
   sha256 read-back, manifest.json last.
@@ -14,7 +15,9 @@ of the trainer works on local folders only; this module maps each remote URI to 
 Settings come from the environment only, so that nothing secret passes through flags, the config
 or the logs: the standard AWS variables for credentials (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
 AWS_SESSION_TOKEN), AWS_ENDPOINT_URL (or AWS_ENDPOINT_URL_S3) for a non-AWS endpoint,
-AWS_REGION/AWS_DEFAULT_REGION, and LORAKUBE_S3_ADDRESSING_STYLE=path|virtual|auto.
+AWS_REGION/AWS_DEFAULT_REGION, and LORAKUBE_S3_ADDRESSING_STYLE=path|virtual|auto. Each URI is
+accessed with its role's environment (role_env): the model's, the dataset's or the output's Secret,
+which the operator adds under its own prefix, over the unprefixed variables.
 Error messages name the URI and the failed operation, never a credential.
 """
 
@@ -28,11 +31,13 @@ import json
 import logging
 import os
 import posixpath
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, TypeVar
+
+from lorakube_api import contract
+
+from . import input_cache
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +46,7 @@ ENV_CACHE_DIR = "LORAKUBE_CACHE_DIR"
 DEFAULT_CACHE_DIR = "/tmp/lorakube-cache"
 ENV_ADDRESSING_STYLE = "LORAKUBE_S3_ADDRESSING_STYLE"
 ADDRESSING_STYLES = ("auto", "path", "virtual")
-STAGED_MARKER = ".lorakube-staged.json"
+STAGED_MARKER = input_cache.STAGED_MARKER
 # Transient failures (a restarting endpoint, a dropped connection) are retried with exponential
 # backoff; ~2 minutes in all before the upload is reported as failed.
 UPLOAD_ATTEMPTS = 8
@@ -75,6 +80,29 @@ def join(uri: str, *parts: str) -> str:
 
 def _bucket_key(uri: str) -> str:
     return str(uri).split("://", 1)[1].strip("/")
+
+
+# Taken as a group from one source, never mixed: a role's own key id with an unprefixed session
+# token would sign with a pair that does not belong together.
+CREDENTIAL_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+
+
+def role_env(env: Mapping[str, str] | None, role: str) -> dict[str, str]:
+    """The environment the URIs of one role (model, dataset, output; checkpoints are the output's)
+    are accessed with: the role's Secret (its keys under contract.SECRET_ENV_PREFIXES[role]) over the
+    unprefixed variables. Credentials come whole from the Secret when it holds any, else from the
+    unprefixed ones (an older pod spec, spec.resources.env, the AWS chain); the other roles' prefixed
+    variables are left out, so one role's client never holds another's secret."""
+    env = os.environ if env is None else env
+    prefix = contract.SECRET_ENV_PREFIXES[role]
+    prefixes = tuple(contract.SECRET_ENV_PREFIXES.values())
+    own = {name[len(prefix):]: value for name, value in env.items() if name.startswith(prefix) and name != prefix}
+    merged = {name: value for name, value in env.items() if not name.startswith(prefixes)}
+    if any(name in own for name in CREDENTIAL_VARIABLES):
+        for name in CREDENTIAL_VARIABLES:
+            merged.pop(name, None)
+    merged.update(own)
+    return merged
 
 
 def settings_from_env(env: Mapping[str, str]) -> dict[str, Any]:
@@ -112,9 +140,9 @@ def filesystem(env: Mapping[str, str] | None = None) -> Any:
 def _describe(exc: BaseException) -> str:
     """The error's class and first line: botocore messages carry no credentials, only key ids at most."""
     text = (str(exc).strip().splitlines() or [""])[0]
-    secret = os.environ.get("AWS_SECRET_ACCESS_KEY")
-    if secret and secret in text:
-        text = text.replace(secret, "***")
+    for name, secret in os.environ.items():     # every role's secret, prefixed or not
+        if name.endswith(("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")) and secret and secret in text:
+            text = text.replace(secret, "***")
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
@@ -212,41 +240,51 @@ def stage_key(uri: str, objects: Mapping[str, Mapping[str, Any]]) -> str:
     return hashlib.sha256(body).hexdigest()[:32]
 
 
-def stage_input(uri: str, env: Mapping[str, str] | None = None) -> Path:
-    """A local folder holding the objects under `uri`, downloaded at most once per node and version."""
+def stage_input(uri: str, env: Mapping[str, str] | None = None,
+                on_bytes: input_cache.ByteProgress | None = None) -> Path:
+    """A local folder holding the objects under `uri`, downloaded at most once per node and version
+    (input_cache.stage: lock, cache hit, eviction, marker); `on_bytes(done, total)` sees the bytes."""
+    env = os.environ if env is None else env
     fs = filesystem(env)
     objects = _listing(fs, uri)
-    key = stage_key(uri, objects)
-    root = cache_root(env) / "inputs"
-    final = root / key
-    with _locked(root / f"{key}.lock"):
-        if (final / STAGED_MARKER).is_file():
-            log.info("using %s staged before in %s", uri, final)
-            return final
-        root.mkdir(parents=True, exist_ok=True)
-        partial = Path(tempfile.mkdtemp(prefix=f".{key}.partial-", dir=root))
-        try:
-            total = sum(o["size"] for o in objects.values())
-            log.info("staging %s: %d objects, %d bytes", uri, len(objects), total)
-            base = _bucket_key(uri)
-            for rel, info in sorted(objects.items()):
-                target = partial / rel
-                if not target.resolve().is_relative_to(partial.resolve()):
-                    raise StorageError(f"{uri}: object name {rel!r} escapes the staging folder")
-                target.parent.mkdir(parents=True, exist_ok=True)
-                retrying("download of", f"{uri.rstrip('/')}/{rel}",
-                         lambda: fs.get_file(posixpath.join(base, rel), str(target)))
-                if target.stat().st_size != info["size"]:
-                    raise StorageError(f"{uri}/{rel}: got {target.stat().st_size} bytes, listed {info['size']}")
-            (partial / STAGED_MARKER).write_text(json.dumps({"uri": uri, "objects": objects}, sort_keys=True))
-            if final.exists():
-                shutil.rmtree(final)        # a leftover without the marker
-            os.replace(partial, final)
-        finally:
-            if partial.exists():
-                shutil.rmtree(partial, ignore_errors=True)
-        log.info("staged %s in %s", uri, final)
-        return final
+    total = sum(o["size"] for o in objects.values())
+    base = _bucket_key(uri)
+
+    def fill(partial: Path, progress: input_cache.ByteProgress) -> None:
+        log.info("staging %s: %d objects, %d bytes", uri, len(objects), total)
+        done = 0
+        progress(done, total)
+        for rel, info in sorted(objects.items()):
+            target = partial / rel
+            if not target.resolve().is_relative_to(partial.resolve()):
+                raise StorageError(f"{uri}: object name {rel!r} escapes the staging folder")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            # A retry starts the object again: its bytes count from `done` each time.
+            retrying("download of", f"{uri.rstrip('/')}/{rel}",
+                     lambda: fs.get_file(posixpath.join(base, rel), str(target),
+                                         callback=_byte_callback(lambda n: progress(done + n, total))))
+            if target.stat().st_size != info["size"]:
+                raise StorageError(f"{uri}/{rel}: got {target.stat().st_size} bytes, listed {info['size']}")
+            done += info["size"]
+            progress(done, total)
+
+    try:
+        cap = input_cache.max_bytes_from_env(env)
+    except ValueError as exc:
+        raise StorageError(str(exc)) from None
+    return input_cache.stage(cache_root(env) / "inputs", stage_key(uri, objects), uri, total, fill,
+                             on_bytes=on_bytes, cap=cap, record={"objects": objects})
+
+
+def _byte_callback(on_value: Callable[[int], None]) -> Any:
+    """An fsspec callback that passes the bytes of the current file so far to `on_value`."""
+    from fsspec.callbacks import Callback
+
+    class ByteCallback(Callback):
+        def call(self, *args: Any, **kwargs: Any) -> None:
+            on_value(int(self.value))
+
+    return ByteCallback()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -279,8 +317,6 @@ def upload_verified(fs: Any, local: Path, uri: str, sha256: str | None = None) -
 
 def upload_checkpoint(folder: Path, uri: str, env: Mapping[str, str] | None = None) -> None:
     """A finalized local checkpoint folder to `uri` (its step-NNN prefix): objects first, marker last."""
-    from lorakube_api import contract
-
     fs = filesystem(env)
     marker = folder / contract.CHECKPOINT_COMPLETE_MARKER
     files = json.loads(marker.read_text())["files"]
@@ -304,27 +340,35 @@ def download_files(uri: str, folder: Path, names: Iterable[str], env: Mapping[st
 def list_remote(uri: str, env: Mapping[str, str] | None = None) -> list[str]:
     """Names directly under a prefix (files and sub-prefixes); [] when there is nothing."""
     fs = filesystem(env)
-    try:
-        return sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(_bucket_key(uri), detail=False))
-    except FileNotFoundError:
-        return []
-    except Exception as exc:  # noqa: BLE001
-        raise StorageError(f"cannot list {uri}: {_describe(exc)}") from exc
+
+    def names() -> list[str]:
+        try:
+            return sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(_bucket_key(uri), detail=False))
+        except FileNotFoundError:
+            return []
+
+    # Retried like the uploads: pruning and resume list the bucket between two checkpoint uploads,
+    # and an endpoint restarting then must not end the run.
+    return retrying("listing of", uri, names)
 
 
 def exists(uri: str, env: Mapping[str, str] | None = None) -> bool:
-    return bool(filesystem(env).exists(_bucket_key(uri)))
+    fs = filesystem(env)
+    return retrying("existence check of", uri, lambda: bool(fs.exists(_bucket_key(uri))))
 
 
 def remove_prefix(uri: str, first: str | None = None, env: Mapping[str, str] | None = None) -> None:
     """Delete everything under `uri`; `first` (the COMPLETE marker) goes before the rest, so that a
     deletion cut short never leaves something that looks complete."""
     fs = filesystem(env)
-    if first is not None:
+
+    def gone(remove: Callable[[], Any]) -> None:
         with contextlib.suppress(FileNotFoundError):
-            fs.rm_file(_bucket_key(join(uri, first)))
-    with contextlib.suppress(FileNotFoundError):
-        fs.rm(_bucket_key(uri), recursive=True)
+            remove()
+
+    if first is not None:
+        retrying("deletion of", join(uri, first), lambda: gone(lambda: fs.rm_file(_bucket_key(join(uri, first)))))
+    retrying("deletion of", uri, lambda: gone(lambda: fs.rm(_bucket_key(uri), recursive=True)))
 
 
 def read_text(uri: str, env: Mapping[str, str] | None = None) -> str:

@@ -17,8 +17,8 @@ from lightning.pytorch.strategies import Strategy
 from lorakube_api import contract
 
 from . import checkpoint as ckpt
-from . import buckets, remote, shutdown, storage
-from .artifacts import (MetricsWriter, check_comfyui, check_loaded, save_comfyui, upload_to_modelscope,
+from . import buckets, modelscope_repos, remote, shutdown, storage
+from .artifacts import (MetricsWriter, check_comfyui, check_loaded, save_comfyui,
                         write_json, write_manifest, write_model_card)
 from .caching import cache_folder
 from .callbacks import FinalStateCallback, ResumeCallback, SigtermCallback, StepCallback
@@ -86,7 +86,10 @@ def _run(cfg: TrainConfig, env: Mapping[str, str], live: TrainingMetrics, strate
     topology = plan_topology(cfg, env)
     # s3:// model/dataset staged into this node's cache, output and checkpoints in local working
     # folders that are uploaded (remote.py); a local run passes through unchanged.
-    cfg, where = remote.localize(cfg, env)
+    # Rank 0 reports the staging of the inputs (the job's Staging phase, staging.py), unless its
+    # pod's first process staged them before torch loaded (cli.py): then they are in the cache.
+    report = _planned_global_rank(topology, env) == 0 and not remote.inputs_staged_by_this_pod(env)
+    cfg, where = remote.localize(cfg, env, topology.node_rank, report_staging=report)
     # Every image was read by this pod's preflight already, unless the dataset was staged just now.
     records = load_records(cfg.dataset_path, cfg.max_image_pixels, dataset_format=cfg.dataset_format,
                            default_caption=cfg.default_caption,
@@ -272,13 +275,17 @@ def write_artifacts(cfg: TrainConfig, family: Family, targets: list[str], state:
     manifest_file = out / contract.ARTIFACT_MANIFEST
     if where.output:
         # Listed in status only once uploaded and read back, the manifest last (remote.py).
-        publish_artifacts(where.output, remote.publish_artifacts(out, where.output, manifest))
+        output_uri, published = where.output, remote.publish_artifacts(out, where.output, manifest)
     else:
-        publish_artifacts(cfg.output_path, {**manifest["files"], manifest_file.name: {
-            "sha256": ckpt.sha256_file(manifest_file), "bytes": manifest_file.stat().st_size}})
-    if cfg.modelscope_model_id and cfg.modelscope_access_token:
-        upload_to_modelscope(out, cfg.modelscope_model_id, cfg.modelscope_access_token,
-                             names + [contract.ARTIFACT_MANIFEST])
+        output_uri, published = cfg.output_path, {**manifest["files"], manifest_file.name: {
+            "sha256": ckpt.sha256_file(manifest_file), "bytes": manifest_file.stat().st_size}}
+    publish_artifacts(output_uri, published)
+    if cfg.modelscope_model_id:
+        # The original framework's upload; listed in status too, once read back (modelscope_repos.py).
+        verified = modelscope_repos.publish_artifacts(out, cfg.modelscope_model_id, published,
+                                                      token=cfg.modelscope_access_token,
+                                                      env=storage.role_env(None, "output"))
+        publish_artifacts(output_uri, published, also={modelscope_repos.model_uri(cfg.modelscope_model_id): verified})
     return manifest
 
 

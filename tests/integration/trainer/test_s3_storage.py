@@ -196,6 +196,36 @@ def test_an_outage_during_the_upload_delays_it_and_no_manifest_exists_meanwhile(
     assert json.loads((bucket_dir / contract.ARTIFACT_MANIFEST).read_text())["files"] == files
 
 
+def test_listing_and_pruning_checkpoints_during_an_outage_wait_for_the_server(s3_server, tmp_path: Path):
+    # Between two checkpoint uploads rank 0 lists the bucket and prunes it: an endpoint restarting
+    # then delays the run (backoff, as the uploads) instead of ending it.
+    s3_server.create_bucket("blink")
+    fs = s3_server.filesystem()
+    step = f"blink/run/checkpoints/{contract.checkpoint_dir_name(2)}"
+    fs.pipe_file(f"{step}/{contract.CHECKPOINT_COMPLETE_MARKER}", b"{}")
+    fs.pipe_file(f"{step}/adapter.safetensors", b"x")
+    env = s3_server.client_env()
+    result: dict = {}
+
+    def prune() -> None:
+        try:
+            result["steps"] = remote._complete_steps("s3://blink/run/checkpoints", env)
+            storage.remove_prefix(f"s3://{step}", first=contract.CHECKPOINT_COMPLETE_MARKER, env=env)
+        except Exception as exc:  # noqa: BLE001 - reported below
+            result["error"] = exc
+
+    s3_server.stop()
+    worker = threading.Thread(target=prune)
+    worker.start()
+    time.sleep(10)                 # longer than s3fs's and botocore's own quick retries
+    assert worker.is_alive(), result
+    s3_server.restart()
+    worker.join(timeout=120)
+    assert "error" not in result, result.get("error")
+    assert result["steps"] == [2]
+    assert not fs.exists(step)
+
+
 def test_a_bucket_that_refuses_writes_fails_before_training_naming_the_uri(s3_server, buckets, tmp_path: Path):
     read_only = s3_server.sibling(tmp_path / "read-only-gateway", read_only=True)
     try:

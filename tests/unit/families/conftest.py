@@ -1,4 +1,4 @@
-"""Fixtures for the family tests: the four tiny pipelines (built once per session) and the example
+"""Fixtures for the family tests: every family's tiny pipeline (built once per session) and the example
 dataset's images at 64 px."""
 
 from __future__ import annotations

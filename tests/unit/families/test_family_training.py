@@ -4,7 +4,6 @@ then the saved LoRA files checked the way a user would check them."""
 from __future__ import annotations
 
 import dataclasses
-import re
 import time
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ import torch
 
 from lorakube_trainer.families import FAMILY_NAMES, Family, get_family, lora_keys
 from lorakube_trainer.families.common import unmatched_targets
+from lorakube_trainer.files import save_safetensors
 
 RANK, ALPHA = 4, 8.0          # alpha != rank, so a loader that ignores alpha gets a different scale
 STEPS, LR = 4, 5e-3
@@ -34,6 +34,12 @@ COMFYUI_EXAMPLE = {
     ),
     "hunyuan-dit": ("blocks.1.attn1.to_k", "base_model.model.blocks.1.attn1.Wqkv", ALPHA),
     "z-image": ("layers.1.feed_forward.w3", "lycoris_layers_1_feed_forward_w3", ALPHA),
+    "flux2-klein": ("transformer_blocks.0.attn.to_k", "lora_unet_double_blocks_0_img_attn_qkv", ALPHA),
+}
+# Families whose ComfyUI layout fuses q/k/v into one layer: the example module's fused parts, in order.
+COMFYUI_FUSED = {
+    "hunyuan-dit": [f"blocks.1.attn1.{m}" for m in ("to_q", "to_k", "to_v")],
+    "flux2-klein": [f"transformer_blocks.0.attn.{m}" for m in ("to_q", "to_k", "to_v")],
 }
 
 
@@ -46,6 +52,9 @@ class Trained:
     before: dict[str, torch.Tensor]
     after: dict[str, torch.Tensor]
     losses: list[float]
+    # The loss on the fixed batch with fixed noise and timesteps (seeded_loss), before and after training.
+    fixed_before: float
+    fixed_after: float
     lora_file: Path
     seconds: float
 
@@ -67,6 +76,8 @@ def trained(request, tiny_models, example_batch, tmp_path_factory) -> Trained:
     denoiser = family.denoiser(pipe)
     family.add_lora(denoiser, RANK, ALPHA, list(family.default_lora_targets))
     before = {k: v.clone() for k, v in family.lora_state_dict(denoiser).items()}
+    with torch.no_grad():
+        fixed_before = seeded_loss(family, pipe, latents, cond).item()
     optimizer = torch.optim.AdamW([p for p in denoiser.parameters() if p.requires_grad], lr=LR)
     denoiser.train()
     torch.manual_seed(0)
@@ -78,10 +89,13 @@ def trained(request, tiny_models, example_batch, tmp_path_factory) -> Trained:
         optimizer.zero_grad()
         losses.append(loss.item())
     denoiser.eval()
+    with torch.no_grad():
+        fixed_after = seeded_loss(family, pipe, latents, cond).item()
     after = family.lora_state_dict(denoiser)
     lora_file = tmp_path_factory.mktemp(name) / "pytorch_lora_weights.safetensors"
     family.save_diffusers_lora(after, lora_file, RANK, ALPHA)
-    return Trained(family, pipe, latents, cond, before, after, losses, lora_file, time.perf_counter() - start)
+    return Trained(family, pipe, latents, cond, before, after, losses, fixed_before, fixed_after, lora_file,
+                   time.perf_counter() - start)
 
 
 def test_training_gives_finite_fp32_losses_and_moves_lora_b(trained):
@@ -94,25 +108,9 @@ def test_training_gives_finite_fp32_losses_and_moves_lora_b(trained):
 
 
 def test_a_few_steps_lower_the_loss_on_the_fixed_batch(trained):
-    """Overfitting the two example images: with the same noise and timesteps (four seeds), the
-    trained LoRA gives a lower loss than the untrained one (B = 0, i.e. the base model)."""
-    family, denoiser = trained.family, trained.family.denoiser(trained.pipe)
-
-    def mean_loss() -> float:
-        with torch.no_grad():
-            return sum(seeded_loss(family, trained.pipe, trained.latents, trained.cond, seed).item()
-                       for seed in range(4)) / 4
-
-    after = mean_loss()
-    # trained.after shares storage with the LoRA parameters: restore from a copy.
-    trained_state = {k: v.clone() for k, v in trained.after.items()}
-    family.set_lora_state_dict(denoiser, trained.before)
-    try:
-        before = mean_loss()
-    finally:
-        family.set_lora_state_dict(denoiser, trained_state)
-    assert all(torch.equal(v, trained_state[k]) for k, v in family.lora_state_dict(denoiser).items())
-    assert after < before, (before, after)
+    """Overfitting the two example images: with the same noise and timesteps, the trained LoRA denoises
+    them better than the base model (the per-step losses draw fresh noise, so they are not compared)."""
+    assert trained.fixed_after < trained.fixed_before, (trained.fixed_before, trained.fixed_after)
 
 
 def test_only_lora_parameters_train_and_they_are_fp32(trained):
@@ -164,15 +162,33 @@ def test_comfyui_export_names_alpha_and_weights(trained):
     assert {v.item() for k, v in out.items() if k.endswith(".alpha")} == {ALPHA}
     suffixes = {k.rsplit(".", 2)[-2] + "." + k.rsplit(".", 1)[-1] if k.endswith(".weight") else "alpha" for k in out}
     assert suffixes == {"lora_down.weight", "lora_up.weight", "alpha"}
-    if family.name != "hunyuan-dit":
+    if family.name not in COMFYUI_FUSED:
         assert len(out) == 3 * len(lora_keys.peft_modules(trained.after))
         a, b = trained.after[f"{module}.lora_A.weight"], trained.after[f"{module}.lora_B.weight"]
         assert torch.allclose(lora_keys.kohya_delta(out, name), (ALPHA / RANK) * b @ a, atol=1e-6)
     else:
-        parts = [f"blocks.1.attn1.{m}" for m in ("to_q", "to_k", "to_v")]
+        parts = COMFYUI_FUSED[family.name]
+        assert module in parts
         expected = torch.cat([(ALPHA / RANK) * trained.after[f"{p}.lora_B.weight"] @ trained.after[f"{p}.lora_A.weight"]
                               for p in parts])
         assert torch.allclose(lora_keys.kohya_delta(out, name), expected, atol=1e-6)
+
+
+def test_flux2_comfyui_file_loads_through_diffusers_kohya_reader_like_the_diffusers_file(trained, tiny_models,
+                                                                                      tmp_path):
+    """The BFL/kohya names of the FLUX.2 export are the ones diffusers' own kohya FLUX.2 converter reads:
+    loading that file gives the same denoiser as loading the diffusers-layout file."""
+    family = trained.family
+    if family.name != "flux2-klein":
+        pytest.skip("diffusers reads kohya-named files of this layout for FLUX.2 only")
+    path = tmp_path / "comfyui.safetensors"
+    save_safetensors(family.to_comfyui(trained.after, RANK, ALPHA), path, {})
+    fresh = family.load_pipeline(tiny_models[family.name], torch.float32)
+    family.load_lora_into_pipeline(fresh, path)
+    with torch.no_grad():
+        loaded = seeded_loss(family, fresh, trained.latents, trained.cond)
+        reference = seeded_loss(family, trained.pipe, trained.latents, trained.cond)
+    assert loaded.item() == pytest.approx(reference.item(), rel=1e-5, abs=1e-7)
 
 
 def test_lora_state_round_trips_into_a_fresh_denoiser(trained, tiny_models):
@@ -284,64 +300,3 @@ def test_a_non_square_bucket_trains(tiny_models, example_batch, name):
         assert grads and all(torch.isfinite(g).all() for g in grads)
         denoiser.zero_grad(set_to_none=True)
 
-
-_FRESH_PROCESS_CHECK = r"""
-import json, logging, sys, warnings
-import numpy as np, torch, diffusers
-from diffusers.utils import logging as dlogging
-
-folder, lora, cls, kwargs = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
-records = []
-handler = logging.Handler()
-handler.emit = lambda r: records.append(r.getMessage())
-for name in ("diffusers", "peft", "transformers"):
-    logging.getLogger(name).addHandler(handler)
-dlogging.set_verbosity_warning()
-pipe = getattr(diffusers, cls).from_pretrained(folder, dtype=torch.float32)
-pipe.set_progress_bar_config(disable=True)
-
-def image():
-    g = torch.Generator("cpu").manual_seed(1)
-    return pipe(prompt="a red circle", height=64, width=64, num_inference_steps=2, generator=g,
-                output_type="np", **kwargs).images[0]
-
-base = image()
-records.clear()
-with warnings.catch_warnings(record=True) as caught:
-    warnings.simplefilter("always")
-    pipe.load_lora_weights(lora)
-messages = records + [str(w.message) for w in caught]
-print(json.dumps({"messages": messages, "changed": bool(np.abs(image() - base).max() > 0)}))
-"""
-
-
-@pytest.mark.parametrize("name", [
-    pytest.param(n, marks=() if n == "z-image" else pytest.mark.slow) for n in FAMILY_NAMES])
-def test_saved_lora_loads_in_a_fresh_process_with_no_key_warnings_and_changes_the_image(tiny_models, name, tmp_path):
-    """What a user does with the file: a new Python process, the family's diffusers pipeline class,
-    `load_lora_weights`, no warning about unexpected or missing keys, a different image."""
-    import json
-    import subprocess
-    import sys
-
-    family = get_family(name)
-    if family.name == "hunyuan-dit":
-        pytest.skip("diffusers has no LoRA loader for Hunyuan-DiT (peft's inject_adapter_in_model loads it)")
-    denoiser = family.denoiser(family.load_pipeline(tiny_models[name], torch.float32))
-    family.add_lora(denoiser, RANK, ALPHA, list(family.default_lora_targets))
-    torch.manual_seed(0)
-    state = {k: torch.randn_like(v) * 0.1 for k, v in family.lora_state_dict(denoiser).items()}
-    lora = tmp_path / "pytorch_lora_weights.safetensors"
-    family.save_diffusers_lora(state, lora, RANK, ALPHA)
-    done = subprocess.run(
-        [sys.executable, "-c", _FRESH_PROCESS_CHECK, str(tiny_models[name]), str(lora), family.pipeline_class_name,
-         json.dumps(family.generate_kwargs())],
-        capture_output=True, text=True, timeout=300, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
-    # diffusers notes, for pipelines with a text-encoder LoRA loader, that the file trains no text
-    # encoder: true and harmless. Any other message about keys (unexpected, missing) fails.
-    key_warnings = [m for m in result["messages"] if "key" in m.lower()
-                    and not re.match(r"No LoRA keys associated to \w+ found with the prefix='text_encoder", m)]
-    assert key_warnings == [], key_warnings
-    assert result["changed"]

@@ -19,6 +19,9 @@ ORIGINAL_DEFAULTS = {
     "sd3": "a_to_qkv,b_to_qkv,norm_1_a.linear,norm_1_b.linear,a_to_out,b_to_out,ff_a.0,ff_a.2,ff_b.0,ff_b.2",
     "kolors": "to_q,to_k,to_v,to_out",
     "hunyuan-dit": "to_q,to_k,to_v,to_out",
+    # DiffSynth-Studio's FLUX.2 klein example already uses diffusers' names (one to_out per single block).
+    "flux2-klein": "to_q,to_k,to_v,to_out.0,add_q_proj,add_k_proj,add_v_proj,to_add_out,linear_in,linear_out,"
+                   "to_qkv_mlp_proj,single_transformer_blocks.0.attn.to_out",
 }
 
 
@@ -44,7 +47,8 @@ def test_every_original_name_maps_to_layers_of_the_model(denoisers, name):
     if name not in ORIGINAL_DEFAULTS:     # a family the original framework never trained has no old names
         assert family.original_target_names == {}
         return
-    assert set(ORIGINAL_DEFAULTS[name].split(",")) <= set(family.original_target_names) | {"to_q", "to_k", "to_v"}
+    for original in ORIGINAL_DEFAULTS[name].split(","):   # an original name, or a diffusers name as it stands
+        assert original in family.original_target_names or layers(denoisers[name], [original]), original
     for original, targets in family.original_target_names.items():
         assert family.resolve_lora_targets([original]) == list(targets)
         for target in targets:
@@ -73,12 +77,16 @@ def test_flux_names_map_to_the_same_part_of_the_model(denoisers):
                                                           "transformer_blocks.*.norm1_context.linear"}
 
 
-@pytest.mark.parametrize("name", ["flux", "sd3"])
+@pytest.mark.parametrize("name", ["flux", "sd3", "flux2-klein"])
 def test_defaults_train_what_the_originals_default_trained(denoisers, name):
     family, d = get_family(name), denoisers[name]
     original = layers(d, family.resolve_lora_targets(ORIGINAL_DEFAULTS[name].split(",")))
     default = layers(d, list(family.default_lora_targets))
-    if name == "flux":
+    if name == "flux2-klein":
+        # Attention, feed-forward and the single blocks' fused layers; FLUX.2's modulation layers are
+        # shared by all blocks (outside them) and stay frozen.
+        assert default == original == {n for n in layers(d, ["*"]) if "blocks" in n}
+    elif name == "flux":
         # Every linear layer of the double and single blocks: attention, feed-forward, adaLN.
         assert default == original == {n for n in layers(d, ["*"]) if "blocks" in n}
     else:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
 
-from lorakube_trainer.families import flux, get_family, hunyuan_dit, kolors, recipes, sd3
+from lorakube_trainer.families import flux, flux2, get_family, hunyuan_dit, kolors, recipes, sd3
 
 
 def test_flow_interpolation_runs_from_data_to_noise_and_target_is_its_derivative():
@@ -162,6 +164,82 @@ def test_flux_pack_unpack_round_trip_and_agree_with_the_pipeline():
     assert torch.equal(flux.unpack_latents(packed, 8, 12), FluxPipeline._unpack_latents(packed, 64, 96, 8))
     ids = flux.latent_image_ids(8, 12, torch.device("cpu"), torch.float32)
     assert torch.equal(ids, FluxPipeline._prepare_latent_image_ids(2, 4, 6, torch.device("cpu"), torch.float32))
+
+
+# --- FLUX.2 klein ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("seq_len", [16, 256, 1024, 4096, 4301, 16384])
+@pytest.mark.parametrize("steps", [4, 28, 50])
+def test_flux2_empirical_mu_is_the_pipelines(seq_len, steps):
+    from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu
+
+    assert recipes.flux2_empirical_mu(seq_len, steps) == pytest.approx(compute_empirical_mu(seq_len, steps), abs=1e-9)
+
+
+@pytest.mark.parametrize("seq_len", [16, 4096])     # the tiny 64 px batch, and a 1024 px image (64x64 tokens)
+def test_flux2_sigma_grid_is_the_klein_schedulers_at_the_pipelines_default_steps(tiny_models, seq_len):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    family = get_family("flux2-klein")
+    config = json.loads((tiny_models["flux2-klein"] / "scheduler" / "scheduler_config.json").read_text())
+    sched = FlowMatchEulerDiscreteScheduler.from_config(config)
+    # What Flux2KleinPipeline does, with 1000 steps on the grid and μ of its default 50 steps.
+    sched.set_timesteps(sigmas=np.linspace(1.0, 1 / 1000, 1000), mu=recipes.flux2_empirical_mu(seq_len, flux2.SHIFT_STEPS))
+    grid = family.sigma_grid(None, seq_len)
+    assert torch.allclose(grid.float(), sched.sigmas[:1000].float(), atol=1e-6)
+    if seq_len == 4096:   # μ ≈ 2.02 at 1024 px: far more high-noise draws than FLUX.1's 1.15
+        assert recipes.flux2_empirical_mu(seq_len, 50) == pytest.approx(2.02, abs=0.01)
+
+
+def test_flux2_loss_target_is_the_velocity_the_schedulers_euler_step_integrates(tiny_models):
+    """x_t and the target as training builds them: one scheduler step with the target as model output
+    lands on the interpolant at the next σ, so predicting the target is exactly what sampling needs."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    config = json.loads((tiny_models["flux2-klein"] / "scheduler" / "scheduler_config.json").read_text())
+    sched = FlowMatchEulerDiscreteScheduler.from_config(config)
+    sched.set_timesteps(sigmas=np.linspace(1.0, 1 / 8, 8), mu=recipes.flux2_empirical_mu(16, 8))
+    x0, noise = torch.randn(1, 16, 32), torch.randn(1, 16, 32)
+    for i in (0, 3, 6):
+        sigma, following = sched.sigmas[i], sched.sigmas[i + 1]
+        x_t = recipes.flow_interpolate(x0, noise, sigma.view(1))
+        sched._step_index = i
+        stepped = sched.step(recipes.flow_target(x0, noise), sched.timesteps[i], x_t, return_dict=False)[0]
+        assert torch.allclose(stepped, recipes.flow_interpolate(x0, noise, following.view(1)), atol=1e-5)
+        assert torch.allclose(sched.scale_noise(x0, sched.timesteps[i : i + 1], noise), x_t, atol=1e-5)
+
+
+def test_flux2_patchify_pack_and_ids_agree_with_the_pipeline():
+    from diffusers import Flux2KleinPipeline
+
+    latents = torch.randn(2, 8, 8, 12)
+    patches = flux2.patchify(latents)
+    assert torch.equal(patches, Flux2KleinPipeline._patchify_latents(latents))
+    assert torch.equal(flux2.unpatchify(patches), latents)
+    assert torch.equal(flux2.unpatchify(patches), Flux2KleinPipeline._unpatchify_latents(patches))
+    tokens = flux2.pack(patches)
+    assert tokens.shape == (2, 4 * 6, 32) and torch.equal(tokens, Flux2KleinPipeline._pack_latents(patches))
+    ids = flux2.image_ids(4, 6, torch.device("cpu"))
+    assert torch.equal(ids, Flux2KleinPipeline._prepare_latent_ids(patches)[0])
+    assert torch.equal(flux2.unpack(tokens, 4, 6), Flux2KleinPipeline._unpack_latents_with_ids(tokens, ids[None].expand(2, -1, -1)))
+    text = torch.zeros(2, 7, 48)
+    assert torch.equal(flux2.text_ids(7, torch.device("cpu")), Flux2KleinPipeline._prepare_text_ids(text)[0])
+
+
+def test_flux2_latents_are_the_pipelines_batch_normalised_patches(tiny_models, example_batch):
+    family = get_family("flux2-klein")
+    pipe = family.load_pipeline(tiny_models["flux2-klein"], torch.float32)
+    pixels, _ = example_batch
+    ours = family.encode_images(pipe, pixels)
+    assert ours.shape == (2, pipe.vae.config.latent_channels, 8, 8)
+    reference = pipe._encode_vae_image(pixels, generator=None)      # what image conditioning feeds the model
+    assert torch.allclose(flux2.patchify(ours), reference, atol=1e-5)
+
+
+def test_flux2_recipe_and_sampling_arguments():
+    family = get_family("flux2-klein")
+    assert flux2.RECIPE.guidance is None and flux2.RECIPE.sampling == "logit_normal"
+    assert family.generate_kwargs() == {"guidance_scale": 4.0, "max_sequence_length": 512}
 
 
 # --- Z-Image: its pipeline's own conventions ----------------------------------------------------

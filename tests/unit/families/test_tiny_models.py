@@ -12,6 +12,7 @@ from lorakube_dev import tiny
 from lorakube_trainer.families import FAMILY_NAMES, get_family
 
 DENOISER_DIR = {"flux": "transformer", "sd3": "transformer", "kolors": "unet", "hunyuan-dit": "transformer",
+                "flux2-klein": "transformer",
                 "z-image": "transformer"}
 
 
@@ -44,6 +45,17 @@ def test_saved_in_the_real_layout_and_reloads(tiny_models, name):
     assert denoiser.dtype == torch.bfloat16, "bf16 must really load bf16"
     assert not any(p.requires_grad for p in denoiser.parameters())
     assert not denoiser.training
+
+
+def test_tiny_sd3_is_shaped_like_sd35_medium(tiny_models):
+    """The `sd3` family covers SD3.5: its tiny model has MMDiT-X's dual attention (attn2) in block 0 and
+    RMS-normed q/k, and the default targets put LoRA on the second attention as well."""
+    family = get_family("sd3")
+    denoiser = family.denoiser(family.load_pipeline(tiny_models["sd3"], torch.float32))
+    assert list(denoiser.config.dual_attention_layers) == [0] and denoiser.config.qk_norm == "rms_norm"
+    family.add_lora(denoiser, 4, 4.0, list(family.default_lora_targets))
+    assert {"transformer_blocks.0.attn2.to_q.lora_A.weight", "transformer_blocks.0.attn2.to_out.0.lora_B.weight"} <= \
+        set(family.lora_state_dict(denoiser))
 
 
 def test_building_twice_with_one_seed_gives_identical_weights(tiny_models, tmp_path):

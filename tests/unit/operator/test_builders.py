@@ -259,7 +259,7 @@ def test_user_scheduling_and_volumes_are_passed_through(job_spec):
     assert container["image"] == "my/trainer:2" and container["imagePullPolicy"] == "Always"
     assert container["resources"] == {"requests": {"cpu": "4"},
                                       "limits": {"memory": "32Gi", "nvidia.com/gpu": 2}}
-    assert container["envFrom"] == [{"secretRef": {"name": "hub"}}]
+    assert container["envFrom"] == [{"prefix": "LORAKUBE_MODEL_", "secretRef": {"name": "hub"}}]
 
 
 def test_defaults_come_from_the_operator_config(job):
@@ -290,6 +290,29 @@ def test_an_s3_job_passes_its_uris_and_takes_credentials_only_through_env_from(j
     for flag, uri in ((contract.FLAG_MODEL_PATH, "s3://models/flux"), (contract.FLAG_DATASET_PATH, "s3://datasets/cats"),
                       (contract.FLAG_OUTPUT_PATH, "s3://loras/cats"), (contract.FLAG_CHECKPOINT_DIR, "s3://ckpt/cats")):
         assert args[args.index(flag) + 1] == uri
-    # Each Secret once, by reference: no credential value is ever written into the pod spec.
-    assert container["envFrom"] == [{"secretRef": {"name": "s3-read"}}, {"secretRef": {"name": "s3-write"}}]
+    # Each section's Secret by reference, under its own prefix: no credential value is ever written
+    # into the pod spec, and the output's AWS_ACCESS_KEY_ID cannot shadow the inputs' one.
+    assert container["envFrom"] == [{"prefix": "LORAKUBE_MODEL_", "secretRef": {"name": "s3-read"}},
+                                    {"prefix": "LORAKUBE_DATASET_", "secretRef": {"name": "s3-read"}},
+                                    {"prefix": "LORAKUBE_OUTPUT_", "secretRef": {"name": "s3-write"}}]
     assert not [e for e in container["env"] if e["name"].startswith("AWS_")]
+
+
+def test_the_output_secret_reaches_the_other_ranks_only_when_they_write_checkpoints_there(job_spec):
+    job_spec["resources"]["numNodes"] = 3
+    job_spec["model"].update(uri="s3://models/flux", secretRef={"name": "s3-read"})
+    job_spec["output"].update(uri="s3://loras/cats", checkpointUri="/data/ckpt/cats", secretRef={"name": "s3-write"})
+
+    def secrets_by_rank(spec):
+        pods = builders.build_pods(parse_job("cats", spec), JOB, 1, CONFIG)
+        return [{s["secretRef"]["name"] for s in pod["spec"]["containers"][0].get("envFrom", [])} for pod in pods]
+
+    # Checkpoints on a volume: only rank 0 writes to the output bucket (the artifacts).
+    assert secrets_by_rank(job_spec) == [{"s3-read", "s3-write"}, {"s3-read"}, {"s3-read"}]
+    # Checkpoints in object storage: every rank uploads its own files and fetches them on resume.
+    job_spec["output"].pop("checkpointUri")
+    assert secrets_by_rank(job_spec) == [{"s3-read", "s3-write"}] * 3
+    # No secretRef anywhere: no envFrom at all.
+    for section in ("model", "output"):
+        job_spec[section].pop("secretRef")
+    assert secrets_by_rank(job_spec) == [set()] * 3

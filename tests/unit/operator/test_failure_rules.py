@@ -25,8 +25,8 @@ def with_rules(job_spec: dict[str, Any], *rules: dict[str, Any]) -> dict[str, An
 def test_no_rules_means_exactly_the_built_in_table():
     assert failures.rules_for(()) == failures.RULES
     assert [r.reason for r in failures.RULES] == [
-        "PodDisrupted", "PreflightFailed", "PreflightFailed", "RetryableExit", "OutOfMemory", "GpuHardwareError",
-        "KilledBySignal", "UserError", "PodLost"]
+        "PodDisrupted", "PreflightFailed", "PreflightFailed", "RetryableExit", "OutOfMemory", "InvalidDataset",
+        "GpuHardwareError", "KilledBySignal", "UserError", "PodLost"]
 
 
 def test_a_log_pattern_rule_turns_a_user_error_into_an_uncounted_restart(job_spec):

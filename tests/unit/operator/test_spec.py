@@ -39,10 +39,19 @@ def test_gpus_set_processes_per_node_and_world_size(job_spec):
 @pytest.mark.parametrize(
     ("mutate", "field", "words"),
     [
-        (lambda s: s["model"].update(uri="hf://black-forest-labs/FLUX.1-dev"), "spec.model.uri",
-         "hf:// is not supported yet"),
+        (lambda s: s["model"].update(uri="gs://bucket/flux"), "spec.model.uri",
+         "gs:// is not supported yet; supported: local path, s3://, hf://, modelscope://, https://"),
         (lambda s: s["dataset"].update(uri="gs://bucket/cats"), "spec.dataset.uri",
          "gs:// is not supported yet; supported: local path, s3://"),
+        (lambda s: s["model"].update(uri="hf://FLUX.1-dev"), "spec.model.uri", "must look like hf://<org>/<name>"),
+        (lambda s: s["dataset"].update(uri="https://data.example/cats.rar"), "spec.dataset.uri",
+         "must name an archive of the folder ending in .tar"),
+        (lambda s: s["output"].update(uri="https://data.example/out.tar"), "spec.output.uri",
+         "https:// is not supported yet; supported: local path, s3://, hf://"),
+        (lambda s: s["output"].update(uri="hf://me/cats-lora"), "spec.output.checkpointUri",
+         "is required when spec.output.uri is an hf:// repo"),
+        (lambda s: s["output"].update(uri="hf://me/cats-lora", checkpointUri="hf://me/cats-ckpt"),
+         "spec.output.checkpointUri", "hf:// is not supported yet; supported: local path, s3://"),
         (lambda s: s["output"].update(uri="relative/out"), "spec.output.uri", "must be an absolute path"),
         (lambda s: s["model"].pop("uri"), "spec.model.uri", "is required"),
         (lambda s: s["model"].update(family="sdxl"), "spec.model.family", "one of flux, sd3, kolors, hunyuan-dit"),
@@ -62,8 +71,8 @@ def test_gpus_set_processes_per_node_and_world_size(job_spec):
          "not supported yet"),
         (lambda s: s["runPolicy"].update(terminationGracePeriodSeconds=-1),
          "spec.runPolicy.terminationGracePeriodSeconds", "between 0 and 3600"),
-        (lambda s: s["output"].update(modelscopeModelId="me/lora"), "spec.output.modelscopeModelId",
-         "not supported by the operator yet"),
+        (lambda s: s["output"].update(modelscopeModelId="lora"), "spec.output.modelscopeModelId",
+         "must look like owner/name"),
         (lambda s: s["output"].update(formats=["diffusers", "diffusers"]), "spec.output.formats", "repeat"),
         (lambda s: s["dataset"].update(format="webdataset"), "spec.dataset.format",
          "one of auto, csv, jsonl, txt, kohya"),
@@ -97,3 +106,28 @@ def test_job_name_must_fit_pod_hostnames(job_spec, name):
 
 def test_longest_allowed_name_is_accepted(job_spec):
     parse_job("a" * spec_mod.contract.MAX_JOB_NAME_LENGTH, job_spec)
+
+
+def test_hub_and_archive_uris_are_accepted(job_spec):
+    job_spec["model"]["uri"] = "hf://black-forest-labs/FLUX.1-dev@0ef5fff789c832c5c7f4e127f94c8b54bbcced44"
+    job_spec["dataset"]["uri"] = "https://data.example/sets/cats.tar.gz#sha256=" + "a" * 64
+    job_spec["output"].update(uri="hf://me/cats-lora@main/run-1", checkpointUri="s3://ckpt/cats")
+    job = parse_job("cats", job_spec)
+    assert job.model.uri.startswith("hf://black-forest-labs/FLUX.1-dev@")
+    assert job.output.uri == "hf://me/cats-lora@main/run-1" and job.output.checkpoint_uri == "s3://ckpt/cats"
+    job_spec["dataset"]["uri"] = "hf://datasets/me/cats@v1/train"
+    assert parse_job("cats", job_spec).dataset.uri == "hf://datasets/me/cats@v1/train"
+    job_spec["model"]["uri"] = "modelscope://MusePublic/FLUX.1-dev@master"
+    assert parse_job("cats", job_spec).model.uri == "modelscope://MusePublic/FLUX.1-dev@master"
+    job_spec["model"]["uri"] = "modelscope://FLUX.1-dev"
+    with pytest.raises(InvalidSpec, match="must look like modelscope://<owner>/<name>"):
+        parse_job("cats", job_spec)
+
+
+def test_modelscope_model_id_becomes_the_trainer_flag_and_never_a_token(job_spec):
+    from lorakube.builders import trainer_args
+
+    job_spec["output"]["modelscopeModelId"] = "me/cats-lora"
+    args = trainer_args(parse_job("cats", job_spec))
+    assert args[args.index("--modelscope_model_id") + 1] == "me/cats-lora"
+    assert "--modelscope_access_token" not in args

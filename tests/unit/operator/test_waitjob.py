@@ -18,6 +18,7 @@ def test_succeeded_is_zero_and_running_is_not_yet():
     assert waitjob.verdict(job("Succeeded")) == (0, "Succeeded")
     assert waitjob.verdict(job("Running", progress={"text": "3/12"})) == (None, "Running, step 3/12")
     assert waitjob.verdict(None) == (None, "not found (yet)")
+    assert waitjob.verdict(job("Staging", progress={"text": "model 1.5/3.0 GiB"})) == (None, "Staging, model 1.5/3.0 GiB")
 
 
 def test_failed_names_the_reason_and_the_last_pod_failure():

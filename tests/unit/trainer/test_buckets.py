@@ -123,3 +123,17 @@ def test_an_interrupted_bucketed_run_resumes_bit_identically(make_cfg, tmp_path:
     assert sha256(tmp_path / "whole" / name) == sha256(tmp_path / "cut" / name)
     losses = [json.loads(x)["loss"] for x in (tmp_path / "cut" / contract.ARTIFACT_METRICS).read_text().splitlines()]
     assert len(losses) == 8
+
+
+def test_repeat_counts_weight_the_bucketed_order() -> None:
+    """kohya folders' repeat counts: a record repeated 3 times fills its bucket's batches 3 times a pass."""
+    records = [Record(path=Path("a.png"), text="a", repeats=3), Record(path=Path("b.png"), text="b"),
+               Record(path=Path("c.png"), text="c"), Record(path=Path("d.png"), text="d")]
+    sizes = [(32, 16), (32, 16), (16, 32), (16, 32)]
+    # 3 + 1 tall slots and 2 wide ones: 3 batches of 2, one pass.
+    ds = CaptionedImages(records, seed=5, height=24, width=24, center_crop=True, random_flip=False,
+                         samples_per_epoch=6, sizes=sizes, batch_size=2, world_size=1)
+    drawn = [ds.record_index(SampleKey(0, p)) for p in range(6)]
+    assert sorted(drawn) == [0, 0, 0, 1, 2, 3]
+    for start in range(0, 6, 2):
+        assert len({sizes[i] for i in drawn[start:start + 2]}) == 1

@@ -117,7 +117,8 @@ def test_bad_yaml_names_the_key(tmp_path: Path, text: str, flag: str) -> None:
     (["--batch_size", "0"], "--batch_size", ">= 1"),
     (["--dataloader_num_workers", "-1"], "--dataloader_num_workers", ">= 0"),
     (["--rendezvous_timeout", "0"], "--rendezvous_timeout", "> 0"),
-    (["--modelscope_model_id", "me/x"], "--modelscope_model_id", "both"),
+    (["--modelscope_model_id", "me/x"], "--modelscope_model_id", "MODELSCOPE_API_TOKEN in the environment"),
+    (["--modelscope_access_token", "t"], "--modelscope_access_token", "only used with --modelscope_model_id"),
     (["--cache_latents"], "--cache_latents", "needs --center_crop"),
 ])
 def test_invalid_values_name_the_flag_and_the_fix(extra: list[str], flag: str, hint: str) -> None:
@@ -188,3 +189,8 @@ def test_an_output_folder_that_cannot_be_written_fails_at_startup(tmp_path: Path
     check = "checkpoint" if flag == "--checkpoint_dir" else "output"
     assert f"PreflightFailed: {check} not writable: {tmp_path / where}" in out
     assert ("is a file, not a folder" in out) if where.startswith("file") else ("No such file" in out)
+
+
+def test_modelscope_token_may_come_from_the_environment() -> None:
+    cfg = parse_config(BASE + ["--modelscope_model_id", "me/lora"], env={"MODELSCOPE_API_TOKEN": "from-secret"})
+    assert cfg.modelscope_model_id == "me/lora" and cfg.modelscope_access_token is None

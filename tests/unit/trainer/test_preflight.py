@@ -210,6 +210,15 @@ def test_the_checks_run_cheap_first_and_stop_at_the_first_failure(good, tmp_path
     assert raised(lambda: preflight.run(cfg, one_node())).code == contract.EXIT_PREFLIGHT_OUTPUT
 
 
+def test_a_remote_output_is_checked_on_node_zero_only(tmp_path):
+    # Only rank 0 writes the output; the other pods may not hold its Secret (builders.py).
+    cfg = cfg_for({"model": tmp_path, "dataset": tmp_path, "output": "s3://loras/cats"},
+                  "--checkpoint_dir", str(tmp_path / "ckpt"))
+    rank_of = {rank: [c.name for c in preflight.checks(cfg, Topology(2, 1, rank, "m", 29500, torchrun=False))]
+               for rank in (0, 1)}
+    assert rank_of[0][:2] == ["output", "checkpoint"] and rank_of[1][0] == "checkpoint", rank_of
+
+
 def test_every_preflight_code_is_its_own_and_fits_a_shell_exit_status():
     codes = list(contract.PREFLIGHT_EXIT_CODES)
     others = {contract.EXIT_OK, contract.EXIT_USER_ERROR, contract.EXIT_INVALID_ARGS, contract.EXIT_OUT_OF_MEMORY,

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from .base import Family
 from .flux import Flux
+from .flux2 import Flux2Klein
 from .hunyuan_dit import HunyuanDiT
 from .kolors import Kolors
 from .sd3 import SD3
 from .z_image import ZImage
 
-_FAMILIES: dict[str, type[Family]] = {cls.name: cls for cls in (Flux, SD3, Kolors, HunyuanDiT, ZImage)}
+_FAMILIES: dict[str, type[Family]] = {cls.name: cls for cls in (Flux, SD3, Kolors, HunyuanDiT, Flux2Klein, ZImage)}
 FAMILY_NAMES: tuple[str, ...] = tuple(_FAMILIES)
 
 

@@ -1,7 +1,7 @@
 """What a model family must provide; the general trainer needs nothing else from it.
 
-Each family module (flux.py, sd3.py, kolors.py, hunyuan_dit.py) subclasses `Family`, keeps its
-recipe constants as data, and is registered in `families/__init__.py` under its contract name.
+Each family module (flux.py, sd3.py, kolors.py, hunyuan_dit.py, flux2.py) subclasses `Family`,
+keeps its recipe constants as data, and is registered in `families/__init__.py` under its contract name.
 Randomness: draw noise and timesteps from torch's global RNG (on the latents' device); the
 trainer seeds and checkpoints/restores that RNG, which is what makes resume bit-exact.
 """

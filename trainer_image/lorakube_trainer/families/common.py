@@ -1,4 +1,4 @@
-"""What the four families share: loading and freezing a pipeline, peft LoRA injection, state dicts,
+"""What the families share: loading and freezing a pipeline, peft LoRA injection, state dicts,
 the diffusers-layout file, VAE encoding. Each family module adds only what differs."""
 
 from __future__ import annotations

@@ -18,6 +18,9 @@ scalar `<name>.alpha`; ComfyUI scales by alpha / rank(lora_down). Names per fami
                  its Flux and SD3 models and slices it into the fused qkv weights itself)
     Kolors       lora_unet_<diffusers module path, dots -> underscores>
                  (ComfyUI maps diffusers UNet names through `unet_to_diffusers`; Kolors is an SDXL UNet)
+    FLUX.2       lora_unet_<Black Forest Labs' module path, dots -> underscores>, q/k/v fused
+                 (double_blocks_N_img_attn_qkv, single_blocks_N_linear1, ...: the checkpoint layout
+                 ComfyUI runs FLUX.2 in; diffusers' own kohya FLUX.2 converter reads the same names)
     Hunyuan-DiT  base_model.model.<original HunyuanDiT module path>
                  (ComfyUI's HunyuanDiT key map only knows the official Tencent module names, where
                  q/k/v are fused into attn1.Wqkv and k/v into attn2.kv_proj; see `fuse_lora`)
@@ -200,3 +203,65 @@ def kohya_delta(state: Mapping[str, torch.Tensor], name: str) -> torch.Tensor:
     """ΔW a kohya/ComfyUI loader applies for `name` at strength 1: alpha/rank · up @ down."""
     down, up = state[f"{name}.lora_down.weight"].float(), state[f"{name}.lora_up.weight"].float()
     return (state[f"{name}.alpha"].float() / down.shape[0]) * (up @ down)
+
+
+# FLUX.2: diffusers module -> (Black Forest Labs module, part index, number of parts). Double blocks
+# fuse q/k/v per stream; a single block's to_qkv_mlp_proj is already fused (linear1).
+_FLUX2_DOUBLE = {
+    "attn.to_q": ("img_attn.qkv", 0, 3),
+    "attn.to_k": ("img_attn.qkv", 1, 3),
+    "attn.to_v": ("img_attn.qkv", 2, 3),
+    "attn.to_out.0": ("img_attn.proj", 0, 1),
+    "attn.add_q_proj": ("txt_attn.qkv", 0, 3),
+    "attn.add_k_proj": ("txt_attn.qkv", 1, 3),
+    "attn.add_v_proj": ("txt_attn.qkv", 2, 3),
+    "attn.to_add_out": ("txt_attn.proj", 0, 1),
+    "ff.linear_in": ("img_mlp.0", 0, 1),
+    "ff.linear_out": ("img_mlp.2", 0, 1),
+    "ff_context.linear_in": ("txt_mlp.0", 0, 1),
+    "ff_context.linear_out": ("txt_mlp.2", 0, 1),
+}
+_FLUX2_SINGLE = {"attn.to_qkv_mlp_proj": ("linear1", 0, 1), "attn.to_out": ("linear2", 0, 1)}
+_FLUX2_TOP = {
+    "x_embedder": ("img_in", 0, 1),
+    "context_embedder": ("txt_in", 0, 1),
+    "time_guidance_embed.timestep_embedder.linear_1": ("time_in.in_layer", 0, 1),
+    "time_guidance_embed.timestep_embedder.linear_2": ("time_in.out_layer", 0, 1),
+    "proj_out": ("final_layer.linear", 0, 1),
+}
+_FLUX2_BLOCK = re.compile(r"^(?P<kind>transformer_blocks|single_transformer_blocks)\.(?P<i>\d+)\.(?P<rest>.+)$")
+FLUX2_COMFYUI_PREFIX = "lora_unet_"
+
+
+def _flux2_official(module: str) -> tuple[str, int, int]:
+    m = _FLUX2_BLOCK.match(module)
+    if m is None:
+        hit = _FLUX2_TOP.get(module)
+        official = hit and hit[0]
+    else:
+        table, blocks = (_FLUX2_DOUBLE, "double_blocks") if m["kind"] == "transformer_blocks" else \
+            (_FLUX2_SINGLE, "single_blocks")
+        hit = table.get(m["rest"])
+        official = hit and f"{blocks}.{m['i']}.{hit[0]}"
+    if hit is None:
+        raise ValueError(
+            f"FLUX.2 LoRA module {module!r} has no ComfyUI (Black Forest Labs checkpoint) name; ComfyUI export "
+            f"supports transformer_blocks.N.{{{', '.join(_FLUX2_DOUBLE)}}}, single_transformer_blocks.N."
+            f"{{{', '.join(_FLUX2_SINGLE)}}} and {', '.join(_FLUX2_TOP)}. Drop it from --lora_target_modules "
+            f"or leave 'comfyui' out of the output formats."
+        )
+    return official, hit[1], hit[2]
+
+
+def to_kohya_flux2(state: Mapping[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
+    """kohya names of the Black Forest Labs layout, with q/k/v LoRAs fused as in `fuse_lora`."""
+    modules = peft_modules(state)
+    fused: dict[str, list[str | None]] = {}
+    for module in modules:
+        official, index, n = _flux2_official(module)
+        fused.setdefault(official, [None] * n)[index] = module
+    out: dict[str, torch.Tensor] = {}
+    for official, members in fused.items():
+        down, up = fuse_lora([modules[m] if m else None for m in members])
+        out.update(kohya_entry(FLUX2_COMFYUI_PREFIX + official.replace(".", "_"), down, up, alpha))
+    return out

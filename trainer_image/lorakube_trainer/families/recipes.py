@@ -1,8 +1,8 @@
 """Training objectives as data plus the pure tensor maths behind them.
 
-Two objectives cover the four families:
+Two objectives cover the families:
 
-* rectified flow (FLUX, SD3): x_t = (1 - σ)·x0 + σ·ε, the denoiser predicts the velocity ε - x0.
+* rectified flow (FLUX, FLUX.2, SD3): x_t = (1 - σ)·x0 + σ·ε, the denoiser predicts the velocity ε - x0.
   σ is drawn per sample from the *shifted* 1000-point grid the family's scheduler samples at
   inference, so training spends its steps where inference does (high noise for large images).
 * DDPM (Kolors ε-prediction, Hunyuan-DiT v-prediction): x_t = √ᾱ_t·x0 + √(1-ᾱ_t)·ε with a
@@ -78,6 +78,17 @@ def dynamic_shift_mu(
     """μ grows linearly with the number of image tokens (FLUX: 0.5 at 256 tokens, 1.15 at 4096)."""
     slope = (max_shift - base_shift) / (max_seq_len - base_seq_len)
     return image_seq_len * slope + (base_shift - slope * base_seq_len)
+
+
+def flux2_empirical_mu(image_seq_len: int, num_steps: int) -> float:
+    """FLUX.2's shift μ, fitted by Black Forest Labs: linear in the image token count, and below
+    4300 tokens also linear in the number of sampling steps (interpolating fits at 10 and 200 steps)."""
+    at_200 = 0.00016927 * image_seq_len + 0.45666666
+    if image_seq_len > 4300:
+        return float(at_200)
+    at_10 = 8.73809524e-05 * image_seq_len + 1.89833333
+    slope = (at_200 - at_10) / 190.0
+    return float(at_200 + slope * (num_steps - 200))
 
 
 def shifted_sigma_grid(scheduler_config: Mapping[str, Any], image_seq_len: int, n: int) -> torch.Tensor:
