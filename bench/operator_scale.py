@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import dataclasses
-import datetime as dt
 import json
 import math
 import os
@@ -36,14 +35,14 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-import yaml
 from kubernetes import client, config, watch
 from kubernetes.client.exceptions import ApiException
 
+from localcluster import audit
 from localcluster import kubeconfig as kubeconfig_mod
 from localcluster.cluster import ClusterState, LocalCluster
 from localcluster.node import NodeSpec
@@ -335,33 +334,6 @@ def peak_rss_mib(pid: int | None) -> float | None:
     return None
 
 
-def audit_requests(audit_log: Path, user: str, start: float, end: float) -> list[dict[str, Any]]:
-    """The audit entries of `user` whose request arrived in [start, end] (epoch seconds)."""
-    found = []
-    if not audit_log.exists():
-        return found
-    with audit_log.open() as lines:
-        for line in lines:
-            if user not in line:
-                continue
-            entry = json.loads(line)
-            if entry.get("user", {}).get("username") != user:
-                continue
-            received = dt.datetime.fromisoformat(entry["requestReceivedTimestamp"].replace("Z", "+00:00")).timestamp()
-            if start <= received <= end:
-                found.append(entry)
-    return found
-
-
-def describe(entry: Mapping[str, Any]) -> str:
-    """'verb resource[/subresource][ code]' of an audit entry (the URI for non-resource requests)."""
-    ref = entry.get("objectRef")
-    what = entry.get("requestURI", "").split("?")[0] if ref is None else (
-        ref.get("resource", "") + (f"/{ref['subresource']}" if ref.get("subresource") else ""))
-    code = entry.get("responseStatus", {}).get("code", 200)
-    return f"{entry['verb']} {what}" + (f" {code}" if code >= 300 else "")
-
-
 def kill_pod(node_state: Path, uid: str, container: str) -> bool:
     """SIGKILL a pod's container process (the node records its pid): a crash, exit 137."""
     record = node_state / "procs" / f"{uid}_{container}.json"
@@ -409,7 +381,7 @@ def run_system(system: System, api: client.ApiClient, cluster: LocalCluster, job
         created.append(max(g[2] for g in gang) - seen)
         if all(g[3] for g in gang):
             running.append(max(g[3] for g in gang) - seen)
-    calm_requests = audit_requests(cluster.layout.audit_log, system.user, start, settled)
+    calm_requests = audit.requests(cluster.layout.audit_log, system.user, start, settled)
 
     # Crash one pod of some jobs at once; time until the replacement gang exists.
     victims = {}
@@ -440,7 +412,7 @@ def run_system(system: System, api: client.ApiClient, cluster: LocalCluster, job
 
     creates = [e for e in calm_requests if e["verb"] == "create" and e.get("objectRef", {}).get("resource") == "pods"]
     refused = sum(1 for e in creates if e.get("responseStatus", {}).get("code") == 409)
-    breakdown = Counter(describe(e) for e in calm_requests)
+    breakdown = Counter(audit.describe(e) for e in calm_requests)
     return Row(
         system=system.name, shape=f"{jobs} x {pods}", created=created, running=running, regang=regang,
         deleted=deleted, expected=jobs,
@@ -455,15 +427,6 @@ def cluster_namespace(cluster: LocalCluster, name: str) -> str:
     cluster.kubectl("create", "namespace", name)
     wait_until(lambda: cluster.kubectl("get", "serviceaccount", "default", "-n", name).returncode == 0, 60, 0.2)
     return name
-
-
-def audit_policy(path: Path, users: list[str]) -> Path:
-    """Only the compared controllers' requests, one entry each (when the response completed)."""
-    policy = {"apiVersion": "audit.k8s.io/v1", "kind": "Policy",
-              "omitStages": ["RequestReceived", "ResponseStarted"],
-              "rules": [{"level": "Metadata", "users": users}, {"level": "None"}]}
-    path.write_text(yaml.safe_dump(policy))
-    return path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -489,7 +452,7 @@ def main(argv: list[str] | None = None) -> int:
     nodes = [NodeSpec(f"benchnode-{index}", cpu="1000", memory="4000Gi") for index in range(node_count)]
     users = [OPERATOR_USER, JOB_CONTROLLER_USER, "system:serviceaccount:kubeflow:training-operator"]
     cluster = LocalCluster(state_dir, nodes=nodes, log=log, node_path=[NOOP_IMAGE], node_env={},
-                           audit_policy=audit_policy(work / "audit-policy.yaml", users))
+                           audit_policy=audit.write_policy(work / "audit-policy.yaml", users))
     rows: list[Row] = []
     operator = None
     try:
