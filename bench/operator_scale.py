@@ -10,7 +10,7 @@ crash), deletes every job, and prints one table row per system:
 - created / Running: per job, from the job's first appearance in a watch to the last of its P pods
   appearing (created) or reported Running; p50 / p99 over the N jobs;
 - failure -> new gang: from the kill to the last pod of the replacement gang appearing (the
-  indexed Job replaces only the failed pod: that pod's replacement);
+  indexed Job and the PyTorchJob replace only the failed pod: that pod's replacement);
 - delete -> gone: from the DELETE to the job object's DELETED event;
 - API req/job: the controller's requests in the apiserver's audit log while the jobs ran (creation
   to all Running), divided by N; 409s are creates answered "already exists";
@@ -55,6 +55,7 @@ NOOP_IMAGE = HERE / "noop_image"
 PODS_PER_NODE = 100
 OPERATOR_USER = f"system:serviceaccount:{sandbox.OPERATOR_NAMESPACE}:{sandbox.OPERATOR_SERVICE_ACCOUNT}"
 JOB_CONTROLLER_USER = "system:serviceaccount:kube-system:job-controller"
+ADMIN_USER = "lorakube-admin"
 PEER_CONTAINER = "trainer"
 POD_REQUESTS = {"cpu": "10m", "memory": "16Mi"}
 
@@ -210,9 +211,12 @@ class System:
     delete: Callable[[str, str], None]
     list_jobs: Callable[[str], Callable[..., Any]]
     job_of_pod: Callable[[Any], str | None]
-    # A new gang replaces every pod (lorakube, PyTorchJob); an indexed Job only the failed one.
+    # A new gang replaces every pod (lorakube); an indexed Job and a PyTorchJob only the failed one.
     whole_gang: bool = True
     container: str = PEER_CONTAINER
+    # Only this user's requests whose user agent starts so (a peer running as the admin, as the bench does).
+    user_agent: str | None = None
+    stop: Callable[[], None] = lambda: None
 
 
 def lorakube_manifest(name: str, pods: int) -> dict[str, Any]:
@@ -286,30 +290,49 @@ def indexed_job_system(api: client.ApiClient, state_dir: Path) -> System:
     )
 
 
-def pytorchjob_system(api: client.ApiClient, cluster: LocalCluster, work: Path) -> System:
-    """Kubeflow's training-operator (PyTorchJob), started by localcluster.training_operator."""
+def pytorchjob_system(api: client.ApiClient, cluster: LocalCluster, work: Path,
+                      log: Callable[[str], None]) -> System:
+    """Kubeflow's training-operator (PyTorchJob), built and started by localcluster.training_operator.
+    It runs with the admin kubeconfig (as the control plane does), so its requests are told from
+    the bench's own by their user agent. restartPolicy ExitCode: the controller itself replaces a
+    pod that died of a retryable exit code (137), the one failed pod, not the whole gang."""
     try:
         from localcluster import training_operator  # type: ignore[attr-defined]
     except ImportError:
         raise SystemExit("--peer pytorchjob needs localcluster/training_operator.py (the training-operator "
                          "build); use --peer indexed-job") from None
-    running = training_operator.start(cluster, work)
+
+    def kubectl(*args: str, input: str | None = None, check: bool = False) -> Any:
+        result = cluster.kubectl(*args, input=input)
+        if check and result.returncode != 0:
+            raise RuntimeError(f"kubectl {' '.join(args)}: {result.stderr.strip()}")
+        return result
+
+    running = training_operator.install(kubectl, cluster.kubeconfig, work / "training-operator", log=log)
     custom = client.CustomObjectsApi(api)
     group, version, plural = "kubeflow.org", "v1", "pytorchjobs"
 
     def manifest(name: str, pods: int) -> dict[str, Any]:
-        return training_operator.pytorchjob_manifest(
-            name, pods, command=[contract.TRAINER_COMMAND], requests=POD_REQUESTS, container=PEER_CONTAINER)
+        body = training_operator.pytorchjob_manifest(name, "", pods, "lorakube/trainer:latest",
+                                                     [contract.TRAINER_COMMAND], restart_policy="ExitCode")
+        body["metadata"].pop("namespace", None)
+        for container in body["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["containers"]:
+            container["resources"] = {"requests": POD_REQUESTS}
+        return body
 
     return System(
-        name="PyTorchJob (training-operator)",
-        user=running.user,
+        name="PyTorchJob (training-operator v1.8.1)",
+        user=ADMIN_USER,
+        user_agent="training-operator",
         pid=lambda: running.pid,
         manifest=manifest,
         create=lambda ns, body: custom.create_namespaced_custom_object(group, version, ns, plural, body),
         delete=lambda ns, name: custom.delete_namespaced_custom_object(group, version, ns, plural, name),
         list_jobs=lambda ns: (lambda **kw: custom.list_namespaced_custom_object(group, version, ns, plural, **kw)),
         job_of_pod=lambda pod: (pod["metadata"].get("labels") or {}).get("training.kubeflow.org/job-name"),
+        whole_gang=False,
+        container="pytorch",
+        stop=lambda: training_operator.uninstall(running, kubectl),
     )
 
 
@@ -381,7 +404,8 @@ def run_system(system: System, api: client.ApiClient, cluster: LocalCluster, job
         created.append(max(g[2] for g in gang) - seen)
         if all(g[3] for g in gang):
             running.append(max(g[3] for g in gang) - seen)
-    calm_requests = audit.requests(cluster.layout.audit_log, system.user, start, settled)
+    calm_requests = [e for e in audit.requests(cluster.layout.audit_log, system.user, start, settled)
+                     if system.user_agent is None or e.get("userAgent", "").startswith(system.user_agent)]
 
     # Crash one pod of some jobs at once; time until the replacement gang exists.
     victims = {}
@@ -450,7 +474,7 @@ def main(argv: list[str] | None = None) -> int:
     node_count = max(1, math.ceil(args.jobs * args.pods / PODS_PER_NODE))
     # Capacity never binds: the figures are about reacting, not packing.
     nodes = [NodeSpec(f"benchnode-{index}", cpu="1000", memory="4000Gi") for index in range(node_count)]
-    users = [OPERATOR_USER, JOB_CONTROLLER_USER, "system:serviceaccount:kubeflow:training-operator"]
+    users = [OPERATOR_USER, JOB_CONTROLLER_USER] + ([ADMIN_USER] if args.peer == "pytorchjob" else [])
     cluster = LocalCluster(state_dir, nodes=nodes, log=log, node_path=[NOOP_IMAGE], node_env={},
                            audit_policy=audit.write_policy(work / "audit-policy.yaml", users))
     rows: list[Row] = []
@@ -471,8 +495,11 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(run_system(indexed_job_system(api, state_dir), api, cluster, args.jobs, args.pods,
                                    failures, args.timeout, log))
         elif args.peer == "pytorchjob":
-            rows.append(run_system(pytorchjob_system(api, cluster, work), api, cluster, args.jobs, args.pods,
-                                   failures, args.timeout, log))
+            peer = pytorchjob_system(api, cluster, work, log)
+            try:
+                rows.append(run_system(peer, api, cluster, args.jobs, args.pods, failures, args.timeout, log))
+            finally:
+                peer.stop()
     finally:
         if operator is not None:
             operator.stop()
