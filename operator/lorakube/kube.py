@@ -66,6 +66,9 @@ def _classify_create_error(exc: ApiException) -> Exception:
 # requeues the job). No list or watch goes through this client (Kopf watches), so the read bound
 # is far above any answer the apiserver gives to a single request.
 REQUEST_TIMEOUT = (5.0, 30.0)
+# Connections kept to the API server: above the threads that call at once (handlers.PASS_THREADS
+# passes, _CREATES 8 creates).
+CONNECTION_POOL_SIZE = 48
 WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
 
@@ -98,6 +101,10 @@ def load_api_client(timeout: tuple[float, float] | None = None, fence: Callable[
         config.load_kube_config(config_file=os.environ.get("KUBECONFIG"), client_configuration=configuration)
     # No silent retries inside urllib3: they would multiply the bound; the callers retry.
     configuration.retries = False
+    # Room for every thread that may call at once (the passes' threads and _CREATES): the default
+    # (5 per CPU: 10 on 2 cores) made urllib3 discard connections under load, and every new one
+    # costs a TLS handshake on both ends.
+    configuration.connection_pool_maxsize = CONNECTION_POOL_SIZE
     api = BoundedApiClient(configuration, timeout or REQUEST_TIMEOUT, fence)
     if user_agent:
         api.user_agent = user_agent
@@ -507,7 +514,7 @@ def obs_body(obs: reconcile.Observation) -> dict[str, Any]:
 
 # A gang's pods (and its Service) are created concurrently: one after another, a 4-pod job's last
 # pod waited for three round trips more, which under load was most of apply -> all pods created.
-_CREATES = concurrent.futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="lorakube-create")
+_CREATES = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="lorakube-create")
 
 
 def _create_together(kube: Kube, manifests: Sequence[Mapping[str, Any]], created: list[str]) -> None:
