@@ -230,8 +230,9 @@ def lorakube_manifest(name: str, pods: int) -> dict[str, Any]:
             "training": {"height": 64, "width": 64, "maxEpochs": 1, "precision": "32", "strategy": "ddp"},
             "resources": {"numNodes": pods, "gpusPerNode": 0, "resources": {"requests": POD_REQUESTS}},
             "output": {"uri": f"/data/output/{name}"},
-            # Restart at once, and often: the bench crashes pods on purpose.
-            "runPolicy": {"maxRestarts": 100, "backoffSeconds": 0},
+            # Restart at once, and often: the bench crashes pods on purpose. A slow node may take
+            # longer than the default 600 s to start thousands of pods: that is not a failure here.
+            "runPolicy": {"maxRestarts": 100, "backoffSeconds": 0, "startupDeadlineSeconds": 3600},
         },
     }
 
