@@ -16,7 +16,7 @@ export LORAKUBE_CACHE
 export HF_HUB_OFFLINE := 1
 export GOTOOLCHAIN := local
 
-.PHONY: env binaries test test-slow test-kueue test-training-operator test-unit test-images images soak demo clean-cluster
+.PHONY: env binaries test test-slow test-kueue test-training-operator test-unit test-images images soak demo clean-cluster bench-operator
 
 $(DEPS_STAMP): pyproject.toml
 	@mkdir -p $(LORAKUBE_CACHE)
@@ -81,6 +81,14 @@ test-unit: env
 # must checkpoint the step both ranks agreed on and exit 75 within 15 s (`make test` runs it once).
 soak: env
 	LORAKUBE_SIGTERM_REPEATS=20 $(PYTHON) -m pytest tests/integration/trainer/test_shutdown.py -p no:cacheprovider -s $(PYTEST_ARGS)
+
+# The operator at scale beside Kubernetes' indexed Job on its own local cluster (README,
+# Performance): JOBS jobs x PODS no-op pods; prints the table. JOBS=100 takes a few minutes.
+JOBS ?= 10
+PODS ?= 4
+PEER ?= indexed-job
+bench-operator: binaries
+	$(PYTHON) bench/operator_scale.py --jobs $(JOBS) --pods $(PODS) --peer $(PEER)
 
 demo: binaries
 	$(VENV)/bin/lorakube-dev demo

@@ -102,7 +102,8 @@ class LocalCluster:
                  log: Callable[[str], None] = print, *,
                  node_path: Sequence[Path] | None = None,
                  node_env: Mapping[str, str] | None = None,
-                 node_restart_backoff: tuple[float, float] | None = None) -> None:
+                 node_restart_backoff: tuple[float, float] | None = None,
+                 audit_policy: Path | None = None) -> None:
         """``node_path`` and ``node_env`` play the container image: directories put in front of
         PATH and variables set for every container. Left out, the node's defaults apply (see
         ``start_node_daemon``): this Python environment's bin directory, so pods find
@@ -115,6 +116,8 @@ class LocalCluster:
         self._node_path = list(node_path) if node_path is not None else None
         self._node_env = dict(node_env) if node_env is not None else None
         self._node_restart_backoff = node_restart_backoff
+        # An apiserver audit policy file: the apiserver then writes logs/audit.log (JSON lines).
+        self._audit_policy = audit_policy
         self._log = log
         self._binaries: Binaries | None = None
 
@@ -169,7 +172,7 @@ class LocalCluster:
         self._binaries = build_mod.build(log=self._log)
         nodes = list(self._nodes) if self._nodes is not None else default_nodes()
         started = time.monotonic()
-        plane = ControlPlane.prepare(self.state_dir)
+        plane = ControlPlane.prepare(self.state_dir, self._audit_policy)
         state = ClusterState(
             server=plane.server,
             ports=asdict(plane.ports),

@@ -7,11 +7,14 @@ already gone; so a pass interrupted anywhere is simply repeated.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import datetime as dt
 import json
 import logging
 import os
+import threading
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Callable
 
@@ -22,6 +25,7 @@ from lorakube import builders, queueing, reconcile, spec
 from lorakube_api import contract
 from lorakube import status as st
 from lorakube.metrics import OPERATOR, OperatorMetrics
+from lorakube import pods as pods_mod
 from lorakube.pods import PodView, parse_time
 
 log = logging.getLogger(__name__)
@@ -62,6 +66,9 @@ def _classify_create_error(exc: ApiException) -> Exception:
 # requeues the job). No list or watch goes through this client (Kopf watches), so the read bound
 # is far above any answer the apiserver gives to a single request.
 REQUEST_TIMEOUT = (5.0, 30.0)
+# Connections kept to the API server: above the threads that call at once (handlers.PASS_THREADS
+# passes, _CREATES 8 creates).
+CONNECTION_POOL_SIZE = 48
 WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
 
@@ -94,6 +101,10 @@ def load_api_client(timeout: tuple[float, float] | None = None, fence: Callable[
         config.load_kube_config(config_file=os.environ.get("KUBECONFIG"), client_configuration=configuration)
     # No silent retries inside urllib3: they would multiply the bound; the callers retry.
     configuration.retries = False
+    # Room for every thread that may call at once (the passes' threads and _CREATES): the default
+    # (5 per CPU: 10 on 2 cores) made urllib3 discard connections under load, and every new one
+    # costs a TLS handshake on both ends.
+    configuration.connection_pool_maxsize = CONNECTION_POOL_SIZE
     api = BoundedApiClient(configuration, timeout or REQUEST_TIMEOUT, fence)
     if user_agent:
         api.user_agent = user_agent
@@ -115,11 +126,96 @@ def api_problem(api: client.ApiClient) -> str | None:
     return None
 
 
+# How long a pod this operator created counts as present while the pod index does not show it yet
+# (the watch is usually a fraction of a second behind; see Expectations).
+EXPECTATION_SECONDS = 60.0
+
+# A job's headless Service, once created or seen, is read again only after this long: no watch
+# tells the operator that someone deleted it, so it is looked for as often as the timer looks
+# (handlers.TIMER_INTERVAL_SECONDS), not on every pass a pod event starts.
+SERVICE_RECHECK_SECONDS = 10.0
+
+JobKey = tuple[str, str]
+
+
+class Expectations:
+    """What this operator's own writes did that its watches may not show yet, per job.
+
+    A pass that creates pods writes the job's status too, and the echo of either can start the
+    next pass before the pod index holds the new pods; that pass would create them again (409).
+    So the pods a pass created count as present (`merge`) until the index shows them, as
+    Kubernetes' own controllers do with their expectations; after EXPECTATION_SECONDS without
+    seeing one (a watch gap), the next pass asks the API again (a create that adopts on 409).
+    The resourceVersion of the job's last status write lets the handlers skip that write's echo.
+    """
+
+    def __init__(self, ttl: float = EXPECTATION_SECONDS, clock: Callable[[], float] = time.monotonic) -> None:
+        self.ttl = ttl
+        self.clock = clock
+        self._lock = threading.Lock()   # passes of different jobs run in different threads
+        self._pods: dict[JobKey, dict[tuple[str, int], tuple[PodView, float]]] = {}
+        self._written: dict[JobKey, str] = {}
+        self._services: dict[tuple[str, str], float] = {}   # (namespace, name) -> when known to exist
+
+    def service_known(self, namespace: str, name: str) -> bool:
+        with self._lock:
+            since = self._services.get((namespace, name))
+            return since is not None and self.clock() - since < SERVICE_RECHECK_SECONDS
+
+    def service_exists(self, namespace: str, name: str, exists: bool) -> None:
+        with self._lock:
+            if exists:
+                self._services[(namespace, name)] = self.clock()
+            else:
+                self._services.pop((namespace, name), None)
+
+    def created(self, key: JobKey, view: PodView) -> None:
+        with self._lock:
+            self._pods.setdefault(key, {})[(view.name, view.attempt)] = (view, self.clock())
+
+    def merge(self, key: JobKey, views: Iterable[PodView]) -> tuple[PodView, ...]:
+        """The indexed views plus the created pods the index does not show yet."""
+        views = tuple(views)
+        seen = {(v.name, v.attempt, v.owner_uid) for v in views}
+        now = self.clock()
+        with self._lock:
+            pending = self._pods.get(key, {})
+            for ident, (view, since) in list(pending.items()):
+                if (view.name, view.attempt, view.owner_uid) in seen or now - since > self.ttl:
+                    del pending[ident]
+            if not pending:
+                self._pods.pop(key, None)
+            return views + tuple(view for view, _ in pending.values())
+
+    def wrote(self, key: JobKey, resource_version: str | None) -> None:
+        with self._lock:
+            if resource_version:
+                self._written[key] = resource_version
+
+    def is_own_write(self, key: JobKey, resource_version: str | None) -> bool:
+        with self._lock:
+            return resource_version is not None and self._written.get(key) == resource_version
+
+    def forget(self, key: JobKey) -> None:
+        with self._lock:
+            self._pods.pop(key, None)
+            self._written.pop(key, None)
+            self._services.pop(key, None)   # the Service has the job's name
+
+
 @dataclasses.dataclass
 class Kube:
     api: client.ApiClient
     # Counts the pods really created/deleted and what each written decision reported.
     metrics: OperatorMetrics = dataclasses.field(default_factory=lambda: OPERATOR)
+    expectations: Expectations = dataclasses.field(default_factory=Expectations)
+
+    def wrote(self, namespace: str, name: str, resource_version: str | None) -> bool:
+        """Whether this version of the job is the one the operator's last status write made."""
+        return self.expectations.is_own_write((namespace, name), resource_version)
+
+    def forget_job(self, namespace: str, name: str) -> None:
+        self.expectations.forget((namespace, name))
 
     @property
     def core(self) -> client.CoreV1Api:
@@ -145,9 +241,11 @@ class Kube:
             raise
 
     def patch_job_status(self, namespace: str, name: str, patch: Mapping[str, Any]) -> None:
-        self.custom.patch_namespaced_custom_object_status(
+        written = self.custom.patch_namespaced_custom_object_status(
             contract.API_GROUP, contract.API_VERSION, namespace, contract.PLURAL, name,
             {"status": dict(patch)}, _content_type=MERGE_PATCH)
+        version = (written or {}).get("metadata", {}).get("resourceVersion") if isinstance(written, dict) else None
+        self.expectations.wrote((namespace, name), version)
 
     def delete_job(self, namespace: str, name: str) -> None:
         self._delete_custom(contract.API_GROUP, contract.API_VERSION, namespace, contract.PLURAL, name)
@@ -163,7 +261,11 @@ class Kube:
     # --- children -------------------------------------------------------------------------
 
     def service_exists(self, namespace: str, name: str) -> bool:
-        return _exists(self.core.read_namespaced_service, namespace, name)
+        if self.expectations.service_known(namespace, name):
+            return True
+        exists = _exists(self.core.read_namespaced_service, namespace, name)
+        self.expectations.service_exists(namespace, name, exists)
+        return exists
 
     def service_account_exists(self, namespace: str, name: str) -> bool:
         return _exists(self.core.read_namespaced_service_account, namespace, name)
@@ -180,9 +282,12 @@ class Kube:
             "RoleBinding": (self.rbac.create_namespaced_role_binding, self.rbac.read_namespaced_role_binding),
         }[manifest["kind"]]
         try:
-            create(namespace, dict(manifest))
+            made = create(namespace, dict(manifest))
             if manifest["kind"] == "Pod":
                 self.metrics.pods_created.labels(namespace).inc()
+                self._expect(manifest, made)
+            elif manifest["kind"] == "Service":
+                self.expectations.service_exists(namespace, manifest["metadata"]["name"], True)
             return True
         except ApiException as exc:
             if exc.status != 409:
@@ -190,6 +295,14 @@ class Kube:
         if read is not None:
             _check_owner(manifest, read(manifest["metadata"]["name"], namespace))
         return False
+
+    def _expect(self, manifest: Mapping[str, Any], made: Any) -> None:
+        """Remember a pod just created (see Expectations), as the API server returned it."""
+        body = self.api.sanitize_for_serialization(made) if made is not None else dict(manifest)
+        view = pods_mod.from_body(body)
+        job = (manifest["metadata"].get("labels") or {}).get(contract.LABEL_JOB_NAME)
+        if view is not None and job:
+            self.expectations.created((manifest["metadata"]["namespace"], job), view)
 
     def delete_pod(self, namespace: str, name: str, force: bool = False) -> bool:
         """Delete a pod; `force` (grace 0) removes the object without waiting for its kubelet.
@@ -326,9 +439,12 @@ def act(kube: Kube, obs: reconcile.Observation, decision: reconcile.Decision) ->
     phase = _phase(obs, decision.status_patch)
     created: list[str] = []
     try:
-        for manifest in _children(decision):
-            if kube.create(manifest) and manifest["kind"] == "Pod":
-                created.append(manifest["metadata"]["name"])
+        # The pods' ServiceAccount must exist before them (admission refuses a pod without it);
+        # the Role and RoleBinding go first too, so a pod never runs without its rights.
+        for manifest in decision.create_access:
+            kube.create(manifest)
+        service = [decision.create_service] if decision.create_service else []
+        _create_together(kube, service + list(decision.create_pods), created)
     except Rejected as exc:
         failed = reconcile.rejected(obs, _describe(decision), str(exc))
         kube.patch_job_status(job.namespace, job.name, failed.status_patch)
@@ -396,10 +512,24 @@ def obs_body(obs: reconcile.Observation) -> dict[str, Any]:
     }
 
 
-def _children(decision: reconcile.Decision) -> Sequence[Mapping[str, Any]]:
-    # The pods' ServiceAccount must exist before them (admission refuses a pod without it).
-    return (list(decision.create_access) + ([decision.create_service] if decision.create_service else [])
-            + list(decision.create_pods))
+# A gang's pods (and its Service) are created concurrently: one after another, a 4-pod job's last
+# pod waited for three round trips more, which under load was most of apply -> all pods created.
+_CREATES = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="lorakube-create")
+
+
+def _create_together(kube: Kube, manifests: Sequence[Mapping[str, Any]], created: list[str]) -> None:
+    """Create all at once; the names of the pods really created go into `created` (also when one
+    create fails: the caller deletes them on a rejection), then the first refusal is raised."""
+    futures = [(manifest, _CREATES.submit(kube.create, manifest)) for manifest in manifests]
+    refused: Exception | None = None
+    for manifest, future in futures:
+        try:
+            if future.result() and manifest["kind"] == "Pod":
+                created.append(manifest["metadata"]["name"])
+        except (Rejected, Transient) as exc:
+            refused = refused or exc
+    if refused is not None:
+        raise refused
 
 
 def _check_owner(manifest: Mapping[str, Any], existing: Any) -> None:
@@ -426,7 +556,7 @@ def reconcile_job(kube: Kube, namespace: str, name: str, pods: Iterable[PodView]
     body = kube.get_job(namespace, name)
     if body is None:
         return Outcome()
-    obs = observe(kube, body, pods, now)
+    obs = observe(kube, body, kube.expectations.merge((namespace, name), pods), now)
     return act(kube, obs, reconcile.decide(obs, config))
 
 

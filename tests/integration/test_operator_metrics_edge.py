@@ -43,7 +43,8 @@ def test_pods_restarts_and_phases_are_counted_where_the_api_answers(local_cluste
 
     assert reconcile([]).phase == "Created"
     assert count(metrics, "lorakube_pods_created_total", namespace=new_namespace) == 2
-    # A pass that has not seen the pods yet creates them again: 409, adopted, not counted.
+    # A pass whose pod index does not show the pods yet counts them as created (the client's
+    # expectations): no second create, nothing counted twice.
     reconcile([])
     assert count(metrics, "lorakube_pods_created_total", namespace=new_namespace) == 2
     assert len(views()) == 2
