@@ -6,7 +6,7 @@ SHELL := /bin/bash
 LORAKUBE_CACHE ?= $(HOME)/.cache/lorakube
 VENV ?= $(LORAKUBE_CACHE)/venv
 PYTHON := $(VENV)/bin/python
-EXTRAS := operator,trainer,deepspeed,localcluster,dev
+EXTRAS := operator,trainer,deepspeed,quantize,localcluster,dev
 # The venv is rebuilt (incrementally) when the dependency section of pyproject.toml changes.
 DEPS_KEY := $(shell sed -n '/^\[project\]/,/^\[project.scripts\]/p' pyproject.toml | sha256sum | cut -c1-16)
 DEPS_STAMP := $(VENV)/.lorakube-deps-$(DEPS_KEY)
@@ -17,6 +17,7 @@ export HF_HUB_OFFLINE := 1
 export GOTOOLCHAIN := local
 
 .PHONY: env binaries test test-slow test-kueue test-unit test-images images soak demo clean-cluster
+.PHONY: bench-trainer bench-trainer-gpu
 
 $(DEPS_STAMP): pyproject.toml
 	@mkdir -p $(LORAKUBE_CACHE)
@@ -74,6 +75,16 @@ test-unit: env
 # must checkpoint the step both ranks agreed on and exit 75 within 15 s (`make test` runs it once).
 soak: env
 	LORAKUBE_SIGTERM_REPEATS=20 $(PYTHON) -m pytest tests/integration/trainer/test_shutdown.py -p no:cacheprovider -s $(PYTEST_ARGS)
+
+# The trainer's benchmarks (README "Performance"): the framework's CPU overhead against a bare PyTorch
+# loop, then the real-size GPU script run on the tiny models (a few minutes on 2 cores). On a machine
+# with a GPU, bench-trainer-gpu prints the real-size table (all four families, every variant).
+bench-trainer: env
+	$(PYTHON) bench/cpu_overhead.py
+	$(PYTHON) bench/trainer_gpu.py --tiny
+
+bench-trainer-gpu: env
+	$(PYTHON) bench/trainer_gpu.py
 
 demo: binaries
 	$(VENV)/bin/lorakube-dev demo

@@ -19,6 +19,7 @@ import yaml
 from lorakube_api import contract
 
 from . import storage
+from .speed import BASE_WEIGHTS, CHANNELS_LAST_FAMILIES, SDPA_BACKENDS
 
 # Original flag names that are not in contract.TRAINING_FLAGS but the operator never passes.
 FLAG_MODELSCOPE_MODEL_ID = "--modelscope_model_id"
@@ -77,6 +78,12 @@ class TrainConfig:
     rendezvous_timeout: float
     modelscope_model_id: str | None
     modelscope_access_token: str | None
+    # Speed and memory options (speed.py); each off by default.
+    compile_blocks: bool = False
+    fused_adamw: bool = False
+    sdpa_backend: str = "default"
+    channels_last: bool = False
+    base_weights: str = "auto"
 
     @property
     def total_steps(self) -> int:
@@ -156,6 +163,18 @@ def build_parser() -> argparse.ArgumentParser:
                         f"{contract.DEFAULT_RENDEZVOUS_TIMEOUT_SECONDS}")
     p.add_argument(FLAG_MODELSCOPE_MODEL_ID, default=None)
     p.add_argument(FLAG_MODELSCOPE_ACCESS_TOKEN, default=None)
+    speed = p.add_argument_group("speed and memory (README: Performance)")
+    speed.add_argument("--compile_blocks", action="store_true",
+                       help="torch.compile each repeated denoiser block (regional: compile time of one block)")
+    speed.add_argument("--fused_adamw", action="store_true", help="torch's fused (single-kernel) AdamW")
+    speed.add_argument("--sdpa_backend", default="default", choices=tuple(SDPA_BACKENDS),
+                       help="attention kernels CUDA may use; default: all but cuDNN (its bf16 backward "
+                            "returns NaN gradients on H100/H200 with this torch)")
+    speed.add_argument("--channels_last", action="store_true",
+                       help="NHWC memory layout for the UNet family (" + ",".join(CHANNELS_LAST_FAMILIES) + ")")
+    speed.add_argument("--base_weights", default="auto", choices=BASE_WEIGHTS,
+                       help="frozen base linear layers in 8-bit (torchao, weight-only) to fit smaller "
+                            "GPUs; auto: the --precision dtype. fp8 needs a GPU; the LoRA stays full precision")
     return p
 
 
@@ -301,6 +320,7 @@ def _validate(ns: argparse.Namespace, env: dict[str, str]) -> TrainConfig:
                           "the upload needs the `modelscope` package, which is not installed here; install it into "
                           "the image (pip install modelscope) or drop the flag")
 
+    _check_speed_options(ns, family)
     checkpoint_dir = ns.checkpoint_dir or storage.join(output_path, contract.DEFAULT_CHECKPOINT_SUBDIR)
     return TrainConfig(
         model_family=family,
@@ -339,5 +359,27 @@ def _validate(ns: argparse.Namespace, env: dict[str, str]) -> TrainConfig:
         rendezvous_timeout=timeout,
         modelscope_model_id=ns.modelscope_model_id,
         modelscope_access_token=ns.modelscope_access_token,
+        compile_blocks=ns.compile_blocks,
+        fused_adamw=ns.fused_adamw,
+        sdpa_backend=ns.sdpa_backend,
+        channels_last=ns.channels_last,
+        base_weights=ns.base_weights,
     )
+
+
+def _check_speed_options(ns: argparse.Namespace, family: str) -> None:
+    if ns.channels_last and family not in CHANNELS_LAST_FAMILIES:
+        raise ConfigError("--channels_last", f"only changes the UNet family ({','.join(CHANNELS_LAST_FAMILIES)}); "
+                                             f"{family}'s denoiser is a transformer: drop the flag")
+    if ns.base_weights == "auto":
+        return
+    if ns.training_strategy.startswith("deepspeed"):
+        raise ConfigError("--base_weights", f"{ns.base_weights} cannot be combined with {ns.training_strategy}: "
+                                            "ZeRO partitions the weights it would quantize; use --training_strategy "
+                                            "auto or ddp, or --base_weights auto")
+    if importlib.util.find_spec("torchao") is None:
+        raise ConfigError("--base_weights", f"{ns.base_weights} needs the torchao package, which is not installed "
+                                            "here; pip install 'lorakube[quantize]' or use --base_weights auto")
+    if ns.base_weights == "fp8" and ns.accelerator == "cpu":
+        raise ConfigError("--base_weights", "fp8 weights need a GPU (H100/H200/Ada or newer); on CPU use int8")
 
