@@ -41,6 +41,7 @@ SDPA_BACKENDS = {
 }
 BASE_WEIGHTS = ("auto", "int8", "fp8")      # auto: the --precision dtype
 CHANNELS_LAST_FAMILIES = ("kolors",)        # the UNet family
+WEIGHTS_READ_DIRECTLY = ("HunyuanDiTAttentionPool", "MultiheadAttention")
 
 
 def sdpa_flags() -> tuple[bool, bool, bool, bool]:
@@ -116,9 +117,12 @@ def quantize_base(denoiser: torch.nn.Module, kind: str) -> int:
         raise RuntimeError(f"--base_weights {kind} needs torchao: pip install 'lorakube[quantize]'") from exc
     config = Int8WeightOnlyConfig() if kind == "int8" else Float8WeightOnlyConfig()
     chosen: list[str] = []
+    # Modules that read their linear layers' weights directly (F.multi_head_attention_forward) instead
+    # of calling them, which an 8-bit weight tensor does not support: Hunyuan-DiT's text pooler.
+    raw = tuple(f"{n}." for n, m in denoiser.named_modules() if type(m).__name__ in WEIGHTS_READ_DIRECTLY)
 
     def frozen_linear(module: torch.nn.Module, name: str) -> bool:
-        if not isinstance(module, torch.nn.Linear) or ".lora_" in f".{name}":
+        if not isinstance(module, torch.nn.Linear) or ".lora_" in f".{name}" or name.startswith(raw):
             return False
         if module.weight.requires_grad:
             return False

@@ -103,8 +103,10 @@ def test_compile_blocks_compiles_each_repeated_block_with_the_same_losses(tiny, 
     torch._dynamo.reset()
 
 
+@pytest.mark.slow
 def test_compiled_blocks_trace_the_lora_layers_and_keep_the_losses(tiny, plain_flux) -> None:
-    """The same regional compilation with dynamo + AOT autograd but no code generation (seconds):
+    """The same regional compilation with dynamo + AOT autograd but no code generation (still ~1 min
+    of tracing on a busy 2-core host, hence slow too):
     the LoRA'd blocks trace and the training step's losses are unchanged."""
     torch._dynamo.reset()
     module = _module("flux", tiny["flux"])
