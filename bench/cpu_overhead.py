@@ -6,9 +6,10 @@ the image), the bare loop with the batch prepared once and a plain
 `loss.backward(); opt.step(); opt.zero_grad()` around the same family loss. The ratio of their
 per-step times is the framework's overhead (goal: <= 1.10).
 
-Per step means the median time between the ends of consecutive steps after a warmup; each figure
-is the median over --repeats runs, lorakube and the bare loop interleaved, because a shared host's
-other processes make single runs noisy.
+Per step means the median time between the ends of consecutive steps after a warmup, as CPU time
+of this process (what the step costs, which other processes on a shared host barely change) and as
+wall time; each figure is the median over --repeats runs, lorakube and the bare loop interleaved.
+The ratio is of the CPU times.
 
     python bench/cpu_overhead.py                 # 1 and 2 threads, caching off and on
     python bench/cpu_overhead.py --steps 20 --repeats 1 --threads 1
@@ -30,18 +31,30 @@ SIZE = 64
 RANK = 4
 
 
-def lorakube_step_times(model: Path, data: Path, out: Path, steps: int, warmup: int, cache: bool) -> list[float]:
+Times = tuple[list[float], list[float]]       # (CPU seconds, wall seconds) per step
+
+
+def per_step(ends: list[tuple[float, float]], warmup: int) -> Times:
+    kept = ends[warmup:]
+    return ([b[0] - a[0] for a, b in zip(kept, kept[1:])], [b[1] - a[1] for a, b in zip(kept, kept[1:])])
+
+
+def now() -> tuple[float, float]:
+    return time.process_time(), time.perf_counter()
+
+
+def lorakube_step_times(model: Path, data: Path, out: Path, steps: int, warmup: int, cache: bool) -> Times:
     import lightning.pytorch as pl
 
     from lorakube_api import contract
     from lorakube_trainer import train
     from lorakube_trainer.config import parse_config
 
-    ends: list[float] = []
+    ends: list[tuple[float, float]] = []
 
     class StepEnds(pl.Callback):
         def on_train_batch_end(self, *args: Any) -> None:
-            ends.append(time.perf_counter())
+            ends.append(now())
 
     argv = ["--model_family", FAMILY, "--model_path", str(model), "--dataset_path", str(data),
             "--output_path", str(out), "--height", str(SIZE), "--width", str(SIZE), "--precision", "32",
@@ -52,10 +65,10 @@ def lorakube_step_times(model: Path, data: Path, out: Path, steps: int, warmup: 
     # No metrics port, and progress lines rarely enough that they do not bury the table.
     env = {contract.ENV_METRICS_PORT: "off", contract.ENV_PROGRESS_INTERVAL: "3600"}
     train.run(cfg, env=env, extra_callbacks=[StepEnds()])
-    return [b - a for a, b in zip(ends[warmup:], ends[warmup + 1:])]
+    return per_step(ends, warmup)
 
 
-def bare_step_times(model: Path, data: Path, steps: int, warmup: int, cache: bool) -> list[float]:
+def bare_step_times(model: Path, data: Path, steps: int, warmup: int, cache: bool) -> Times:
     """The same model, LoRA, loss and AdamW as lorakube, nothing else: no framework, no data loader."""
     import numpy as np
     import torch
@@ -82,15 +95,15 @@ def bare_step_times(model: Path, data: Path, steps: int, warmup: int, cache: boo
             return family.encode_images(pipe, pixels).contiguous(), family.encode_prompts(pipe, text, cpu)
 
     cached = encode() if cache else None
-    ends: list[float] = []
+    ends: list[tuple[float, float]] = []
     for _ in range(warmup + steps + 1):
         latents, cond = cached if cached is not None else encode()
         loss = family.training_loss(pipe, denoiser, latents, cond)
         loss.backward()
         opt.step()
         opt.zero_grad()
-        ends.append(time.perf_counter())
-    return [b - a for a, b in zip(ends[warmup:], ends[warmup + 1:])]
+        ends.append(now())
+    return per_step(ends, warmup)
 
 
 def measure(args: argparse.Namespace) -> list[list[object]]:
@@ -106,14 +119,17 @@ def measure(args: argparse.Namespace) -> list[list[object]]:
         for threads in args.threads:
             torch.set_num_threads(threads)
             for cache in (False, True):
-                ours, bare = [], []
+                ours: list[Times] = []
+                bare: list[Times] = []
                 for r in range(args.repeats):
-                    ours.append(median(lorakube_step_times(model, data, root / f"out-{threads}-{cache}-{r}",
-                                                           args.steps, args.warmup, cache)))
-                    bare.append(median(bare_step_times(model, data, args.steps, args.warmup, cache)))
-                t_ours, t_bare = median(ours) * 1e3, median(bare) * 1e3
-                rows.append(["on" if cache else "off", threads, f"{t_ours:.2f}", f"{t_bare:.2f}",
-                             f"{t_ours - t_bare:+.2f}", f"{t_ours / t_bare:.2f}"])
+                    ours.append(lorakube_step_times(model, data, root / f"out-{threads}-{cache}-{r}",
+                                                    args.steps, args.warmup, cache))
+                    bare.append(bare_step_times(model, data, args.steps, args.warmup, cache))
+                cpu_ours, cpu_bare = (median([median(t[0]) for t in runs]) * 1e3 for runs in (ours, bare))
+                wall_ours, wall_bare = (median([median(t[1]) for t in runs]) * 1e3 for runs in (ours, bare))
+                rows.append(["on" if cache else "off", threads, f"{cpu_ours:.2f}", f"{cpu_bare:.2f}",
+                             f"{cpu_ours - cpu_bare:+.2f}", f"{cpu_ours / cpu_bare:.2f}",
+                             f"{wall_ours:.1f} / {wall_bare:.1f}"])
     return rows
 
 
@@ -131,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
           f"batch 1, rank {RANK}, fp32)")
     print(f"machine: {machine()}; median step over {args.steps} steps, median of {args.repeats} runs")
     print()
-    print(table(["caching", "threads", "lorakube ms/step", "bare loop ms/step", "overhead ms", "ratio"], rows))
+    print(table(["caching", "threads", "lorakube CPU ms/step", "bare loop CPU ms/step", "overhead ms", "ratio",
+                 "wall ms/step (lorakube / bare)"], rows))
     return 0
 
 
