@@ -6,7 +6,7 @@ SHELL := /bin/bash
 LORAKUBE_CACHE ?= $(HOME)/.cache/lorakube
 VENV ?= $(LORAKUBE_CACHE)/venv
 PYTHON := $(VENV)/bin/python
-EXTRAS := operator,trainer,deepspeed,localcluster,dev
+EXTRAS := operator,trainer,deepspeed,quantize,localcluster,dev
 # The venv is rebuilt (incrementally) when the dependency section of pyproject.toml changes.
 DEPS_KEY := $(shell sed -n '/^\[project\]/,/^\[project.scripts\]/p' pyproject.toml | sha256sum | cut -c1-16)
 DEPS_STAMP := $(VENV)/.lorakube-deps-$(DEPS_KEY)
@@ -17,6 +17,7 @@ export HF_HUB_OFFLINE := 1
 export GOTOOLCHAIN := local
 
 .PHONY: env binaries test test-slow test-kueue test-training-operator test-unit test-images images soak demo clean-cluster bench-operator
+.PHONY: bench-trainer bench-trainer-gpu
 
 $(DEPS_STAMP): pyproject.toml
 	@mkdir -p $(LORAKUBE_CACHE)
@@ -89,6 +90,16 @@ PODS ?= 4
 PEER ?= indexed-job
 bench-operator: binaries
 	$(PYTHON) bench/operator_scale.py --jobs $(JOBS) --pods $(PODS) --peer $(PEER)
+
+# The trainer's benchmarks (README "Performance"): the framework's CPU overhead against a bare PyTorch
+# loop, then the real-size GPU script run on the tiny models (a few minutes on 2 cores). On a machine
+# with a GPU, bench-trainer-gpu prints the real-size table (all four families, every variant).
+bench-trainer: env
+	$(PYTHON) bench/cpu_overhead.py
+	$(PYTHON) bench/trainer_gpu.py --tiny
+
+bench-trainer-gpu: env
+	$(PYTHON) bench/trainer_gpu.py
 
 demo: binaries
 	$(VENV)/bin/lorakube-dev demo

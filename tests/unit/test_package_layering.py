@@ -34,7 +34,7 @@ PACKAGE_DIRS = {
 IMAGES = {
     "lorakube_api": {"packages": {"lorakube_api"}, "extras": ()},
     "lorakube": {"packages": {"lorakube", "lorakube_api"}, "extras": ("operator",)},
-    "lorakube_trainer": {"packages": {"lorakube_trainer", "lorakube_api"}, "extras": ("trainer", "deepspeed")},
+    "lorakube_trainer": {"packages": {"lorakube_trainer", "lorakube_api"}, "extras": ("trainer", "deepspeed", "quantize")},
 }
 OWN_PACKAGES = set(PACKAGE_DIRS)
 # Imported lazily inside a branch that the code guards, with a clear error when absent (none today:

@@ -134,11 +134,14 @@ class StepCallback(pl.Callback):
         self._losses: list[torch.Tensor] = []
         self._last_global_step = 0
         self._start = time.monotonic()
+        self._cuda = False
         self.last_loss: float | None = None
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._last_global_step = trainer.global_step
         self._start = time.monotonic()
+        # Asked once per run, not twice per step: each call asks the CUDA driver, which can be slow.
+        self._cuda = torch.cuda.is_available()
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -177,10 +180,10 @@ class StepCallback(pl.Callback):
             lr = trainer.optimizers[0].param_groups[0]["lr"]
             record = {"step": step, "epoch": epoch, "loss": self.last_loss, "lr": lr,
                       "elapsed_s": round(time.monotonic() - self._start, 3)}
-            if torch.cuda.is_available():
+            if self._cuda:
                 record["gpu_max_memory_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
             self.metrics.write(record)
-        if self.live is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        if self.live is not None and self._cuda and torch.cuda.is_initialized():
             self.live.set_gpu_memory(torch.cuda.memory_allocated(), torch.cuda.max_memory_allocated())
         if self.reporter is not None:
             self.reporter.report(step, epoch, self.last_loss, samples_per_step)

@@ -19,6 +19,7 @@ import yaml
 from lorakube_api import contract
 
 from . import storage
+from .speed import BASE_WEIGHTS, CHANNELS_LAST_FAMILIES, SDPA_BACKENDS
 
 # Original flag names that are not in contract.TRAINING_FLAGS but the operator never passes.
 FLAG_MODELSCOPE_MODEL_ID = "--modelscope_model_id"
@@ -90,6 +91,12 @@ class TrainConfig:
     caption_dropout: float = 0.0
     default_caption: str | None = None              # None: an image without a caption is an error
     max_image_pixels: int = contract.DEFAULT_MAX_IMAGE_PIXELS
+    # Speed and memory options (speed.py); each off by default.
+    compile_blocks: bool = False
+    fused_adamw: bool = False
+    sdpa_backend: str = "default"
+    channels_last: bool = False
+    base_weights: str = "auto"
 
     @property
     def total_steps(self) -> int:
@@ -201,6 +208,18 @@ def build_parser() -> argparse.ArgumentParser:
                         f"{contract.DEFAULT_RENDEZVOUS_TIMEOUT_SECONDS}")
     p.add_argument(FLAG_MODELSCOPE_MODEL_ID, default=None)
     p.add_argument(FLAG_MODELSCOPE_ACCESS_TOKEN, default=None)
+    speed = p.add_argument_group("speed and memory (README: Performance)")
+    speed.add_argument("--compile_blocks", action="store_true",
+                       help="torch.compile each repeated denoiser block (regional: compile time of one block)")
+    speed.add_argument("--fused_adamw", action="store_true", help="torch's fused (single-kernel) AdamW")
+    speed.add_argument("--sdpa_backend", default="default", choices=tuple(SDPA_BACKENDS),
+                       help="attention kernels CUDA may use; default: all but cuDNN (its bf16 backward "
+                            "returns NaN gradients on H100/H200 with this torch)")
+    speed.add_argument("--channels_last", action="store_true",
+                       help="NHWC memory layout for the UNet family (" + ",".join(CHANNELS_LAST_FAMILIES) + ")")
+    speed.add_argument("--base_weights", default="auto", choices=BASE_WEIGHTS,
+                       help="frozen base linear layers in 8-bit (torchao, weight-only) to fit smaller "
+                            "GPUs; auto: the --precision dtype. fp8 needs a GPU; the LoRA stays full precision")
     return p
 
 
@@ -376,6 +395,7 @@ def _validate(ns: argparse.Namespace, env: dict[str, str]) -> TrainConfig:
         raise ConfigError(contract.FLAG_PRETRAINED_LORA_PATH,
                           f"{lora} does not exist; give a diffusers-format LoRA file or a lorakube output folder")
 
+    _check_speed_options(ns, family)
     checkpoint_dir = ns.checkpoint_dir or storage.join(output_path, contract.DEFAULT_CHECKPOINT_SUBDIR)
     return TrainConfig(
         model_family=family,
@@ -425,5 +445,27 @@ def _validate(ns: argparse.Namespace, env: dict[str, str]) -> TrainConfig:
         caption_dropout=ns.caption_dropout,
         default_caption=ns.default_caption,
         max_image_pixels=ns.max_image_pixels,
+        compile_blocks=ns.compile_blocks,
+        fused_adamw=ns.fused_adamw,
+        sdpa_backend=ns.sdpa_backend,
+        channels_last=ns.channels_last,
+        base_weights=ns.base_weights,
     )
+
+
+def _check_speed_options(ns: argparse.Namespace, family: str) -> None:
+    if ns.channels_last and family not in CHANNELS_LAST_FAMILIES:
+        raise ConfigError("--channels_last", f"only changes the UNet family ({','.join(CHANNELS_LAST_FAMILIES)}); "
+                                             f"{family}'s denoiser is a transformer: drop the flag")
+    if ns.base_weights == "auto":
+        return
+    if ns.training_strategy.startswith("deepspeed"):
+        raise ConfigError("--base_weights", f"{ns.base_weights} cannot be combined with {ns.training_strategy}: "
+                                            "ZeRO partitions the weights it would quantize; use --training_strategy "
+                                            "auto or ddp, or --base_weights auto")
+    if importlib.util.find_spec("torchao") is None:
+        raise ConfigError("--base_weights", f"{ns.base_weights} needs the torchao package, which is not installed "
+                                            "here; pip install 'lorakube[quantize]' or use --base_weights auto")
+    if ns.base_weights == "fp8" and ns.accelerator == "cpu":
+        raise ConfigError("--base_weights", "fp8 weights need a GPU (H100/H200/Ada or newer); on CPU use int8")
 

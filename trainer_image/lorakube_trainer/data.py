@@ -57,6 +57,10 @@ def resize_and_crop(img: Image.Image, height: int, width: int, center_crop: bool
     return pixels / 127.5 - 1.0
 
 
+# Decoded centre crops kept in memory per process (about 85 images at 1024x1024).
+DECODED_CACHE_BYTES = 1 << 30
+
+
 @dataclasses.dataclass(frozen=True)
 class SampleKey:
     epoch: int
@@ -88,6 +92,8 @@ class CaptionedImages(torch.utils.data.Dataset):
         # (and every existing run's samples) is unchanged.
         self._slots = np.repeat(np.arange(len(records)), [r.repeats for r in records])
         self._orders: dict[int, np.ndarray] = {}
+        self._decoded: dict[int, torch.Tensor] = {}      # record index -> its centre crop (unflipped)
+        self._decoded_bytes = 0
 
     def record_index(self, key: SampleKey) -> int:
         order = self._orders.get(key.epoch)
@@ -125,12 +131,31 @@ class CaptionedImages(torch.utils.data.Dataset):
         index = self.record_index(key)
         record = self.records[index]
         rng = self.sample_rng(key)
+        pixels = self._decoded.get(index)
+        if pixels is not None:
+            # A centre crop is the same every time: only the flip (the same draw) is per sample.
+            return {"pixels": pixels.flip(-1) if flip_decision(self.random_flip, rng) else pixels,
+                    "text": self.caption(key, index), "index": index}
         try:
             with Image.open(record.path) as img:
-                pixels = resize_and_crop(img, *self.size_of(index), self.center_crop, self.random_flip, rng)
+                if self.center_crop:
+                    pixels = resize_and_crop(img, *self.size_of(index), True, False, rng)
+                    self._remember(index, pixels)
+                    if flip_decision(self.random_flip, rng):
+                        pixels = pixels.flip(-1)
+                else:
+                    pixels = resize_and_crop(img, *self.size_of(index), False, self.random_flip, rng)
         except (OSError, ValueError) as exc:
             raise DatasetError(f"{record.path.name}: cannot decode image ({exc}); replace or remove it") from exc
         return {"pixels": pixels, "text": self.caption(key, index), "index": index}
+
+    def _remember(self, index: int, pixels: torch.Tensor) -> None:
+        """Keep a decoded centre crop (decoding and resizing cost ~1 ms a step on a small image),
+        up to DECODED_CACHE_BYTES per process; past that, images are decoded every time."""
+        size = pixels.numel() * pixels.element_size()
+        if self._decoded_bytes + size <= DECODED_CACHE_BYTES:
+            self._decoded[index] = pixels
+            self._decoded_bytes += size
 
 
 def micro_batches_per_epoch(steps_per_epoch: int, accumulate: int) -> int:

@@ -17,6 +17,7 @@ import torch
 
 from lorakube_api import contract
 
+from . import speed
 from .caching import build_cache
 from .config import ConfigError, TrainConfig
 from .data import Record
@@ -55,12 +56,25 @@ class LoRAModule(pl.LightningModule):
             p.data = p.data.float()
         if cfg.use_gradient_checkpointing:
             family.enable_gradient_checkpointing(self.denoiser)
+        self._apply_speed_options(cfg)
         self.denoiser.train()
         self.last_micro_batch_loss = torch.zeros(())
         self._cache: tuple[list[Record], Path, list[tuple[int, int]] | None] | None = None
         self.step_offset = 0                    # optimizer steps done before this process started (resume)
         self.ema: LoraEma | None = None         # --ema_decay; made once the weights sit on their device
         self.resumed_ema: dict[str, torch.Tensor] | None = None
+
+    def _apply_speed_options(self, cfg: TrainConfig) -> None:
+        """speed.py's opt-in flags, in the order they compose: weights quantized under the LoRA
+        layers, then the memory layout, then compilation of what the module now is."""
+        speed.apply_sdpa_backend(cfg.sdpa_backend)      # after add_lora, which sets the default
+        if cfg.base_weights != "auto":
+            count = speed.quantize_base(self.denoiser, cfg.base_weights)
+            log.info("--base_weights %s: %d frozen linear layers stored in 8 bits", cfg.base_weights, count)
+        if cfg.channels_last:
+            self.denoiser.to(memory_format=torch.channels_last)
+        if cfg.compile_blocks:
+            log.info("--compile_blocks: %d denoiser blocks compiled", speed.compile_blocks(self.denoiser))
 
     @property
     def pipe(self) -> Any:
@@ -152,4 +166,4 @@ class LoRAModule(pl.LightningModule):
     def configure_optimizers(self) -> torch.optim.Optimizer:
         # torch's AdamW defaults (weight decay 0.01) as in the original trainer; optimizer_step sets
         # each step's learning rate (--lr_scheduler, --lr_warmup_steps).
-        return torch.optim.AdamW(trainable_parameters(self.denoiser), lr=self.cfg.learning_rate)
+        return speed.make_optimizer(trainable_parameters(self.denoiser), self.cfg.learning_rate, self.cfg.fused_adamw)
