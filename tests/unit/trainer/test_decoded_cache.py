@@ -55,3 +55,13 @@ def test_the_memory_budget_bounds_what_is_kept(tmp_path: Path, monkeypatch) -> N
     samples = [ds[SampleKey(epoch=0, position=p)] for p in range(12)]
     assert len(ds._decoded) == 2 and ds._decoded_bytes == 2 * one_crop
     assert all(np.isfinite(s["pixels"].numpy()).all() for s in samples)
+
+
+def test_a_crop_from_memory_keeps_its_samples_caption_dropout(tmp_path: Path) -> None:
+    records = load_records(write_dataset(tmp_path / "d", [(48, 32), (32, 48)]))
+    ds = CaptionedImages(records, seed=3, height=16, width=16, center_crop=True, random_flip=False,
+                         samples_per_epoch=40, caption_dropout=0.5)
+    keys = [SampleKey(epoch=0, position=p) for p in range(40)]
+    texts = [ds[k]["text"] for k in keys]                  # the first two decode, the rest from memory
+    assert texts == [ds.caption(k, ds.record_index(k)) for k in keys]
+    assert "" in texts[2:] and any(texts[2:])              # dropped and kept samples both come from memory
