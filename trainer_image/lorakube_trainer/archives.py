@@ -18,10 +18,8 @@ CA is trusted through SSL_CERT_FILE, as for any OpenSSL client.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import shutil
 import ssl
 import stat
 import tarfile
@@ -84,9 +82,9 @@ def _version(info: Mapping[str, Any], pinned: str | None) -> dict[str, Any]:
             "sha256": pinned}
 
 
-def stage_input(uri: str, env: Mapping[str, str] | None = None) -> Path:
+def stage_input(uri: str, env: Mapping[str, str] | None = None, on_bytes: Any = None) -> Path:
     """The archive's contents in a local folder, downloaded and extracted at most once per node and
-    version of the archive."""
+    version of the archive (storage.stage_cached); `on_bytes` hears the start and the end."""
     env = os.environ if env is None else env
     url, pinned = split(uri)
     fs = _filesystem(env)
@@ -96,21 +94,18 @@ def stage_input(uri: str, env: Mapping[str, str] | None = None) -> Path:
         log.warning("%s: the server sends no ETag or Last-Modified; the cached copy is reused while the size "
                     "stays the same (pin the archive with #sha256=<hex> to be sure)", uri)
     key = storage.stage_key(uri, {"archive": version})
-    root = storage.cache_root(env) / "inputs"
-    final = root / key
-    with storage._locked(root / f"{key}.lock"):
-        if (final / storage.STAGED_MARKER).is_file():
-            log.info("using %s staged before in %s", uri, final)
-            return final
-        root.mkdir(parents=True, exist_ok=True)
-        work = Path(tempfile.mkdtemp(prefix=f".{key}.partial-", dir=root))
-        try:
+    total = int(info["size"]) if info.get("size") is not None else None
+
+    def fill(folder: Path, progress: Any) -> None:
+        log.info("staging %s: %s bytes", uri, info.get("size", "an unknown number of"))
+        progress(0, total)
+        with tempfile.TemporaryDirectory(prefix=".archive-download-", dir=folder.parent) as tmp:
+            work = Path(tmp)
             archive = work / "archive"
-            log.info("staging %s: %s bytes", uri, info.get("size", "an unknown number of"))
             storage.retrying("download of", uri, lambda: fs.get_file(url, str(archive)))
             size = archive.stat().st_size
-            if info.get("size") is not None and size != int(info["size"]):
-                raise StorageError(f"{uri}: got {size} bytes, the server announced {info['size']}; not used")
+            if total is not None and size != total:
+                raise StorageError(f"{uri}: got {size} bytes, the server announced {total}; not used")
             if pinned is not None:
                 from .checkpoint import sha256_file
 
@@ -120,17 +115,11 @@ def stage_input(uri: str, env: Mapping[str, str] | None = None) -> Path:
             content = work / "content"
             content.mkdir()
             extract(archive, content, uri)
-            archive.unlink()
             top = _single_folder(content)
-            top.joinpath(storage.STAGED_MARKER).write_text(json.dumps({"uri": uri, "archive": version},
-                                                                      sort_keys=True))
-            if final.exists():
-                shutil.rmtree(final)        # a leftover without the marker
-            os.replace(top, final)
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
-        log.info("staged %s in %s", uri, final)
-        return final
+            storage.move_files(top, sorted(p.name for p in top.iterdir()), folder)
+        progress(size, size)
+
+    return storage.stage_cached(uri, env, key, total, fill, on_bytes=on_bytes, record={"archive": version})
 
 
 def _single_folder(folder: Path) -> Path:

@@ -22,14 +22,11 @@ a private Hub). Messages name the URI, never the token.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
-import json
 import logging
 import os
 import posixpath
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, TypeVar
@@ -220,46 +217,36 @@ def check_writable(uri: str, env: Mapping[str, str] | None = None) -> None:
     _resolve(_api(env), where, uri, env, storage.CHECK_ATTEMPTS)
 
 
-def stage_input(uri: str, env: Mapping[str, str] | None = None) -> Path:
+def stage_input(uri: str, env: Mapping[str, str] | None = None, on_bytes: Any = None) -> Path:
     """A local folder holding the files under `uri` at its resolved commit, downloaded at most once
-    per node and commit."""
+    per node and commit (storage.stage_cached); `on_bytes` hears the start and the end."""
     env = _env(env)
     where = parse(uri)
     api = _api(env)
     sha = _resolve(api, where, uri, env, storage.UPLOAD_ATTEMPTS)
     key = storage.stage_key(uri, {"commit": {"sha": sha}})
-    root = storage.cache_root(env) / "inputs"
-    final = root / key
-    with storage._locked(root / f"{key}.lock"):
-        if (final / storage.STAGED_MARKER).is_file():
-            log.info("using %s (commit %s) staged before in %s", uri, sha, final)
-            return final
+
+    def fill(folder: Path, progress: Any) -> None:
+        # Listed only on a cache miss: a second job on the node asks for the commit alone.
         files = _files(api, where, sha, uri, env)
         if not files:
             raise StorageError(f"{uri} holds no files at {where.revision} ({sha[:12]}); fix the repo or the path")
-        root.mkdir(parents=True, exist_ok=True)
-        download_root = Path(tempfile.mkdtemp(prefix=f".{key}.partial-", dir=root))
-        try:
-            log.info("staging %s (commit %s): %d files, %d bytes", uri, sha, len(files),
-                     sum(f.size for f in files.values()))
+        total = sum(f.size for f in files.values())
+        log.info("staging %s (commit %s): %d files, %d bytes", uri, sha, len(files), total)
+        progress(0, total)
+        with tempfile.TemporaryDirectory(prefix=".hf-download-", dir=folder.parent) as tmp:
+            download_root = Path(tmp)
             _download(where, sha, files, download_root, uri, env)
-            partial = download_root / where.path if where.path else download_root
+            source = download_root / where.path if where.path else download_root
             for rel, entry in sorted(files.items()):
-                problem = _matches(partial / rel, entry)
+                problem = _matches(source / rel, entry)
                 if problem is not None:
                     raise StorageError(f"{uri}: {rel} as downloaded does not match the Hub ({problem}); not used")
-            # hf_hub_download's bookkeeping folder, not a file of the repo.
-            shutil.rmtree(download_root / ".cache" / "huggingface", ignore_errors=True)
-            with contextlib.suppress(OSError):
-                (download_root / ".cache").rmdir()
-            (partial / storage.STAGED_MARKER).write_text(json.dumps({"uri": uri, "commit": sha, "files": len(files)}))
-            if final.exists():
-                shutil.rmtree(final)        # a leftover without the marker
-            os.replace(partial, final)
-        finally:
-            shutil.rmtree(download_root, ignore_errors=True)
-        log.info("staged %s (commit %s) in %s", uri, sha, final)
-        return final
+            # Only the repo's files: hf_hub_download's own bookkeeping (.cache/) stays behind.
+            storage.move_files(source, sorted(files), folder)
+        progress(total, total)
+
+    return storage.stage_cached(uri, env, key, None, fill, on_bytes=on_bytes, record={"commit": sha})
 
 
 def _download(where: HfLocation, sha: str, files: Mapping[str, Any], target: Path, uri: str,

@@ -34,16 +34,16 @@ def is_hub(uri: str) -> bool:
 
 def stage_input(uri: str, env: Mapping[str, str] | None = None,
                 on_bytes: Callable[[int, int | None], None] | None = None) -> Path:
-    """A local folder holding the input; `on_bytes(done, total)` hears the download's progress
-    (the job's Staging phase) from the s3:// stage; the hub and archive stages report only their
-    start and end."""
+    """A local folder holding the input, in the node's cache (storage.stage_cached); `on_bytes(done,
+    total)` hears the download's progress (the job's Staging phase): every object for s3://, the
+    start and the end for the hub and archive stages."""
     kind = storage.scheme(uri)
     if kind == hubs.SCHEME:
-        return hubs.stage_input(uri, env)
+        return hubs.stage_input(uri, env, on_bytes)
     if kind == modelscope_repos.SCHEME:
-        return modelscope_repos.stage_input(uri, env)
+        return modelscope_repos.stage_input(uri, env, on_bytes)
     if kind == archives.SCHEME:
-        return archives.stage_input(uri, env)
+        return archives.stage_input(uri, env, on_bytes)
     return storage.stage_input(uri, env, on_bytes=on_bytes)
 
 

@@ -139,8 +139,9 @@ def check_readable(uri: str, env: Mapping[str, str] | None = None) -> None:
         raise StorageError(f"{uri} holds no files at {where.revision}; fix the model id, revision or path")
 
 
-def stage_input(uri: str, env: Mapping[str, str] | None = None) -> Path:
-    """A local folder holding the files under `uri`, downloaded at most once per node and version."""
+def stage_input(uri: str, env: Mapping[str, str] | None = None, on_bytes: Any = None) -> Path:
+    """A local folder holding the files under `uri`, downloaded at most once per node and version
+    (storage.stage_cached); `on_bytes` hears the start and the end."""
     from modelscope.hub.snapshot_download import snapshot_download
 
     env = _env(env)
@@ -152,17 +153,13 @@ def stage_input(uri: str, env: Mapping[str, str] | None = None) -> Path:
         raise StorageError(f"{uri} holds no files at {where.revision}; fix the model id, revision or path")
     key = storage.stage_key(uri, {"files": {rel: [f["size"], f["sha256"]] for rel, f in files.items()},
                                   "revision": where.revision})
-    root = storage.cache_root(env) / "inputs"
-    final = root / key
-    with storage._locked(root / f"{key}.lock"):
-        if (final / storage.STAGED_MARKER).is_file():
-            log.info("using %s staged before in %s", uri, final)
-            return final
-        root.mkdir(parents=True, exist_ok=True)
-        work = Path(tempfile.mkdtemp(prefix=f".{key}.partial-", dir=root))
-        try:
-            log.info("staging %s: %d files, %d bytes", uri, len(files), sum(f["size"] for f in files.values()))
-            download = work / "download"
+    total = sum(f["size"] for f in files.values())
+
+    def fill(folder: Path, progress: Any) -> None:
+        log.info("staging %s: %d files, %d bytes", uri, len(files), total)
+        progress(0, total)
+        with tempfile.TemporaryDirectory(prefix=".modelscope-download-", dir=folder.parent) as tmp:
+            download = Path(tmp) / "download"
             _call("download of", uri, token, lambda: snapshot_download(
                 repo_id=where.repo_id, revision=where.revision, local_dir=str(download),
                 allow_patterns=[f["path"] for f in files.values()], max_workers=1,
@@ -170,24 +167,15 @@ def stage_input(uri: str, env: Mapping[str, str] | None = None) -> Path:
                 # The client retries each file (and checks its sha256) itself: one more round here.
                 attempts=2)
             source = download / where.path if where.path else download
-            # Only the listed files, each verified, go into the staged folder (the client may keep
-            # bookkeeping files of its own next to them).
-            partial = work / "staged"
             for rel, entry in sorted(files.items()):
                 problem = _mismatch(source / rel, entry)
                 if problem is not None:
                     raise StorageError(f"{uri}: {rel} as downloaded does not match ModelScope ({problem}); not used")
-                target = partial / rel
-                target.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(source / rel, target)
-            (partial / storage.STAGED_MARKER).write_text(json.dumps({"uri": uri, "files": len(files)}))
-            if final.exists():
-                shutil.rmtree(final)        # a leftover without the marker
-            os.replace(partial, final)
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
-        log.info("staged %s in %s", uri, final)
-        return final
+            # Only the listed files, each verified (the client keeps bookkeeping files of its own).
+            storage.move_files(source, sorted(files), folder)
+        progress(total, total)
+
+    return storage.stage_cached(uri, env, key, total, fill, on_bytes=on_bytes, record={"revision": where.revision})
 
 
 def check_publishable(model_id: str, token: str | None, env: Mapping[str, str] | None = None) -> None:

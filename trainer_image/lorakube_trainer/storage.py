@@ -268,12 +268,30 @@ def stage_input(uri: str, env: Mapping[str, str] | None = None,
             done += info["size"]
             progress(done, total)
 
+    return stage_cached(uri, env, stage_key(uri, objects), total, fill, on_bytes=on_bytes,
+                        record={"objects": objects})
+
+
+def stage_cached(uri: str, env: Mapping[str, str], key: str, total: int | None, fill: input_cache.Filler, *,
+                 on_bytes: input_cache.ByteProgress | None = None,
+                 record: Mapping[str, object] | None = None) -> Path:
+    """Every scheme's input goes through here into the node's cache (input_cache.stage: the lock,
+    a cache hit, eviction under $LORAKUBE_CACHE_MAX_BYTES, the marker written last, the in-use
+    hold), so entries of any scheme are evicted by one rule and never while in use."""
     try:
         cap = input_cache.max_bytes_from_env(env)
     except ValueError as exc:
         raise StorageError(str(exc)) from None
-    return input_cache.stage(cache_root(env) / "inputs", stage_key(uri, objects), uri, total, fill,
-                             on_bytes=on_bytes, cap=cap, record={"objects": objects})
+    return input_cache.stage(cache_root(env) / "inputs", key, uri, total, fill, on_bytes=on_bytes, cap=cap,
+                             record=record)
+
+
+def move_files(source: Path, names: Iterable[str], target: Path) -> None:
+    """Move the files `names` (relative paths) from `source` into `target`, keeping their folders."""
+    for rel in names:
+        destination = target / rel
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(source / rel, destination)
 
 
 def _byte_callback(on_value: Callable[[int], None]) -> Any:

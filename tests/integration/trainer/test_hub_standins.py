@@ -119,6 +119,22 @@ def test_hf_standin_input_is_staged_once_per_commit_and_a_second_job_downloads_n
     assert (model / "model_index.json").read_bytes() == FILES["model_index.json"]     # the old one untouched
 
 
+def test_hf_standin_input_follows_the_node_caches_rules(hub, hub_online, tmp_path):
+    """Hub inputs go through the cache s3:// inputs use (storage.stage_cached): the download is
+    reported to the Staging phase (its start and end), and an entry in use is never evicted, even
+    under a cap smaller than both entries."""
+    hub.put_folder("org/tiny", _folder(tmp_path / "src", FILES))
+    env = {**_env(tmp_path, hub), "LORAKUBE_CACHE_MAX_BYTES": "1"}
+    seen: list[tuple[int, int | None]] = []
+    first = hubs.stage_input("hf://org/tiny", env, lambda done, total: seen.append((done, total)))
+    assert seen[0][0] == 0 and seen[-1][0] == seen[-1][1] == sum(p.stat().st_size for p in first.rglob("*")
+                                                                  if p.is_file() and not p.name.startswith(".lorakube"))
+    hub.repos[("model", "org/tiny")].commit("main", {"model_index.json": b'{"_class_name": "FluxPipeline", "v": 3}'})
+    second = hubs.stage_input("hf://org/tiny", env)
+    assert second != first
+    assert (first / "model_index.json").read_bytes() == FILES["model_index.json"]   # in use here: kept
+
+
 def test_hf_standin_tampered_or_short_download_is_never_used(hub, hub_online, tmp_path):
     hub.put_folder("org/tiny", _folder(tmp_path / "src", FILES))
     env = _env(tmp_path, hub)
