@@ -49,7 +49,7 @@ test: binaries
 # operator chaos test (SIGKILLed 10 times under 5 jobs). Run it before
 # resolving an issue that touches the trainer's distributed code or its exit codes.
 test-slow: binaries
-	$(PYTHON) -m pytest -m "slow and not gpu" -p no:cacheprovider $(PYTEST_ARGS)
+	$(PYTHON) -m pytest -m "slow and not gpu" -n $(TEST_WORKERS) --dist loadfile -p no:cacheprovider $(PYTEST_ARGS)
 
 # The two images, built here without a Docker engine: buildah (vfs, chroot; as root) on a
 # debootstrap bookworm standing in for python:3.11-slim (docs/images.md). Installs buildah and
