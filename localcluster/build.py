@@ -88,6 +88,23 @@ def go_env() -> dict[str, str]:
     return {**os.environ, **FIXED_GO_ENV}
 
 
+def go_module_dir(tools: str, module: str, version: str, expected: str) -> Path:
+    """`module`'s folder in the Go module cache at the version the tools module `go/<tools>` pins
+    (the build downloaded it; otherwise only its zip is fetched through the module proxy and checked
+    against go.sum). `expected` is a path inside it that must exist; RuntimeError says what failed."""
+    result = subprocess.run(["go", "mod", "download", "-json", module], cwd=GO_DIR / tools, env=go_env(),
+                            capture_output=True, text=True)
+    try:
+        directory = Path(json.loads(result.stdout)["Dir"])
+    except (ValueError, KeyError):
+        directory = None
+    if result.returncode != 0 or directory is None or not (directory / expected).exists():
+        raise RuntimeError(f"{module} {version} could not be fetched into the Go module cache "
+                           f"({(result.stderr or result.stdout).strip()}); check that the Go module proxy is "
+                           "reachable (GOPROXY)")
+    return directory
+
+
 def _go_binary() -> str:
     go = shutil.which("go")
     if go is None:

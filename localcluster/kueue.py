@@ -33,7 +33,7 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 
 from localcluster import certs, processes
-from localcluster.build import GO_DIR, build_kueue, go_env
+from localcluster.build import build_kueue, go_module_dir
 from localcluster.versions import KUEUE_VERSION
 
 MODULE = "sigs.k8s.io/kueue"
@@ -55,22 +55,11 @@ class KueueError(RuntimeError):
 
 
 def module_dir() -> Path:
-    """Kueue's module in the Go module cache, at the version the tools module pins (the build
-    downloaded it; otherwise only its zip is fetched through the module proxy, and checked
-    against go.sum)."""
-    result = subprocess.run(
-        ["go", "mod", "download", "-json", MODULE], cwd=GO_DIR / "kueue", env=go_env(),
-        capture_output=True, text=True,
-    )
+    """Kueue's module in the Go module cache, at the version the tools module pins."""
     try:
-        directory = Path(json.loads(result.stdout)["Dir"])
-    except (ValueError, KeyError):
-        directory = None
-    if result.returncode != 0 or directory is None or not (directory / "config").is_dir():
-        raise KueueError(f"{MODULE} {KUEUE_VERSION} could not be fetched into the Go module cache "
-                         f"({(result.stderr or result.stdout).strip()}); check that the Go module proxy "
-                         "is reachable (GOPROXY)")
-    return directory
+        return go_module_dir("kueue", MODULE, KUEUE_VERSION, "config")
+    except RuntimeError as exc:
+        raise KueueError(str(exc)) from None
 
 
 def crd_documents(module: Path) -> list[dict[str, Any]]:

@@ -22,7 +22,6 @@ matches the binary.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import time
@@ -37,7 +36,7 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 
 from localcluster import certs, processes
-from localcluster.build import GO_DIR, build_training_operator, go_env
+from localcluster.build import build_training_operator, go_module_dir
 from localcluster.versions import TRAINING_OPERATOR_VERSION
 
 MODULE = "github.com/kubeflow/training-operator"
@@ -55,23 +54,11 @@ class TrainingOperatorError(RuntimeError):
 
 
 def module_dir() -> Path:
-    """The training-operator's module in the Go module cache, at the version the tools module pins
-    (the build downloaded it; otherwise only its zip is fetched through the module proxy, and
-    checked against go.sum)."""
-    result = subprocess.run(
-        ["go", "mod", "download", "-json", MODULE], cwd=GO_DIR / "training-operator", env=go_env(),
-        capture_output=True, text=True,
-    )
+    """The training-operator's module in the Go module cache, at the version the tools module pins."""
     try:
-        directory = Path(json.loads(result.stdout)["Dir"])
-    except (ValueError, KeyError):
-        directory = None
-    if result.returncode != 0 or directory is None or not (directory / CRD_FILE).is_file():
-        raise TrainingOperatorError(
-            f"{MODULE} {TRAINING_OPERATOR_VERSION} could not be fetched into the Go module cache "
-            f"({(result.stderr or result.stdout).strip()}); check that the Go module proxy is "
-            "reachable (GOPROXY)")
-    return directory
+        return go_module_dir("training-operator", MODULE, TRAINING_OPERATOR_VERSION, CRD_FILE)
+    except RuntimeError as exc:
+        raise TrainingOperatorError(str(exc)) from None
 
 
 def crd_document(module: Path) -> dict[str, Any]:
