@@ -32,6 +32,7 @@ from urllib.parse import urlsplit
 from lorakube_api import contract
 
 from . import storage
+from .files import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -107,8 +108,6 @@ def stage_input(uri: str, env: Mapping[str, str] | None = None, on_bytes: Any = 
             if total is not None and size != total:
                 raise StorageError(f"{uri}: got {size} bytes, the server announced {total}; not used")
             if pinned is not None:
-                from .checkpoint import sha256_file
-
                 got = sha256_file(archive)
                 if got != pinned:
                     raise StorageError(f"{uri}: the archive's sha256 is {got}, the URI pins {pinned}; not used")

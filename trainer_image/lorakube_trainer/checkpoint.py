@@ -15,7 +15,6 @@ This module holds the pure file logic; callbacks.py decides when to call it duri
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import random
@@ -30,7 +29,7 @@ from safetensors.torch import load_file
 from lorakube_api import contract
 
 from .config import RESUME_AUTO, RESUME_NEVER
-from .files import atomic_write_bytes, save_safetensors
+from .files import atomic_write_bytes, save_safetensors, sha256_file  # noqa: F401 (re-exported)
 
 TRAINABLE_FILE = "trainable.safetensors"
 EMA_FILE = "ema.safetensors"
@@ -49,14 +48,6 @@ def rng_file(rank: int) -> str:
 def optimizer_file(rank: int) -> str:
     """Per-rank optimizer state: DeepSpeed ZeRO partitions the optimizer across ranks."""
     return f"optimizer-rank-{rank:05d}.pt"
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def tmp_dir(root: Path, step: int) -> Path:

@@ -14,6 +14,7 @@ One writer, so that every file gets the same three properties:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import struct
@@ -62,3 +63,12 @@ def safetensors_bytes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str
 
 def save_safetensors(tensors: Mapping[str, torch.Tensor], path: Path, metadata: Mapping[str, str] | None = None) -> None:
     atomic_write_bytes(Path(path), safetensors_bytes(tensors, metadata))
+
+
+def sha256_file(path: Path) -> str:
+    """The file's sha256, read in 4 MiB pieces (torch-free: preflight and the hub stages use it)."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

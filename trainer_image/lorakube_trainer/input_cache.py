@@ -158,11 +158,13 @@ def locked(path: Path, while_waiting: Callable[[], None] | None = None,
 
 def hold_in_use(root: Path, key: str) -> None:
     """Mark `key` as used by this process until it exits (eviction skips it)."""
-    if key in _IN_USE:
+    path = root / f"{key}.use"
+    # By path, not key: the same input has the same key in every cache root this process uses.
+    if str(path) in _IN_USE:
         return
-    handle = open(root / f"{key}.use", "a")
+    handle = open(path, "a")
     fcntl.flock(handle, fcntl.LOCK_SH)
-    _IN_USE[key] = handle
+    _IN_USE[str(path)] = handle
 
 
 # ---------------------------------------------------------------------------------------------

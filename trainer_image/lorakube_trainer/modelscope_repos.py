@@ -19,7 +19,6 @@ another site. Messages name the URI, never the token.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -29,6 +28,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, TypeVar
 
 from . import hubs, storage
+from .files import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -113,21 +113,13 @@ def _listing(api: Any, where: hubs.HfLocation, uri: str, token: str | None,
     return files
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _mismatch(local: Path, entry: Mapping[str, Any]) -> str | None:
     size = local.stat().st_size if local.is_file() else None
     if size != entry["size"]:
         return f"{size} bytes, ModelScope lists {entry['size']}"
     if not entry.get("sha256"):
         return "ModelScope lists no sha256 for it, so it cannot be verified"
-    if _sha256(local) != entry["sha256"]:
+    if sha256_file(local) != entry["sha256"]:
         return "its sha256 differs from ModelScope's"
     return None
 
