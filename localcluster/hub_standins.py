@@ -23,6 +23,7 @@ run downloaded nothing, and can serve a file tampered with or cut short.
 
 from __future__ import annotations
 
+import abc
 import base64
 import dataclasses
 import hashlib
@@ -83,7 +84,7 @@ class _Server(ThreadingHTTPServer):
     allow_reuse_address = True
 
 
-class _StandIn:
+class _StandIn(abc.ABC):
     """A ThreadingHTTPServer in a thread (on 127.0.0.1, or `host`: the node bridge's address for
     pods of the process node), recording (method, path) of each request."""
 
@@ -127,8 +128,9 @@ class _StandIn:
         self._server.shutdown()
         self._server.server_close()
 
+    @abc.abstractmethod
     def handle(self, request: BaseHTTPRequestHandler) -> None:
-        raise NotImplementedError
+        """Answer one request (each stand-in speaks its own API)."""
 
     @staticmethod
     def reply(request: BaseHTTPRequestHandler, status: int, body: bytes = b"", headers: dict[str, str] | None = None,

@@ -374,8 +374,8 @@ def check_images(records: list[Record], max_pixels: int, threads: int = CHECK_TH
     guard, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="dataset-check")
     try:
-        for _ in pool.map(lambda r: check_image(r, max_pixels), unique):
-            pass
+        # Drained in order: the first image that fails raises here, naming its file.
+        list(pool.map(lambda r: check_image(r, max_pixels), unique))
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
         Image.MAX_IMAGE_PIXELS = guard
