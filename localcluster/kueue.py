@@ -22,7 +22,6 @@ import socket
 import ssl
 import subprocess
 import time
-import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -155,14 +154,6 @@ def _wait(what: str, check: Callable[[], bool], record: processes.DaemonRecord, 
     raise KueueError(f"timed out after {timeout:.0f} s waiting for {what}:\n{processes.log_tail(record.log)}")
 
 
-def _http_ok(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:
-            return response.status == 200
-    except OSError:
-        return False
-
-
 def _tls_accepts(port: int, ca_file: Path) -> bool:
     context = ssl.create_default_context(cafile=str(ca_file))
     try:
@@ -213,7 +204,7 @@ def install(kubectl: Callable[..., subprocess.CompletedProcess], kubeconfig: Pat
     record = processes.start_daemon("kueue", _overlay_argv(state_dir, argv), state_dir / "kueue.log",
                                     state_dir / "pids", env=env)
     try:
-        _wait("the manager's /readyz", lambda: _http_ok(f"http://127.0.0.1:{health_port}/readyz"),
+        _wait("the manager's /readyz", lambda: processes.http_ok(f"http://127.0.0.1:{health_port}/readyz"),
               record, timeout)
         _wait("the webhook server", lambda: _tls_accepts(webhook_port, state_dir / "certs" / "ca.crt"),
               record, timeout)

@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import time
+import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -152,6 +153,15 @@ def free_loopback_ports(count: int) -> list[int]:
     finally:
         for sock in sockets:
             sock.close()
+
+
+def http_ok(url: str, timeout: float = 2.0) -> bool:
+    """Whether a plain-HTTP health endpoint of a daemon answers 200 now."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return response.status == 200
+    except OSError:
+        return False
 
 
 def port_in_use(port: int, host: str = "127.0.0.1") -> bool:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import os
 import subprocess
 import time
-import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,14 +132,6 @@ def _wait_established(kubectl: Callable[..., subprocess.CompletedProcess], timeo
         time.sleep(0.3)
 
 
-def _http_ok(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:
-            return response.status == 200
-    except OSError:
-        return False
-
-
 @dataclass
 class TrainingOperator:
     """A running training-operator controller."""
@@ -188,7 +179,7 @@ def install(kubectl: Callable[..., subprocess.CompletedProcess], kubeconfig: Pat
                                     state_dir / "training-operator.log", state_dir / "pids", env=env)
     deadline = time.monotonic() + timeout
     try:
-        while not _http_ok(f"http://127.0.0.1:{health_port}/readyz"):
+        while not processes.http_ok(f"http://127.0.0.1:{health_port}/readyz"):
             if not processes.is_running(record):
                 raise TrainingOperatorError(
                     f"the training-operator exited while starting:\n{processes.log_tail(record.log)}")
