@@ -92,7 +92,9 @@ def test_hub_standins_model_from_hf_lora_to_hf_and_modelscope_through_the_operat
 
     # The tokens reached the pod only by reference and appear in no log, Event, status or artifact.
     container = pods["items"][0]["spec"]["containers"][0]
-    assert container["envFrom"] == [{"secretRef": ref}]
+    # One Secret for the model and the output, each under its section's prefix (storage.role_env).
+    assert container["envFrom"] == [{"prefix": contract.SECRET_ENV_PREFIXES[role], "secretRef": ref}
+                                    for role in ("model", "output")]
     assert "--modelscope_access_token" not in json.dumps(container)
     events = local_cluster.kubectl("get", "events", "-n", job_namespace, "-o", "json", check=True).stdout
     for token in (HF_TOKEN, MS_TOKEN):
