@@ -57,6 +57,15 @@ class PodNet:
     veth: str
 
     @property
+    def mac(self) -> str:
+        """The pod's eth0 address, derived from its IP (locally administered, unicast: 0a:58 then
+        the IP's four bytes). An IP freed by one pod and given to the next keeps its MAC, so the
+        host's and other pods' ARP caches stay right; with a fresh random MAC, packets went to the
+        old pod's address until the stale entry expired, and the new pod's probes timed out for
+        tens of seconds."""
+        return "0a:58:" + ":".join(f"{b:02x}" for b in ipaddress.IPv4Address(self.ip).packed)
+
+    @property
     def netns_path(self) -> Path:
         return NETNS_DIR / self.netns
 
@@ -95,7 +104,7 @@ def create_pod_net(net: PodNet) -> None:
     delete_pod_net(net)  # a leftover with the same name would make `netns add` fail
     try:
         _ip_batch([f"netns add {net.netns}",
-                   f"link add {net.veth} type veth peer name eth0 netns {net.netns}"])
+                   f"link add {net.veth} type veth peer name eth0 address {net.mac} netns {net.netns}"])
         _ip_batch([f"addr add {net.ip}/{NETWORK.prefixlen} dev eth0", "link set eth0 up",
                    "link set lo up"], netns=net.netns)
         with hostregistry.network_lock():

@@ -227,3 +227,12 @@ def test_a_freed_pod_ip_cannot_be_taken_while_its_devices_are_being_removed(
     assert hostregistry.release_owner(stopping, remove_devices) == [ip]
     other.join(timeout=5)
     assert taken == [ip]  # lowest free: the same address, now safely
+
+
+def test_a_pods_mac_follows_its_ip_so_a_reused_ip_keeps_the_arp_entries_right() -> None:
+    from localcluster.node.network import pod_net_for
+
+    first, again, other = pod_net_for("10.250.0.2"), pod_net_for("10.250.0.2"), pod_net_for("10.250.0.3")
+    assert first.mac == again.mac == "0a:58:0a:fa:00:02" and other.mac != first.mac
+    octet = int(first.mac.split(":")[0], 16)
+    assert octet & 0b10 and not octet & 0b1          # locally administered, unicast
