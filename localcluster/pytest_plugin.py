@@ -186,15 +186,7 @@ def kueue(local_cluster: ClusterHandle, tmp_path_factory: pytest.TempPathFactory
     ``localcluster.kueue.MANAGED_LABEL`` (see ``kueue_namespace``). Fails, never skips."""
     from localcluster import kueue as kueue_mod
 
-    try:
-        running = kueue_mod.install(local_cluster.kubectl, local_cluster.kubeconfig,
-                                    tmp_path_factory.mktemp("kueue"), log=lambda _: None)
-    except Exception as error:
-        pytest.fail(f"Kueue could not be installed: {error}", pytrace=False)
-    try:
-        yield running
-    finally:
-        kueue_mod.uninstall(running, local_cluster.kubectl)
+    yield from _installed(kueue_mod, "Kueue", local_cluster, tmp_path_factory.mktemp("kueue"))
 
 
 @pytest.fixture(scope="session")
@@ -205,15 +197,20 @@ def training_operator(local_cluster: ClusterHandle,
     skips."""
     from localcluster import training_operator as peer
 
+    yield from _installed(peer, "the training-operator", local_cluster, tmp_path_factory.mktemp("training-operator"))
+
+
+def _installed(module: Any, what: str, local_cluster: ClusterHandle, state_dir: Path) -> Iterator[Any]:
+    """A controller a localcluster module installs into the session's cluster (`install`/`uninstall`),
+    for the fixture's lifetime; a failed install fails the test naming `what`, never skips it."""
     try:
-        running = peer.install(local_cluster.kubectl, local_cluster.kubeconfig,
-                               tmp_path_factory.mktemp("training-operator"), log=lambda _: None)
+        running = module.install(local_cluster.kubectl, local_cluster.kubeconfig, state_dir, log=lambda _: None)
     except Exception as error:
-        pytest.fail(f"the training-operator could not be installed: {error}", pytrace=False)
+        pytest.fail(f"{what} could not be installed: {error}", pytrace=False)
     try:
         yield running
     finally:
-        peer.uninstall(running, local_cluster.kubectl)
+        module.uninstall(running, local_cluster.kubectl)
 
 
 @pytest.fixture(scope="module")
