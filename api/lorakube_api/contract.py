@@ -361,6 +361,18 @@ FLAG_CAPTION_DROPOUT = "--caption_dropout"
 FLAG_DEFAULT_CAPTION = "--default_caption"
 FLAG_MAX_IMAGE_PIXELS = "--max_image_pixels"
 DATASET_FORMATS = ("auto", "csv", "jsonl", "txt", "kohya")
+# kohya's caption habits (README "Data formats"): .shuffleCaption -> --shuffle_caption, .keepTokens ->
+# --keep_tokens, .captionTagDropout -> --caption_tag_dropout (kohya's caption_tag_dropout_rate),
+# .captionExtension -> --caption_extension (the txt and kohya formats' caption files).
+FLAG_SHUFFLE_CAPTION = "--shuffle_caption"
+FLAG_KEEP_TOKENS = "--keep_tokens"
+FLAG_CAPTION_TAG_DROPOUT = "--caption_tag_dropout"
+FLAG_CAPTION_EXTENSION = "--caption_extension"
+DEFAULT_CAPTION_EXTENSION = ".txt"
+# One or more dot-led parts (.txt, .caption, .en.txt); the CRD's captionExtension pattern is this one.
+CAPTION_EXTENSION_PATTERN = r"^(\.[A-Za-z0-9_-]+)+$"
+# The image files the txt and kohya formats read (a caption extension must not be one of them).
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 # Pillow's own decompression-bomb error threshold (2 x Image.MAX_IMAGE_PIXELS): larger images are refused.
 DEFAULT_MAX_IMAGE_PIXELS = 178_956_970
 FLAG_PREFLIGHT = "--preflight"   # run the preflight checks only, exit 0 or the failed check's code

@@ -171,6 +171,14 @@ def dataset_args(spec: JobSpec) -> list[str]:
         args.append(f"{contract.FLAG_DEFAULT_CAPTION}={dataset.default_caption}")
     if dataset.max_image_pixels != contract.DEFAULT_MAX_IMAGE_PIXELS:
         args += [contract.FLAG_MAX_IMAGE_PIXELS, str(dataset.max_image_pixels)]
+    if dataset.shuffle_caption:
+        args.append(contract.FLAG_SHUFFLE_CAPTION)
+    if dataset.keep_tokens:
+        args += [contract.FLAG_KEEP_TOKENS, str(dataset.keep_tokens)]
+    if dataset.caption_tag_dropout:
+        args += [contract.FLAG_CAPTION_TAG_DROPOUT, _format_flag_value(dataset.caption_tag_dropout)]
+    if dataset.caption_extension != contract.DEFAULT_CAPTION_EXTENSION:
+        args += [contract.FLAG_CAPTION_EXTENSION, dataset.caption_extension]
     return args
 
 

@@ -49,6 +49,7 @@ OPERATOR_VOLUME_PREFIX = "lorakube-"
 DEFAULT_SHM_SIZE = "8Gi"
 
 _DNS_1035_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+_CAPTION_EXTENSION = re.compile(contract.CAPTION_EXTENSION_PATTERN)
 _URI_SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
 
 
@@ -76,6 +77,10 @@ class DatasetSpec:
     caption_dropout: float = 0.0
     default_caption: str | None = None      # "" is a caption too: train without one
     max_image_pixels: int = contract.DEFAULT_MAX_IMAGE_PIXELS
+    shuffle_caption: bool = False
+    keep_tokens: int = 0
+    caption_tag_dropout: float = 0.0
+    caption_extension: str = contract.DEFAULT_CAPTION_EXTENSION
 
 
 def _flag(key: str, default: Any = None) -> Any:
@@ -219,10 +224,17 @@ def parse_job(name: str, spec: Mapping[str, Any] | None, labels: Mapping[str, st
         raise InvalidSpec("metadata.labels", f"spec.runPolicy.gangScheduling is kueue but the job has no "
                                              f"{QUEUE_NAME_LABEL} label; add it with the name of a LocalQueue "
                                              f"in the job's namespace")
+    dataset = _parse_dataset(_section(spec.get("dataset"), "spec.dataset"))
+    training = _parse_training(_section(spec.get("training"), "spec.training"), model.family)
+    if training.cache_latents and (dataset.shuffle_caption or dataset.caption_tag_dropout):
+        which = "spec.dataset.shuffleCaption" if dataset.shuffle_caption else "spec.dataset.captionTagDropout"
+        raise InvalidSpec("spec.training.cacheLatents", f"cannot be combined with {which}: the cache holds one "
+                                                        f"text encoding per image, and {which} changes the caption "
+                                                        "every step; set cacheLatents to false or drop it")
     return JobSpec(
         model=model,
-        dataset=_parse_dataset(_section(spec.get("dataset"), "spec.dataset")),
-        training=_parse_training(_section(spec.get("training"), "spec.training"), model.family),
+        dataset=dataset,
+        training=training,
         resources=_parse_resources(_section(spec.get("resources"), "spec.resources")),
         output=_parse_output(_section(spec.get("output"), "spec.output")),
         run_policy=run_policy,
@@ -361,6 +373,17 @@ def _parse_dataset(section: Mapping[str, Any]) -> DatasetSpec:
     default_caption = section.get("defaultCaption")
     if default_caption is not None and not isinstance(default_caption, str):
         raise InvalidSpec(f"{f}.defaultCaption", f"must be a string, got {type(default_caption).__name__}")
+    shuffle = _bool(section, "shuffleCaption", f, False)
+    tag_dropout = _number(section, "captionTagDropout", f, 0.0, 0.0, 1.0)
+    keep_tokens = _int(section, "keepTokens", f, 0, 0, 1024)
+    if keep_tokens and not (shuffle or tag_dropout):
+        raise InvalidSpec(f"{f}.keepTokens", "only matters with shuffleCaption or captionTagDropout (it keeps the "
+                                             "first tags in place); set one of them or drop keepTokens")
+    extension = section.get("captionExtension", contract.DEFAULT_CAPTION_EXTENSION)
+    if not isinstance(extension, str) or not _CAPTION_EXTENSION.match(extension) \
+            or extension.lower().endswith(contract.IMAGE_SUFFIXES):
+        raise InvalidSpec(f"{f}.captionExtension", f"must be the ending of a text file such as .txt or .caption, "
+                                                   f"got {extension!r}")
     return DatasetSpec(
         uri=uri,
         secret_name=_secret_name(section, f),
@@ -368,6 +391,10 @@ def _parse_dataset(section: Mapping[str, Any]) -> DatasetSpec:
         caption_dropout=float(dropout),
         default_caption=default_caption,
         max_image_pixels=_int(section, "maxImagePixels", f, contract.DEFAULT_MAX_IMAGE_PIXELS, 1),
+        shuffle_caption=shuffle,
+        keep_tokens=keep_tokens,
+        caption_tag_dropout=tag_dropout,
+        caption_extension=extension,
     )
 
 

@@ -122,6 +122,17 @@ def test_minimal_job_is_stored_with_every_default_filled_in(local_cluster, ns):
     assert "activeDeadlineSeconds" not in run_policy
     assert set(training) == set(contract.TRAINING_FLAGS) - {"loraTargetModules", "loraAlpha",
                                                               "validationPrompts"}
+    assert spec["dataset"] == {"uri": "/data/product-shots", "format": "auto", "captionDropout": 0,
+                               "maxImagePixels": contract.DEFAULT_MAX_IMAGE_PIXELS, "shuffleCaption": False,
+                               "keepTokens": 0, "captionTagDropout": 0,
+                               "captionExtension": contract.DEFAULT_CAPTION_EXTENSION}
+
+
+def test_kohya_caption_habits_are_accepted(local_cluster, ns):
+    job = with_changes({"spec.dataset.shuffleCaption": True, "spec.dataset.keepTokens": 1,
+                        "spec.dataset.captionTagDropout": 0.1, "spec.dataset.captionExtension": ".caption"})
+    result = apply(local_cluster, ns, [job], "--dry-run=server")
+    assert result.returncode == 0, result.stderr
 
 
 @pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.name)
@@ -248,6 +259,17 @@ BAD_JOBS = [
      {"spec.dataset.uri": "s3:/bucket/set"}, "spec.dataset.uri", "s3://bucket/prefix"),
     ("a missing dataset is refused",
      {"spec.dataset": DELETE}, "spec.dataset", "Required value"),
+    ("a caption tag dropout of 1 is refused",
+     {"spec.dataset.captionTagDropout": 1}, "spec.dataset.captionTagDropout", "should be less than 1"),
+    ("keepTokens without shuffled or dropped tags is refused",
+     {"spec.dataset.keepTokens": 2}, "spec.dataset.keepTokens", "set one of them or keepTokens to 0"),
+    ("a caption extension without its dot is refused",
+     {"spec.dataset.captionExtension": "caption"}, "spec.dataset.captionExtension", "should match"),
+    ("an image ending as the caption extension is refused",
+     {"spec.dataset.captionExtension": ".PNG"}, "spec.dataset.captionExtension", "caption files are text"),
+    ("cached text encodings with shuffled tags are refused",
+     {"spec.dataset.shuffleCaption": True, "spec.training.cacheLatents": True, "spec.training.centerCrop": True},
+     "spec.training.cacheLatents", "set cacheLatents to false or drop them"),
     ("a missing output uri is refused",
      {"spec.output.uri": DELETE}, "spec.output.uri", "Required value"),
     ("an empty formats list is refused",

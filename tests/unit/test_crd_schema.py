@@ -416,6 +416,15 @@ def reference_rows(spec: dict[str, Any]) -> dict[str, tuple[str, str]]:
     return rows
 
 
+def test_caption_extension_rules_are_the_contracts(spec):
+    """The schema refuses what the operator and the trainer refuse (contract's pattern and image endings)."""
+    field = spec["properties"]["dataset"]["properties"]["captionExtension"]
+    assert field["pattern"] == contract.CAPTION_EXTENSION_PATTERN
+    assert field["default"] == contract.DEFAULT_CAPTION_EXTENSION
+    endings = re.findall(r"'(\.[a-z]+)'", field["x-kubernetes-validations"][0]["rule"])
+    assert tuple(endings) == contract.IMAGE_SUFFIXES
+
+
 def test_readme_reference_table_matches_the_schema(spec):
     table = {}
     for line in README_PATH.read_text().splitlines():

@@ -8,6 +8,8 @@ shared between pods), so the cache works on shared and on local volumes. The key
 the tensors depend on, so a changed dataset, model, size or precision never reuses stale files.
 
 With --caption_dropout the conditioning of the empty caption is stored once beside the records.
+--shuffle_caption and --caption_tag_dropout change a caption every step, so config.py refuses them
+with this cache (one encoding per record).
 
 Only centre crops can be cached (a random crop differs every time); with --random_flip both the
 plain and the mirrored latents are stored, and the per-sample flip decision is the same draw the

@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import importlib.util
 import os
+import re
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -91,6 +92,11 @@ class TrainConfig:
     caption_dropout: float = 0.0
     default_caption: str | None = None              # None: an image without a caption is an error
     max_image_pixels: int = contract.DEFAULT_MAX_IMAGE_PIXELS
+    # kohya's caption habits (data.arrange_tags); off by default.
+    shuffle_caption: bool = False
+    keep_tokens: int = 0                            # the first N comma-separated tags stay in place
+    caption_tag_dropout: float = 0.0
+    caption_extension: str = contract.DEFAULT_CAPTION_EXTENSION
     # Speed and memory options (speed.py); each off by default.
     compile_blocks: bool = False
     fused_adamw: bool = False
@@ -146,6 +152,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(contract.FLAG_DEFAULT_CAPTION, default=None,
                    help="caption of images that have none (an empty string allowed); default: such an image "
                         "is a dataset error")
+    p.add_argument(contract.FLAG_SHUFFLE_CAPTION, action="store_true",
+                   help="shuffle each sample's comma-separated tags (fixed per seed and step)")
+    p.add_argument(contract.FLAG_KEEP_TOKENS, type=int, default=0,
+                   help=f"the first N tags stay in place and are never dropped (with {contract.FLAG_SHUFFLE_CAPTION} "
+                        f"or {contract.FLAG_CAPTION_TAG_DROPOUT})")
+    # kohya's name for the same thing is accepted too.
+    p.add_argument(contract.FLAG_CAPTION_TAG_DROPOUT, "--caption_tag_dropout_rate", dest="caption_tag_dropout",
+                   type=float, default=0.0,
+                   help="probability in [0, 1) of leaving out each tag of a sample's caption (fixed per seed and step)")
+    p.add_argument(contract.FLAG_CAPTION_EXTENSION, default=contract.DEFAULT_CAPTION_EXTENSION,
+                   help="ending of the caption file beside each image in the txt and kohya formats, e.g. .caption "
+                        f"(default {contract.DEFAULT_CAPTION_EXTENSION})")
     p.add_argument(contract.FLAG_MAX_IMAGE_PIXELS, type=int, default=contract.DEFAULT_MAX_IMAGE_PIXELS,
                    help="larger images (width x height) are refused before training, as decompression bombs")
     p.add_argument(contract.FLAG_OUTPUT_PATH, help="where the LoRA and its artifacts go")
@@ -331,6 +349,7 @@ def _validate(ns: argparse.Namespace, env: dict[str, str]) -> TrainConfig:
     if not 0 <= ns.caption_dropout < 1:
         raise ConfigError(contract.FLAG_CAPTION_DROPOUT, f"must be a probability in [0, 1), got {ns.caption_dropout}")
     _positive(ns.max_image_pixels, contract.FLAG_MAX_IMAGE_PIXELS)
+    _check_caption_options(ns)
     if not ns.learning_rate > 0:
         raise ConfigError(flags["learningRate"], f"must be > 0, got {ns.learning_rate}")
     if not ns.lora_alpha > 0:
@@ -445,12 +464,42 @@ def _validate(ns: argparse.Namespace, env: dict[str, str]) -> TrainConfig:
         caption_dropout=ns.caption_dropout,
         default_caption=ns.default_caption,
         max_image_pixels=ns.max_image_pixels,
+        shuffle_caption=ns.shuffle_caption,
+        keep_tokens=ns.keep_tokens,
+        caption_tag_dropout=ns.caption_tag_dropout,
+        caption_extension=ns.caption_extension,
         compile_blocks=ns.compile_blocks,
         fused_adamw=ns.fused_adamw,
         sdpa_backend=ns.sdpa_backend,
         channels_last=ns.channels_last,
         base_weights=ns.base_weights,
     )
+
+
+_CAPTION_EXTENSION = re.compile(contract.CAPTION_EXTENSION_PATTERN)
+
+
+def _check_caption_options(ns: argparse.Namespace) -> None:
+    flags = contract.TRAINING_FLAGS
+    shuffle, dropout = contract.FLAG_SHUFFLE_CAPTION, contract.FLAG_CAPTION_TAG_DROPOUT
+    if not 0 <= ns.caption_tag_dropout < 1:
+        raise ConfigError(dropout, f"must be a probability in [0, 1), got {ns.caption_tag_dropout}")
+    _positive(ns.keep_tokens, contract.FLAG_KEEP_TOKENS, 0)
+    if ns.keep_tokens and not (ns.shuffle_caption or ns.caption_tag_dropout):
+        raise ConfigError(contract.FLAG_KEEP_TOKENS, f"only matters with {shuffle} or {dropout} (it keeps the first "
+                                                     f"tags in place); add one of them or drop {contract.FLAG_KEEP_TOKENS}")
+    if ns.cache_latents and (ns.shuffle_caption or ns.caption_tag_dropout):
+        which = shuffle if ns.shuffle_caption else dropout
+        raise ConfigError(flags["cacheLatents"], f"cannot be combined with {which}: the cache holds one text "
+                                                 f"encoding per image, and {which} changes the caption every "
+                                                 f"step; drop {flags['cacheLatents']} or {which}")
+    extension = ns.caption_extension
+    if not _CAPTION_EXTENSION.match(extension or ""):
+        raise ConfigError(contract.FLAG_CAPTION_EXTENSION, f"{extension!r} is not a file ending; give one such as "
+                                                           f"{contract.DEFAULT_CAPTION_EXTENSION} or .caption")
+    if extension.lower().endswith(contract.IMAGE_SUFFIXES):
+        raise ConfigError(contract.FLAG_CAPTION_EXTENSION, f"{extension} is an image ending; caption files are text, "
+                                                           f"e.g. {contract.DEFAULT_CAPTION_EXTENSION} or .caption")
 
 
 def _check_speed_options(ns: argparse.Namespace, family: str) -> None:

@@ -3,10 +3,13 @@
 The records come from dataset_layout.load_records (every format, every check, before training);
 here they become samples. Kohya repeat counts weight records: each shuffled pass over the data
 holds a record `repeats` times. --caption_dropout replaces a sample's caption with "" with that
-probability.
+probability. kohya's tag habits (arrange_tags): --shuffle_caption shuffles the comma-separated tags
+of each sample, --caption_tag_dropout leaves each tag out with that probability, and --keep_tokens N
+keeps the first N tags in place and never drops them.
 
-Determinism: which record a sample shows, how it is cropped/flipped and whether its caption is
-dropped are pure functions of (seed, epoch, position in the epoch's global order). Nothing here
+Determinism: which record a sample shows, how it is cropped/flipped, whether its caption is dropped
+and how its tags are arranged are pure functions of (seed, epoch, position in the epoch's global
+order), each from its own stream. Nothing here
 touches the global RNGs, so a resumed run sees exactly the samples the interrupted one would have
 seen next.
 """
@@ -67,6 +70,25 @@ class SampleKey:
     position: int       # index into the epoch's global order (all ranks)
 
 
+TAG_SEPARATOR = ","
+
+
+def arrange_tags(caption: str, rng: np.random.Generator, *, shuffle: bool, keep_tokens: int = 0,
+                 tag_dropout: float = 0.0) -> str:
+    """The caption's comma-separated tags with the first `keep_tokens` in place, each other tag left
+    out with probability `tag_dropout`, the rest shuffled when `shuffle`; joined with ", ".
+    Empty tags (a doubled or trailing comma) are dropped."""
+    tags = [t.strip() for t in caption.split(TAG_SEPARATOR)]
+    tags = [t for t in tags if t]
+    fixed, rest = tags[:keep_tokens], tags[keep_tokens:]
+    # One draw per tag, whether or not shuffling follows, so each tag's fate depends only on the stream.
+    if tag_dropout > 0:
+        rest = [t for t, u in zip(rest, rng.random(len(rest))) if u >= tag_dropout]
+    if shuffle:
+        rest = [rest[i] for i in rng.permutation(len(rest))]
+    return ", ".join(fixed + rest)
+
+
 def epoch_order(seed: int, epoch: int, num_records: int, length: int) -> np.ndarray:
     """The epoch's global sample order: shuffled passes over the records, `length` long."""
     rng = np.random.default_rng([seed, epoch, 0x0D47A])
@@ -79,7 +101,8 @@ class CaptionedImages(torch.utils.data.Dataset):
 
     def __init__(self, records: list[Record], *, seed: int, height: int, width: int, center_crop: bool,
                  random_flip: bool, samples_per_epoch: int, caption_dropout: float = 0.0,
-                 sizes: list[tuple[int, int]] | None = None, batch_size: int = 1, world_size: int = 1) -> None:
+                 sizes: list[tuple[int, int]] | None = None, batch_size: int = 1, world_size: int = 1,
+                 shuffle_caption: bool = False, keep_tokens: int = 0, caption_tag_dropout: float = 0.0) -> None:
         self.records = records
         self.seed, self.height, self.width = seed, height, width
         self.center_crop, self.random_flip = center_crop, random_flip
@@ -88,6 +111,8 @@ class CaptionedImages(torch.utils.data.Dataset):
         # the bucketed order needs so that every micro-batch holds one size.
         self.sizes, self.batch_size, self.world_size = sizes, batch_size, world_size
         self.caption_dropout = caption_dropout
+        self.shuffle_caption, self.keep_tokens = shuffle_caption, keep_tokens
+        self.caption_tag_dropout = caption_tag_dropout
         # One slot per showing in a pass; without repeat counts slot i is record i, so the order
         # (and every existing run's samples) is unchanged.
         self._slots = np.repeat(np.arange(len(records)), [r.repeats for r in records])
@@ -114,7 +139,15 @@ class CaptionedImages(torch.utils.data.Dataset):
         return bool(np.random.default_rng([self.seed, key.epoch, key.position, 0xCAD0]).random() < self.caption_dropout)
 
     def caption(self, key: SampleKey, index: int) -> str:
-        return "" if self.caption_dropped(key) else self.records[index].text
+        if self.caption_dropped(key):
+            return ""
+        text = self.records[index].text
+        if not (self.shuffle_caption or self.caption_tag_dropout > 0):
+            return text
+        # Its own stream too: the tags' arrangement changes no crop, flip or dropout decision.
+        rng = np.random.default_rng([self.seed, key.epoch, key.position, 0x7A65])
+        return arrange_tags(text, rng, shuffle=self.shuffle_caption, keep_tokens=self.keep_tokens,
+                            tag_dropout=self.caption_tag_dropout)
 
     def size_of(self, index: int) -> tuple[int, int]:
         """(height, width) the record trains at: its bucket's, or the fixed --height/--width."""

@@ -29,7 +29,8 @@ class CaptionDataModule(pl.LightningDataModule):
         common = dict(seed=cfg.seed, height=cfg.height, width=cfg.width, center_crop=cfg.center_crop,
                       random_flip=cfg.random_flip, samples_per_epoch=batches * cfg.batch_size * self.world_size,
                       caption_dropout=cfg.caption_dropout, sizes=self.sizes, batch_size=cfg.batch_size,
-                      world_size=self.world_size)
+                      world_size=self.world_size, shuffle_caption=cfg.shuffle_caption,
+                      keep_tokens=cfg.keep_tokens, caption_tag_dropout=cfg.caption_tag_dropout)
         # The cache is filled in LoRAModule.on_fit_start, which Lightning runs before asking for this loader.
         dataset = (CaptionedImages(self.records, **common) if self.cache_folder is None
                    else CachedCaptions(self.records, self.cache_folder, **common))

@@ -8,7 +8,8 @@ Without torch (PIL only), so preflight runs it in the first seconds of a pod. Fo
            file names relative to the metadata file's folder (the original framework's layout)
     jsonl  metadata.jsonl in the same places: one JSON object per line with file_name and text (or
            caption), as Hugging Face's imagefolder reads it
-    txt    images in <root>/train (or <root>) with a same-name .txt caption beside each (kohya, ai-toolkit)
+    txt    images in <root>/train (or <root>) with a same-name .txt caption beside each (kohya, ai-toolkit);
+           --caption_extension names another ending (kohya's .caption)
     kohya  subfolders <repeats>_<name> of <root>, each holding images and .txt captions; an image
            without a .txt gets <name> as its caption (kohya's rule); repeats weight the folders
 
@@ -46,8 +47,8 @@ METADATA_JSONL = "metadata.jsonl"
 FILE_COLUMN = "file_name"
 CAPTION_COLUMNS = ("text", "caption")       # the first one present is the caption
 REQUIRED_COLUMNS = (FILE_COLUMN, CAPTION_COLUMNS[0])
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-CAPTION_SUFFIX = ".txt"
+IMAGE_SUFFIXES = contract.IMAGE_SUFFIXES
+CAPTION_SUFFIX = contract.DEFAULT_CAPTION_EXTENSION     # --caption_extension changes it
 # kohya's folder name: the repeat count, an underscore, then the name (which doubles as the caption
 # of images that have no .txt).
 REPEAT_FOLDER = re.compile(r"^(\d+)_(.+)$")
@@ -59,8 +60,9 @@ CHECK_THREADS = 8                           # image headers are I/O bound: overl
 FORMAT_AUTO, FORMAT_CSV, FORMAT_JSONL, FORMAT_TXT, FORMAT_KOHYA = contract.DATASET_FORMATS
 _FLAGS = (f"{contract.FLAG_DEFAULT_CAPTION} (spec.dataset.defaultCaption)",
           f"{contract.FLAG_MAX_IMAGE_PIXELS} (spec.dataset.maxImagePixels)",
-          f"{contract.FLAG_DATASET_FORMAT} (spec.dataset.format)")
-DEFAULT_CAPTION_HINT, MAX_PIXELS_HINT, FORMAT_HINT = _FLAGS
+          f"{contract.FLAG_DATASET_FORMAT} (spec.dataset.format)",
+          f"{contract.FLAG_CAPTION_EXTENSION} (spec.dataset.captionExtension)")
+DEFAULT_CAPTION_HINT, MAX_PIXELS_HINT, FORMAT_HINT, EXTENSION_HINT = _FLAGS
 
 
 class DatasetError(ValueError):
@@ -233,9 +235,9 @@ def _read_jsonl(source: Path, base: Path, default: str | None) -> list[Record]:
     return records
 
 
-def _caption_file(image: Path, base: Path, where: str) -> str | None:
-    """The text of the image's same-name .txt, or None without one."""
-    caption = image.with_suffix(CAPTION_SUFFIX)
+def _caption_file(image: Path, base: Path, where: str, extension: str) -> str | None:
+    """The text of the image's same-name caption file (a.png -> a.txt), or None without one."""
+    caption = image.parent / (image.stem + extension)
     if not caption.exists():
         return None
     _inside(base, str(caption.relative_to(base)), where, what="caption file")
@@ -248,7 +250,8 @@ def _caption_file(image: Path, base: Path, where: str) -> str | None:
         raise DatasetError(f"{where}: caption file {caption.name} cannot be read ({exc.strerror})") from exc
 
 
-def _read_folder(folder: Path, base: Path, default: str | None, repeats: int = 1) -> list[Record]:
+def _read_folder(folder: Path, base: Path, default: str | None, repeats: int = 1,
+                 extension: str = CAPTION_SUFFIX) -> list[Record]:
     records = []
     for image in _images_in(folder):
         relative = str(image.relative_to(base))
@@ -256,17 +259,20 @@ def _read_folder(folder: Path, base: Path, default: str | None, repeats: int = 1
         path = _inside(base, relative, where, what="image")
         if not path.is_file():
             raise DatasetError(f"{where}: not a file (a link to nothing?); replace or remove it")
-        text = _caption_file(image, base, where)
+        text = _caption_file(image, base, where, extension)
         if text is None and default is None:
-            raise DatasetError(f"{where}: no caption file {image.stem}{CAPTION_SUFFIX} beside it (no {METADATA_FILE} "
-                               f"or {METADATA_JSONL} found, so captions are read from .txt files); write one, or "
-                               f"set {DEFAULT_CAPTION_HINT} (an empty default trains such images without a caption)")
-        text = _caption(text, f"{where} ({image.stem}{CAPTION_SUFFIX})", default)
+            other = (f"; or set {EXTENSION_HINT} if the captions end differently (kohya also writes .caption)"
+                     if extension == CAPTION_SUFFIX else "")
+            raise DatasetError(f"{where}: no caption file {image.stem}{extension} beside it (no {METADATA_FILE} "
+                               f"or {METADATA_JSONL} found, so captions are read from {extension} files); write one, "
+                               f"or set {DEFAULT_CAPTION_HINT} (an empty default trains such images without a "
+                               f"caption){other}")
+        text = _caption(text, f"{where} ({image.stem}{extension})", default)
         records.append(Record(path, text, repeats=repeats, origin=where))
     return records
 
 
-def _read_kohya(root: Path, base: Path, default: str | None) -> list[Record]:
+def _read_kohya(root: Path, base: Path, default: str | None, extension: str = CAPTION_SUFFIX) -> list[Record]:
     loose = _images_in(root)
     if loose:
         raise DatasetError(f"{loose[0].name}: an image beside the <repeats>_<name> folders of {root}; move it "
@@ -283,13 +289,14 @@ def _read_kohya(root: Path, base: Path, default: str | None) -> list[Record]:
         if not _images_in(folder):
             raise DatasetError(f"{folder.name}/: no images ({', '.join(IMAGE_SUFFIXES)})")
         # kohya's rule: an image without a .txt is captioned with the folder's name.
-        records += _read_folder(folder, base, name.strip() if default is None else default, int(count))
+        records += _read_folder(folder, base, name.strip() if default is None else default, int(count), extension)
     return records
 
 
-def read_records(dataset_path: str | Path, dataset_format: str = FORMAT_AUTO,
-                 default_caption: str | None = None) -> tuple[Found, list[Record]]:
-    """Step 1: every record, checked without opening an image."""
+def read_records(dataset_path: str | Path, dataset_format: str = FORMAT_AUTO, default_caption: str | None = None,
+                 caption_extension: str = CAPTION_SUFFIX) -> tuple[Found, list[Record]]:
+    """Step 1: every record, checked without opening an image. `caption_extension`: the ending of
+    the caption files of the txt and kohya formats (metadata files carry their captions)."""
     found = find_dataset(dataset_path, dataset_format)
     root = Path(dataset_path).resolve()
     source = found.source.resolve()
@@ -301,9 +308,9 @@ def read_records(dataset_path: str | Path, dataset_format: str = FORMAT_AUTO,
             _read_csv if found.format == FORMAT_CSV else _read_jsonl)
         records = reader(source, base, default_caption)
     elif found.format == FORMAT_KOHYA:
-        records = _read_kohya(source, base, default_caption)
+        records = _read_kohya(source, base, default_caption, caption_extension)
     else:
-        records = _read_folder(source, base, default_caption)
+        records = _read_folder(source, base, default_caption, extension=caption_extension)
     if not records:
         what = {FORMAT_CSV: "add one line per image as file_name,text",
                 FORMAT_JSONL: 'add one line per image as {"file_name": ..., "text": ...}'}.get(found.format,
@@ -383,11 +390,11 @@ def check_images(records: list[Record], max_pixels: int, threads: int = CHECK_TH
 
 def load_records(dataset_path: str | Path, max_pixels: int = contract.DEFAULT_MAX_IMAGE_PIXELS, *,
                  dataset_format: str = FORMAT_AUTO, default_caption: str | None = None,
-                 verify_images: bool = True) -> list[Record]:
+                 caption_extension: str = CAPTION_SUFFIX, verify_images: bool = True) -> list[Record]:
     """The dataset's records, in a fixed order, after the checks in this module's docstring.
     `verify_images=False` skips step 2 (this pod's preflight already did it)."""
     started = time.monotonic()
-    found, records = read_records(dataset_path, dataset_format, default_caption)
+    found, records = read_records(dataset_path, dataset_format, default_caption, caption_extension)
     if verify_images:
         check_images(records, max_pixels)
     allow_pixels(max_pixels)

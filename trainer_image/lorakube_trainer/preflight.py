@@ -154,7 +154,7 @@ def check_dataset(cfg: TrainConfig) -> None:
                               f"{found.source} ({_reason(exc)})") from exc
     try:
         load_records(cfg.dataset_path, cfg.max_image_pixels, dataset_format=cfg.dataset_format,
-                     default_caption=cfg.default_caption)
+                     default_caption=cfg.default_caption, caption_extension=cfg.caption_extension)
     except DatasetError as exc:
         raise PreflightFailed(contract.EXIT_DATASET_ERROR, contract.DATASET_ERROR_PREFIX, str(exc)) from exc
 

@@ -92,7 +92,7 @@ def _run(cfg: TrainConfig, env: Mapping[str, str], live: TrainingMetrics, strate
     cfg, where = remote.localize(cfg, env, topology.node_rank, report_staging=report)
     # Every image was read by this pod's preflight already, unless the dataset was staged just now.
     records = load_records(cfg.dataset_path, cfg.max_image_pixels, dataset_format=cfg.dataset_format,
-                           default_caption=cfg.default_caption,
+                           default_caption=cfg.default_caption, caption_extension=cfg.caption_extension,
                            verify_images=env.get(ENV_DATASET_CHECKED) != cfg.dataset_path)
     loaded = ckpt.resolve_resume(cfg.resume, Path(cfg.checkpoint_dir))
     start_step = 0 if loaded is None else loaded.step

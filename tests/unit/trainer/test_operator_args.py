@@ -64,3 +64,25 @@ def test_dataset_options_reach_the_trainer_only_when_set() -> None:
     assert not any(a.startswith(contract.FLAG_DEFAULT_CAPTION) for a in args)
     cfg = parse_config(args, env={})
     assert (cfg.dataset_format, cfg.caption_dropout, cfg.default_caption) == ("auto", 0.0, None)
+
+
+def test_caption_tag_options_reach_the_trainer_only_when_set() -> None:
+    """spec.dataset's kohya caption habits become --shuffle_caption, --keep_tokens,
+    --caption_tag_dropout and --caption_extension; unset, none of them is on the command line."""
+    doc = {"model": {"family": "flux", "uri": "/m"}, "output": {"uri": "/o"},
+           "dataset": {"uri": "/d", "shuffleCaption": True, "keepTokens": 2, "captionTagDropout": 0.15,
+                       "captionExtension": ".caption"}}
+    cfg = parse_config(builders.trainer_args(parse_job("cats", doc)), env={})
+    assert (cfg.shuffle_caption, cfg.keep_tokens, cfg.caption_tag_dropout, cfg.caption_extension) == (
+        True, 2, 0.15, ".caption")
+    doc["dataset"] = {"uri": "/d", "captionTagDropout": 0.5}
+    cfg = parse_config(builders.trainer_args(parse_job("cats", doc)), env={})
+    assert (cfg.shuffle_caption, cfg.keep_tokens, cfg.caption_tag_dropout) == (False, 0, 0.5)
+    doc["dataset"] = {"uri": "/d", "shuffleCaption": False, "keepTokens": 0, "captionTagDropout": 0,
+                      "captionExtension": ".txt"}                      # the CRD's defaults, as stored
+    args = builders.trainer_args(parse_job("cats", doc))
+    assert not {contract.FLAG_SHUFFLE_CAPTION, contract.FLAG_KEEP_TOKENS, contract.FLAG_CAPTION_TAG_DROPOUT,
+                contract.FLAG_CAPTION_EXTENSION} & set(args)
+    cfg = parse_config(args, env={})
+    assert (cfg.shuffle_caption, cfg.keep_tokens, cfg.caption_tag_dropout, cfg.caption_extension) == (
+        False, 0, 0.0, contract.DEFAULT_CAPTION_EXTENSION)
