@@ -37,6 +37,8 @@ from .files import sha256_file
 log = logging.getLogger(__name__)
 
 SCHEME = "https"
+# Read size of the download loop, and so the step of its byte reports (fsspec's default is 5 MiB).
+DOWNLOAD_CHUNK_BYTES = 1 << 20
 ENV_CA_FILE = "SSL_CERT_FILE"
 StorageError = storage.StorageError
 
@@ -85,7 +87,7 @@ def _version(info: Mapping[str, Any], pinned: str | None) -> dict[str, Any]:
 
 def stage_input(uri: str, env: Mapping[str, str] | None = None, on_bytes: Any = None) -> Path:
     """The archive's contents in a local folder, downloaded and extracted at most once per node and
-    version of the archive (storage.stage_cached); `on_bytes` hears the start and the end."""
+    version of the archive (storage.stage_cached); `on_bytes` hears the bytes as they arrive."""
     env = os.environ if env is None else env
     url, pinned = split(uri)
     fs = _filesystem(env)
@@ -103,7 +105,10 @@ def stage_input(uri: str, env: Mapping[str, str] | None = None, on_bytes: Any = 
         with tempfile.TemporaryDirectory(prefix=".archive-download-", dir=folder.parent) as tmp:
             work = Path(tmp)
             archive = work / "archive"
-            storage.retrying("download of", uri, lambda: fs.get_file(url, str(archive)))
+            # A retry starts the archive again, from 0 bytes, with a new callback.
+            storage.retrying("download of", uri, lambda: fs.get_file(
+                url, str(archive), chunk_size=DOWNLOAD_CHUNK_BYTES,
+                callback=storage.byte_callback(lambda n: progress(n if total is None else min(n, total), total))))
             size = archive.stat().st_size
             if total is not None and size != total:
                 raise StorageError(f"{uri}: got {size} bytes, the server announced {total}; not used")

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, TypeVar
 from urllib.parse import unquote
 
-from . import storage
+from . import input_cache, storage
 
 log = logging.getLogger(__name__)
 
@@ -219,7 +219,7 @@ def check_writable(uri: str, env: Mapping[str, str] | None = None) -> None:
 
 def stage_input(uri: str, env: Mapping[str, str] | None = None, on_bytes: Any = None) -> Path:
     """A local folder holding the files under `uri` at its resolved commit, downloaded at most once
-    per node and commit (storage.stage_cached); `on_bytes` hears the start and the end."""
+    per node and commit (storage.stage_cached); `on_bytes` hears the bytes as each file arrives."""
     env = _env(env)
     where = parse(uri)
     api = _api(env)
@@ -236,7 +236,7 @@ def stage_input(uri: str, env: Mapping[str, str] | None = None, on_bytes: Any = 
         progress(0, total)
         with tempfile.TemporaryDirectory(prefix=".hf-download-", dir=folder.parent) as tmp:
             download_root = Path(tmp)
-            _download(where, sha, files, download_root, uri, env)
+            _download(where, sha, files, download_root, uri, env, input_cache.FileBytes(progress, total))
             source = download_root / where.path if where.path else download_root
             for rel, entry in sorted(files.items()):
                 problem = _matches(source / rel, entry)
@@ -250,7 +250,7 @@ def stage_input(uri: str, env: Mapping[str, str] | None = None, on_bytes: Any = 
 
 
 def _download(where: HfLocation, sha: str, files: Mapping[str, Any], target: Path, uri: str,
-              env: Mapping[str, str]) -> None:
+              env: Mapping[str, str], counted: input_cache.FileBytes) -> None:
     from huggingface_hub import hf_hub_download
 
     for rel, entry in sorted(files.items()):
@@ -259,7 +259,47 @@ def _download(where: HfLocation, sha: str, files: Mapping[str, Any], target: Pat
             raise StorageError(f"{uri}: file name {entry.path!r} escapes the staging folder")
         _call("download of", f"{uri.rstrip('/')}/{rel}", env, lambda: hf_hub_download(
             where.repo_id, entry.path, repo_type=where.repo_type, revision=sha, local_dir=str(target),
-            endpoint=env.get(ENV_ENDPOINT) or None, token=_token(env), force_download=True))
+            endpoint=env.get(ENV_ENDPOINT) or None, token=_token(env), force_download=True,
+            tqdm_class=_counting_bar(counted, rel)))
+
+
+def _counting_bar(counted: input_cache.FileBytes, name: str) -> type:
+    """The progress-bar class hf_hub_download drives for one file (its tqdm_class): it keeps the
+    file's byte count in `counted` and shows nothing. huggingface_hub calls these methods on such
+    a class, over plain HTTP and Xet alike (with update_transfer there, one bar counts the bytes
+    written; the network bytes, deduplicated and compressed, are not the file's)."""
+
+    class CountingBar:
+        def __init__(self, *args: Any, initial: int = 0, total: int | None = None, **kwargs: Any) -> None:
+            self.n, self.total = initial, total
+            counted.set(name, initial)      # a download started again counts from where it resumes
+
+        def update(self, n: int | float | None = 1) -> None:
+            self.n += int(n or 0)
+            counted.add(name, int(n or 0))
+
+        def update_transfer(self, n: int | float | None = 1) -> None:
+            """Network bytes: not counted (see above)."""
+
+        def set_postfix_str(self, postfix: str = "", refresh: bool = False) -> None:
+            """No display."""
+
+        def set_transfer_postfix_str(self, postfix: str = "", refresh: bool = False) -> None:
+            """No display."""
+
+        def refresh(self) -> None:
+            """No display."""
+
+        def close(self) -> None:
+            """Nothing to release."""
+
+        def __enter__(self) -> "CountingBar":
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            self.close()
+
+    return CountingBar
 
 
 def work_folder(uri: str, env: Mapping[str, str] | None = None) -> Path:

@@ -33,6 +33,7 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import IO, Callable, Iterator, Mapping, Sequence
@@ -57,6 +58,34 @@ Filler = Callable[[Path, ByteProgress], None]
 
 # `.use` locks of the entries this process uses, open (so held) until it exits.
 _IN_USE: dict[str, IO[str]] = {}
+
+
+class FileBytes:
+    """An input's bytes so far, summed over its files, for the clients that report per file (the
+    hubs' per-file progress objects, some fed from worker threads). A file reported from 0 again
+    (the client started it over) replaces its earlier count instead of adding to it; the sum goes
+    to `progress`, never past `total`."""
+
+    def __init__(self, progress: ByteProgress, total: int | None) -> None:
+        self._progress, self._total = progress, total
+        self._files: dict[str, int] = {}
+        self._done = 0
+        self._lock = threading.Lock()
+
+    def set(self, name: str, count: int) -> None:
+        with self._lock:
+            self._update(name, max(0, count))
+
+    def add(self, name: str, delta: int) -> None:
+        with self._lock:
+            self._update(name, max(0, self._files.get(name, 0) + delta))
+
+    def _update(self, name: str, count: int) -> None:
+        # A running sum: a dataset of many small files must not be summed again at every chunk.
+        self._done += count - self._files.get(name, 0)
+        self._files[name] = count
+        done = self._done if self._total is None else min(self._done, self._total)
+        self._progress(done, self._total)
 
 
 class Throttle:

@@ -35,8 +35,8 @@ def is_hub(uri: str) -> bool:
 def stage_input(uri: str, env: Mapping[str, str] | None = None,
                 on_bytes: Callable[[int, int | None], None] | None = None) -> Path:
     """A local folder holding the input, in the node's cache (storage.stage_cached); `on_bytes(done,
-    total)` hears the download's progress (the job's Staging phase): every object for s3://, the
-    start and the end for the hub and archive stages."""
+    total)` hears the download's progress (the job's Staging phase) as the bytes arrive, for every
+    scheme."""
     kind = storage.scheme(uri)
     if kind == hubs.SCHEME:
         return hubs.stage_input(uri, env, on_bytes)

@@ -27,7 +27,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, TypeVar
 
-from . import hubs, storage
+from . import hubs, input_cache, storage
 from .files import sha256_file
 
 log = logging.getLogger(__name__)
@@ -133,7 +133,7 @@ def check_readable(uri: str, env: Mapping[str, str] | None = None) -> None:
 
 def stage_input(uri: str, env: Mapping[str, str] | None = None, on_bytes: Any = None) -> Path:
     """A local folder holding the files under `uri`, downloaded at most once per node and version
-    (storage.stage_cached); `on_bytes` hears the start and the end."""
+    (storage.stage_cached); `on_bytes` hears the bytes as each file arrives."""
     from modelscope.hub.snapshot_download import snapshot_download
 
     env = _env(env)
@@ -150,11 +150,13 @@ def stage_input(uri: str, env: Mapping[str, str] | None = None, on_bytes: Any = 
     def fill(folder: Path, progress: Any) -> None:
         log.info("staging %s: %d files, %d bytes", uri, len(files), total)
         progress(0, total)
+        counted = input_cache.FileBytes(progress, total)
         with tempfile.TemporaryDirectory(prefix=".modelscope-download-", dir=folder.parent) as tmp:
             download = Path(tmp) / "download"
             _call("download of", uri, token, lambda: snapshot_download(
                 repo_id=where.repo_id, revision=where.revision, local_dir=str(download),
                 allow_patterns=[f["path"] for f in files.values()], max_workers=1,
+                progress_callbacks=[_counting_callback(counted)],
                 endpoint=env.get(ENV_ENDPOINT) or env.get(ENV_DOMAIN) or None, token=token),
                 # The client retries each file (and checks its sha256) itself: one more round here.
                 attempts=2)
@@ -168,6 +170,22 @@ def stage_input(uri: str, env: Mapping[str, str] | None = None, on_bytes: Any = 
         progress(total, total)
 
     return storage.stage_cached(uri, env, key, total, fill, on_bytes=on_bytes, record={"revision": where.revision})
+
+
+def _counting_callback(counted: input_cache.FileBytes) -> type:
+    """A ProgressCallback class for the client, which makes one per file (filename, size) and calls
+    update(bytes) per chunk; a fresh one for a file that starts over (a retry) counts it from 0."""
+    from modelscope.hub.callback import ProgressCallback
+
+    class Counting(ProgressCallback):
+        def __init__(self, filename: str, file_size: int) -> None:
+            super().__init__(filename, file_size)
+            counted.set(filename, 0)
+
+        def update(self, size: int) -> None:
+            counted.add(self.filename, size)
+
+    return Counting
 
 
 def check_publishable(model_id: str, token: str | None, env: Mapping[str, str] | None = None) -> None:

@@ -59,7 +59,11 @@ class StagingReporter:
             self._send(done, total, cached=False, complete=False)
 
     def end(self, total: int, complete: bool) -> None:
-        """The input is staged (`total` bytes); `complete`: it was the attempt's last one."""
+        """The input is staged (`total` bytes); `complete`: it was the attempt's last one. After a
+        download the last report is the download's own total, so bytesDone never goes back (an
+        https:// archive is larger than the folder it extracts to)."""
+        if self._fetched and self._last[1] is not None:
+            total = self._last[1]
         self._send(total, total, cached=not self._fetched, complete=complete,
                    attempts=FINAL_WRITE_ATTEMPTS if complete else 1)
 

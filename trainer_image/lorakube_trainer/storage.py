@@ -262,7 +262,7 @@ def stage_input(uri: str, env: Mapping[str, str] | None = None,
             # A retry starts the object again: its bytes count from `done` each time.
             retrying("download of", f"{uri.rstrip('/')}/{rel}",
                      lambda: fs.get_file(posixpath.join(base, rel), str(target),
-                                         callback=_byte_callback(lambda n: progress(done + n, total))))
+                                         callback=byte_callback(lambda n: progress(done + n, total))))
             if target.stat().st_size != info["size"]:
                 raise StorageError(f"{uri}/{rel}: got {target.stat().st_size} bytes, listed {info['size']}")
             done += info["size"]
@@ -294,7 +294,7 @@ def move_files(source: Path, names: Iterable[str], target: Path) -> None:
         os.replace(source / rel, destination)
 
 
-def _byte_callback(on_value: Callable[[int], None]) -> Any:
+def byte_callback(on_value: Callable[[int], None]) -> Any:
     """An fsspec callback that passes the bytes of the current file so far to `on_value`."""
     from fsspec.callbacks import Callback
 

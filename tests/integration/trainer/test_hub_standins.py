@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import subprocess
 import sys
 import tarfile
@@ -16,10 +17,12 @@ from pathlib import Path
 
 import pytest
 from test_multiprocess import EXAMPLE_DATASET, PROCESS_TIMEOUT, base_env, tiny_flux  # noqa: F401
+from test_s3_staging import Recorder, api  # noqa: F401
 
 from localcluster.hub_standins import HfHubStandIn, HttpsFileStandIn, ModelScopeStandIn
 from lorakube_api import contract
-from lorakube_trainer import archives, hubs, modelscope_repos, storage
+from lorakube_trainer import archives, hubs, input_cache, locations, modelscope_repos, storage
+from lorakube_trainer.staging import StagingReporter
 
 TOKEN = "hf_standin_secret_token_5d1c"
 MS_TOKEN = "ms-standin-secret-token-93af"
@@ -294,6 +297,57 @@ def test_modelscope_standin_upload_needs_the_repo_and_reads_back_every_file(mode
         assert verified[name] == {"sha256": hashlib.sha256(body).hexdigest(), "bytes": len(body)}
     assert any(method == "PUT" for method, _ in modelscope.requests)          # the LoRA went up as an LFS blob
     assert all(MS_TOKEN.encode() not in body for body in in_repo.values())
+
+
+# --- staging progress: the bytes as they arrive, for every hub -------------------------------------
+
+# huggingface_hub reads 10 MiB at a time, the modelscope client 1 MiB, archives.py 1 MiB: a 32 MiB
+# file shows at least three counts of its own between its start and its end with each of them.
+BIG_FILE = 32 << 20
+
+
+def _big_input(scheme: str, request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, dict[str, str], int]:
+    """A model with one multi-MB file behind `scheme`'s stand-in: (URI, env, bytes before the big file)."""
+    files = {"model_index.json": b'{"_class_name": "FluxPipeline"}', "weights.bin": os.urandom(BIG_FILE)}
+    if scheme == "https":
+        server = request.getfixturevalue("https")
+        # An uncompressed tar: the big file's bytes arrive as they are; the header comes first.
+        return server.put("big/model.tar", _tar({f"model/{k}": v for k, v in files.items()}, mode="w")), \
+            _env(tmp_path, server), 0
+    if scheme == "hf":
+        request.getfixturevalue("hub_online")
+        server = request.getfixturevalue("hub")
+        server.put_folder("org/big", _folder(tmp_path / "src", files))
+        uri = "hf://org/big"
+    else:
+        server = request.getfixturevalue("modelscope")
+        server.put_folder("org/big", _folder(tmp_path / "src", files))
+        uri = "modelscope://org/big"
+    # Files arrive in name order (.gitattributes, model_index.json, weights.bin).
+    before = sum(len(body) for name, body in server.files("org/big").items() if name != "weights.bin")
+    return uri, _env(tmp_path, server), before
+
+
+@pytest.mark.parametrize("scheme", ["hf", "modelscope", "https"])
+def test_standin_staging_reports_the_bytes_as_they_arrive(scheme, request, api, tmp_path):
+    """Like s3:// (test_s3_staging.py), hf://, modelscope:// and https:// inputs report their bytes
+    into status.progress.staging while they download, not only the start and the end."""
+    uri, env, before = _big_input(scheme, request, tmp_path)
+    reporter = StagingReporter(1, patcher=api, interval_s=0.0)         # every callback is a report
+    reporter.begin("model", uri)
+    folder = locations.stage_input(uri, env, on_bytes=reporter.on_bytes)
+    reporter.end(input_cache.entry_bytes(folder), complete=True)
+
+    reports = [body["status"]["progress"]["staging"] for body in Recorder.bodies]
+    done = [r["bytesDone"] for r in reports]
+    total = reports[-1]["bytesTotal"]
+    assert done == sorted(done), f"bytes never go back: {done}"
+    inside_big = {d for d in done if before < d < before + BIG_FILE}
+    assert len(inside_big) >= 3, done                                  # the big file seen growing
+    assert all(r["bytesTotal"] == total for r in reports[1:-1] if r["bytesDone"]), reports
+    assert done[-1] == total and reports[-1]["complete"] is True and reports[-1]["cached"] is False
+    assert total >= BIG_FILE and (scheme == "https" or total == input_cache.entry_bytes(folder))
+    assert (folder / "weights.bin").stat().st_size == BIG_FILE
 
 
 # --- https:// archives --------------------------------------------------------------------------

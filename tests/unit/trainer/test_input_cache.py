@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -214,3 +215,42 @@ def test_only_this_pods_first_process_counts_as_having_staged_the_inputs():
     assert remote.inputs_staged_by_this_pod({remote.ENV_INPUTS_STAGED: str(os.getppid())})     # a launched local rank
     assert not remote.inputs_staged_by_this_pod({remote.ENV_INPUTS_STAGED: "1"})               # set in the job's env
     assert not remote.inputs_staged_by_this_pod({})
+
+
+def test_file_bytes_sums_files_counts_a_restarted_file_once_and_stops_at_the_total():
+    seen: list[tuple[int, int | None]] = []
+    counted = ic.FileBytes(lambda done, total: seen.append((done, total)), 100)
+    counted.set("a", 0)
+    counted.add("a", 30)
+    counted.add("b", 20)
+    counted.set("a", 0)             # the client starts a over (a retry): its 30 bytes no longer count
+    counted.add("a", 40)
+    counted.add("b", -50)           # a client taking back more than it gave never goes below 0
+    counted.add("b", 90)
+    assert seen == [(0, 100), (30, 100), (50, 100), (20, 100), (60, 100), (40, 100), (100, 100)]
+
+
+def test_file_bytes_from_several_threads_add_up():
+    seen: list[int] = []
+    counted = ic.FileBytes(lambda done, total: seen.append(done), None)
+
+    def feed(name: str) -> None:
+        for _ in range(2000):
+            counted.add(name, 3)
+
+    threads = [threading.Thread(target=feed, args=(f"part-{i}",)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert seen[-1] == 4 * 2000 * 3 and seen == sorted(seen)
+
+
+def test_the_last_staging_report_after_a_download_is_the_downloads_total():
+    """An https:// archive is larger than the folder it extracts to: bytesDone must not go back."""
+    reporter = StagingReporter(1, out=io.StringIO(), interval_s=0.0)
+    reporter.begin("dataset", "https://h/set.tar")
+    reporter.on_bytes(0, 500)
+    reporter.on_bytes(500, 500)
+    reporter.end(420, complete=True)         # the extracted folder's size
+    assert [(s.bytesDone, s.bytesTotal, s.cached) for s in reporter.sent][-1] == (500, 500, False)
