@@ -258,7 +258,8 @@ class Progress:
 
 STAGING_EVENT = "staging"
 STAGING_REPORT_INTERVAL_SECONDS = 2.0
-STAGED_INPUTS = ("model", "dataset")
+# pretrainedLora: spec.model.pretrainedLoraUri (--pretrained_lora_path) in a bucket, staged like the model.
+STAGED_INPUTS = ("model", "dataset", "pretrainedLora")
 
 
 def is_staged_uri(uri: str | None) -> bool:

@@ -368,7 +368,8 @@ def _decide_valid(plan: _Plan, spec: JobSpec, mine: list[PodView], all_pods: Seq
 
 
 def _running_or_staging(plan: _Plan, spec: JobSpec, num_nodes: int, attempt: int) -> None:
-    staged = [uri for uri in (spec.model.uri, spec.dataset.uri) if contract.is_staged_uri(uri)]
+    staged = [uri for uri in (spec.model.uri, spec.dataset.uri, spec.model.pretrained_lora_uri)
+              if uri and contract.is_staged_uri(uri)]
     running = f"all {num_nodes} pods of attempt {attempt} are running"
     phase = st.active_phase(plan.phase, bool(staged), plan.obs.status.get("progress"), attempt)
     if plan.phase == st.RUNNING_PHASE:

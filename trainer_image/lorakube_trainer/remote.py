@@ -45,21 +45,28 @@ def inputs_staged_by_this_pod(env: Mapping[str, str]) -> bool:
     return env.get(ENV_INPUTS_STAGED) in (str(os.getpid()), str(os.getppid()))
 
 
+# What stage_inputs stages: (staging report's input name, config field, whose Secret it reads).
+# A pretrained LoRA in a bucket (an earlier run's output) is read with the model's Secret.
+_STAGED = (("model", "model_path", "model"), ("dataset", "dataset_path", "dataset"),
+           ("pretrainedLora", "pretrained_lora_path", "model"))
+
+
 def stage_inputs(cfg: TrainConfig, env: Mapping[str, str] | None = None, report: bool = False) -> dict[str, str]:
-    """Stage the remote model and dataset into the node's cache: {"model_path": folder, ...}. With
-    `report` (rank 0's pod) each input's bytes are reported (staging.py, the job's Staging phase)."""
-    inputs = [(name, uri) for name, uri in (("model", cfg.model_path), ("dataset", cfg.dataset_path))
-              if locations.is_remote_input(uri)]
+    """Stage the remote model, dataset and pretrained LoRA into the node's cache: {"model_path":
+    folder, ...}. With `report` (rank 0's pod) each input's bytes are reported (staging.py, the
+    job's Staging phase)."""
+    inputs = [(name, field, role, getattr(cfg, field)) for name, field, role in _STAGED
+              if getattr(cfg, field) and locations.is_remote_input(getattr(cfg, field))]
     reporter = staging.reporter_from_env(env) if report and inputs else None
     folders = {}
-    for index, (name, uri) in enumerate(inputs):
+    for index, (name, field, role, uri) in enumerate(inputs):
         if reporter is not None:
             reporter.begin(name, uri)
-        folder = locations.stage_input(uri, storage.role_env(env, name),
+        folder = locations.stage_input(uri, storage.role_env(env, role),
                                        on_bytes=None if reporter is None else reporter.on_bytes)
         if reporter is not None:
             reporter.end(input_cache.entry_bytes(folder), complete=index == len(inputs) - 1)
-        folders[f"{name}_path"] = str(folder)
+        folders[field] = str(folder)
     return folders
 
 
@@ -75,15 +82,10 @@ def localize(cfg: TrainConfig, env: Mapping[str, str] | None = None, node_rank: 
         output=cfg.output_path if locations.is_remote_output(cfg.output_path) else "",
         checkpoints=cfg.checkpoint_dir if storage.is_remote(cfg.checkpoint_dir) else "",
     )
-    changes: dict[str, str] = {}
-    if cfg.pretrained_lora_path and storage.is_remote(cfg.pretrained_lora_path):
-        # A folder in a bucket (an earlier run's output), staged like the model with its Secret (not
-        # reported: the job's Staging phase is about the model and the dataset).
-        changes["pretrained_lora_path"] = str(storage.stage_input(cfg.pretrained_lora_path,
-                                                                  storage.role_env(env, "model")))
+    # The inputs, a pretrained LoRA in a bucket among them (an earlier run's output).
+    changes = stage_inputs(cfg, env, report_staging)
     if not where.any:
         return dataclasses.replace(cfg, **changes), where
-    changes.update(stage_inputs(cfg, env, report_staging))
     if where.output and locations.is_hub(where.output):
         # A Hub repo takes the artifacts at the end only (hubs.py): a working folder that is not
         # registered as a bucket prefix, so no metrics are published there with the checkpoints.

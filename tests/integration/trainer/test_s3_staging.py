@@ -89,6 +89,30 @@ def test_staging_a_model_reports_increasing_bytes_the_right_total_and_a_final_re
                                                                                 (MODEL_BYTES, True, True)]
 
 
+def test_a_pretrained_lora_in_a_bucket_is_staged_and_reported_like_the_model(s3_server, tmp_path, capsys):
+    """Local model and dataset, the LoRA to start from in a bucket: rank 0 reports its bytes as
+    input pretrainedLora, the last report completes the staging, and the config points at the copy."""
+    from lorakube_trainer import remote
+    from lorakube_trainer.config import parse_config
+
+    s3_server.create_bucket("stage-loras")
+    lora = os.urandom(3 << 20)
+    s3_server.filesystem().pipe_file("stage-loras/cats-v1/pytorch_lora_weights.safetensors", lora)
+    uri = "s3://stage-loras/cats-v1"
+    cfg = parse_config(["--model_family", "flux", "--model_path", str(tmp_path / "model"), "--dataset_path",
+                        str(tmp_path / "data"), "--output_path", str(tmp_path / "out"), "--pretrained_lora_path",
+                        uri], env={})
+    env = {**s3_server.client_env(), storage.ENV_CACHE_DIR: str(tmp_path / "cache")}
+    capsys.readouterr()
+    local, _ = remote.localize(cfg, env, report_staging=True)
+    reports = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert {r["input"] for r in reports} == {"pretrainedLora"} and all(r["uri"] == uri for r in reports)
+    done = [r["bytesDone"] for r in reports]
+    assert done == sorted(done) and done[-1] == len(lora) and reports[-1]["complete"] is True
+    assert (Path(local.pretrained_lora_path) / "pytorch_lora_weights.safetensors").read_bytes() == lora
+    assert (local.model_path, local.dataset_path) == (cfg.model_path, cfg.dataset_path)
+
+
 STAGE = "import sys; from lorakube_trainer import storage; print(storage.stage_input(sys.argv[1]))"
 
 

@@ -104,6 +104,20 @@ def test_a_job_with_local_inputs_goes_straight_to_running(job_spec):
     assert all(c["type"] != "Staging" for c in first.status_patch["conditions"])
 
 
+def test_a_pretrained_lora_in_a_bucket_is_staged_too(job_spec):
+    """The trainer stages and reports spec.model.pretrainedLoraUri like the model (input pretrainedLora)."""
+    job_spec["model"]["pretrainedLoraUri"] = "s3://loras/cats-v1"
+    first, status = settle(job_spec, CREATED, RUNNING_PODS)
+    assert first.status_patch["phase"] == "Staging"
+    assert "s3://loras/cats-v1" in condition(first.status_patch, "Staging")["message"]
+    report = contract.Staging(attempt=1, input="pretrainedLora", uri="s3://loras/cats-v1", bytesDone=5,
+                              bytesTotal=5, cached=False, complete=True, updatedAt="2026-05-01T12:00:00Z")
+    done = decide(observe(job_spec, {**status, "progress": report.to_status()}, RUNNING_PODS), CONFIG)
+    assert done.status_patch["phase"] == "Running"
+    during = contract.Staging(1, "pretrainedLora", "s3://loras/cats-v1", 126_248_550, 356_725_146, False, False, "t")
+    assert during.to_status()["text"] == "pretrainedLora 120.4/340.2 MiB"      # fits the Progress column
+
+
 def test_a_new_attempt_stages_again_whatever_the_last_attempt_reported(job_spec):
     spec = remote(job_spec)
     status = {"phase": "Created", "attempt": 2, "restarts": 1, "progress": staging(1, complete=True)}
