@@ -9,9 +9,8 @@ keeps the first N tags in place and never drops them.
 
 Determinism: which record a sample shows, how it is cropped/flipped, whether its caption is dropped
 and how its tags are arranged are pure functions of (seed, epoch, position in the epoch's global
-order), each from its own stream. Nothing here
-touches the global RNGs, so a resumed run sees exactly the samples the interrupted one would have
-seen next.
+order), each from its own stream. Nothing here touches the global RNGs, so a resumed run sees
+exactly the samples the interrupted one would have seen next.
 """
 
 from __future__ import annotations
