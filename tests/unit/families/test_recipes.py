@@ -451,6 +451,26 @@ def test_qwen_image_prompt_encoding_is_the_pipelines_and_trims_back_to_its_batch
     assert alone_mask is None and torch.allclose(alone[0], embeds[1], atol=1e-5)
 
 
+def test_qwen_image_prompts_encoded_one_at_a_time_train_like_the_batchs_own_encoding(tiny_models, example_batch):
+    """The latent cache stores each caption's conditioning padded to 512 on its own; collated into a batch
+    and trimmed, it must give the loss the batch's own encoding (padded to its longest prompt) gives."""
+    family = get_family("qwen-image")
+    pipe = family.load_pipeline(tiny_models["qwen-image"], torch.float32)
+    pixels, _ = example_batch
+    latents = family.encode_images(pipe, pixels)
+    prompts = ["a red circle", "a blue square on a dark background"]
+    together = family.encode_prompts(pipe, prompts, torch.device("cpu"))
+    each = [family.encode_prompts(pipe, [p], torch.device("cpu")) for p in prompts]
+    collated = {k: torch.cat([c[k] for c in each]) for k in together}
+    assert torch.equal(collated["prompt_mask"], together["prompt_mask"])
+    losses = []
+    for cond in (together, collated):
+        torch.manual_seed(3)
+        with torch.no_grad():
+            losses.append(family.training_loss(pipe, family.denoiser(pipe), latents, cond).item())
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
 def test_qwen_image_recipe_and_sampling_arguments():
     family = get_family("qwen-image")
     assert qwen_image.RECIPE.guidance is None and qwen_image.RECIPE.sampling == "logit_normal"

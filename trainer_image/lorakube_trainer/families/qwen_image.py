@@ -135,7 +135,8 @@ class QwenImage(FlowFamily):
     ) -> torch.Tensor:
         b, _, h, w = latents.shape
         dtype, device = denoiser.dtype, latents.device
-        embeds, mask = trim_prompt(cond["prompt_embeds"].to(device=device, dtype=dtype), cond["prompt_mask"].to(device))
+        embeds, mask = trim_prompt(cond["prompt_embeds"].to(device=device, dtype=dtype),
+                                   cond["prompt_mask"].to(device).bool())
         shapes = img_shapes(b, h, w)
 
         def predict(noisy: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
