@@ -7,9 +7,9 @@ Every component is a few hundred kB; all pipelines build and save in a few secon
 
 Tokenizers are built here from small in-memory vocabularies (no hub, no shipped vocab files):
 a character-level byte BPE for CLIP, a unigram vocabulary for T5/mT5, a WordPiece vocabulary for
-BERT, a sentencepiece model trained on the spot for ChatGLM and a byte-level BPE with a chat
-template for Qwen3. They tokenize real text into real ids (not all-UNK), so prompts produce
-prompt-dependent embeddings.
+BERT, a sentencepiece model trained on the spot for ChatGLM, a byte-level BPE with a chat
+template for Qwen3 and one whose merges cover Qwen-Image's prompt template. They tokenize real
+text into real ids (not all-UNK), so prompts produce prompt-dependent embeddings.
 
     python -m lorakube_dev.tiny --family all --out ./tiny-models
 """
@@ -42,7 +42,8 @@ _SENTENCES = tuple(
     for b in ("dark", "light", "grey", "white", "blue")
 )
 _CHARS = "abcdefghijklmnopqrstuvwxyz0123456789.,;:!?'-()/ "
-TOKENIZER_MAX_LENGTH = {"clip": 77, "t5": 512, "bert": 77, "chatglm": 256, "qwen": 512}
+# qwen-image: the pipeline tokenizes up to 1024 prompt tokens after the 34 of its template.
+TOKENIZER_MAX_LENGTH = {"clip": 77, "t5": 512, "bert": 77, "chatglm": 256, "qwen": 512, "qwen-image": 1024 + 34}
 
 # The VAEs keep the real spatial factor (8: four blocks, three downsamplings) so 64 px -> 8x8 latents.
 _VAE_BLOCKS = dict(
@@ -113,6 +114,39 @@ def build_qwen_tokenizer() -> Any:
     tok = Qwen2Tokenizer(vocab=vocab, merges=[], model_max_length=TOKENIZER_MAX_LENGTH["qwen"])
     tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
     tok.chat_template = _QWEN_CHAT_TEMPLATE
+    return tok
+
+
+# QwenImagePipeline's prompt template up to the user's text. The pipeline drops the first 34 token
+# positions of the encoded prompt, which is where Qwen2.5's tokenizer ends this prefix.
+QWEN_IMAGE_TEMPLATE_PREFIX = (
+    "<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, text, "
+    "spatial relationships of the objects and background:<|im_end|>\n<|im_start|>user\n"
+)
+
+
+def build_qwen_image_tokenizer() -> Any:
+    """The byte-level Qwen tokenizer plus merges that make each word of the template's system prompt
+    one token, so the prefix is 34 tokens as with the real vocabulary and drop_idx cuts exactly
+    before the user's text. Other text still falls back to bytes (with the few merges these add)."""
+    import re
+
+    from transformers import Qwen2Tokenizer
+
+    vocab = {c: i for i, c in enumerate(_bytes_to_unicode())}
+    merges: list[tuple[str, str]] = []
+    # Words after a newline carry no leading space ("system", "user", "Describe"); byte-level BPE
+    # writes the space before every other word as "Ġ".
+    words = re.findall(r"(?:^|(?<=\n)| )[A-Za-z]+", QWEN_IMAGE_TEMPLATE_PREFIX.replace("<|im_start|>", "\n"))
+    for word in dict.fromkeys(w.replace(" ", "Ġ") for w in words):
+        piece = word[0]
+        for char in word[1:]:
+            if piece + char not in vocab:
+                vocab[piece + char] = len(vocab)
+                merges.append((piece, char))
+            piece += char
+    tok = Qwen2Tokenizer(vocab=vocab, merges=merges, model_max_length=TOKENIZER_MAX_LENGTH["qwen-image"])
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
     return tok
 
 
@@ -379,10 +413,51 @@ def _z_image() -> Any:
     )
 
 
+def _qwen_image() -> Any:
+    from diffusers import (AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline,
+                           QwenImageTransformer2DModel)
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    tokenizer = build_qwen_image_tokenizer()
+    hidden = 32
+    # Qwen2.5-VL as the pipeline loads it (the vision tower is part of the checkpoint but unused for
+    # text); head_dim 16 -> 8 rotary frequencies split over M-RoPE's time/height/width sections.
+    text_encoder = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(
+        text_config=dict(
+            vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+            num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=TOKENIZER_MAX_LENGTH["qwen-image"],
+            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [2, 3, 3]},
+            pad_token_id=tokenizer.pad_token_id, bos_token_id=None,
+            eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+        ),
+        vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=hidden,
+                           fullatt_block_indexes=[0]),
+        tie_word_embeddings=True,
+    ))
+    return QwenImagePipeline(
+        # Qwen-Image's scheduler config: resolution-dependent shift up to 8192 tokens, grid stretched
+        # to end at σ = 0.02.
+        scheduler=FlowMatchEulerDiscreteScheduler(
+            num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9,
+            base_image_seq_len=256, max_image_seq_len=8192, shift_terminal=0.02, time_shift_type="exponential",
+        ),
+        # Three spatial downsamplings (8x, as the real VAE) and the real 16 latent channels, so the
+        # config's default per-channel latents_mean/latents_std apply.
+        vae=AutoencoderKLQwenImage(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+                                   temperal_downsample=[False, True, True]),
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        transformer=QwenImageTransformer2DModel(
+            patch_size=2, in_channels=64, out_channels=16, num_layers=2, attention_head_dim=16,
+            num_attention_heads=2, joint_attention_dim=hidden, axes_dims_rope=(4, 6, 6),
+        ),
+    )
+
+
 def _builders(workdir: Path) -> dict[str, Callable[[], Any]]:
     return {"flux": _flux, "sd3": _sd3, "kolors": lambda: _kolors(workdir), "hunyuan-dit": _hunyuan_dit,
             "flux2-klein": _flux2_klein,
-            "z-image": _z_image}
+            "z-image": _z_image, "qwen-image": _qwen_image}
 
 
 def build_tiny_pipeline(family: str, out_dir: Path, seed: int = 0) -> Path:

@@ -17,6 +17,7 @@ PIPELINE_FAMILIES = {
     "HunyuanDiTPipeline": "hunyuan-dit",
     "Flux2KleinPipeline": "flux2-klein",
     "ZImagePipeline": "z-image",
+    "QwenImagePipeline": "qwen-image",
 }
 FAMILY_PIPELINES = {family: cls for cls, family in PIPELINE_FAMILIES.items()}
 

@@ -1,7 +1,7 @@
 """A user's check of the diffusers-layout file: in a new Python process that never imported lorakube,
 load the pipeline with plain diffusers, load the LoRA file the way the model card says, and generate.
 No warning about keys may appear, and the image must change. One process checks a group of families:
-the newer ones (FLUX.2 klein, Z-Image, and `sd3` whose tiny model is SD3.5-medium-shaped) in
+the newer ones (FLUX.2 klein, Z-Image, Qwen-Image, and `sd3` whose tiny model is SD3.5-medium-shaped) in
 `make test`, the original ones in the slow tier (a process per group keeps the cost to one interpreter start)."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 
 from lorakube_trainer.families import FAMILY_NAMES, get_family
 
-NEWER = ("flux2-klein", "sd3", "z-image")
+NEWER = ("flux2-klein", "sd3", "z-image", "qwen-image")
 GROUPS = [
     pytest.param(NEWER, id="newer"),
     pytest.param(tuple(n for n in FAMILY_NAMES if n not in NEWER), id="original", marks=pytest.mark.slow),

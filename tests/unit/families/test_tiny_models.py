@@ -13,7 +13,7 @@ from lorakube_trainer.families import FAMILY_NAMES, get_family
 
 DENOISER_DIR = {"flux": "transformer", "sd3": "transformer", "kolors": "unet", "hunyuan-dit": "transformer",
                 "flux2-klein": "transformer",
-                "z-image": "transformer"}
+                "z-image": "transformer", "qwen-image": "transformer"}
 
 
 def test_registry_covers_the_contract_families():

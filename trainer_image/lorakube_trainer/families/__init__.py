@@ -7,10 +7,13 @@ from .flux import Flux
 from .flux2 import Flux2Klein
 from .hunyuan_dit import HunyuanDiT
 from .kolors import Kolors
+from .qwen_image import QwenImage
 from .sd3 import SD3
 from .z_image import ZImage
 
-_FAMILIES: dict[str, type[Family]] = {cls.name: cls for cls in (Flux, SD3, Kolors, HunyuanDiT, Flux2Klein, ZImage)}
+_FAMILIES: dict[str, type[Family]] = {
+    cls.name: cls for cls in (Flux, SD3, Kolors, HunyuanDiT, Flux2Klein, ZImage, QwenImage)
+}
 FAMILY_NAMES: tuple[str, ...] = tuple(_FAMILIES)
 
 
