@@ -17,6 +17,7 @@ PIPELINE_FAMILIES = {
     "HunyuanDiTPipeline": "hunyuan-dit",
     "Flux2KleinPipeline": "flux2-klein",
     "ZImagePipeline": "z-image",
+    "Flux2Pipeline": "flux2-dev",
 }
 FAMILY_PIPELINES = {family: cls for cls, family in PIPELINE_FAMILIES.items()}
 
