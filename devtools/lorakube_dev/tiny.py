@@ -8,8 +8,8 @@ Every component is a few hundred kB; all pipelines build and save in a few secon
 Tokenizers are built here from small in-memory vocabularies (no hub, no shipped vocab files):
 a character-level byte BPE for CLIP, a unigram vocabulary for T5/mT5, a WordPiece vocabulary for
 BERT, a sentencepiece model trained on the spot for ChatGLM, a byte-level BPE with a chat
-template for Qwen3 and one with Mistral's control tokens inside a Pixtral processor for Mistral 3. They tokenize real text into real ids (not all-UNK), so prompts produce
-prompt-dependent embeddings.
+template for Qwen3 and one with Mistral's control tokens in a Pixtral processor folder for Mistral 3.
+They tokenize real text into real ids (not all-UNK), so prompts produce prompt-dependent embeddings.
 
     python -m lorakube_dev.tiny --family all --out ./tiny-models
 """
@@ -124,7 +124,8 @@ _MISTRAL_SPECIAL = ("<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[SYSTEM_PROMPT
 _MISTRAL_CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}"
     "{% if m.content is string %}{% set text = m.content %}"
-    "{% else %}{% set text = m.content | selectattr('type', 'equalto', 'text') | map(attribute='text') | join('') %}{% endif %}"
+    "{% else %}{% set text = m.content | selectattr('type', 'equalto', 'text') | map(attribute='text') | join('') %}"
+    "{% endif %}"
     "{% if m.role == 'system' %}[SYSTEM_PROMPT]{{ text }}[/SYSTEM_PROMPT]"
     "{% elif m.role == 'user' %}[INST]{{ text }}[/INST]{% else %}{{ text }}{{ eos_token }}{% endif %}{% endfor %}"
 )

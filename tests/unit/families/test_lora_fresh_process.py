@@ -58,7 +58,8 @@ for family, model, lora in json.loads(sys.argv[1]):
     index = json.loads((Path(model) / "model_index.json").read_text())
     plain_tokenizer = index.get("tokenizer", [None, None])[1] == "PixtralProcessor" and \
         importlib.util.find_spec("torchvision") is None
-    pipe = DiffusionPipeline.from_pretrained(model, dtype=torch.float32, **({"tokenizer": None} if plain_tokenizer else {}))
+    pipe = DiffusionPipeline.from_pretrained(model, dtype=torch.float32,
+                                             **({"tokenizer": None} if plain_tokenizer else {}))
     if plain_tokenizer:
         from transformers import AutoTokenizer
         pipe.tokenizer = AutoTokenizer.from_pretrained(str(Path(model) / "tokenizer"))

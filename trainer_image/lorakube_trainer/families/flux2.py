@@ -151,12 +151,11 @@ class Flux2Klein(FlowFamily):
         return lora_keys.to_kohya_flux2(state, alpha)
 
 
-# FLUX.2 dev's defaults in Flux2Pipeline: the Mistral 3 hidden states it stacks, and the guidance_scale
-# its guidance embedding gets at inference.
+# The Mistral 3 hidden states Flux2Pipeline stacks (its default text_encoder_out_layers).
 DEV_TEXT_LAYERS = (10, 20, 30)
 # Training feeds the guidance embedding 1.0, as this project's FLUX.1 family does and as DiffSynth-Studio's
-# FLUX.2 trainer does (its `embedded_guidance`); diffusers' FLUX.2 DreamBooth script feeds 3.5 instead.
-# A LoRA trained so still runs at the pipeline's 4.0: the embedding is frozen, the LoRA learns content.
+# FLUX.2 trainer does (its `embedded_guidance`); diffusers' FLUX.2 DreamBooth script feeds its
+# --guidance_scale, 3.5 by default. The embedding itself is never a LoRA target, so it stays as trained.
 DEV_RECIPE = recipes.FlowMatchingRecipe(guidance=1.0)
 
 
@@ -170,7 +169,8 @@ class Flux2Dev(Flux2Klein):
     inference_guidance = 4.0     # Flux2Pipeline's default guidance_scale (embedded, not classifier-free)
     diffusers_loading = (
         "`pipe.load_lora_weights(folder)` (diffusers reads the alpha from the metadata; without torchvision, "
-        "load the pipeline with `tokenizer=None` and set `pipe.tokenizer = AutoTokenizer.from_pretrained(<model>/tokenizer)`)")
+        "load the pipeline with `tokenizer=None` and set "
+        "`pipe.tokenizer = AutoTokenizer.from_pretrained(<model>/tokenizer)`)")
 
     def preloaded_components(self, path: Path) -> dict[str, Any]:
         return {"tokenizer": None}      # load_pipeline puts the tokenizer in
