@@ -18,6 +18,7 @@ PIPELINE_FAMILIES = {
     "Flux2KleinPipeline": "flux2-klein",
     "ZImagePipeline": "z-image",
     "QwenImagePipeline": "qwen-image",
+    "Flux2Pipeline": "flux2-dev",
 }
 FAMILY_PIPELINES = {family: cls for cls, family in PIPELINE_FAMILIES.items()}
 

@@ -36,11 +36,13 @@ COMFYUI_EXAMPLE = {
     "z-image": ("layers.1.feed_forward.w3", "lycoris_layers_1_feed_forward_w3", ALPHA),
     "flux2-klein": ("transformer_blocks.0.attn.to_k", "lora_unet_double_blocks_0_img_attn_qkv", ALPHA),
     "qwen-image": ("transformer_blocks.1.img_mlp.net.2", "lora_unet_transformer_blocks_1_img_mlp_net_2", ALPHA),
+    "flux2-dev": ("transformer_blocks.0.attn.to_k", "lora_unet_double_blocks_0_img_attn_qkv", ALPHA),
 }
 # Families whose ComfyUI layout fuses q/k/v into one layer: the example module's fused parts, in order.
 COMFYUI_FUSED = {
     "hunyuan-dit": [f"blocks.1.attn1.{m}" for m in ("to_q", "to_k", "to_v")],
     "flux2-klein": [f"transformer_blocks.0.attn.{m}" for m in ("to_q", "to_k", "to_v")],
+    "flux2-dev": [f"transformer_blocks.0.attn.{m}" for m in ("to_q", "to_k", "to_v")],
 }
 
 
@@ -176,7 +178,7 @@ def test_comfyui_export_names_alpha_and_weights(trained):
 
 
 # Families whose ComfyUI export diffusers also reads (its kohya converters for FLUX.2 and Qwen-Image).
-DIFFUSERS_READS_COMFYUI_FILE = {"flux2-klein", "qwen-image"}
+DIFFUSERS_READS_COMFYUI_FILE = {"flux2-klein", "flux2-dev", "qwen-image"}
 
 
 def test_comfyui_file_loads_through_diffusers_kohya_reader_like_the_diffusers_file(trained, tiny_models, tmp_path):

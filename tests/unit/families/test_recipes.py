@@ -169,24 +169,41 @@ def test_flux_pack_unpack_round_trip_and_agree_with_the_pipeline():
     assert torch.equal(ids, FluxPipeline._prepare_latent_image_ids(2, 4, 6, torch.device("cpu"), torch.float32))
 
 
-# --- FLUX.2 klein ---------------------------------------------------------------------------------
+# --- FLUX.2 klein and dev: one recipe, checked against each pipeline ----------------------------
 
+FLUX2 = ["flux2-klein", "flux2-dev"]
+
+
+def _flux2_pipeline_class(name: str):
+    import diffusers
+
+    return getattr(diffusers, get_family(name).pipeline_class_name)
+
+
+@pytest.mark.parametrize("module", ["pipeline_flux2_klein", "pipeline_flux2"])
 @pytest.mark.parametrize("seq_len", [16, 256, 1024, 4096, 4301, 16384])
 @pytest.mark.parametrize("steps", [4, 28, 50])
-def test_flux2_empirical_mu_is_the_pipelines(seq_len, steps):
-    from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu
+def test_flux2_empirical_mu_is_the_pipelines(seq_len, steps, module):
+    import importlib
 
+    compute_empirical_mu = importlib.import_module(f"diffusers.pipelines.flux2.{module}").compute_empirical_mu
     assert recipes.flux2_empirical_mu(seq_len, steps) == pytest.approx(compute_empirical_mu(seq_len, steps), abs=1e-9)
 
 
+@pytest.mark.parametrize("name", FLUX2)
 @pytest.mark.parametrize("seq_len", [16, 4096])     # the tiny 64 px batch, and a 1024 px image (64x64 tokens)
-def test_flux2_sigma_grid_is_the_klein_schedulers_at_the_pipelines_default_steps(tiny_models, seq_len):
+def test_flux2_sigma_grid_is_the_schedulers_at_the_pipelines_default_steps(tiny_models, seq_len, name):
+    import inspect
+
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    family = get_family("flux2-klein")
-    config = json.loads((tiny_models["flux2-klein"] / "scheduler" / "scheduler_config.json").read_text())
+    family = get_family(name)
+    # Both pipelines default to 50 steps, the count the training grid takes μ at.
+    assert inspect.signature(_flux2_pipeline_class(name).__call__).parameters["num_inference_steps"].default == \
+        flux2.SHIFT_STEPS
+    config = json.loads((tiny_models[name] / "scheduler" / "scheduler_config.json").read_text())
     sched = FlowMatchEulerDiscreteScheduler.from_config(config)
-    # What Flux2KleinPipeline does, with 1000 steps on the grid and μ of its default 50 steps.
+    # What the pipeline does, with 1000 steps on the grid and μ of its default 50 steps.
     sched.set_timesteps(sigmas=np.linspace(1.0, 1 / 1000, 1000), mu=recipes.flux2_empirical_mu(seq_len, flux2.SHIFT_STEPS))
     grid = family.sigma_grid(None, seq_len)
     assert torch.allclose(grid.float(), sched.sigmas[:1000].float(), atol=1e-6)
@@ -212,9 +229,9 @@ def test_flux2_loss_target_is_the_velocity_the_schedulers_euler_step_integrates(
         assert torch.allclose(sched.scale_noise(x0, sched.timesteps[i : i + 1], noise), x_t, atol=1e-5)
 
 
-def test_flux2_patchify_pack_and_ids_agree_with_the_pipeline():
-    from diffusers import Flux2KleinPipeline
-
+@pytest.mark.parametrize("name", FLUX2)
+def test_flux2_patchify_pack_and_ids_agree_with_the_pipeline(name):
+    Flux2KleinPipeline = _flux2_pipeline_class(name)      # klein's or dev's: the same static helpers
     latents = torch.randn(2, 8, 8, 12)
     patches = flux2.patchify(latents)
     assert torch.equal(patches, Flux2KleinPipeline._patchify_latents(latents))
@@ -229,9 +246,10 @@ def test_flux2_patchify_pack_and_ids_agree_with_the_pipeline():
     assert torch.equal(flux2.text_ids(7, torch.device("cpu")), Flux2KleinPipeline._prepare_text_ids(text)[0])
 
 
-def test_flux2_latents_are_the_pipelines_batch_normalised_patches(tiny_models, example_batch):
-    family = get_family("flux2-klein")
-    pipe = family.load_pipeline(tiny_models["flux2-klein"], torch.float32)
+@pytest.mark.parametrize("name", FLUX2)
+def test_flux2_latents_are_the_pipelines_batch_normalised_patches(tiny_models, example_batch, name):
+    family = get_family(name)
+    pipe = family.load_pipeline(tiny_models[name], torch.float32)
     pixels, _ = example_batch
     ours = family.encode_images(pipe, pixels)
     assert ours.shape == (2, pipe.vae.config.latent_channels, 8, 8)
@@ -243,6 +261,60 @@ def test_flux2_recipe_and_sampling_arguments():
     family = get_family("flux2-klein")
     assert flux2.RECIPE.guidance is None and flux2.RECIPE.sampling == "logit_normal"
     assert family.generate_kwargs() == {"guidance_scale": 4.0, "max_sequence_length": 512}
+    dev = get_family("flux2-dev")
+    assert flux2.DEV_RECIPE.guidance == flux.RECIPE.guidance == 1.0 and flux2.DEV_RECIPE.sampling == "logit_normal"
+    # Flux2Pipeline's own defaults: guidance_scale 4.0 (into the embedding), 512 tokens.
+    import inspect
+
+    from diffusers import Flux2Pipeline
+
+    defaults = inspect.signature(Flux2Pipeline.__call__).parameters
+    assert dev.generate_kwargs() == {"guidance_scale": defaults["guidance_scale"].default,
+                                     "max_sequence_length": defaults["max_sequence_length"].default}
+    assert tuple(defaults["text_encoder_out_layers"].default) == flux2.DEV_TEXT_LAYERS
+
+
+def test_flux2_dev_prompts_are_the_pipelines_mistral_embeddings(tiny_models):
+    """Mistral 3 after the pipeline's system message, hidden states 10/20/30 stacked per token: what
+    Flux2Pipeline.encode_prompt gives with its defaults, and not what the prompt alone would give."""
+    from diffusers.pipelines.flux2.pipeline_flux2 import SYSTEM_MESSAGE
+
+    family = get_family("flux2-dev")
+    pipe = family.load_pipeline(tiny_models["flux2-dev"], torch.float32)
+    prompts = ["a red circle", "a blue square"]
+    ours = family.encode_prompts(pipe, prompts, torch.device("cpu"))["prompt_embeds"]
+    reference, _ = pipe.encode_prompt(prompts, device=torch.device("cpu"))
+    assert ours.shape == (2, 512, 3 * pipe.text_encoder.config.text_config.hidden_size)
+    assert torch.equal(ours, reference)
+    rendered = pipe.tokenizer.decode(pipe.tokenizer.apply_chat_template(
+        [[{"role": "system", "content": [{"type": "text", "text": SYSTEM_MESSAGE}]},
+          {"role": "user", "content": [{"type": "text", "text": prompts[0]}]}]], tokenize=True, return_dict=True,
+    )["input_ids"][0])
+    assert rendered == f"<s>[SYSTEM_PROMPT]{SYSTEM_MESSAGE}[/SYSTEM_PROMPT][INST]{prompts[0]}[/INST]"
+    no_system = pipe._get_mistral_3_small_prompt_embeds(pipe.text_encoder, pipe.tokenizer, prompts, system_message="",
+                                                        hidden_states_layers=flux2.DEV_TEXT_LAYERS)
+    assert not torch.allclose(no_system, ours)
+
+
+@pytest.mark.parametrize("name, guidance", [("flux2-klein", None), ("flux2-dev", 1.0)])
+def test_flux2_guidance_embedding_gets_the_recipes_value(tiny_models, example_batch, name, guidance):
+    """dev's transformer has a guidance embedding and training feeds it the recipe's value per sample,
+    in fp32; klein's has none and gets None, as its pipeline passes."""
+    family = get_family(name)
+    pipe = family.load_pipeline(tiny_models[name], torch.float32)
+    denoiser = family.denoiser(pipe)
+    assert denoiser.config.guidance_embeds is (guidance is not None)
+    pixels, captions = example_batch
+    latents, cond = family.encode_images(pipe, pixels), family.encode_prompts(pipe, captions, torch.device("cpu"))
+    seen = []
+    denoiser.register_forward_pre_hook(lambda m, args, kwargs: seen.append(kwargs["guidance"]), with_kwargs=True)
+    with torch.no_grad():
+        family.training_loss(pipe, denoiser, latents, cond)
+    (fed,) = seen
+    if guidance is None:
+        assert fed is None
+    else:
+        assert fed.dtype == torch.float32 and torch.equal(fed, torch.full((latents.shape[0],), guidance))
 
 
 # --- Z-Image: its pipeline's own conventions ----------------------------------------------------

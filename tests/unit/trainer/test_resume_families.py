@@ -22,7 +22,11 @@ from lorakube_trainer.families import get_family
 from lorakube_dev.tiny import build_tiny_pipeline
 from lorakube_trainer.train import run
 
-SIZES = {"flux": 32, "kolors": 64, "hunyuan-dit": 32, "flux2-klein": 32, "sd3": 32, "z-image": 32, "qwen-image": 32}
+SIZES = {"flux": 32, "kolors": 64, "hunyuan-dit": 32, "flux2-klein": 32, "sd3": 32, "z-image": 32, "qwen-image": 32,
+         "flux2-dev": 32}
+# FLUX.2 dev shares klein's transformer and VAE: its run also takes the bucketed, latent-cached path
+# (the dataset has five shapes), so the per-bucket caches of latents and Mistral prompt features resume too.
+EXTRA = {"flux2-dev": ("--aspect_ratio_buckets", "--cache_latents", "--center_crop")}
 
 
 @pytest.fixture(scope="module")
@@ -42,11 +46,13 @@ def tiny(tmp_path_factory: pytest.TempPathFactory):
 # per step and validation runs classifier-free guidance), so its variant is in the slow tier, as is
 # SD3's (SD3.5-medium-shaped tiny model: the second flow family after FLUX, which `make test` covers)
 # and Qwen-Image's (16-26 s: a video VAE and classifier-free validation; the flow recipe is Z-Image's
-# and FLUX's, which `make test` resumes).
+# and FLUX's, which `make test` resumes),
+# and FLUX.2 dev's (about 25 s: Mistral 3 through 30 layers, bucketed and cached).
 @pytest.mark.parametrize("family", ["flux", "kolors", "hunyuan-dit",
                                     pytest.param("flux2-klein", marks=pytest.mark.slow),
                                     pytest.param("sd3", marks=pytest.mark.slow), "z-image",
-                                    pytest.param("qwen-image", marks=pytest.mark.slow)])
+                                    pytest.param("qwen-image", marks=pytest.mark.slow),
+                                    pytest.param("flux2-dev", marks=pytest.mark.slow)])
 def test_resume_is_bit_identical(family: str, tiny, dataset: Path, tmp_path: Path) -> None:
     size = str(SIZES[family])
 
@@ -56,7 +62,7 @@ def test_resume_is_bit_identical(family: str, tiny, dataset: Path, tmp_path: Pat
             "--output_path", str(tmp_path / out), "--height", size, "--width", size, "--precision", "32",
             "--steps_per_epoch", "3", "--max_epochs", "2", "--batch_size", "2", "--random_flip",
             "--checkpoint_every_n_steps", "2", "--validation_inference_steps", "2", "--seed", "11",
-            "--use_gradient_checkpointing",
+            "--use_gradient_checkpointing", *EXTRA.get(family, ()),
         ], env={})
 
     whole = run(cfg("whole"), env={})
@@ -69,6 +75,8 @@ def test_resume_is_bit_identical(family: str, tiny, dataset: Path, tmp_path: Pat
     for key, tensor in whole.final_lora.items():
         assert tensor.equal(resumed.final_lora[key]), key
     assert (tmp_path / "cut" / contract.ARTIFACT_LORA_COMFYUI).is_file()
+    if "--cache_latents" in EXTRA.get(family, ()):
+        assert any((tmp_path / "cut" / "latent-cache").rglob("*")), "the cached path was not taken"
 
 
 def test_cached_latents_match_the_uncached_path_on_flux(tiny, dataset: Path, tmp_path: Path) -> None:
