@@ -85,7 +85,7 @@ def _version(info: Mapping[str, Any], pinned: str | None) -> dict[str, Any]:
 
 def stage_input(uri: str, env: Mapping[str, str] | None = None, on_bytes: Any = None) -> Path:
     """The archive's contents in a local folder, downloaded and extracted at most once per node and
-    version of the archive (storage.stage_cached); `on_bytes` hears the start and the end."""
+    version of the archive (storage.stage_cached); `on_bytes` hears the bytes as they arrive."""
     env = os.environ if env is None else env
     url, pinned = split(uri)
     fs = _filesystem(env)
@@ -103,7 +103,10 @@ def stage_input(uri: str, env: Mapping[str, str] | None = None, on_bytes: Any = 
         with tempfile.TemporaryDirectory(prefix=".archive-download-", dir=folder.parent) as tmp:
             work = Path(tmp)
             archive = work / "archive"
-            storage.retrying("download of", uri, lambda: fs.get_file(url, str(archive)))
+            # Bytes as they arrive: the operator restarts a job whose staging reports stop
+            # (spec.runPolicy.stagingProgressDeadlineSeconds), so a long download must show it moves.
+            storage.retrying("download of", uri, lambda: fs.get_file(
+                url, str(archive), callback=storage._byte_callback(lambda n: progress(n, total))))
             size = archive.stat().st_size
             if total is not None and size != total:
                 raise StorageError(f"{uri}: got {size} bytes, the server announced {total}; not used")
