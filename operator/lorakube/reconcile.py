@@ -389,7 +389,10 @@ def _running_or_staging(plan: _Plan, spec: JobSpec, num_nodes: int, attempt: int
         plan.transition(st.STAGING, "StagingInputs", f"{running}; rank 0 stages {shown} into its node's cache "
                         "(bytes in status.progress.staging)")
     elif plan.phase == st.STAGING:
-        plan.transition(st.RUNNING_PHASE, "InputsStaged", f"{running}; rank 0 staged its inputs and trains")
+        # How long it took, for `kubectl describe`: from the Staging condition's transition.
+        began = parse_time((st.condition(plan.status["conditions"], "Staging") or {}).get("lastTransitionTime"))
+        took = f" in {(plan.obs.now - began).total_seconds():.0f} s" if began is not None else ""
+        plan.transition(st.RUNNING_PHASE, "InputsStaged", f"{running}; rank 0 staged its inputs{took} and trains")
     else:
         plan.transition(st.RUNNING_PHASE, "AllPodsRunning", running)
 

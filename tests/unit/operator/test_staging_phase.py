@@ -250,6 +250,15 @@ def test_the_default_deadline_is_ten_minutes_and_the_field_is_checked(job_spec):
     assert "spec.runPolicy.stagingProgressDeadlineSeconds: must be at least 10, got 5" in condition(bad, "Failed")["message"]
 
 
+def test_the_end_of_staging_says_how_long_it_took(job_spec):
+    status = {**staging_since(95), "progress": staging(1, complete=True)}
+    decision = decide(observe(remote(job_spec), status, RUNNING_PODS), CONFIG)
+    assert decision.status_patch["phase"] == "Running"
+    (event,) = decision.events
+    assert event.reason == "InputsStaged"
+    assert event.message == "all 3 pods of attempt 1 are running; rank 0 staged its inputs in 95 s and trains"
+
+
 def test_running_jobs_are_never_judged_by_the_stall_rule(job_spec):
     spec = with_deadline(job_spec, 60)
     status = {**staging_since(3600), "phase": "Running"}
