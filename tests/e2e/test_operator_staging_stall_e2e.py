@@ -32,9 +32,9 @@ RESTART_TIMEOUT = 120
 
 
 class StallingArchive(HttpsFileStandIn):
-    """Answers HEAD in full; a GET gets its headers and SENT_BEFORE_STALL bytes in two halves 3 s
-    apart (the trainer reports bytes at most every 2 s: the second half is reported), then nothing
-    until the test ends."""
+    """Answers HEAD in full; a GET gets its headers and SENT_BEFORE_STALL bytes, the last one 3 s
+    after the others (the trainer reports bytes at most every 2 s: the byte that arrives alone, in
+    one read, is reported with the total so far), then nothing until the test ends."""
 
     def __init__(self, folder: Path, host: str) -> None:
         self.release = threading.Event()
@@ -49,8 +49,7 @@ class StallingArchive(HttpsFileStandIn):
         request.send_header("Content-Length", str(len(data)))
         request.send_header("Content-Type", "application/octet-stream")
         request.end_headers()
-        half = SENT_BEFORE_STALL // 2
-        for part in (data[:half], data[half:SENT_BEFORE_STALL]):
+        for part in (data[:SENT_BEFORE_STALL - 1], data[SENT_BEFORE_STALL - 1:SENT_BEFORE_STALL]):
             request.wfile.write(part)
             request.wfile.flush()
             if self.release.wait(3.0):
