@@ -259,6 +259,9 @@ class Progress:
 
 STAGING_EVENT = "staging"
 STAGING_REPORT_INTERVAL_SECONDS = 2.0
+# The condition reason when staging showed no progress for spec.runPolicy.stagingProgressDeadlineSeconds
+# (no new report: the first of an input, bytes, the last): the operator restarts the gang.
+STAGING_STALLED = "StagingStalled"
 # pretrainedLora: spec.model.pretrainedLoraUri (--pretrained_lora_path) in a bucket, staged like the model.
 STAGED_INPUTS = ("model", "dataset", "pretrainedLora")
 

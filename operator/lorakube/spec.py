@@ -178,6 +178,8 @@ class RunPolicy:
     failure_rules: tuple[FailureRuleSpec, ...] = ()
     # A failure blamed on a node keeps the next attempts off it (nodes.py, status.excludedNodes).
     node_avoidance: bool = True
+    # Staging that reports no progress this long restarts the gang (reconcile._staging_stalled).
+    staging_progress_deadline_seconds: int = 600
 
 
 FAILURE_ACTIONS = ("Restart", "RestartWithoutCounting", "Fail")
@@ -568,6 +570,8 @@ def _parse_run_policy(section: Mapping[str, Any]) -> RunPolicy:
         gang_scheduling=gang,
         failure_rules=_parse_failure_rules(section, f),
         node_avoidance=_bool(section, "nodeAvoidance", f, d.node_avoidance),
+        staging_progress_deadline_seconds=_int(section, "stagingProgressDeadlineSeconds", f,
+                                               d.staging_progress_deadline_seconds, 10),
     )
 
 
