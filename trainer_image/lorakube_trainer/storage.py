@@ -161,8 +161,8 @@ def gcs_settings_from_env(env: Mapping[str, str]) -> dict[str, Any]:
     """gcsfs keyword arguments from the environment. Holds the credentials: never log the result."""
     settings: dict[str, Any] = {"skip_instance_cache": True, "use_listings_cache": False,
                                 "requests_timeout": 120}
-    emulator = env.get(ENV_GCS_EMULATOR)
     key = env.get(ENV_GCS_SERVICE_ACCOUNT)
+    info = None
     if key:
         try:
             info = json.loads(key)
@@ -172,16 +172,18 @@ def gcs_settings_from_env(env: Mapping[str, str]) -> dict[str, Any]:
             # Never quote the value: it is (or was meant to be) a private key.
             raise StorageError(f"{ENV_GCS_SERVICE_ACCOUNT} must hold a service-account key file's JSON (with "
                                "client_email and private_key): put the whole file into that Secret key")
-        settings["token"] = info
-        settings["project"] = env.get(ENV_GCS_PROJECT) or info.get("project_id")
-    elif emulator:
-        settings["token"] = "anon"     # an emulator checks no credentials
+    emulator = env.get(ENV_GCS_EMULATOR)
     if emulator:
+        # As Google's own client libraries do: an emulator is spoken to anonymously.
         settings["endpoint_url"] = emulator if "://" in emulator else f"http://{emulator}"
+        settings["token"] = "anon"
+    elif info is not None:
+        settings["token"] = info
+        settings["project"] = info.get("project_id") or ""
+    # Neither: gcsfs's own chain (Application Default Credentials such as Workload Identity or
+    # GOOGLE_APPLICATION_CREDENTIALS, the metadata server, then anonymous for public buckets).
     if env.get(ENV_GCS_PROJECT):
         settings["project"] = env[ENV_GCS_PROJECT]
-    # Neither a key nor an emulator: gcsfs's own chain (Application Default Credentials such as
-    # Workload Identity or GOOGLE_APPLICATION_CREDENTIALS, then the metadata server).
     return settings
 
 
@@ -240,9 +242,9 @@ def _describe(exc: BaseException) -> str:
     text = (str(exc).strip().splitlines() or [""])[0]
     for name, secret in os.environ.items():     # every role's secret, prefixed or not
         if name.endswith(SECRET_VARIABLES) and secret:
-            for part in {secret, *_secret_parts(secret)}:
-                if len(part) >= 8 and part in text:
-                    text = text.replace(part, "***")
+            # Longest first, so a secret's own parts are masked inside it, not before it.
+            for part in sorted({secret, *(p for p in _secret_parts(secret) if len(p) >= 8)}, key=len, reverse=True):
+                text = text.replace(part, "***")
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
