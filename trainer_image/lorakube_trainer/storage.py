@@ -18,7 +18,8 @@ AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN), AWS_ENDPOINT_URL (or AWS_ENDPOINT_URL
 endpoint, AWS_REGION/AWS_DEFAULT_REGION, and LORAKUBE_S3_ADDRESSING_STYLE=path|virtual|auto.
 gs://: GCS_SERVICE_ACCOUNT_JSON (a service-account key file's contents), else Application Default
 Credentials (Workload Identity, GOOGLE_APPLICATION_CREDENTIALS); GOOGLE_CLOUD_PROJECT;
-STORAGE_EMULATOR_HOST for an emulator. az://: AZURE_STORAGE_CONNECTION_STRING, or
+GCS_ENDPOINT_URL for another endpoint (Private Service Connect); STORAGE_EMULATOR_HOST for an
+emulator (spoken to anonymously). az://: AZURE_STORAGE_CONNECTION_STRING, or
 AZURE_STORAGE_ACCOUNT_NAME with AZURE_STORAGE_ACCOUNT_KEY or AZURE_STORAGE_SAS_TOKEN, or the account
 name alone for Azure's credential chain (workload identity, managed identity).
 Each URI is accessed with its role's environment (role_env): the model's, the dataset's or the
@@ -56,6 +57,10 @@ ENV_ADDRESSING_STYLE = "LORAKUBE_S3_ADDRESSING_STYLE"
 ENV_GCS_SERVICE_ACCOUNT = "GCS_SERVICE_ACCOUNT_JSON"
 ENV_GCS_PROJECT = "GOOGLE_CLOUD_PROJECT"
 ENV_GCS_EMULATOR = "STORAGE_EMULATOR_HOST"
+# Another endpoint that still takes the credentials: a Private Service Connect endpoint, a proxy.
+ENV_GCS_ENDPOINT = "GCS_ENDPOINT_URL"
+# Objects are listed, read, written and deleted; nothing else of the project is touched.
+GCS_SCOPE = "https://www.googleapis.com/auth/devstorage.read_write"
 # az:// (adlfs): the variables Azure's own tools read.
 ENV_AZURE_CONNECTION_STRING = "AZURE_STORAGE_CONNECTION_STRING"
 ENV_AZURE_ACCOUNT_NAME = "AZURE_STORAGE_ACCOUNT_NAME"
@@ -161,30 +166,48 @@ def gcs_settings_from_env(env: Mapping[str, str]) -> dict[str, Any]:
     """gcsfs keyword arguments from the environment. Holds the credentials: never log the result."""
     settings: dict[str, Any] = {"skip_instance_cache": True, "use_listings_cache": False,
                                 "requests_timeout": 120}
-    key = env.get(ENV_GCS_SERVICE_ACCOUNT)
-    info = None
-    if key:
-        try:
-            info = json.loads(key)
-        except ValueError:
-            info = None
-        if not isinstance(info, dict) or "private_key" not in info or "client_email" not in info:
-            # Never quote the value: it is (or was meant to be) a private key.
-            raise StorageError(f"{ENV_GCS_SERVICE_ACCOUNT} must hold a service-account key file's JSON (with "
-                               "client_email and private_key): put the whole file into that Secret key")
     emulator = env.get(ENV_GCS_EMULATOR)
+    endpoint = env.get(ENV_GCS_ENDPOINT)
+    credentials = _gcs_service_account(env.get(ENV_GCS_SERVICE_ACCOUNT))
     if emulator:
         # As Google's own client libraries do: an emulator is spoken to anonymously.
         settings["endpoint_url"] = emulator if "://" in emulator else f"http://{emulator}"
         settings["token"] = "anon"
-    elif info is not None:
-        settings["token"] = info
-        settings["project"] = info.get("project_id") or ""
-    # Neither: gcsfs's own chain (Application Default Credentials such as Workload Identity or
-    # GOOGLE_APPLICATION_CREDENTIALS, the metadata server, then anonymous for public buckets).
+    else:
+        if endpoint:
+            settings["endpoint_url"] = endpoint
+        if credentials is not None:
+            settings["token"], settings["project"] = credentials
+    # Neither a key nor an emulator: gcsfs's own chain (Application Default Credentials such as
+    # Workload Identity or GOOGLE_APPLICATION_CREDENTIALS, the metadata server, then anonymous for
+    # public buckets).
     if env.get(ENV_GCS_PROJECT):
         settings["project"] = env[ENV_GCS_PROJECT]
     return settings
+
+
+def _gcs_service_account(key: str | None) -> tuple[Any, str] | None:
+    """(google-auth credentials, project) from a service-account key file's JSON, or None. Built
+    here, not by gcsfs, whose fallback for a key it cannot load ends in a KeyError about a refresh
+    token; messages never quote the value (it is, or was meant to be, a private key)."""
+    if not key:
+        return None
+    problem = (f"{ENV_GCS_SERVICE_ACCOUNT} must hold a service-account key file's JSON (with client_email and "
+               "private_key): put the whole file into that Secret key")
+    try:
+        info = json.loads(key)
+    except ValueError:
+        raise StorageError(problem) from None
+    if not isinstance(info, dict) or "private_key" not in info or "client_email" not in info:
+        raise StorageError(problem)
+    from google.oauth2 import service_account
+
+    try:
+        credentials = service_account.Credentials.from_service_account_info(info, scopes=[GCS_SCOPE])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise StorageError(f"{ENV_GCS_SERVICE_ACCOUNT}: the key file could not be loaded ({type(exc).__name__}); "
+                           "download a new JSON key of the service account") from None
+    return credentials, str(info.get("project_id") or "")
 
 
 def azure_settings_from_env(env: Mapping[str, str]) -> dict[str, Any]:

@@ -6,11 +6,15 @@ Each test runs once per scheme; the servers start once per test session."""
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import http.server
 import json
 import subprocess
 import sys
+import threading
 import time
+import urllib.parse
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -235,3 +239,64 @@ def test_emulated_az_wrong_account_key_fails_fast_and_never_shows_the_key(azurit
     message = str(failed.value)
     assert message.startswith(f"cannot read az://{container}/set: ") and "AZURE_STORAGE_CONNECTION_STRING" in message
     assert wrong_key not in message and azurite_server.account_key not in message
+
+
+class _TokenStandIn(http.server.BaseHTTPRequestHandler):
+    """A loopback STAND-IN of Google's OAuth token endpoint: checks the service account's signed
+    JWT (RS256, against the key file's public key) and answers an access token, as Google does."""
+
+    public_key: Any = None
+    grants: list[dict] = []
+
+    def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+        from cryptography.hazmat.primitives import hashes
+        from cryptography.hazmat.primitives.asymmetric import padding
+
+        form = urllib.parse.parse_qs(self.rfile.read(int(self.headers["Content-Length"])).decode())
+        header, claims, signature = form["assertion"][0].split(".")
+        pad = lambda part: base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))   # noqa: E731
+        self.public_key.verify(pad(signature), f"{header}.{claims}".encode(), padding.PKCS1v15(), hashes.SHA256())
+        _TokenStandIn.grants.append({"grant_type": form["grant_type"][0], **json.loads(pad(claims))})
+        body = json.dumps({"access_token": "ya29.stand-in", "expires_in": 3600, "token_type": "Bearer"}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        """Quiet: the recorded grants are what the test reads."""
+
+
+def test_emulated_gs_service_account_key_from_the_secret_signs_in_and_writes(gcs_server, tmp_path: Path):
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    _TokenStandIn.public_key, _TokenStandIn.grants = key.public_key(), []
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _TokenStandIn)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                            serialization.NoEncryption()).decode()
+    key_file = {"type": "service_account", "project_id": "lorakube-test", "private_key_id": "k1", "private_key": pem,
+                "client_email": "trainer@lorakube-test.iam.gserviceaccount.com",
+                "token_uri": f"http://127.0.0.1:{httpd.server_address[1]}/token"}
+    # What the user's Secret holds (the key file), plus the endpoint the emulator stands for.
+    secret = {"GCS_SERVICE_ACCOUNT_JSON": json.dumps(key_file), "GCS_ENDPOINT_URL": gcs_server.endpoint}
+    bucket = gcs_server.create_bucket(f"keyed-{uuid.uuid4().hex[:8]}")
+    try:
+        env = storage.role_env(_as_role(secret, "output"), "output")
+        storage.check_writable(f"gs://{bucket}/run", env)
+        local = tmp_path / "f.txt"
+        local.write_bytes(b"signed in")
+        fs = storage.filesystem(env, f"gs://{bucket}")
+        storage.upload_verified(fs, local, f"gs://{bucket}/run/f.txt", _sha256(b"signed in"))
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert gcs_server.filesystem().cat_file(f"{bucket}/run/f.txt") == b"signed in"
+    # The service account signed in with its own key, for the storage scope only.
+    assert _TokenStandIn.grants, "no token was requested"
+    grant = _TokenStandIn.grants[0]
+    assert grant["grant_type"] == "urn:ietf:params:oauth:grant-type:jwt-bearer"
+    assert grant["iss"] == key_file["client_email"] and grant["scope"] == storage.GCS_SCOPE

@@ -11,14 +11,26 @@ import pytest
 
 from lorakube_trainer import storage
 
-KEY_FILE = {"type": "service_account", "project_id": "proj-1", "private_key": "-----BEGIN PRIVATE KEY-----\nMIIE\n",
-            "client_email": "trainer@proj-1.iam.gserviceaccount.com"}
+def _key_file(project: str = "proj-1") -> dict:
+    """A service-account key file as Google issues it, with a fresh RSA key."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    pem = rsa.generate_private_key(public_exponent=65537, key_size=2048).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()).decode()
+    return {"type": "service_account", "project_id": project, "private_key_id": "k1", "private_key": pem,
+            "client_email": f"trainer@{project}.iam.gserviceaccount.com", "token_uri": "https://oauth2.example/token"}
 
 
-def test_a_service_account_key_file_becomes_gcsfs_token_and_project():
-    settings = storage.gcs_settings_from_env({"GCS_SERVICE_ACCOUNT_JSON": json.dumps(KEY_FILE)})
-    assert settings["token"] == KEY_FILE and settings["project"] == "proj-1"
-    assert "endpoint_url" not in settings
+KEY_FILE = _key_file()
+
+
+def test_a_service_account_key_file_becomes_gcsfs_credentials_and_project():
+    settings = storage.gcs_settings_from_env({"GCS_SERVICE_ACCOUNT_JSON": json.dumps(KEY_FILE),
+                                              "GCS_ENDPOINT_URL": "https://storage-psc.p.example"})
+    assert settings["token"].service_account_email == KEY_FILE["client_email"]
+    assert settings["token"].scopes == [storage.GCS_SCOPE]
+    assert settings["project"] == "proj-1" and settings["endpoint_url"] == "https://storage-psc.p.example"
     assert storage.gcs_settings_from_env({"GCS_SERVICE_ACCOUNT_JSON": json.dumps(KEY_FILE),
                                           "GOOGLE_CLOUD_PROJECT": "other"})["project"] == "other"
 
@@ -28,6 +40,14 @@ def test_without_a_key_gcs_uses_application_default_credentials_and_an_emulator_
     emulated = storage.gcs_settings_from_env({"STORAGE_EMULATOR_HOST": "10.0.0.5:4443",
                                               "GCS_SERVICE_ACCOUNT_JSON": json.dumps(KEY_FILE)})
     assert emulated["endpoint_url"] == "http://10.0.0.5:4443" and emulated["token"] == "anon"
+
+
+def test_a_key_file_whose_private_key_cannot_load_names_the_key_and_never_quotes_it():
+    broken = {**KEY_FILE, "private_key": "-----BEGIN PRIVATE KEY-----\nbm90IGEga2V5\n-----END PRIVATE KEY-----\n"}
+    with pytest.raises(storage.StorageError) as failed:
+        storage.gcs_settings_from_env({"GCS_SERVICE_ACCOUNT_JSON": json.dumps(broken)})
+    assert str(failed.value).startswith("GCS_SERVICE_ACCOUNT_JSON: the key file could not be loaded")
+    assert "bm90IGEga2V5" not in str(failed.value)
 
 
 @pytest.mark.parametrize("value", ["not json at all", json.dumps({"client_email": "x"}), "[1, 2]"])
