@@ -51,9 +51,9 @@ REMOTE_SCHEMES = ("s3", "gs", "az")
 ENV_CACHE_DIR = "LORAKUBE_CACHE_DIR"
 DEFAULT_CACHE_DIR = "/tmp/lorakube-cache"
 ENV_ADDRESSING_STYLE = "LORAKUBE_S3_ADDRESSING_STYLE"
-# gs:// (gcsfs): a service-account key file's JSON in one Secret key (gcsfs takes it as a dict);
-# without it, Application Default Credentials (Workload Identity on GKE). STORAGE_EMULATOR_HOST is
-# the variable Google's own client libraries read for an emulator.
+# gs:// (gcsfs): a service-account key file's JSON in one Secret key (the file a user downloads,
+# pasted whole); without it, Application Default Credentials (Workload Identity on GKE).
+# STORAGE_EMULATOR_HOST is the variable Google's own client libraries read for an emulator.
 ENV_GCS_SERVICE_ACCOUNT = "GCS_SERVICE_ACCOUNT_JSON"
 ENV_GCS_PROJECT = "GOOGLE_CLOUD_PROJECT"
 ENV_GCS_EMULATOR = "STORAGE_EMULATOR_HOST"
