@@ -300,3 +300,42 @@ def test_emulated_gs_service_account_key_from_the_secret_signs_in_and_writes(gcs
     grant = _TokenStandIn.grants[0]
     assert grant["grant_type"] == "urn:ietf:params:oauth:grant-type:jwt-bearer"
     assert grant["iss"] == key_file["client_email"] and grant["scope"] == storage.GCS_SCOPE
+
+
+# Each scheme waits out a few seconds of outage with backoff: in the slow tier (about 15 s each).
+@pytest.mark.slow
+def test_emulated_outage_during_the_upload_delays_it_and_it_completes_verified(
+        cloud: Cloud, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    bucket = cloud.bucket("outage")
+    uri = f"{cloud.scheme}://{bucket}/run"
+    local = tmp_path / "out"
+    local.mkdir()
+    files = {}
+    for name, body in ((contract.ARTIFACT_LORA_DIFFUSERS, b"x" * 300_000), ("model_card.md", b"# card\n")):
+        (local / name).write_bytes(body)
+        files[name] = {"sha256": _sha256(body), "bytes": len(body)}
+    (local / contract.ARTIFACT_MANIFEST).write_text(json.dumps({"files": files}))
+    for name, value in _as_role(cloud.env, "output").items():
+        monkeypatch.setenv(name, value)
+    result: dict = {}
+
+    def upload() -> None:
+        try:
+            result["verified"] = remote.publish_artifacts(local, uri, {"files": files})
+        except Exception as exc:  # noqa: BLE001 - reported below
+            result["error"] = exc
+
+    cloud.server.stop()
+    try:
+        worker = threading.Thread(target=upload)
+        worker.start()
+        time.sleep(5)              # several failed attempts while the server is down
+        assert worker.is_alive(), result           # retried with backoff, not given up
+    finally:
+        cloud.server.restart()
+    worker.join(timeout=120)
+    fs = cloud.fs()
+    assert "error" not in result, result.get("error")
+    assert set(result["verified"]) == {*files, contract.ARTIFACT_MANIFEST}
+    for name, entry in files.items():
+        assert _sha256(fs.cat_file(f"{bucket}/run/{name}")) == entry["sha256"]
