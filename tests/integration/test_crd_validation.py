@@ -185,6 +185,14 @@ def test_hub_modelscope_and_archive_uris_are_accepted(local_cluster, ns):
     assert result.returncode == 0, result.stderr
 
 
+def test_google_and_azure_object_storage_uris_are_accepted(local_cluster, ns):
+    job = with_changes({"spec.model.uri": "gs://models/flux", "spec.model.pretrainedLoraUri": "az://loras/cats-v1",
+                        "spec.dataset.uri": "az://datasets/cats", "spec.output.uri": "az://loras/cats-v2",
+                        "spec.output.checkpointUri": "gs://ckpt/cats"})
+    result = apply(local_cluster, ns, [job], "--dry-run=server")
+    assert result.returncode == 0, result.stderr
+
+
 # --- bad jobs ----------------------------------------------------------------------------------
 
 BAD_JOBS = [
