@@ -1,10 +1,10 @@
 """Which scheme each location of a run may use, and the module that handles it.
 
-    model, dataset   s3:// (storage.py), hf:// (hubs.py), modelscope:// (modelscope_repos.py),
-                     https:// archives (archives.py)
-    output           s3:// (storage.py), hf:// (hubs.py: one commit, read back)
-    checkpoints      s3:// only: a checkpoint is rewritten every few steps and pruned, which a Hub
-                     repo (one git commit per write, history kept forever) is not made for
+    model, dataset   s3://, gs://, az:// (storage.py: object storage through fsspec), hf:// (hubs.py),
+                     modelscope:// (modelscope_repos.py), https:// archives (archives.py)
+    output           s3://, gs://, az:// (storage.py), hf:// (hubs.py: one commit, read back)
+    checkpoints      s3://, gs://, az:// only: a checkpoint is rewritten every few steps and pruned,
+                     which a Hub repo (one git commit per write, history kept forever) is not made for
 
 Anything without `://` is a local (or volume) path. The operator's spec.py has the same table.
 """
@@ -16,8 +16,8 @@ from typing import Callable, Mapping
 
 from . import archives, hubs, modelscope_repos, storage
 
-INPUT_SCHEMES = ("s3", hubs.SCHEME, modelscope_repos.SCHEME, archives.SCHEME)
-OUTPUT_SCHEMES = ("s3", hubs.SCHEME)
+INPUT_SCHEMES = (*storage.REMOTE_SCHEMES, hubs.SCHEME, modelscope_repos.SCHEME, archives.SCHEME)
+OUTPUT_SCHEMES = (*storage.REMOTE_SCHEMES, hubs.SCHEME)
 
 
 def is_remote_input(uri: str) -> bool:
