@@ -18,7 +18,7 @@ from lorakube_api import contract
 
 from . import checkpoint as ckpt
 from . import buckets, modelscope_repos, remote, shutdown, storage
-from .artifacts import (MetricsWriter, check_comfyui, check_loaded, save_comfyui,
+from .artifacts import (MetricsWriter, check_comfyui, check_loaded, restore_metrics_from_checkpoint, save_comfyui,
                         write_json, write_manifest, write_model_card)
 from .caching import cache_folder
 from .callbacks import FinalStateCallback, ResumeCallback, SigtermCallback, StepCallback
@@ -96,6 +96,11 @@ def _run(cfg: TrainConfig, env: Mapping[str, str], live: TrainingMetrics, strate
                            verify_images=env.get(ENV_DATASET_CHECKED) != cfg.dataset_path)
     loaded = ckpt.resolve_resume(cfg.resume, Path(cfg.checkpoint_dir))
     start_step = 0 if loaded is None else loaded.step
+    if loaded is not None and _planned_global_rank(topology, env) == 0:
+        # A checkpoint from a bucket carries the metric lines up to its step (callbacks.py).
+        restored = restore_metrics_from_checkpoint(loaded.folder, Path(cfg.output_path), loaded.step)
+        if restored:
+            log.info("restored %s up to step %d from %s", ", ".join(restored), loaded.step, loaded.folder)
     if loaded is not None:
         log.info("resuming from %s (step %d of %d)", loaded.folder, loaded.step, cfg.total_steps)
         if loaded.state.get("world_size") != topology.world_size:
