@@ -496,6 +496,10 @@ def test_hub_standins_model_and_dataset_in_lora_out_through_the_trainer(hub, mod
     code, log = _cli(_flags("hf://org/tiny-flux", dataset_url, "hf://org/cats-lora/run1",
                             tmp_path / "ckpt1", "--modelscope_model_id", "org/cats-lora"), env, tmp_path / "run1.log")
     assert code == 0, log[-4000:]
+    # The staged dataset's images were read once, by the first process (dataset_checked.py); the
+    # training process only listed the records.
+    assert log.count("the other processes using cache entry") == 1, log[-4000:]
+    assert "images (headers checked by preflight)" in log and "images checked in" in log, log[-4000:]
     repo = hub.files("org/cats-lora")
     manifest = json.loads(repo[f"run1/{contract.ARTIFACT_MANIFEST}"])
     assert contract.ARTIFACT_LORA_DIFFUSERS in manifest["files"]
