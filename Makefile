@@ -35,6 +35,8 @@ env: $(DEPS_STAMP)
 binaries: env
 	$(PYTHON) -m localcluster build
 	$(PYTHON) -m localcluster build s3
+	$(PYTHON) -m localcluster build gcs
+	$(PYTHON) -m localcluster build azurite
 
 # Two pytest workers, one test file at a time each (--dist loadfile keeps a module's cluster and
 # fixtures in one worker): a single worker leaves a core idle while pods start and jobs poll

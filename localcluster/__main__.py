@@ -21,10 +21,11 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     build_command = sub.add_parser("build", help="build etcd, kube-*, kubectl and helm (cached)")
     build_command.add_argument(
-        "set", nargs="?", choices=sorted(TARGET_SETS), default="core",
+        "set", nargs="?", choices=sorted([*TARGET_SETS, "azurite"]), default="core",
         help="core: the control plane, kubectl and helm (default); kueue: Kueue's manager; "
-             "s3: the S3 server (versitygw) of the object-storage tests; training-operator: "
-             "Kubeflow's PyTorchJob controller, the operator benchmark's peer")
+             "s3: the S3 server (versitygw) of the object-storage tests; gcs: the Google Cloud Storage "
+             "emulator (fake-gcs-server); azurite: the Azure Blob Storage emulator (npm ci); "
+             "training-operator: Kubeflow's PyTorchJob controller, the operator benchmark's peer")
     for name, text in (
         ("up", "start the cluster in the background"),
         ("down", "stop everything and check nothing is left"),
@@ -86,6 +87,11 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     handlers = {"up": _up, "down": _down, "status": _status, "kubeconfig": _kubeconfig}
     try:
+        if args.command == "build" and args.set == "azurite":
+            from localcluster.azurite import install
+
+            install()
+            return 0
         if args.command == "build":
             build(build_targets=TARGET_SETS[args.set]())
             return 0

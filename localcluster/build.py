@@ -192,8 +192,8 @@ def _version_probe(name: str) -> list[str]:
 
 def check_version(binary: Path, expected: str) -> None:
     """Fail loudly if stamping did not take: a wrong version breaks clients that parse it."""
-    if binary.name in ("kueue", "training-operator"):
-        # Neither manager has a --version flag (Kueue logs its version once it runs against a
+    if binary.name in ("kueue", "training-operator", "fake-gcs-server"):
+        # None of these has a --version flag (Kueue logs its version once it runs against a
         # cluster); the module versions Go embeds in every binary name the release it was built from.
         command = [_go_binary(), "version", "-m", str(binary)]
     else:

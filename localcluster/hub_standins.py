@@ -324,27 +324,27 @@ class HfHubStandIn(_StandIn):
 
 
 class HttpsFileStandIn(_StandIn):
-    """Static files over HTTPS on 127.0.0.1 with a CA of its own (`ca_file`: give it to clients as
+    """Static files over HTTPS on 127.0.0.1 (or `host`) with a CA of its own (`ca_file`: give it to clients as
     SSL_CERT_FILE), ETag (sha256 of the body) and Last-Modified headers, HEAD and GET."""
 
     scheme = "https"
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, host: str = "127.0.0.1") -> None:
         self.files: dict[str, bytes] = {}
         self.folder = folder
         self.ca_file = folder / "standin-ca.crt"
-        self._make_certificates()
+        self._make_certificates(host)
         self.on_get: Callable[[str, bytes], bytes] | None = None
-        super().__init__()
+        super().__init__(host)
 
-    def _make_certificates(self) -> None:
+    def _make_certificates(self, host: str) -> None:
         from localcluster.certs import KeyPair, _issue, _make_ca, _name
 
         ca = KeyPair(self.ca_file, self.folder / "standin-ca.key")
         ca_key, ca_cert = _make_ca(ca, "lorakube https stand-in CA")
         self._leaf = KeyPair(self.folder / "standin.crt", self.folder / "standin.key")
-        _issue(self._leaf, ca_key, ca_cert, _name("127.0.0.1"), server=True, dns_names=("localhost",),
-               ips=("127.0.0.1",))
+        _issue(self._leaf, ca_key, ca_cert, _name(host), server=True, dns_names=("localhost",),
+               ips=tuple(dict.fromkeys(("127.0.0.1", host))))
 
     def _wrap(self) -> None:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)

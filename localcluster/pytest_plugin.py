@@ -224,3 +224,31 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def gcs_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A Google Cloud Storage emulator (fake-gcs-server) on 127.0.0.1, once per test session (each
+    test uses its own buckets); see gcsserver.py. Its binary comes from `python -m localcluster build
+    gcs` (built on first use, then cached)."""
+    from localcluster.gcsserver import GcsServer
+
+    server = GcsServer.start(tmp_path_factory.mktemp("gcs"))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def azurite_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """An Azure Blob Storage emulator (Azurite) on 127.0.0.1, once per test session (each test uses
+    its own containers); see azurite.py. Installed by `python -m localcluster build azurite` (on
+    first use, then cached)."""
+    from localcluster.azurite import AzuriteServer
+
+    server = AzuriteServer.start(tmp_path_factory.mktemp("azurite"))
+    try:
+        yield server
+    finally:
+        server.stop()

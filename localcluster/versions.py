@@ -14,6 +14,10 @@ KUBERNETES_VERSION = "v1.36.3"
 ETCD_VERSION = "v3.6.16"
 HELM_VERSION = "v3.22.0"
 VERSITYGW_VERSION = "v1.8.0"
+FAKE_GCS_SERVER_VERSION = "v1.56.1"
+# An npm package, not a Go module: localcluster/azurite.py installs it from the lock file in
+# localcluster/npm/azurite (which pins this version and every dependency).
+AZURITE_VERSION = "3.37.0"
 KUEUE_VERSION = "v0.17.0"
 TRAINING_OPERATOR_VERSION = "v1.8.1"
 
@@ -102,6 +106,13 @@ def s3_targets() -> tuple[GoTarget, ...]:
                      versitygw_ldflags()),)
 
 
+def gcs_targets() -> tuple[GoTarget, ...]:
+    """`python -m localcluster build gcs`: a Google Cloud Storage emulator for the gs:// tests
+    (fake-gcs-server, JSON API over HTTP), cached under its own key like the S3 server. Its
+    source stamps no version: `go version -m` reads the module version (build.check_version)."""
+    return (GoTarget("fake-gcs-server", "github.com/fsouza/fake-gcs-server", None, FAKE_GCS_SERVER_VERSION, ()),)
+
+
 def kueue_ldflags(version: str = KUEUE_VERSION) -> tuple[str, ...]:
     """What Kueue's Makefile stamps; the manager logs it at start ("Initializing", gitVersion)."""
     return (
@@ -126,5 +137,5 @@ def training_operator_targets() -> tuple[GoTarget, ...]:
 
 
 # The sets `python -m localcluster build [SET]` knows; "core" is what the cluster itself runs.
-TARGET_SETS = {"core": targets, "kueue": kueue_targets, "s3": s3_targets,
+TARGET_SETS = {"core": targets, "kueue": kueue_targets, "s3": s3_targets, "gcs": gcs_targets,
                "training-operator": training_operator_targets}

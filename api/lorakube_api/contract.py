@@ -20,12 +20,13 @@ SHORT_NAME = "ltj"
 
 # --- Model families ---------------------------------------------------------------------------
 
-FAMILIES = ("flux", "sd3", "kolors", "hunyuan-dit", "flux2-klein", "z-image")
+FAMILIES = ("flux", "sd3", "kolors", "hunyuan-dit", "flux2-klein", "z-image", "qwen-image", "flux2-dev")
 
 # Pixel multiple each family needs for height/width: VAE downsampling (8) times the denoiser's
 # patch/packing factor (2 for the DiTs and FLUX's 2x2 latent packing; 8 for Kolors' UNet, whose
 # three down-blocks halve the latent three times).
-SIZE_MULTIPLE = {"flux": 16, "sd3": 16, "hunyuan-dit": 16, "kolors": 64, "flux2-klein": 16, "z-image": 16}
+SIZE_MULTIPLE = {"flux": 16, "sd3": 16, "hunyuan-dit": 16, "kolors": 64, "flux2-klein": 16, "z-image": 16,
+                 "qwen-image": 16, "flux2-dev": 16}
 
 PRECISIONS = ("32", "16", "16-mixed", "bf16-mixed")
 STRATEGIES = ("auto", "ddp", "deepspeed_stage_1", "deepspeed_stage_2", "deepspeed_stage_3")
@@ -258,6 +259,9 @@ class Progress:
 
 STAGING_EVENT = "staging"
 STAGING_REPORT_INTERVAL_SECONDS = 2.0
+# The condition reason when staging showed no progress for spec.runPolicy.stagingProgressDeadlineSeconds
+# (no new report: the first of an input, bytes, the last): the operator restarts the gang.
+STAGING_STALLED = "StagingStalled"
 # pretrainedLora: spec.model.pretrainedLoraUri (--pretrained_lora_path) in a bucket, staged like the model.
 STAGED_INPUTS = ("model", "dataset", "pretrainedLora")
 

@@ -7,9 +7,10 @@ Every component is a few hundred kB; all pipelines build and save in a few secon
 
 Tokenizers are built here from small in-memory vocabularies (no hub, no shipped vocab files):
 a character-level byte BPE for CLIP, a unigram vocabulary for T5/mT5, a WordPiece vocabulary for
-BERT, a sentencepiece model trained on the spot for ChatGLM and a byte-level BPE with a chat
-template for Qwen3. They tokenize real text into real ids (not all-UNK), so prompts produce
-prompt-dependent embeddings.
+BERT, a sentencepiece model trained on the spot for ChatGLM, a byte-level BPE with a chat
+template for Qwen3, one whose merges cover Qwen-Image's prompt template and one with Mistral's
+control tokens in a Pixtral processor folder for Mistral 3. They tokenize real
+text into real ids (not all-UNK), so prompts produce prompt-dependent embeddings.
 
     python -m lorakube_dev.tiny --family all --out ./tiny-models
 """
@@ -42,7 +43,9 @@ _SENTENCES = tuple(
     for b in ("dark", "light", "grey", "white", "blue")
 )
 _CHARS = "abcdefghijklmnopqrstuvwxyz0123456789.,;:!?'-()/ "
-TOKENIZER_MAX_LENGTH = {"clip": 77, "t5": 512, "bert": 77, "chatglm": 256, "qwen": 512}
+# qwen-image: the pipeline tokenizes up to 1024 prompt tokens after the 34 of its template.
+TOKENIZER_MAX_LENGTH = {"clip": 77, "t5": 512, "bert": 77, "chatglm": 256, "qwen": 512, "qwen-image": 1024 + 34,
+                        "mistral": 512}
 
 # The VAEs keep the real spatial factor (8: four blocks, three downsamplings) so 64 px -> 8x8 latents.
 _VAE_BLOCKS = dict(
@@ -114,6 +117,90 @@ def build_qwen_tokenizer() -> Any:
     tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
     tok.chat_template = _QWEN_CHAT_TEMPLATE
     return tok
+
+
+# QwenImagePipeline's prompt template up to the user's text. The pipeline drops the first 34 token
+# positions of the encoded prompt, which is where Qwen2.5's tokenizer ends this prefix.
+QWEN_IMAGE_TEMPLATE_PREFIX = (
+    "<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, text, "
+    "spatial relationships of the objects and background:<|im_end|>\n<|im_start|>user\n"
+)
+
+
+def build_qwen_image_tokenizer() -> Any:
+    """The byte-level Qwen tokenizer plus merges that make each word of the template's system prompt
+    one token, so the prefix is 34 tokens as with the real vocabulary and drop_idx cuts exactly
+    before the user's text. Other text still falls back to bytes (with the few merges these add)."""
+    import re
+
+    from transformers import Qwen2Tokenizer
+
+    vocab = {c: i for i, c in enumerate(_bytes_to_unicode())}
+    merges: list[tuple[str, str]] = []
+    # Words after a newline carry no leading space ("system", "user", "Describe"); byte-level BPE
+    # writes the space before every other word as "Ġ".
+    words = re.findall(r"(?:^|(?<=\n)| )[A-Za-z]+", QWEN_IMAGE_TEMPLATE_PREFIX.replace("<|im_start|>", "\n"))
+    for word in dict.fromkeys(w.replace(" ", "Ġ") for w in words):
+        piece = word[0]
+        for char in word[1:]:
+            if piece + char not in vocab:
+                vocab[piece + char] = len(vocab)
+                merges.append((piece, char))
+            piece += char
+    tok = Qwen2Tokenizer(vocab=vocab, merges=merges, model_max_length=TOKENIZER_MAX_LENGTH["qwen-image"])
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    return tok
+
+
+# Mistral's control tokens, ids in the order of its tokenizer (0 <unk>, 1 <s>, 2 </s>, then the instruction,
+# system-prompt and image tokens a PixtralProcessor looks up), and a chat template in Mistral's format that
+# accepts Flux2Pipeline's messages (a system turn and a user turn, content as a list of text parts).
+_MISTRAL_SPECIAL = ("<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]",
+                    "[IMG]", "[IMG_BREAK]", "[IMG_END]", "<pad>")
+_MISTRAL_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}"
+    "{% if m.content is string %}{% set text = m.content %}"
+    "{% else %}{% set text = m.content | selectattr('type', 'equalto', 'text') | map(attribute='text') | join('') %}"
+    "{% endif %}"
+    "{% if m.role == 'system' %}[SYSTEM_PROMPT]{{ text }}[/SYSTEM_PROMPT]"
+    "{% elif m.role == 'user' %}[INST]{{ text }}[/INST]{% else %}{{ text }}{{ eos_token }}{% endif %}{% endfor %}"
+)
+
+
+def build_mistral_tokenizer() -> Any:
+    """Byte-level BPE without merges (every byte a token, as Mistral's tekken falls back to) after
+    Mistral's control tokens, with the chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(_MISTRAL_SPECIAL)}
+    vocab.update({c: len(_MISTRAL_SPECIAL) + i for i, c in enumerate(_bytes_to_unicode())})
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+        extra_special_tokens=list(_MISTRAL_SPECIAL[3:10]), model_max_length=TOKENIZER_MAX_LENGTH["mistral"],
+    )
+    tok.chat_template = _MISTRAL_CHAT_TEMPLATE
+    return tok
+
+
+def write_pixtral_processor(folder: Path, patch_size: int, spatial_merge_size: int) -> None:
+    """Turn a saved tokenizer folder into a PixtralProcessor folder, as FLUX.2 dev ships `tokenizer/`:
+    the processor's and its image processor's configs next to the tokenizer files. Written as files
+    because transformers builds a PixtralProcessor object only with torchvision installed."""
+    from transformers.models.pixtral.image_processing_pil_pixtral import PixtralImageProcessorPil
+
+    PixtralImageProcessorPil(patch_size={"height": patch_size, "width": patch_size}).save_pretrained(folder)
+    (folder / "processor_config.json").write_text(json.dumps({
+        "processor_class": "PixtralProcessor", "patch_size": patch_size, "spatial_merge_size": spatial_merge_size,
+        "image_token": "[IMG]", "image_break_token": "[IMG_BREAK]", "image_end_token": "[IMG_END]",
+    }, indent=2) + "\n")
+    index_file = folder.parent / "model_index.json"
+    index = json.loads(index_file.read_text())
+    index[folder.name] = ["transformers", "PixtralProcessor"]
+    index_file.write_text(json.dumps(index, indent=2) + "\n")
 
 
 def build_bert_tokenizer() -> Any:
@@ -188,6 +275,25 @@ def _qwen3_encoder(vocab_size: int, hidden: int = 16, layers: int = 27) -> Any:
         max_position_embeddings=TOKENIZER_MAX_LENGTH["qwen"], tie_word_embeddings=True,
     )
     return Qwen3ForCausalLM(cfg)
+
+
+def _mistral3_encoder(tokenizer: Any, hidden: int = 16, layers: int = 30) -> Any:
+    """Mistral 3 (a Mistral language model with a Pixtral vision tower) deep enough for the hidden
+    states FLUX.2 dev stacks (layers 10, 20, 30); the vision tower is one layer (prompts have no images)."""
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration, MistralConfig, PixtralVisionConfig
+
+    text = MistralConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+        max_position_embeddings=TOKENIZER_MAX_LENGTH["mistral"], pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    vision = PixtralVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                 head_dim=8, patch_size=14, image_size=56)
+    return Mistral3ForConditionalGeneration(Mistral3Config(
+        text_config=text, vision_config=vision, image_token_index=tokenizer.convert_tokens_to_ids("[IMG]"),
+        spatial_merge_size=2,
+    ))
 
 
 def _chatglm_encoder(vocab_size: int, hidden: int = 32) -> Any:
@@ -354,6 +460,33 @@ def _flux2_klein() -> Any:
     )
 
 
+def _flux2_dev() -> Any:
+    """Klein's tiny transformer and VAE with a guidance embedding, and Mistral 3 as the text encoder."""
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Pipeline, Flux2Transformer2DModel
+
+    tok = build_mistral_tokenizer()
+    latent_channels, hidden = 8, 16
+    vae = AutoencoderKLFlux2(latent_channels=latent_channels, **_VAE_BLOCKS)
+    with torch.no_grad():
+        vae.bn.running_mean.normal_(std=0.1)
+        vae.bn.running_var.uniform_(0.5, 1.5)
+    return Flux2Pipeline(
+        # FLUX.2 dev's scheduler config (the same as klein's); the pipeline computes its own μ.
+        scheduler=FlowMatchEulerDiscreteScheduler(
+            num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+            base_image_seq_len=256, max_image_seq_len=4096, time_shift_type="exponential",
+        ),
+        vae=vae,
+        text_encoder=_mistral3_encoder(tok, hidden),
+        tokenizer=tok,
+        transformer=Flux2Transformer2DModel(
+            patch_size=1, in_channels=4 * latent_channels, num_layers=1, num_single_layers=1,
+            attention_head_dim=16, num_attention_heads=2, joint_attention_dim=3 * hidden,
+            timestep_guidance_channels=32, axes_dims_rope=(4, 4, 4, 4), guidance_embeds=True,
+        ),
+    )
+
+
 def _z_image() -> Any:
     from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
     from transformers import Qwen3Config, Qwen3Model
@@ -379,10 +512,52 @@ def _z_image() -> Any:
     )
 
 
+def _qwen_image() -> Any:
+    from diffusers import (AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline,
+                           QwenImageTransformer2DModel)
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    tokenizer = build_qwen_image_tokenizer()
+    hidden = 32
+    # Qwen2.5-VL as the pipeline loads it (the vision tower is part of the checkpoint but unused for
+    # text); head_dim 16 -> 8 rotary frequencies split over M-RoPE's time/height/width sections.
+    text_encoder = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(
+        text_config=dict(
+            vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+            num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=TOKENIZER_MAX_LENGTH["qwen-image"],
+            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [2, 3, 3]},
+            pad_token_id=tokenizer.pad_token_id, bos_token_id=None,
+            eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+        ),
+        vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=hidden,
+                           fullatt_block_indexes=[0]),
+        tie_word_embeddings=True,
+    ))
+    return QwenImagePipeline(
+        # Qwen-Image's scheduler config: resolution-dependent shift up to 8192 tokens, grid stretched
+        # to end at σ = 0.02.
+        scheduler=FlowMatchEulerDiscreteScheduler(
+            num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9,
+            base_image_seq_len=256, max_image_seq_len=8192, shift_terminal=0.02, time_shift_type="exponential",
+        ),
+        # Three spatial downsamplings (8x, as the real VAE) and the real 16 latent channels, so the
+        # config's default per-channel latents_mean/latents_std apply.
+        vae=AutoencoderKLQwenImage(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+                                   temperal_downsample=[False, True, True]),
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        transformer=QwenImageTransformer2DModel(
+            patch_size=2, in_channels=64, out_channels=16, num_layers=2, attention_head_dim=16,
+            num_attention_heads=2, joint_attention_dim=hidden, axes_dims_rope=(4, 6, 6),
+        ),
+    )
+
+
 def _builders(workdir: Path) -> dict[str, Callable[[], Any]]:
     return {"flux": _flux, "sd3": _sd3, "kolors": lambda: _kolors(workdir), "hunyuan-dit": _hunyuan_dit,
             "flux2-klein": _flux2_klein,
-            "z-image": _z_image}
+            "z-image": _z_image, "qwen-image": _qwen_image,
+            "flux2-dev": _flux2_dev}
 
 
 def build_tiny_pipeline(family: str, out_dir: Path, seed: int = 0) -> Path:
@@ -399,6 +574,8 @@ def build_tiny_pipeline(family: str, out_dir: Path, seed: int = 0) -> Path:
         torch.manual_seed(seed)
         pipe = _builders(Path(work))[family]()
         pipe.save_pretrained(out_dir, safe_serialization=True)
+    if family == "flux2-dev":   # the tokenizer folder as FLUX.2 dev ships it: a Pixtral processor
+        write_pixtral_processor(out_dir / "tokenizer", patch_size=14, spatial_merge_size=2)
     _write_marker(out_dir, family, seed)
     return out_dir
 

@@ -147,6 +147,14 @@ def deleted_by_someone_else(pod: PodView) -> Failure:
     return Failure(pod, Rule("PodDeleted", lambda p: True, Action.RESTART, "was deleted while the job ran"))
 
 
+def staging_stalled(pod: PodView, explain: str) -> Failure:
+    """Rank 0 staged nothing new for spec.runPolicy.stagingProgressDeadlineSeconds. Retryable, and
+    it spends maxRestarts: a download that stops is most often a connection that hung or a server
+    that had trouble (a new attempt opens new connections, and may land on another node), while a source that never delivers ends the job once the budget is
+    spent instead of cycling forever."""
+    return Failure(pod, Rule(contract.STAGING_STALLED, lambda p: True, Action.RESTART, explain))
+
+
 def missing(name: str, rank: int, attempt: int) -> Failure:
     """A pod of a running attempt that no longer exists at all."""
     ghost = PodView(name=name, rank=rank, attempt=attempt, owner_uid=None, phase="Unknown")

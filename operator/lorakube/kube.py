@@ -146,6 +146,10 @@ class Expectations:
     So the pods a pass created count as present (`merge`) until the index shows them, as
     Kubernetes' own controllers do with their expectations; after EXPECTATION_SECONDS without
     seeing one (a watch gap), the next pass asks the API again (a create that adopts on 409).
+    Deletions likewise: a pod this operator asked to delete counts as being deleted (the view the
+    DELETE answered with, keyed by the pod's uid since names repeat across attempts) until the
+    index shows it terminating or it is gone, so the passes of a gang restart send one DELETE per
+    pod; after the same EXPECTATION_SECONDS a pod the index still shows alive is deleted again.
     The resourceVersion of the job's last status write lets the handlers skip that write's echo.
     """
 
@@ -154,6 +158,7 @@ class Expectations:
         self.clock = clock
         self._lock = threading.Lock()   # passes of different jobs run in different threads
         self._pods: dict[JobKey, dict[tuple[str, int], tuple[PodView, float]]] = {}
+        self._deleted: dict[JobKey, dict[str, tuple[PodView, float]]] = {}   # by pod uid
         self._written: dict[JobKey, str] = {}
         self._services: dict[tuple[str, str], float] = {}   # (namespace, name) -> when known to exist
 
@@ -173,8 +178,17 @@ class Expectations:
         with self._lock:
             self._pods.setdefault(key, {})[(view.name, view.attempt)] = (view, self.clock())
 
+    def deleted(self, key: JobKey, view: PodView) -> None:
+        """A pod this operator deleted (`view`: as the DELETE answered, or as last seen marked
+        deleting when the API said it was already gone)."""
+        if view.uid is None:
+            return
+        with self._lock:
+            self._deleted.setdefault(key, {})[view.uid] = (view, self.clock())
+
     def merge(self, key: JobKey, views: Iterable[PodView]) -> tuple[PodView, ...]:
-        """The indexed views plus the created pods the index does not show yet."""
+        """The indexed views plus the created pods the index does not show yet, with the pods
+        this operator deleted shown as deleting until the index does."""
         views = tuple(views)
         seen = {(v.name, v.attempt, v.owner_uid) for v in views}
         now = self.clock()
@@ -185,7 +199,18 @@ class Expectations:
                     del pending[ident]
             if not pending:
                 self._pods.pop(key, None)
-            return views + tuple(view for view, _ in pending.values())
+            merged = views + tuple(view for view, _ in pending.values())
+            deleted = self._deleted.get(key, {})
+            present = {v.uid for v in merged if v.uid is not None}
+            indexed = {v.uid: v for v in views if v.uid is not None}
+            for uid, (asked, since) in list(deleted.items()):
+                # Gone, or the index shows this deletion (its view is then as new), or no sign of
+                # it for too long (a lost watch event or a lost DELETE): the index decides again.
+                if uid not in present or _shows_deletion(indexed.get(uid), asked) or now - since > self.ttl:
+                    del deleted[uid]
+            if not deleted:
+                self._deleted.pop(key, None)
+            return tuple(deleted[v.uid][0] if v.uid in deleted else v for v in merged)
 
     def wrote(self, key: JobKey, resource_version: str | None) -> None:
         with self._lock:
@@ -199,8 +224,19 @@ class Expectations:
     def forget(self, key: JobKey) -> None:
         with self._lock:
             self._pods.pop(key, None)
+            self._deleted.pop(key, None)
             self._written.pop(key, None)
             self._services.pop(key, None)   # the Service has the job's name
+
+
+def _shows_deletion(indexed: PodView | None, asked: PodView) -> bool:
+    """Whether the index's view of a pod reflects the deletion the operator asked for: it is
+    being deleted, with a grace period no longer than the one asked (a grace period only ever
+    shortens, so a forced deletion, grace 0, is seen only once the index shows grace 0)."""
+    if indexed is None or not indexed.deleting:
+        return False
+    return (asked.deletion_grace_seconds is None or indexed.deletion_grace_seconds is None
+            or indexed.deletion_grace_seconds <= asked.deletion_grace_seconds)
 
 
 @dataclasses.dataclass
@@ -304,17 +340,29 @@ class Kube:
         if view is not None and job:
             self.expectations.created((manifest["metadata"]["namespace"], job), view)
 
-    def delete_pod(self, namespace: str, name: str, force: bool = False) -> bool:
+    def delete_pod(self, namespace: str, name: str, force: bool = False, job: str | None = None,
+                   seen: PodView | None = None) -> bool:
         """Delete a pod; `force` (grace 0) removes the object without waiting for its kubelet.
-        False when it was already gone."""
+        False when it was already gone. With the job's name and the pod's view, the deletion is
+        remembered (see Expectations) so the next passes do not ask again."""
         try:
-            self.core.delete_namespaced_pod(name, namespace, grace_period_seconds=0 if force else None)
+            answer = self.core.delete_namespaced_pod(name, namespace, grace_period_seconds=0 if force else None)
         except ApiException as exc:
             if exc.status != 404:
                 raise
-            return False
-        self.metrics.pods_deleted.labels(namespace).inc()
-        return True
+            answer = None
+        if answer is not None:
+            self.metrics.pods_deleted.labels(namespace).inc()
+        if job and seen is not None:
+            body = self.api.sanitize_for_serialization(answer) if answer is not None else None
+            view = pods_mod.from_body(body) if isinstance(body, dict) else None
+            # The answer is the pod as deleted (deletionTimestamp set). Without one (already gone:
+            # 404; or removed at once) the pod is shown deleting until the index drops it.
+            if view is None or view.uid != seen.uid or not view.deleting:
+                view = dataclasses.replace(seen, deleting=True,
+                                           deletion_grace_seconds=0 if force else seen.deletion_grace_seconds)
+            self.expectations.deleted((namespace, job), view)
+        return answer is not None
 
     def node_state(self, name: str) -> str:
         """Ready, NotReady (its Ready condition is False or Unknown) or Missing (the Node object is
@@ -458,10 +506,12 @@ def act(kube: Kube, obs: reconcile.Observation, decision: reconcile.Decision) ->
                                       f"creating {_describe(decision)} failed, retrying: {exc}"))
         return _outcome(obs, events, TRANSIENT_RETRY_SECONDS, phase)
     events += _created(decision, created)
+    # The views the decision was made on: each deletion is remembered by the pod's uid.
+    views = {p.name: p for p in sorted(obs.pods, key=lambda p: not p.deleting) if p.owner_uid == job.uid and p.uid}
     for name in decision.delete_pods:
-        kube.delete_pod(job.namespace, name)
+        kube.delete_pod(job.namespace, name, job=job.name, seen=views.get(name))
     for name in decision.force_delete_pods:
-        kube.delete_pod(job.namespace, name, force=True)
+        kube.delete_pod(job.namespace, name, force=True, job=job.name, seen=views.get(name))
     for name in decision.delete_workloads:
         kube.delete_workload(job.namespace, name)
     if decision.delete_job:

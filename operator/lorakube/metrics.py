@@ -21,13 +21,14 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from lorakube import status as st
+from lorakube_api import contract
 
 PREFIX = "lorakube_"
 PHASES = (st.PENDING, st.QUEUED, st.CREATED, st.STAGING, st.RUNNING_PHASE, st.RESTARTING, st.SUSPENDED, st.SUCCEEDED_PHASE,
           st.FAILED)
 # The failure classes that restart a gang (failures.py): pre-set to 0 so rate() works from the start.
 RESTART_REASONS = ("PodDisrupted", "PreflightFailed", "RetryableExit", "GpuHardwareError", "KilledBySignal", "PodLost",
-                   "PodDeleted")
+                   "PodDeleted", contract.STAGING_STALLED)
 FIRST, LATER = "first", "later"     # the `attempt` label of the time-to-running histogram
 # A pass reads one job and writes a few objects: milliseconds, seconds when the API server is slow.
 RECONCILE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)

@@ -39,6 +39,8 @@ class PodView:
     finalizers: tuple[str, ...] = ()
     # Held back from scheduling by a scheduling gate (Kueue's, until the pod's group is admitted).
     gated: bool = False
+    # metadata.uid: the names repeat across attempts, the uid names this pod object alone.
+    uid: str | None = None
 
     @property
     def finished(self) -> bool:
@@ -105,4 +107,5 @@ def from_body(body: Mapping[str, Any]) -> PodView | None:
         deletion_grace_seconds=meta.get("deletionGracePeriodSeconds"),
         finalizers=tuple(meta.get("finalizers") or ()),
         gated=bool((body.get("spec") or {}).get("schedulingGates")),
+        uid=meta.get("uid"),
     )

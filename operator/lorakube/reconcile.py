@@ -46,6 +46,12 @@ STUCK_RECHECK_SECONDS = 15.0
 # ungating is an event that wakes the job at once).
 QUEUED_RECHECK_SECONDS = 10.0
 
+# While Staging, the operator notes the staging report it last saw change (status.stagingSeen, by
+# its own clock: the trainer's clock may differ) at most this often, and a quarter of the job's
+# stagingProgressDeadlineSeconds when that is shorter: a status write per report would double the
+# API traffic of staging, and a note older by this much only makes the stall rule later, never early.
+STAGING_SEEN_REFRESH_SECONDS = 30.0
+
 # Node states kube.observe reports for the nodes of stuck pods.
 NODE_READY, NODE_NOT_READY, NODE_MISSING, NODE_UNKNOWN = "Ready", "NotReady", "Missing", "Unknown"
 
@@ -198,6 +204,8 @@ class _Plan:
         self.status["conditions"] = st.apply_transition(
             self.status["conditions"], st.Transition(phase, reason, message), self.obs.now, self.obs.generation)
         self.status["phase"] = phase
+        if phase != st.STAGING and self.status.get("stagingSeen"):
+            self.status["stagingSeen"] = None     # it serves the Staging phase only
         if phase in st.TERMINAL_PHASES:
             self.status.setdefault("completionTime", format_time(self.obs.now))
             # Exclusions serve the job's next attempts; a finished job has none (the Events stay).
@@ -365,6 +373,9 @@ def _decide_valid(plan: _Plan, spec: JobSpec, mine: list[PodView], all_pods: Seq
         if plan.phase not in st.ACTIVE_PHASES:
             plan.pods_running = time_to_running(obs, attempt, current.values())
         _running_or_staging(plan, spec, num_nodes, attempt)
+        stalled = _staging_stalled(plan, spec, current) if plan.phase == st.STAGING else None
+        if stalled is not None:
+            _handle_failure(plan, spec, stalled, current)
 
 
 def _running_or_staging(plan: _Plan, spec: JobSpec, num_nodes: int, attempt: int) -> None:
@@ -379,9 +390,59 @@ def _running_or_staging(plan: _Plan, spec: JobSpec, num_nodes: int, attempt: int
         plan.transition(st.STAGING, "StagingInputs", f"{running}; rank 0 stages {shown} into its node's cache "
                         "(bytes in status.progress.staging)")
     elif plan.phase == st.STAGING:
-        plan.transition(st.RUNNING_PHASE, "InputsStaged", f"{running}; rank 0 staged its inputs and trains")
+        # How long it took, for `kubectl describe`: from the Staging condition's transition.
+        began = parse_time((st.condition(plan.status["conditions"], "Staging") or {}).get("lastTransitionTime"))
+        took = f" in {(plan.obs.now - began).total_seconds():.0f} s" if began is not None else ""
+        plan.transition(st.RUNNING_PHASE, "InputsStaged", f"{running}; rank 0 staged its inputs{took} and trains")
     else:
         plan.transition(st.RUNNING_PHASE, "AllPodsRunning", running)
+
+
+def _staging_stalled(plan: _Plan, spec: JobSpec, current: Mapping[int, PodView]) -> failures.Failure | None:
+    """The stall rule: Staging with no new staging report of this attempt (an input begun, bytes
+    arrived, an input done) for spec.runPolicy.stagingProgressDeadlineSeconds fails the attempt.
+    Measured by the operator's clock from the later of the Staging condition's transition and
+    status.stagingSeen, the note of the last change this operator saw (see
+    STAGING_SEEN_REFRESH_SECONDS), so a rank 0 that never reports (its staging hangs before the
+    first byte, or it cannot patch the job's status) is caught as well as a download that stops."""
+    obs = plan.obs
+    limit = spec.run_policy.staging_progress_deadline_seconds
+    attempt = plan.status["attempt"]
+    report = (obs.status.get("progress") or {}).get("staging") or {}
+    report = report if report.get("attempt") == attempt else {}
+    seen = plan.status.get("stagingSeen") or {}
+    seen = seen if seen.get("attempt") == attempt else {}
+    seen_at = parse_time(seen.get("at"))
+    if report:
+        value = {"attempt": attempt, "input": report.get("input"), "bytesDone": report.get("bytesDone")}
+        if {k: seen.get(k) for k in value} != value:
+            # Progress since the note: note it now, unless the note is younger than the refresh
+            # period (then look again when it is due, so a stall right after is still measured).
+            refresh = min(STAGING_SEEN_REFRESH_SECONDS, limit / 4)
+            age = None if seen_at is None else (obs.now - seen_at).total_seconds()
+            if age is None or age >= refresh:
+                plan.status["stagingSeen"] = {**value, "at": format_time(obs.now)}
+                plan.requeue(limit)
+            else:
+                plan.requeue(refresh - age)
+            return None
+    staging = st.condition(plan.status["conditions"], "Staging") or {}
+    since = [t for t in (seen_at, parse_time(staging.get("lastTransitionTime"))) if t is not None]
+    left = (max(since) - obs.now).total_seconds() + limit if since else limit
+    if left > 0:
+        plan.requeue(left)
+        return None
+    rank0 = current.get(0) or next(iter(sorted(current.values(), key=lambda p: p.rank)))
+    field = f"spec.runPolicy.stagingProgressDeadlineSeconds is {limit}"
+    if report:
+        total = report.get("bytesTotal")
+        size = f"{report.get('bytesDone')} of {total if total is not None else 'an unknown number of'} bytes"
+        explain = (f"staged nothing new for {limit}s ({field}): {report.get('input')} {report.get('uri')} "
+                   f"stuck at {size}")
+    else:
+        explain = (f"sent no staging report in {limit}s of Staging ({field}): its staging hangs before the "
+                   f"first input begins, or it cannot patch the job's status.progress (see its log)")
+    return failures.staging_stalled(rank0, explain)
 
 
 def time_to_running(obs: Observation, attempt: int, pods: Sequence[PodView]) -> tuple[str, float] | None:

@@ -18,21 +18,23 @@ from typing import Any
 from lorakube_api import contract
 from lorakube.queueing import QUEUE_NAME_LABEL, QueueSpec, queue_from_labels
 
-# URI schemes each field accepts today (the trainer's locations.py has the same table): local paths
-# (a mounted volume), s3:// (storage.py), hf:// Hub repos (hubs.py), modelscope:// model repos
-# (modelscope_repos.py) and https:// archives (archives.py). gs:// and az:// are part of the API but not implemented yet. Checkpoints are
+# URI schemes each field accepts (the trainer's locations.py has the same table): local paths
+# (a mounted volume), object storage s3://, gs:// and az:// (storage.py), hf:// Hub repos (hubs.py),
+# modelscope:// model repos (modelscope_repos.py) and https:// archives (archives.py). Checkpoints are
 # rewritten and pruned every few steps, which a Hub repo (a commit per write) is not made for.
 _LOCAL = "local path"
 _S3 = "s3://"
+_GS = "gs://"
+_AZ = "az://"
 _HF = "hf://"
 _MODELSCOPE = "modelscope://"
 _HTTPS = "https://"
 SUPPORTED_SCHEMES = {
-    "spec.model.uri": (_LOCAL, _S3, _HF, _MODELSCOPE, _HTTPS),
-    "spec.model.pretrainedLoraUri": (_LOCAL, _S3),
-    "spec.dataset.uri": (_LOCAL, _S3, _HF, _MODELSCOPE, _HTTPS),
-    "spec.output.uri": (_LOCAL, _S3, _HF),
-    "spec.output.checkpointUri": (_LOCAL, _S3),
+    "spec.model.uri": (_LOCAL, _S3, _GS, _AZ, _HF, _MODELSCOPE, _HTTPS),
+    "spec.model.pretrainedLoraUri": (_LOCAL, _S3, _GS, _AZ),
+    "spec.dataset.uri": (_LOCAL, _S3, _GS, _AZ, _HF, _MODELSCOPE, _HTTPS),
+    "spec.output.uri": (_LOCAL, _S3, _GS, _AZ, _HF),
+    "spec.output.checkpointUri": (_LOCAL, _S3, _GS, _AZ),
 }
 # hf://[datasets/]<org>/<name>[@<revision>][/<path>], the path syntax of huggingface_hub's HfFileSystem.
 _MODELSCOPE_URI = re.compile(r"^modelscope://[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*(@[^/@]+)?(/[^@]*)?$")
@@ -178,6 +180,8 @@ class RunPolicy:
     failure_rules: tuple[FailureRuleSpec, ...] = ()
     # A failure blamed on a node keeps the next attempts off it (nodes.py, status.excludedNodes).
     node_avoidance: bool = True
+    # Staging that reports no progress this long restarts the gang (reconcile._staging_stalled).
+    staging_progress_deadline_seconds: int = 600
 
 
 FAILURE_ACTIONS = ("Restart", "RestartWithoutCounting", "Fail")
@@ -335,7 +339,7 @@ def _check_uri(uri: str, field: str) -> None:
             raise InvalidSpec(
                 field,
                 f"{scheme}:// is not supported yet; supported: {', '.join(supported)}. Put the data in "
-                "an S3 bucket or on a volume (spec.resources.volumes/volumeMounts) and give its absolute path",
+                "a bucket or on a volume (spec.resources.volumes/volumeMounts) and give its absolute path",
             )
     elif not uri.startswith("/"):
         raise InvalidSpec(field, f"{uri!r} must be an absolute path inside the trainer container (or a URI)")
@@ -524,7 +528,7 @@ def _parse_output(section: Mapping[str, Any]) -> OutputSpec:
     checkpoint_uri = _optional_str(section, "checkpointUri", f)
     if checkpoint_uri is None and uri.lower().startswith(_HF):
         raise InvalidSpec(f"{f}.checkpointUri", "is required when spec.output.uri is an hf:// repo (checkpoints "
-                                                "are not written to a Hub repo); give s3://bucket/prefix or a path "
+                                                "are not written to a Hub repo); give s3://, gs:// or az:// bucket/prefix or a path "
                                                 "on a shared volume")
     if checkpoint_uri is None:
         checkpoint_uri = f"{uri.rstrip('/')}/{contract.DEFAULT_CHECKPOINT_SUBDIR}"
@@ -568,6 +572,8 @@ def _parse_run_policy(section: Mapping[str, Any]) -> RunPolicy:
         gang_scheduling=gang,
         failure_rules=_parse_failure_rules(section, f),
         node_avoidance=_bool(section, "nodeAvoidance", f, d.node_avoidance),
+        staging_progress_deadline_seconds=_int(section, "stagingProgressDeadlineSeconds", f,
+                                               d.staging_progress_deadline_seconds, 10),
     )
 
 

@@ -32,7 +32,7 @@ ACTIVE_PHASES = frozenset({RUNNING_PHASE, STAGING})
 # Status keys the operator writes; `progress` and `artifacts` belong to the trainer.
 OPERATOR_KEYS = (
     "phase", "conditions", "observedGeneration", "attempt", "restarts", "disruptions", "startTime",
-    "completionTime", "nodes", "readyNodes", "lastFailure", "excludedNodes",
+    "completionTime", "nodes", "readyNodes", "lastFailure", "excludedNodes", "stagingSeen",
 )
 
 # Messages quote other components (the API server's validation errors, pod messages, log lines)

@@ -1,5 +1,5 @@
-"""What the operator asks of the API server, counted by the API server itself (its audit log), and
-how long deleting a live job takes.
+"""What the operator asks of the API server, counted by the API server itself (its audit log): one
+create per pod, one DELETE per pod in a gang restart; and how long deleting a live job takes.
 
 A cluster of its own for this module: the apiserver records the operator's requests, and the
 process node runs bench/noop_image (a `sleep` standing in for the trainer), so many jobs run at
@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import os
+import signal
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -52,10 +54,10 @@ class NoopCluster:
             time.sleep(0.2)
         return name
 
-    def create_jobs(self, namespace: str, names: list[str], pods: int) -> None:
+    def create_jobs(self, namespace: str, names: list[str], pods: int, **run_policy: int) -> None:
         """All at once, as a burst of `kubectl create` (the situation that raced before)."""
         def create(name: str) -> None:
-            self.kubectl("create", "-n", namespace, "-f", "-", input=yaml.safe_dump(job(name, pods)))
+            self.kubectl("create", "-n", namespace, "-f", "-", input=yaml.safe_dump(job(name, pods, **run_policy)))
         with concurrent.futures.ThreadPoolExecutor(len(names)) as pool:
             list(pool.map(create, names))
 
@@ -72,7 +74,13 @@ class NoopCluster:
             time.sleep(1.0)
 
 
-def job(name: str, pods: int) -> dict:
+def crash(cluster: LocalCluster, pod: dict) -> None:
+    """SIGKILL a pod's trainer process (the process node records its pid): a crash, exit 137."""
+    record = cluster.node_state_dir / "procs" / f"{pod['metadata']['uid']}_{contract.TRAINER_CONTAINER}.json"
+    os.kill(int(json.loads(record.read_text())["pid"]), signal.SIGKILL)
+
+
+def job(name: str, pods: int, **run_policy: int) -> dict:
     return {
         "apiVersion": f"{contract.API_GROUP}/{contract.API_VERSION}", "kind": contract.KIND,
         "metadata": {"name": name},
@@ -82,6 +90,7 @@ def job(name: str, pods: int) -> dict:
             "resources": {"numNodes": pods, "gpusPerNode": 0,
                           "resources": {"requests": {"cpu": "10m", "memory": "16Mi"}}},
             "output": {"uri": f"/data/output/{name}"},
+            **({"runPolicy": run_policy} if run_policy else {}),
         },
     }
 
@@ -155,3 +164,36 @@ def test_deleting_live_jobs_takes_seconds(noop_cluster):
     slow = {name: round(took.get(name, float("inf")), 1) for name in names
             if took.get(name, float("inf")) > DELETION_BOUND_SECONDS}
     assert not slow, f"jobs still there {DELETION_BOUND_SECONDS:.0f} s after their deletion (seconds): {slow}"
+
+
+def test_a_gang_restart_deletes_each_pod_once(noop_cluster):
+    namespace = noop_cluster.namespace("deletes-once")
+    names, pods = [f"crashy-{index}" for index in range(6)], 3
+    noop_cluster.create_jobs(namespace, names, pods, maxRestarts=3, backoffSeconds=0)
+    noop_cluster.wait_running(namespace, len(names) * pods)
+    first = {p["metadata"]["uid"]: p["metadata"]["name"] for p in noop_cluster.pods(namespace)}
+    start = time.time()
+    # Rank 0 of every job crashes at once: six gang restarts, each deleting its three pods.
+    for pod in noop_cluster.pods(namespace):
+        if pod["metadata"]["name"].endswith("-node-0"):
+            crash(noop_cluster.cluster, pod)
+    deadline = time.monotonic() + 180
+    while True:
+        now = noop_cluster.pods(namespace)
+        fresh = [p for p in now if p["metadata"]["uid"] not in first and p["status"].get("phase") == "Running"]
+        if len(fresh) == len(names) * pods:
+            break
+        assert time.monotonic() < deadline, f"{len(fresh)} of {len(names) * pods} pods of the new gangs run"
+        time.sleep(1.0)
+    time.sleep(2.0)  # the passes the new pods' Running status started are done
+
+    entries = [e for e in audit.requests(noop_cluster.cluster.layout.audit_log, OPERATOR_USER, start, time.time())
+               if e.get("objectRef", {}).get("namespace") == namespace]
+    deletes = Counter(e["objectRef"]["name"] for e in entries
+                      if e["verb"] == "delete" and e["objectRef"].get("resource") == "pods")
+    # Every pod of the first gangs was deleted by the operator, exactly once (the new gangs reuse
+    # the names and are not deleted in this window).
+    assert deletes == Counter(first.values()), f"DELETEs per pod: {dict(deletes)}"
+    restarts = {name: json.loads(noop_cluster.kubectl("get", contract.SHORT_NAME, name, "-n", namespace,
+                                                      "-o", "json"))["status"]["restarts"] for name in names}
+    assert restarts == {name: 1 for name in names}

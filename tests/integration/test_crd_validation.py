@@ -150,8 +150,9 @@ def test_example_is_accepted_by_the_api_server(local_cluster, ns, example):
 @pytest.mark.parametrize(
     "family, height, width",
     [("kolors", 960, 1344), ("flux", 1008, 752), ("hunyuan-dit", 64, 4096), ("sd3", 1216, 832),
-     ("z-image", 1168, 880)],
-    ids=["kolors 960x1344", "flux 1008x752", "hunyuan-dit 64x4096", "sd3 1216x832", "z-image 1168x880"],
+     ("z-image", 1168, 880), ("qwen-image", 1328, 1328), ("flux2-dev", 1248, 832)],
+    ids=["kolors 960x1344", "flux 1008x752", "hunyuan-dit 64x4096", "sd3 1216x832", "z-image 1168x880",
+         "qwen-image 1328x1328", "flux2-dev 1248x832"],
 )
 def test_sizes_on_the_family_multiple_are_accepted(local_cluster, ns, family, height, width):
     job = with_changes({"spec.model.family": family, "spec.training.height": height,
@@ -184,6 +185,14 @@ def test_hub_modelscope_and_archive_uris_are_accepted(local_cluster, ns):
     assert result.returncode == 0, result.stderr
 
 
+def test_google_and_azure_object_storage_uris_are_accepted(local_cluster, ns):
+    job = with_changes({"spec.model.uri": "gs://models/flux", "spec.model.pretrainedLoraUri": "az://loras/cats-v1",
+                        "spec.dataset.uri": "az://datasets/cats", "spec.output.uri": "az://loras/cats-v2",
+                        "spec.output.checkpointUri": "gs://ckpt/cats"})
+    result = apply(local_cluster, ns, [job], "--dry-run=server")
+    assert result.returncode == 0, result.stderr
+
+
 # --- bad jobs ----------------------------------------------------------------------------------
 
 BAD_JOBS = [
@@ -194,6 +203,10 @@ BAD_JOBS = [
      {"spec.training.width": 1000}, "spec.training.width", "multiple of 16"),
     ("a z-image height of 1000 is not a multiple of 16",
      {"spec.model.family": "z-image", "spec.training.height": 1000}, "spec.training.height", "multiple of 16"),
+    ("a qwen-image width of 1000 is not a multiple of 16",
+     {"spec.model.family": "qwen-image", "spec.training.width": 1000}, "spec.training.width", "multiple of 16"),
+    ("a flux2-dev width of 1000 is not a multiple of 16",
+     {"spec.model.family": "flux2-dev", "spec.training.width": 1000}, "spec.training.width", "multiple of 16"),
     ("a kolors width of 1000 is not a multiple of 64",
      {"spec.model.family": "kolors", "spec.training.width": 1000}, "spec.training.width", "multiple of 64"),
     ("a kolors height of 1008 is a multiple of 16 but not of 64",

@@ -188,7 +188,7 @@ def test_shm_size_default_is_the_operators(spec):
 MUTABLE_RUN_POLICY = {"suspend", "activeDeadlineSeconds", "startupDeadlineSeconds",
                       "ttlSecondsAfterFinished", "maxRestarts", "backoffSeconds",
                       "rendezvousTimeoutSeconds", "terminationGracePeriodSeconds", "failureRules",
-                      "nodeAvoidance"}
+                      "nodeAvoidance", "stagingProgressDeadlineSeconds"}
 SCHEDULING_DIRECTIVES = {"nodeSelector", "tolerations", "affinity"}
 
 

@@ -406,9 +406,9 @@ def _validate(ns: argparse.Namespace, env: dict[str, str]) -> TrainConfig:
     if ns.checkpoint_dir is None and storage.scheme(output_path) == "hf":
         raise ConfigError(contract.FLAG_CHECKPOINT_DIR, f"is required when {contract.FLAG_OUTPUT_PATH} is an hf:// repo "
                           "(checkpoints are not written to a Hub repo); give a shared volume path or s3://bucket/prefix")
-    if storage.scheme(ns.checkpoint_dir or "") not in ("", "s3"):
+    if storage.scheme(ns.checkpoint_dir or "") not in ("", *storage.REMOTE_SCHEMES):
         raise ConfigError(contract.FLAG_CHECKPOINT_DIR, f"{ns.checkpoint_dir} is not supported; checkpoints go to a "
-                          "shared volume path or s3://bucket/prefix")
+                          "shared volume path, s3://bucket/prefix, gs://bucket/prefix or az://container/prefix")
     lora = ns.pretrained_lora_path
     if lora and not storage.is_remote(lora) and not Path(lora).exists():
         raise ConfigError(contract.FLAG_PRETRAINED_LORA_PATH,

@@ -17,6 +17,8 @@ PIPELINE_FAMILIES = {
     "HunyuanDiTPipeline": "hunyuan-dit",
     "Flux2KleinPipeline": "flux2-klein",
     "ZImagePipeline": "z-image",
+    "QwenImagePipeline": "qwen-image",
+    "Flux2Pipeline": "flux2-dev",
 }
 FAMILY_PIPELINES = {family: cls for cls, family in PIPELINE_FAMILIES.items()}
 

@@ -213,7 +213,7 @@ def publish_artifacts(local: Path, uri: str, manifest: Mapping[str, Any]) -> dic
     manifest. Returns what may be reported as artifacts: only objects that were verified."""
     if locations.is_hub(uri):
         return hubs.publish_artifacts(local, uri, [*manifest["files"], contract.ARTIFACT_MANIFEST], _output_env())
-    fs = storage.filesystem(_output_env())
+    fs = storage.filesystem(_output_env(), uri)
     verified: dict[str, dict[str, Any]] = {}
     for name, entry in sorted(manifest["files"].items()):
         storage.upload_verified(fs, local / name, storage.join(uri, name), entry["sha256"])

@@ -1,7 +1,7 @@
-"""Every access the trainer makes to a location that is not a local (or volume) path.
-
-Today that is `s3://bucket/prefix` on any S3-compatible endpoint, through fsspec's s3fs. The rest
-of the trainer works on local folders only; this module maps each remote URI to one:
+"""Every access the trainer makes to object storage: `s3://bucket/prefix` (any S3-compatible
+endpoint, s3fs), `gs://bucket/prefix` (Google Cloud Storage, gcsfs) and `az://container/prefix`
+(Azure Blob Storage, adlfs), all fsspec file systems with the same calls. The rest of the trainer
+works on local folders only; this module maps each remote URI to one:
 
 - inputs (model, dataset) are staged once per node into the cache folder (`LORAKUBE_CACHE_DIR`,
   default /tmp/lorakube-cache): the folder is keyed by the URI and the objects' ETags, filled in a
@@ -13,11 +13,17 @@ of the trainer works on local folders only; this module maps each remote URI to 
   sha256 read-back, manifest.json last.
 
 Settings come from the environment only, so that nothing secret passes through flags, the config
-or the logs: the standard AWS variables for credentials (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
-AWS_SESSION_TOKEN), AWS_ENDPOINT_URL (or AWS_ENDPOINT_URL_S3) for a non-AWS endpoint,
-AWS_REGION/AWS_DEFAULT_REGION, and LORAKUBE_S3_ADDRESSING_STYLE=path|virtual|auto. Each URI is
-accessed with its role's environment (role_env): the model's, the dataset's or the output's Secret,
-which the operator adds under its own prefix, over the unprefixed variables.
+or the logs. s3://: the standard AWS variables for credentials (AWS_ACCESS_KEY_ID,
+AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN), AWS_ENDPOINT_URL (or AWS_ENDPOINT_URL_S3) for a non-AWS
+endpoint, AWS_REGION/AWS_DEFAULT_REGION, and LORAKUBE_S3_ADDRESSING_STYLE=path|virtual|auto.
+gs://: GCS_SERVICE_ACCOUNT_JSON (a service-account key file's contents), else Application Default
+Credentials (Workload Identity, GOOGLE_APPLICATION_CREDENTIALS); GOOGLE_CLOUD_PROJECT;
+GCS_ENDPOINT_URL for another endpoint (Private Service Connect); STORAGE_EMULATOR_HOST for an
+emulator (spoken to anonymously). az://: AZURE_STORAGE_CONNECTION_STRING, or
+AZURE_STORAGE_ACCOUNT_NAME with AZURE_STORAGE_ACCOUNT_KEY or AZURE_STORAGE_SAS_TOKEN, or the account
+name alone for Azure's credential chain (workload identity, managed identity).
+Each URI is accessed with its role's environment (role_env): the model's, the dataset's or the
+output's Secret, which the operator adds under its own prefix, over the unprefixed variables.
 Error messages name the URI and the failed operation, never a credential.
 """
 
@@ -41,10 +47,25 @@ from . import input_cache
 
 log = logging.getLogger(__name__)
 
-REMOTE_SCHEMES = ("s3",)
+REMOTE_SCHEMES = ("s3", "gs", "az")
 ENV_CACHE_DIR = "LORAKUBE_CACHE_DIR"
 DEFAULT_CACHE_DIR = "/tmp/lorakube-cache"
 ENV_ADDRESSING_STYLE = "LORAKUBE_S3_ADDRESSING_STYLE"
+# gs:// (gcsfs): a service-account key file's JSON in one Secret key (the file a user downloads,
+# pasted whole); without it, Application Default Credentials (Workload Identity on GKE).
+# STORAGE_EMULATOR_HOST is the variable Google's own client libraries read for an emulator.
+ENV_GCS_SERVICE_ACCOUNT = "GCS_SERVICE_ACCOUNT_JSON"
+ENV_GCS_PROJECT = "GOOGLE_CLOUD_PROJECT"
+ENV_GCS_EMULATOR = "STORAGE_EMULATOR_HOST"
+# Another endpoint that still takes the credentials: a Private Service Connect endpoint, a proxy.
+ENV_GCS_ENDPOINT = "GCS_ENDPOINT_URL"
+# Objects are listed, read, written and deleted; nothing else of the project is touched.
+GCS_SCOPE = "https://www.googleapis.com/auth/devstorage.read_write"
+# az:// (adlfs): the variables Azure's own tools read.
+ENV_AZURE_CONNECTION_STRING = "AZURE_STORAGE_CONNECTION_STRING"
+ENV_AZURE_ACCOUNT_NAME = "AZURE_STORAGE_ACCOUNT_NAME"
+ENV_AZURE_ACCOUNT_KEY = "AZURE_STORAGE_ACCOUNT_KEY"
+ENV_AZURE_SAS_TOKEN = "AZURE_STORAGE_SAS_TOKEN"
 ADDRESSING_STYLES = ("auto", "path", "virtual")
 STAGED_MARKER = input_cache.STAGED_MARKER
 # Transient failures (a restarting endpoint, a dropped connection) are retried with exponential
@@ -82,9 +103,18 @@ def _bucket_key(uri: str) -> str:
     return str(uri).split("://", 1)[1].strip("/")
 
 
-# Taken as a group from one source, never mixed: a role's own key id with an unprefixed session
-# token would sign with a pair that does not belong together.
+# Each group is taken whole from one source, never mixed: a role's own key id with an unprefixed
+# session token would sign with a pair that does not belong together (likewise an account name with
+# another account's key).
 CREDENTIAL_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+CREDENTIAL_GROUPS = (
+    CREDENTIAL_VARIABLES,
+    (ENV_GCS_SERVICE_ACCOUNT,),
+    (ENV_AZURE_CONNECTION_STRING, ENV_AZURE_ACCOUNT_NAME, ENV_AZURE_ACCOUNT_KEY, ENV_AZURE_SAS_TOKEN),
+)
+# Values never shown in a message (the account name is not secret; the rest are).
+SECRET_VARIABLES = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", ENV_GCS_SERVICE_ACCOUNT,
+                    ENV_AZURE_CONNECTION_STRING, ENV_AZURE_ACCOUNT_KEY, ENV_AZURE_SAS_TOKEN)
 
 
 def role_env(env: Mapping[str, str] | None, role: str) -> dict[str, str]:
@@ -98,9 +128,10 @@ def role_env(env: Mapping[str, str] | None, role: str) -> dict[str, str]:
     prefixes = tuple(contract.SECRET_ENV_PREFIXES.values())
     own = {name[len(prefix):]: value for name, value in env.items() if name.startswith(prefix) and name != prefix}
     merged = {name: value for name, value in env.items() if not name.startswith(prefixes)}
-    if any(name in own for name in CREDENTIAL_VARIABLES):
-        for name in CREDENTIAL_VARIABLES:
-            merged.pop(name, None)
+    for group in CREDENTIAL_GROUPS:
+        if any(name in own for name in group):
+            for name in group:
+                merged.pop(name, None)
     merged.update(own)
     return merged
 
@@ -131,24 +162,135 @@ def settings_from_env(env: Mapping[str, str]) -> dict[str, Any]:
     return settings
 
 
-def filesystem(env: Mapping[str, str] | None = None) -> Any:
+def gcs_settings_from_env(env: Mapping[str, str]) -> dict[str, Any]:
+    """gcsfs keyword arguments from the environment. Holds the credentials: never log the result."""
+    settings: dict[str, Any] = {"skip_instance_cache": True, "use_listings_cache": False,
+                                "requests_timeout": 120}
+    emulator = env.get(ENV_GCS_EMULATOR)
+    endpoint = env.get(ENV_GCS_ENDPOINT)
+    credentials = _gcs_service_account(env.get(ENV_GCS_SERVICE_ACCOUNT))
+    if emulator:
+        # As Google's own client libraries do: an emulator is spoken to anonymously.
+        settings["endpoint_url"] = emulator if "://" in emulator else f"http://{emulator}"
+        settings["token"] = "anon"
+    else:
+        if endpoint:
+            settings["endpoint_url"] = endpoint
+        if credentials is not None:
+            settings["token"], settings["project"] = credentials
+    # Neither a key nor an emulator: gcsfs's own chain (Application Default Credentials such as
+    # Workload Identity or GOOGLE_APPLICATION_CREDENTIALS, the metadata server, then anonymous for
+    # public buckets).
+    if env.get(ENV_GCS_PROJECT):
+        settings["project"] = env[ENV_GCS_PROJECT]
+    return settings
+
+
+def _gcs_service_account(key: str | None) -> tuple[Any, str] | None:
+    """(google-auth credentials, project) from a service-account key file's JSON, or None. Built
+    here, not by gcsfs, whose fallback for a key it cannot load ends in a KeyError about a refresh
+    token; messages never quote the value (it is, or was meant to be, a private key)."""
+    if not key:
+        return None
+    problem = (f"{ENV_GCS_SERVICE_ACCOUNT} must hold a service-account key file's JSON (with client_email and "
+               "private_key): put the whole file into that Secret key")
+    try:
+        info = json.loads(key)
+    except ValueError:
+        raise StorageError(problem) from None
+    if not isinstance(info, dict) or "private_key" not in info or "client_email" not in info:
+        raise StorageError(problem)
+    from google.oauth2 import service_account
+
+    try:
+        credentials = service_account.Credentials.from_service_account_info(info, scopes=[GCS_SCOPE])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise StorageError(f"{ENV_GCS_SERVICE_ACCOUNT}: the key file could not be loaded ({type(exc).__name__}); "
+                           "download a new JSON key of the service account") from None
+    return credentials, str(info.get("project_id") or "")
+
+
+def azure_settings_from_env(env: Mapping[str, str]) -> dict[str, Any]:
+    """adlfs keyword arguments from the environment. Holds the credentials: never log the result."""
+    # The container must exist: adlfs would otherwise probe it with a call a container-scoped SAS
+    # may not make, and guess.
+    settings: dict[str, Any] = {"skip_instance_cache": True, "use_listings_cache": False,
+                                "assume_container_exists": True, "connection_timeout": 10, "read_timeout": 120}
+    connection = env.get(ENV_AZURE_CONNECTION_STRING)
+    account = env.get(ENV_AZURE_ACCOUNT_NAME)
+    if connection:
+        settings["connection_string"] = connection
+    elif account:
+        settings["account_name"] = account
+        if env.get(ENV_AZURE_ACCOUNT_KEY):
+            settings["account_key"] = env[ENV_AZURE_ACCOUNT_KEY]
+        elif env.get(ENV_AZURE_SAS_TOKEN):
+            settings["sas_token"] = env[ENV_AZURE_SAS_TOKEN]
+        else:
+            settings["anon"] = False   # DefaultAzureCredential: workload identity, managed identity, ...
+    else:
+        raise StorageError(f"az:// needs {ENV_AZURE_CONNECTION_STRING}, or {ENV_AZURE_ACCOUNT_NAME} (with "
+                           f"{ENV_AZURE_ACCOUNT_KEY} or {ENV_AZURE_SAS_TOKEN}, or alone for workload identity) "
+                           "in the Secret named by the section's secretRef")
+    return settings
+
+
+def filesystem(env: Mapping[str, str] | None = None, uri: str = "s3://") -> Any:
+    """The fsspec file system for `uri`'s scheme, set up from `env` (the role's environment)."""
+    env = os.environ if env is None else env
+    kind = scheme(uri)
+    if kind == "gs":
+        # The JSON API client itself, not gcsfs's default export: that one first asks the Storage
+        # Control gRPC API for each bucket's type (zonal/hierarchical, experimental) and waits up to
+        # a minute per bucket where the API does not answer (an emulator, a proxy that passes HTTP
+        # only). Objects of every bucket type are read and written through the JSON API.
+        from gcsfs.core import GCSFileSystem
+
+        return GCSFileSystem(**gcs_settings_from_env(env))
+    if kind == "az":
+        import adlfs
+
+        try:
+            return adlfs.AzureBlobFileSystem(**azure_settings_from_env(env))
+        except ValueError as exc:     # a malformed connection string
+            raise StorageError(f"cannot connect for {uri}: {_describe(exc)}") from None
     import s3fs
 
-    return s3fs.S3FileSystem(**settings_from_env(os.environ if env is None else env))
+    return s3fs.S3FileSystem(**settings_from_env(env))
 
 
 def _describe(exc: BaseException) -> str:
-    """The error's class and first line: botocore messages carry no credentials, only key ids at most."""
+    """The error's class and first line, with every secret the environment holds masked (botocore's,
+    gcsfs's and Azure's messages carry none that we know of; a URL with a SAS token would)."""
     text = (str(exc).strip().splitlines() or [""])[0]
     for name, secret in os.environ.items():     # every role's secret, prefixed or not
-        if name.endswith(("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")) and secret and secret in text:
-            text = text.replace(secret, "***")
+        if name.endswith(SECRET_VARIABLES) and secret:
+            # Longest first, so a secret's own parts are masked inside it, not before it.
+            for part in sorted({secret, *(p for p in _secret_parts(secret) if len(p) >= 8)}, key=len, reverse=True):
+                text = text.replace(part, "***")
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
+def _secret_parts(value: str) -> list[str]:
+    """The pieces of a composite secret that may be quoted on their own: a connection string's
+    AccountKey= and SharedAccessSignature=, a SAS token's sig=."""
+    parts = []
+    for item in value.replace("&", ";").lstrip("?").split(";"):
+        name, sep, secret = item.partition("=")
+        if sep and name.strip().lower() in ("accountkey", "sharedaccesssignature", "sig"):
+            parts.append(secret)
+    return parts
+
+
 def _permanent(exc: BaseException) -> bool:
-    """Errors a retry cannot fix: missing objects/buckets and refused permissions."""
-    return isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError))
+    """Errors a retry cannot fix: missing objects/buckets and refused permissions. s3fs maps them to
+    the OSError subclasses; gcsfs raises a plain OSError("Forbidden: ...") for a 403, and Azure's
+    SDK an HttpResponseError carrying the status."""
+    if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+        return True
+    if getattr(exc, "status_code", None) in (401, 403, 404):
+        return True
+    return type(exc) is OSError and str(exc).startswith("Forbidden")
 
 
 def retrying(what: str, uri: str, call: Callable[[], T], attempts: int = UPLOAD_ATTEMPTS,
@@ -171,14 +313,31 @@ def retrying(what: str, uri: str, call: Callable[[], T], attempts: int = UPLOAD_
 # Checks before training (preflight may call these too)
 
 
+# What to check when a location cannot be read or written, per scheme.
+_READ_HINTS = {
+    "s3": "check the bucket name, the endpoint (AWS_ENDPOINT_URL) and that the Secret's credentials may list "
+          "and get it",
+    "gs": "check the bucket name and that the service account (GCS_SERVICE_ACCOUNT_JSON, or the pod's Workload "
+          "Identity) has storage.objects.list and storage.objects.get on it",
+    "az": "check the container name, the account in AZURE_STORAGE_CONNECTION_STRING or AZURE_STORAGE_ACCOUNT_NAME "
+          "and that the key, SAS token (sp=rl at least) or identity may list and read blobs",
+}
+_WRITE_HINTS = {
+    "s3": "the bucket must exist and the Secret's credentials need s3:PutObject (and s3:DeleteObject) on it",
+    "gs": "the bucket must exist and the service account needs storage.objects.create (and storage.objects.delete) "
+          "on it, e.g. the Storage Object User role",
+    "az": "the container must exist and the key, SAS token (sp=rwdl) or identity must be allowed to write and "
+          "delete blobs, e.g. the Storage Blob Data Contributor role",
+}
+
+
 def check_readable(uri: str, env: Mapping[str, str] | None = None) -> None:
     """The URI holds at least one object this process may list."""
-    fs = filesystem(env)
+    fs = filesystem(env, uri)
     try:
         found = retrying("listing of", uri, lambda: fs.find(_bucket_key(uri)), attempts=CHECK_ATTEMPTS)
     except StorageError as exc:
-        raise StorageError(f"cannot read {uri}: {_describe(exc.__cause__ or exc)}; check the bucket name, the "
-                           "endpoint (AWS_ENDPOINT_URL) and that the Secret's credentials may list and get it") from exc
+        raise StorageError(f"cannot read {uri}: {_describe(exc.__cause__ or exc)}; {_READ_HINTS[scheme(uri)]}") from exc
     if not found:
         raise StorageError(f"{uri} holds no objects; upload the files there or fix the URI")
 
@@ -186,13 +345,12 @@ def check_readable(uri: str, env: Mapping[str, str] | None = None) -> None:
 def check_writable(uri: str, env: Mapping[str, str] | None = None) -> None:
     """A probe object can be put under the URI and deleted again (catches read-only credentials,
     missing buckets and bucket policies before any training time is spent)."""
-    fs = filesystem(env)
+    fs = filesystem(env, uri)
     probe = posixpath.join(_bucket_key(uri), f".lorakube-write-check-{os.getpid()}-{time.time_ns()}")
     try:
         retrying("write check of", uri, lambda: fs.pipe_file(probe, b"lorakube write check\n"), attempts=CHECK_ATTEMPTS)
     except StorageError as exc:
-        raise StorageError(f"cannot write to {uri}: {_describe(exc.__cause__ or exc)}; the bucket must exist and the "
-                           "Secret's credentials need s3:PutObject (and s3:DeleteObject) on it") from exc
+        raise StorageError(f"cannot write to {uri}: {_describe(exc.__cause__ or exc)}; {_WRITE_HINTS[scheme(uri)]}") from exc
     with contextlib.suppress(Exception):
         fs.rm_file(probe)
 
@@ -228,10 +386,19 @@ def _listing(fs: Any, uri: str) -> dict[str, dict[str, Any]]:
         rel = posixpath.relpath(key, base) if key != base else posixpath.basename(key)
         if rel.startswith("../") or rel in (".", ".."):
             raise StorageError(f"{uri}: object {key} is outside the prefix")
-        objects[rel] = {"size": int(info.get("size") or 0), "etag": str(info.get("ETag") or "").strip('"')}
+        objects[rel] = {"size": int(info.get("size") or 0), "etag": _version(info)}
     if not objects:
         raise StorageError(f"{uri} holds no objects; upload the files there or fix the URI")
     return objects
+
+
+def _version(info: Mapping[str, Any]) -> str:
+    """What changes when an object's content does: S3's ETag, a GCS object's generation (its etag
+    also changes with metadata only), an Azure blob's etag."""
+    for field in ("ETag", "generation", "etag"):
+        if info.get(field):
+            return str(info[field]).strip('"')
+    return ""
 
 
 def stage_key(uri: str, objects: Mapping[str, Mapping[str, Any]]) -> str:
@@ -245,7 +412,7 @@ def stage_input(uri: str, env: Mapping[str, str] | None = None,
     """A local folder holding the objects under `uri`, downloaded at most once per node and version
     (input_cache.stage: lock, cache hit, eviction, marker); `on_bytes(done, total)` sees the bytes."""
     env = os.environ if env is None else env
-    fs = filesystem(env)
+    fs = filesystem(env, uri)
     objects = _listing(fs, uri)
     total = sum(o["size"] for o in objects.values())
     base = _bucket_key(uri)
@@ -335,7 +502,7 @@ def upload_verified(fs: Any, local: Path, uri: str, sha256: str | None = None) -
 
 def upload_checkpoint(folder: Path, uri: str, env: Mapping[str, str] | None = None) -> None:
     """A finalized local checkpoint folder to `uri` (its step-NNN prefix): objects first, marker last."""
-    fs = filesystem(env)
+    fs = filesystem(env, uri)
     marker = folder / contract.CHECKPOINT_COMPLETE_MARKER
     files = json.loads(marker.read_text())["files"]
     for name in sorted(files):
@@ -344,20 +511,20 @@ def upload_checkpoint(folder: Path, uri: str, env: Mapping[str, str] | None = No
 
 
 def upload_rank_files(folder: Path, uri: str, names: Iterable[str], env: Mapping[str, str] | None = None) -> None:
-    fs = filesystem(env)
+    fs = filesystem(env, uri)
     for name in names:
         upload_verified(fs, folder / name, join(uri, name))
 
 
 def download_files(uri: str, folder: Path, names: Iterable[str], env: Mapping[str, str] | None = None) -> None:
-    fs = filesystem(env)
+    fs = filesystem(env, uri)
     for name in names:
         retrying("download of", join(uri, name), lambda: fs.get_file(_bucket_key(join(uri, name)), str(folder / name)))
 
 
 def list_remote(uri: str, env: Mapping[str, str] | None = None) -> list[str]:
     """Names directly under a prefix (files and sub-prefixes); [] when there is nothing."""
-    fs = filesystem(env)
+    fs = filesystem(env, uri)
 
     def names() -> list[str]:
         try:
@@ -371,14 +538,14 @@ def list_remote(uri: str, env: Mapping[str, str] | None = None) -> list[str]:
 
 
 def exists(uri: str, env: Mapping[str, str] | None = None) -> bool:
-    fs = filesystem(env)
+    fs = filesystem(env, uri)
     return retrying("existence check of", uri, lambda: bool(fs.exists(_bucket_key(uri))))
 
 
 def remove_prefix(uri: str, first: str | None = None, env: Mapping[str, str] | None = None) -> None:
     """Delete everything under `uri`; `first` (the COMPLETE marker) goes before the rest, so that a
     deletion cut short never leaves something that looks complete."""
-    fs = filesystem(env)
+    fs = filesystem(env, uri)
 
     def gone(remove: Callable[[], Any]) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -390,7 +557,7 @@ def remove_prefix(uri: str, first: str | None = None, env: Mapping[str, str] | N
 
 
 def read_text(uri: str, env: Mapping[str, str] | None = None) -> str:
-    return filesystem(env).cat_file(_bucket_key(uri)).decode()
+    return filesystem(env, uri).cat_file(_bucket_key(uri)).decode()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -35,11 +35,14 @@ COMFYUI_EXAMPLE = {
     "hunyuan-dit": ("blocks.1.attn1.to_k", "base_model.model.blocks.1.attn1.Wqkv", ALPHA),
     "z-image": ("layers.1.feed_forward.w3", "lycoris_layers_1_feed_forward_w3", ALPHA),
     "flux2-klein": ("transformer_blocks.0.attn.to_k", "lora_unet_double_blocks_0_img_attn_qkv", ALPHA),
+    "qwen-image": ("transformer_blocks.1.img_mlp.net.2", "lora_unet_transformer_blocks_1_img_mlp_net_2", ALPHA),
+    "flux2-dev": ("transformer_blocks.0.attn.to_k", "lora_unet_double_blocks_0_img_attn_qkv", ALPHA),
 }
 # Families whose ComfyUI layout fuses q/k/v into one layer: the example module's fused parts, in order.
 COMFYUI_FUSED = {
     "hunyuan-dit": [f"blocks.1.attn1.{m}" for m in ("to_q", "to_k", "to_v")],
     "flux2-klein": [f"transformer_blocks.0.attn.{m}" for m in ("to_q", "to_k", "to_v")],
+    "flux2-dev": [f"transformer_blocks.0.attn.{m}" for m in ("to_q", "to_k", "to_v")],
 }
 
 
@@ -174,13 +177,17 @@ def test_comfyui_export_names_alpha_and_weights(trained):
         assert torch.allclose(lora_keys.kohya_delta(out, name), expected, atol=1e-6)
 
 
-def test_flux2_comfyui_file_loads_through_diffusers_kohya_reader_like_the_diffusers_file(trained, tiny_models,
-                                                                                      tmp_path):
-    """The BFL/kohya names of the FLUX.2 export are the ones diffusers' own kohya FLUX.2 converter reads:
-    loading that file gives the same denoiser as loading the diffusers-layout file."""
+# Families whose ComfyUI export diffusers also reads (its kohya converters for FLUX.2 and Qwen-Image).
+DIFFUSERS_READS_COMFYUI_FILE = {"flux2-klein", "flux2-dev", "qwen-image"}
+
+
+def test_comfyui_file_loads_through_diffusers_kohya_reader_like_the_diffusers_file(trained, tiny_models, tmp_path):
+    """The kohya names of the FLUX.2 export (Black Forest Labs' layout) and of the Qwen-Image export
+    (`lora_unet_` + diffusers' module path, with alpha) are the ones diffusers' own kohya converters
+    read: loading that file gives the same denoiser as loading the diffusers-layout file."""
     family = trained.family
-    if family.name != "flux2-klein":
-        pytest.skip("diffusers reads kohya-named files of this layout for FLUX.2 only")
+    if family.name not in DIFFUSERS_READS_COMFYUI_FILE:
+        pytest.skip("diffusers reads kohya-named files of this layout for FLUX.2 and Qwen-Image only")
     path = tmp_path / "comfyui.safetensors"
     save_safetensors(family.to_comfyui(trained.after, RANK, ALPHA), path, {})
     fresh = family.load_pipeline(tiny_models[family.name], torch.float32)

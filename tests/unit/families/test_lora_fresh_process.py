@@ -1,7 +1,7 @@
 """A user's check of the diffusers-layout file: in a new Python process that never imported lorakube,
 load the pipeline with plain diffusers, load the LoRA file the way the model card says, and generate.
 No warning about keys may appear, and the image must change. One process checks a group of families:
-the newer ones (FLUX.2 klein, Z-Image, and `sd3` whose tiny model is SD3.5-medium-shaped) in
+the newer ones (FLUX.2 klein and dev, Z-Image, Qwen-Image, and `sd3` whose tiny model is SD3.5-medium-shaped) in
 `make test`, the original ones in the slow tier (a process per group keeps the cost to one interpreter start)."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 
 from lorakube_trainer.families import FAMILY_NAMES, get_family
 
-NEWER = ("flux2-klein", "sd3", "z-image")
+NEWER = ("flux2-klein", "sd3", "z-image", "qwen-image", "flux2-dev")
 GROUPS = [
     pytest.param(NEWER, id="newer"),
     pytest.param(tuple(n for n in FAMILY_NAMES if n not in NEWER), id="original", marks=pytest.mark.slow),
@@ -27,7 +27,8 @@ RANK, ALPHA = 4, 8.0
 
 # Runs in the fresh process: argv[1] is a JSON list of [family, model folder, LoRA file].
 USER_SCRIPT = r"""
-import inspect, json, logging, sys, warnings
+import importlib.util, inspect, json, logging, sys, warnings
+from pathlib import Path
 import numpy as np, torch
 from diffusers import DiffusionPipeline
 from diffusers.utils import logging as diffusers_logging
@@ -52,7 +53,16 @@ out = {}
 for family, model, lora in json.loads(sys.argv[1]):
     started = time.perf_counter()
     records.clear()
-    pipe = DiffusionPipeline.from_pretrained(model, dtype=torch.float32)
+    # FLUX.2 dev's tokenizer is a Pixtral processor, which transformers builds only with torchvision;
+    # without it, the model card's way: no processor, its tokenizer set on the pipeline.
+    index = json.loads((Path(model) / "model_index.json").read_text())
+    plain_tokenizer = index.get("tokenizer", [None, None])[1] == "PixtralProcessor" and \
+        importlib.util.find_spec("torchvision") is None
+    pipe = DiffusionPipeline.from_pretrained(model, dtype=torch.float32,
+                                             **({"tokenizer": None} if plain_tokenizer else {}))
+    if plain_tokenizer:
+        from transformers import AutoTokenizer
+        pipe.tokenizer = AutoTokenizer.from_pretrained(str(Path(model) / "tokenizer"))
     pipe.set_progress_bar_config(disable=True)
     base = image(pipe)
     with warnings.catch_warnings(record=True) as caught:

@@ -64,6 +64,9 @@ def test_peft_modules_rejects_foreign_and_incomplete_keys():
         ("sd3", "transformer_blocks.1.attn.add_k_proj", "lora_transformer_transformer_blocks_1_attn_add_k_proj"),
         ("kolors", "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_out.0",
          "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_out_0"),
+        # ComfyUI's Qwen-Image uses diffusers' module names, so its generic lora_unet_ map covers them.
+        ("qwen-image", "transformer_blocks.3.img_mlp.net.0.proj", "lora_unet_transformer_blocks_3_img_mlp_net_0_proj"),
+        ("qwen-image", "transformer_blocks.0.attn.to_out.0", "lora_unet_transformer_blocks_0_attn_to_out_0"),
     ],
 )
 def test_flat_kohya_names_alpha_and_delta(family, module, expected):

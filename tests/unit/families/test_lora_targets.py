@@ -124,3 +124,33 @@ def test_z_image_default_trains_attention_and_feed_forward_of_the_main_layers_on
     # The refiners have the same layer names; the default leaves them (and the adaLN layers) frozen.
     assert layers(d, ["to_q"]) == {"layers.*.attention.to_q", "noise_refiner.*.attention.to_q",
                                    "context_refiner.*.attention.to_q"}
+
+
+def test_qwen_image_default_trains_attention_and_mlp_of_both_streams_except_the_last_blocks_dead_ends(denoisers,
+                                                                                                     tiny_models):
+    family = get_family("qwen-image")
+    attention = {f"transformer_blocks.*.attn.{m}" for m in
+                 ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")}
+    mlp = {f"transformer_blocks.*.{s}_mlp.net.{m}" for s in ("img", "txt") for m in ("*.proj", "2")}
+    assert layers(denoisers["qwen-image"], list(family.default_lora_targets)) == attention | mlp
+    # The modulation layers stay frozen.
+    assert not layers(denoisers["qwen-image"], list(family.default_lora_targets)) & {
+        "transformer_blocks.*.img_mod.1", "transformer_blocks.*.txt_mod.1"}
+    # peft puts the LoRA on every block but the last one's text-stream outputs, which never reach the
+    # image (a LoRA there gets no gradient, and DDP would wait for one).
+    fresh = family.denoiser(family.load_pipeline(tiny_models["qwen-image"], torch.float32))
+    family.add_lora(fresh, 4, 4.0, list(family.default_lora_targets))
+    modules = {k.rsplit(".lora_", 1)[0] for k in family.lora_state_dict(fresh)}
+    last = len(fresh.transformer_blocks) - 1
+    dead = {f"transformer_blocks.{last}.{m}" for m in
+            ("attn.add_q_proj", "attn.to_add_out", "txt_mlp.net.0.proj", "txt_mlp.net.2")}
+    assert not modules & dead
+    assert {f"transformer_blocks.0.{m.split('.', 2)[2]}" for m in dead} <= modules
+    assert len(modules) == len(fresh.transformer_blocks) * 12 - len(dead)
+
+
+def test_qwen_image_targets_naming_only_dead_layers_are_refused(tiny_models):
+    family = get_family("qwen-image")
+    fresh = family.denoiser(family.load_pipeline(tiny_models["qwen-image"], torch.float32))
+    with pytest.raises(ValueError, match="last block's text-stream layers"):
+        family.add_lora(fresh, 4, 4.0, ["transformer_blocks.1.attn.to_add_out"])

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import types
 
 import numpy as np
 import pytest
 import torch
 from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
 
-from lorakube_trainer.families import flux, flux2, get_family, hunyuan_dit, kolors, recipes, sd3
+from lorakube_dev import tiny
+from lorakube_trainer.families import flux, flux2, get_family, hunyuan_dit, kolors, qwen_image, recipes, sd3
 
 
 def test_flow_interpolation_runs_from_data_to_noise_and_target_is_its_derivative():
@@ -166,24 +169,41 @@ def test_flux_pack_unpack_round_trip_and_agree_with_the_pipeline():
     assert torch.equal(ids, FluxPipeline._prepare_latent_image_ids(2, 4, 6, torch.device("cpu"), torch.float32))
 
 
-# --- FLUX.2 klein ---------------------------------------------------------------------------------
+# --- FLUX.2 klein and dev: one recipe, checked against each pipeline ----------------------------
 
+FLUX2 = ["flux2-klein", "flux2-dev"]
+
+
+def _flux2_pipeline_class(name: str):
+    import diffusers
+
+    return getattr(diffusers, get_family(name).pipeline_class_name)
+
+
+@pytest.mark.parametrize("module", ["pipeline_flux2_klein", "pipeline_flux2"])
 @pytest.mark.parametrize("seq_len", [16, 256, 1024, 4096, 4301, 16384])
 @pytest.mark.parametrize("steps", [4, 28, 50])
-def test_flux2_empirical_mu_is_the_pipelines(seq_len, steps):
-    from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu
+def test_flux2_empirical_mu_is_the_pipelines(seq_len, steps, module):
+    import importlib
 
+    compute_empirical_mu = importlib.import_module(f"diffusers.pipelines.flux2.{module}").compute_empirical_mu
     assert recipes.flux2_empirical_mu(seq_len, steps) == pytest.approx(compute_empirical_mu(seq_len, steps), abs=1e-9)
 
 
+@pytest.mark.parametrize("name", FLUX2)
 @pytest.mark.parametrize("seq_len", [16, 4096])     # the tiny 64 px batch, and a 1024 px image (64x64 tokens)
-def test_flux2_sigma_grid_is_the_klein_schedulers_at_the_pipelines_default_steps(tiny_models, seq_len):
+def test_flux2_sigma_grid_is_the_schedulers_at_the_pipelines_default_steps(tiny_models, seq_len, name):
+    import inspect
+
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    family = get_family("flux2-klein")
-    config = json.loads((tiny_models["flux2-klein"] / "scheduler" / "scheduler_config.json").read_text())
+    family = get_family(name)
+    # Both pipelines default to 50 steps, the count the training grid takes μ at.
+    assert inspect.signature(_flux2_pipeline_class(name).__call__).parameters["num_inference_steps"].default == \
+        flux2.SHIFT_STEPS
+    config = json.loads((tiny_models[name] / "scheduler" / "scheduler_config.json").read_text())
     sched = FlowMatchEulerDiscreteScheduler.from_config(config)
-    # What Flux2KleinPipeline does, with 1000 steps on the grid and μ of its default 50 steps.
+    # What the pipeline does, with 1000 steps on the grid and μ of its default 50 steps.
     sched.set_timesteps(sigmas=np.linspace(1.0, 1 / 1000, 1000), mu=recipes.flux2_empirical_mu(seq_len, flux2.SHIFT_STEPS))
     grid = family.sigma_grid(None, seq_len)
     assert torch.allclose(grid.float(), sched.sigmas[:1000].float(), atol=1e-6)
@@ -209,9 +229,9 @@ def test_flux2_loss_target_is_the_velocity_the_schedulers_euler_step_integrates(
         assert torch.allclose(sched.scale_noise(x0, sched.timesteps[i : i + 1], noise), x_t, atol=1e-5)
 
 
-def test_flux2_patchify_pack_and_ids_agree_with_the_pipeline():
-    from diffusers import Flux2KleinPipeline
-
+@pytest.mark.parametrize("name", FLUX2)
+def test_flux2_patchify_pack_and_ids_agree_with_the_pipeline(name):
+    Flux2KleinPipeline = _flux2_pipeline_class(name)      # klein's or dev's: the same static helpers
     latents = torch.randn(2, 8, 8, 12)
     patches = flux2.patchify(latents)
     assert torch.equal(patches, Flux2KleinPipeline._patchify_latents(latents))
@@ -226,9 +246,10 @@ def test_flux2_patchify_pack_and_ids_agree_with_the_pipeline():
     assert torch.equal(flux2.text_ids(7, torch.device("cpu")), Flux2KleinPipeline._prepare_text_ids(text)[0])
 
 
-def test_flux2_latents_are_the_pipelines_batch_normalised_patches(tiny_models, example_batch):
-    family = get_family("flux2-klein")
-    pipe = family.load_pipeline(tiny_models["flux2-klein"], torch.float32)
+@pytest.mark.parametrize("name", FLUX2)
+def test_flux2_latents_are_the_pipelines_batch_normalised_patches(tiny_models, example_batch, name):
+    family = get_family(name)
+    pipe = family.load_pipeline(tiny_models[name], torch.float32)
     pixels, _ = example_batch
     ours = family.encode_images(pipe, pixels)
     assert ours.shape == (2, pipe.vae.config.latent_channels, 8, 8)
@@ -240,6 +261,60 @@ def test_flux2_recipe_and_sampling_arguments():
     family = get_family("flux2-klein")
     assert flux2.RECIPE.guidance is None and flux2.RECIPE.sampling == "logit_normal"
     assert family.generate_kwargs() == {"guidance_scale": 4.0, "max_sequence_length": 512}
+    dev = get_family("flux2-dev")
+    assert flux2.DEV_RECIPE.guidance == flux.RECIPE.guidance == 1.0 and flux2.DEV_RECIPE.sampling == "logit_normal"
+    # Flux2Pipeline's own defaults: guidance_scale 4.0 (into the embedding), 512 tokens.
+    import inspect
+
+    from diffusers import Flux2Pipeline
+
+    defaults = inspect.signature(Flux2Pipeline.__call__).parameters
+    assert dev.generate_kwargs() == {"guidance_scale": defaults["guidance_scale"].default,
+                                     "max_sequence_length": defaults["max_sequence_length"].default}
+    assert tuple(defaults["text_encoder_out_layers"].default) == flux2.DEV_TEXT_LAYERS
+
+
+def test_flux2_dev_prompts_are_the_pipelines_mistral_embeddings(tiny_models):
+    """Mistral 3 after the pipeline's system message, hidden states 10/20/30 stacked per token: what
+    Flux2Pipeline.encode_prompt gives with its defaults, and not what the prompt alone would give."""
+    from diffusers.pipelines.flux2.pipeline_flux2 import SYSTEM_MESSAGE
+
+    family = get_family("flux2-dev")
+    pipe = family.load_pipeline(tiny_models["flux2-dev"], torch.float32)
+    prompts = ["a red circle", "a blue square"]
+    ours = family.encode_prompts(pipe, prompts, torch.device("cpu"))["prompt_embeds"]
+    reference, _ = pipe.encode_prompt(prompts, device=torch.device("cpu"))
+    assert ours.shape == (2, 512, 3 * pipe.text_encoder.config.text_config.hidden_size)
+    assert torch.equal(ours, reference)
+    rendered = pipe.tokenizer.decode(pipe.tokenizer.apply_chat_template(
+        [[{"role": "system", "content": [{"type": "text", "text": SYSTEM_MESSAGE}]},
+          {"role": "user", "content": [{"type": "text", "text": prompts[0]}]}]], tokenize=True, return_dict=True,
+    )["input_ids"][0])
+    assert rendered == f"<s>[SYSTEM_PROMPT]{SYSTEM_MESSAGE}[/SYSTEM_PROMPT][INST]{prompts[0]}[/INST]"
+    no_system = pipe._get_mistral_3_small_prompt_embeds(pipe.text_encoder, pipe.tokenizer, prompts, system_message="",
+                                                        hidden_states_layers=flux2.DEV_TEXT_LAYERS)
+    assert not torch.allclose(no_system, ours)
+
+
+@pytest.mark.parametrize("name, guidance", [("flux2-klein", None), ("flux2-dev", 1.0)])
+def test_flux2_guidance_embedding_gets_the_recipes_value(tiny_models, example_batch, name, guidance):
+    """dev's transformer has a guidance embedding and training feeds it the recipe's value per sample,
+    in fp32; klein's has none and gets None, as its pipeline passes."""
+    family = get_family(name)
+    pipe = family.load_pipeline(tiny_models[name], torch.float32)
+    denoiser = family.denoiser(pipe)
+    assert denoiser.config.guidance_embeds is (guidance is not None)
+    pixels, captions = example_batch
+    latents, cond = family.encode_images(pipe, pixels), family.encode_prompts(pipe, captions, torch.device("cpu"))
+    seen = []
+    denoiser.register_forward_pre_hook(lambda m, args, kwargs: seen.append(kwargs["guidance"]), with_kwargs=True)
+    with torch.no_grad():
+        family.training_loss(pipe, denoiser, latents, cond)
+    (fed,) = seen
+    if guidance is None:
+        assert fed is None
+    else:
+        assert fed.dtype == torch.float32 and torch.equal(fed, torch.full((latents.shape[0],), guidance))
 
 
 # --- Z-Image: its pipeline's own conventions ----------------------------------------------------
@@ -312,3 +387,163 @@ def test_z_image_loss_target_and_timestep_agree_with_the_pipelines_sampler(tiny_
     negated = family.flow_loss(pipe, x0, lambda noisy, s: -recipes.flow_target(x0, (noisy - (1 - s.view(-1, 1, 1, 1)) * x0)
                                                                                / s.view(-1, 1, 1, 1)))
     assert negated.item() > 1.0
+
+
+# --- Qwen-Image: its pipeline's own conventions ---------------------------------------------------
+
+def _qwen_scheduler(tiny_models) -> FlowMatchEulerDiscreteScheduler:
+    config = json.loads((tiny_models["qwen-image"] / "scheduler" / "scheduler_config.json").read_text())
+    return FlowMatchEulerDiscreteScheduler.from_config(config)
+
+
+@pytest.mark.parametrize("latent_hw", [(8, 8), (8, 12), (128, 128)])   # 64 px, a 64x96 bucket, 1024 px
+def test_qwen_image_sigma_grid_is_the_pipelines_schedule_at_1000_steps(tiny_models, latent_hw):
+    """QwenImagePipeline sets linspace(1, 1/n, n) sigmas with mu = calculate_shift(image tokens, <scheduler
+    config>); the scheduler shifts them and stretches the grid to end at shift_terminal."""
+    from types import SimpleNamespace
+
+    from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift
+
+    sched = _qwen_scheduler(tiny_models)
+    assert (sched.config.max_shift, sched.config.max_image_seq_len, sched.config.shift_terminal) == (0.9, 8192, 0.02)
+    family = get_family("qwen-image")
+    seq_len = family.image_seq_len(torch.zeros(1, 16, *latent_hw))
+    packed = qwen_image.pack_latents(torch.zeros(1, 16, *latent_hw))
+    assert seq_len == packed.shape[1]                   # what the pipeline feeds calculate_shift
+    mu = calculate_shift(seq_len, sched.config.base_image_seq_len, sched.config.max_image_seq_len,
+                         sched.config.base_shift, sched.config.max_shift)
+    sched.set_timesteps(sigmas=np.linspace(1.0, 1 / 1000, 1000), mu=mu)
+    grid = family.sigma_grid(SimpleNamespace(scheduler=sched), seq_len)
+    assert torch.allclose(grid.float(), sched.sigmas[:1000].float(), atol=1e-5)
+    assert grid[-1].item() == pytest.approx(0.02)       # the terminal stretch: no draws below σ = 0.02
+    assert grid[0].item() == pytest.approx(1.0)
+
+
+def test_shift_terminal_stretch_is_the_schedulers():
+    sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, shift_terminal=0.1)
+    sched.set_timesteps(sigmas=np.linspace(1.0, 1 / 50, 50))
+    grid = recipes.shifted_sigma_grid(sched.config, 4096, 50)
+    assert torch.allclose(grid.float(), sched.sigmas[:50], atol=1e-6)
+    assert torch.equal(recipes.shifted_sigma_grid({"shift": 3.0}, 4096, 50),
+                       recipes.shift_sigmas_static(recipes.flow_base_sigmas(50), 3.0))
+
+
+class _QwenOracle(torch.nn.Module):
+    """A Qwen-Image transformer stand-in that outputs exactly what the training loss asks for, the
+    velocity ε - x0 in packed tokens, recovering ε from its input x = (1 - σ)·x0 + σ·ε with σ = the
+    timestep it is fed; it records the RoPE shapes and text mask it gets."""
+
+    config = types.SimpleNamespace(in_channels=64, guidance_embeds=False)
+
+    def __init__(self, x0: torch.Tensor | None):
+        super().__init__()
+        self.x0 = x0
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+        self.seen: list[tuple] = []
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.float32
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")
+
+    def cache_context(self, name):
+        return contextlib.nullcontext()
+
+    def forward(self, hidden_states, timestep, encoder_hidden_states, encoder_hidden_states_mask, img_shapes,
+                return_dict=True, **_):
+        self.seen.append((img_shapes, encoder_hidden_states.shape, encoder_hidden_states_mask))
+        if self.x0 is None:                               # the identity flow: latents stay as they are
+            return (torch.zeros_like(hidden_states),)
+        x0 = qwen_image.pack_latents(self.x0)
+        s = timestep.view(-1, 1, 1)
+        eps = (hidden_states - (1 - s) * x0) / s
+        return (eps - x0,)
+
+
+def test_qwen_image_loss_target_timestep_and_packing_agree_with_the_pipelines_sampler(tiny_models):
+    """The model that gets zero training loss is the one whose outputs the pipeline's sampling loop
+    turns into the clean latents: same sign, same timestep (t/1000 = σ), same packing and img_shapes."""
+    family = get_family("qwen-image")
+    pipe = family.load_pipeline(tiny_models["qwen-image"], torch.float32)
+    torch.manual_seed(0)
+    x0, start = torch.randn(1, 16, 8, 12), torch.randn(1, 4 * 6, 64)     # packed: (H/2·W/2) tokens of 4C
+    oracle = _QwenOracle(x0)
+    cond = family.encode_prompts(pipe, ["a red circle"], torch.device("cpu"))
+    losses = [family.training_loss(pipe, oracle, x0, cond).item() for _ in range(8)]
+    assert max(losses) < 1e-8, losses
+    assert oracle.seen[0][0] == [[(1, 4, 6)]]
+    oracle.seen.clear()
+    pipe.transformer = oracle
+    out = pipe(prompt="a red circle", height=64, width=96, num_inference_steps=4, latents=start,
+               true_cfg_scale=1.0, output_type="latent").images
+    assert oracle.seen[0][0] == [[(1, 4, 6)]]
+    assert torch.allclose(out, qwen_image.pack_latents(x0), atol=1e-4)
+
+
+def test_qwen_image_latents_decode_through_the_pipelines_own_denormalisation(tiny_models, example_batch):
+    """Our normalised (B, C, H, W) latents, packed and handed to the pipeline under an identity flow, decode
+    to the image the VAE makes of its raw posterior mean: the frame dim, latents_mean/latents_std and the
+    packing all match what QwenImagePipeline undoes."""
+    family = get_family("qwen-image")
+    pipe = family.load_pipeline(tiny_models["qwen-image"], torch.float32)
+    pixels, _ = example_batch
+    ours = family.encode_images(pipe, pixels[:1])
+    assert ours.shape == (1, 16, 8, 8)
+    with torch.no_grad():
+        raw = pipe.vae.encode(pixels[:1].unsqueeze(2)).latent_dist.mode()
+    assert not torch.allclose(ours, raw[:, :, 0], atol=1e-2)            # the normalisation did something
+    with torch.no_grad():
+        expected = pipe.vae.decode(raw, return_dict=False)[0][:, :, 0]
+    pipe.transformer = _QwenOracle(None)
+    decoded = pipe(prompt="a red circle", height=64, width=64, num_inference_steps=2, true_cfg_scale=1.0,
+                   latents=qwen_image.pack_latents(ours), output_type="pt").images
+    assert torch.allclose(decoded, (expected / 2 + 0.5).clamp(0, 1), atol=1e-5)
+
+
+def test_qwen_image_prompt_encoding_is_the_pipelines_and_trims_back_to_its_batch_shape(tiny_models):
+    family = get_family("qwen-image")
+    pipe = family.load_pipeline(tiny_models["qwen-image"], torch.float32)
+    # The template's system turn and user header are exactly the 34 tokens the pipeline drops.
+    template_tokens = pipe.tokenizer(tiny.QWEN_IMAGE_TEMPLATE_PREFIX)["input_ids"]
+    assert len(template_tokens) == pipe.prompt_template_encode_start_idx == 34
+    assert pipe.prompt_template_encode.startswith(tiny.QWEN_IMAGE_TEMPLATE_PREFIX)
+    prompts = ["a red circle", "a blue square on a dark background"]
+    cond = family.encode_prompts(pipe, prompts, torch.device("cpu"))
+    assert cond["prompt_embeds"].shape[1] == cond["prompt_mask"].shape[1] == qwen_image.MAX_SEQUENCE_LENGTH
+    embeds, mask = pipe.encode_prompt(prompts, device=torch.device("cpu"), max_sequence_length=512)
+    trimmed, trimmed_mask = qwen_image.trim_prompt(cond["prompt_embeds"], cond["prompt_mask"])
+    assert torch.equal(trimmed, embeds) and torch.equal(trimmed_mask, mask.bool())
+    assert not mask[0].all() and mask[1].all()          # the shorter prompt is padded and masked
+    # One prompt alone: nothing padded, so no mask, as the pipeline passes it.
+    single = family.encode_prompts(pipe, prompts[1:], torch.device("cpu"))
+    alone, alone_mask = qwen_image.trim_prompt(single["prompt_embeds"], single["prompt_mask"])
+    assert alone_mask is None and torch.allclose(alone[0], embeds[1], atol=1e-5)
+
+
+def test_qwen_image_prompts_encoded_one_at_a_time_train_like_the_batchs_own_encoding(tiny_models, example_batch):
+    """The latent cache stores each caption's conditioning padded to 512 on its own; collated into a batch
+    and trimmed, it must give the loss the batch's own encoding (padded to its longest prompt) gives."""
+    family = get_family("qwen-image")
+    pipe = family.load_pipeline(tiny_models["qwen-image"], torch.float32)
+    pixels, _ = example_batch
+    latents = family.encode_images(pipe, pixels)
+    prompts = ["a red circle", "a blue square on a dark background"]
+    together = family.encode_prompts(pipe, prompts, torch.device("cpu"))
+    each = [family.encode_prompts(pipe, [p], torch.device("cpu")) for p in prompts]
+    collated = {k: torch.cat([c[k] for c in each]) for k in together}
+    assert torch.equal(collated["prompt_mask"], together["prompt_mask"])
+    losses = []
+    for cond in (together, collated):
+        torch.manual_seed(3)
+        with torch.no_grad():
+            losses.append(family.training_loss(pipe, family.denoiser(pipe), latents, cond).item())
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
+def test_qwen_image_recipe_and_sampling_arguments():
+    family = get_family("qwen-image")
+    assert qwen_image.RECIPE.guidance is None and qwen_image.RECIPE.sampling == "logit_normal"
+    assert family.generate_kwargs() == {"true_cfg_scale": 4.0, "negative_prompt": " ", "max_sequence_length": 512}

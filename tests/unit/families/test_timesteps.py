@@ -27,7 +27,7 @@ def test_denoiser_gets_the_sampled_timestep_unrounded_under_bf16_weights(tiny_mo
     if isinstance(family, FlowFamily):
         monkeypatch.setattr(recipes, "sample_flow_sigmas",
                             lambda grid, n, recipe, device: torch.full((n,), SIGMA, device=device))
-        # FLUX takes σ (its model multiplies by 1000 itself), SD3 takes 1000·σ, Z-Image 1 - σ.
+        # FLUX and Qwen-Image take σ (the model multiplies by 1000 itself), SD3 takes 1000·σ, Z-Image 1 - σ.
         expected = torch.full((batch,), SIGMA) * (1000 if name == "sd3" else 1)
         if name == "z-image":
             expected = 1.0 - torch.full((batch,), SIGMA)

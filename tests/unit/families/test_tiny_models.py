@@ -13,7 +13,8 @@ from lorakube_trainer.families import FAMILY_NAMES, get_family
 
 DENOISER_DIR = {"flux": "transformer", "sd3": "transformer", "kolors": "unet", "hunyuan-dit": "transformer",
                 "flux2-klein": "transformer",
-                "z-image": "transformer"}
+                "z-image": "transformer", "qwen-image": "transformer",
+                "flux2-dev": "transformer"}
 
 
 def test_registry_covers_the_contract_families():
@@ -124,3 +125,18 @@ def test_size_multiples_come_from_the_contract():
 
     for name in FAMILY_NAMES:
         assert type(get_family(name)).size_multiple == SIZE_MULTIPLE[name]
+
+
+def test_flux2_dev_tokenizer_folder_is_a_pixtral_processor_and_loads_without_torchvision(tiny_models):
+    """FLUX.2 dev ships `tokenizer/` as a Pixtral processor (model_index names PixtralProcessor, the
+    processor and image-processor configs sit next to the tokenizer files); the family loads its
+    tokenizer half, which needs no torchvision, and the pipeline's prompt encoding runs with it."""
+    folder = tiny_models["flux2-dev"]
+    assert json.loads((folder / "model_index.json").read_text())["tokenizer"] == ["transformers", "PixtralProcessor"]
+    processor = json.loads((folder / "tokenizer" / "processor_config.json").read_text())
+    assert processor["processor_class"] == "PixtralProcessor" and processor["image_token"] == "[IMG]"
+    assert (folder / "tokenizer" / "preprocessor_config.json").is_file()
+    assert (folder / "tokenizer" / "chat_template.jinja").is_file()
+    pipe = get_family("flux2-dev").load_pipeline(folder, torch.float32)
+    assert pipe.tokenizer.convert_tokens_to_ids("[IMG]") == pipe.text_encoder.config.image_token_index
+    assert pipe.tokenizer.chat_template and "[SYSTEM_PROMPT]" in pipe.tokenizer.chat_template

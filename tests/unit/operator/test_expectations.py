@@ -1,6 +1,9 @@
-"""kube.Expectations: the pods a pass created count as present until the pod index shows them."""
+"""kube.Expectations: the pods a pass created count as present, and the pods it deleted as being
+deleted, until the pod index shows it."""
 
 from __future__ import annotations
+
+import dataclasses
 
 from lorakube import kube
 from lorakube.pods import PodView
@@ -57,3 +60,76 @@ def test_only_the_version_of_the_last_status_write_is_the_operators_own():
     assert not expected.is_own_write(("ns", "other"), "41")
     expected.forget(KEY)
     assert not expected.is_own_write(KEY, "41")
+
+
+# --- deletions: one DELETE per pod ------------------------------------------------------------
+
+def live(name: str, uid: str, attempt: int = 1) -> PodView:
+    return PodView(name=name, rank=int(name[-1]), attempt=attempt, owner_uid="uid-1", phase="Running", uid=uid)
+
+
+def terminating(pod: PodView, grace: int = 30) -> PodView:
+    return dataclasses.replace(pod, deleting=True, deletion_grace_seconds=grace)
+
+
+def test_a_deleted_pod_shows_as_deleting_until_the_index_shows_the_deletion():
+    expected = kube.Expectations(ttl=60, clock=Clock())
+    rank0, rank1 = live("job-node-0", "pod-a"), live("job-node-1", "pod-b")
+    expected.deleted(KEY, terminating(rank0))
+    # The index still shows rank 0 alive: the pass sees it deleting, so it does not delete it again.
+    merged = {v.name: v for v in expected.merge(KEY, [rank0, rank1])}
+    assert merged["job-node-0"].deleting and merged["job-node-0"].deletion_grace_seconds == 30
+    assert not merged["job-node-1"].deleting
+    # The index caught up (its view now carries the deletion): the expectation is done.
+    later = dataclasses.replace(terminating(rank0), phase="Failed")
+    assert expected.merge(KEY, [later, rank1]) == (later, rank1)
+    assert expected.merge(KEY, [rank0, rank1]) == (rank0, rank1)   # nothing left to overlay
+
+
+def test_a_deleted_pod_the_index_no_longer_holds_is_forgotten():
+    expected = kube.Expectations(ttl=60, clock=Clock())
+    rank0 = live("job-node-0", "pod-a")
+    expected.deleted(KEY, terminating(rank0))
+    assert expected.merge(KEY, []) == ()
+    assert expected.merge(KEY, [rank0]) == (rank0,)
+
+
+def test_the_deletion_is_keyed_by_uid_so_the_next_attempts_pod_of_the_same_name_is_alive():
+    expected = kube.Expectations(ttl=60, clock=Clock())
+    old = live("job-node-0", "pod-a", attempt=1)
+    expected.deleted(KEY, terminating(old))
+    new = live("job-node-0", "pod-z", attempt=2)
+    assert expected.merge(KEY, [old, new]) == (terminating(old), new)
+
+
+def test_a_deletion_the_index_never_shows_expires_so_the_pod_is_deleted_again():
+    clock = Clock()
+    expected = kube.Expectations(ttl=60, clock=clock)
+    rank0 = live("job-node-0", "pod-a")
+    expected.deleted(KEY, terminating(rank0))
+    clock.now += 59
+    assert expected.merge(KEY, [rank0])[0].deleting
+    clock.now += 2
+    # A lost DELETE (or a watch that missed it): the pod looks alive again and the pass retries.
+    assert expected.merge(KEY, [rank0]) == (rank0,)
+
+
+def test_a_forced_deletion_is_done_only_when_the_index_shows_grace_zero():
+    expected = kube.Expectations(ttl=60, clock=Clock())
+    stuck = terminating(live("job-node-0", "pod-a"), grace=30)
+    expected.deleted(KEY, terminating(stuck, grace=0))
+    # The index still shows the graceful deletion: the forced one is not asked for again.
+    assert expected.merge(KEY, [stuck])[0].deletion_grace_seconds == 0
+    forced = terminating(stuck, grace=0)
+    assert expected.merge(KEY, [forced]) == (forced,)
+    assert expected.merge(KEY, [stuck]) == (stuck,)
+
+
+def test_a_created_then_deleted_pod_the_index_has_not_shown_stays_deleting():
+    expected = kube.Expectations(ttl=60, clock=Clock())
+    made = live("job-node-0", "pod-a")
+    expected.created(KEY, made)
+    expected.deleted(KEY, terminating(made))
+    assert expected.merge(KEY, []) == (terminating(made),)
+    expected.forget(KEY)
+    assert expected.merge(KEY, []) == ()

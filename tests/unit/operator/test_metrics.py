@@ -50,7 +50,8 @@ def test_every_failure_class_that_restarts_is_preset_in_the_counter():
     restarting = {rule.reason for rule in failures.RULES if rule.action is failures.Action.RESTART}
     deleted = failures.deleted_by_someone_else(pod_view(0, "Running", deleting=True)).rule.reason
     missing = failures.missing("cats-node-0", 0, 1).rule.reason
-    assert restarting | {deleted, missing} == set(RESTART_REASONS)
+    stalled = failures.staging_stalled(pod_view(0, "Running"), "staged nothing").rule.reason
+    assert restarting | {deleted, missing, stalled} == set(RESTART_REASONS)
 
 
 def test_the_first_attempt_running_is_timed_from_the_jobs_creation(job_spec):

@@ -236,12 +236,12 @@ def test_a_pod_that_vanishes_from_a_running_job_restarts_the_gang(job_spec):
 
 
 def test_invalid_spec_fails_with_the_field_in_the_message(job_spec):
-    job_spec["model"]["uri"] = "gs://bucket/flux"
+    job_spec["model"]["uri"] = "ftp://host/flux"
     decision = decide(observe(job_spec), CONFIG)
     failed = condition(decision.status_patch, "Failed")
     assert decision.status_patch["phase"] == "Failed"
     assert failed["reason"] == "InvalidSpec"
-    assert failed["message"].startswith("spec.model.uri: gs:// is not supported")
+    assert failed["message"].startswith("spec.model.uri: ftp:// is not supported")
     assert decision.create_pods == ()
 
 

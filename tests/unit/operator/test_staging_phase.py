@@ -4,9 +4,10 @@ Running (gang health, the time-to-running metric, the phase metric)."""
 
 from __future__ import annotations
 
+import datetime as dt
 from typing import Any
 
-from ltj_fixtures import pod_view
+from ltj_fixtures import NOW, pod_view
 from test_reconcile import CONFIG, condition, observe
 
 from lorakube import metrics
@@ -20,8 +21,8 @@ def remote(job_spec: dict[str, Any]) -> dict[str, Any]:
     return job_spec
 
 
-def staging(attempt: int = 1, complete: bool = False, **fields: Any) -> dict[str, Any]:
-    report = contract.Staging(attempt=attempt, input="model", uri="s3://models/tiny-flux", bytesDone=10,
+def staging(attempt: int = 1, complete: bool = False, bytesDone: int = 10, **fields: Any) -> dict[str, Any]:
+    report = contract.Staging(attempt=attempt, input="model", uri="s3://models/tiny-flux", bytesDone=bytesDone,
                               bytesTotal=10 if complete else 100, cached=False, complete=complete,
                               updatedAt="2026-05-01T12:00:00Z")
     return {**report.to_status(), **fields}
@@ -81,9 +82,19 @@ def test_all_pods_running_with_a_remote_model_moves_the_job_to_staging_then_runn
     assert first.pods_running is not None and first.pods_running[0] == "first"   # measured once, here
     assert [e.reason for e in first.events] == ["StagingInputs"]
 
-    # reports in flight: nothing to write (the bytes live in status.progress, the trainer's field)
+    # the first report is noted for the stall rule (by the operator's clock); the bytes themselves
+    # live in status.progress, the trainer's field
     during = decide(observe(spec, {**status, "progress": staging(1)}, RUNNING_PODS), CONFIG)
-    assert during.status_patch == {} and during.events == ()
+    assert during.status_patch == {"stagingSeen": {"attempt": 1, "input": "model", "bytesDone": 10,
+                                                   "at": "2026-05-01T12:00:00Z"}}
+    assert during.events == ()
+    status = {**status, **during.status_patch}
+    # the same report again, or a newer one within the refresh period: nothing to write
+    again = decide(observe(spec, {**status, "progress": staging(1)}, RUNNING_PODS), CONFIG)
+    assert again.status_patch == {} and again.events == ()
+    newer = decide(observe(spec, {**status, "progress": staging(1, bytesDone=50)}, RUNNING_PODS,
+                           now=NOW + dt.timedelta(seconds=5)), CONFIG)
+    assert newer.status_patch == {}
 
     done = decide(observe(spec, {**status, "progress": staging(1, complete=True)}, RUNNING_PODS), CONFIG)
     patch = done.status_patch
@@ -92,6 +103,7 @@ def test_all_pods_running_with_a_remote_model_moves_the_job_to_staging_then_runn
     assert condition(patch, "Staging")["status"] == "False"
     assert done.pods_running is None          # not a second time-to-running observation
     assert "progress" not in patch
+    assert patch["stagingSeen"] is None       # the note serves the Staging phase only
     # and the next pass keeps it that way: no second Running transition, no write
     running = {**status, **patch, "progress": staging(1, complete=True)}
     later = decide(observe(spec, running, RUNNING_PODS), CONFIG)
@@ -147,3 +159,121 @@ def test_the_phase_metric_lists_staging_and_queued():
     jobs.set("team-a", "cats", "Staging")
     counts = jobs.counts()
     assert counts[("team-a", "Staging")] == 1 and counts[("team-a", "Queued")] == 0
+
+
+# --- the stall rule (spec.runPolicy.stagingProgressDeadlineSeconds) -----------------------------
+
+def at(seconds: float) -> dt.datetime:
+    return NOW + dt.timedelta(seconds=seconds)
+
+
+def staging_since(seconds_ago: float, **fields: Any) -> dict[str, Any]:
+    """A job Staging since `seconds_ago` before NOW (its condition's transition)."""
+    since = (NOW - dt.timedelta(seconds=seconds_ago)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return {"phase": "Staging", "attempt": 1, "restarts": 0, "disruptions": 0, "startTime": since,
+            "observedGeneration": 1, "nodes": st.node_entries(RUNNING_PODS), "readyNodes": "3/3",
+            "conditions": [{"type": "Staging", "status": "True", "reason": "StagingInputs", "message": "m",
+                            "lastTransitionTime": since, "observedGeneration": 1}], **fields}
+
+
+def with_deadline(job_spec: dict[str, Any], seconds: int | None = None, **run_policy: Any) -> dict[str, Any]:
+    spec = remote(job_spec)
+    if seconds is not None:
+        run_policy["stagingProgressDeadlineSeconds"] = seconds
+    spec.setdefault("runPolicy", {}).update(run_policy)
+    return spec
+
+
+def test_staging_with_no_report_at_all_restarts_the_gang_after_the_deadline(job_spec):
+    spec = with_deadline(job_spec, 60, maxRestarts=2)
+    # 59 s in: not yet, and the pass asks to look again when the deadline is due
+    early = decide(observe(spec, staging_since(59), RUNNING_PODS), CONFIG)
+    assert early.status_patch == {} and early.requeue_after == 1.0
+    late = decide(observe(spec, staging_since(61), RUNNING_PODS), CONFIG)
+    patch = late.status_patch
+    assert patch["phase"] == "Restarting" and patch["attempt"] == 2 and patch["restarts"] == 1
+    restarting = condition(patch, "Restarting")
+    assert restarting["reason"] == contract.STAGING_STALLED == "StagingStalled"
+    assert "sent no staging report in 60s of Staging" in restarting["message"]
+    assert "spec.runPolicy.stagingProgressDeadlineSeconds is 60" in restarting["message"]
+    assert condition(patch, "Staging")["status"] == "False"
+    assert patch["lastFailure"]["reason"] == "StagingStalled" and patch["lastFailure"]["pod"] == "cats-node-0"
+    assert sorted(late.delete_pods) == ["cats-node-0", "cats-node-1", "cats-node-2"]
+    assert late.gang_restart == "StagingStalled"
+    assert [e.reason for e in late.events] == ["StagingStalled"]
+
+
+def test_bytes_that_stop_arriving_restart_the_gang_measured_from_the_last_change_the_operator_saw(job_spec):
+    spec = with_deadline(job_spec, 60)
+    status = staging_since(300, progress=staging(1, bytesDone=40))
+    # The operator notes the report when it first sees it (its own clock, not the trainer's updatedAt)...
+    first = decide(observe(spec, status, RUNNING_PODS), CONFIG)
+    assert first.status_patch["stagingSeen"] == {"attempt": 1, "input": "model", "bytesDone": 40,
+                                                 "at": "2026-05-01T12:00:00Z"}
+    status = {**status, **first.status_patch}
+    # ...and the same bytes 59 s later are not a stall yet, 61 s later they are
+    assert decide(observe(spec, status, RUNNING_PODS, now=at(59)), CONFIG).status_patch == {}
+    stalled = decide(observe(spec, status, RUNNING_PODS, now=at(61)), CONFIG).status_patch
+    assert stalled["phase"] == "Restarting"
+    message = condition(stalled, "Restarting")["message"]
+    assert "staged nothing new for 60s" in message and "model s3://models/tiny-flux stuck at 40 of 100 bytes" in message
+    assert stalled["stagingSeen"] is None
+
+
+def test_bytes_that_keep_arriving_never_stall_and_cost_one_status_write_per_refresh(job_spec):
+    spec = with_deadline(job_spec, 60)
+    status = staging_since(0)
+    writes = 0
+    for second in range(0, 600, 2):        # a report every 2 s for 10 minutes, 1 KiB more each time
+        report = staging(1, bytesDone=1024 * (second + 1))
+        decision = decide(observe(spec, {**status, "progress": report}, RUNNING_PODS, now=at(second)), CONFIG)
+        assert decision.status_patch.get("phase") is None, second
+        if decision.status_patch:
+            writes += 1
+            status = {**status, **decision.status_patch}
+    # a note once it is a quarter of the deadline (15 s) old, so every 16 s with a report every 2 s:
+    # 38 writes in 600 s instead of one per report (300)
+    assert writes == 38
+
+
+def test_a_note_or_report_of_an_earlier_attempt_does_not_count(job_spec):
+    spec = with_deadline(job_spec, 60)
+    pods = [pod_view(r, "Running", attempt=2) for r in range(3)]
+    status = {**staging_since(61), "attempt": 2, "restarts": 1, "progress": staging(1, bytesDone=99),
+              "stagingSeen": {"attempt": 1, "input": "model", "bytesDone": 99, "at": "2026-05-01T11:59:59Z"}}
+    patch = decide(observe(spec, status, pods), CONFIG).status_patch
+    assert condition(patch, "Restarting")["reason"] == "StagingStalled"
+    assert "sent no staging report" in condition(patch, "Restarting")["message"]
+
+
+def test_a_stall_with_the_restart_budget_spent_fails_the_job(job_spec):
+    spec = with_deadline(job_spec, 60, maxRestarts=1)
+    patch = decide(observe(spec, staging_since(61, restarts=1), RUNNING_PODS), CONFIG).status_patch
+    assert patch["phase"] == "Failed"
+    assert condition(patch, "Failed")["reason"] == "MaxRestartsExceeded"
+    assert "sent no staging report" in condition(patch, "Failed")["message"]
+    assert patch["lastFailure"]["reason"] == "StagingStalled"
+
+
+def test_the_default_deadline_is_ten_minutes_and_the_field_is_checked(job_spec):
+    spec = remote(job_spec)
+    assert decide(observe(spec, staging_since(599), RUNNING_PODS), CONFIG).status_patch == {}
+    assert decide(observe(spec, staging_since(601), RUNNING_PODS), CONFIG).status_patch["phase"] == "Restarting"
+    bad = decide(observe(with_deadline(job_spec, 5), staging_since(0), RUNNING_PODS), CONFIG).status_patch
+    assert condition(bad, "Failed")["reason"] == "InvalidSpec"
+    assert "spec.runPolicy.stagingProgressDeadlineSeconds: must be at least 10, got 5" in condition(bad, "Failed")["message"]
+
+
+def test_the_end_of_staging_says_how_long_it_took(job_spec):
+    status = {**staging_since(95), "progress": staging(1, complete=True)}
+    decision = decide(observe(remote(job_spec), status, RUNNING_PODS), CONFIG)
+    assert decision.status_patch["phase"] == "Running"
+    (event,) = decision.events
+    assert event.reason == "InputsStaged"
+    assert event.message == "all 3 pods of attempt 1 are running; rank 0 staged its inputs in 95 s and trains"
+
+
+def test_running_jobs_are_never_judged_by_the_stall_rule(job_spec):
+    spec = with_deadline(job_spec, 60)
+    status = {**staging_since(3600), "phase": "Running"}
+    assert decide(observe(spec, status, RUNNING_PODS), CONFIG).status_patch == {}

@@ -120,6 +120,7 @@ def test_bad_yaml_names_the_key(tmp_path: Path, text: str, flag: str) -> None:
     (["--modelscope_model_id", "me/x"], "--modelscope_model_id", "MODELSCOPE_API_TOKEN in the environment"),
     (["--modelscope_access_token", "t"], "--modelscope_access_token", "only used with --modelscope_model_id"),
     (["--cache_latents"], "--cache_latents", "needs --center_crop"),
+    (["--checkpoint_dir", "hf://me/ckpt"], "--checkpoint_dir", "s3://bucket/prefix, gs://bucket/prefix or az://"),
 ])
 def test_invalid_values_name_the_flag_and_the_fix(extra: list[str], flag: str, hint: str) -> None:
     with pytest.raises(ConfigError) as err:
@@ -194,3 +195,8 @@ def test_an_output_folder_that_cannot_be_written_fails_at_startup(tmp_path: Path
 def test_modelscope_token_may_come_from_the_environment() -> None:
     cfg = parse_config(BASE + ["--modelscope_model_id", "me/lora"], env={"MODELSCOPE_API_TOKEN": "from-secret"})
     assert cfg.modelscope_model_id == "me/lora" and cfg.modelscope_access_token is None
+
+
+@pytest.mark.parametrize("uri", ["s3://ckpt/run", "gs://ckpt/run", "az://ckpt/run"])
+def test_checkpoints_may_go_to_any_object_store(uri: str) -> None:
+    assert parse_config(BASE + ["--checkpoint_dir", uri], env={}).checkpoint_dir == uri

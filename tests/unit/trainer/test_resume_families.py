@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from trainer_testlib import CrashAt, SimulatedNodeLoss, sha256
+from safetensors.torch import load_file
+from trainer_testlib import CrashAt, SimulatedNodeLoss, sha256, write_dataset
 
 from lorakube_api import contract
 from lorakube_trainer.caching import CachedCaptions
@@ -21,7 +22,11 @@ from lorakube_trainer.families import get_family
 from lorakube_dev.tiny import build_tiny_pipeline
 from lorakube_trainer.train import run
 
-SIZES = {"flux": 32, "kolors": 64, "hunyuan-dit": 32, "flux2-klein": 32, "sd3": 32, "z-image": 32}
+SIZES = {"flux": 32, "kolors": 64, "hunyuan-dit": 32, "flux2-klein": 32, "sd3": 32, "z-image": 32, "qwen-image": 32,
+         "flux2-dev": 32}
+# FLUX.2 dev shares klein's transformer and VAE: its run also takes the bucketed, latent-cached path
+# (the dataset has five shapes), so the per-bucket caches of latents and Mistral prompt features resume too.
+EXTRA = {"flux2-dev": ("--aspect_ratio_buckets", "--cache_latents", "--center_crop")}
 
 
 @pytest.fixture(scope="module")
@@ -39,10 +44,15 @@ def tiny(tmp_path_factory: pytest.TempPathFactory):
 
 # FLUX.2 klein's three runs take about a minute here (its Qwen3 encodes 512 tokens through 27 layers
 # per step and validation runs classifier-free guidance), so its variant is in the slow tier, as is
-# SD3's (SD3.5-medium-shaped tiny model: the second flow family after FLUX, which `make test` covers).
+# SD3's (SD3.5-medium-shaped tiny model: the second flow family after FLUX, which `make test` covers)
+# and Qwen-Image's (16-26 s: a video VAE and classifier-free validation; the flow recipe is Z-Image's
+# and FLUX's, which `make test` resumes),
+# and FLUX.2 dev's (about 25 s: Mistral 3 through 30 layers, bucketed and cached).
 @pytest.mark.parametrize("family", ["flux", "kolors", "hunyuan-dit",
                                     pytest.param("flux2-klein", marks=pytest.mark.slow),
-                                    pytest.param("sd3", marks=pytest.mark.slow), "z-image"])
+                                    pytest.param("sd3", marks=pytest.mark.slow), "z-image",
+                                    pytest.param("qwen-image", marks=pytest.mark.slow),
+                                    pytest.param("flux2-dev", marks=pytest.mark.slow)])
 def test_resume_is_bit_identical(family: str, tiny, dataset: Path, tmp_path: Path) -> None:
     size = str(SIZES[family])
 
@@ -52,7 +62,7 @@ def test_resume_is_bit_identical(family: str, tiny, dataset: Path, tmp_path: Pat
             "--output_path", str(tmp_path / out), "--height", size, "--width", size, "--precision", "32",
             "--steps_per_epoch", "3", "--max_epochs", "2", "--batch_size", "2", "--random_flip",
             "--checkpoint_every_n_steps", "2", "--validation_inference_steps", "2", "--seed", "11",
-            "--use_gradient_checkpointing",
+            "--use_gradient_checkpointing", *EXTRA.get(family, ()),
         ], env={})
 
     whole = run(cfg("whole"), env={})
@@ -65,6 +75,8 @@ def test_resume_is_bit_identical(family: str, tiny, dataset: Path, tmp_path: Pat
     for key, tensor in whole.final_lora.items():
         assert tensor.equal(resumed.final_lora[key]), key
     assert (tmp_path / "cut" / contract.ARTIFACT_LORA_COMFYUI).is_file()
+    if "--cache_latents" in EXTRA.get(family, ()):
+        assert any((tmp_path / "cut" / "latent-cache").rglob("*")), "the cached path was not taken"
 
 
 def test_cached_latents_match_the_uncached_path_on_flux(tiny, dataset: Path, tmp_path: Path) -> None:
@@ -100,3 +112,38 @@ def test_cached_latents_match_the_uncached_path_on_flux(tiny, dataset: Path, tmp
         assert torch.allclose(item["latents"], expected, atol=1e-5), position
         cond = family.encode_prompts(pipe, [item["text"]], torch.device("cpu"))
         assert all(torch.allclose(item["cond"][k], v[0], atol=1e-6) for k, v in cond.items())
+
+
+@pytest.mark.slow
+def test_qwen_image_bucketed_cached_run_resumes_bit_identically(tiny, tmp_path: Path) -> None:
+    """The real Qwen-Image pipeline on images of mixed aspect ratios: each trains in its bucket (sides
+    multiples of 16, landscape and portrait kept), the latents and the padded Qwen2.5-VL conditioning
+    come from the cache, and an interrupted run resumes to a bit-identical LoRA."""
+    dataset = write_dataset(tmp_path / "mixed", [(64, 32), (64, 32), (32, 64), (32, 64), (40, 40), (40, 40)])
+
+    def cfg(out: str):
+        return parse_config([
+            "--model_family", "qwen-image", "--model_path", str(tiny("qwen-image")), "--dataset_path", str(dataset),
+            "--output_path", str(tmp_path / out), "--height", "32", "--width", "32", "--aspect_ratio_buckets",
+            "--cache_latents", "--center_crop", "--random_flip", "--precision", "32", "--steps_per_epoch", "3",
+            "--max_epochs", "2", "--batch_size", "2", "--checkpoint_every_n_steps", "2",
+            "--validation_inference_steps", "2", "--seed", "11", "--output_formats", "diffusers",
+        ], env={})
+
+    whole = run(cfg("whole"), env={})
+    with pytest.raises(SimulatedNodeLoss):
+        run(cfg("cut"), env={}, extra_callbacks=[CrashAt(3)])
+    resumed = run(cfg("cut"), env={})
+    assert resumed.steps_done == whole.steps_done == 6
+    name = contract.ARTIFACT_LORA_DIFFUSERS
+    assert sha256(tmp_path / "whole" / name) == sha256(tmp_path / "cut" / name)
+    records = sorted((tmp_path / "cut" / "latent-cache").glob("*/record-*.safetensors"))
+    assert len(records) == 6
+    shapes = set()
+    for path in records:
+        tensors = load_file(path)
+        assert tensors["latents"].shape[:2] == (2, 16)              # plain and mirrored, 16 channels
+        assert tensors["cond.prompt_embeds"].shape[0] == tensors["cond.prompt_mask"].shape[0] == 512
+        shapes.add(tuple(8 * n for n in tensors["latents"].shape[-2:]))
+    assert all(h % 16 == 0 and w % 16 == 0 for h, w in shapes)
+    assert any(h > w for h, w in shapes) and any(w > h for h, w in shapes), shapes

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from .base import Family
 from .flux import Flux
-from .flux2 import Flux2Klein
+from .flux2 import Flux2Dev, Flux2Klein
 from .hunyuan_dit import HunyuanDiT
 from .kolors import Kolors
+from .qwen_image import QwenImage
 from .sd3 import SD3
 from .z_image import ZImage
 
-_FAMILIES: dict[str, type[Family]] = {cls.name: cls for cls in (Flux, SD3, Kolors, HunyuanDiT, Flux2Klein, ZImage)}
+_FAMILIES: dict[str, type[Family]] = {
+    cls.name: cls for cls in (Flux, SD3, Kolors, HunyuanDiT, Flux2Klein, ZImage, QwenImage, Flux2Dev)
+}
 FAMILY_NAMES: tuple[str, ...] = tuple(_FAMILIES)
 
 

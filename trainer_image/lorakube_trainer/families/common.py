@@ -118,10 +118,14 @@ class PeftFamily(Family):
             check_pipeline_folder(path, self.name)
         except ModelFolderMissing as exc:
             raise FileNotFoundError(str(exc)) from exc
-        pipe = self.pipeline_class().from_pretrained(str(path), dtype=dtype)
+        pipe = self.pipeline_class().from_pretrained(str(path), dtype=dtype, **self.preloaded_components(path))
         freeze_pipeline(pipe)
         pipe.set_progress_bar_config(disable=True)
         return pipe
+
+    def preloaded_components(self, path: Path) -> dict[str, Any]:
+        """Components the family loads itself (passed to from_pretrained, which then skips them)."""
+        return {}
 
     # --- VAE ------------------------------------------------------------------------------------
 

@@ -1,4 +1,4 @@
-"""FLUX.2 klein: rectified flow on 2x2-patchified, batch-norm-normalised latents, Qwen3 text features.
+"""FLUX.2 klein and dev: rectified flow on 2x2-patchified, batch-norm-normalised latents.
 
 What differs from FLUX.1 (flux.py), all read off diffusers' Flux2KleinPipeline:
 * latents: the VAE's 2x2 patches become channels (C -> 4C at half the size) and are normalised by the
@@ -9,12 +9,17 @@ What differs from FLUX.1 (flux.py), all read off diffusers' Flux2KleinPipeline:
 * no guidance embedding: klein runs real classifier-free guidance at inference (the step-distilled
   klein checkpoints run none), so training feeds `guidance=None` exactly as the pipeline does.
 
-FLUX.2 dev (Flux2Pipeline) shares the transformer and VAE but encodes prompts with Mistral 3 through a
-Pixtral processor and has a guidance embedding; it is not covered here (see the README's family table).
+FLUX.2 dev (Flux2Pipeline, `Flux2Dev` below) shares the transformer, VAE, packing and σ shift (the same
+empirical μ at the same 50 steps); only two things differ, read off Flux2Pipeline:
+* prompts: Mistral 3 (Mistral3ForConditionalGeneration) reads the prompt after the pipeline's system
+  message, through the chat template of its Pixtral processor; hidden states 10, 20 and 30 are stacked.
+* a guidance embedding (guidance-distilled, like FLUX.1-dev): the pipeline feeds its guidance_scale
+  (4.0 by default) to it. Training feeds a fixed value, as the FLUX.1 family does (see Flux2Dev).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -92,6 +97,7 @@ class Flux2Klein(FlowFamily):
     recipe = RECIPE
     t5_max_length = 512          # the pipeline's max_sequence_length (Qwen3 tokens)
     inference_guidance = 4.0     # the pipeline's default classifier-free guidance
+    text_layers = TEXT_LAYERS
 
     def sigma_grid(self, pipe: Any, image_seq_len: int) -> torch.Tensor:
         mu = recipes.flux2_empirical_mu(image_seq_len, SHIFT_STEPS)
@@ -100,7 +106,8 @@ class Flux2Klein(FlowFamily):
     @torch.no_grad()
     def encode_prompts(self, pipe: Any, prompts: list[str], device: torch.device) -> dict[str, torch.Tensor]:
         embeds, _ids = pipe.encode_prompt(
-            prompt=prompts, device=device, max_sequence_length=self.t5_max_length, text_encoder_out_layers=TEXT_LAYERS,
+            prompt=prompts, device=device, max_sequence_length=self.t5_max_length,
+            text_encoder_out_layers=self.text_layers,
         )
         return {"prompt_embeds": embeds}
 
@@ -117,17 +124,20 @@ class Flux2Klein(FlowFamily):
     def training_loss(
         self, pipe: Any, denoiser: torch.nn.Module, latents: torch.Tensor, cond: dict[str, torch.Tensor]
     ) -> torch.Tensor:
-        _, _, h, w = latents.shape
+        b, _, h, w = latents.shape
         dtype, device = denoiser.dtype, latents.device
         embeds = cond["prompt_embeds"].to(device=device, dtype=dtype)
         img_ids = image_ids(h // 2, w // 2, device)
         txt_ids = text_ids(embeds.shape[1], device)
+        guidance = None
+        if denoiser.config.guidance_embeds:      # dev; klein's transformer has none
+            guidance = torch.full((b,), self.recipe.guidance, device=device, dtype=torch.float32)
 
         def predict(noisy: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
             out = denoiser(
                 hidden_states=pack(patchify(noisy.to(dtype))),
                 timestep=sigmas,                 # the pipeline passes t/1000 = σ; the model scales it
-                guidance=None,                   # klein has no guidance embedding
+                guidance=guidance,
                 encoder_hidden_states=embeds,
                 txt_ids=txt_ids,
                 img_ids=img_ids,
@@ -139,3 +149,40 @@ class Flux2Klein(FlowFamily):
 
     def to_comfyui(self, state: dict[str, torch.Tensor], rank: int, alpha: float) -> dict[str, torch.Tensor]:
         return lora_keys.to_kohya_flux2(state, alpha)
+
+
+# The Mistral 3 hidden states Flux2Pipeline stacks (its default text_encoder_out_layers).
+DEV_TEXT_LAYERS = (10, 20, 30)
+# Training feeds the guidance embedding 1.0, as this project's FLUX.1 family does and as DiffSynth-Studio's
+# FLUX.2 trainer does (its `embedded_guidance`); diffusers' FLUX.2 DreamBooth script feeds its
+# --guidance_scale, 3.5 by default. The embedding itself is never a LoRA target, so it stays as trained.
+DEV_RECIPE = recipes.FlowMatchingRecipe(guidance=1.0)
+
+
+class Flux2Dev(Flux2Klein):
+    """FLUX.2 dev: klein's recipe with Mistral 3 prompts and a guidance embedding."""
+
+    name = "flux2-dev"
+    pipeline_class_name = "Flux2Pipeline"
+    recipe = DEV_RECIPE
+    text_layers = DEV_TEXT_LAYERS
+    inference_guidance = 4.0     # Flux2Pipeline's default guidance_scale (embedded, not classifier-free)
+    diffusers_loading = (
+        "`pipe.load_lora_weights(folder)` (diffusers reads the alpha from the metadata; without torchvision, "
+        "load the pipeline with `tokenizer=None` and set "
+        "`pipe.tokenizer = AutoTokenizer.from_pretrained(<model>/tokenizer)`)")
+
+    def preloaded_components(self, path: Path) -> dict[str, Any]:
+        return {"tokenizer": None}      # load_pipeline puts the tokenizer in
+
+    def load_pipeline(self, model_path: str | Path, dtype: torch.dtype) -> Any:
+        """The pipeline with the text half of its Pixtral processor as the tokenizer. Text-to-image uses
+        only that half (the chat template and the tokenizer); the image half serves reference images and
+        prompt upsampling. transformers builds a PixtralProcessor only with torchvision installed, which
+        the trainer image does not carry, and diffusers accepts no plain tokenizer in its place, hence
+        the tokenizer loaded apart and set on the loaded pipeline."""
+        from transformers import AutoTokenizer
+
+        pipe = super().load_pipeline(model_path, dtype)      # checks the folder; skips the tokenizer
+        pipe.tokenizer = AutoTokenizer.from_pretrained(str(Path(model_path) / "tokenizer"))
+        return pipe

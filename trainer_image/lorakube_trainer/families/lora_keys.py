@@ -27,6 +27,9 @@ scalar `<name>.alpha`; ComfyUI scales by alpha / rank(lora_down). Names per fami
     Z-Image      lycoris_<diffusers module path, dots -> underscores>
                  (ComfyUI's Lumina2/Z-Image key map lists this SimpleTuner name, and `transformer.<path>`,
                  for every diffusers module and slices to_q/to_k/to_v into its fused qkv itself)
+    Qwen-Image   lora_unet_<diffusers module path, dots -> underscores>
+                 (ComfyUI's Qwen-Image model keeps diffusers' module names, so its generic lora_unet_
+                 map covers every layer; diffusers' Qwen-Image kohya reader takes the same names)
 Every `.alpha` in an export equals the trained alpha.
 """
 

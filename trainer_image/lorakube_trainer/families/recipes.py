@@ -91,11 +91,18 @@ def flux2_empirical_mu(image_seq_len: int, num_steps: int) -> float:
     return float(at_200 + slope * (num_steps - 200))
 
 
+def stretch_to_terminal(sigmas: torch.Tensor, terminal: float) -> torch.Tensor:
+    """The scheduler's `shift_terminal`: 1 - σ scaled so that the grid ends at σ = terminal."""
+    one_minus = 1.0 - sigmas
+    return 1.0 - one_minus / (one_minus[-1] / (1.0 - terminal))
+
+
 def shifted_sigma_grid(scheduler_config: Mapping[str, Any], image_seq_len: int, n: int) -> torch.Tensor:
     """The σ grid the family's own scheduler config implies at this resolution.
 
     With `use_dynamic_shifting` (FLUX) the shift depends on the image token count exactly as at
-    inference; otherwise the static `shift` of the config applies (SD3/SD3.5: 3.0).
+    inference; otherwise the static `shift` of the config applies (SD3/SD3.5: 3.0). A config's
+    `shift_terminal` (Qwen-Image: 0.02) then stretches the grid to end there, as set_timesteps does.
     """
     base = flow_base_sigmas(n)
     if scheduler_config.get("use_dynamic_shifting", False):
@@ -106,8 +113,11 @@ def shifted_sigma_grid(scheduler_config: Mapping[str, Any], image_seq_len: int, 
             float(scheduler_config.get("base_shift", 0.5)),
             float(scheduler_config.get("max_shift", 1.15)),
         )
-        return shift_sigmas_exponential(base, mu)
-    return shift_sigmas_static(base, float(scheduler_config.get("shift", 1.0)))
+        grid = shift_sigmas_exponential(base, mu)
+    else:
+        grid = shift_sigmas_static(base, float(scheduler_config.get("shift", 1.0)))
+    terminal = scheduler_config.get("shift_terminal")
+    return stretch_to_terminal(grid, float(terminal)) if terminal else grid
 
 
 def sample_grid_indices(batch: int, n: int, recipe: FlowMatchingRecipe, device: torch.device) -> torch.Tensor:
