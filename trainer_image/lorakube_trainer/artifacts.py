@@ -51,7 +51,7 @@ class MetricsWriter:
                 fh.write(json.dumps(body, sort_keys=True) + "\n")
 
 
-def _truncate_after(path: Path, step: int) -> None:
+def _lines_upto(path: Path, step: int) -> list[str]:
     kept = []
     if path.is_file():
         for line in path.read_text().splitlines():
@@ -60,7 +60,39 @@ def _truncate_after(path: Path, step: int) -> None:
                     kept.append(line)
             except ValueError:
                 continue            # a line cut short by the interruption
-    atomic_write_text(path, "".join(f"{line}\n" for line in kept))
+    return kept
+
+
+def _truncate_after(path: Path, step: int) -> None:
+    atomic_write_text(path, "".join(f"{line}\n" for line in _lines_upto(path, step)))
+
+
+METRICS_FILES = (contract.ARTIFACT_METRICS, contract.ARTIFACT_TIMINGS)
+
+
+def save_metrics_with_checkpoint(output: Path, folder: Path, step: int) -> list[str]:
+    """Rank 0, into the checkpoint of `step` (before its marker, which then hashes them): the metric
+    lines of steps 1..`step` from `output`. A checkpoint in a bucket is resumed on any node, whose
+    output folder may not hold the earlier lines (a node-local folder, a Hub repo's working folder)."""
+    names = []
+    for name in METRICS_FILES:
+        if (output / name).is_file():
+            atomic_write_text(folder / name, "".join(f"{line}\n" for line in _lines_upto(output / name, step)))
+            names.append(name)
+    return names
+
+
+def restore_metrics_from_checkpoint(folder: Path, output: Path, step: int) -> list[str]:
+    """Rank 0, on resume: the checkpoint's metric lines (steps 1..`step`, as that run wrote them)
+    replace the output's, which may lack them (another node's folder) or hold steps past the
+    checkpoint (run again now); a checkpoint without them leaves the output's as they are."""
+    restored = []
+    for name in METRICS_FILES:
+        if (folder / name).is_file():
+            output.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(output / name, "".join(f"{line}\n" for line in _lines_upto(folder / name, step)))
+            restored.append(name)
+    return restored
 
 
 def save_comfyui(family: Family, state: dict[str, torch.Tensor], path: Path, rank: int, alpha: float) -> None:

@@ -29,7 +29,7 @@ from lorakube_api import contract
 
 from . import checkpoint as ckpt
 from . import remote, shutdown, storage
-from .artifacts import MetricsWriter
+from .artifacts import MetricsWriter, save_metrics_with_checkpoint
 from .config import ConfigError, TrainConfig
 from .data import DataPosition
 from .metrics_server import TrainingMetrics
@@ -248,6 +248,9 @@ def save_checkpoint(trainer: pl.Trainer, module: LoRAModule, cfg: TrainConfig, s
             "grad_scaler": None if scaler is None else scaler.state_dict(),
             "config": cfg.to_json(),
         })
+        if storage.remote_of(root) is not None:
+            # Resumed on another node, the run finds its earlier metric lines here (train.py).
+            save_metrics_with_checkpoint(Path(cfg.output_path), tmp, step)
     trainer.strategy.barrier("lorakube-ckpt-written")
     if trainer.is_global_zero:
         if storage.remote_of(root) is not None:

@@ -83,9 +83,20 @@ def _stage_inputs(cfg: TrainConfig, topology: Topology, env: MutableMapping[str,
     if "LOCAL_RANK" in env:
         return None
     try:
-        remote.stage_inputs(cfg, env, report=topology.node_rank == 0)
+        folders = remote.stage_inputs(cfg, env, report=topology.node_rank == 0)
     except StorageError as exc:
         return _fail(contract.EXIT_USER_ERROR, f"storage: {exc}")
+    if "dataset_path" in folders:
+        # A staged dataset is checked here, once for the pod (and marked checked in its cache
+        # entry for every later process: dataset_checked.py), before any local rank starts.
+        from .dataset_checked import load_records_once
+        from .dataset_layout import DatasetError
+
+        try:
+            load_records_once(folders["dataset_path"], cfg.max_image_pixels, dataset_format=cfg.dataset_format,
+                              default_caption=cfg.default_caption, caption_extension=cfg.caption_extension)
+        except DatasetError as exc:
+            return _fail(contract.EXIT_DATASET_ERROR, f"{contract.DATASET_ERROR_PREFIX}: {exc}")
     env[remote.ENV_INPUTS_STAGED] = str(os.getpid())
     return None
 

@@ -104,9 +104,11 @@ class Throttle:
         return False
 
 
-def max_bytes_from_env(env: Mapping[str, str]) -> int | None:
-    """The cap in bytes, or None (no cap). Accepts a plain number or one with a K/M/G/T(i) suffix."""
-    raw = (env.get(ENV_CACHE_MAX_BYTES) or "").strip()
+def max_bytes_from_env(env: Mapping[str, str], name: str = ENV_CACHE_MAX_BYTES,
+                       unset: str = "no cap") -> int | None:
+    """The cap in bytes, or None (unset: `unset` applies). Accepts a plain number or one with a
+    K/M/G/T(i) suffix. `name`: the variable (archives.py reads its own cap the same way)."""
+    raw = (env.get(name) or "").strip()
     if not raw:
         return None
     units = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
@@ -116,9 +118,9 @@ def max_bytes_from_env(env: Mapping[str, str]) -> int | None:
     try:
         value = int(float(number) * units[suffix])
     except (ValueError, KeyError):
-        raise ValueError(f"{ENV_CACHE_MAX_BYTES}={raw!r} is not a size; give bytes, such as 50000000000 or 50Gi") from None
+        raise ValueError(f"{name}={raw!r} is not a size; give bytes, such as 50000000000 or 50Gi") from None
     if value <= 0:
-        raise ValueError(f"{ENV_CACHE_MAX_BYTES}={raw!r} must be more than 0 (unset it for no cap)")
+        raise ValueError(f"{name}={raw!r} must be more than 0 (unset it for {unset})")
     return value
 
 

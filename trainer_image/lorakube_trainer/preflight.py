@@ -134,8 +134,8 @@ def check_dataset(cfg: TrainConfig) -> None:
     there: the one stage that reads the whole dataset, once per pod, before torch loads. A folder
     holding no dataset fails as "dataset not readable" (EXIT_PREFLIGHT_DATASET); a malformed one
     names the file or row (EXIT_DATASET_ERROR, as when the loader meets a bad image later).
-    Remote datasets (s3://, hf://, modelscope://, https://) are checked the same way after staging
-    (train.py)."""
+    Remote datasets (s3://, hf://, modelscope://, https://) are checked the same way after staging,
+    once per cache entry (dataset_checked.py, from cli.py and train.py)."""
     if locations.is_remote_input(cfg.dataset_path):
         check_remote(cfg.dataset_path, contract.EXIT_PREFLIGHT_DATASET, "dataset not readable", write=False,
                      role="dataset")

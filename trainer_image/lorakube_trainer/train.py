@@ -18,12 +18,13 @@ from lorakube_api import contract
 
 from . import checkpoint as ckpt
 from . import buckets, modelscope_repos, remote, shutdown, storage
-from .artifacts import (MetricsWriter, check_comfyui, check_loaded, save_comfyui,
+from .artifacts import (MetricsWriter, check_comfyui, check_loaded, restore_metrics_from_checkpoint, save_comfyui,
                         write_json, write_manifest, write_model_card)
 from .caching import cache_folder
 from .callbacks import FinalStateCallback, ResumeCallback, SigtermCallback, StepCallback
 from .config import ConfigError, TrainConfig
 from .data import DataPosition, Record, load_records
+from .dataset_checked import load_records_once
 from .dataset_layout import ENV_DATASET_CHECKED
 from .datamodule import CaptionDataModule
 from .distributed import Topology, needs_rendezvous_check, plan_topology, wait_for_master
@@ -90,12 +91,22 @@ def _run(cfg: TrainConfig, env: Mapping[str, str], live: TrainingMetrics, strate
     # pod's first process staged them before torch loaded (cli.py): then they are in the cache.
     report = _planned_global_rank(topology, env) == 0 and not remote.inputs_staged_by_this_pod(env)
     cfg, where = remote.localize(cfg, env, topology.node_rank, report_staging=report)
-    # Every image was read by this pod's preflight already, unless the dataset was staged just now.
-    records = load_records(cfg.dataset_path, cfg.max_image_pixels, dataset_format=cfg.dataset_format,
-                           default_caption=cfg.default_caption, caption_extension=cfg.caption_extension,
-                           verify_images=env.get(ENV_DATASET_CHECKED) != cfg.dataset_path)
+    # Every image was read by this pod's preflight already (a dataset on a volume), or by the first
+    # process that used the dataset's cache entry on this node (a staged one: dataset_checked.py).
+    options = {"dataset_format": cfg.dataset_format, "default_caption": cfg.default_caption,
+               "caption_extension": cfg.caption_extension}
+    if where.dataset:
+        records = load_records_once(cfg.dataset_path, cfg.max_image_pixels, **options)
+    else:
+        records = load_records(cfg.dataset_path, cfg.max_image_pixels, **options,
+                               verify_images=env.get(ENV_DATASET_CHECKED) != cfg.dataset_path)
     loaded = ckpt.resolve_resume(cfg.resume, Path(cfg.checkpoint_dir))
     start_step = 0 if loaded is None else loaded.step
+    if loaded is not None and _planned_global_rank(topology, env) == 0:
+        # A checkpoint from a bucket carries the metric lines up to its step (callbacks.py).
+        restored = restore_metrics_from_checkpoint(loaded.folder, Path(cfg.output_path), loaded.step)
+        if restored:
+            log.info("restored %s up to step %d from %s", ", ".join(restored), loaded.step, loaded.folder)
     if loaded is not None:
         log.info("resuming from %s (step %d of %d)", loaded.folder, loaded.step, cfg.total_steps)
         if loaded.state.get("world_size") != topology.world_size:

@@ -409,6 +409,24 @@ def test_https_standin_zip_with_dotdot_member_is_refused(https, tmp_path):
         archives.stage_input(url, _env(tmp_path, https))
 
 
+def test_https_standin_archive_bomb_is_refused_and_nothing_is_kept(https, tmp_path):
+    zipped = io.BytesIO()
+    with zipfile.ZipFile(zipped, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("set/a.txt", b"a cat")
+        zf.writestr("set/zeros.bin", bytes(4 << 20))       # 4 MiB in a few kilobytes
+    url = https.put("bomb.zip", zipped.getvalue())
+    env = {**_env(tmp_path, https), archives.ENV_MAX_BYTES: "1Mi"}
+    with pytest.raises(storage.StorageError, match=rf"{url}: archive member 'set/zeros.bin' takes the extracted size "
+                                                   rf"past 1048576 bytes \({archives.ENV_MAX_BYTES}\)"):
+        archives.stage_input(url, env)
+    inputs = tmp_path / "cache" / "inputs"
+    assert not any(p.is_dir() for p in inputs.iterdir()), sorted(p.name for p in inputs.iterdir())
+    # Raised for this archive, it is staged (and taken from the cache afterwards).
+    staged = archives.stage_input(url, {**env, archives.ENV_MAX_BYTES: "5Mi"})
+    assert (staged / "zeros.bin").stat().st_size == 4 << 20
+    assert (staged / input_cache.STAGED_MARKER).is_file()
+
+
 def test_https_standin_tampered_or_short_archive_is_not_used(https, tmp_path):
     body = _tar({"a.txt": b"hello"})
     url = https.put("set.tar.gz", body)
@@ -478,6 +496,10 @@ def test_hub_standins_model_and_dataset_in_lora_out_through_the_trainer(hub, mod
     code, log = _cli(_flags("hf://org/tiny-flux", dataset_url, "hf://org/cats-lora/run1",
                             tmp_path / "ckpt1", "--modelscope_model_id", "org/cats-lora"), env, tmp_path / "run1.log")
     assert code == 0, log[-4000:]
+    # The staged dataset's images were read once, by the first process (dataset_checked.py); the
+    # training process only listed the records.
+    assert log.count("the other processes using cache entry") == 1, log[-4000:]
+    assert "images (headers checked by preflight)" in log and "images checked in" in log, log[-4000:]
     repo = hub.files("org/cats-lora")
     manifest = json.loads(repo[f"run1/{contract.ARTIFACT_MANIFEST}"])
     assert contract.ARTIFACT_LORA_DIFFUSERS in manifest["files"]

@@ -140,6 +140,42 @@ def test_s3_in_and_out_resume_from_the_bucket_and_a_second_run_downloads_nothing
         assert s3_server.secret_key not in (tmp_path / f"{name}.log").read_text(), name
 
 
+def _steps(text: str) -> list[int]:
+    return [json.loads(line)["step"] for line in text.splitlines()]
+
+
+# Two tiny trainings (about 2 minutes on 2 busy cores): slow tier.
+@pytest.mark.slow
+def test_a_resume_on_another_node_keeps_one_metric_line_per_step(s3_server, buckets, tmp_path: Path):
+    """Checkpoints in the bucket, the output on each node's own disk: the node that resumes has no
+    earlier metric lines of its own; they come with the checkpoint, up to its step only."""
+    fs = s3_server.filesystem()
+    checkpoints = "s3://loras/node-local-output/checkpoints"
+    out_a, out_b = tmp_path / "out-node-a", tmp_path / "out-node-b"
+    # Crashes after step 5: the newest checkpoint is step 4, and node A's line of step 5 is from a
+    # future the resume discards.
+    code, log = _train(s3_server, tmp_path, "first", ["--crash-after-step", "5", *_flags(
+        buckets, str(out_a), "--checkpoint_dir", checkpoints)], tmp_path / "cache-node-a")
+    assert code != 0, log[-4000:]
+    assert _steps((out_a / contract.ARTIFACT_METRICS).read_text()) == [1, 2, 3, 4, 5]
+    for name in (contract.ARTIFACT_METRICS, contract.ARTIFACT_TIMINGS):
+        assert _steps(fs.cat_file(f"loras/node-local-output/checkpoints/step-000000004/{name}").decode()) == \
+            [1, 2, 3, 4], name
+    marker = json.loads(fs.cat_file(f"loras/node-local-output/checkpoints/step-000000004/"
+                                    f"{contract.CHECKPOINT_COMPLETE_MARKER}"))
+    assert contract.ARTIFACT_METRICS in marker["files"]          # hashed with the checkpoint
+
+    code, log = _train(s3_server, tmp_path, "second", _flags(buckets, str(out_b), "--checkpoint_dir", checkpoints),
+                       tmp_path / "cache-node-b")
+    assert code == 0, log[-4000:]
+    assert "(step 4 of 6)" in log and f"restored {contract.ARTIFACT_METRICS}" in log
+    for name in (contract.ARTIFACT_METRICS, contract.ARTIFACT_TIMINGS):
+        assert _steps((out_b / name).read_text()) == [1, 2, 3, 4, 5, 6], name
+    manifest = json.loads((out_b / contract.ARTIFACT_MANIFEST).read_text())
+    assert manifest["files"][contract.ARTIFACT_METRICS]["sha256"] == _sha256(
+        (out_b / contract.ARTIFACT_METRICS).read_bytes())
+
+
 def test_a_changed_object_is_downloaded_again_and_a_partial_download_is_never_used(s3_server, tmp_path: Path):
     s3_server.create_bucket("staging")
     fs = s3_server.filesystem()
