@@ -439,7 +439,7 @@ def observe(kube: Kube, body: Mapping[str, Any], pods: Iterable[PodView], now: d
         if parsed.resources.service_account_name and len(present) < parsed.resources.num_nodes:
             sa_exists = kube.service_account_exists(job.namespace, parsed.resources.service_account_name)
     tails = {name: kube.log_tail(job.namespace, name, reconcile.LOG_TAIL_LINES)
-             for name in reconcile.pods_needing_log_tail(status, pods, job.uid)}
+             for name in reconcile.pods_needing_log_tail(status, pods, job.uid, parsed, now)}
     nodes = {name: kube.node_state(name) for name in reconcile.nodes_to_check(status, pods, job.uid, now)}
     workload_name = reconcile.workload_to_read(status, parsed, pods, job)
     workload = kube.get_workload(job.namespace, workload_name) if workload_name else None
