@@ -11,6 +11,9 @@ crash), deletes every job, and prints one table row per system:
   appearing (created) or reported Running; p50 / p99 over the N jobs;
 - failure -> new gang: from the kill to the last pod of the replacement gang appearing (the
   indexed Job and the PyTorchJob replace only the failed pod: that pod's replacement);
+- pod DELETEs/restart: the controller's pod DELETE requests in the audit log from the first kill
+  until the jobs are deleted, divided by the crashed jobs: P for lorakube, whose gang restart
+  deletes each pod of the failed attempt once (more means a pod was asked for twice);
 - delete -> gone: from the DELETE to the job object's DELETED event;
 - API req/job: the controller's requests in the apiserver's audit log while the jobs ran (creation
   to all Running), divided by N; 409s are creates answered "already exists";
@@ -89,6 +92,9 @@ class Row:
     expected: int
     requests_per_job: float | None
     create_conflicts: str
+    # Pod DELETEs the controller sent after the crashes (None: no audit log), and the crashes.
+    restart_deletes: int | None
+    crashes: int
     cpu_seconds: float | None
     peak_rss_mib: float | None
     breakdown: Counter
@@ -100,12 +106,15 @@ class Row:
                 spread(self.deleted, 1.0),
                 "-" if self.requests_per_job is None else f"{self.requests_per_job:.1f}",
                 self.create_conflicts,
+                "-" if self.restart_deletes is None or not self.crashes
+                else f"{self.restart_deletes / self.crashes:.1f}",
                 "-" if self.cpu_seconds is None else f"{self.cpu_seconds:.1f}",
                 "-" if self.peak_rss_mib is None else f"{self.peak_rss_mib:.0f}"]
 
 
 HEADER = ["system", "jobs x pods", "created p50/p99 s", "Running p50/p99 s", "failure->new gang p50/max s",
-          "delete->gone p50/max s", "API req/job", "pod creates 409", "controller CPU s", "peak RSS MiB"]
+          "delete->gone p50/max s", "API req/job", "pod creates 409", "pod DELETEs/restart", "controller CPU s",
+          "peak RSS MiB"]
 
 
 def table(rows: list[Row]) -> str:
@@ -405,8 +414,12 @@ def run_system(system: System, api: client.ApiClient, cluster: LocalCluster, job
         created.append(max(g[2] for g in gang) - seen)
         if all(g[3] for g in gang):
             running.append(max(g[3] for g in gang) - seen)
-    calm_requests = [e for e in audit.requests(cluster.layout.audit_log, system.user, start, settled)
-                     if system.user_agent is None or e.get("userAgent", "").startswith(system.user_agent)]
+
+    def controller_requests(since: float, until: float) -> list[dict[str, Any]]:
+        return [e for e in audit.requests(cluster.layout.audit_log, system.user, since, until)
+                if system.user_agent is None or e.get("userAgent", "").startswith(system.user_agent)]
+
+    calm_requests = controller_requests(start, settled)
 
     # Crash one pod of some jobs at once; time until the replacement gang exists.
     victims = {}
@@ -424,6 +437,9 @@ def run_system(system: System, api: client.ApiClient, cluster: LocalCluster, job
     # Delete every job; time until each object is gone.
     wait_until(lambda: all(len([g for g in watcher.gang(n, k) if g[3]]) >= replaced_need
                            for n, k in victims.items()), 60.0)
+    # The restarts' pod DELETEs: from the first kill until the jobs' own deletion begins.
+    restart_deletes = sum(1 for e in controller_requests(min(victims.values(), default=time.time()), time.time())
+                          if e["verb"] == "delete" and e.get("objectRef", {}).get("resource") == "pods")
     asked = {}
     for name in names:
         asked[name] = time.time()
@@ -443,6 +459,7 @@ def run_system(system: System, api: client.ApiClient, cluster: LocalCluster, job
         deleted=deleted, expected=jobs,
         requests_per_job=len(calm_requests) / jobs if cluster.layout.audit_log.exists() else None,
         create_conflicts=f"{refused}/{len(creates)}",
+        restart_deletes=restart_deletes if cluster.layout.audit_log.exists() else None, crashes=len(victims),
         cpu_seconds=None if cpu_before is None or cpu_after is None else cpu_after - cpu_before,
         peak_rss_mib=peak_rss_mib(pid), breakdown=breakdown,
     )

@@ -178,6 +178,12 @@ class Expectations:
         with self._lock:
             self._pods.setdefault(key, {})[(view.name, view.attempt)] = (view, self.clock())
 
+    def expected(self, key: JobKey, name: str, attempt: int) -> PodView | None:
+        """The view of a pod this operator created that the index has not shown yet, if any."""
+        with self._lock:
+            found = self._pods.get(key, {}).get((name, attempt))
+        return found[0] if found else None
+
     def deleted(self, key: JobKey, view: PodView) -> None:
         """A pod this operator deleted (`view`: as the DELETE answered, or as last seen marked
         deleting when the API said it was already gone)."""
@@ -433,7 +439,7 @@ def observe(kube: Kube, body: Mapping[str, Any], pods: Iterable[PodView], now: d
         if parsed.resources.service_account_name and len(present) < parsed.resources.num_nodes:
             sa_exists = kube.service_account_exists(job.namespace, parsed.resources.service_account_name)
     tails = {name: kube.log_tail(job.namespace, name, reconcile.LOG_TAIL_LINES)
-             for name in reconcile.pods_needing_log_tail(status, pods, job.uid)}
+             for name in reconcile.pods_needing_log_tail(status, pods, job.uid, parsed, now)}
     nodes = {name: kube.node_state(name) for name in reconcile.nodes_to_check(status, pods, job.uid, now)}
     workload_name = reconcile.workload_to_read(status, parsed, pods, job)
     workload = kube.get_workload(job.namespace, workload_name) if workload_name else None
@@ -496,8 +502,13 @@ def act(kube: Kube, obs: reconcile.Observation, decision: reconcile.Decision) ->
     except Rejected as exc:
         failed = reconcile.rejected(obs, _describe(decision), str(exc))
         kube.patch_job_status(job.namespace, job.name, failed.status_patch)
+        # Remembered as deleted like any other deletion (as created: the index may not show
+        # them yet), or the failed job's next pass would see them alive and delete them again.
+        attempts = {m["metadata"]["name"]: int(m["metadata"]["labels"][contract.LABEL_ATTEMPT])
+                    for m in decision.create_pods}
         for name in created:
-            kube.delete_pod(job.namespace, name)
+            seen = kube.expectations.expected((job.namespace, job.name), name, attempts[name])
+            kube.delete_pod(job.namespace, name, job=job.name, seen=seen)
         return _outcome(obs, events + _created(decision, created) + list(failed.events),
                         phase=_phase(obs, failed.status_patch))
     except Transient as exc:

@@ -109,14 +109,21 @@ def current_attempt(status: Mapping[str, Any]) -> int:
     return int(status.get("attempt") or 1)
 
 
-def pods_needing_log_tail(status: Mapping[str, Any], pods: Sequence[PodView], uid: str) -> list[str]:
-    """Failed pods of the current attempt whose log tail a failure record may need; fetched only
-    while the job is still live, so a finished job costs no log reads."""
+def pods_needing_log_tail(status: Mapping[str, Any], pods: Sequence[PodView], uid: str,
+                          spec: JobSpec | None = None, now: dt.datetime | None = None) -> list[str]:
+    """Failed pods of the current attempt whose log tail a failure record may need, and the pod
+    the stall rule blames (rank 0) in the pass where it fires, so lastFailure shows where staging
+    stood; fetched only while the job is still live, so a finished job costs no log reads."""
     if status.get("phase") in st.TERMINAL_PHASES or status.get("phase") == st.RESTARTING:
         return []
     attempt = current_attempt(status)
-    return [p.name for p in pods
-            if p.owner_uid == uid and p.attempt == attempt and p.phase == POD_FAILED]
+    current = [p for p in pods if p.owner_uid == uid and p.attempt == attempt]
+    names = [p.name for p in current if p.phase == POD_FAILED]
+    if spec is not None and now is not None and current and staging_stall_due(status, spec, now):
+        blamed = _stall_blames([p for p in current if p.rank < spec.resources.num_nodes] or current)
+        if blamed.name not in names:
+            names.append(blamed.name)
+    return names
 
 
 def overdue(pod: PodView, now: dt.datetime) -> bool:
@@ -408,31 +415,25 @@ def _staging_stalled(plan: _Plan, spec: JobSpec, current: Mapping[int, PodView])
     obs = plan.obs
     limit = spec.run_policy.staging_progress_deadline_seconds
     attempt = plan.status["attempt"]
-    report = (obs.status.get("progress") or {}).get("staging") or {}
-    report = report if report.get("attempt") == attempt else {}
-    seen = plan.status.get("stagingSeen") or {}
-    seen = seen if seen.get("attempt") == attempt else {}
-    seen_at = parse_time(seen.get("at"))
-    if report:
-        value = {"attempt": attempt, "input": report.get("input"), "bytesDone": report.get("bytesDone")}
-        if {k: seen.get(k) for k in value} != value:
-            # Progress since the note: note it now, unless the note is younger than the refresh
-            # period (then look again when it is due, so a stall right after is still measured).
-            refresh = min(STAGING_SEEN_REFRESH_SECONDS, limit / 4)
-            age = None if seen_at is None else (obs.now - seen_at).total_seconds()
-            if age is None or age >= refresh:
-                plan.status["stagingSeen"] = {**value, "at": format_time(obs.now)}
-                plan.requeue(limit)
-            else:
-                plan.requeue(refresh - age)
-            return None
-    staging = st.condition(plan.status["conditions"], "Staging") or {}
-    since = [t for t in (seen_at, parse_time(staging.get("lastTransitionTime"))) if t is not None]
-    left = (max(since) - obs.now).total_seconds() + limit if since else limit
+    report, seen = _staging_reports(obs.status.get("progress"), plan.status.get("stagingSeen"), attempt)
+    value = _new_staging_report(report, seen, attempt)
+    if value is not None:
+        # Progress since the note: note it now, unless the note is younger than the refresh
+        # period (then look again when it is due, so a stall right after is still measured).
+        seen_at = parse_time(seen.get("at"))
+        refresh = min(STAGING_SEEN_REFRESH_SECONDS, limit / 4)
+        age = None if seen_at is None else (obs.now - seen_at).total_seconds()
+        if age is None or age >= refresh:
+            plan.status["stagingSeen"] = {**value, "at": format_time(obs.now)}
+            plan.requeue(limit)
+        else:
+            plan.requeue(refresh - age)
+        return None
+    left = _stall_left(plan.status, seen, limit, obs.now)
     if left > 0:
         plan.requeue(left)
         return None
-    rank0 = current.get(0) or next(iter(sorted(current.values(), key=lambda p: p.rank)))
+    rank0 = _stall_blames(list(current.values()))
     field = f"spec.runPolicy.stagingProgressDeadlineSeconds is {limit}"
     if report:
         total = report.get("bytesTotal")
@@ -443,6 +444,47 @@ def _staging_stalled(plan: _Plan, spec: JobSpec, current: Mapping[int, PodView])
         explain = (f"sent no staging report in {limit}s of Staging ({field}): its staging hangs before the "
                    f"first input begins, or it cannot patch the job's status.progress (see its log)")
     return failures.staging_stalled(rank0, explain)
+
+
+def staging_stall_due(status: Mapping[str, Any], spec: JobSpec, now: dt.datetime) -> bool:
+    """Whether the stall rule fails the current attempt in a pass at `now` (what decide would
+    find), so `observe` reads rank 0's log tail for the failure record in that pass only."""
+    if status.get("phase") != st.STAGING:
+        return False
+    attempt = current_attempt(status)
+    report, seen = _staging_reports(status.get("progress"), status.get("stagingSeen"), attempt)
+    if _new_staging_report(report, seen, attempt) is not None:
+        return False
+    return _stall_left(status, seen, spec.run_policy.staging_progress_deadline_seconds, now) <= 0
+
+
+def _staging_reports(progress: Mapping[str, Any] | None, seen: Mapping[str, Any] | None,
+                     attempt: int) -> tuple[Mapping[str, Any], Mapping[str, Any]]:
+    """This attempt's staging report (status.progress.staging) and the operator's note of the last
+    one it saw (status.stagingSeen); empty when they belong to an earlier attempt or are absent."""
+    report = (progress or {}).get("staging") or {}
+    seen = seen or {}
+    return (report if report.get("attempt") == attempt else {}), (seen if seen.get("attempt") == attempt else {})
+
+
+def _new_staging_report(report: Mapping[str, Any], seen: Mapping[str, Any], attempt: int) -> dict[str, Any] | None:
+    """The note a report the operator has not noted yet calls for; None when there is nothing new."""
+    if not report:
+        return None
+    value = {"attempt": attempt, "input": report.get("input"), "bytesDone": report.get("bytesDone")}
+    return value if {k: seen.get(k) for k in value} != value else None
+
+
+def _stall_left(status: Mapping[str, Any], seen: Mapping[str, Any], limit: int, now: dt.datetime) -> float:
+    """Seconds until the stall deadline, from the later of the note and the Staging transition."""
+    staging = st.condition(status.get("conditions") or [], "Staging") or {}
+    since = [t for t in (parse_time(seen.get("at")), parse_time(staging.get("lastTransitionTime"))) if t is not None]
+    return (max(since) - now).total_seconds() + limit if since else limit
+
+
+def _stall_blames(current: Sequence[PodView]) -> PodView:
+    """Rank 0 (the one that stages), or the lowest rank there is."""
+    return min(current, key=lambda p: p.rank)
 
 
 def time_to_running(obs: Observation, attempt: int, pods: Sequence[PodView]) -> tuple[str, float] | None:

@@ -2,7 +2,7 @@
 nothing more (the connection stays open, as a hung server or a half-dead link leaves it). The
 trainer's staging hangs with no error of its own; the operator's stall rule
 (spec.runPolicy.stagingProgressDeadlineSeconds) restarts the gang with reason StagingStalled, naming
-where the bytes stopped (tests/unit/operator/test_staging_phase.py covers the rest of the rule: the
+where the bytes stopped, with rank 0's last log lines (tests/unit/operator/test_staging_phase.py covers the rest of the rule: the
 job fails once maxRestarts is spent, bytes that keep arriving never stall). The server is an https
 stand-in on the node bridge's address (localcluster/hub_standins.py), which only the host and its
 pods reach."""
@@ -116,6 +116,9 @@ def test_staging_that_stops_restarts_the_gang_with_reason_staging_stalled(
     failure = status["lastFailure"]
     assert failure["reason"] == contract.STAGING_STALLED and failure["pod"] == contract.pod_name(name, 0), failure
     assert where in failure["message"] and f"staged nothing new for {STALL_SECONDS}s" in failure["message"], failure
+    # Rank 0's last log lines (read as the stall fired: it still ran) show where the trainer stood.
+    last = [line for line in failure.get("logTail", "").splitlines() if f'"event": "{contract.STAGING_EVENT}"' in line]
+    assert last and f'"bytesDone": {SENT_BEFORE_STALL}' in last[-1], failure
     assert status["restarts"] == 1
     events = json.loads(local_cluster.kubectl("get", "events", "-n", job_namespace, "-o", "json", check=True).stdout)
     stalled = [e["message"] for e in events["items"]

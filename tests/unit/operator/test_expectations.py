@@ -133,3 +133,15 @@ def test_a_created_then_deleted_pod_the_index_has_not_shown_stays_deleting():
     assert expected.merge(KEY, []) == (terminating(made),)
     expected.forget(KEY)
     assert expected.merge(KEY, []) == ()
+
+
+def test_a_created_pod_is_found_by_name_and_attempt_until_the_index_shows_it():
+    # kube.act deletes the pods a rejected pass created by these views (uid included), so the
+    # deletion is remembered like any other.
+    expected = kube.Expectations(ttl=60, clock=Clock())
+    made = live("job-node-0", "pod-a")
+    expected.created(KEY, made)
+    assert expected.expected(KEY, "job-node-0", 1) == made
+    assert expected.expected(KEY, "job-node-0", 2) is None and expected.expected(("ns", "other"), "job-node-0", 1) is None
+    expected.merge(KEY, [made])
+    assert expected.expected(KEY, "job-node-0", 1) is None

@@ -7,12 +7,13 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from ltj_fixtures import NOW, pod_view
+from ltj_fixtures import NOW, UID, pod_view
 from test_reconcile import CONFIG, condition, observe
 
 from lorakube import metrics
 from lorakube import status as st
-from lorakube.reconcile import decide
+from lorakube.reconcile import decide, pods_needing_log_tail
+from lorakube.spec import parse_job
 from lorakube_api import contract
 
 
@@ -253,6 +254,47 @@ def test_a_stall_with_the_restart_budget_spent_fails_the_job(job_spec):
     assert condition(patch, "Failed")["reason"] == "MaxRestartsExceeded"
     assert "sent no staging report" in condition(patch, "Failed")["message"]
     assert patch["lastFailure"]["reason"] == "StagingStalled"
+
+
+# What the trainer printed last while staging (its staging report lines), as the pod log gives it.
+STALL_TAIL = "\n".join(contract.Staging(1, "model", "s3://models/tiny-flux", done, 100, False, False,
+                                         "2026-05-01T12:00:00Z").to_json_line() for done in (0, 40))
+
+
+def test_rank_0s_log_tail_is_read_in_the_pass_the_stall_fires_and_lands_in_last_failure(job_spec):
+    spec = with_deadline(job_spec, 60)
+    parsed = parse_job("cats", spec)
+    status = staging_since(0, progress=staging(1, bytesDone=40),
+                           stagingSeen={"attempt": 1, "input": "model", "bytesDone": 40, "at": "2026-05-01T12:00:00Z"})
+    # Before the deadline (and with the same bytes) no log is read: a Staging pass costs no log read...
+    assert pods_needing_log_tail(status, RUNNING_PODS, UID, parsed, at(59)) == []
+    # ...nor when there is a report the operator has not noted yet (noting it restarts the clock)...
+    moved = {**status, "progress": staging(1, bytesDone=41)}
+    assert pods_needing_log_tail(moved, RUNNING_PODS, UID, parsed, at(61)) == []
+    # ...only in the pass where the rule fires: rank 0's, the rank that stages.
+    assert pods_needing_log_tail(status, RUNNING_PODS, UID, parsed, at(61)) == ["cats-node-0"]
+    # Without the spec (an invalid one) or once Running, the stall rule does not apply.
+    assert pods_needing_log_tail(status, RUNNING_PODS, UID) == []
+    assert pods_needing_log_tail({**status, "phase": "Running"}, RUNNING_PODS, UID, parsed, at(61)) == []
+
+    decision = decide(observe(spec, status, RUNNING_PODS, now=at(61), log_tails={"cats-node-0": STALL_TAIL}), CONFIG)
+    failure = decision.status_patch["lastFailure"]
+    assert failure["reason"] == "StagingStalled" and failure["pod"] == "cats-node-0"
+    assert failure["logTail"] == STALL_TAIL
+
+
+def test_the_log_tail_is_read_exactly_when_decide_finds_the_stall(job_spec):
+    """The read (observe) and the rule (decide) share one clock: every second around the
+    deadline, with and without a report, the tail is read in the pass that restarts and no other."""
+    spec = with_deadline(job_spec, 60)
+    parsed = parse_job("cats", spec)
+    seen = {"attempt": 1, "input": "model", "bytesDone": 40, "at": "2026-05-01T12:00:30Z"}
+    for status in (staging_since(0), staging_since(0, progress=staging(1, bytesDone=40), stagingSeen=seen)):
+        for second in range(50, 100):
+            reads = pods_needing_log_tail(status, RUNNING_PODS, UID, parsed, at(second))
+            stalled = decide(observe(spec, status, RUNNING_PODS, now=at(second)), CONFIG).gang_restart
+            assert (reads == ["cats-node-0"]) == (stalled == "StagingStalled"), (second, reads, stalled)
+            assert reads in ([], ["cats-node-0"])
 
 
 def test_the_default_deadline_is_ten_minutes_and_the_field_is_checked(job_spec):
