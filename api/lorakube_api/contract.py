@@ -190,10 +190,16 @@ TRAINING_FLAGS: dict[str, str] = {
     "loraDropout": "--lora_dropout",
     "emaDecay": "--ema_decay",
     "aspectRatioBuckets": "--aspect_ratio_buckets",
+    "guidanceScale": "--guidance_scale",
 }
 # How the learning rate moves over the run (--lr_scheduler): constant is the original trainer's.
 # Each first ramps up linearly over --lr_warmup_steps (0: no warm-up).
 LR_SCHEDULERS = ("constant", "linear", "cosine")
+# The families whose transformer has a guidance embedding (guidance-distilled: FLUX.1-dev, FLUX.2 dev).
+# Training feeds it --guidance_scale (spec.training.guidanceScale), DEFAULT_TRAINING_GUIDANCE unless set,
+# as the original trainer did; every other family refuses the flag, having nothing to feed it to.
+GUIDANCE_EMBEDDING_FAMILIES = ("flux", "flux2-dev")
+DEFAULT_TRAINING_GUIDANCE = 1.0
 
 # Boolean flags are store_true switches: present when true, absent when false.
 BOOLEAN_TRAINING_FLAGS = frozenset({"centerCrop", "randomFlip", "gradientCheckpointing", "cacheLatents",

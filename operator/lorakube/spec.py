@@ -119,6 +119,8 @@ class TrainingSpec:
     max_grad_norm: float = _flag("maxGradNorm", 0.0)
     lora_dropout: float = _flag("loraDropout", 0.0)
     ema_decay: float = _flag("emaDecay", 0.0)
+    # None: not passed, so the trainer's default (contract.DEFAULT_TRAINING_GUIDANCE) applies.
+    guidance_scale: float | None = _flag("guidanceScale")
 
     def by_key(self) -> dict[str, Any]:
         """camelCase key -> value, the form contract.TRAINING_FLAGS is keyed by."""
@@ -457,7 +459,22 @@ def _parse_training(section: Mapping[str, Any], family: str) -> TrainingSpec:
         max_grad_norm=_number(section, "maxGradNorm", f, defaults.max_grad_norm, 0.0, None),
         lora_dropout=_number(section, "loraDropout", f, defaults.lora_dropout, 0.0, 1.0),
         ema_decay=_number(section, "emaDecay", f, defaults.ema_decay, 0.0, 1.0),
+        guidance_scale=_guidance_scale(section, family),
     )
+
+
+def _guidance_scale(section: Mapping[str, Any], family: str) -> float | None:
+    """spec.training.guidanceScale: only for a family whose transformer has a guidance embedding."""
+    field = "spec.training.guidanceScale"
+    value = section.get("guidanceScale")
+    if value is None:
+        return None
+    if family not in contract.GUIDANCE_EMBEDDING_FAMILIES:
+        raise InvalidSpec(field, f"{family} has no guidance embedding to feed it to (only "
+                                 f"{', '.join(contract.GUIDANCE_EMBEDDING_FAMILIES)} have one); remove guidanceScale")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+        raise InvalidSpec(field, f"must be a number > 0 (default {contract.DEFAULT_TRAINING_GUIDANCE:g}), got {value!r}")
+    return float(value)
 
 
 def _number(section: Mapping[str, Any], key: str, field: str, default: float, minimum: float,

@@ -128,6 +128,12 @@ def test_minimal_job_is_stored_with_every_default_filled_in(local_cluster, ns):
                                "captionExtension": contract.DEFAULT_CAPTION_EXTENSION}
 
 
+def test_a_guidance_scale_for_flux2_dev_is_accepted(local_cluster, ns):
+    job = with_changes({"spec.model.family": "flux2-dev", "spec.training.guidanceScale": 3.5})
+    result = apply(local_cluster, ns, [job], "--dry-run=server")
+    assert result.returncode == 0, result.stderr
+
+
 def test_kohya_caption_habits_are_accepted(local_cluster, ns):
     job = with_changes({"spec.dataset.shuffleCaption": True, "spec.dataset.keepTokens": 1,
                         "spec.dataset.captionTagDropout": 0.1, "spec.dataset.captionExtension": ".caption"})
@@ -248,6 +254,11 @@ BAD_JOBS = [
      {"spec.training.emaDecay": 0.999, "spec.training.strategy": "deepspeed_stage_3",
       "spec.resources.gpusPerNode": 1},
      "spec.training.emaDecay", "use strategy deepspeed_stage_2 or set emaDecay to 0"),
+    ("a guidance scale of 0 is refused",
+     {"spec.training.guidanceScale": 0}, "spec.training.guidanceScale", "greater than 0"),
+    ("a guidance scale for a family without a guidance embedding is refused",
+     {"spec.model.family": "sd3", "spec.training.guidanceScale": 3.5},
+     "spec.training.guidanceScale", "sd3 has no guidance embedding to feed it to"),
     ("a pretrained LoRA on a relative path is refused",
      {"spec.model.pretrainedLoraUri": "loras/cats"}, "spec.model.pretrainedLoraUri", "absolute path"),
     ("an nvidia.com/gpu limit that contradicts gpusPerNode is refused",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.util
+import math
 import os
 import re
 from pathlib import Path
@@ -103,6 +104,8 @@ class TrainConfig:
     sdpa_backend: str = "default"
     channels_last: bool = False
     base_weights: str = "auto"
+    # What training feeds the guidance embedding (contract.GUIDANCE_EMBEDDING_FAMILIES); None: no embedding.
+    guidance_scale: float | None = None
 
     @property
     def total_steps(self) -> int:
@@ -206,6 +209,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(flags["emaDecay"], type=float, default=0.0,
                    help="keep an exponential moving average of the LoRA weights with this decay per step "
                         "(e.g. 0.999) and export it as the LoRA; 0 disables it")
+    p.add_argument(flags["guidanceScale"], type=float, default=None,
+                   help=f"value fed to the transformer's guidance embedding while training, for the guidance-"
+                        f"distilled families ({', '.join(contract.GUIDANCE_EMBEDDING_FAMILIES)}); default "
+                        f"{contract.DEFAULT_TRAINING_GUIDANCE:g} (the original trainer's). Inference still uses the "
+                        f"pipeline's own guidance_scale")
     p.add_argument(contract.FLAG_PRETRAINED_LORA_PATH, default=None,
                    help=f"start from this LoRA instead of a fresh one: a diffusers-format .safetensors file or a "
                         f"folder holding {contract.ARTIFACT_LORA_DIFFUSERS} (an earlier run's output); a checkpoint "
@@ -415,6 +423,7 @@ def _validate(ns: argparse.Namespace, env: dict[str, str]) -> TrainConfig:
                           f"{lora} does not exist; give a diffusers-format LoRA file or a lorakube output folder")
 
     _check_speed_options(ns, family)
+    guidance_scale = _guidance_scale(ns.guidance_scale, family)
     checkpoint_dir = ns.checkpoint_dir or storage.join(output_path, contract.DEFAULT_CHECKPOINT_SUBDIR)
     return TrainConfig(
         model_family=family,
@@ -473,7 +482,25 @@ def _validate(ns: argparse.Namespace, env: dict[str, str]) -> TrainConfig:
         sdpa_backend=ns.sdpa_backend,
         channels_last=ns.channels_last,
         base_weights=ns.base_weights,
+        guidance_scale=guidance_scale,
     )
+
+
+def _guidance_scale(value: float | None, family: str) -> float | None:
+    """--guidance_scale, resolved: the default for a family with a guidance embedding, None for the rest
+    (which refuse the flag: the value would reach nothing, and the run would not be what was asked)."""
+    flag = contract.TRAINING_FLAGS["guidanceScale"]
+    if family not in contract.GUIDANCE_EMBEDDING_FAMILIES:
+        if value is not None:
+            raise ConfigError(flag, f"{family} has no guidance embedding to feed it to (only "
+                                    f"{', '.join(contract.GUIDANCE_EMBEDDING_FAMILIES)} have one); drop {flag}")
+        return None
+    if value is None:
+        return contract.DEFAULT_TRAINING_GUIDANCE
+    if not (math.isfinite(value) and value > 0):
+        raise ConfigError(flag, f"must be a number > 0 (default {contract.DEFAULT_TRAINING_GUIDANCE:g}; diffusers' "
+                                f"FLUX DreamBooth scripts use 3.5), got {value}")
+    return value
 
 
 _CAPTION_EXTENSION = re.compile(contract.CAPTION_EXTENSION_PATTERN)

@@ -66,6 +66,14 @@ def test_dataset_options_reach_the_trainer_only_when_set() -> None:
     assert (cfg.dataset_format, cfg.caption_dropout, cfg.default_caption) == ("auto", 0.0, None)
 
 
+def test_guidance_scale_reaches_the_trainers_config() -> None:
+    doc = {"model": {"family": "flux", "uri": "/m"}, "output": {"uri": "/o"}, "dataset": {"uri": "/d"},
+           "training": {"guidanceScale": 3.5}}
+    assert parse_config(builders.trainer_args(parse_job("cats", doc)), env={}).guidance_scale == 3.5
+    del doc["training"]["guidanceScale"]
+    assert parse_config(builders.trainer_args(parse_job("cats", doc)), env={}).guidance_scale == 1.0
+
+
 def test_caption_tag_options_reach_the_trainer_only_when_set() -> None:
     """spec.dataset's kohya caption habits become --shuffle_caption, --keep_tokens,
     --caption_tag_dropout and --caption_extension; unset, none of them is on the command line."""
