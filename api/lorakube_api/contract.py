@@ -374,11 +374,19 @@ FLAG_MAX_IMAGE_PIXELS = "--max_image_pixels"
 DATASET_FORMATS = ("auto", "csv", "jsonl", "txt", "kohya")
 # kohya's caption habits (README "Data formats"): .shuffleCaption -> --shuffle_caption, .keepTokens ->
 # --keep_tokens, .captionTagDropout -> --caption_tag_dropout (kohya's caption_tag_dropout_rate),
-# .captionExtension -> --caption_extension (the txt and kohya formats' caption files).
+# .captionExtension -> --caption_extension (the txt and kohya formats' caption files),
+# .keepTokensSeparator -> --keep_tokens_separator, .captionPrefix -> --caption_prefix, .captionSuffix ->
+# --caption_suffix (passed as one argument with "=": a prefix may start with "-").
 FLAG_SHUFFLE_CAPTION = "--shuffle_caption"
 FLAG_KEEP_TOKENS = "--keep_tokens"
 FLAG_CAPTION_TAG_DROPOUT = "--caption_tag_dropout"
 FLAG_CAPTION_EXTENSION = "--caption_extension"
+FLAG_KEEP_TOKENS_SEPARATOR = "--keep_tokens_separator"
+FLAG_CAPTION_PREFIX = "--caption_prefix"
+FLAG_CAPTION_SUFFIX = "--caption_suffix"
+# A keep-tokens separator has a character that is neither a comma (which separates tags) nor blank;
+# the CRD's keepTokensSeparator pattern is this one.
+KEEP_TOKENS_SEPARATOR_PATTERN = r"^[^,]*[^,\s][^,]*$"
 DEFAULT_CAPTION_EXTENSION = ".txt"
 # One or more dot-led parts (.txt, .caption, .en.txt); the CRD's captionExtension pattern is this one.
 CAPTION_EXTENSION_PATTERN = r"^(\.[A-Za-z0-9_-]+)+$"

@@ -50,6 +50,7 @@ DEFAULT_SHM_SIZE = "8Gi"
 
 _DNS_1035_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 _CAPTION_EXTENSION = re.compile(contract.CAPTION_EXTENSION_PATTERN)
+_KEEP_TOKENS_SEPARATOR = re.compile(contract.KEEP_TOKENS_SEPARATOR_PATTERN)
 _URI_SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
 
 
@@ -81,6 +82,9 @@ class DatasetSpec:
     keep_tokens: int = 0
     caption_tag_dropout: float = 0.0
     caption_extension: str = contract.DEFAULT_CAPTION_EXTENSION
+    keep_tokens_separator: str = ""         # "": none
+    caption_prefix: str = ""
+    caption_suffix: str = ""
 
 
 def _flag(key: str, default: Any = None) -> Any:
@@ -388,6 +392,11 @@ def _parse_dataset(section: Mapping[str, Any]) -> DatasetSpec:
             or extension.lower().endswith(contract.IMAGE_SUFFIXES):
         raise InvalidSpec(f"{f}.captionExtension", f"must be the ending of a text file such as .txt or .caption, "
                                                    f"got {extension!r}")
+    separator = _optional_str(section, "keepTokensSeparator", f) or ""
+    if separator and not _KEEP_TOKENS_SEPARATOR.fullmatch(separator):
+        raise InvalidSpec(f"{f}.keepTokensSeparator", f"{separator!r} cannot mark the fixed tags: it must hold a "
+                                                      "character other than a comma (which separates the tags) or "
+                                                      "a blank; kohya's usual one is |||")
     return DatasetSpec(
         uri=uri,
         secret_name=_secret_name(section, f),
@@ -399,6 +408,9 @@ def _parse_dataset(section: Mapping[str, Any]) -> DatasetSpec:
         keep_tokens=keep_tokens,
         caption_tag_dropout=tag_dropout,
         caption_extension=extension,
+        keep_tokens_separator=separator,
+        caption_prefix=_optional_str(section, "captionPrefix", f) or "",
+        caption_suffix=_optional_str(section, "captionSuffix", f) or "",
     )
 
 

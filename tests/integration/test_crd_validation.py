@@ -136,7 +136,9 @@ def test_a_guidance_scale_for_flux2_dev_is_accepted(local_cluster, ns):
 
 def test_kohya_caption_habits_are_accepted(local_cluster, ns):
     job = with_changes({"spec.dataset.shuffleCaption": True, "spec.dataset.keepTokens": 1,
-                        "spec.dataset.captionTagDropout": 0.1, "spec.dataset.captionExtension": ".caption"})
+                        "spec.dataset.captionTagDropout": 0.1, "spec.dataset.captionExtension": ".caption",
+                        "spec.dataset.keepTokensSeparator": "|||", "spec.dataset.captionPrefix": "sks style,",
+                        "spec.dataset.captionSuffix": ", high quality"})
     result = apply(local_cluster, ns, [job], "--dry-run=server")
     assert result.returncode == 0, result.stderr
 
@@ -283,6 +285,10 @@ BAD_JOBS = [
      {"spec.dataset.captionExtension": "caption"}, "spec.dataset.captionExtension", "should match"),
     ("an image ending as the caption extension is refused",
      {"spec.dataset.captionExtension": ".PNG"}, "spec.dataset.captionExtension", "caption files are text"),
+    ("a comma as the keep-tokens separator is refused",
+     {"spec.dataset.keepTokensSeparator": ","}, "spec.dataset.keepTokensSeparator", "should match"),
+    ("a caption prefix past 1024 characters is refused",
+     {"spec.dataset.captionPrefix": "x" * 1025}, "spec.dataset.captionPrefix", "Too long"),
     ("cached text encodings with shuffled tags are refused",
      {"spec.dataset.shuffleCaption": True, "spec.training.cacheLatents": True, "spec.training.centerCrop": True},
      "spec.training.cacheLatents", "set cacheLatents to false or drop them"),

@@ -434,6 +434,14 @@ def test_caption_extension_rules_are_the_contracts(spec):
     assert tuple(endings) == contract.IMAGE_SUFFIXES
 
 
+def test_keep_tokens_separator_pattern_is_the_contracts(spec):
+    field = spec["properties"]["dataset"]["properties"]["keepTokensSeparator"]
+    assert field["pattern"] == contract.KEEP_TOKENS_SEPARATOR_PATTERN
+    pattern = re.compile(field["pattern"])
+    assert [bool(pattern.fullmatch(s)) for s in ("|||", "#", "a b", ",", " , ", "   ", "")] == [
+        True, True, True, False, False, False, False]
+
+
 def test_readme_reference_table_matches_the_schema(spec):
     table = {}
     for line in README_PATH.read_text().splitlines():

@@ -98,6 +98,9 @@ class TrainConfig:
     keep_tokens: int = 0                            # the first N comma-separated tags stay in place
     caption_tag_dropout: float = 0.0
     caption_extension: str = contract.DEFAULT_CAPTION_EXTENSION
+    keep_tokens_separator: str = ""                 # "": none; else the tags before it stay in place
+    caption_prefix: str = ""                        # added to every caption, never shuffled or dropped
+    caption_suffix: str = ""
     # Speed and memory options (speed.py); each off by default.
     compile_blocks: bool = False
     fused_adamw: bool = False
@@ -164,6 +167,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(contract.FLAG_CAPTION_TAG_DROPOUT, "--caption_tag_dropout_rate", dest="caption_tag_dropout",
                    type=float, default=0.0,
                    help="probability in [0, 1) of leaving out each tag of a sample's caption (fixed per seed and step)")
+    p.add_argument(contract.FLAG_KEEP_TOKENS_SEPARATOR, default="",
+                   help=f"in a caption holding this (e.g. |||), the tags before it stay in place and are never "
+                        f"dropped instead of the first {contract.FLAG_KEEP_TOKENS}, as do those after a second one "
+                        f"(at the end); it is taken out of the caption")
+    p.add_argument(contract.FLAG_CAPTION_PREFIX, default="",
+                   help="text put before every caption (joined with a space), never shuffled or dropped tag by tag")
+    p.add_argument(contract.FLAG_CAPTION_SUFFIX, default="",
+                   help="text put after every caption (joined with a space), never shuffled or dropped tag by tag")
     p.add_argument(contract.FLAG_CAPTION_EXTENSION, default=contract.DEFAULT_CAPTION_EXTENSION,
                    help="ending of the caption file beside each image in the txt and kohya formats, e.g. .caption "
                         f"(default {contract.DEFAULT_CAPTION_EXTENSION})")
@@ -477,6 +488,9 @@ def _validate(ns: argparse.Namespace, env: dict[str, str]) -> TrainConfig:
         keep_tokens=ns.keep_tokens,
         caption_tag_dropout=ns.caption_tag_dropout,
         caption_extension=ns.caption_extension,
+        keep_tokens_separator=ns.keep_tokens_separator,
+        caption_prefix=ns.caption_prefix,
+        caption_suffix=ns.caption_suffix,
         compile_blocks=ns.compile_blocks,
         fused_adamw=ns.fused_adamw,
         sdpa_backend=ns.sdpa_backend,
@@ -504,6 +518,7 @@ def _guidance_scale(value: float | None, family: str) -> float | None:
 
 
 _CAPTION_EXTENSION = re.compile(contract.CAPTION_EXTENSION_PATTERN)
+_KEEP_TOKENS_SEPARATOR = re.compile(contract.KEEP_TOKENS_SEPARATOR_PATTERN)
 
 
 def _check_caption_options(ns: argparse.Namespace) -> None:
@@ -520,6 +535,11 @@ def _check_caption_options(ns: argparse.Namespace) -> None:
         raise ConfigError(flags["cacheLatents"], f"cannot be combined with {which}: the cache holds one text "
                                                  f"encoding per image, and {which} changes the caption every "
                                                  f"step; drop {flags['cacheLatents']} or {which}")
+    separator = ns.keep_tokens_separator
+    if separator and not _KEEP_TOKENS_SEPARATOR.fullmatch(separator):
+        raise ConfigError(contract.FLAG_KEEP_TOKENS_SEPARATOR, f"{separator!r} cannot mark the fixed tags: it must hold "
+                                                               "a character other than a comma (which separates the "
+                                                               "tags) or a blank; kohya's usual one is |||")
     extension = ns.caption_extension
     if not _CAPTION_EXTENSION.match(extension or ""):
         raise ConfigError(contract.FLAG_CAPTION_EXTENSION, f"{extension!r} is not a file ending; give one such as "

@@ -86,6 +86,14 @@ def test_caption_tag_options_reach_the_trainer_only_when_set() -> None:
     doc["dataset"] = {"uri": "/d", "captionTagDropout": 0.5}
     cfg = parse_config(builders.trainer_args(parse_job("cats", doc)), env={})
     assert (cfg.shuffle_caption, cfg.keep_tokens, cfg.caption_tag_dropout) == (False, 0, 0.5)
+    # Fixed text, which may start with a dash or hold spaces, arrives as written; unset, no flag at all.
+    doc["dataset"] = {"uri": "/d", "keepTokensSeparator": "|||", "captionPrefix": "-sks style,",
+                      "captionSuffix": ", high quality"}
+    cfg = parse_config(builders.trainer_args(parse_job("cats", doc)), env={})
+    assert (cfg.keep_tokens_separator, cfg.caption_prefix, cfg.caption_suffix) == ("|||", "-sks style,", ", high quality")
+    doc["dataset"] = {"uri": "/d"}
+    args = builders.trainer_args(parse_job("cats", doc))
+    assert not [a for a in args if a.startswith(("--keep_tokens_separator", "--caption_prefix", "--caption_suffix"))]
     doc["dataset"] = {"uri": "/d", "shuffleCaption": False, "keepTokens": 0, "captionTagDropout": 0,
                       "captionExtension": ".txt"}                      # the CRD's defaults, as stored
     args = builders.trainer_args(parse_job("cats", doc))
