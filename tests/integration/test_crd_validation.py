@@ -120,8 +120,9 @@ def test_minimal_job_is_stored_with_every_default_filled_in(local_cluster, ns):
     assert run_policy["terminationGracePeriodSeconds"] == contract.DEFAULT_TERMINATION_GRACE_SECONDS
     assert run_policy["gangScheduling"] == "none"
     assert "activeDeadlineSeconds" not in run_policy
+    # guidanceScale stays unset too: the trainer's default applies to the families that have one.
     assert set(training) == set(contract.TRAINING_FLAGS) - {"loraTargetModules", "loraAlpha",
-                                                              "validationPrompts"}
+                                                              "validationPrompts", "guidanceScale"}
     assert spec["dataset"] == {"uri": "/data/product-shots", "format": "auto", "captionDropout": 0,
                                "maxImagePixels": contract.DEFAULT_MAX_IMAGE_PIXELS, "shuffleCaption": False,
                                "keepTokens": 0, "captionTagDropout": 0,
