@@ -190,10 +190,16 @@ TRAINING_FLAGS: dict[str, str] = {
     "loraDropout": "--lora_dropout",
     "emaDecay": "--ema_decay",
     "aspectRatioBuckets": "--aspect_ratio_buckets",
+    "guidanceScale": "--guidance_scale",
 }
 # How the learning rate moves over the run (--lr_scheduler): constant is the original trainer's.
 # Each first ramps up linearly over --lr_warmup_steps (0: no warm-up).
 LR_SCHEDULERS = ("constant", "linear", "cosine")
+# The families whose transformer has a guidance embedding (guidance-distilled: FLUX.1-dev, FLUX.2 dev).
+# Training feeds it --guidance_scale (spec.training.guidanceScale), DEFAULT_TRAINING_GUIDANCE unless set,
+# as the original trainer did; every other family refuses the flag, having nothing to feed it to.
+GUIDANCE_EMBEDDING_FAMILIES = ("flux", "flux2-dev")
+DEFAULT_TRAINING_GUIDANCE = 1.0
 
 # Boolean flags are store_true switches: present when true, absent when false.
 BOOLEAN_TRAINING_FLAGS = frozenset({"centerCrop", "randomFlip", "gradientCheckpointing", "cacheLatents",
@@ -368,11 +374,19 @@ FLAG_MAX_IMAGE_PIXELS = "--max_image_pixels"
 DATASET_FORMATS = ("auto", "csv", "jsonl", "txt", "kohya")
 # kohya's caption habits (README "Data formats"): .shuffleCaption -> --shuffle_caption, .keepTokens ->
 # --keep_tokens, .captionTagDropout -> --caption_tag_dropout (kohya's caption_tag_dropout_rate),
-# .captionExtension -> --caption_extension (the txt and kohya formats' caption files).
+# .captionExtension -> --caption_extension (the txt and kohya formats' caption files),
+# .keepTokensSeparator -> --keep_tokens_separator, .captionPrefix -> --caption_prefix, .captionSuffix ->
+# --caption_suffix (passed as one argument with "=": a prefix may start with "-").
 FLAG_SHUFFLE_CAPTION = "--shuffle_caption"
 FLAG_KEEP_TOKENS = "--keep_tokens"
 FLAG_CAPTION_TAG_DROPOUT = "--caption_tag_dropout"
 FLAG_CAPTION_EXTENSION = "--caption_extension"
+FLAG_KEEP_TOKENS_SEPARATOR = "--keep_tokens_separator"
+FLAG_CAPTION_PREFIX = "--caption_prefix"
+FLAG_CAPTION_SUFFIX = "--caption_suffix"
+# A keep-tokens separator has a character that is neither a comma (which separates tags) nor blank;
+# the CRD's keepTokensSeparator pattern is this one.
+KEEP_TOKENS_SEPARATOR_PATTERN = r"^[^,]*[^,\s][^,]*$"
 DEFAULT_CAPTION_EXTENSION = ".txt"
 # One or more dot-led parts (.txt, .caption, .en.txt); the CRD's captionExtension pattern is this one.
 CAPTION_EXTENSION_PATTERN = r"^(\.[A-Za-z0-9_-]+)+$"

@@ -179,6 +179,12 @@ def dataset_args(spec: JobSpec) -> list[str]:
         args += [contract.FLAG_CAPTION_TAG_DROPOUT, _format_flag_value(dataset.caption_tag_dropout)]
     if dataset.caption_extension != contract.DEFAULT_CAPTION_EXTENSION:
         args += [contract.FLAG_CAPTION_EXTENSION, dataset.caption_extension]
+    # One argument each, with "=": any of them may start with "-".
+    for flag, value in ((contract.FLAG_KEEP_TOKENS_SEPARATOR, dataset.keep_tokens_separator),
+                        (contract.FLAG_CAPTION_PREFIX, dataset.caption_prefix),
+                        (contract.FLAG_CAPTION_SUFFIX, dataset.caption_suffix)):
+        if value:
+            args.append(f"{flag}={value}")
     return args
 
 

@@ -52,6 +52,7 @@ DEFAULT_SHM_SIZE = "8Gi"
 
 _DNS_1035_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 _CAPTION_EXTENSION = re.compile(contract.CAPTION_EXTENSION_PATTERN)
+_KEEP_TOKENS_SEPARATOR = re.compile(contract.KEEP_TOKENS_SEPARATOR_PATTERN)
 _URI_SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
 
 
@@ -83,6 +84,9 @@ class DatasetSpec:
     keep_tokens: int = 0
     caption_tag_dropout: float = 0.0
     caption_extension: str = contract.DEFAULT_CAPTION_EXTENSION
+    keep_tokens_separator: str = ""         # "": none
+    caption_prefix: str = ""
+    caption_suffix: str = ""
 
 
 def _flag(key: str, default: Any = None) -> Any:
@@ -121,6 +125,8 @@ class TrainingSpec:
     max_grad_norm: float = _flag("maxGradNorm", 0.0)
     lora_dropout: float = _flag("loraDropout", 0.0)
     ema_decay: float = _flag("emaDecay", 0.0)
+    # None: not passed, so the trainer's default (contract.DEFAULT_TRAINING_GUIDANCE) applies.
+    guidance_scale: float | None = _flag("guidanceScale")
 
     def by_key(self) -> dict[str, Any]:
         """camelCase key -> value, the form contract.TRAINING_FLAGS is keyed by."""
@@ -388,6 +394,11 @@ def _parse_dataset(section: Mapping[str, Any]) -> DatasetSpec:
             or extension.lower().endswith(contract.IMAGE_SUFFIXES):
         raise InvalidSpec(f"{f}.captionExtension", f"must be the ending of a text file such as .txt or .caption, "
                                                    f"got {extension!r}")
+    separator = _optional_str(section, "keepTokensSeparator", f) or ""
+    if separator and not _KEEP_TOKENS_SEPARATOR.fullmatch(separator):
+        raise InvalidSpec(f"{f}.keepTokensSeparator", f"{separator!r} cannot mark the fixed tags: it must hold a "
+                                                      "character other than a comma (which separates the tags) or "
+                                                      "a blank; kohya's usual one is |||")
     return DatasetSpec(
         uri=uri,
         secret_name=_secret_name(section, f),
@@ -399,6 +410,9 @@ def _parse_dataset(section: Mapping[str, Any]) -> DatasetSpec:
         keep_tokens=keep_tokens,
         caption_tag_dropout=tag_dropout,
         caption_extension=extension,
+        keep_tokens_separator=separator,
+        caption_prefix=_optional_str(section, "captionPrefix", f) or "",
+        caption_suffix=_optional_str(section, "captionSuffix", f) or "",
     )
 
 
@@ -459,7 +473,22 @@ def _parse_training(section: Mapping[str, Any], family: str) -> TrainingSpec:
         max_grad_norm=_number(section, "maxGradNorm", f, defaults.max_grad_norm, 0.0, None),
         lora_dropout=_number(section, "loraDropout", f, defaults.lora_dropout, 0.0, 1.0),
         ema_decay=_number(section, "emaDecay", f, defaults.ema_decay, 0.0, 1.0),
+        guidance_scale=_guidance_scale(section, family),
     )
+
+
+def _guidance_scale(section: Mapping[str, Any], family: str) -> float | None:
+    """spec.training.guidanceScale: only for a family whose transformer has a guidance embedding."""
+    field = "spec.training.guidanceScale"
+    value = section.get("guidanceScale")
+    if value is None:
+        return None
+    if family not in contract.GUIDANCE_EMBEDDING_FAMILIES:
+        raise InvalidSpec(field, f"{family} has no guidance embedding to feed it to (only "
+                                 f"{', '.join(contract.GUIDANCE_EMBEDDING_FAMILIES)} have one); remove guidanceScale")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+        raise InvalidSpec(field, f"must be a number > 0 (default {contract.DEFAULT_TRAINING_GUIDANCE:g}), got {value!r}")
+    return float(value)
 
 
 def _number(section: Mapping[str, Any], key: str, field: str, default: float, minimum: float,

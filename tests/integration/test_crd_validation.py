@@ -120,17 +120,26 @@ def test_minimal_job_is_stored_with_every_default_filled_in(local_cluster, ns):
     assert run_policy["terminationGracePeriodSeconds"] == contract.DEFAULT_TERMINATION_GRACE_SECONDS
     assert run_policy["gangScheduling"] == "none"
     assert "activeDeadlineSeconds" not in run_policy
+    # guidanceScale stays unset too: the trainer's default applies to the families that have one.
     assert set(training) == set(contract.TRAINING_FLAGS) - {"loraTargetModules", "loraAlpha",
-                                                              "validationPrompts"}
+                                                              "validationPrompts", "guidanceScale"}
     assert spec["dataset"] == {"uri": "/data/product-shots", "format": "auto", "captionDropout": 0,
                                "maxImagePixels": contract.DEFAULT_MAX_IMAGE_PIXELS, "shuffleCaption": False,
                                "keepTokens": 0, "captionTagDropout": 0,
                                "captionExtension": contract.DEFAULT_CAPTION_EXTENSION}
 
 
+def test_a_guidance_scale_for_flux2_dev_is_accepted(local_cluster, ns):
+    job = with_changes({"spec.model.family": "flux2-dev", "spec.training.guidanceScale": 3.5})
+    result = apply(local_cluster, ns, [job], "--dry-run=server")
+    assert result.returncode == 0, result.stderr
+
+
 def test_kohya_caption_habits_are_accepted(local_cluster, ns):
     job = with_changes({"spec.dataset.shuffleCaption": True, "spec.dataset.keepTokens": 1,
-                        "spec.dataset.captionTagDropout": 0.1, "spec.dataset.captionExtension": ".caption"})
+                        "spec.dataset.captionTagDropout": 0.1, "spec.dataset.captionExtension": ".caption",
+                        "spec.dataset.keepTokensSeparator": "|||", "spec.dataset.captionPrefix": "sks style,",
+                        "spec.dataset.captionSuffix": ", high quality"})
     result = apply(local_cluster, ns, [job], "--dry-run=server")
     assert result.returncode == 0, result.stderr
 
@@ -256,6 +265,11 @@ BAD_JOBS = [
      {"spec.training.emaDecay": 0.999, "spec.training.strategy": "deepspeed_stage_3",
       "spec.resources.gpusPerNode": 1},
      "spec.training.emaDecay", "use strategy deepspeed_stage_2 or set emaDecay to 0"),
+    ("a guidance scale of 0 is refused",
+     {"spec.training.guidanceScale": 0}, "spec.training.guidanceScale", "greater than 0"),
+    ("a guidance scale for a family without a guidance embedding is refused",
+     {"spec.model.family": "sd3", "spec.training.guidanceScale": 3.5},
+     "spec.training.guidanceScale", "sd3 has no guidance embedding to feed it to"),
     ("a pretrained LoRA on a relative path is refused",
      {"spec.model.pretrainedLoraUri": "loras/cats"}, "spec.model.pretrainedLoraUri", "absolute path"),
     ("an nvidia.com/gpu limit that contradicts gpusPerNode is refused",
@@ -280,6 +294,10 @@ BAD_JOBS = [
      {"spec.dataset.captionExtension": "caption"}, "spec.dataset.captionExtension", "should match"),
     ("an image ending as the caption extension is refused",
      {"spec.dataset.captionExtension": ".PNG"}, "spec.dataset.captionExtension", "caption files are text"),
+    ("a comma as the keep-tokens separator is refused",
+     {"spec.dataset.keepTokensSeparator": ","}, "spec.dataset.keepTokensSeparator", "should match"),
+    ("a caption prefix past 1024 characters is refused",
+     {"spec.dataset.captionPrefix": "x" * 1025}, "spec.dataset.captionPrefix", "Too long"),
     ("cached text encodings with shuffled tags are refused",
      {"spec.dataset.shuffleCaption": True, "spec.training.cacheLatents": True, "spec.training.centerCrop": True},
      "spec.training.cacheLatents", "set cacheLatents to false or drop them"),

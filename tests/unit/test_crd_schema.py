@@ -114,6 +114,15 @@ def test_training_descriptions_name_the_trainer_flag(spec):
         assert flag in training[key]["description"], key
 
 
+def test_guidance_scale_rule_names_the_contracts_families(root, spec):
+    """The API server refuses guidanceScale for exactly the families the trainer refuses it for."""
+    field = spec["properties"]["training"]["properties"]["guidanceScale"]
+    assert (field["minimum"], field["exclusiveMinimum"], "default" in field) == (0, True, False)
+    (rule,) = [r for r in all_rules(root) if "guidanceScale" in r]
+    listed = re.search(r"self\.model\.family in \[([^\]]*)\]", rule).group(1)
+    assert tuple(re.findall(r"'([^']+)'", listed)) == contract.GUIDANCE_EMBEDDING_FAMILIES
+
+
 def test_boolean_flags_are_boolean_fields(spec):
     training = spec["properties"]["training"]["properties"]
     booleans = {name for name, s in training.items() if s["type"] == "boolean"}
@@ -423,6 +432,14 @@ def test_caption_extension_rules_are_the_contracts(spec):
     assert field["default"] == contract.DEFAULT_CAPTION_EXTENSION
     endings = re.findall(r"'(\.[a-z]+)'", field["x-kubernetes-validations"][0]["rule"])
     assert tuple(endings) == contract.IMAGE_SUFFIXES
+
+
+def test_keep_tokens_separator_pattern_is_the_contracts(spec):
+    field = spec["properties"]["dataset"]["properties"]["keepTokensSeparator"]
+    assert field["pattern"] == contract.KEEP_TOKENS_SEPARATOR_PATTERN
+    pattern = re.compile(field["pattern"])
+    assert [bool(pattern.fullmatch(s)) for s in ("|||", "#", "a b", ",", " , ", "   ", "")] == [
+        True, True, True, False, False, False, False]
 
 
 def test_readme_reference_table_matches_the_schema(spec):

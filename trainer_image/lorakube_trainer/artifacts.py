@@ -158,8 +158,14 @@ def write_json(path: Path, body: Any) -> None:
 
 
 def write_model_card(path: Path, *, family: Family, model_path: str, rank: int, alpha: float, steps: int,
-                     targets: Iterable[str], prompts: Iterable[str], formats: Iterable[str]) -> None:
+                     targets: Iterable[str], prompts: Iterable[str], formats: Iterable[str],
+                     guidance: float | None = None) -> None:
     formats = tuple(formats)
+    # Said only where there is a guidance embedding: a user who compares LoRAs needs it, and the value
+    # used at inference is another (the pipeline's guidance_scale).
+    trained_with_guidance = [] if guidance is None else [
+        f"- guidance embedding fed {guidance:g} while training ({contract.TRAINING_FLAGS['guidanceScale']}); "
+        "generate with the pipeline's own guidance_scale"]
     lines = [
         f"# LoRA for {family.name}",
         "",
@@ -167,6 +173,7 @@ def write_model_card(path: Path, *, family: Family, model_path: str, rank: int, 
         "",
         f"- rank {rank}, alpha {alpha:g} (scale alpha/rank = {alpha / rank:g})",
         f"- target modules: {', '.join(targets)}",
+        *trained_with_guidance,
         f"- validation prompts: {'; '.join(prompts)}",
         "",
         "## Which file where",

@@ -9,7 +9,9 @@ the tensors depend on, so a changed dataset, model, size or precision never reus
 
 With --caption_dropout the conditioning of the empty caption is stored once beside the records.
 --shuffle_caption and --caption_tag_dropout change a caption every step, so config.py refuses them
-with this cache (one encoding per record).
+with this cache (one encoding per record); --caption_prefix, --caption_suffix and
+--keep_tokens_separator change it the same way every step, so the cache encodes the caption as they
+leave it (data.fixed_caption), and its key covers them.
 
 Only centre crops can be cached (a random crop differs every time); with --random_flip both the
 plain and the mirrored latents are stored, and the per-sample flip decision is the same draw the
@@ -29,7 +31,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from .config import TrainConfig
-from .data import CaptionedImages, Record, SampleKey, flip_decision, resize_and_crop
+from .data import CaptionedImages, Record, SampleKey, fixed_caption, flip_decision, resize_and_crop
 from .families.base import Family
 from .files import save_safetensors
 
@@ -49,6 +51,10 @@ def cache_folder(cfg: TrainConfig, records: list[Record], dtype: torch.dtype) ->
     }
     if cfg.aspect_ratio_buckets:
         identity["buckets"] = True          # each record at its bucket's size
+    # Only when set, so the key (and an existing cache) of a run without them is unchanged.
+    for name in ("keep_tokens_separator", "caption_prefix", "caption_suffix"):
+        if getattr(cfg, name):
+            identity[name] = getattr(cfg, name)
     key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
     return Path(cfg.output_path) / "latent-cache" / key
 
@@ -73,10 +79,16 @@ def encode_record(family: Family, pipe: Any, record: Record, cfg: TrainConfig, d
                                 rng=np.random.default_rng(0))
     variants = [plain, plain.flip(-1)] if cfg.random_flip else [plain]
     latents = family.encode_images(pipe, torch.stack(variants).to(device, dtype))
-    cond = family.encode_prompts(pipe, [record.text], device)
+    cond = family.encode_prompts(pipe, [trained_caption(record, cfg)], device)
     tensors = {"latents": latents}
     tensors.update({COND_PREFIX + k: v[0] for k, v in cond.items()})
     return {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+
+
+def trained_caption(record: Record, cfg: TrainConfig) -> str:
+    """The caption every step trains the record on (config.py refuses this cache where it would vary)."""
+    return fixed_caption(record.text, keep_tokens_separator=cfg.keep_tokens_separator, prefix=cfg.caption_prefix,
+                         suffix=cfg.caption_suffix)
 
 
 def build_cache(family: Family, pipe: Any, records: list[Record], cfg: TrainConfig, folder: Path, *,

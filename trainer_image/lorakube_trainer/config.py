@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.util
+import math
 import os
 import re
 from pathlib import Path
@@ -97,12 +98,17 @@ class TrainConfig:
     keep_tokens: int = 0                            # the first N comma-separated tags stay in place
     caption_tag_dropout: float = 0.0
     caption_extension: str = contract.DEFAULT_CAPTION_EXTENSION
+    keep_tokens_separator: str = ""                 # "": none; else the tags before it stay in place
+    caption_prefix: str = ""                        # added to every caption, never shuffled or dropped
+    caption_suffix: str = ""
     # Speed and memory options (speed.py); each off by default.
     compile_blocks: bool = False
     fused_adamw: bool = False
     sdpa_backend: str = "default"
     channels_last: bool = False
     base_weights: str = "auto"
+    # What training feeds the guidance embedding (contract.GUIDANCE_EMBEDDING_FAMILIES); None: no embedding.
+    guidance_scale: float | None = None
 
     @property
     def total_steps(self) -> int:
@@ -161,6 +167,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(contract.FLAG_CAPTION_TAG_DROPOUT, "--caption_tag_dropout_rate", dest="caption_tag_dropout",
                    type=float, default=0.0,
                    help="probability in [0, 1) of leaving out each tag of a sample's caption (fixed per seed and step)")
+    p.add_argument(contract.FLAG_KEEP_TOKENS_SEPARATOR, default="",
+                   help=f"in a caption holding this (e.g. |||), the tags before it stay in place and are never "
+                        f"dropped instead of the first {contract.FLAG_KEEP_TOKENS}, as do those after a second one "
+                        f"(at the end); it is taken out of the caption")
+    p.add_argument(contract.FLAG_CAPTION_PREFIX, default="",
+                   help="text put before every caption (joined with a space), never shuffled or dropped tag by tag")
+    p.add_argument(contract.FLAG_CAPTION_SUFFIX, default="",
+                   help="text put after every caption (joined with a space), never shuffled or dropped tag by tag")
     p.add_argument(contract.FLAG_CAPTION_EXTENSION, default=contract.DEFAULT_CAPTION_EXTENSION,
                    help="ending of the caption file beside each image in the txt and kohya formats, e.g. .caption "
                         f"(default {contract.DEFAULT_CAPTION_EXTENSION})")
@@ -206,6 +220,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(flags["emaDecay"], type=float, default=0.0,
                    help="keep an exponential moving average of the LoRA weights with this decay per step "
                         "(e.g. 0.999) and export it as the LoRA; 0 disables it")
+    p.add_argument(flags["guidanceScale"], type=float, default=None,
+                   help=f"value fed to the transformer's guidance embedding while training, for the guidance-"
+                        f"distilled families ({', '.join(contract.GUIDANCE_EMBEDDING_FAMILIES)}); default "
+                        f"{contract.DEFAULT_TRAINING_GUIDANCE:g} (the original trainer's). Inference still uses the "
+                        f"pipeline's own guidance_scale")
     p.add_argument(contract.FLAG_PRETRAINED_LORA_PATH, default=None,
                    help=f"start from this LoRA instead of a fresh one: a diffusers-format .safetensors file or a "
                         f"folder holding {contract.ARTIFACT_LORA_DIFFUSERS} (an earlier run's output); a checkpoint "
@@ -415,6 +434,7 @@ def _validate(ns: argparse.Namespace, env: dict[str, str]) -> TrainConfig:
                           f"{lora} does not exist; give a diffusers-format LoRA file or a lorakube output folder")
 
     _check_speed_options(ns, family)
+    guidance_scale = _guidance_scale(ns.guidance_scale, family)
     checkpoint_dir = ns.checkpoint_dir or storage.join(output_path, contract.DEFAULT_CHECKPOINT_SUBDIR)
     return TrainConfig(
         model_family=family,
@@ -468,15 +488,37 @@ def _validate(ns: argparse.Namespace, env: dict[str, str]) -> TrainConfig:
         keep_tokens=ns.keep_tokens,
         caption_tag_dropout=ns.caption_tag_dropout,
         caption_extension=ns.caption_extension,
+        keep_tokens_separator=ns.keep_tokens_separator,
+        caption_prefix=ns.caption_prefix,
+        caption_suffix=ns.caption_suffix,
         compile_blocks=ns.compile_blocks,
         fused_adamw=ns.fused_adamw,
         sdpa_backend=ns.sdpa_backend,
         channels_last=ns.channels_last,
         base_weights=ns.base_weights,
+        guidance_scale=guidance_scale,
     )
 
 
+def _guidance_scale(value: float | None, family: str) -> float | None:
+    """--guidance_scale, resolved: the default for a family with a guidance embedding, None for the rest
+    (which refuse the flag: the value would reach nothing, and the run would not be what was asked)."""
+    flag = contract.TRAINING_FLAGS["guidanceScale"]
+    if family not in contract.GUIDANCE_EMBEDDING_FAMILIES:
+        if value is not None:
+            raise ConfigError(flag, f"{family} has no guidance embedding to feed it to (only "
+                                    f"{', '.join(contract.GUIDANCE_EMBEDDING_FAMILIES)} have one); drop {flag}")
+        return None
+    if value is None:
+        return contract.DEFAULT_TRAINING_GUIDANCE
+    if not (math.isfinite(value) and value > 0):
+        raise ConfigError(flag, f"must be a number > 0 (default {contract.DEFAULT_TRAINING_GUIDANCE:g}; diffusers' "
+                                f"FLUX DreamBooth scripts use 3.5), got {value}")
+    return value
+
+
 _CAPTION_EXTENSION = re.compile(contract.CAPTION_EXTENSION_PATTERN)
+_KEEP_TOKENS_SEPARATOR = re.compile(contract.KEEP_TOKENS_SEPARATOR_PATTERN)
 
 
 def _check_caption_options(ns: argparse.Namespace) -> None:
@@ -493,6 +535,11 @@ def _check_caption_options(ns: argparse.Namespace) -> None:
         raise ConfigError(flags["cacheLatents"], f"cannot be combined with {which}: the cache holds one text "
                                                  f"encoding per image, and {which} changes the caption every "
                                                  f"step; drop {flags['cacheLatents']} or {which}")
+    separator = ns.keep_tokens_separator
+    if separator and not _KEEP_TOKENS_SEPARATOR.fullmatch(separator):
+        raise ConfigError(contract.FLAG_KEEP_TOKENS_SEPARATOR, f"{separator!r} cannot mark the fixed tags: it must hold "
+                                                               "a character other than a comma (which separates the "
+                                                               "tags) or a blank; kohya's usual one is |||")
     extension = ns.caption_extension
     if not _CAPTION_EXTENSION.match(extension or ""):
         raise ConfigError(contract.FLAG_CAPTION_EXTENSION, f"{extension!r} is not a file ending; give one such as "

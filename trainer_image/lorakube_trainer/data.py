@@ -5,7 +5,10 @@ here they become samples. Kohya repeat counts weight records: each shuffled pass
 holds a record `repeats` times. --caption_dropout replaces a sample's caption with "" with that
 probability. kohya's tag habits (arrange_tags): --shuffle_caption shuffles the comma-separated tags
 of each sample, --caption_tag_dropout leaves each tag out with that probability, and --keep_tokens N
-keeps the first N tags in place and never drops them.
+keeps the first N tags in place and never drops them; in a caption holding --keep_tokens_separator
+(e.g. `|||`) the tags before it are the fixed ones instead, and those after a second one stay fixed at
+the end. --caption_prefix and --caption_suffix are added to every caption after that, so they are
+never shuffled or dropped tag by tag (a dropped caption is still the empty one, as in kohya).
 
 Determinism: which record a sample shows, how it is cropped/flipped, whether its caption is dropped
 and how its tags are arranged are pure functions of (seed, epoch, position in the epoch's global
@@ -72,20 +75,49 @@ class SampleKey:
 TAG_SEPARATOR = ","
 
 
+def _tags(text: str) -> list[str]:
+    """Comma-separated tags, stripped; empty ones (a doubled or trailing comma) dropped."""
+    return [t.strip() for t in text.split(TAG_SEPARATOR) if t.strip()]
+
+
+def split_tags(caption: str, keep_tokens: int = 0,
+               keep_tokens_separator: str = "") -> tuple[list[str], list[str], list[str]]:
+    """(fixed head, movable tags, fixed tail). With the separator in the caption, the head is what
+    precedes it and the tail what follows a second one (keep_tokens is then not used, as in kohya);
+    otherwise the head is the first keep_tokens tags and there is no tail."""
+    if keep_tokens_separator and keep_tokens_separator in caption:
+        head, _, body = caption.partition(keep_tokens_separator)
+        body, _, tail = body.partition(keep_tokens_separator)
+        return _tags(head), _tags(body), _tags(tail.replace(keep_tokens_separator, TAG_SEPARATOR))
+    tags = _tags(caption)
+    return tags[:keep_tokens], tags[keep_tokens:], []
+
+
 def arrange_tags(caption: str, rng: np.random.Generator, *, shuffle: bool, keep_tokens: int = 0,
-                 tag_dropout: float = 0.0) -> str:
-    """The caption's comma-separated tags with the first `keep_tokens` in place, each other tag left
-    out with probability `tag_dropout`, the rest shuffled when `shuffle`; joined with ", ".
-    Empty tags (a doubled or trailing comma) are dropped."""
-    tags = [t.strip() for t in caption.split(TAG_SEPARATOR)]
-    tags = [t for t in tags if t]
-    fixed, rest = tags[:keep_tokens], tags[keep_tokens:]
+                 tag_dropout: float = 0.0, keep_tokens_separator: str = "") -> str:
+    """The caption's comma-separated tags with the fixed ones in place (split_tags), each other tag
+    left out with probability `tag_dropout`, the rest shuffled when `shuffle`; joined with ", "."""
+    fixed, rest, tail = split_tags(caption, keep_tokens, keep_tokens_separator)
     # One draw per tag, whether or not shuffling follows, so each tag's fate depends only on the stream.
     if tag_dropout > 0:
         rest = [t for t, u in zip(rest, rng.random(len(rest))) if u >= tag_dropout]
     if shuffle:
         rest = [rest[i] for i in rng.permutation(len(rest))]
-    return ", ".join(fixed + rest)
+    return ", ".join(fixed + rest + tail)
+
+
+def fixed_caption(text: str, *, keep_tokens_separator: str = "", prefix: str = "", suffix: str = "") -> str:
+    """A caption as every step trains it when no tag is shuffled or dropped (so the latent cache may
+    encode it once): the separator taken out, then prefix and suffix added. Without them, `text`."""
+    if keep_tokens_separator and keep_tokens_separator in text:
+        head, body, tail = split_tags(text, 0, keep_tokens_separator)
+        text = ", ".join(head + body + tail)
+    return with_affixes(text, prefix, suffix)
+
+
+def with_affixes(text: str, prefix: str = "", suffix: str = "") -> str:
+    """prefix + " " + text + " " + suffix, as kohya joins them, leaving out the parts that are empty."""
+    return " ".join(part for part in (prefix, text, suffix) if part)
 
 
 def epoch_order(seed: int, epoch: int, num_records: int, length: int) -> np.ndarray:
@@ -101,7 +133,8 @@ class CaptionedImages(torch.utils.data.Dataset):
     def __init__(self, records: list[Record], *, seed: int, height: int, width: int, center_crop: bool,
                  random_flip: bool, samples_per_epoch: int, caption_dropout: float = 0.0,
                  sizes: list[tuple[int, int]] | None = None, batch_size: int = 1, world_size: int = 1,
-                 shuffle_caption: bool = False, keep_tokens: int = 0, caption_tag_dropout: float = 0.0) -> None:
+                 shuffle_caption: bool = False, keep_tokens: int = 0, caption_tag_dropout: float = 0.0,
+                 keep_tokens_separator: str = "", caption_prefix: str = "", caption_suffix: str = "") -> None:
         self.records = records
         self.seed, self.height, self.width = seed, height, width
         self.center_crop, self.random_flip = center_crop, random_flip
@@ -112,6 +145,8 @@ class CaptionedImages(torch.utils.data.Dataset):
         self.caption_dropout = caption_dropout
         self.shuffle_caption, self.keep_tokens = shuffle_caption, keep_tokens
         self.caption_tag_dropout = caption_tag_dropout
+        self.keep_tokens_separator = keep_tokens_separator
+        self.caption_prefix, self.caption_suffix = caption_prefix, caption_suffix
         # One slot per showing in a pass; without repeat counts slot i is record i, so the order
         # (and every existing run's samples) is unchanged.
         self._slots = np.repeat(np.arange(len(records)), [r.repeats for r in records])
@@ -142,11 +177,13 @@ class CaptionedImages(torch.utils.data.Dataset):
             return ""
         text = self.records[index].text
         if not (self.shuffle_caption or self.caption_tag_dropout > 0):
-            return text
+            return fixed_caption(text, keep_tokens_separator=self.keep_tokens_separator,
+                                 prefix=self.caption_prefix, suffix=self.caption_suffix)
         # Its own stream too: the tags' arrangement changes no crop, flip or dropout decision.
         rng = np.random.default_rng([self.seed, key.epoch, key.position, 0x7A65])
-        return arrange_tags(text, rng, shuffle=self.shuffle_caption, keep_tokens=self.keep_tokens,
-                            tag_dropout=self.caption_tag_dropout)
+        arranged = arrange_tags(text, rng, shuffle=self.shuffle_caption, keep_tokens=self.keep_tokens,
+                                tag_dropout=self.caption_tag_dropout, keep_tokens_separator=self.keep_tokens_separator)
+        return with_affixes(arranged, self.caption_prefix, self.caption_suffix)
 
     def size_of(self, index: int) -> tuple[int, int]:
         """(height, width) the record trains at: its bucket's, or the fixed --height/--width."""

@@ -30,7 +30,9 @@ class CaptionDataModule(pl.LightningDataModule):
                       random_flip=cfg.random_flip, samples_per_epoch=batches * cfg.batch_size * self.world_size,
                       caption_dropout=cfg.caption_dropout, sizes=self.sizes, batch_size=cfg.batch_size,
                       world_size=self.world_size, shuffle_caption=cfg.shuffle_caption,
-                      keep_tokens=cfg.keep_tokens, caption_tag_dropout=cfg.caption_tag_dropout)
+                      keep_tokens=cfg.keep_tokens, caption_tag_dropout=cfg.caption_tag_dropout,
+                      keep_tokens_separator=cfg.keep_tokens_separator, caption_prefix=cfg.caption_prefix,
+                      caption_suffix=cfg.caption_suffix)
         # The cache is filled in LoRAModule.on_fit_start, which Lightning runs before asking for this loader.
         dataset = (CaptionedImages(self.records, **common) if self.cache_folder is None
                    else CachedCaptions(self.records, self.cache_folder, **common))

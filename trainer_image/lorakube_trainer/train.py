@@ -189,6 +189,11 @@ def _build_module(cfg: TrainConfig, family: Family, targets: list[str], dtype: t
         pipe = family.load_pipeline(cfg.model_path, dtype)
     except FileNotFoundError as exc:
         raise ConfigError(contract.FLAG_MODEL_PATH, str(exc)) from exc
+    if cfg.guidance_scale is not None:
+        try:
+            family.set_training_guidance(cfg.guidance_scale, family.denoiser(pipe))
+        except ValueError as exc:
+            raise ConfigError(contract.TRAINING_FLAGS["guidanceScale"], str(exc)) from exc
     module = LoRAModule(family, pipe, cfg, targets, dtype)
     if loaded is not None:
         family.set_lora_state_dict(module.denoiser, loaded.trainable)
@@ -280,7 +285,7 @@ def write_artifacts(cfg: TrainConfig, family: Family, targets: list[str], state:
         names.append(metrics.name)
     write_model_card(out / contract.ARTIFACT_MODEL_CARD, family=family, model_path=where.model or cfg.model_path, rank=cfg.lora_rank,
                      alpha=cfg.lora_alpha, steps=steps, targets=targets, prompts=cfg.validation_prompts,
-                     formats=cfg.output_formats)
+                     formats=cfg.output_formats, guidance=cfg.guidance_scale)
     names.append(contract.ARTIFACT_MODEL_CARD)
     manifest = write_manifest(out, names)
     manifest_file = out / contract.ARTIFACT_MANIFEST

@@ -22,6 +22,14 @@ def card(tmp_path: Path, name: str, *, rank: int = 4, alpha: float = 8.0,
     return path.read_text()
 
 
+def test_card_says_what_the_guidance_embedding_was_fed(tmp_path):
+    path = tmp_path / contract.ARTIFACT_MODEL_CARD
+    write_model_card(path, family=get_family("flux2-dev"), model_path="/m", rank=4, alpha=4, steps=1, targets=["to_q"],
+                     prompts=["a cat"], formats=contract.OUTPUT_FORMATS, guidance=3.5)
+    assert "- guidance embedding fed 3.5 while training (--guidance_scale)" in path.read_text()
+    assert "guidance embedding" not in card(tmp_path, "sd3")
+
+
 def line_about(text: str, file: str) -> str:
     """The bullet that introduces `file`, with its continuation lines."""
     bullets = text.split("\n- ")

@@ -296,25 +296,75 @@ def test_flux2_dev_prompts_are_the_pipelines_mistral_embeddings(tiny_models):
     assert not torch.allclose(no_system, ours)
 
 
-@pytest.mark.parametrize("name, guidance", [("flux2-klein", None), ("flux2-dev", 1.0)])
-def test_flux2_guidance_embedding_gets_the_recipes_value(tiny_models, example_batch, name, guidance):
-    """dev's transformer has a guidance embedding and training feeds it the recipe's value per sample,
-    in fp32; klein's has none and gets None, as its pipeline passes."""
+def _guidance_fed(family, pipe, denoiser, example_batch) -> torch.Tensor | None:
+    """What one training step hands the transformer as its `guidance` argument."""
+    pixels, captions = example_batch
+    latents, cond = family.encode_images(pipe, pixels), family.encode_prompts(pipe, captions, torch.device("cpu"))
+    seen = []
+    hook = denoiser.register_forward_pre_hook(lambda m, args, kwargs: seen.append(kwargs["guidance"]),
+                                              with_kwargs=True)
+    with torch.no_grad():
+        family.training_loss(pipe, denoiser, latents, cond)
+    hook.remove()
+    (fed,) = seen
+    return fed
+
+
+@pytest.mark.parametrize("name, guidance", [("flux2-klein", None), ("flux2-dev", 1.0), ("flux", 1.0)])
+def test_the_guidance_embedding_gets_the_recipes_value(tiny_models, example_batch, name, guidance):
+    """dev's transformers (FLUX.1 and FLUX.2) have a guidance embedding and training feeds it the recipe's
+    value per sample, in fp32; klein's has none and gets None, as its pipeline passes."""
     family = get_family(name)
     pipe = family.load_pipeline(tiny_models[name], torch.float32)
     denoiser = family.denoiser(pipe)
     assert denoiser.config.guidance_embeds is (guidance is not None)
-    pixels, captions = example_batch
-    latents, cond = family.encode_images(pipe, pixels), family.encode_prompts(pipe, captions, torch.device("cpu"))
-    seen = []
-    denoiser.register_forward_pre_hook(lambda m, args, kwargs: seen.append(kwargs["guidance"]), with_kwargs=True)
-    with torch.no_grad():
-        family.training_loss(pipe, denoiser, latents, cond)
-    (fed,) = seen
+    fed = _guidance_fed(family, pipe, denoiser, example_batch)
     if guidance is None:
         assert fed is None
     else:
-        assert fed.dtype == torch.float32 and torch.equal(fed, torch.full((latents.shape[0],), guidance))
+        assert fed.dtype == torch.float32 and torch.equal(fed, torch.full((example_batch[0].shape[0],), guidance))
+
+
+@pytest.mark.parametrize("name", ["flux", "flux2-dev"])
+def test_guidance_scale_reaches_the_transformer_from_the_command_line(tiny_models, example_batch, tmp_path, name):
+    """--guidance_scale 3.5 -> the config -> the module the trainer builds -> the transformer's `guidance`
+    argument at every training step; the default (no flag) stays 1.0, and other family objects keep it."""
+    from lorakube_trainer.config import parse_config
+    from lorakube_trainer.train import _build_module
+
+    def module_for(*extra: str):
+        cfg = parse_config(["--model_family", name, "--model_path", str(tiny_models[name]), "--dataset_path",
+                            str(tmp_path), "--output_path", str(tmp_path / "o"), "--height", "64", "--width", "64",
+                            "--precision", "32", *extra], env={})
+        family = get_family(name)
+        targets = family.resolve_lora_targets(family.default_lora_targets)
+        return cfg, _build_module(cfg, family, targets, torch.float32, None)
+
+    cfg, module = module_for("--guidance_scale", "3.5")
+    assert cfg.guidance_scale == 3.5 and cfg.to_json()["guidance_scale"] == 3.5    # training_config.json
+    fed = _guidance_fed(module.family, module.pipe, module.denoiser, example_batch)
+    assert fed.dtype == torch.float32 and torch.equal(fed, torch.full((example_batch[0].shape[0],), 3.5))
+    assert get_family(name).recipe.guidance == 1.0                                   # the class is untouched
+    if name == "flux2-dev":
+        return                  # its Mistral pipeline loads slowly; the default path is the same code as flux's
+    cfg, module = module_for()
+    assert cfg.guidance_scale == 1.0
+    assert torch.equal(_guidance_fed(module.family, module.pipe, module.denoiser, example_batch),
+                       torch.ones(example_batch[0].shape[0]))
+
+
+def test_guidance_scale_is_refused_where_no_embedding_would_take_it():
+    """A family without a guidance embedding refuses the value; so does a FLUX.1 transformer whose config
+    has none (schnell), except the default, which it ignores as before."""
+    klein = get_family("flux2-klein")
+    with pytest.raises(ValueError, match="flux2-klein has no guidance embedding"):
+        klein.set_training_guidance(3.5, types.SimpleNamespace(config=types.SimpleNamespace(guidance_embeds=False)))
+    schnell = types.SimpleNamespace(config=types.SimpleNamespace(guidance_embeds=False))
+    with pytest.raises(ValueError, match=r"this flux transformer has no guidance embedding .*FLUX.1-schnell.*3.5"):
+        get_family("flux").set_training_guidance(3.5, schnell)
+    family = get_family("flux")
+    family.set_training_guidance(1.0, schnell)
+    assert family.recipe.guidance == 1.0
 
 
 # --- Z-Image: its pipeline's own conventions ----------------------------------------------------

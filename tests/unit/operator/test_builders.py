@@ -164,6 +164,29 @@ def test_the_training_knobs_and_a_pretrained_lora_reach_the_trainer(job_spec):
     assert "--aspect_ratio_buckets" in args
 
 
+def test_guidance_scale_reaches_the_trainer_only_when_set(job_spec):
+    """Unset, the trainer's default (1.0) applies and the command line stays the original one."""
+    assert "--guidance_scale" not in builders.trainer_args(parse_job("cats", job_spec))
+    job_spec["model"]["family"] = "flux2-dev"
+    job_spec["training"]["guidanceScale"] = 3.5
+    args = builders.trainer_args(parse_job("cats", job_spec))
+    assert args[args.index("--guidance_scale") + 1] == "3.5"
+
+
+@pytest.mark.parametrize(("family", "value", "says"), [
+    ("flux", 0, "must be a number > 0"), ("flux", -1.0, "must be a number > 0"), ("flux", True, "> 0"),
+    ("flux", "high", "> 0"), ("sd3", 3.5, "sd3 has no guidance embedding to feed it to (only flux, flux2-dev have "
+                                          "one); remove guidanceScale"),
+    ("flux2-klein", 1.0, "flux2-klein has no guidance embedding"),
+])
+def test_a_bad_guidance_scale_is_invalid_naming_the_field(job_spec, family, value, says):
+    job_spec["model"]["family"] = family
+    job_spec["training"]["guidanceScale"] = value
+    with pytest.raises(InvalidSpec, match=re.escape(says)) as err:
+        parse_job("cats", job_spec)
+    assert err.value.field == "spec.training.guidanceScale"
+
+
 @pytest.mark.parametrize(("field", "value", "says"), [
     ("loraDropout", 1, "in [0, 1)"), ("emaDecay", -0.1, "in [0, 1)"), ("maxGradNorm", "big", ">= 0"),
     ("lrScheduler", "step", "constant"),

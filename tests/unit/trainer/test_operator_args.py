@@ -66,6 +66,14 @@ def test_dataset_options_reach_the_trainer_only_when_set() -> None:
     assert (cfg.dataset_format, cfg.caption_dropout, cfg.default_caption) == ("auto", 0.0, None)
 
 
+def test_guidance_scale_reaches_the_trainers_config() -> None:
+    doc = {"model": {"family": "flux", "uri": "/m"}, "output": {"uri": "/o"}, "dataset": {"uri": "/d"},
+           "training": {"guidanceScale": 3.5}}
+    assert parse_config(builders.trainer_args(parse_job("cats", doc)), env={}).guidance_scale == 3.5
+    del doc["training"]["guidanceScale"]
+    assert parse_config(builders.trainer_args(parse_job("cats", doc)), env={}).guidance_scale == 1.0
+
+
 def test_caption_tag_options_reach_the_trainer_only_when_set() -> None:
     """spec.dataset's kohya caption habits become --shuffle_caption, --keep_tokens,
     --caption_tag_dropout and --caption_extension; unset, none of them is on the command line."""
@@ -78,6 +86,14 @@ def test_caption_tag_options_reach_the_trainer_only_when_set() -> None:
     doc["dataset"] = {"uri": "/d", "captionTagDropout": 0.5}
     cfg = parse_config(builders.trainer_args(parse_job("cats", doc)), env={})
     assert (cfg.shuffle_caption, cfg.keep_tokens, cfg.caption_tag_dropout) == (False, 0, 0.5)
+    # Fixed text, which may start with a dash or hold spaces, arrives as written; unset, no flag at all.
+    doc["dataset"] = {"uri": "/d", "keepTokensSeparator": "|||", "captionPrefix": "-sks style,",
+                      "captionSuffix": ", high quality"}
+    cfg = parse_config(builders.trainer_args(parse_job("cats", doc)), env={})
+    assert (cfg.keep_tokens_separator, cfg.caption_prefix, cfg.caption_suffix) == ("|||", "-sks style,", ", high quality")
+    doc["dataset"] = {"uri": "/d"}
+    args = builders.trainer_args(parse_job("cats", doc))
+    assert not [a for a in args if a.startswith(("--keep_tokens_separator", "--caption_prefix", "--caption_suffix"))]
     doc["dataset"] = {"uri": "/d", "shuffleCaption": False, "keepTokens": 0, "captionTagDropout": 0,
                       "captionExtension": ".txt"}                      # the CRD's defaults, as stored
     args = builders.trainer_args(parse_job("cats", doc))

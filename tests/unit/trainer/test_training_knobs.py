@@ -17,7 +17,7 @@ from trainer_testlib import CrashAt, SimulatedNodeLoss, sha256
 
 from lorakube_api import contract
 from lorakube_trainer import checkpoint as ckpt
-from lorakube_trainer.config import ConfigError
+from lorakube_trainer.config import ConfigError, parse_config
 from lorakube_trainer.schedule import lr_factor
 from lorakube_trainer.train import RunResult, run
 
@@ -58,6 +58,9 @@ def test_decaying_schedules_after_the_warm_up(kind: str, expected: list[float]) 
     (("--ema_decay", "1.5"), "--ema_decay"),
     (("--ema_decay", "0.99", "--training_strategy", "deepspeed_stage_3"), "--ema_decay"),
     (("--pretrained_lora_path", "/no/such/lora.safetensors"), "--pretrained_lora_path"),
+    (("--guidance_scale", "0"), "--guidance_scale"),
+    (("--guidance_scale", "-3.5"), "--guidance_scale"),
+    (("--guidance_scale", "nan"), "--guidance_scale"),
 ])
 def test_a_bad_knob_is_refused_naming_its_flag(make_cfg, extra: tuple[str, ...], flag: str | None) -> None:
     if flag is None:
@@ -67,6 +70,18 @@ def test_a_bad_knob_is_refused_naming_its_flag(make_cfg, extra: tuple[str, ...],
     with pytest.raises(ConfigError) as err:
         make_cfg(*extra)
     assert err.value.flag == flag
+
+
+def test_guidance_scale_defaults_to_one_and_is_refused_by_families_without_an_embedding(make_cfg, tmp_path) -> None:
+    assert make_cfg().guidance_scale == contract.DEFAULT_TRAINING_GUIDANCE == 1.0      # flux: unchanged
+    assert make_cfg("--guidance_scale", "3.5").guidance_scale == 3.5
+    base = ["--model_path", str(tmp_path), "--dataset_path", str(tmp_path), "--output_path", str(tmp_path / "o")]
+    assert parse_config(["--model_family", "flux2-dev", *base], env={}).guidance_scale == 1.0
+    for family in ("sd3", "kolors", "hunyuan-dit", "flux2-klein", "z-image", "qwen-image"):
+        assert parse_config(["--model_family", family, *base], env={}).guidance_scale is None
+        with pytest.raises(ConfigError, match=rf"^--guidance_scale: {family} has no guidance embedding to feed it "
+                                              r"to \(only flux, flux2-dev have one\); drop --guidance_scale$"):
+            parse_config(["--model_family", family, *base, "--guidance_scale", "1.0"], env={})
 
 
 # --- each knob's effect on a real run -------------------------------------------------------------

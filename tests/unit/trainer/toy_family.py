@@ -91,6 +91,7 @@ class ToyFamily(Family):
         self.batch_shapes: list[tuple[int, ...]] = []
         self.prompts_seen: list[str] = []
         self.gc_enabled = False
+        self.training_guidance: float | None = None     # what --guidance_scale set (the toy has no embedding)
 
     def load_pipeline(self, model_path: str | Path, dtype: torch.dtype) -> ToyPipe:
         pipe = ToyPipe()
@@ -128,6 +129,9 @@ class ToyFamily(Family):
                                            init_lora_weights="gaussian", lora_dropout=dropout), denoiser)
         for name, p in denoiser.named_parameters():
             p.requires_grad_(".lora_" in name)
+
+    def set_training_guidance(self, scale: float, denoiser: nn.Module) -> None:
+        self.training_guidance = scale
 
     def enable_gradient_checkpointing(self, denoiser: nn.Module) -> None:
         self.gc_enabled = True

@@ -83,6 +83,11 @@ class Family(abc.ABC):
         """A LoRA file this family wrote (save_diffusers_lora) -> (state as lora_state_dict keys it,
         rank, alpha); ValueError naming what does not fit when the file is not such a LoRA."""
 
+    def set_training_guidance(self, scale: float, denoiser: torch.nn.Module) -> None:
+        """--guidance_scale: the value training feeds the denoiser's guidance embedding from now on.
+        ValueError, saying why, where the family or this loaded denoiser has no such embedding."""
+        raise ValueError(f"{self.name} has no guidance embedding to feed")
+
     @abc.abstractmethod
     def enable_gradient_checkpointing(self, denoiser: torch.nn.Module) -> None: ...
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, ClassVar
 
 import torch
@@ -26,9 +27,20 @@ MMDIT_ORIGINAL_TARGETS: dict[str, tuple[str, ...]] = {
 
 
 class FlowFamily(PeftFamily):
-    recipe: ClassVar[recipes.FlowMatchingRecipe]
+    recipe: recipes.FlowMatchingRecipe          # a class constant; set_training_guidance overrides it per object
     # T5 token length used for prompts (a recipe constant: FLUX 512, SD3 77).
     t5_max_length: ClassVar[int]
+
+    def set_training_guidance(self, scale: float, denoiser: torch.nn.Module) -> None:
+        if self.recipe.guidance is None:
+            super().set_training_guidance(scale, denoiser)
+        # A checkpoint of a guidance family may still lack the embedding (FLUX.1-schnell is not
+        # guidance-distilled): training then feeds nothing, so any value but the default is refused.
+        if not getattr(denoiser.config, "guidance_embeds", False) and scale != self.recipe.guidance:
+            raise ValueError(f"this {self.name} transformer has no guidance embedding (guidance_embeds is false "
+                             f"in its config, as for FLUX.1-schnell), so {scale:g} would reach nothing; drop it")
+        # An instance attribute: the class's recipe, and every other family object, stay as they are.
+        self.recipe = dataclasses.replace(self.recipe, guidance=scale)
 
     def sigma_grid(self, pipe: Any, image_seq_len: int) -> torch.Tensor:
         return recipes.shifted_sigma_grid(pipe.scheduler.config, image_seq_len, self.recipe.num_train_timesteps)

@@ -1,4 +1,4 @@
-"""FLUX.1: rectified flow on 2x2-packed latents, guidance embedding fed 1.0 while training."""
+"""FLUX.1: rectified flow on 2x2-packed latents, guidance embedding fed --guidance_scale (1.0) while training."""
 
 from __future__ import annotations
 
@@ -6,10 +6,12 @@ from typing import Any
 
 import torch
 
+from lorakube_api import contract
+
 from . import recipes
 from .flow import MMDIT_ORIGINAL_TARGETS, FlowFamily
 
-RECIPE = recipes.FlowMatchingRecipe(guidance=1.0)
+RECIPE = recipes.FlowMatchingRecipe(guidance=contract.DEFAULT_TRAINING_GUIDANCE)
 # DiffSynth-Studio's FLUX DiT fuses q/k/v (and, in single blocks, the MLP input) into one linear layer;
 # diffusers keeps them apart, so a fused name maps to each part. Its double blocks are `blocks`, its
 # single blocks `single_blocks`, and its proj_out and norm.linear exist only in single blocks (the

@@ -14,7 +14,7 @@ empirical μ at the same 50 steps); only two things differ, read off Flux2Pipeli
 * prompts: Mistral 3 (Mistral3ForConditionalGeneration) reads the prompt after the pipeline's system
   message, through the chat template of its Pixtral processor; hidden states 10, 20 and 30 are stacked.
 * a guidance embedding (guidance-distilled, like FLUX.1-dev): the pipeline feeds its guidance_scale
-  (4.0 by default) to it. Training feeds a fixed value, as the FLUX.1 family does (see Flux2Dev).
+  (4.0 by default) to it. Training feeds --guidance_scale, 1.0 unless set, as the FLUX.1 family does.
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from lorakube_api import contract
 
 from . import lora_keys, recipes
 from .flow import FlowFamily
@@ -153,10 +155,11 @@ class Flux2Klein(FlowFamily):
 
 # The Mistral 3 hidden states Flux2Pipeline stacks (its default text_encoder_out_layers).
 DEV_TEXT_LAYERS = (10, 20, 30)
-# Training feeds the guidance embedding 1.0, as this project's FLUX.1 family does and as DiffSynth-Studio's
-# FLUX.2 trainer does (its `embedded_guidance`); diffusers' FLUX.2 DreamBooth script feeds its
-# --guidance_scale, 3.5 by default. The embedding itself is never a LoRA target, so it stays as trained.
-DEV_RECIPE = recipes.FlowMatchingRecipe(guidance=1.0)
+# Training feeds the guidance embedding 1.0 by default, as this project's FLUX.1 family does and as
+# DiffSynth-Studio's FLUX.2 trainer does (its `embedded_guidance`); --guidance_scale changes it (diffusers'
+# FLUX.2 DreamBooth script feeds its --guidance_scale, 3.5 by default). The embedding itself is never a
+# LoRA target, so it stays as trained.
+DEV_RECIPE = recipes.FlowMatchingRecipe(guidance=contract.DEFAULT_TRAINING_GUIDANCE)
 
 
 class Flux2Dev(Flux2Klein):

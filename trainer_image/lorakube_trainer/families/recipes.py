@@ -41,8 +41,8 @@ class FlowMatchingRecipe:
     logit_mean: float = 0.0
     logit_std: float = 1.0
     weighting: FlowWeighting = "none"
-    # FLUX.1-dev is guidance-distilled: while training, the guidance embedding gets 1.0
-    # (inference uses ~3.5). None for models without a guidance embedding.
+    # FLUX.1-dev and FLUX.2 dev are guidance-distilled: while training, the guidance embedding gets
+    # this (1.0 unless --guidance_scale says otherwise; inference uses ~3.5-4). None: no embedding.
     guidance: float | None = None
 
 
