@@ -166,6 +166,8 @@ def test_deleting_live_jobs_takes_seconds(noop_cluster):
     assert not slow, f"jobs still there {DELETION_BOUND_SECONDS:.0f} s after their deletion (seconds): {slow}"
 
 
+# slow: ~20 s; the deletion cache is unit-tested (tests/unit/operator/test_expectations.py) and the rejected-gang path counts DELETEs against the real apiserver (tests/integration/test_operator_rejected_pods.py)
+@pytest.mark.slow
 def test_a_gang_restart_deletes_each_pod_once(noop_cluster):
     namespace = noop_cluster.namespace("deletes-once")
     names, pods = [f"crashy-{index}" for index in range(6)], 3

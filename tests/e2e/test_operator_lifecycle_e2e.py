@@ -47,6 +47,8 @@ def test_a_pod_the_api_server_rejects_fails_the_job_with_the_servers_words(local
     assert pod_names(local_cluster, job_namespace, "bad-mount") == []
 
 
+# slow: ~20 s; suspend is unit-tested in reconcile, and `make test-kueue` suspends and resumes jobs through Kueue
+@pytest.mark.slow
 def test_a_suspended_job_runs_nothing_until_resumed(local_cluster, job_namespace, data_dir, start_operator):
     start_operator()
     kubectl = local_cluster.cluster.kubectl

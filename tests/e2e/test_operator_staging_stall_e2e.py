@@ -73,6 +73,8 @@ def stalling_server(local_cluster, tmp_path):
         server.stop()
 
 
+# slow: ~20 s of a `make test` at its budget; the rule itself is unit-tested in tests/unit/operator/test_staging_phase.py
+@pytest.mark.slow
 def test_staging_that_stops_restarts_the_gang_with_reason_staging_stalled(
         local_cluster, job_namespace, data_dir, start_operator, stalling_server):
     url = stalling_server.put("sets/cats.tar.gz", bytes(ARCHIVE_BYTES))

@@ -89,6 +89,8 @@ def pods_of(local_cluster, namespace: str, job: str) -> list[dict]:
     return json.loads(result.stdout)["items"]
 
 
+# slow: ~16 s; `make test` keeps a follower taking over an expired lease
+@pytest.mark.slow
 def test_a_paused_leader_is_replaced_and_does_not_act_when_it_resumes(local_cluster, operator_kubeconfig,
                                                                      lease_reset, job_namespaces, tmp_path):
     both, only_a = job_namespaces(), job_namespaces()

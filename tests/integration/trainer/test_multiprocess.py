@@ -174,6 +174,8 @@ def test_torchrun_launch_needs_no_other_settings(tiny_flux: Path, tmp_path: Path
     assert probes[0]["indices"] != probes[1]["indices"]
 
 
+# slow: ~38 s; `make test` keeps two local ranks in one pod through the local-rank-1 exit-code test (test_exit_codes.py)
+@pytest.mark.slow
 def test_one_pod_with_two_processes_the_trainer_launches_both_local_ranks(tiny_flux: Path, tmp_path: Path) -> None:
     env = base_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), NODE_RANK="0", NNODES="1",
                    NPROC_PER_NODE="2", WORLD_SIZE="2", PROBE_DIR=str(tmp_path / "probe"))

@@ -183,6 +183,8 @@ def test_sigterm_to_one_rank_at_a_random_step_loses_no_step(tiny_flux: Path, tmp
           f"both exited {contract.EXIT_RETRYABLE} {took:.2f} s after the signal; resumed at {step + 1}")
 
 
+# slow: ~28 s; `make test` keeps SIGTERM to both ranks of a two-pod gang at once
+@pytest.mark.slow
 def test_sigterm_to_a_pod_with_two_local_ranks_goes_to_both_and_the_pod_exits_retryable(
         tiny_flux: Path, tmp_path: Path) -> None:  # noqa: F811
     """The kubelet signals the container's main process only: lorakube-train's launcher forwards
