@@ -15,11 +15,12 @@ from localcluster.recorder import WatchRecorder
 from localcluster.s3server import S3Server
 from lorakube_api import contract
 from lorakube_dev import sandbox
+from localcluster.node.hostregistry import GATEWAY
 
 # Opt-in: set to a folder, and every version of every LoRATrainingJob the e2e tests create is
 # written there as JSON (tests/fixtures/job-statuses/ holds a few, for the Argo CD health check).
 RECORD_ENV = "LORAKUBE_RECORD_STATUSES"
-BRIDGE_ADDRESS = "10.250.0.1"       # the host as pods of the process node see it (node/README.md)
+BRIDGE_ADDRESS = str(GATEWAY)     # the host as pods of the process node see it (node/README.md)
 
 
 @pytest.fixture(scope="session")

@@ -16,11 +16,12 @@ import pytest
 
 from lorakube_api import contract
 from lorakube_dev import sandbox
+from localcluster.node.hostregistry import GATEWAY
 
 pytestmark = [pytest.mark.cluster, pytest.mark.e2e, pytest.mark.slow]
 
 JOB_TIMEOUT = 600
-BRIDGE_ADDRESS = "10.250.0.1"       # the host as pods of the process node see it (node/README.md)
+BRIDGE_ADDRESS = str(GATEWAY)     # the host as pods of the process node see it (node/README.md)
 SECRET = "cloud-creds"
 
 

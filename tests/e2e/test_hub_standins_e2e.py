@@ -13,10 +13,11 @@ import pytest
 from localcluster.hub_standins import HfHubStandIn, ModelScopeStandIn
 from lorakube_api import contract
 from lorakube_dev import sandbox
+from localcluster.node.hostregistry import GATEWAY
 
 pytestmark = [pytest.mark.cluster, pytest.mark.e2e]
 
-BRIDGE_ADDRESS = "10.250.0.1"       # the host as pods of the process node see it (node/README.md)
+BRIDGE_ADDRESS = str(GATEWAY)     # the host as pods of the process node see it (node/README.md)
 JOB_TIMEOUT = 600
 HF_TOKEN = "hf_e2e_standin_token_77aa"
 MS_TOKEN = "ms-e2e-standin-token-31bc"

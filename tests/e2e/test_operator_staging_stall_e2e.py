@@ -20,10 +20,11 @@ import pytest
 from localcluster.hub_standins import HttpsFileStandIn
 from lorakube_api import contract
 from lorakube_dev import sandbox
+from localcluster.node.hostregistry import GATEWAY
 
 pytestmark = [pytest.mark.cluster, pytest.mark.e2e]
 
-BRIDGE_ADDRESS = "10.250.0.1"       # the host as pods of the process node see it (node/README.md)
+BRIDGE_ADDRESS = str(GATEWAY)     # the host as pods of the process node see it (node/README.md)
 SENT_BEFORE_STALL = 256 << 10
 ARCHIVE_BYTES = 8 << 20
 STALL_SECONDS = 10
