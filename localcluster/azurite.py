@@ -26,17 +26,15 @@ import os
 import re
 import secrets
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from localcluster.build import COMPLETE_MARKER, BuildError, _exclusive, cache_root
+from localcluster.processes import http_answers, stop_group, wait_until_serving
 from localcluster.s3server import free_port
 from localcluster.versions import AZURITE_VERSION
 
@@ -141,31 +139,12 @@ class AzuriteServer:
         self._wait_listening()
 
     def _wait_listening(self, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process is not None and self.process.poll() is not None:
-                tail = (self.state_dir / "azurite.out").read_text(errors="replace")[-2000:]
-                raise RuntimeError(f"azurite exited with {self.process.returncode}:\n{tail}")
-            try:
-                # Any HTTP answer (an unauthenticated request gets 403) means it is serving.
-                urllib.request.urlopen(f"{self.endpoint}?comp=list", timeout=2).close()
-                return
-            except urllib.error.HTTPError:
-                return
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass  # not listening yet
-            time.sleep(0.2)
-        raise RuntimeError(f"azurite did not answer on {self.endpoint} within {timeout:.0f} s")
+        # Any HTTP answer (an unauthenticated request gets 403) means it is serving.
+        wait_until_serving(self.process, "azurite", lambda: http_answers(f"{self.endpoint}?comp=list"),
+                           self.state_dir / "azurite.out", self.endpoint, timeout, interval=0.2)
 
     def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        os.killpg(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(timeout=10)
+        stop_group(self.process)
 
     def connection_string(self) -> str:
         return (f"DefaultEndpointsProtocol=http;AccountName={ACCOUNT};AccountKey={self.account_key};"

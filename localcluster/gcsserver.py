@@ -16,17 +16,14 @@ comes from `python -m localcluster build gcs`.
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
 import subprocess
-import time
-import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from localcluster.build import build
+from localcluster.processes import http_ok, stop_group, wait_until_serving
 from localcluster.s3server import free_port
 from localcluster.versions import gcs_targets
 
@@ -71,29 +68,11 @@ class GcsServer:
         self._wait_serving()
 
     def _wait_serving(self, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process is not None and self.process.poll() is not None:
-                tail = self.output.read_text(errors="replace")[-2000:]
-                raise RuntimeError(f"fake-gcs-server exited with {self.process.returncode}:\n{tail}")
-            try:
-                with urllib.request.urlopen(f"{self.endpoint}/storage/v1/b", timeout=2) as response:
-                    if response.status == 200:
-                        return
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass  # not listening yet
-            time.sleep(0.1)
-        raise RuntimeError(f"fake-gcs-server did not answer on {self.endpoint} within {timeout:.0f} s")
+        wait_until_serving(self.process, "fake-gcs-server", lambda: http_ok(f"{self.endpoint}/storage/v1/b"),
+                           self.output, self.endpoint, timeout)
 
     def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        os.killpg(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(timeout=10)
+        stop_group(self.process)
 
     def client_env(self) -> dict[str, str]:
         """What a client needs to reach it: the variable Google's client libraries read."""

@@ -14,7 +14,9 @@ import signal
 import socket
 import subprocess
 import time
+import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -162,6 +164,46 @@ def http_ok(url: str, timeout: float = 2.0) -> bool:
             return response.status == 200
     except OSError:
         return False
+
+
+def http_answers(url: str, timeout: float = 2.0) -> bool:
+    """Whether anything answers HTTP there now, whatever the status (an unauthenticated 403 counts:
+    the server is up, it only refuses the anonymous probe)."""
+    try:
+        urllib.request.urlopen(url, timeout=timeout).close()
+        return True
+    except urllib.error.HTTPError:
+        return True
+    except OSError:
+        return False
+
+
+def wait_until_serving(process: subprocess.Popen, name: str, serving: Callable[[], bool], output: Path,
+                       where: str, timeout: float, interval: float = 0.1) -> None:
+    """Poll `serving()` until it holds; a process that exits first fails at once, with the tail of
+    its output (what says why), instead of waiting out the timeout."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            tail = output.read_text(errors="replace")[-2000:] if output.exists() else ""
+            raise RuntimeError(f"{name} exited with {process.returncode}:\n{tail}")
+        if serving():
+            return
+        time.sleep(interval)
+    raise RuntimeError(f"{name} did not answer on {where} within {timeout:.0f} s")
+
+
+def stop_group(process: subprocess.Popen | None, grace_seconds: float = 10.0) -> None:
+    """SIGTERM to the process group a `start_new_session` child leads (the server and anything it
+    forked), SIGKILL when it outlives the grace."""
+    if process is None or process.poll() is not None:
+        return
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=grace_seconds)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=grace_seconds)
 
 
 def port_in_use(port: int, host: str = "127.0.0.1") -> bool:

@@ -20,16 +20,13 @@ import json
 import os
 import secrets
 import shutil
-import signal
 import socket
 import subprocess
-import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from localcluster.build import build
+from localcluster.processes import http_ok, stop_group, wait_until_serving
 from localcluster.versions import s3_targets
 
 HEALTH_PATH = "/health"
@@ -105,29 +102,11 @@ class S3Server:
         self._wait_healthy()
 
     def _wait_healthy(self, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process is not None and self.process.poll() is not None:
-                tail = (self.state_dir / "versitygw.out").read_text(errors="replace")[-2000:]
-                raise RuntimeError(f"versitygw exited with {self.process.returncode}:\n{tail}")
-            try:
-                with urllib.request.urlopen(self.endpoint + HEALTH_PATH, timeout=2) as response:
-                    if response.status == 200:
-                        return
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass  # not listening yet: poll again until the deadline below
-            time.sleep(0.1)
-        raise RuntimeError(f"versitygw did not answer on {self.endpoint}{HEALTH_PATH} within {timeout:.0f} s")
+        wait_until_serving(self.process, "versitygw", lambda: http_ok(self.endpoint + HEALTH_PATH),
+                           self.state_dir / "versitygw.out", self.endpoint + HEALTH_PATH, timeout)
 
     def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        os.killpg(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(timeout=10)
+        stop_group(self.process)
 
     def client_env(self) -> dict[str, str]:
         """What a client (the trainer, a Secret plus the job's s3 settings) needs to reach it."""

@@ -433,57 +433,56 @@ def _hunyuan_dit() -> Any:
     )
 
 
-def _flux2_klein() -> Any:
-    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
+_FLUX2_LATENT_CHANNELS, _FLUX2_TEXT_HIDDEN = 8, 16
 
-    tok = build_qwen_tokenizer()
-    latent_channels, hidden = 8, 16
-    vae = AutoencoderKLFlux2(latent_channels=latent_channels, **_VAE_BLOCKS)
+
+def _flux2_vae_and_scheduler() -> tuple[Any, Any]:
+    """What FLUX.2 klein and dev share besides the transformer class: the VAE and the scheduler."""
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler
+
+    vae = AutoencoderKLFlux2(latent_channels=_FLUX2_LATENT_CHANNELS, **_VAE_BLOCKS)
     with torch.no_grad():   # non-trivial batch-norm statistics, so the latent normalisation is exercised
         vae.bn.running_mean.normal_(std=0.1)
         vae.bn.running_var.uniform_(0.5, 1.5)
+    # FLUX.2's scheduler config (klein's and dev's are the same); the pipelines compute their own μ
+    # ("empirical").
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+        base_image_seq_len=256, max_image_seq_len=4096, time_shift_type="exponential",
+    )
+    return vae, scheduler
+
+
+def _flux2_transformer(guidance_embeds: bool) -> Any:
+    from diffusers import Flux2Transformer2DModel
+
+    return Flux2Transformer2DModel(
+        patch_size=1, in_channels=4 * _FLUX2_LATENT_CHANNELS, num_layers=1, num_single_layers=1,
+        attention_head_dim=16, num_attention_heads=2, joint_attention_dim=3 * _FLUX2_TEXT_HIDDEN,
+        timestep_guidance_channels=32, axes_dims_rope=(4, 4, 4, 4), guidance_embeds=guidance_embeds,
+    )
+
+
+def _flux2_klein() -> Any:
+    from diffusers import Flux2KleinPipeline
+
+    tok = build_qwen_tokenizer()
+    vae, scheduler = _flux2_vae_and_scheduler()
     return Flux2KleinPipeline(
-        # FLUX.2 klein's scheduler config; the pipeline computes its own μ ("empirical").
-        scheduler=FlowMatchEulerDiscreteScheduler(
-            num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
-            base_image_seq_len=256, max_image_seq_len=4096, time_shift_type="exponential",
-        ),
-        vae=vae,
-        text_encoder=_qwen3_encoder(len(tok), hidden),
-        tokenizer=tok,
-        transformer=Flux2Transformer2DModel(
-            patch_size=1, in_channels=4 * latent_channels, num_layers=1, num_single_layers=1,
-            attention_head_dim=16, num_attention_heads=2, joint_attention_dim=3 * hidden,
-            timestep_guidance_channels=32, axes_dims_rope=(4, 4, 4, 4), guidance_embeds=False,
-        ),
-        is_distilled=False,
+        scheduler=scheduler, vae=vae, text_encoder=_qwen3_encoder(len(tok), _FLUX2_TEXT_HIDDEN), tokenizer=tok,
+        transformer=_flux2_transformer(guidance_embeds=False), is_distilled=False,
     )
 
 
 def _flux2_dev() -> Any:
     """Klein's tiny transformer and VAE with a guidance embedding, and Mistral 3 as the text encoder."""
-    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Pipeline, Flux2Transformer2DModel
+    from diffusers import Flux2Pipeline
 
     tok = build_mistral_tokenizer()
-    latent_channels, hidden = 8, 16
-    vae = AutoencoderKLFlux2(latent_channels=latent_channels, **_VAE_BLOCKS)
-    with torch.no_grad():
-        vae.bn.running_mean.normal_(std=0.1)
-        vae.bn.running_var.uniform_(0.5, 1.5)
+    vae, scheduler = _flux2_vae_and_scheduler()
     return Flux2Pipeline(
-        # FLUX.2 dev's scheduler config (the same as klein's); the pipeline computes its own μ.
-        scheduler=FlowMatchEulerDiscreteScheduler(
-            num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
-            base_image_seq_len=256, max_image_seq_len=4096, time_shift_type="exponential",
-        ),
-        vae=vae,
-        text_encoder=_mistral3_encoder(tok, hidden),
-        tokenizer=tok,
-        transformer=Flux2Transformer2DModel(
-            patch_size=1, in_channels=4 * latent_channels, num_layers=1, num_single_layers=1,
-            attention_head_dim=16, num_attention_heads=2, joint_attention_dim=3 * hidden,
-            timestep_guidance_channels=32, axes_dims_rope=(4, 4, 4, 4), guidance_embeds=True,
-        ),
+        scheduler=scheduler, vae=vae, text_encoder=_mistral3_encoder(tok, _FLUX2_TEXT_HIDDEN), tokenizer=tok,
+        transformer=_flux2_transformer(guidance_embeds=True),
     )
 
 

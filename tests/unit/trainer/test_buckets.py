@@ -9,10 +9,9 @@ import math
 from pathlib import Path
 
 import pytest
-import torch
 from PIL import Image
 from toy_family import ToyFamily
-from trainer_testlib import CrashAt, SimulatedNodeLoss, sha256
+from trainer_testlib import assert_toy_run_resumes_bit_identically
 
 from lorakube_api import contract
 from lorakube_trainer import buckets
@@ -113,14 +112,8 @@ def test_an_interrupted_bucketed_run_resumes_bit_identically(make_cfg, tmp_path:
         return dataclasses.replace(cfg, dataset_path=str(data))
 
     whole = run(cfg_for("whole"), env={}, family=ToyFamily())
-    with pytest.raises(SimulatedNodeLoss):
-        run(cfg_for("cut"), env={}, family=ToyFamily(), extra_callbacks=[CrashAt(5)])
-    resumed = run(cfg_for("cut"), env={}, family=ToyFamily())
+    resumed = assert_toy_run_resumes_bit_identically(whole, cfg_for("whole"), cfg_for("cut"), crash_step=5)
     assert resumed.steps_done == whole.steps_done == 8
-    for key, tensor in whole.final_lora.items():
-        assert torch.equal(tensor, resumed.final_lora[key]), key
-    name = contract.ARTIFACT_LORA_DIFFUSERS
-    assert sha256(tmp_path / "whole" / name) == sha256(tmp_path / "cut" / name)
     losses = [json.loads(x)["loss"] for x in (tmp_path / "cut" / contract.ARTIFACT_METRICS).read_text().splitlines()]
     assert len(losses) == 8
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from test_dataset_formats import _preflight_exit, png, txt_dataset
 from toy_family import ToyFamily
-from trainer_testlib import CrashAt, SimulatedNodeLoss, sha256
+from trainer_testlib import assert_toy_run_resumes_bit_identically
 
 from lorakube_api import contract
 from lorakube_trainer import caching
@@ -274,10 +274,4 @@ def test_shuffled_and_dropped_tags_resume_bit_identically(tmp_path: Path, toy_mo
     assert len(dog) > 2                                  # several arrangements reached the model
     assert all(p.startswith(("sks dog, ", "sks cat, ")) and p.endswith(" , photo") and "|||" not in p
                for p in whole_family.prompts_seen if p.startswith("sks"))
-    with pytest.raises(SimulatedNodeLoss):
-        run(cfg("cut"), env={}, family=ToyFamily(), extra_callbacks=[CrashAt(3)])
-    resumed = run(cfg("cut"), env={}, family=ToyFamily())
-    for key, tensor in whole.final_lora.items():
-        assert torch.equal(tensor, resumed.final_lora[key]), key
-    name = contract.ARTIFACT_LORA_DIFFUSERS
-    assert sha256(tmp_path / "whole" / name) == sha256(tmp_path / "cut" / name)
+    assert_toy_run_resumes_bit_identically(whole, cfg("whole"), cfg("cut"), crash_step=3)

@@ -43,6 +43,27 @@ class CrashAt(pl.Callback):
             raise SimulatedNodeLoss(f"after step {self.step}")
 
 
+def assert_toy_run_resumes_bit_identically(whole: Any, whole_cfg: Any, cut_cfg: Any, crash_step: int) -> Any:
+    """Run `cut_cfg` on the toy family until a simulated node loss after `crash_step`, then again from
+    its newest checkpoint, and check its LoRA equals the uninterrupted `whole` run's, in memory and as
+    the file's bytes. Returns the resumed run."""
+    import pytest
+    import torch
+    from toy_family import ToyFamily
+
+    from lorakube_api import contract
+    from lorakube_trainer.train import run
+
+    with pytest.raises(SimulatedNodeLoss):
+        run(cut_cfg, env={}, family=ToyFamily(), extra_callbacks=[CrashAt(crash_step)])
+    resumed = run(cut_cfg, env={}, family=ToyFamily())
+    for key, tensor in whole.final_lora.items():
+        assert torch.equal(tensor, resumed.final_lora[key]), key
+    name = contract.ARTIFACT_LORA_DIFFUSERS
+    assert sha256(Path(whole_cfg.output_path) / name) == sha256(Path(cut_cfg.output_path) / name)
+    return resumed
+
+
 def sha256(path: Path) -> str:
     """Whole-file hash: the trainer writes equal LoRAs as equal bytes (files.safetensors_bytes)."""
     return hashlib.sha256(path.read_bytes()).hexdigest()
