@@ -33,6 +33,7 @@ from typing import Any, Callable, Iterable, Mapping, TypeVar
 from urllib.parse import unquote
 
 from . import input_cache, storage
+from .files import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -162,8 +163,6 @@ def _matches(local: Path, entry: Any) -> str | None:
     if size != entry.size:
         return f"{size} bytes, the Hub lists {entry.size}"
     if entry.lfs is not None:
-        from .checkpoint import sha256_file
-
         if sha256_file(local) != entry.lfs.sha256:
             return "its sha256 differs from the Hub's"
     elif git_blob_sha1(local) != entry.blob_id:
@@ -314,8 +313,6 @@ def publish_artifacts(local: Path, uri: str, names: Iterable[str], env: Mapping[
     """Commit the files `names` of `local` (the manifest among them) in one commit, then list the
     commit and compare each file's size and hash. Returns name -> {sha256, bytes} of those that match."""
     from huggingface_hub import CommitOperationAdd
-
-    from .checkpoint import sha256_file
 
     env = _env(env)
     where = parse(uri)

@@ -19,7 +19,7 @@ import pytest
 from test_multiprocess import EXAMPLE_DATASET, PROCESS_TIMEOUT, base_env, tiny_flux  # noqa: F401
 from test_s3_staging import Recorder, api  # noqa: F401
 
-from localcluster.hub_standins import HfHubStandIn, HttpsFileStandIn, ModelScopeStandIn
+from localcluster.hub_standins import LFS_THRESHOLD, HfHubStandIn, HttpsFileStandIn, ModelScopeStandIn
 from lorakube_api import contract
 from lorakube_trainer import archives, hubs, input_cache, locations, modelscope_repos, storage
 from lorakube_trainer.staging import StagingReporter
@@ -120,6 +120,19 @@ def test_hf_standin_input_is_staged_once_per_commit_and_a_second_job_downloads_n
     assert moved != model and (moved / "model_index.json").read_bytes().endswith(b'"v": 2}')
     assert hub.downloads(before)
     assert (model / "model_index.json").read_bytes() == FILES["model_index.json"]     # the old one untouched
+
+
+def test_hf_standin_staging_of_an_lfs_file_loads_no_torch(hub, hub_online, tmp_path):
+    """Staging runs in the pod's first process before torch loads: checking an LFS file's sha256
+    against the Hub must not pull torch in (several seconds of CPU per pod)."""
+    weights = os.urandom(LFS_THRESHOLD)            # the stand-in lists it with its LFS sha256, as the Hub does
+    hub.put_folder("org/lfs", _folder(tmp_path / "src", {"model_index.json": b"{}", "transformer/w.safetensors": weights}))
+    code = ("import sys; from lorakube_trainer import hubs; folder = hubs.stage_input('hf://org/lfs'); "
+            "assert (folder / 'transformer/w.safetensors').is_file(); print('torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], env={**os.environ, **_env(tmp_path, hub), "HF_HUB_OFFLINE": "0"},
+                          capture_output=True, text=True, timeout=PROCESS_TIMEOUT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == "False"
 
 
 def test_hf_standin_input_follows_the_node_caches_rules(hub, hub_online, tmp_path):
