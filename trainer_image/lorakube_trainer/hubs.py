@@ -237,12 +237,8 @@ def stage_input(uri: str, env: Mapping[str, str] | None = None, on_bytes: Any = 
             download_root = Path(tmp)
             _download(where, sha, files, download_root, uri, env, input_cache.FileBytes(progress, total))
             source = download_root / where.path if where.path else download_root
-            for rel, entry in sorted(files.items()):
-                problem = _matches(source / rel, entry)
-                if problem is not None:
-                    raise StorageError(f"{uri}: {rel} as downloaded does not match the Hub ({problem}); not used")
             # Only the repo's files: hf_hub_download's own bookkeeping (.cache/) stays behind.
-            storage.move_files(source, sorted(files), folder)
+            storage.move_verified(source, files, folder, _matches, uri, "the Hub")
         progress(total, total)
 
     return storage.stage_cached(uri, env, key, None, fill, on_bytes=on_bytes, record={"commit": sha})

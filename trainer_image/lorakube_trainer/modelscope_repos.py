@@ -161,12 +161,8 @@ def stage_input(uri: str, env: Mapping[str, str] | None = None, on_bytes: Any = 
                 # The client retries each file (and checks its sha256) itself: one more round here.
                 attempts=2)
             source = download / where.path if where.path else download
-            for rel, entry in sorted(files.items()):
-                problem = _mismatch(source / rel, entry)
-                if problem is not None:
-                    raise StorageError(f"{uri}: {rel} as downloaded does not match ModelScope ({problem}); not used")
             # Only the listed files, each verified (the client keeps bookkeeping files of its own).
-            storage.move_files(source, sorted(files), folder)
+            storage.move_verified(source, files, folder, _mismatch, uri, "ModelScope")
         progress(total, total)
 
     return storage.stage_cached(uri, env, key, total, fill, on_bytes=on_bytes, record={"revision": where.revision})

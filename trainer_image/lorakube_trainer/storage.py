@@ -461,6 +461,18 @@ def move_files(source: Path, names: Iterable[str], target: Path) -> None:
         os.replace(source / rel, destination)
 
 
+def move_verified(source: Path, files: Mapping[str, Any], target: Path,
+                  mismatch: Callable[[Path, Any], str | None], uri: str, listed_by: str) -> None:
+    """Move the listed files (relative path -> listing entry) into `target` once every one matches its
+    entry; a single mismatch refuses the whole input, so a tampered or cut-short download is never
+    used. The error names the input's URI, the file and what listed it (`listed_by`)."""
+    for rel, entry in sorted(files.items()):
+        problem = mismatch(source / rel, entry)
+        if problem is not None:
+            raise StorageError(f"{uri}: {rel} as downloaded does not match {listed_by} ({problem}); not used")
+    move_files(source, sorted(files), target)
+
+
 def byte_callback(on_value: Callable[[int], None]) -> Any:
     """An fsspec callback that passes the bytes of the current file so far to `on_value`."""
     from fsspec.callbacks import Callback
